@@ -1,0 +1,109 @@
+"""Content-addressed artifact store (sha256) on a local directory, and value encoding.
+
+A task's result is kept inline in the database when it is small JSON; anything else is
+pickled into the store and referenced by digest. Pickles are only ever read from this store,
+which holds what this platform's own tasks wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle  # nosec B403 - see the module docstring: only the platform's own blobs are loaded
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ml_platform.engine.cache import UnserializableInput, canonical_json
+
+ARTIFACT_KEY = "__mlp_artifact__"
+_CHUNK = 1024 * 1024
+
+
+class ArtifactNotFound(LookupError):
+    """No blob with that digest exists in the store."""
+
+
+class ArtifactStore:
+    """Blobs under ``root/<first two hex digits>/<sha256>``, written atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, digest: str) -> Path:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return self.root / digest[:2] / digest
+
+    def _commit(self, tmp: Path, digest: str) -> str:
+        target = self.path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            tmp.unlink()
+        else:
+            os.replace(tmp, target)
+        return digest
+
+    def _tempfile(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+        os.close(fd)
+        return Path(name)
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store ``data``; return its sha256. Storing the same bytes twice keeps one copy."""
+        digest = hashlib.sha256(data).hexdigest()
+        if self.path(digest).exists():
+            return digest
+        tmp = self._tempfile()
+        tmp.write_bytes(data)
+        return self._commit(tmp, digest)
+
+    def put_file(self, source: Path) -> str:
+        """Copy a file into the store; return its sha256."""
+        tmp = self._tempfile()
+        hasher = hashlib.sha256()
+        with source.open("rb") as src, tmp.open("wb") as dst:
+            while chunk := src.read(_CHUNK):
+                hasher.update(chunk)
+                dst.write(chunk)
+        return self._commit(tmp, hasher.hexdigest())
+
+    def get_bytes(self, digest: str) -> bytes:
+        path = self.path(digest)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"artifact {digest} is not in {self.root}") from None
+
+    def copy_to(self, digest: str, destination: Path) -> Path:
+        if not self.path(digest).exists():
+            raise ArtifactNotFound(f"artifact {digest} is not in {self.root}")
+        shutil.copyfile(self.path(digest), destination)
+        return destination
+
+    def put_object(self, value: Any) -> tuple[str, int]:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return self.put_bytes(data), len(data)
+
+    def get_object(self, digest: str) -> Any:
+        return pickle.loads(self.get_bytes(digest))  # nosec B301 - the store's own blobs only
+
+
+def encode_value(value: Any, store: ArtifactStore, inline_limit: int) -> dict[str, Any]:
+    """The stored form of a task result: inline JSON when small, else a pickled artifact."""
+    try:
+        text = canonical_json(value)
+    except UnserializableInput:
+        text = None
+    if text is not None and len(text.encode()) <= inline_limit:
+        return {"value": value}
+    digest, size = store.put_object(value)
+    return {ARTIFACT_KEY: digest, "kind": "pickle", "size": size}
+
+
+def decode_value(stored: dict[str, Any], store: ArtifactStore) -> Any:
+    if ARTIFACT_KEY in stored:
+        return store.get_object(stored[ARTIFACT_KEY])
+    return stored["value"]

@@ -1,0 +1,305 @@
+"""``mlp``: run ML pipelines and look at their runs from the terminal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from ml_platform.config import load_settings
+from ml_platform.dispatch import InProcessDispatcher
+from ml_platform.engine.states import RUN_TERMINAL, RunState
+from ml_platform.sdk import WorkflowError
+from ml_platform.service import NotFound, Platform, load_workflow
+from ml_platform.store.db import DatabaseUnavailable, safe_url
+from ml_platform.worker import Runtime, Worker
+
+DEMO_WORKFLOW = "ml_platform.examples.classifier:training_pipeline"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    help="ML Platform: run ML pipelines as DAGs of Python tasks, reliably.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+console = Console(highlight=False)
+STATE_STYLE = {
+    "succeeded": "green",
+    "cached": "cyan",
+    "running": "yellow",
+    "queued": "blue",
+    "pending": "dim",
+    "failed": "red",
+    "lost": "red",
+    "upstream_failed": "red",
+    "cancelled": "magenta",
+    "skipped": "dim",
+}
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _platform() -> Iterator[Platform]:
+    platform = Platform(load_settings())
+    try:
+        platform.start()
+        yield platform
+    except (WorkflowError, NotFound, DatabaseUnavailable, ValueError) as exc:
+        _fail(str(exc))
+    finally:
+        platform.close()
+
+
+def _styled(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> str:
+    if start is None:
+        return ""
+    finish = end or datetime.now(start.tzinfo)
+    return f"{(finish - start).total_seconds():.1f} s"
+
+
+def _tasks_table(platform: Platform, run_id: str) -> Table:
+    attempts: dict[int, list[str]] = {}
+    for attempt in platform.attempts(run_id):
+        attempts.setdefault(attempt.task_run_id, []).append(attempt.state)
+    metrics: dict[str, list[str]] = {}
+    for node_id, metric in platform.metrics(run_id):
+        metrics.setdefault(node_id, []).append(f"{metric.name}={metric.value:.4g}")
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("task", "state", "attempts", "duration", "metrics"):
+        table.add_column(column)
+    for task_run in platform.task_runs(run_id):
+        tries = attempts.get(task_run.id, [])
+        table.add_row(
+            task_run.node_id,
+            _styled(task_run.state),
+            " ".join(_styled(s) for s in tries) if len(tries) > 1 else str(len(tries)),
+            _seconds(task_run.started_at, task_run.finished_at),
+            " ".join(metrics.get(task_run.node_id, [])),
+        )
+    return table
+
+
+def _verdict(platform: Platform, run_id: str) -> str:
+    run, wf = platform.run(run_id)
+    states = Counter(t.state for t in platform.task_runs(run_id))
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    line = (
+        f"run {run_id[:8]} of {wf.name} v{wf.version} {_styled(run.state)} "
+        f"in {_seconds(run.started_at or run.created_at, run.finished_at)}: {parts}"
+    )
+    if states.get("cached"):
+        line += f" ({states['cached']} of {sum(states.values())} tasks reused from cache)"
+    return line
+
+
+def _execute(platform: Platform, run_id: str, queued: list[int], concurrency: int) -> RunState:
+    """Drive one run to its end in this process, showing progress; Ctrl-C cancels it."""
+    dispatcher = InProcessDispatcher()
+    dispatcher.publish(queued)
+    worker = Worker(platform, dispatcher, concurrency=concurrency)
+    runtime = Runtime(platform, dispatcher, worker, only_run=run_id)
+    with Live(_tasks_table(platform, run_id), console=console, refresh_per_second=4) as live:
+        worker.on_event = lambda message: live.console.print(f"  {message}", style="dim")
+        try:
+            return runtime.drive(
+                run_id, on_progress=lambda: live.update(_tasks_table(platform, run_id))
+            )
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+            platform.cancel(run_id)
+            worker.stop_all("cancelled by Ctrl-C")
+            platform.schedule(run_id)
+            live.update(_tasks_table(platform, run_id))
+            raise
+        finally:
+            worker.on_event = lambda _message: None
+            console.line()
+
+
+def _run_and_report(
+    platform: Platform, reference: str, raw_params: dict[str, str], concurrency: int
+) -> str:
+    wf = load_workflow(reference)
+    submitted = platform.submit(wf, wf.parse_cli_params(raw_params))
+    console.print(
+        f"run [bold]{submitted.run_id[:8]}[/] of {wf.name} v{submitted.workflow_version} "
+        f"submitted ({safe_url(platform.settings.database_url)})"
+    )
+    try:
+        state = _execute(platform, submitted.run_id, submitted.queued, concurrency)
+    except KeyboardInterrupt:
+        console.print(f"[magenta]run {submitted.run_id[:8]} cancelled by Ctrl-C[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    console.print(_verdict(platform, submitted.run_id))
+    if state is not RunState.SUCCEEDED:
+        for task_run in platform.task_runs(submitted.run_id):
+            if task_run.state == "failed":
+                console.print(f"  [red]{task_run.node_id}[/]: {task_run.error}")
+        raise typer.Exit(EXIT_FAILED)
+    return submitted.run_id
+
+
+def _parse_pairs(pairs: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"parameter {pair!r} must look like key=value")
+        values[key.strip()] = value
+    return values
+
+
+Concurrency = Annotated[
+    int, typer.Option("--concurrency", "-c", min=1, help="Attempts run at once.")
+]
+
+
+@app.command()
+def demo(concurrency: Concurrency = max(2, os.cpu_count() or 2)) -> None:
+    """Run the example ML pipeline: data, split, a training grid, evaluation, model registry."""
+    with _platform() as platform:
+        run_id = _run_and_report(platform, DEMO_WORKFLOW, {}, concurrency)
+        for node_id, artifact in platform.artifacts_of(run_id):
+            console.print(f"artifact {artifact.name} from {node_id}: sha256 {artifact.sha256[:12]}")
+
+
+@app.command()
+def run(
+    workflow: Annotated[str, typer.Argument(help="package.module:workflow_name")],
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="A run parameter, key=value.")
+    ] = None,
+    concurrency: Concurrency = max(2, os.cpu_count() or 2),
+) -> None:
+    """Submit a run, run it here with live progress; exit non-zero unless it succeeds."""
+    sys.path.insert(0, os.getcwd())
+    with _platform() as platform:
+        _run_and_report(platform, workflow, _parse_pairs(param or []), concurrency)
+
+
+@app.command()
+def runs(
+    state: Annotated[str | None, typer.Option(help="Only runs in this state.")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 20,
+) -> None:
+    """List recent runs."""
+    with _platform() as platform:
+        table = Table(show_edge=False, header_style="bold")
+        for column in ("run", "workflow", "state", "created", "duration"):
+            table.add_column(column)
+        for run_row, wf in platform.runs(limit=limit, state=state):
+            table.add_row(
+                run_row.id[:8],
+                f"{wf.name} v{wf.version}",
+                _styled(run_row.state),
+                run_row.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                _seconds(run_row.started_at, run_row.finished_at),
+            )
+        console.print(table)
+
+
+@app.command()
+def show(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")]) -> None:
+    """Show a run's tasks with their states, attempts, durations and metrics."""
+    with _platform() as platform:
+        full_id = platform.resolve_run_id(run_id)
+        run_row, _ = platform.run(full_id)
+        console.print(f"params: {run_row.params}")
+        console.print(_tasks_table(platform, full_id))
+        for attempt in platform.attempts(full_id):
+            if attempt.error:
+                console.print(f"  attempt {attempt.number} ({attempt.state}): {attempt.error}")
+        console.print(_verdict(platform, full_id))
+
+
+@app.command()
+def logs(
+    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    task: Annotated[str, typer.Argument(help="Task id, as `mlp show` lists it.")],
+    attempt: Annotated[
+        int | None, typer.Option(help="Attempt number; the latest by default.")
+    ] = None,
+) -> None:
+    """Print the output of a task's attempt."""
+    with _platform() as platform:
+        row = platform.log(platform.resolve_run_id(run_id), task, attempt)
+        console.print(f"[dim]{task} attempt {row.number} ({row.state})[/]")
+        sys.stdout.write(row.log or "")
+        sys.stdout.flush()
+
+
+@app.command()
+def cancel(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")]) -> None:
+    """Cancel a run: pending tasks never start, running ones are stopped."""
+    with _platform() as platform:
+        full_id = platform.resolve_run_id(run_id)
+        state = platform.cancel(full_id)
+        if state in RUN_TERMINAL and state is not RunState.CANCELLED:
+            console.print(f"run {full_id[:8]} had already ended: {_styled(state)}")
+        else:
+            console.print(
+                f"run {full_id[:8]} {_styled(state)}; running tasks stop at their next heartbeat"
+            )
+
+
+@app.command()
+def worker(concurrency: Concurrency = max(2, os.cpu_count() or 2)) -> None:
+    """Run scheduled work until stopped: SIGTERM drains, a second SIGTERM hands work back."""
+    sys.path.insert(0, os.getcwd())
+    with _platform() as platform:
+        dispatcher = InProcessDispatcher()
+        the_worker = Worker(
+            platform, dispatcher, concurrency=concurrency, on_event=lambda m: console.print(m)
+        )
+        runtime = Runtime(platform, dispatcher, the_worker)
+        signals = {"term": 0}
+
+        def on_term(_signum: int, _frame: object) -> None:
+            signals["term"] += 1
+            the_worker.draining = True
+
+        signal.signal(signal.SIGTERM, on_term)
+        console.print(f"worker {the_worker.worker_id} ready, concurrency {concurrency}")
+        try:
+            while not (the_worker.draining and not the_worker.children) and signals["term"] < 2:
+                runtime.tick()
+        except KeyboardInterrupt:
+            the_worker.hand_back("worker interrupted")
+        if signals["term"] >= 2:
+            the_worker.hand_back("worker shut down")
+        console.print(f"worker {the_worker.worker_id} stopped")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the database migrations (the embedded database is upgraded on first use too)."""
+    settings = load_settings()
+    with _platform():
+        console.print(f"database at {safe_url(settings.database_url)} is at the latest schema")
+
+
+def main() -> None:
+    app()

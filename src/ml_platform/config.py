@@ -1,0 +1,70 @@
+"""Settings from the environment; the embedded defaults need no service at all."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".ml_platform"
+
+
+class Settings(BaseSettings):
+    """Where the platform keeps its state and how its workers behave."""
+
+    model_config = SettingsConfigDict(env_prefix="MLP_", extra="ignore", populate_by_name=True)
+
+    environment: str = Field(
+        default="development", validation_alias=AliasChoices("ENVIRONMENT", "MLP_ENVIRONMENT")
+    )
+    home: Path = Field(
+        default_factory=_default_home,
+        validation_alias=AliasChoices("ML_PLATFORM_HOME", "MLP_HOME"),
+    )
+    database_url_override: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "MLP_DATABASE_URL")
+    )
+    artifacts_dir_override: Path | None = Field(
+        default=None, validation_alias=AliasChoices("MLP_ARTIFACTS_DIR")
+    )
+    #: Seconds a running attempt's lease lasts without a heartbeat.
+    lease_seconds: float = Field(default=30.0, gt=0)
+    #: Seconds between two passes of a worker's loop when nothing wakes it earlier.
+    poll_seconds: float = Field(default=0.5, gt=0)
+    #: Grace after a task's timeout before the reaper fails an attempt that a worker did not stop.
+    timeout_grace_seconds: float = Field(default=10.0, ge=0)
+    #: Largest task result kept inline in the database; larger ones become artifacts.
+    inline_result_bytes: int = Field(default=64 * 1024, ge=0)
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @cached_property
+    def database_url(self) -> str:
+        if self.database_url_override:
+            url = self.database_url_override
+            # The spec's URLs say postgresql://; SQLAlchemy needs the driver named.
+            if url.startswith("postgresql://") or url.startswith("postgres://"):
+                url = "postgresql+psycopg://" + url.split("://", 1)[1]
+            return url
+        return f"sqlite:///{self.home / 'ml_platform.db'}"
+
+    @cached_property
+    def artifacts_dir(self) -> Path:
+        return self.artifacts_dir_override or self.home / "artifacts"
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        """Heartbeats come three times per lease, so one late beat loses nothing."""
+        return self.lease_seconds / 3
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment as it is now."""
+    return Settings()

@@ -1,0 +1,784 @@
+"""Use cases: register workflows, submit and cancel runs, schedule, claim and finish attempts.
+
+Every state change is a short transaction whose UPDATE is guarded by the state it expects,
+so that concurrent schedulers and workers cannot both win. Locks are always taken in the same
+order -- run, then task run, then attempt -- so concurrent transactions cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, Result, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ml_platform.artifacts import ARTIFACT_KEY, ArtifactStore
+from ml_platform.config import Settings
+from ml_platform.engine.cache import cache_key
+from ml_platform.engine.dag import plan, topological_order
+from ml_platform.engine.retry import RetryPolicy
+from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState, TaskState
+from ml_platform.inputs import references, resolve_inputs
+from ml_platform.sdk import Workflow, WorkflowError
+from ml_platform.store.db import Database
+from ml_platform.store.models import (
+    Artifact,
+    Attempt,
+    Metric,
+    Param,
+    Pool,
+    Run,
+    TaskRun,
+)
+from ml_platform.store.models import Workflow as WorkflowRow
+from ml_platform.store.models import utcnow
+
+TIMEOUT_ERROR = "builtins:TimeoutError"
+
+
+class NotFound(LookupError):
+    """No run (or task) matches the given id."""
+
+
+def load_workflow(reference: str) -> Workflow:
+    """Import ``package.module:workflow_name`` and return the workflow it names."""
+    module_name, sep, attr_path = reference.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise WorkflowError(
+            f"workflow reference {reference!r} must look like 'package.module:workflow_name'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise WorkflowError(f"cannot import module {module_name!r}: {exc}") from None
+    obj: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise WorkflowError(f"module {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, Workflow):
+        raise WorkflowError(
+            f"{reference} is a {type(obj).__name__}, not a workflow (decorate it with @workflow)"
+        )
+    return obj
+
+
+@dataclass(frozen=True)
+class Submitted:
+    run_id: str
+    workflow_version: int
+    queued: list[int]
+
+
+@dataclass(frozen=True)
+class ClaimedAttempt:
+    """Everything a worker needs to run one attempt."""
+
+    attempt_id: int
+    run_id: str
+    task_run_id: int
+    node_id: str
+    number: int
+    task_ref: str
+    inputs: dict[str, Any]
+    options: dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    """How an attempt ended, as the worker reports it."""
+
+    state: AttemptState
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    retryable: bool = True
+    skipped: bool = False
+    log: str | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Heartbeat:
+    """Which of a worker's attempts must stop: lease lost, or run cancelled."""
+
+    lost: set[int] = field(default_factory=set)
+    cancelled: set[int] = field(default_factory=set)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched: how a guarded transition knows whether it won."""
+    return cast(CursorResult[Any], result).rowcount
+
+
+def timeout_outcome(options: Mapping[str, Any], *, reaped: bool = False) -> Outcome:
+    """A failed attempt for a task that ran past its timeout."""
+    retry_on = options.get("retry_on")
+    by = " (stopped by the lease reaper)" if reaped else ""
+    return Outcome(
+        AttemptState.FAILED,
+        error=f"TimeoutError: task exceeded its {options['timeout']:g} s timeout{by}",
+        retryable=retry_on is None or TIMEOUT_ERROR in retry_on,
+    )
+
+
+def _policy(options: Mapping[str, Any]) -> RetryPolicy:
+    return RetryPolicy(
+        retries=options["retries"],
+        base_delay=options["base_delay"],
+        factor=options["factor"],
+        max_delay=options["max_delay"],
+        jitter=options["jitter"],
+    )
+
+
+class Platform:
+    """The platform's use cases over one database and one artifact store."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.artifacts = ArtifactStore(settings.artifacts_dir)
+
+    def start(self) -> Platform:
+        self.db.ensure_schema()
+        return self
+
+    def close(self) -> None:
+        self.db.dispose()
+
+    # -- workflows and runs ---------------------------------------------------------------
+
+    def register(self, wf: Workflow) -> WorkflowRow:
+        """Record the workflow's current code as a version (a new one when the code changed)."""
+        code_hash = wf.code_hash
+        for _ in range(3):
+            try:
+                with self.db.session() as session:
+                    existing = session.scalar(
+                        select(WorkflowRow).where(
+                            WorkflowRow.name == wf.name, WorkflowRow.code_hash == code_hash
+                        )
+                    )
+                    if existing is not None:
+                        return existing
+                    latest = session.scalar(
+                        select(func.max(WorkflowRow.version)).where(WorkflowRow.name == wf.name)
+                    )
+                    row = WorkflowRow(
+                        name=wf.name,
+                        version=(latest or 0) + 1,
+                        code_hash=code_hash,
+                        params_schema=wf.params_schema(),
+                        description=wf.description,
+                    )
+                    session.add(row)
+                    session.flush()
+                    return row
+            except IntegrityError:  # another process registered the same version: read it
+                continue
+        raise RuntimeError(f"could not register workflow {wf.name}: concurrent registrations")
+
+    def submit(
+        self, wf: Workflow, params: Mapping[str, Any], *, max_concurrency: int | None = None
+    ) -> Submitted:
+        """Validate the params, trace the DAG and store a queued run with its first tasks."""
+        values = wf.validate_params(params)
+        specs = wf.build(values)
+        order = topological_order({spec.node_id: spec.upstream for spec in specs})
+        position = {node_id: index for index, node_id in enumerate(order)}
+        version = self.register(wf)
+        run_id = uuid.uuid4().hex
+        with self.db.session() as session:
+            session.add(
+                Run(
+                    id=run_id,
+                    workflow_id=version.id,
+                    state=RunState.QUEUED,
+                    params=values,
+                    max_concurrency=max_concurrency or wf.max_concurrency,
+                )
+            )
+            session.flush()
+            session.add_all(
+                TaskRun(
+                    run_id=run_id,
+                    node_id=spec.node_id,
+                    position=position[spec.node_id],
+                    task_ref=spec.task_ref,
+                    code_version=spec.code_version,
+                    upstream=list(spec.upstream),
+                    inputs=spec.inputs,
+                    options=spec.options,
+                    pool=spec.options.get("pool"),
+                    state=TaskState.PENDING,
+                )
+                for spec in specs
+            )
+            session.flush()
+            queued = self._advance(session, run_id, utcnow())
+        return Submitted(run_id, version.version, queued)
+
+    def cancel(self, run_id: str) -> RunState:
+        """Cancel a run: pending and queued tasks stop now, running ones at their next beat."""
+        now = utcnow()
+        with self.db.session() as session:
+            run = self._lock_run(session, run_id)
+            if run.state in RUN_TERMINAL:
+                return RunState(run.state)
+            run.cancel_requested = True
+            task_ids = select(TaskRun.id).where(
+                TaskRun.run_id == run_id,
+                TaskRun.state.in_([TaskState.PENDING, TaskState.QUEUED]),
+            )
+            queued_ids = list(session.scalars(task_ids))
+            if queued_ids:
+                session.execute(
+                    update(TaskRun)
+                    .where(TaskRun.id.in_(queued_ids))
+                    .values(state=TaskState.CANCELLED, finished_at=now, error="run cancelled")
+                )
+                session.execute(
+                    update(Attempt)
+                    .where(
+                        Attempt.task_run_id.in_(queued_ids), Attempt.state == AttemptState.QUEUED
+                    )
+                    .values(state=AttemptState.CANCELLED, finished_at=now, error="run cancelled")
+                )
+            self._advance(session, run_id, now)
+            return RunState(run.state)
+
+    def _lock_run(self, session: Session, run_id: str) -> Run:
+        run = session.scalar(select(Run).where(Run.id == run_id).with_for_update())
+        if run is None:
+            raise NotFound(f"no run with id {run_id}")
+        return run
+
+    # -- scheduling -----------------------------------------------------------------------
+
+    def _advance(self, session: Session, run_id: str, now: datetime) -> list[int]:
+        """Apply the engine's plan to one run until nothing changes; return new attempt ids."""
+        run = self._lock_run(session, run_id)
+        if run.state in RUN_TERMINAL:
+            return []
+        queued: list[int] = []
+        while True:
+            tasks = list(
+                session.scalars(
+                    select(TaskRun).where(TaskRun.run_id == run_id).order_by(TaskRun.position)
+                )
+            )
+            by_id = {t.node_id: t for t in tasks}
+            decision = plan(
+                [t.node_id for t in tasks],
+                {t.node_id: t.upstream for t in tasks},
+                {t.node_id: TaskState(t.state) for t in tasks},
+                cancel_requested=run.cancel_requested,
+            )
+            changed = False
+            for node_id, state in decision.changes().items():
+                task_run = by_id[node_id]
+                task_run.state = state
+                task_run.finished_at = now
+                changed = True
+            active = sum(t.state in (TaskState.QUEUED, TaskState.RUNNING) for t in tasks)
+            for node_id in decision.ready:
+                task_run = by_id[node_id]
+                if task_run.options.get("cache"):
+                    results = {dep: by_id[dep].result or {} for dep in task_run.upstream}
+                    key = cache_key(
+                        task_run.task_ref,
+                        task_run.code_version,
+                        resolve_inputs(task_run.inputs, results),
+                    )
+                    task_run.cache_key = key
+                    hit = session.scalar(
+                        select(TaskRun)
+                        .where(TaskRun.cache_key == key, TaskRun.state == TaskState.SUCCEEDED)
+                        .order_by(TaskRun.finished_at.desc())
+                        .limit(1)
+                    )
+                    if hit is not None and self._result_available(hit.result):
+                        task_run.state = TaskState.CACHED
+                        task_run.result = hit.result
+                        task_run.cached_from = hit.id
+                        task_run.started_at = task_run.finished_at = now
+                        changed = True
+                        continue
+                if run.max_concurrency is not None and active >= run.max_concurrency:
+                    continue
+                if task_run.pool and not self._pool_has_slot(session, task_run.pool):
+                    continue
+                queued.append(self._new_attempt(session, task_run, now, delay=0.0))
+                active += 1
+                changed = True
+            if queued and run.state == RunState.QUEUED:
+                run.state = RunState.RUNNING
+                run.started_at = now
+            if decision.outcome is not None:
+                run.state = decision.outcome
+                run.finished_at = now
+                if run.started_at is None:
+                    run.started_at = now
+                return queued
+            session.flush()
+            if not changed:
+                return queued
+
+    def _result_available(self, result: dict[str, Any] | None) -> bool:
+        if result is None:
+            return False
+        if ARTIFACT_KEY in result:
+            return self.artifacts.path(result[ARTIFACT_KEY]).exists()
+        return True
+
+    def _pool_has_slot(self, session: Session, pool: str) -> bool:
+        slots = session.scalar(select(Pool.slots).where(Pool.name == pool))
+        if slots is None:
+            return True
+        busy = session.scalar(
+            select(func.count())
+            .select_from(Attempt)
+            .where(
+                Attempt.pool == pool,
+                Attempt.state.in_([AttemptState.QUEUED, AttemptState.RUNNING]),
+            )
+        )
+        return (busy or 0) < slots
+
+    def _new_attempt(self, session: Session, task_run: TaskRun, now: datetime, delay: float) -> int:
+        task_run.current_attempt += 1
+        task_run.state = TaskState.QUEUED
+        attempt = Attempt(
+            task_run_id=task_run.id,
+            run_id=task_run.run_id,
+            number=task_run.current_attempt,
+            state=AttemptState.QUEUED,
+            pool=task_run.pool,
+            not_before=now + timedelta(seconds=delay),
+            timeout_seconds=task_run.options.get("timeout"),
+            created_at=now,
+        )
+        session.add(attempt)
+        session.flush()
+        return attempt.id
+
+    def set_pool(self, name: str, slots: int) -> None:
+        """Create or resize a pool; at most ``slots`` of its attempts run at once."""
+        if slots < 1:
+            raise ValueError(f"a pool needs at least 1 slot, got {slots}")
+        with self.db.session() as session:
+            pool = session.get(Pool, name)
+            if pool is None:
+                session.add(Pool(name=name, slots=slots))
+            else:
+                pool.slots = slots
+
+    def schedule(self, run_id: str | None = None) -> list[int]:
+        """One scheduler pass: reap lost and overdue attempts, advance every active run.
+
+        Returns the queued attempts that are due now (of ``run_id`` only, if given), for the
+        dispatcher to (re)publish.
+        """
+        now = utcnow()
+        self.reap(now)
+        with self.db.session() as session:
+            active = list(
+                session.scalars(
+                    select(Run.id).where(Run.state.in_([RunState.QUEUED, RunState.RUNNING]))
+                )
+            )
+        for active_id in active:
+            with self.db.session() as session:
+                self._advance(session, active_id, now)
+        due = select(Attempt.id).where(
+            Attempt.state == AttemptState.QUEUED, Attempt.not_before <= now
+        )
+        if run_id is not None:
+            due = due.where(Attempt.run_id == run_id)
+        with self.db.session() as session:
+            return list(session.scalars(due.order_by(Attempt.not_before, Attempt.id)))
+
+    def reap(self, now: datetime | None = None) -> int:
+        """Turn attempts whose lease expired into ``lost`` and overdue ones into timeouts."""
+        now = now or utcnow()
+        grace = timedelta(seconds=self.settings.timeout_grace_seconds)
+        with self.db.session() as session:
+            running = session.execute(
+                select(
+                    Attempt.id,
+                    Attempt.run_id,
+                    Attempt.number,
+                    Attempt.lease_expires_at,
+                    Attempt.started_at,
+                    TaskRun.options,
+                )
+                .join(TaskRun, TaskRun.id == Attempt.task_run_id)
+                .where(Attempt.state == AttemptState.RUNNING)
+            ).all()
+        reaped = 0
+        for attempt_id, run_id, number, lease, started, options in running:
+            timeout = options.get("timeout")
+            guard: list[ColumnElement[bool]]
+            if lease is not None and lease < now:
+                outcome = Outcome(
+                    AttemptState.LOST, error="lease expired: the worker stopped heartbeating"
+                )
+                guard = [Attempt.lease_expires_at < now]
+            elif timeout is not None and started is not None:
+                if started + timedelta(seconds=timeout) + grace >= now:
+                    continue
+                outcome = timeout_outcome(options, reaped=True)
+                guard = []
+            else:
+                continue
+            if self._end_attempt(run_id, attempt_id, number, outcome, now, guard) is not None:
+                reaped += 1
+        return reaped
+
+    # -- workers --------------------------------------------------------------------------
+
+    def claim(self, attempt_id: int, worker_id: str) -> ClaimedAttempt | None:
+        """Start an attempt for this worker, or None if it is not (or no longer) claimable."""
+        try:
+            return self._claim(attempt_id, worker_id)
+        except _Abort:
+            return None
+
+    def _claim(self, attempt_id: int, worker_id: str) -> ClaimedAttempt | None:
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
+        with self.db.session() as session:
+            row = session.execute(
+                select(Attempt.run_id, Attempt.task_run_id, Attempt.number).where(
+                    Attempt.id == attempt_id
+                )
+            ).first()
+            if row is None:
+                return None
+            run_id, task_run_id, number = row
+            run = self._lock_run(session, run_id)
+            if run.cancel_requested or run.state in RUN_TERMINAL:
+                return None
+            taken = session.execute(
+                update(TaskRun)
+                .where(
+                    TaskRun.id == task_run_id,
+                    TaskRun.state == TaskState.QUEUED,
+                    TaskRun.current_attempt == number,
+                )
+                .values(state=TaskState.RUNNING, started_at=func.coalesce(TaskRun.started_at, now))
+            )
+            if _rowcount(taken) != 1:
+                return None
+            started = session.execute(
+                update(Attempt)
+                .where(
+                    Attempt.id == attempt_id,
+                    Attempt.state == AttemptState.QUEUED,
+                    Attempt.not_before <= now,
+                )
+                .values(
+                    state=AttemptState.RUNNING,
+                    worker_id=worker_id,
+                    started_at=now,
+                    lease_expires_at=lease,
+                )
+            )
+            if _rowcount(started) != 1:
+                raise _Abort  # undo the task run's change too
+            if run.state == RunState.QUEUED:
+                run.state = RunState.RUNNING
+                run.started_at = now
+            task_run = session.get_one(TaskRun, task_run_id)
+            deps = references(task_run.inputs)
+            results = {
+                node_id: result or {}
+                for node_id, result in session.execute(
+                    select(TaskRun.node_id, TaskRun.result).where(
+                        TaskRun.run_id == run_id, TaskRun.node_id.in_(deps)
+                    )
+                )
+            }
+            return ClaimedAttempt(
+                attempt_id=attempt_id,
+                run_id=run_id,
+                task_run_id=task_run_id,
+                node_id=task_run.node_id,
+                number=number,
+                task_ref=task_run.task_ref,
+                inputs=resolve_inputs(task_run.inputs, results),
+                options=task_run.options,
+            )
+
+    def heartbeat(self, attempt_ids: Iterable[int], worker_id: str) -> Heartbeat:
+        """Extend the leases of a worker's running attempts; say which must stop."""
+        ids = list(attempt_ids)
+        beat = Heartbeat()
+        if not ids:
+            return beat
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
+        with self.db.session() as session:
+            session.execute(
+                update(Attempt)
+                .where(
+                    Attempt.id.in_(ids),
+                    Attempt.worker_id == worker_id,
+                    Attempt.state == AttemptState.RUNNING,
+                    Attempt.lease_expires_at >= now,
+                )
+                .values(lease_expires_at=lease)
+            )
+            rows = session.execute(
+                select(Attempt.id, Attempt.state, Attempt.lease_expires_at, Run.cancel_requested)
+                .join(Run, Run.id == Attempt.run_id)
+                .where(Attempt.id.in_(ids))
+            ).all()
+        alive = set()
+        for attempt_id, state, expires, cancel_requested in rows:
+            if state != AttemptState.RUNNING or expires is None or expires < now:
+                continue
+            alive.add(attempt_id)
+            if cancel_requested:
+                beat.cancelled.add(attempt_id)
+        beat.lost = set(ids) - alive
+        return beat
+
+    def finish(self, claimed: ClaimedAttempt, worker_id: str, outcome: Outcome) -> list[int]:
+        """Commit an attempt's outcome if this worker still holds it (fencing).
+
+        Returns the attempts that became queued as a consequence (retries, downstream tasks),
+        or raises FencedOut when the attempt was no longer this worker's to finish.
+        """
+        now = utcnow()
+        guard = [Attempt.worker_id == worker_id, Attempt.lease_expires_at >= now]
+        queued = self._end_attempt(
+            claimed.run_id, claimed.attempt_id, claimed.number, outcome, now, guard
+        )
+        if queued is None:
+            raise FencedOut(
+                f"attempt {claimed.number} of {claimed.node_id} is no longer held by {worker_id}"
+            )
+        return queued
+
+    def _end_attempt(
+        self,
+        run_id: str,
+        attempt_id: int,
+        number: int,
+        outcome: Outcome,
+        now: datetime,
+        guard: list[ColumnElement[bool]],
+    ) -> list[int] | None:
+        try:
+            return self._end_attempt_once(run_id, attempt_id, number, outcome, now, guard)
+        except _Abort:
+            return None
+
+    def _end_attempt_once(
+        self,
+        run_id: str,
+        attempt_id: int,
+        number: int,
+        outcome: Outcome,
+        now: datetime,
+        guard: list[ColumnElement[bool]],
+    ) -> list[int]:
+        with self.db.session() as session:
+            run = self._lock_run(session, run_id)
+            task_run = session.scalar(
+                select(TaskRun)
+                .join(Attempt, Attempt.task_run_id == TaskRun.id)
+                .where(Attempt.id == attempt_id)
+                .with_for_update(of=TaskRun)
+            )
+            if task_run is None or task_run.current_attempt != number:
+                raise _Abort
+            ended = session.execute(
+                update(Attempt)
+                .where(Attempt.id == attempt_id, Attempt.state == AttemptState.RUNNING, *guard)
+                .values(
+                    state=outcome.state,
+                    finished_at=now,
+                    error=outcome.error,
+                    log=outcome.log,
+                )
+            )
+            if _rowcount(ended) != 1:
+                raise _Abort
+            self._record_outputs(session, task_run, number, outcome)
+            queued: list[int] = []
+            if outcome.state == AttemptState.SUCCEEDED:
+                task_run.state = TaskState.SKIPPED if outcome.skipped else TaskState.SUCCEEDED
+                task_run.result = None if outcome.skipped else outcome.result
+                task_run.error = outcome.error if outcome.skipped else None
+                task_run.finished_at = now
+            elif run.cancel_requested or outcome.state == AttemptState.CANCELLED:
+                task_run.state = TaskState.CANCELLED
+                task_run.error = outcome.error or "run cancelled"
+                task_run.finished_at = now
+            else:
+                policy = _policy(task_run.options)
+                task_run.error = outcome.error
+                if outcome.retryable and policy.may_retry(number):
+                    delay = policy.delay(number, seed=f"{run_id}:{task_run.node_id}")
+                    queued.append(self._new_attempt(session, task_run, now, delay=delay))
+                else:
+                    task_run.state = TaskState.FAILED
+                    task_run.finished_at = now
+            session.flush()
+            queued += self._advance(session, run_id, now)
+            return [q for q in queued if self._is_due(session, q, now)]
+
+    @staticmethod
+    def _is_due(session: Session, attempt_id: int, now: datetime) -> bool:
+        not_before = session.scalar(select(Attempt.not_before).where(Attempt.id == attempt_id))
+        return not_before is not None and not_before <= now
+
+    @staticmethod
+    def _record_outputs(session: Session, task_run: TaskRun, number: int, outcome: Outcome) -> None:
+        for metric in outcome.metrics:
+            session.add(
+                Metric(
+                    run_id=task_run.run_id,
+                    task_run_id=task_run.id,
+                    attempt=number,
+                    name=metric["name"],
+                    value=metric["value"],
+                    step=metric.get("step"),
+                )
+            )
+        for name, value in outcome.params.items():
+            existing = session.scalar(
+                select(Param).where(Param.task_run_id == task_run.id, Param.name == name)
+            )
+            if existing is None:
+                session.add(
+                    Param(run_id=task_run.run_id, task_run_id=task_run.id, name=name, value=value)
+                )
+            else:
+                existing.value = value
+        for artifact in outcome.artifacts:
+            session.add(
+                Artifact(
+                    run_id=task_run.run_id,
+                    task_run_id=task_run.id,
+                    name=artifact["name"],
+                    sha256=artifact["sha256"],
+                    size=artifact["size"],
+                    kind=artifact["kind"],
+                )
+            )
+
+    # -- queries --------------------------------------------------------------------------
+
+    def resolve_run_id(self, prefix: str) -> str:
+        """The full id of the one run whose id starts with ``prefix``."""
+        if len(prefix) < 4:
+            raise NotFound("give at least 4 characters of the run id")
+        with self.db.session() as session:
+            ids = list(
+                session.scalars(select(Run.id).where(Run.id.startswith(prefix, autoescape=True)))
+            )
+        if not ids:
+            raise NotFound(f"no run with id {prefix}")
+        if len(ids) > 1:
+            raise NotFound(f"{prefix} matches {len(ids)} runs; give more characters")
+        return ids[0]
+
+    def run(self, run_id: str) -> tuple[Run, WorkflowRow]:
+        with self.db.session() as session:
+            row = session.execute(
+                select(Run, WorkflowRow)
+                .join(WorkflowRow, WorkflowRow.id == Run.workflow_id)
+                .where(Run.id == run_id)
+            ).first()
+            if row is None:
+                raise NotFound(f"no run with id {run_id}")
+            return row[0], row[1]
+
+    def runs(self, limit: int = 20, state: str | None = None) -> list[tuple[Run, WorkflowRow]]:
+        with self.db.session() as session:
+            query = (
+                select(Run, WorkflowRow)
+                .join(WorkflowRow, WorkflowRow.id == Run.workflow_id)
+                .order_by(Run.created_at.desc())
+                .limit(limit)
+            )
+            if state:
+                query = query.where(Run.state == state)
+            return [(r, w) for r, w in session.execute(query)]
+
+    def task_runs(self, run_id: str) -> list[TaskRun]:
+        with self.db.session() as session:
+            return list(
+                session.scalars(
+                    select(TaskRun).where(TaskRun.run_id == run_id).order_by(TaskRun.position)
+                )
+            )
+
+    def attempts(self, run_id: str) -> list[Attempt]:
+        with self.db.session() as session:
+            return list(
+                session.scalars(
+                    select(Attempt)
+                    .where(Attempt.run_id == run_id)
+                    .order_by(Attempt.task_run_id, Attempt.number)
+                )
+            )
+
+    def metrics(self, run_id: str) -> list[tuple[str, Metric]]:
+        with self.db.session() as session:
+            return [
+                (node_id, metric)
+                for node_id, metric in session.execute(
+                    select(TaskRun.node_id, Metric)
+                    .join(Metric, Metric.task_run_id == TaskRun.id)
+                    .where(Metric.run_id == run_id)
+                    .order_by(TaskRun.position, Metric.id)
+                )
+            ]
+
+    def artifacts_of(self, run_id: str) -> list[tuple[str, Artifact]]:
+        with self.db.session() as session:
+            return [
+                (node_id, artifact)
+                for node_id, artifact in session.execute(
+                    select(TaskRun.node_id, Artifact)
+                    .join(Artifact, Artifact.task_run_id == TaskRun.id)
+                    .where(Artifact.run_id == run_id)
+                    .order_by(Artifact.id)
+                )
+            ]
+
+    def log(self, run_id: str, node_id: str, number: int | None = None) -> Attempt:
+        """The attempt (latest by default) of a task whose log is asked for."""
+        with self.db.session() as session:
+            task_run = session.scalar(
+                select(TaskRun).where(TaskRun.run_id == run_id, TaskRun.node_id == node_id)
+            )
+            if task_run is None:
+                raise NotFound(f"run {run_id[:8]} has no task {node_id!r}")
+            query = select(Attempt).where(Attempt.task_run_id == task_run.id)
+            if number is not None:
+                query = query.where(Attempt.number == number)
+            attempt = session.scalar(query.order_by(Attempt.number.desc()).limit(1))
+            if attempt is None:
+                raise NotFound(f"task {node_id!r} has no attempt {number or ''}".rstrip())
+            return attempt
+
+
+class _Abort(Exception):
+    """Roll the current transaction back: a guarded update found the state changed."""
+
+
+class FencedOut(RuntimeError):
+    """A worker tried to commit an attempt that is no longer current or no longer its own."""

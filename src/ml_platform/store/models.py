@@ -1,0 +1,199 @@
+"""The tables. The database is the source of truth for every run, task and attempt."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored as naive UTC and read back as aware UTC, on SQLite and PostgreSQL."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, Any: JSON}
+
+
+class Workflow(Base):
+    """One version of a workflow: a new version whenever its module's code changes."""
+
+    __tablename__ = "workflows"
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        UniqueConstraint("name", "code_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(400))
+    version: Mapped[int] = mapped_column(Integer)
+    code_hash: Mapped[str] = mapped_column(String(64))
+    #: JSON schema of the workflow's parameters, from its signature.
+    params_schema: Mapped[dict[str, Any]]
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_state_created", "state", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict[str, Any]]
+    max_concurrency: Mapped[int | None] = mapped_column(Integer, default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class TaskRun(Base):
+    __tablename__ = "task_runs"
+    __table_args__ = (
+        UniqueConstraint("run_id", "node_id"),
+        Index("ix_task_runs_cache_key_state", "cache_key", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    node_id: Mapped[str] = mapped_column(String(200))
+    #: Position in the run's topological order.
+    position: Mapped[int] = mapped_column(Integer)
+    task_ref: Mapped[str] = mapped_column(String(400))
+    code_version: Mapped[str] = mapped_column(String(64))
+    upstream: Mapped[list[str]] = mapped_column(JSON)
+    #: Arguments, with upstream results as {"__mlp_ref__": node_id} markers.
+    inputs: Mapped[dict[str, Any]]
+    #: Retry policy, timeout, cache flag, pool.
+    options: Mapped[dict[str, Any]]
+    pool: Mapped[str | None] = mapped_column(String(100), default=None)
+    state: Mapped[str] = mapped_column(String(16))
+    cache_key: Mapped[str | None] = mapped_column(String(64), default=None)
+    cached_from: Mapped[int | None] = mapped_column(Integer, default=None)
+    #: Number of the current attempt: the fencing token. 0 before the first attempt.
+    current_attempt: Mapped[int] = mapped_column(Integer, default=0)
+    #: {"value": ...} or {"__mlp_artifact__": sha256, ...}
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Attempt(Base):
+    __tablename__ = "attempts"
+    __table_args__ = (
+        UniqueConstraint("task_run_id", "number"),
+        Index("ix_attempts_state_not_before", "state", "not_before"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"), index=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    pool: Mapped[str | None] = mapped_column(String(100), default=None)
+    worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
+    not_before: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    timeout_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    log: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    __table_args__ = (Index("ix_metrics_name_run", "name", "run_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    value: Mapped[float] = mapped_column(Float)
+    step: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Param(Base):
+    """A parameter a task logged with ``ctx.log_param``."""
+
+    __tablename__ = "params"
+    __table_args__ = (UniqueConstraint("task_run_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    value: Mapped[Any] = mapped_column(JSON)
+
+
+class Artifact(Base):
+    """A named blob a task saved; the bytes live in the artifact store under their sha256."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Pool(Base):
+    """A named limit on how many attempts may run at once across all runs."""
+
+    __tablename__ = "pools"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    slots: Mapped[int] = mapped_column(Integer)

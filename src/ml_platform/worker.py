@@ -1,0 +1,287 @@
+"""The worker: claims attempts, runs each in a child process, heartbeats, commits with fencing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess  # nosec B404 - runs this package's own task runner, never a shell
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ml_platform.dispatch import Dispatcher
+from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState
+from ml_platform.service import ClaimedAttempt, FencedOut, Outcome, Platform, timeout_outcome
+
+MAX_LOG_BYTES = 1024 * 1024
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class _Child:
+    claimed: ClaimedAttempt
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    started: float
+    deadline: float | None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "log.txt"
+
+    @property
+    def outcome_path(self) -> Path:
+        return self.workdir / "outcome.json"
+
+    def read_log(self) -> str:
+        try:
+            with self.log_path.open("rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, size - MAX_LOG_BYTES))
+                return handle.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        for name in ("attempt.json", "outcome.json", "outcome.tmp", "log.txt"):
+            (self.workdir / name).unlink(missing_ok=True)
+        self.workdir.rmdir()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+class Worker:
+    """Runs up to ``concurrency`` attempts at once, each in its own process."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        dispatcher: Dispatcher,
+        *,
+        concurrency: int = 2,
+        worker_id: str | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.platform = platform
+        self.dispatcher = dispatcher
+        self.concurrency = concurrency
+        self.worker_id = worker_id or new_worker_id()
+        self.children: dict[int, _Child] = {}
+        self.draining = False
+        self._last_beat = 0.0
+        self.on_event = on_event or (lambda _message: None)
+
+    # One pass of the loop: finish what ended, enforce deadlines and leases, take new work.
+    def step(self) -> bool:
+        """Do one pass; return True if anything happened (the caller may loop again at once)."""
+        busy = self._collect()
+        busy |= self._enforce_timeouts()
+        if time.monotonic() - self._last_beat >= self.platform.settings.heartbeat_seconds:
+            self._beat()
+        if not self.draining:
+            busy |= self._take_work()
+        return busy
+
+    def _take_work(self) -> bool:
+        free = self.concurrency - len(self.children)
+        started = False
+        while free > 0:
+            ids = self.dispatcher.receive(free)
+            if not ids:
+                break
+            for attempt_id in ids:
+                claimed = self.platform.claim(attempt_id, self.worker_id)
+                if claimed is not None:
+                    self._spawn(claimed)
+                    free -= 1
+                    started = True
+        return started
+
+    def _spawn(self, claimed: ClaimedAttempt) -> None:
+        workdir = Path(tempfile.mkdtemp(prefix=f"mlp-attempt-{claimed.attempt_id}-"))
+        settings = self.platform.settings
+        payload = {
+            "run_id": claimed.run_id,
+            "node_id": claimed.node_id,
+            "number": claimed.number,
+            "task_ref": claimed.task_ref,
+            "inputs": claimed.inputs,
+            "options": claimed.options,
+            "artifacts_dir": str(settings.artifacts_dir),
+            "inline_result_bytes": settings.inline_result_bytes,
+        }
+        (workdir / "attempt.json").write_text(json.dumps(payload))
+        env = dict(os.environ)
+        # Workflow modules are imported by reference, as the submitting process found them.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
+        with (workdir / "log.txt").open("wb") as log:
+            process = subprocess.Popen(  # nosec B603 - fixed argv: our interpreter and module
+                [
+                    sys.executable,
+                    "-m",
+                    "ml_platform.task_runner",
+                    str(workdir / "attempt.json"),
+                    str(workdir / "outcome.json"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # Own session: a Ctrl-C at the terminal reaches the worker, which decides.
+                start_new_session=True,
+            )
+        timeout = claimed.options.get("timeout")
+        now = time.monotonic()
+        self.children[claimed.attempt_id] = _Child(
+            claimed, process, workdir, now, now + timeout if timeout else None
+        )
+        self.on_event(f"started {claimed.node_id} (attempt {claimed.number})")
+
+    def _collect(self) -> bool:
+        done = [c for c in self.children.values() if c.process.poll() is not None]
+        for child in done:
+            self._finish(child, self._read_outcome(child))
+        return bool(done)
+
+    def _read_outcome(self, child: _Child) -> Outcome:
+        log = child.read_log()
+        code = child.process.returncode
+        try:
+            data = json.loads(child.outcome_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            if code is not None and code < 0:
+                reason = f"killed by signal {signal.Signals(-code).name}"
+            else:
+                reason = f"exited with code {code} before reporting a result"
+            return Outcome(AttemptState.FAILED, error=f"task process {reason}", log=log)
+        return Outcome(
+            state=AttemptState(data["state"]),
+            result=data.get("result"),
+            error=data.get("error"),
+            retryable=data.get("retryable", True),
+            skipped=data.get("skipped", False),
+            log=log,
+            metrics=data["metrics"],
+            params=data["params"],
+            artifacts=data["artifacts"],
+        )
+
+    def _finish(self, child: _Child, outcome: Outcome) -> None:
+        del self.children[child.claimed.attempt_id]
+        try:
+            queued = self.platform.finish(child.claimed, self.worker_id, outcome)
+        except FencedOut as exc:
+            self.on_event(f"discarded {child.claimed.node_id}: {exc}")
+        else:
+            self.dispatcher.publish(queued)
+            verdict = "skipped" if outcome.skipped else outcome.state.value
+            self.on_event(f"{verdict} {child.claimed.node_id} (attempt {child.claimed.number})")
+        finally:
+            child.cleanup()
+
+    def _enforce_timeouts(self) -> bool:
+        now = time.monotonic()
+        late = [c for c in self.children.values() if c.deadline is not None and now > c.deadline]
+        for child in late:
+            child.kill()
+            outcome = timeout_outcome(child.claimed.options)
+            outcome.log = child.read_log()
+            self._finish(child, outcome)
+        return bool(late)
+
+    def _beat(self) -> None:
+        self._last_beat = time.monotonic()
+        beat = self.platform.heartbeat(list(self.children), self.worker_id)
+        for attempt_id in beat.lost:
+            child = self.children.pop(attempt_id)
+            child.kill()
+            self.on_event(f"lost the lease of {child.claimed.node_id}; stopped it")
+            child.cleanup()
+        for attempt_id in beat.cancelled:
+            self.stop(attempt_id, "run cancelled")
+
+    def stop(self, attempt_id: int, reason: str) -> None:
+        """Kill a running attempt and record it as cancelled."""
+        child = self.children.get(attempt_id)
+        if child is None:
+            return
+        child.kill()
+        self._finish(child, Outcome(AttemptState.CANCELLED, error=reason, log=child.read_log()))
+
+    def stop_all(self, reason: str) -> None:
+        for attempt_id in list(self.children):
+            self.stop(attempt_id, reason)
+
+    def hand_back(self, reason: str) -> None:
+        """Kill every running attempt and record it as lost, so that it is retried."""
+        for child in list(self.children.values()):
+            child.kill()
+            self._finish(child, Outcome(AttemptState.LOST, error=reason, log=child.read_log()))
+
+
+class Runtime:
+    """Scheduler and worker in one loop: the embedded mode's whole server."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        dispatcher: Dispatcher,
+        worker: Worker,
+        *,
+        only_run: str | None = None,
+    ) -> None:
+        self.platform = platform
+        self.dispatcher = dispatcher
+        self.worker = worker
+        self.only_run = only_run
+        self._last_schedule = 0.0
+
+    def tick(self) -> None:
+        settings = self.platform.settings
+        if time.monotonic() - self._last_schedule >= settings.poll_seconds:
+            self._last_schedule = time.monotonic()
+            self.dispatcher.publish(self.platform.schedule(self.only_run))
+        if not self.worker.step():
+            # Children are checked often; the database only every poll interval.
+            time.sleep(0.02 if self.worker.children else settings.poll_seconds / 5)
+
+    def drive(
+        self,
+        run_id: str,
+        *,
+        on_progress: Callable[[], None] | None = None,
+        timeout: float | None = None,
+    ) -> RunState:
+        """Run ``run_id`` to its end in this process; return its final state.
+
+        ``on_progress`` is called a few times a second (e.g. to redraw a progress table).
+        Raises TimeoutError if the run has not ended after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = 0.0
+        while True:
+            self.tick()
+            if time.monotonic() - last < 0.2:
+                continue
+            last = time.monotonic()
+            if on_progress is not None:
+                on_progress()
+            state = RunState(self.platform.run(run_id)[0].state)
+            if state in RUN_TERMINAL and not self.worker.children:
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id[:8]} still {state.value} after {timeout} s")

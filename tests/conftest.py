@@ -1,0 +1,89 @@
+"""Shared fixtures: Hypothesis profiles, isolated platform homes, real PostgreSQL databases."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, settings
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from ml_platform.config import Settings
+from ml_platform.service import Platform
+
+settings.register_profile("dev", max_examples=50, deadline=None)
+settings.register_profile(
+    "ci",
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+_default_profile = "ci" if os.environ.get("CI", "").lower() == "true" else "dev"
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default_profile))
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+PG_START_HINT = "start it with: pg_ctlcluster --skip-systemctl-redirect 15 main start"
+
+
+def _libpq_url(url: str) -> str:
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    base = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    if not base.startswith("postgres"):
+        base = DEFAULT_DATABASE_URL
+    name = f"mlp_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(_libpq_url(base), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        shown = make_url(base).render_as_string(hide_password=True)
+        reason = str(exc).strip().splitlines()[0]
+        pytest.fail(
+            f"PostgreSQL at {shown} is unreachable ({reason}); {PG_START_HINT}", pytrace=False
+        )
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield make_url(base).set(database=name).render_as_string(hide_password=False)
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty platform home, also exported so that child processes use it."""
+    monkeypatch.setenv("ML_PLATFORM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def sqlite_platform(home: Path) -> Iterator[Platform]:
+    platform = Platform(Settings(home=home, lease_seconds=2.0, poll_seconds=0.1)).start()
+    yield platform
+    platform.close()
+
+
+@pytest.fixture
+def postgres_clean(postgres_url: str) -> Iterator[str]:
+    """The session's PostgreSQL database, emptied after the test (schema kept)."""
+    yield postgres_url
+    with psycopg.connect(_libpq_url(postgres_url), autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+            "AND tablename <> 'alembic_version'"
+        ).fetchall()
+        if tables:
+            names = sql.SQL(", ").join(sql.Identifier(name) for (name,) in tables)
+            conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(names))

@@ -1,0 +1,56 @@
+"""Helpers that drive the real service without child processes, for fast integration tests."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ml_platform.engine.states import AttemptState, RunState
+from ml_platform.service import ClaimedAttempt, Outcome, Platform
+from ml_platform.task_runner import run_attempt
+
+
+def execute(platform: Platform, claimed: ClaimedAttempt) -> Outcome:
+    """Run a claimed attempt in this process with the task runner's own code."""
+    settings = platform.settings
+    data: dict[str, Any] = run_attempt(
+        {
+            "run_id": claimed.run_id,
+            "node_id": claimed.node_id,
+            "number": claimed.number,
+            "task_ref": claimed.task_ref,
+            "inputs": claimed.inputs,
+            "options": claimed.options,
+            "artifacts_dir": str(settings.artifacts_dir),
+            "inline_result_bytes": settings.inline_result_bytes,
+        }
+    )
+    return Outcome(
+        state=AttemptState(data["state"]),
+        result=data.get("result"),
+        error=data.get("error"),
+        retryable=data.get("retryable", True),
+        skipped=data.get("skipped", False),
+        metrics=data["metrics"],
+        params=data["params"],
+        artifacts=data["artifacts"],
+    )
+
+
+def run_inline(
+    platform: Platform, run_id: str, worker_id: str = "inline", rounds: int = 200
+) -> RunState:
+    """Claim, run and finish every due attempt of a run until it ends."""
+    for _ in range(rounds):
+        state = RunState(platform.run(run_id)[0].state)
+        if state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED):
+            return state
+        progressed = False
+        for attempt_id in platform.schedule(run_id):
+            claimed = platform.claim(attempt_id, worker_id)
+            if claimed is not None:
+                platform.finish(claimed, worker_id, execute(platform, claimed))
+                progressed = True
+        if not progressed:
+            time.sleep(0.02)  # a retry may be waiting for its backoff delay
+    raise AssertionError(f"run {run_id} did not end in {rounds} rounds")

@@ -1,0 +1,209 @@
+"""The ``mlp`` command as users run it: real worker, real child processes, SQLite."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ml_platform.cli import app
+from ml_platform.config import load_settings
+from ml_platform.service import Platform
+from tests import workflows
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cli_env(home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Short leases and polls so that fault tests end quickly; wide tables."""
+    monkeypatch.setenv("MLP_LEASE_SECONDS", "1.5")
+    monkeypatch.setenv("MLP_POLL_SECONDS", "0.1")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.chdir(ROOT)
+    return dict(os.environ)
+
+
+@pytest.fixture
+def platform(cli_env: dict[str, str]) -> Iterator[Platform]:
+    platform = Platform(load_settings()).start()
+    yield platform
+    platform.close()
+
+
+def mlp(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def run_id_of(output: str) -> str:
+    match = re.search(r"run ([0-9a-f]{8}) ", output)
+    assert match, output
+    return match.group(1)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ml_platform", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def test_a_task_that_fails_twice_then_succeeds_shows_three_attempts(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    counter = tmp_path / "calls"
+    code, output = mlp("run", "tests.workflows:flaky_pipeline", "-p", f"counter={counter}")
+    assert code == 0, output
+    assert re.search(r"flaky\s+│ succeeded │ failed failed succeeded", output), output
+    run_id = run_id_of(output)
+    code, shown = mlp("show", run_id)
+    assert code == 0
+    assert "attempt 1 (failed): ConnectionError: transient failure 1" in shown
+    code, log = mlp("logs", run_id, "flaky", "--attempt", "1")
+    assert code == 0
+    assert "flaky call 1" in log and "ConnectionError: transient failure 1" in log
+    code, log = mlp("logs", run_id, "flaky")
+    assert "attempt 3 (succeeded)" in log and "flaky call 3" in log
+    code, listing = mlp("runs")
+    assert run_id in listing and "tests.workflows:flaky_pipeline v1" in listing
+
+
+def test_a_failed_run_exits_non_zero_and_names_the_failure(cli_env: dict[str, str]) -> None:
+    code, output = mlp("run", "tests.workflows:failing_pipeline")
+    assert code == 1, output
+    assert "explode: RuntimeError: boom" in output
+    assert re.search(r"echo\s+│ upstream_failed", output)
+
+
+def test_a_task_past_its_timeout_is_killed_and_retried(cli_env: dict[str, str]) -> None:
+    started = time.monotonic()
+    code, output = mlp("run", "tests.workflows:overrun_pipeline", "-p", "seconds=30")
+    assert code == 1, output
+    assert time.monotonic() - started < 20
+    assert "TimeoutError: task exceeded its 1 s timeout" in output
+    assert re.search(r"overrun\s+│ failed\s+│ failed failed", output), output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "no_such_module:wf"], "cannot import module 'no_such_module'"),
+        (["run", "tests.workflows:nope"], "has no attribute 'nope'"),
+        (["run", "tests.workflows:not_a_workflow"], "is a Task, not a workflow"),
+        (["run", "tests.workflows"], "must look like 'package.module:workflow_name'"),
+        (["run", "tests.workflows:arithmetic", "-p", "n=x"], "parameter 'n': Input should be"),
+        (["run", "tests.workflows:arithmetic", "-p", "m=1"], "unknown parameter 'm'"),
+        (["run", "tests.workflows:arithmetic", "-p", "n"], "must look like key=value"),
+        (["run", "tests.workflows:flaky_pipeline"], "missing parameter 'counter'"),
+        (["show", "abcdef12"], "no run with id abcdef12"),
+        (["cancel", "abcdef12"], "no run with id abcdef12"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(
+    cli_env: dict[str, str], args: list[str], message: str
+) -> None:
+    code, output = mlp(*args)
+    assert code == 2, output
+    assert message in output
+    assert "Traceback" not in output
+
+
+def test_an_unreachable_database_is_a_clear_error(
+    cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody:secret@127.0.0.1:1/none")
+    code, output = mlp("runs")
+    assert code == 2
+    assert "cannot open the database at postgresql+psycopg://nobody:***@127.0.0.1:1/none" in output
+    assert "secret" not in output
+
+
+def test_ctrl_c_cancels_the_run_and_stops_its_tasks(
+    cli_env: dict[str, str], platform: Platform, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    process = spawn("run", "tests.workflows:long_pipeline", "-p", f"marker={marker}")
+    wait_for(lambda: marker.exists())
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 130, output
+    assert "cancelled by Ctrl-C" in output
+    [(run, _)] = platform.runs()
+    assert run.state == "cancelled"
+    assert {t.state for t in platform.task_runs(run.id)} == {"cancelled"}
+    assert [a.state for a in platform.attempts(run.id)] == ["cancelled"]
+    time.sleep(0.5)
+    assert "finished" not in marker.read_text()
+
+
+def test_mlp_cancel_stops_a_long_run(
+    cli_env: dict[str, str], platform: Platform, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    process = spawn("run", "tests.workflows:long_pipeline", "-p", f"marker={marker}")
+    wait_for(lambda: marker.exists())
+    [(run, _)] = platform.runs()
+    code, output = mlp("cancel", run.id[:8])
+    assert code == 0 and "running tasks stop at their next heartbeat" in output
+    final, _ = process.communicate(timeout=30)
+    assert process.returncode == 1, final
+    assert re.search(r"long_step\s+│ cancelled", final), final
+    assert platform.run(run.id)[0].state == "cancelled"
+    code, output = mlp("cancel", run.id[:8])
+    assert "cancelled" in output
+
+
+def test_a_killed_worker_loses_its_attempt_and_another_worker_retries_it(
+    cli_env: dict[str, str], platform: Platform, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    submitted = platform.submit(workflows.crash_pipeline, {"marker": str(marker)})
+    first = spawn("worker", "--concurrency", "1")
+    wait_for(lambda: marker.exists())
+    first.kill()  # SIGKILL: no chance to clean up
+    first.communicate(timeout=10)
+    second = spawn("worker", "--concurrency", "1")
+    try:
+        wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded", timeout=60)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        output, _ = second.communicate(timeout=30)
+    assert second.returncode == 0 and "stopped" in output
+    attempts = platform.attempts(submitted.run_id)
+    assert [a.state for a in attempts] == ["lost", "succeeded"]
+    assert "lease expired" in (attempts[0].error or "")
+    # The first attempt's process died with its worker: it never finished.
+    assert marker.read_text().splitlines() == ["started 1", "started 2", "finished 2"]
+
+
+def test_the_demo_runs_and_a_second_run_reuses_the_cache(cli_env: dict[str, str]) -> None:
+    code, output = mlp("demo")
+    assert code == 0, output
+    assert "succeeded" in output and "roc_auc=" in output
+    assert "artifact model from register_model" in output
+    code, again = mlp("demo")
+    assert code == 0, again
+    assert "10 of 12 tasks reused from cache" in again
+    code, upgraded = mlp("db", "upgrade")
+    assert code == 0 and "latest schema" in upgraded

@@ -1,0 +1,232 @@
+"""The service's guarantees on real databases: fencing, leases, retries, cancel, limits, cache."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from ml_platform.engine.states import AttemptState, RunState, TaskState
+from ml_platform.service import FencedOut, NotFound, Outcome, Platform
+from ml_platform.store.db import current_revision, head_revision
+from ml_platform.store.models import Base, utcnow
+from tests import workflows
+from tests.helpers import execute, run_inline
+
+pytestmark = pytest.mark.integration
+
+
+def _states(platform: Platform, run_id: str) -> dict[str, str]:
+    return {t.node_id: t.state for t in platform.task_runs(run_id)}
+
+
+def test_migrations_create_exactly_the_models_schema(platform: Platform) -> None:
+    assert current_revision(platform.db.engine) == head_revision() is not None
+    with platform.db.engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert diff == []
+
+
+def test_fan_out_fan_in_run_succeeds_with_results_and_metrics(platform: Platform) -> None:
+    submitted = platform.submit(workflows.arithmetic, {"n": 4})
+    assert len(submitted.queued) == 4  # the four doubles, nothing else yet
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+    tasks = {t.node_id: t for t in platform.task_runs(submitted.run_id)}
+    assert tasks["total"].result == {"value": 12}
+    assert [(n, m.name, m.value) for n, m in platform.metrics(submitted.run_id)] == [
+        ("total", "count", 4.0)
+    ]
+    run, wf = platform.run(submitted.run_id)
+    assert run.started_at is not None and run.finished_at is not None
+    assert wf.name == "tests.workflows:arithmetic" and wf.version == 1
+
+
+def test_registering_the_same_code_twice_keeps_one_version(platform: Platform) -> None:
+    first = platform.register(workflows.arithmetic)
+    assert platform.register(workflows.arithmetic).id == first.id
+
+
+def test_a_failure_stops_only_its_downstream(platform: Platform) -> None:
+    submitted = platform.submit(workflows.failing_pipeline, {})
+    assert run_inline(platform, submitted.run_id) is RunState.FAILED
+    states = _states(platform, submitted.run_id)
+    assert states == {
+        "explode": "failed",
+        "echo": "upstream_failed",
+        "double": "succeeded",
+    }
+    explode = next(t for t in platform.task_runs(submitted.run_id) if t.node_id == "explode")
+    assert explode.error == "RuntimeError: boom"
+
+
+def test_retries_until_success_and_only_for_listed_errors(
+    platform: Platform, tmp_path: Path
+) -> None:
+    counter = tmp_path / "calls"
+    submitted = platform.submit(workflows.flaky_pipeline, {"counter": str(counter)})
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+    attempts = platform.attempts(submitted.run_id)
+    assert [a.state for a in attempts] == ["failed", "failed", "succeeded"]
+    assert attempts[0].error == "ConnectionError: transient failure 1"
+    assert attempts[1].not_before > attempts[0].created_at  # backoff delay applied
+
+    picky = platform.submit(workflows.picky_pipeline, {})
+    assert run_inline(platform, picky.run_id) is RunState.FAILED
+    assert [a.state for a in platform.attempts(picky.run_id)] == ["failed"]
+
+
+def test_skip_ends_the_task_and_its_downstream_as_skipped(platform: Platform) -> None:
+    submitted = platform.submit(workflows.skip_pipeline, {"value": 0.5, "threshold": 0.8})
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+    assert _states(platform, submitted.run_id) == {"maybe_skip": "skipped", "double": "skipped"}
+
+
+def test_large_results_become_artifacts_and_flow_downstream(platform: Platform) -> None:
+    submitted = platform.submit(workflows.big_pipeline, {"n": 50_000})
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+    tasks = {t.node_id: t for t in platform.task_runs(submitted.run_id)}
+    assert tasks["big"].result is not None and "__mlp_artifact__" in tasks["big"].result
+    assert tasks["length"].result == {"value": 50_000}
+    [(node_id, artifact)] = platform.artifacts_of(submitted.run_id)
+    assert node_id == "big" and artifact.name == "numbers"
+    assert platform.artifacts.get_object(artifact.sha256) == list(range(10))
+
+
+def test_only_one_worker_can_claim_an_attempt(platform: Platform) -> None:
+    submitted = platform.submit(workflows.arithmetic, {"n": 1})
+    [attempt_id] = submitted.queued
+    assert platform.claim(attempt_id, "worker-a") is not None
+    assert platform.claim(attempt_id, "worker-b") is None
+
+
+def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
+    platform: Platform, tmp_path: Path
+) -> None:
+    params = {"counter": str(tmp_path / "c"), "fail_times": 1}
+    submitted = platform.submit(workflows.flaky_pipeline, params)
+    platform.settings.lease_seconds = 0.3
+    claimed = platform.claim(submitted.queued[0], "worker-a")
+    assert claimed is not None
+    assert platform.heartbeat([claimed.attempt_id], "worker-a").lost == set()
+    assert platform.reap() == 0
+    # The worker stops heartbeating; the reaper runs after the lease has expired.
+    time.sleep(0.4)
+    assert platform.reap() == 1
+    assert platform.heartbeat([claimed.attempt_id], "worker-a").lost == {claimed.attempt_id}
+    with pytest.raises(FencedOut):
+        platform.finish(claimed, "worker-a", Outcome(AttemptState.SUCCEEDED, result={"value": 1}))
+    attempts = platform.attempts(submitted.run_id)
+    assert [(a.number, a.state) for a in attempts] == [(1, "lost"), (2, "queued")]
+    assert "lease expired" in (attempts[0].error or "")
+    # A lost attempt counts against the retries: lost, failed, succeeded is all 3 allowed.
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+    states = [a.state for a in platform.attempts(submitted.run_id)]
+    assert states == ["lost", "failed", "succeeded"]
+
+
+def test_the_reaper_fails_attempts_past_their_timeout(platform: Platform) -> None:
+    submitted = platform.submit(workflows.overrun_pipeline, {"seconds": 0.0})
+    claimed = platform.claim(submitted.queued[0], "worker-a")
+    assert claimed is not None
+    later = utcnow() + timedelta(seconds=1.5)  # past the 1 s timeout, lease still valid
+    platform.settings.timeout_grace_seconds = 0.1
+    assert platform.reap(later) == 1
+    [first, retry] = platform.attempts(submitted.run_id)
+    assert first.state == "failed" and "TimeoutError" in (first.error or "")
+    assert retry.state == "queued"
+
+
+def test_cancel_stops_pending_work_and_signals_running_attempts(platform: Platform) -> None:
+    submitted = platform.submit(workflows.arithmetic, {"n": 2})
+    running = platform.claim(submitted.queued[0], "worker-a")
+    assert running is not None
+    assert platform.cancel(submitted.run_id) is RunState.RUNNING  # one attempt still runs
+    beat = platform.heartbeat([running.attempt_id], "worker-a")
+    assert beat.cancelled == {running.attempt_id}
+    assert platform.claim(submitted.queued[1], "worker-b") is None
+    platform.finish(running, "worker-a", Outcome(AttemptState.CANCELLED, error="run cancelled"))
+    assert platform.run(submitted.run_id)[0].state == RunState.CANCELLED
+    assert set(_states(platform, submitted.run_id).values()) == {"cancelled"}
+    assert platform.cancel(submitted.run_id) is RunState.CANCELLED  # idempotent
+
+
+def test_per_run_concurrency_limit(platform: Platform) -> None:
+    submitted = platform.submit(workflows.arithmetic, {"n": 5}, max_concurrency=2)
+    assert len(submitted.queued) == 2
+    claimed = platform.claim(submitted.queued[0], "w")
+    assert claimed is not None
+    queued = platform.finish(claimed, "w", execute(platform, claimed))
+    assert len(queued) == 1  # a slot freed, one more task queued
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+
+
+def test_pool_slots_limit_attempts_across_runs(platform: Platform) -> None:
+    platform.set_pool("tests-pool", 3)
+    platform.set_pool("tests-pool", 1)  # resizing an existing pool
+    with pytest.raises(ValueError, match="at least 1 slot"):
+        platform.set_pool("tests-pool", 0)
+    first = platform.submit(workflows.pooled_pipeline, {})
+    second = platform.submit(workflows.pooled_pipeline, {})
+    assert len(first.queued) == 1 and second.queued == []
+    assert run_inline(platform, first.run_id) is RunState.SUCCEEDED
+    assert run_inline(platform, second.run_id) is RunState.SUCCEEDED
+
+
+def test_cached_tasks_are_reused_across_runs(platform: Platform, tmp_path: Path) -> None:
+    counter = tmp_path / "squares"
+    params = {"counter": str(counter), "n": 2}
+    first = platform.submit(workflows.cached_squares, params)
+    assert run_inline(platform, first.run_id) is RunState.SUCCEEDED
+    second = platform.submit(workflows.cached_squares, params)
+    assert run_inline(platform, second.run_id) is RunState.SUCCEEDED
+    assert counter.read_text().count("ran") == 2  # not 4: the second run reused both
+    states = _states(platform, second.run_id)
+    assert states == {"square[0]": "cached", "square[1]": "cached", "total": "succeeded"}
+    third = platform.submit(workflows.cached_squares, {"counter": str(counter), "n": 3})
+    assert run_inline(platform, third.run_id) is RunState.SUCCEEDED
+    assert counter.read_text().count("ran") == 3  # only the new input ran
+
+
+def test_unknown_runs_and_tasks(platform: Platform) -> None:
+    with pytest.raises(NotFound, match="no run with id"):
+        platform.resolve_run_id("ffffffff")
+    with pytest.raises(NotFound, match="at least 4 characters"):
+        platform.resolve_run_id("ab")
+    submitted = platform.submit(workflows.arithmetic, {"n": 1})
+    assert platform.resolve_run_id(submitted.run_id[:8]) == submitted.run_id
+    with pytest.raises(NotFound, match="has no task 'nope'"):
+        platform.log(submitted.run_id, "nope")
+
+
+def test_concurrent_workers_run_every_task_exactly_once(platform: Platform) -> None:
+    """Four threads compete for a fan-out: no deadlock, no task twice, the run succeeds."""
+    submitted = platform.submit(workflows.arithmetic, {"n": 24})
+    errors: list[BaseException] = []
+
+    def work(name: str) -> None:
+        try:
+            for _ in range(400):
+                if platform.run(submitted.run_id)[0].state == RunState.SUCCEEDED:
+                    return
+                for attempt_id in platform.schedule(submitted.run_id):
+                    claimed = platform.claim(attempt_id, name)
+                    if claimed is not None:
+                        platform.finish(claimed, name, execute(platform, claimed))
+        except BaseException as exc:  # surfaced below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert platform.run(submitted.run_id)[0].state == RunState.SUCCEEDED
+    attempts = platform.attempts(submitted.run_id)
+    assert len(attempts) == 25 and {a.state for a in attempts} == {"succeeded"}
+    assert {t.state for t in platform.task_runs(submitted.run_id)} == {TaskState.SUCCEEDED}

@@ -1,0 +1,128 @@
+"""Properties of the engine that must hold for every DAG, failure pattern and policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ml_platform.engine.cache import cache_key, canonical_json
+from ml_platform.engine.dag import plan, topological_order
+from ml_platform.engine.retry import RetryPolicy
+from ml_platform.engine.states import TASK_TERMINAL, RunState, TaskState
+
+pytestmark = pytest.mark.property
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> dict[str, list[str]]:
+    """Random DAGs: each task may depend on any task created before it; names shuffled."""
+    size = draw(st.integers(min_value=1, max_value=25))
+    names = draw(st.permutations([f"t{i}" for i in range(size)]))
+    upstream: dict[str, list[str]] = {}
+    for index, name in enumerate(names):
+        deps = draw(st.sets(st.sampled_from(names[:index]), max_size=4)) if index else set()
+        upstream[name] = sorted(deps)
+    return upstream
+
+
+def _ancestors(upstream: dict[str, list[str]], task: str) -> set[str]:
+    seen: set[str] = set()
+    stack = list(upstream[task])
+    while stack:
+        dep = stack.pop()
+        if dep not in seen:
+            seen.add(dep)
+            stack.extend(upstream[dep])
+    return seen
+
+
+@given(dags(), st.data())
+def test_every_task_runs_once_after_its_upstreams_and_failures_stop_downstream(
+    upstream: dict[str, list[str]], data: st.DataObject
+) -> None:
+    names = list(upstream)
+    failing = data.draw(st.sets(st.sampled_from(names)), label="failing")
+    skipping = data.draw(st.sets(st.sampled_from(names)), label="skipping") - failing
+    order = topological_order(upstream)
+    states = dict.fromkeys(names, TaskState.PENDING)
+    executed: list[str] = []
+    outcome = None
+    for _ in range(10 * len(names) + 10):
+        decision = plan(order, upstream, states)
+        states.update(decision.changes())
+        if decision.outcome is not None:
+            outcome = decision.outcome
+            break
+        assert decision.ready, "a run with pending tasks must make progress"
+        # Any subset of the ready tasks may finish first, in any order.
+        batch = data.draw(st.lists(st.sampled_from(decision.ready), min_size=1, unique=True))
+        for task in batch:
+            executed.append(task)
+            if task in failing:
+                states[task] = TaskState.FAILED
+            elif task in skipping:
+                states[task] = TaskState.SKIPPED
+            else:
+                states[task] = TaskState.SUCCEEDED
+    assert outcome is not None
+    assert len(executed) == len(set(executed)), "a task ran twice"
+    assert all(state in TASK_TERMINAL for state in states.values())
+    position = {task: index for index, task in enumerate(executed)}
+    for task in names:
+        ups = [states[dep] for dep in upstream[task]]
+        if all(state is TaskState.SUCCEEDED for state in ups):
+            assert task in position, f"{task} never ran although its upstreams succeeded"
+            assert all(position[dep] < position[task] for dep in upstream[task])
+            continue
+        assert task not in position, f"{task} ran after an upstream did not succeed"
+        if any(s in (TaskState.FAILED, TaskState.UPSTREAM_FAILED) for s in ups):
+            assert states[task] is TaskState.UPSTREAM_FAILED
+        else:
+            assert states[task] is TaskState.SKIPPED
+        if _ancestors(upstream, task) & set(executed) & failing:
+            assert states[task] in (TaskState.UPSTREAM_FAILED, TaskState.SKIPPED)
+    ran_and_failed = failing & set(executed)
+    assert (outcome is RunState.FAILED) == bool(ran_and_failed)
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> RetryPolicy:
+    factor = draw(st.floats(min_value=1.0, max_value=10.0))
+    base = draw(st.floats(min_value=0.0, max_value=100.0))
+    return RetryPolicy(
+        retries=draw(st.integers(min_value=0, max_value=50)),
+        base_delay=base,
+        factor=factor,
+        max_delay=draw(st.floats(min_value=base, max_value=10_000.0)),
+        jitter=draw(st.floats(min_value=0.0, max_value=factor - 1)),
+    )
+
+
+@given(policies(), st.text(max_size=10))
+def test_retry_delays_are_non_decreasing_and_capped(policy: RetryPolicy, seed: str) -> None:
+    delays = [policy.delay(n, seed=seed) for n in range(1, 40)]
+    assert all(0 <= d <= policy.max_delay for d in delays)
+    assert all(a <= b for a, b in zip(delays, delays[1:]))
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=3), children, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(st.sampled_from(["v1", "v2"]), json_values, st.sampled_from(["v1", "v2"]), json_values)
+def test_cache_key_changes_iff_code_or_inputs_change(
+    code_a: str, inputs_a: Any, code_b: str, inputs_b: Any
+) -> None:
+    same = code_a == code_b and canonical_json(inputs_a) == canonical_json(inputs_b)
+    assert (cache_key("m:t", code_a, inputs_a) == cache_key("m:t", code_b, inputs_b)) == same

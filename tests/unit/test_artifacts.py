@@ -1,0 +1,58 @@
+"""The content-addressed artifact store and result encoding."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from ml_platform.artifacts import (
+    ARTIFACT_KEY,
+    ArtifactNotFound,
+    ArtifactStore,
+    decode_value,
+    encode_value,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def test_bytes_are_stored_once_under_their_digest(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    digest = store.put_bytes(b"model")
+    assert digest == hashlib.sha256(b"model").hexdigest()
+    assert store.put_bytes(b"model") == digest
+    assert store.get_bytes(digest) == b"model"
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) == 1
+
+
+def test_files_and_objects_round_trip(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    source = tmp_path / "weights.bin"
+    source.write_bytes(b"\x00" * 3_000_000)
+    digest = store.put_file(source)
+    assert digest == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert store.copy_to(digest, tmp_path / "copy.bin").read_bytes() == source.read_bytes()
+    obj_digest, size = store.put_object({"a": (1, 2)})
+    assert store.get_object(obj_digest) == {"a": (1, 2)} and size > 0
+
+
+def test_missing_and_malformed_digests(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(ArtifactNotFound):
+        store.get_bytes("0" * 64)
+    with pytest.raises(ArtifactNotFound):
+        store.copy_to("0" * 64, tmp_path / "x")
+    with pytest.raises(ValueError, match="not a sha256 digest"):
+        store.path("../../etc/passwd")
+
+
+def test_small_json_stays_inline_and_the_rest_becomes_an_artifact(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    assert encode_value({"x": 1}, store, inline_limit=100) == {"value": {"x": 1}}
+    large = encode_value(list(range(1000)), store, inline_limit=100)
+    assert ARTIFACT_KEY in large and large["kind"] == "pickle"
+    assert decode_value(large, store) == list(range(1000))
+    odd = encode_value({1, 2}, store, inline_limit=100)
+    assert decode_value(odd, store) == {1, 2}

@@ -1,0 +1,137 @@
+"""Declaring workflows: tracing the DAG, parameters, and their errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ml_platform.inputs import REF_KEY
+from ml_platform.sdk import Backoff, ParamError, WorkflowError, context, task, workflow
+from tests import workflows
+
+pytestmark = pytest.mark.unit
+
+
+def test_fan_out_and_fan_in_become_dependencies() -> None:
+    specs = {spec.node_id: spec for spec in workflows.arithmetic.build({"n": 3})}
+    assert list(specs) == ["double[0]", "double[1]", "double[2]", "total"]
+    assert specs["total"].upstream == ("double[0]", "double[1]", "double[2]")
+    assert specs["total"].inputs["args"] == [
+        [{REF_KEY: "double[0]"}, {REF_KEY: "double[1]"}, {REF_KEY: "double[2]"}]
+    ]
+    assert specs["double[1]"].inputs == {"args": [1], "kwargs": {}}
+    assert specs["double[0]"].task_ref == "tests.workflows:double"
+
+
+def test_task_called_outside_a_workflow_is_a_plain_function() -> None:
+    assert workflows.double(4) == 8
+
+
+def test_options_are_recorded() -> None:
+    options = workflows.picky.options()
+    assert options["retries"] == 3
+    assert options["retry_on"] == ["builtins:ConnectionError"]
+    assert workflows.overrun.options()["timeout"] == 1.0
+
+
+def test_code_version_changes_with_the_source() -> None:
+    def one(x: int) -> int:
+        return x
+
+    def two(x: int) -> int:
+        return x + 1
+
+    assert task(one).code_version != task(two).code_version
+    assert task(version="7")(one).code_version == "7"
+
+
+def test_params_are_validated_against_the_signature() -> None:
+    wf = workflows.arithmetic
+    assert wf.validate_params({}) == {"n": 3}
+    assert wf.validate_params({"n": "4"}) == {"n": 4}
+    with pytest.raises(ParamError, match="parameter 'n': Input should be a valid integer"):
+        wf.validate_params({"n": "four"})
+    with pytest.raises(ParamError, match="unknown parameter 'm'"):
+        wf.validate_params({"m": 1})
+    with pytest.raises(ParamError, match="missing parameter 'counter'"):
+        workflows.flaky_pipeline.validate_params({})
+
+
+def test_cli_params_parse_json_except_for_strings() -> None:
+    wf = workflows.flaky_pipeline
+    assert wf.parse_cli_params({"counter": "123", "fail_times": "2"}) == {
+        "counter": "123",
+        "fail_times": 2,
+    }
+    assert workflows.arithmetic.parse_cli_params({"n": "x"}) == {"n": "x"}
+
+
+def test_unserializable_input_names_the_task() -> None:
+    @workflow
+    def bad() -> None:
+        workflows.echo({1, 2})
+
+    with pytest.raises(WorkflowError, match=r"task 'echo': argument\[0\] is a builtins.set"):
+        bad.build({})
+
+
+def test_reserved_keys_are_refused() -> None:
+    @workflow
+    def sneaky() -> None:
+        workflows.echo({REF_KEY: "x"})
+
+    with pytest.raises(WorkflowError, match="reserved key"):
+        sneaky.build({})
+
+
+def test_using_a_result_inside_the_workflow_body_is_a_clear_error() -> None:
+    @workflow
+    def peeks() -> None:
+        value: Any = workflows.double(1)
+        if value > 1:
+            workflows.double(2)
+
+    with pytest.raises(WorkflowError, match="result of task 'double' is not known"):
+        peeks.build({})
+
+
+def test_wrong_task_arguments_and_empty_workflows() -> None:
+    @workflow
+    def wrong() -> None:
+        workflows.double(1, 2)  # type: ignore[call-arg]  # the mistake under test
+
+    with pytest.raises(WorkflowError, match="task 'double' called with wrong arguments"):
+        wrong.build({})
+
+    @workflow
+    def empty() -> None:
+        return None
+
+    with pytest.raises(WorkflowError, match="declares no tasks"):
+        empty.build({})
+
+    @workflow
+    def crashes() -> None:
+        raise KeyError("oops")
+
+    with pytest.raises(WorkflowError, match="failed while declaring its tasks"):
+        crashes.build({})
+
+
+def test_bad_decorator_arguments_fail_at_import_time() -> None:
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        task(timeout=0)(lambda: None)
+    with pytest.raises(TypeError, match="retry_on must be a tuple of exception classes"):
+        task(retry_on=("ValueError",))(lambda: None)  # type: ignore[arg-type]  # under test
+    with pytest.raises(ValueError, match="jitter"):
+        task(retry_backoff=Backoff(factor=1.0))(lambda: None)
+    with pytest.raises(ValueError, match="max_concurrency"):
+        workflow(max_concurrency=0)(lambda: None)
+    with pytest.raises(WorkflowError, match=r"\*args"):
+        workflow(lambda *args: None)
+
+
+def test_context_outside_a_task_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="only available inside a running task"):
+        context()

@@ -1,0 +1,169 @@
+"""Small workflows the tests run through the real worker (imported by reference)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ml_platform.sdk import Backoff, Skip, context, task, workflow
+
+FAST_RETRY = Backoff(base=0.05, factor=2.0, max_delay=0.2, jitter=0.0)
+
+
+@task
+def double(x: float) -> float:
+    return 2 * x
+
+
+@task
+def echo(value: object) -> str:
+    return str(value)
+
+
+@task
+def total(values: list[float]) -> float:
+    context().log_metric("count", len(values))
+    return sum(values)
+
+
+@task(cache=True)
+def square(x: int, counter: str) -> int:
+    with Path(counter).open("a") as handle:
+        handle.write("ran\n")
+    return x * x
+
+
+@task(retries=2, retry_backoff=FAST_RETRY)
+def flaky(counter: str, fail_times: int) -> str:
+    path = Path(counter)
+    calls = len(path.read_text().splitlines()) if path.exists() else 0
+    with path.open("a") as handle:
+        handle.write("call\n")
+    print(f"flaky call {calls + 1}")
+    if calls < fail_times:
+        raise ConnectionError(f"transient failure {calls + 1}")
+    return "ok"
+
+
+@task(retries=3, retry_on=(ConnectionError,), retry_backoff=FAST_RETRY)
+def picky(message: str) -> None:
+    raise ValueError(message)
+
+
+@task
+def explode(message: str) -> int:
+    raise RuntimeError(message)
+
+
+@task(timeout=1.0, retries=1, retry_backoff=FAST_RETRY)
+def overrun(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@task(retries=1, retry_backoff=FAST_RETRY)
+def long_step(marker: str, seconds: float) -> str:
+    with Path(marker).open("a") as handle:
+        handle.write("started\n")
+    time.sleep(seconds)
+    with Path(marker).open("a") as handle:
+        handle.write("finished\n")
+    return "done"
+
+
+@task
+def maybe_skip(value: float, threshold: float) -> float:
+    if value < threshold:
+        raise Skip(f"{value} is below {threshold}")
+    return value
+
+
+@task
+def big(n: int) -> list[int]:
+    ctx = context()
+    ctx.log_param("n", n)
+    ctx.save_artifact("numbers", list(range(10)))
+    return list(range(n))
+
+
+@task
+def length(values: list[int]) -> int:
+    return len(values)
+
+
+@workflow
+def arithmetic(n: int = 3) -> None:
+    """Fan out over range(n), fan in to a total."""
+    total([double(i) for i in range(n)])
+
+
+@workflow
+def cached_squares(counter: str, n: int = 2) -> None:
+    total([square(i, counter) for i in range(n)])
+
+
+@workflow
+def flaky_pipeline(counter: str, fail_times: int = 2) -> None:
+    flaky(counter, fail_times)
+
+
+@workflow
+def picky_pipeline() -> None:
+    picky("not a connection problem")
+
+
+@workflow
+def failing_pipeline() -> None:
+    """One branch fails; the other still runs; the failed branch's downstream never does."""
+    echo(explode("boom"))
+    double(21)
+
+
+@workflow
+def overrun_pipeline(seconds: float = 30.0) -> None:
+    overrun(seconds)
+
+
+@workflow
+def long_pipeline(marker: str, seconds: float = 60.0) -> None:
+    echo(long_step(marker, seconds))
+
+
+@workflow
+def skip_pipeline(value: float = 0.5, threshold: float = 0.8) -> None:
+    double(maybe_skip(value, threshold))
+
+
+@workflow
+def big_pipeline(n: int = 50_000) -> None:
+    length(big(n))
+
+
+not_a_workflow = double
+
+
+@task(pool="tests-pool")
+def pooled(x: int) -> int:
+    return x
+
+
+@workflow
+def pooled_pipeline() -> None:
+    pooled(1)
+
+
+@task(retries=1, retry_backoff=FAST_RETRY)
+def slow_first_attempt(marker: str, seconds: float) -> int:
+    """Sleeps on its first attempt only, so a retry after a crash ends quickly."""
+    attempt = context().attempt
+    with Path(marker).open("a") as handle:
+        handle.write(f"started {attempt}\n")
+    if attempt == 1:
+        time.sleep(seconds)
+    with Path(marker).open("a") as handle:
+        handle.write(f"finished {attempt}\n")
+    return attempt
+
+
+@workflow
+def crash_pipeline(marker: str, seconds: float = 60.0) -> None:
+    slow_first_attempt(marker, seconds)
