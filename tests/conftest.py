@@ -29,6 +29,8 @@ _default_profile = "ci" if os.environ.get("CI", "").lower() == "true" else "dev"
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default_profile))
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+# Read once at start: tests that need the embedded default remove DATABASE_URL from the env.
+BASE_DATABASE_URL = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
 PG_START_HINT = "start it with: pg_ctlcluster --skip-systemctl-redirect 15 main start"
 
 
@@ -40,7 +42,7 @@ def _libpq_url(url: str) -> str:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, dropped at the end."""
-    base = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    base = BASE_DATABASE_URL
     if not base.startswith("postgres"):
         base = DEFAULT_DATABASE_URL
     name = f"mlp_test_{uuid.uuid4().hex[:12]}"

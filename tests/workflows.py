@@ -90,6 +90,15 @@ def length(values: list[int]) -> int:
     return len(values)
 
 
+@task(cache=True)
+def cached_numbers() -> int:
+    ctx = context()
+    ctx.log_metric("items", 10)
+    ctx.log_param("source", "range")
+    ctx.save_artifact("numbers", list(range(10)))
+    return 10
+
+
 @workflow
 def arithmetic(n: int = 3) -> None:
     """Fan out over range(n), fan in to a total."""
@@ -131,6 +140,11 @@ def long_pipeline(marker: str, seconds: float = 60.0) -> None:
 @workflow
 def skip_pipeline(value: float = 0.5, threshold: float = 0.8) -> None:
     double(maybe_skip(value, threshold))
+
+
+@workflow
+def cached_big() -> None:
+    cached_numbers()
 
 
 @workflow

@@ -232,6 +232,11 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix o
         for attempt in platform.attempts(full_id):
             if attempt.error:
                 console.print(f"  attempt {attempt.number} ({attempt.state}): {attempt.error}")
+        for node_id, artifact in platform.artifacts_of(full_id):
+            console.print(
+                f"  artifact {artifact.name} from {node_id}: {artifact.kind}, "
+                f"{artifact.size} bytes, sha256 {artifact.sha256}"
+            )
         console.print(_verdict(platform, full_id))
 
 

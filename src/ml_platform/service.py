@@ -310,6 +310,7 @@ class Platform:
                         task_run.result = hit.result
                         task_run.cached_from = hit.id
                         task_run.started_at = task_run.finished_at = now
+                        self._copy_outputs(session, hit, task_run)
                         changed = True
                         continue
                 if run.max_concurrency is not None and active >= run.max_concurrency:
@@ -331,6 +332,38 @@ class Platform:
             session.flush()
             if not changed:
                 return queued
+
+    @staticmethod
+    def _copy_outputs(session: Session, source: TaskRun, target: TaskRun) -> None:
+        """A cached task shows the metrics, params and artifacts of the run it reuses."""
+        for metric in session.scalars(select(Metric).where(Metric.task_run_id == source.id)):
+            session.add(
+                Metric(
+                    run_id=target.run_id,
+                    task_run_id=target.id,
+                    attempt=0,
+                    name=metric.name,
+                    value=metric.value,
+                    step=metric.step,
+                )
+            )
+        for param in session.scalars(select(Param).where(Param.task_run_id == source.id)):
+            session.add(
+                Param(
+                    run_id=target.run_id, task_run_id=target.id, name=param.name, value=param.value
+                )
+            )
+        for artifact in session.scalars(select(Artifact).where(Artifact.task_run_id == source.id)):
+            session.add(
+                Artifact(
+                    run_id=target.run_id,
+                    task_run_id=target.id,
+                    name=artifact.name,
+                    sha256=artifact.sha256,
+                    size=artifact.size,
+                    kind=artifact.kind,
+                )
+            )
 
     def _result_available(self, result: dict[str, Any] | None) -> bool:
         if result is None:

@@ -205,5 +205,8 @@ def test_the_demo_runs_and_a_second_run_reuses_the_cache(cli_env: dict[str, str]
     code, again = mlp("demo")
     assert code == 0, again
     assert "10 of 12 tasks reused from cache" in again
+    assert re.search(r"evaluate\[0\]\s+│ cached\s+│ 0\s+│[^│]*│ accuracy=", again), again
+    code, shown = mlp("show", run_id_of(again.splitlines()[0]))
+    assert code == 0 and "artifact model from register_model: pickle" in shown
     code, upgraded = mlp("db", "upgrade")
     assert code == 0 and "latest schema" in upgraded

@@ -187,6 +187,15 @@ def test_cached_tasks_are_reused_across_runs(platform: Platform, tmp_path: Path)
     assert counter.read_text().count("ran") == 2  # not 4: the second run reused both
     states = _states(platform, second.run_id)
     assert states == {"square[0]": "cached", "square[1]": "cached", "total": "succeeded"}
+    assert [(n, m.name) for n, m in platform.metrics(second.run_id)] == [("total", "count")]
+    big_first = platform.submit(workflows.cached_big, {})
+    assert run_inline(platform, big_first.run_id) is RunState.SUCCEEDED
+    big_again = platform.submit(workflows.cached_big, {})
+    assert run_inline(platform, big_again.run_id) is RunState.SUCCEEDED
+    # The cached task carries the original's metrics, params and artifacts.
+    [(_, artifact)] = platform.artifacts_of(big_again.run_id)
+    assert artifact.name == "numbers"
+    assert [m.name for _, m in platform.metrics(big_again.run_id)] == ["items"]
     third = platform.submit(workflows.cached_squares, {"counter": str(counter), "n": 3})
     assert run_inline(platform, third.run_id) is RunState.SUCCEEDED
     assert counter.read_text().count("ran") == 3  # only the new input ran

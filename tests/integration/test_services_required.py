@@ -1,0 +1,42 @@
+"""Integration tests never skip silently: an unreachable service fails them with one clear line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_unreachable_postgresql_fails_with_the_url_and_how_to_start_it(tmp_path: Path) -> None:
+    env = dict(os.environ, DATABASE_URL="postgresql://postgres:hunter2@127.0.0.1:1/test")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--no-cov",
+            "-q",
+            "tests/integration/test_service.py::test_migrations_create_exactly_the_models_schema",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout
+    assert "1 passed, 1 error" in result.stdout  # SQLite passes; PostgreSQL errors, not skips
+    assert (
+        "PostgreSQL at postgresql://postgres:***@127.0.0.1:1/test is unreachable" in result.stdout
+    )
+    assert "pg_ctlcluster --skip-systemctl-redirect 15 main start" in result.stdout
+    assert "hunter2" not in result.stdout
+    assert "skipped" not in result.stdout
