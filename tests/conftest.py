@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 from hypothesis import HealthCheck, settings
 from psycopg import sql
 from sqlalchemy.engine import make_url
@@ -32,6 +34,11 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # Read once at start: tests that need the embedded default remove DATABASE_URL from the env.
 BASE_DATABASE_URL = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
 PG_START_HINT = "start it with: pg_ctlcluster --skip-systemctl-redirect 15 main start"
+BASE_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_START_HINT = (
+    "start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 "
+    '--save "" --appendonly no'
+)
 
 
 def _libpq_url(url: str) -> str:
@@ -89,3 +96,42 @@ def postgres_clean(postgres_url: str) -> Iterator[str]:
         if tables:
             names = sql.SQL(", ").join(sql.Identifier(name) for (name,) in tables)
             conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(names))
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    url: str
+    prefix: str
+
+
+@pytest.fixture(scope="session")
+def redis_target() -> Iterator[RedisTarget]:
+    """The Redis server with a key prefix of this test session's own, cleaned up at the end."""
+    client = redis.Redis.from_url(BASE_REDIS_URL, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        shown = (
+            make_url(BASE_REDIS_URL.replace("redis://", "postgresql://", 1))
+            .render_as_string(hide_password=True)
+            .replace("postgresql://", "redis://", 1)
+        )
+        pytest.fail(f"Redis at {shown} is unreachable ({exc}); {REDIS_START_HINT}", pytrace=False)
+    prefix = f"mlp-test-{uuid.uuid4().hex[:12]}"
+    try:
+        yield RedisTarget(BASE_REDIS_URL, prefix)
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture
+def redis_client(redis_target: RedisTarget) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_target.url)
+    yield client
+    keys = list(client.scan_iter(match=f"{redis_target.prefix}:*", count=500))
+    if keys:
+        client.delete(*keys)
+    client.close()

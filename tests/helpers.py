@@ -46,7 +46,7 @@ def run_inline(
         if state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED):
             return state
         progressed = False
-        for attempt_id in platform.schedule(run_id):
+        for attempt_id, _ in platform.schedule(run_id):
             claimed = platform.claim(attempt_id, worker_id)
             if claimed is not None:
                 platform.finish(claimed, worker_id, execute(platform, claimed))

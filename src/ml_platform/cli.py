@@ -17,12 +17,12 @@ from rich.live import Live
 from rich.table import Table
 
 from ml_platform.config import load_settings
-from ml_platform.dispatch import InProcessDispatcher
+from ml_platform.dispatch import DEFAULT_QUEUE, Dispatch, InProcessDispatcher
 from ml_platform.engine.states import RUN_TERMINAL, RunState
 from ml_platform.sdk import WorkflowError
 from ml_platform.service import NotFound, Platform, load_workflow
 from ml_platform.store.db import DatabaseUnavailable, safe_url
-from ml_platform.worker import Runtime, Worker
+from ml_platform.worker import Runtime, Worker, make_dispatcher, new_worker_id
 
 DEMO_WORKFLOW = "ml_platform.examples.classifier:training_pipeline"
 EXIT_FAILED = 1
@@ -115,7 +115,7 @@ def _verdict(platform: Platform, run_id: str) -> str:
     return line
 
 
-def _execute(platform: Platform, run_id: str, queued: list[int], concurrency: int) -> RunState:
+def _execute(platform: Platform, run_id: str, queued: list[Dispatch], concurrency: int) -> RunState:
     """Drive one run to its end in this process, showing progress; Ctrl-C cancels it."""
     dispatcher = InProcessDispatcher()
     dispatcher.publish(queued)
@@ -271,13 +271,28 @@ def cancel(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix
 
 
 @app.command()
-def worker(concurrency: Concurrency = max(2, os.cpu_count() or 2)) -> None:
-    """Run scheduled work until stopped: SIGTERM drains, a second SIGTERM hands work back."""
+def worker(
+    concurrency: Concurrency = max(2, os.cpu_count() or 2),
+    queue: Annotated[
+        list[str] | None,
+        typer.Option("--queue", "-q", help="Queues (pools) to serve; the default queue if none."),
+    ] = None,
+) -> None:
+    """Run scheduled work until stopped: SIGTERM drains, a second SIGTERM hands work back.
+
+    With REDIS_URL set, attempts arrive through Redis Streams; several workers may run, on
+    several machines, against one DATABASE_URL.
+    """
     sys.path.insert(0, os.getcwd())
     with _platform() as platform:
-        dispatcher = InProcessDispatcher()
+        worker_id = new_worker_id()
+        dispatcher = make_dispatcher(platform, worker_id, queue or [DEFAULT_QUEUE])
         the_worker = Worker(
-            platform, dispatcher, concurrency=concurrency, on_event=lambda m: console.print(m)
+            platform,
+            dispatcher,
+            concurrency=concurrency,
+            worker_id=worker_id,
+            on_event=lambda m: console.print(m),
         )
         runtime = Runtime(platform, dispatcher, the_worker)
         signals = {"term": 0}

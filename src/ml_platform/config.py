@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     database_url_override: str | None = Field(
         default=None, validation_alias=AliasChoices("DATABASE_URL", "MLP_DATABASE_URL")
     )
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "MLP_REDIS_URL")
+    )
+    #: Prefix of every Redis key this platform writes (tests use one of their own).
+    redis_prefix: str = "mlp"
+    #: Deliveries of one dispatch message before it goes to the dead-letter stream.
+    max_deliveries: int = Field(default=5, ge=1)
     artifacts_dir_override: Path | None = Field(
         default=None, validation_alias=AliasChoices("MLP_ARTIFACTS_DIR")
     )

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from ml_platform.artifacts import ARTIFACT_KEY, ArtifactStore
 from ml_platform.config import Settings
+from ml_platform.dispatch import Dispatch, queue_of
 from ml_platform.engine.cache import cache_key
 from ml_platform.engine.dag import plan, topological_order
 from ml_platform.engine.retry import RetryPolicy
@@ -73,7 +74,7 @@ def load_workflow(reference: str) -> Workflow:
 class Submitted:
     run_id: str
     workflow_version: int
-    queued: list[int]
+    queued: list[Dispatch]
 
 
 @dataclass(frozen=True)
@@ -263,12 +264,12 @@ class Platform:
 
     # -- scheduling -----------------------------------------------------------------------
 
-    def _advance(self, session: Session, run_id: str, now: datetime) -> list[int]:
+    def _advance(self, session: Session, run_id: str, now: datetime) -> list[Dispatch]:
         """Apply the engine's plan to one run until nothing changes; return new attempt ids."""
         run = self._lock_run(session, run_id)
         if run.state in RUN_TERMINAL:
             return []
-        queued: list[int] = []
+        queued: list[Dispatch] = []
         while True:
             tasks = list(
                 session.scalars(
@@ -386,7 +387,9 @@ class Platform:
         )
         return (busy or 0) < slots
 
-    def _new_attempt(self, session: Session, task_run: TaskRun, now: datetime, delay: float) -> int:
+    def _new_attempt(
+        self, session: Session, task_run: TaskRun, now: datetime, delay: float
+    ) -> Dispatch:
         task_run.current_attempt += 1
         task_run.state = TaskState.QUEUED
         attempt = Attempt(
@@ -401,7 +404,7 @@ class Platform:
         )
         session.add(attempt)
         session.flush()
-        return attempt.id
+        return Dispatch(attempt.id, queue_of(task_run.pool))
 
     def set_pool(self, name: str, slots: int) -> None:
         """Create or resize a pool; at most ``slots`` of its attempts run at once."""
@@ -414,7 +417,7 @@ class Platform:
             else:
                 pool.slots = slots
 
-    def schedule(self, run_id: str | None = None) -> list[int]:
+    def schedule(self, run_id: str | None = None) -> list[Dispatch]:
         """One scheduler pass: reap lost and overdue attempts, advance every active run.
 
         Returns the queued attempts that are due now (of ``run_id`` only, if given), for the
@@ -431,13 +434,14 @@ class Platform:
         for active_id in active:
             with self.db.session() as session:
                 self._advance(session, active_id, now)
-        due = select(Attempt.id).where(
+        due = select(Attempt.id, Attempt.pool).where(
             Attempt.state == AttemptState.QUEUED, Attempt.not_before <= now
         )
         if run_id is not None:
             due = due.where(Attempt.run_id == run_id)
         with self.db.session() as session:
-            return list(session.scalars(due.order_by(Attempt.not_before, Attempt.id)))
+            rows = session.execute(due.order_by(Attempt.not_before, Attempt.id)).all()
+        return [Dispatch(attempt_id, queue_of(pool)) for attempt_id, pool in rows]
 
     def reap(self, now: datetime | None = None) -> int:
         """Turn attempts whose lease expired into ``lost`` and overdue ones into timeouts."""
@@ -551,6 +555,33 @@ class Platform:
                 options=task_run.options,
             )
 
+    def dead_letter(self, attempt_id: int, reason: str) -> None:
+        """Fail a queued attempt that could not be delivered; its task fails without retry."""
+        now = utcnow()
+        with self.db.session() as session:
+            run_id = session.scalar(select(Attempt.run_id).where(Attempt.id == attempt_id))
+            if run_id is None:
+                return
+            self._lock_run(session, run_id)
+            task_run = session.scalar(
+                select(TaskRun)
+                .join(Attempt, Attempt.task_run_id == TaskRun.id)
+                .where(Attempt.id == attempt_id)
+                .with_for_update(of=TaskRun)
+            )
+            ended = session.execute(
+                update(Attempt)
+                .where(Attempt.id == attempt_id, Attempt.state == AttemptState.QUEUED)
+                .values(state=AttemptState.FAILED, finished_at=now, error=reason)
+            )
+            if task_run is None or _rowcount(ended) != 1:
+                return
+            task_run.state = TaskState.FAILED
+            task_run.error = reason
+            task_run.finished_at = now
+            session.flush()
+            self._advance(session, run_id, now)
+
     def heartbeat(self, attempt_ids: Iterable[int], worker_id: str) -> Heartbeat:
         """Extend the leases of a worker's running attempts; say which must stop."""
         ids = list(attempt_ids)
@@ -585,7 +616,7 @@ class Platform:
         beat.lost = set(ids) - alive
         return beat
 
-    def finish(self, claimed: ClaimedAttempt, worker_id: str, outcome: Outcome) -> list[int]:
+    def finish(self, claimed: ClaimedAttempt, worker_id: str, outcome: Outcome) -> list[Dispatch]:
         """Commit an attempt's outcome if this worker still holds it (fencing).
 
         Returns the attempts that became queued as a consequence (retries, downstream tasks),
@@ -610,7 +641,7 @@ class Platform:
         outcome: Outcome,
         now: datetime,
         guard: list[ColumnElement[bool]],
-    ) -> list[int] | None:
+    ) -> list[Dispatch] | None:
         try:
             return self._end_attempt_once(run_id, attempt_id, number, outcome, now, guard)
         except _Abort:
@@ -624,7 +655,7 @@ class Platform:
         outcome: Outcome,
         now: datetime,
         guard: list[ColumnElement[bool]],
-    ) -> list[int]:
+    ) -> list[Dispatch]:
         with self.db.session() as session:
             run = self._lock_run(session, run_id)
             task_run = session.scalar(
@@ -648,7 +679,7 @@ class Platform:
             if _rowcount(ended) != 1:
                 raise _Abort
             self._record_outputs(session, task_run, number, outcome)
-            queued: list[int] = []
+            queued: list[Dispatch] = []
             if outcome.state == AttemptState.SUCCEEDED:
                 task_run.state = TaskState.SKIPPED if outcome.skipped else TaskState.SUCCEEDED
                 task_run.result = None if outcome.skipped else outcome.result
@@ -669,7 +700,7 @@ class Platform:
                     task_run.finished_at = now
             session.flush()
             queued += self._advance(session, run_id, now)
-            return [q for q in queued if self._is_due(session, q, now)]
+            return [q for q in queued if self._is_due(session, q.attempt_id, now)]
 
     @staticmethod
     def _is_due(session: Session, attempt_id: int, now: datetime) -> bool:

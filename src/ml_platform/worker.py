@@ -11,15 +11,42 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ml_platform.dispatch import Dispatcher
+import redis
+
+from ml_platform.dispatch import (
+    DEFAULT_QUEUE,
+    Delivery,
+    Dispatcher,
+    InProcessDispatcher,
+    RedisDispatcher,
+)
 from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState
 from ml_platform.service import ClaimedAttempt, FencedOut, Outcome, Platform, timeout_outcome
 
 MAX_LOG_BYTES = 1024 * 1024
+
+
+def make_dispatcher(
+    platform: Platform, consumer: str, queues: Sequence[str] = (DEFAULT_QUEUE,)
+) -> Dispatcher:
+    """Redis Streams when ``REDIS_URL`` is set, else the in-process dispatcher."""
+    settings = platform.settings
+    if not settings.redis_url:
+        return InProcessDispatcher()
+    return RedisDispatcher(
+        redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30),
+        consumer=consumer,
+        prefix=settings.redis_prefix,
+        queues=queues,
+        claim_idle_seconds=settings.lease_seconds,
+        max_deliveries=settings.max_deliveries,
+        republish_seconds=settings.lease_seconds * 2,
+        on_dead_letter=platform.dead_letter,
+    )
 
 
 def new_worker_id() -> str:
@@ -29,6 +56,7 @@ def new_worker_id() -> str:
 @dataclass
 class _Child:
     claimed: ClaimedAttempt
+    delivery: Delivery
     process: subprocess.Popen[bytes]
     workdir: Path
     started: float
@@ -86,32 +114,43 @@ class Worker:
         self.on_event = on_event or (lambda _message: None)
 
     # One pass of the loop: finish what ended, enforce deadlines and leases, take new work.
-    def step(self) -> bool:
-        """Do one pass; return True if anything happened (the caller may loop again at once)."""
+    def step(self, block_seconds: float = 0.0) -> bool:
+        """Do one pass; return True if anything happened (the caller may loop again at once).
+
+        ``block_seconds`` lets a blocking dispatcher wait that long for new work.
+        """
         busy = self._collect()
         busy |= self._enforce_timeouts()
         if time.monotonic() - self._last_beat >= self.platform.settings.heartbeat_seconds:
             self._beat()
-        if not self.draining:
-            busy |= self._take_work()
+        if self.accepting:
+            busy |= self._take_work(block_seconds)
         return busy
 
-    def _take_work(self) -> bool:
+    @property
+    def accepting(self) -> bool:
+        return not self.draining and len(self.children) < self.concurrency
+
+    def _take_work(self, block_seconds: float = 0.0) -> bool:
         free = self.concurrency - len(self.children)
         started = False
         while free > 0:
-            ids = self.dispatcher.receive(free)
-            if not ids:
+            deliveries = self.dispatcher.receive(free, block_seconds)
+            block_seconds = 0.0
+            if not deliveries:
                 break
-            for attempt_id in ids:
-                claimed = self.platform.claim(attempt_id, self.worker_id)
-                if claimed is not None:
-                    self._spawn(claimed)
-                    free -= 1
-                    started = True
+            for delivery in deliveries:
+                claimed = self.platform.claim(delivery.attempt_id, self.worker_id)
+                if claimed is None:
+                    # Already taken, finished or cancelled: the database says so, drop it.
+                    self.dispatcher.ack(delivery)
+                    continue
+                self._spawn(claimed, delivery)
+                free -= 1
+                started = True
         return started
 
-    def _spawn(self, claimed: ClaimedAttempt) -> None:
+    def _spawn(self, claimed: ClaimedAttempt, delivery: Delivery) -> None:
         workdir = Path(tempfile.mkdtemp(prefix=f"mlp-attempt-{claimed.attempt_id}-"))
         settings = self.platform.settings
         payload = {
@@ -147,7 +186,7 @@ class Worker:
         timeout = claimed.options.get("timeout")
         now = time.monotonic()
         self.children[claimed.attempt_id] = _Child(
-            claimed, process, workdir, now, now + timeout if timeout else None
+            claimed, delivery, process, workdir, now, now + timeout if timeout else None
         )
         self.on_event(f"started {claimed.node_id} (attempt {claimed.number})")
 
@@ -185,9 +224,11 @@ class Worker:
         try:
             queued = self.platform.finish(child.claimed, self.worker_id, outcome)
         except FencedOut as exc:
+            self.dispatcher.ack(child.delivery)
             self.on_event(f"discarded {child.claimed.node_id}: {exc}")
         else:
             self.dispatcher.publish(queued)
+            self.dispatcher.ack(child.delivery)
             verdict = "skipped" if outcome.skipped else outcome.state.value
             self.on_event(f"{verdict} {child.claimed.node_id} (attempt {child.claimed.number})")
         finally:
@@ -210,6 +251,7 @@ class Worker:
             child = self.children.pop(attempt_id)
             child.kill()
             self.on_event(f"lost the lease of {child.claimed.node_id}; stopped it")
+            self.dispatcher.ack(child.delivery)
             child.cleanup()
         for attempt_id in beat.cancelled:
             self.stop(attempt_id, "run cancelled")
@@ -255,9 +297,11 @@ class Runtime:
         if time.monotonic() - self._last_schedule >= settings.poll_seconds:
             self._last_schedule = time.monotonic()
             self.dispatcher.publish(self.platform.schedule(self.only_run))
-        if not self.worker.step():
-            # Children are checked often; the database only every poll interval.
-            time.sleep(0.02 if self.worker.children else settings.poll_seconds / 5)
+        # Children are checked often; the database only every poll interval.
+        wait = 0.02 if self.worker.children else settings.poll_seconds / 5
+        block = self.dispatcher.blocking and self.worker.accepting
+        if not self.worker.step(wait if block else 0.0) and not block:
+            time.sleep(wait)
 
     def drive(
         self,

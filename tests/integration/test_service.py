@@ -99,7 +99,7 @@ def test_large_results_become_artifacts_and_flow_downstream(platform: Platform) 
 
 def test_only_one_worker_can_claim_an_attempt(platform: Platform) -> None:
     submitted = platform.submit(workflows.arithmetic, {"n": 1})
-    [attempt_id] = submitted.queued
+    [(attempt_id, _)] = submitted.queued
     assert platform.claim(attempt_id, "worker-a") is not None
     assert platform.claim(attempt_id, "worker-b") is None
 
@@ -110,7 +110,7 @@ def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
     params = {"counter": str(tmp_path / "c"), "fail_times": 1}
     submitted = platform.submit(workflows.flaky_pipeline, params)
     platform.settings.lease_seconds = 0.3
-    claimed = platform.claim(submitted.queued[0], "worker-a")
+    claimed = platform.claim(submitted.queued[0].attempt_id, "worker-a")
     assert claimed is not None
     assert platform.heartbeat([claimed.attempt_id], "worker-a").lost == set()
     assert platform.reap() == 0
@@ -131,7 +131,7 @@ def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
 
 def test_the_reaper_fails_attempts_past_their_timeout(platform: Platform) -> None:
     submitted = platform.submit(workflows.overrun_pipeline, {"seconds": 0.0})
-    claimed = platform.claim(submitted.queued[0], "worker-a")
+    claimed = platform.claim(submitted.queued[0].attempt_id, "worker-a")
     assert claimed is not None
     later = utcnow() + timedelta(seconds=1.5)  # past the 1 s timeout, lease still valid
     platform.settings.timeout_grace_seconds = 0.1
@@ -143,12 +143,12 @@ def test_the_reaper_fails_attempts_past_their_timeout(platform: Platform) -> Non
 
 def test_cancel_stops_pending_work_and_signals_running_attempts(platform: Platform) -> None:
     submitted = platform.submit(workflows.arithmetic, {"n": 2})
-    running = platform.claim(submitted.queued[0], "worker-a")
+    running = platform.claim(submitted.queued[0].attempt_id, "worker-a")
     assert running is not None
     assert platform.cancel(submitted.run_id) is RunState.RUNNING  # one attempt still runs
     beat = platform.heartbeat([running.attempt_id], "worker-a")
     assert beat.cancelled == {running.attempt_id}
-    assert platform.claim(submitted.queued[1], "worker-b") is None
+    assert platform.claim(submitted.queued[1].attempt_id, "worker-b") is None
     platform.finish(running, "worker-a", Outcome(AttemptState.CANCELLED, error="run cancelled"))
     assert platform.run(submitted.run_id)[0].state == RunState.CANCELLED
     assert set(_states(platform, submitted.run_id).values()) == {"cancelled"}
@@ -158,7 +158,7 @@ def test_cancel_stops_pending_work_and_signals_running_attempts(platform: Platfo
 def test_per_run_concurrency_limit(platform: Platform) -> None:
     submitted = platform.submit(workflows.arithmetic, {"n": 5}, max_concurrency=2)
     assert len(submitted.queued) == 2
-    claimed = platform.claim(submitted.queued[0], "w")
+    claimed = platform.claim(submitted.queued[0].attempt_id, "w")
     assert claimed is not None
     queued = platform.finish(claimed, "w", execute(platform, claimed))
     assert len(queued) == 1  # a slot freed, one more task queued
@@ -222,7 +222,7 @@ def test_concurrent_workers_run_every_task_exactly_once(platform: Platform) -> N
             for _ in range(400):
                 if platform.run(submitted.run_id)[0].state == RunState.SUCCEEDED:
                     return
-                for attempt_id in platform.schedule(submitted.run_id):
+                for attempt_id, _ in platform.schedule(submitted.run_id):
                     claimed = platform.claim(attempt_id, name)
                     if claimed is not None:
                         platform.finish(claimed, name, execute(platform, claimed))

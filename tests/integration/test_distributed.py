@@ -1,0 +1,138 @@
+"""Distributed mode: PostgreSQL + Redis Streams + several `mlp worker` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from ml_platform.config import Settings
+from ml_platform.service import Platform
+from ml_platform.worker import make_dispatcher
+from tests import workflows
+from tests.conftest import RedisTarget
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def env(
+    postgres_clean: str, redis_target: RedisTarget, redis_client: redis.Redis, tmp_path: Path
+) -> dict[str, str]:
+    return dict(
+        os.environ,
+        DATABASE_URL=postgres_clean,
+        REDIS_URL=redis_target.url,
+        MLP_REDIS_PREFIX=redis_target.prefix,
+        MLP_LEASE_SECONDS="1.5",
+        MLP_POLL_SECONDS="0.1",
+        ML_PLATFORM_HOME=str(tmp_path / "home"),
+    )
+
+
+@pytest.fixture
+def platform(env: dict[str, str]) -> Iterator[Platform]:
+    settings = Settings(
+        home=Path(env["ML_PLATFORM_HOME"]),
+        database_url_override=env["DATABASE_URL"],
+        redis_url=env["REDIS_URL"],
+        redis_prefix=env["MLP_REDIS_PREFIX"],
+    )
+    platform = Platform(settings).start()
+    yield platform
+    platform.close()
+
+
+@pytest.fixture
+def workers(env: dict[str, str]) -> Iterator[Callable[[int], list[subprocess.Popen[str]]]]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(count: int) -> list[subprocess.Popen[str]]:
+        for _ in range(count):
+            started.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "ml_platform", "worker", "--concurrency", "2"],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        return started[-count:]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in started:
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def test_two_workers_share_a_fan_out_and_run_each_task_once(
+    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
+) -> None:
+    workers(2)
+    submitted = platform.submit(workflows.arithmetic, {"n": 8})
+    wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded")
+    attempts = platform.attempts(submitted.run_id)
+    assert len(attempts) == 9 and {a.state for a in attempts} == {"succeeded"}
+    assert len({a.worker_id for a in attempts}) == 2  # both workers took part
+    total = next(t for t in platform.task_runs(submitted.run_id) if t.node_id == "total")
+    assert total.result == {"value": 56}
+
+
+def test_kill_9_of_a_worker_mid_task_redelivers_and_commits_once(
+    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]], tmp_path: Path
+) -> None:
+    pool = workers(2)
+    marker = tmp_path / "marker"
+    submitted = platform.submit(workflows.crash_pipeline, {"marker": str(marker)})
+    wait_for(marker.exists)
+    [running] = [a for a in platform.attempts(submitted.run_id) if a.state == "running"]
+    holder_pid = int((running.worker_id or "").split(":")[1])
+    holder = next(p for p in pool if p.pid == holder_pid)
+    holder.kill()
+    holder.communicate(timeout=10)
+    wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded")
+    attempts = platform.attempts(submitted.run_id)
+    assert [a.state for a in attempts] == ["lost", "succeeded"]
+    assert attempts[1].worker_id != running.worker_id
+    assert marker.read_text().splitlines() == ["started 1", "started 2", "finished 2"]
+    [task_run] = platform.task_runs(submitted.run_id)
+    assert task_run.result == {"value": 2}  # the second attempt's result, committed once
+
+
+def test_lost_redis_data_does_not_lose_queued_work(
+    platform: Platform,
+    workers: Callable[[int], list[subprocess.Popen[str]]],
+    redis_client: redis.Redis,
+    redis_target: RedisTarget,
+) -> None:
+    submitted = platform.submit(workflows.arithmetic, {"n": 4})
+    # Published before any worker runs, then Redis "restarts" empty.
+    make_dispatcher(platform, "submitter").publish(platform.schedule(submitted.run_id))
+    assert redis_client.xlen(f"{redis_target.prefix}:attempts:default") == 4
+    redis_client.delete(*redis_client.keys(f"{redis_target.prefix}:*"))
+    workers(1)
+    wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded")

@@ -1,0 +1,94 @@
+"""Redis Streams dispatch against the real Redis: delivery, takeover, dead letters, data loss."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from ml_platform.dispatch import Dispatch, RedisDispatcher
+from tests.conftest import RedisTarget
+
+pytestmark = pytest.mark.integration
+
+
+def _dispatcher(
+    client: redis.Redis, target: RedisTarget, consumer: str, **options: object
+) -> RedisDispatcher:
+    return RedisDispatcher(
+        client,
+        consumer=consumer,
+        prefix=target.prefix,
+        queues=["default", "gpu"],
+        claim_idle_seconds=0.2,
+        republish_seconds=0.5,
+        **options,  # type: ignore[arg-type]  # keyword options of the dispatcher under test
+    )
+
+
+def test_published_attempts_reach_one_consumer_each_and_acks_remove_them(
+    redis_client: redis.Redis, redis_target: RedisTarget
+) -> None:
+    one = _dispatcher(redis_client, redis_target, "one")
+    two = _dispatcher(redis_client, redis_target, "two")
+    one.publish([Dispatch(1, "default"), Dispatch(2, "gpu"), Dispatch(3, "default")])
+    one.publish([Dispatch(1, "default")])  # re-published while live: not duplicated
+    first = one.receive(2, block_seconds=0.1)
+    assert len(first) == 2  # never more than asked for
+    second = two.receive(10, block_seconds=0.1) + one.receive(10)
+    ids = sorted(d.attempt_id for d in first + second)
+    assert ids == [1, 2, 3]  # each delivered once, across both consumers
+    assert {d.queue for d in first + second} == {"default", "gpu"}
+    for delivery in first + second:
+        one.ack(delivery)
+    assert one.queue_depth() == {"default": 0, "gpu": 0}
+    assert two.receive(10, block_seconds=0.05) == []
+
+
+def test_deliveries_of_a_dead_consumer_are_taken_over(
+    redis_client: redis.Redis, redis_target: RedisTarget
+) -> None:
+    dead = _dispatcher(redis_client, redis_target, "dead")
+    alive = _dispatcher(redis_client, redis_target, "alive")
+    dead.publish([Dispatch(7, "default")])
+    [lost] = dead.receive(1)
+    assert alive.receive(1) == []  # not idle long enough yet
+    time.sleep(0.3)
+    [taken] = alive.receive(1)
+    assert taken.attempt_id == 7 and taken.message_id == lost.message_id
+
+
+def test_a_message_delivered_too_often_goes_to_the_dead_letter_stream(
+    redis_client: redis.Redis, redis_target: RedisTarget
+) -> None:
+    dead_letters: list[tuple[int, str]] = []
+    consumer = _dispatcher(
+        redis_client,
+        redis_target,
+        "crashy",
+        max_deliveries=2,
+        on_dead_letter=lambda attempt_id, reason: dead_letters.append((attempt_id, reason)),
+    )
+    consumer.publish([Dispatch(9, "default")])
+    assert [d.attempt_id for d in consumer.receive(1)] == [9]
+    time.sleep(0.3)
+    assert [d.attempt_id for d in consumer.receive(1)] == [9]  # second delivery
+    time.sleep(0.3)
+    assert consumer.receive(1) == []  # third would exceed the limit: dead-lettered instead
+    assert dead_letters == [(9, "undeliverable: delivered 2 times without an ack")]
+    entries: Any = redis_client.xrange(consumer.dead_letter_stream)
+    assert [fields[b"attempt"] for _, fields in entries] == [b"9"]
+
+
+def test_lost_redis_data_recovers_by_republishing(
+    redis_client: redis.Redis, redis_target: RedisTarget
+) -> None:
+    dispatcher = _dispatcher(redis_client, redis_target, "one")
+    dispatcher.publish([Dispatch(11, "default")])
+    # A restart without persistence: every key of ours is gone, groups included.
+    redis_client.delete(*redis_client.keys(f"{redis_target.prefix}:*"))
+    assert dispatcher.receive(1, block_seconds=0.05) == []
+    dispatcher.publish([Dispatch(11, "default")])  # the scheduler's next pass
+    assert [d.attempt_id for d in dispatcher.receive(1, block_seconds=0.1)] == [11]
