@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, NoReturn
 
 import typer
@@ -16,10 +16,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from ml_platform.accounts import Accounts
 from ml_platform.config import load_settings
 from ml_platform.dispatch import DEFAULT_QUEUE, Dispatch, InProcessDispatcher
 from ml_platform.engine.states import RUN_TERMINAL, RunState
 from ml_platform.sdk import WorkflowError
+from ml_platform.security import ConfigurationError
 from ml_platform.service import NotFound, Platform, load_workflow
 from ml_platform.store.db import DatabaseUnavailable, safe_url
 from ml_platform.worker import Runtime, Worker, make_dispatcher, new_worker_id
@@ -36,6 +38,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+users_app = typer.Typer(help="Users of the API.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
 
 console = Console(highlight=False)
 STATE_STYLE = {
@@ -311,6 +315,49 @@ def worker(
         if signals["term"] >= 2:
             the_worker.hand_back("worker shut down")
         console.print(f"worker {the_worker.worker_id} stopped")
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    concurrency: Concurrency = max(2, os.cpu_count() or 2),
+) -> None:
+    """Serve the REST API (/api/v1, /docs) with the scheduler loop.
+
+    Without REDIS_URL the server also runs tasks itself (--concurrency at once); with it,
+    `mlp worker` processes do. Refuses to start with a missing or weak SECRET_KEY when
+    ENVIRONMENT is staging or production.
+    """
+    from ml_platform.server import serve
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        serve(load_settings(), host, port, concurrency)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+
+
+@users_app.command("create")
+def users_create(
+    username: Annotated[str, typer.Argument(help="Login name.")],
+    admin: Annotated[bool, typer.Option("--admin", help="A platform admin.")] = False,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Create a user (the way to bootstrap the first admin: there are no default credentials)."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    with _platform() as platform:
+        accounts = Accounts(platform.db, timedelta(days=platform.settings.refresh_token_days))
+        try:
+            user = accounts.create_user(username, password, is_admin=admin)
+        except ValueError as exc:
+            _fail(str(exc))
+        console.print(f"user {user.username} created" + (" (admin)" if user.is_admin else ""))
 
 
 @db_app.command("upgrade")

@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     artifacts_dir_override: Path | None = Field(
         default=None, validation_alias=AliasChoices("MLP_ARTIFACTS_DIR")
     )
+    secret_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("SECRET_KEY", "MLP_SECRET_KEY"), repr=False
+    )
+    access_token_minutes: float = Field(default=15.0, gt=0)
+    refresh_token_days: float = Field(default=14.0, gt=0)
+    #: Failed logins allowed per user and per client address within the window.
+    login_attempts: int = Field(default=10, ge=1)
+    login_window_seconds: int = Field(default=300, ge=1)
     #: Seconds a running attempt's lease lasts without a heartbeat.
     lease_seconds: float = Field(default=30.0, gt=0)
     #: Seconds between two passes of a worker's loop when nothing wakes it earlier.

@@ -8,12 +8,14 @@ order -- run, then task run, then attempt -- so concurrent transactions cannot d
 from __future__ import annotations
 
 import importlib
+import logging
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+from croniter import croniter
 from sqlalchemy import ColumnElement, CursorResult, Result, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -29,18 +31,22 @@ from ml_platform.inputs import references, resolve_inputs
 from ml_platform.sdk import Workflow, WorkflowError
 from ml_platform.store.db import Database
 from ml_platform.store.models import (
+    DEFAULT_PROJECT,
     Artifact,
     Attempt,
     Metric,
     Param,
     Pool,
+    Project,
     Run,
+    Schedule,
     TaskRun,
 )
 from ml_platform.store.models import Workflow as WorkflowRow
 from ml_platform.store.models import utcnow
 
 TIMEOUT_ERROR = "builtins:TimeoutError"
+log = logging.getLogger(__name__)
 
 
 class NotFound(LookupError):
@@ -147,6 +153,7 @@ class Platform:
         self.settings = settings
         self.db = Database(settings.database_url)
         self.artifacts = ArtifactStore(settings.artifacts_dir)
+        self._default_project_id: int | None = None
 
     def start(self) -> Platform:
         self.db.ensure_schema()
@@ -157,23 +164,47 @@ class Platform:
 
     # -- workflows and runs ---------------------------------------------------------------
 
-    def register(self, wf: Workflow) -> WorkflowRow:
+    def default_project_id(self) -> int:
+        """The project of runs made without one (the CLI in embedded mode)."""
+        if self._default_project_id is None:
+            try:
+                with self.db.session() as session:
+                    project_id = session.scalar(
+                        select(Project.id).where(Project.name == DEFAULT_PROJECT)
+                    )
+                    if project_id is None:  # the first migration made it; someone removed it
+                        project = Project(name=DEFAULT_PROJECT)
+                        session.add(project)
+                        session.flush()
+                        project_id = project.id
+            except IntegrityError:  # made at the same moment by another process
+                return self.default_project_id()
+            self._default_project_id = project_id
+        return self._default_project_id
+
+    def register(self, wf: Workflow, project_id: int | None = None) -> WorkflowRow:
         """Record the workflow's current code as a version (a new one when the code changed)."""
         code_hash = wf.code_hash
+        project = project_id or self.default_project_id()
         for _ in range(3):
             try:
                 with self.db.session() as session:
                     existing = session.scalar(
                         select(WorkflowRow).where(
-                            WorkflowRow.name == wf.name, WorkflowRow.code_hash == code_hash
+                            WorkflowRow.project_id == project,
+                            WorkflowRow.name == wf.name,
+                            WorkflowRow.code_hash == code_hash,
                         )
                     )
                     if existing is not None:
                         return existing
                     latest = session.scalar(
-                        select(func.max(WorkflowRow.version)).where(WorkflowRow.name == wf.name)
+                        select(func.max(WorkflowRow.version)).where(
+                            WorkflowRow.project_id == project, WorkflowRow.name == wf.name
+                        )
                     )
                     row = WorkflowRow(
+                        project_id=project,
                         name=wf.name,
                         version=(latest or 0) + 1,
                         code_hash=code_hash,
@@ -188,14 +219,24 @@ class Platform:
         raise RuntimeError(f"could not register workflow {wf.name}: concurrent registrations")
 
     def submit(
-        self, wf: Workflow, params: Mapping[str, Any], *, max_concurrency: int | None = None
+        self,
+        wf: Workflow,
+        params: Mapping[str, Any],
+        *,
+        max_concurrency: int | None = None,
+        project_id: int | None = None,
+        schedule: tuple[int, datetime] | None = None,
     ) -> Submitted:
-        """Validate the params, trace the DAG and store a queued run with its first tasks."""
+        """Validate the params, trace the DAG and store a queued run with its first tasks.
+
+        ``schedule`` (schedule id, tick) marks a run made by a cron schedule; the database
+        refuses a second run for the same tick (IntegrityError).
+        """
         values = wf.validate_params(params)
         specs = wf.build(values)
         order = topological_order({spec.node_id: spec.upstream for spec in specs})
         position = {node_id: index for index, node_id in enumerate(order)}
-        version = self.register(wf)
+        version = self.register(wf, project_id)
         run_id = uuid.uuid4().hex
         with self.db.session() as session:
             session.add(
@@ -205,6 +246,8 @@ class Platform:
                     state=RunState.QUEUED,
                     params=values,
                     max_concurrency=max_concurrency or wf.max_concurrency,
+                    schedule_id=schedule[0] if schedule else None,
+                    scheduled_for=schedule[1] if schedule else None,
                 )
             )
             session.flush()
@@ -321,9 +364,6 @@ class Platform:
                 queued.append(self._new_attempt(session, task_run, now, delay=0.0))
                 active += 1
                 changed = True
-            if queued and run.state == RunState.QUEUED:
-                run.state = RunState.RUNNING
-                run.started_at = now
             if decision.outcome is not None:
                 run.state = decision.outcome
                 run.finished_at = now
@@ -742,44 +782,155 @@ class Platform:
                 )
             )
 
+    # -- cron schedules -------------------------------------------------------------------
+
+    def create_schedule(
+        self, project_id: int, name: str, reference: str, cron: str, params: Mapping[str, Any]
+    ) -> Schedule:
+        """A schedule that submits ``reference`` with ``params`` at every cron tick (UTC)."""
+        if not croniter.is_valid(cron):
+            raise ScheduleError(f"{cron!r} is not a valid five-field cron expression")
+        wf = load_workflow(reference)
+        values = wf.validate_params(params)
+        now = utcnow()
+        try:
+            with self.db.session() as session:
+                schedule = Schedule(
+                    project_id=project_id,
+                    name=name,
+                    workflow_ref=reference,
+                    cron=cron,
+                    params=values,
+                    next_fire_at=next_tick(cron, now),
+                )
+                session.add(schedule)
+                session.flush()
+                return schedule
+        except IntegrityError:
+            raise ScheduleError(f"a schedule named {name!r} already exists") from None
+
+    def schedules(self, project_id: int) -> list[Schedule]:
+        with self.db.session() as session:
+            return list(
+                session.scalars(
+                    select(Schedule)
+                    .where(Schedule.project_id == project_id)
+                    .order_by(Schedule.name)
+                )
+            )
+
+    def fire_schedules(self, now: datetime | None = None) -> list[Submitted]:
+        """Submit one run per due schedule, for its latest due tick; missed ticks are skipped.
+
+        Safe with any number of schedulers: the unique (schedule, tick) pair lets exactly one
+        of them create the run, and the guarded update moves the schedule on once.
+        """
+        now = now or utcnow()
+        with self.db.session() as session:
+            due = list(
+                session.scalars(
+                    select(Schedule).where(Schedule.enabled.is_(True), Schedule.next_fire_at <= now)
+                )
+            )
+        submitted: list[Submitted] = []
+        for schedule in due:
+            tick = latest_tick(schedule.cron, schedule.next_fire_at, now)
+            try:
+                wf = load_workflow(schedule.workflow_ref)
+                submitted.append(
+                    self.submit(
+                        wf,
+                        schedule.params,
+                        project_id=schedule.project_id,
+                        schedule=(schedule.id, tick),
+                    )
+                )
+            except IntegrityError:
+                pass  # another scheduler made this tick's run
+            except (WorkflowError, ValueError) as exc:
+                log.error(
+                    "schedule %s cannot submit %s: %s", schedule.name, schedule.workflow_ref, exc
+                )
+            with self.db.session() as session:
+                session.execute(
+                    update(Schedule)
+                    .where(
+                        Schedule.id == schedule.id, Schedule.next_fire_at == schedule.next_fire_at
+                    )
+                    .values(next_fire_at=next_tick(schedule.cron, now))
+                )
+        return submitted
+
     # -- queries --------------------------------------------------------------------------
 
-    def resolve_run_id(self, prefix: str) -> str:
+    def resolve_run_id(self, prefix: str, project_id: int | None = None) -> str:
         """The full id of the one run whose id starts with ``prefix``."""
         if len(prefix) < 4:
             raise NotFound("give at least 4 characters of the run id")
-        with self.db.session() as session:
-            ids = list(
-                session.scalars(select(Run.id).where(Run.id.startswith(prefix, autoescape=True)))
+        query = select(Run.id).where(Run.id.startswith(prefix, autoescape=True))
+        if project_id is not None:
+            query = query.join(WorkflowRow, WorkflowRow.id == Run.workflow_id).where(
+                WorkflowRow.project_id == project_id
             )
+        with self.db.session() as session:
+            ids = list(session.scalars(query))
         if not ids:
             raise NotFound(f"no run with id {prefix}")
         if len(ids) > 1:
             raise NotFound(f"{prefix} matches {len(ids)} runs; give more characters")
         return ids[0]
 
-    def run(self, run_id: str) -> tuple[Run, WorkflowRow]:
+    def run(self, run_id: str, project_id: int | None = None) -> tuple[Run, WorkflowRow]:
+        """A run and its workflow version; NotFound also when it is another project's."""
+        query = (
+            select(Run, WorkflowRow)
+            .join(WorkflowRow, WorkflowRow.id == Run.workflow_id)
+            .where(Run.id == run_id)
+        )
+        if project_id is not None:
+            query = query.where(WorkflowRow.project_id == project_id)
         with self.db.session() as session:
-            row = session.execute(
-                select(Run, WorkflowRow)
-                .join(WorkflowRow, WorkflowRow.id == Run.workflow_id)
-                .where(Run.id == run_id)
-            ).first()
+            row = session.execute(query).first()
             if row is None:
                 raise NotFound(f"no run with id {run_id}")
             return row[0], row[1]
 
-    def runs(self, limit: int = 20, state: str | None = None) -> list[tuple[Run, WorkflowRow]]:
+    def runs(
+        self,
+        limit: int = 20,
+        state: str | None = None,
+        *,
+        project_id: int | None = None,
+        workflow: str | None = None,
+        offset: int = 0,
+    ) -> list[tuple[Run, WorkflowRow]]:
+        """Runs, newest first, filtered by state, project and workflow name."""
+        query = (
+            select(Run, WorkflowRow)
+            .join(WorkflowRow, WorkflowRow.id == Run.workflow_id)
+            .order_by(Run.created_at.desc(), Run.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        if state:
+            query = query.where(Run.state == state)
+        if project_id is not None:
+            query = query.where(WorkflowRow.project_id == project_id)
+        if workflow:
+            query = query.where(WorkflowRow.name == workflow)
         with self.db.session() as session:
-            query = (
-                select(Run, WorkflowRow)
-                .join(WorkflowRow, WorkflowRow.id == Run.workflow_id)
-                .order_by(Run.created_at.desc())
-                .limit(limit)
-            )
-            if state:
-                query = query.where(Run.state == state)
             return [(r, w) for r, w in session.execute(query)]
+
+    def workflows(self, project_id: int) -> list[WorkflowRow]:
+        """Every version of every workflow of a project, newest version first per name."""
+        with self.db.session() as session:
+            return list(
+                session.scalars(
+                    select(WorkflowRow)
+                    .where(WorkflowRow.project_id == project_id)
+                    .order_by(WorkflowRow.name, WorkflowRow.version.desc())
+                )
+            )
 
     def task_runs(self, run_id: str) -> list[TaskRun]:
         with self.db.session() as session:
@@ -838,6 +989,24 @@ class Platform:
             if attempt is None:
                 raise NotFound(f"task {node_id!r} has no attempt {number or ''}".rstrip())
             return attempt
+
+
+def next_tick(cron: str, after: datetime) -> datetime:
+    """The first tick of ``cron`` strictly after ``after`` (UTC)."""
+    tick: datetime = croniter(cron, after).get_next(datetime)
+    return tick.astimezone(UTC)
+
+
+def latest_tick(cron: str, first_due: datetime, now: datetime) -> datetime:
+    """The latest tick in ``[first_due, now]`` (``first_due`` is itself a tick)."""
+    tick = first_due
+    while (following := next_tick(cron, tick)) <= now:
+        tick = following
+    return tick
+
+
+class ScheduleError(ValueError):
+    """A schedule's cron, name, workflow or params are not acceptable."""
 
 
 class _Abort(Exception):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from sqlalchemy.exc import DBAPIError
 
 from ml_platform.dispatch import (
     DEFAULT_QUEUE,
@@ -28,6 +29,8 @@ from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState
 from ml_platform.service import ClaimedAttempt, FencedOut, Outcome, Platform, timeout_outcome
 
 MAX_LOG_BYTES = 1024 * 1024
+#: Errors of a service that is away for a while (restart, network): retried, not fatal.
+TRANSIENT_ERRORS = (DBAPIError, redis.RedisError)
 
 
 def make_dispatcher(
@@ -61,6 +64,7 @@ class _Child:
     workdir: Path
     started: float
     deadline: float | None
+    outcome: Outcome | None = None
 
     @property
     def log_path(self) -> Path:
@@ -193,7 +197,7 @@ class Worker:
     def _collect(self) -> bool:
         done = [c for c in self.children.values() if c.process.poll() is not None]
         for child in done:
-            self._finish(child, self._read_outcome(child))
+            self._finish(child, child.outcome or self._read_outcome(child))
         return bool(done)
 
     def _read_outcome(self, child: _Child) -> Outcome:
@@ -220,19 +224,19 @@ class Worker:
         )
 
     def _finish(self, child: _Child, outcome: Outcome) -> None:
-        del self.children[child.claimed.attempt_id]
+        # Keep the outcome: if the database is away, the next pass commits it again.
+        child.outcome = outcome
         try:
             queued = self.platform.finish(child.claimed, self.worker_id, outcome)
         except FencedOut as exc:
-            self.dispatcher.ack(child.delivery)
             self.on_event(f"discarded {child.claimed.node_id}: {exc}")
         else:
             self.dispatcher.publish(queued)
-            self.dispatcher.ack(child.delivery)
             verdict = "skipped" if outcome.skipped else outcome.state.value
             self.on_event(f"{verdict} {child.claimed.node_id} (attempt {child.claimed.number})")
-        finally:
-            child.cleanup()
+        del self.children[child.claimed.attempt_id]
+        self.dispatcher.ack(child.delivery)
+        child.cleanup()
 
     def _enforce_timeouts(self) -> bool:
         now = time.monotonic()
@@ -293,6 +297,14 @@ class Runtime:
         self._last_schedule = 0.0
 
     def tick(self) -> None:
+        """One pass; survives the database or Redis being away (it retries next pass)."""
+        try:
+            self._tick()
+        except TRANSIENT_ERRORS as exc:
+            self.worker.on_event(f"database or Redis unavailable, retrying: {exc}")
+            time.sleep(self.platform.settings.poll_seconds)
+
+    def _tick(self) -> None:
         settings = self.platform.settings
         if time.monotonic() - self._last_schedule >= settings.poll_seconds:
             self._last_schedule = time.monotonic()

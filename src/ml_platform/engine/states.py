@@ -56,7 +56,10 @@ ATTEMPT_TERMINAL = frozenset(
 )
 
 RUN_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
-    RunState.QUEUED: frozenset({RunState.RUNNING, RunState.CANCELLED, RunState.FAILED}),
+    # A run whose tasks all come from the cache succeeds without ever running.
+    RunState.QUEUED: frozenset(
+        {RunState.RUNNING, RunState.SUCCEEDED, RunState.CANCELLED, RunState.FAILED}
+    ),
     RunState.RUNNING: frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED}),
     RunState.SUCCEEDED: frozenset(),
     RunState.FAILED: frozenset(),

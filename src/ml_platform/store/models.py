@@ -57,16 +57,68 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, Any: JSON}
 
 
+DEFAULT_PROJECT = "default"
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(100), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Project(Base):
+    """Every workflow, run and schedule belongs to one project."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Membership(Base):
+    """A user's role in a project: viewer, editor or admin."""
+
+    __tablename__ = "memberships"
+    __table_args__ = (UniqueConstraint("user_id", "project_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+
+
+class RefreshToken(Base):
+    """A refresh token (only its hash is stored); rotation keeps one family per login."""
+
+    __tablename__ = "refresh_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    family: Mapped[str] = mapped_column(String(32), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Workflow(Base):
     """One version of a workflow: a new version whenever its module's code changes."""
 
     __tablename__ = "workflows"
     __table_args__ = (
-        UniqueConstraint("name", "version"),
-        UniqueConstraint("name", "code_hash"),
+        UniqueConstraint("project_id", "name", "version"),
+        UniqueConstraint("project_id", "name", "code_hash"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
     name: Mapped[str] = mapped_column(String(400))
     version: Mapped[int] = mapped_column(Integer)
     code_hash: Mapped[str] = mapped_column(String(64))
@@ -78,7 +130,11 @@ class Workflow(Base):
 
 class Run(Base):
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_state_created", "state", "created_at"),)
+    __table_args__ = (
+        Index("ix_runs_state_created", "state", "created_at"),
+        # At most one run per schedule tick, whatever the number of schedulers.
+        UniqueConstraint("schedule_id", "scheduled_for"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"), index=True)
@@ -86,6 +142,8 @@ class Run(Base):
     params: Mapped[dict[str, Any]]
     max_concurrency: Mapped[int | None] = mapped_column(Integer, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    schedule_id: Mapped[int | None] = mapped_column(ForeignKey("schedules.id"), default=None)
+    scheduled_for: Mapped[datetime | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -197,3 +255,21 @@ class Pool(Base):
 
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     slots: Mapped[int] = mapped_column(Integer)
+
+
+class Schedule(Base):
+    """A cron schedule that submits runs of a workflow with fixed params."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    workflow_ref: Mapped[str] = mapped_column(String(400))
+    cron: Mapped[str] = mapped_column(String(100))
+    params: Mapped[dict[str, Any]]
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: The next tick to fire; advanced by whichever scheduler creates that tick's run.
+    next_fire_at: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,170 @@
+"""The FastAPI application: services, error bodies, health and metrics endpoints."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ml_platform import __version__
+from ml_platform.accounts import Accounts, LoginLimiter, MemoryLoginLimiter, RedisLoginLimiter
+from ml_platform.api.deps import ApiError, Services
+from ml_platform.api.metrics import PlatformCollector
+from ml_platform.api.routes import router
+from ml_platform.artifacts import ArtifactNotFound
+from ml_platform.config import Settings
+from ml_platform.dispatch import Dispatcher
+from ml_platform.sdk import ParamError, WorkflowError
+from ml_platform.security import TokenSigner, resolve_secret_key
+from ml_platform.service import NotFound, Platform, ScheduleError
+from ml_platform.store.db import current_revision, head_revision
+
+log = logging.getLogger(__name__)
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    platform: Platform | None = None,
+    dispatcher: Dispatcher | None = None,
+) -> FastAPI:
+    """Build the API. Refuses to start (ConfigurationError) with a weak production secret."""
+    secret = resolve_secret_key(settings)
+    platform = platform or Platform(settings)
+    redis_client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+    limiter: LoginLimiter
+    if redis_client is not None:
+        limiter = RedisLoginLimiter(
+            redis_client,
+            settings.redis_prefix,
+            settings.login_attempts,
+            settings.login_window_seconds,
+        )
+    else:
+        limiter = MemoryLoginLimiter(settings.login_attempts, settings.login_window_seconds)
+    services = Services(
+        platform=platform,
+        accounts=Accounts(platform.db, timedelta(days=settings.refresh_token_days)),
+        signer=TokenSigner(secret, timedelta(minutes=settings.access_token_minutes)),
+        limiter=limiter,
+        dispatcher=dispatcher,
+    )
+    registry = CollectorRegistry()
+    registry.register(PlatformCollector(platform.db, redis_client, settings.redis_prefix))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        platform.start()
+        yield
+
+    app = FastAPI(
+        title="ML Platform",
+        version=__version__,
+        description="Run ML pipelines as DAGs of Python tasks.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.include_router(router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(NotFound)
+    async def not_found(_request: Request, exc: NotFound) -> JSONResponse:
+        return _error(404, "not_found", str(exc))
+
+    @app.exception_handler(ParamError)
+    async def bad_params(_request: Request, exc: ParamError) -> JSONResponse:
+        return _error(422, "invalid_params", str(exc))
+
+    @app.exception_handler(WorkflowError)
+    async def bad_workflow(_request: Request, exc: WorkflowError) -> JSONResponse:
+        return _error(422, "invalid_workflow", str(exc))
+
+    @app.exception_handler(ScheduleError)
+    async def bad_schedule(_request: Request, exc: ScheduleError) -> JSONResponse:
+        return _error(422, "invalid_schedule", str(exc))
+
+    @app.exception_handler(ArtifactNotFound)
+    async def missing_artifact(_request: Request, exc: ArtifactNotFound) -> JSONResponse:
+        return _error(404, "not_found", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        return _error(422, "invalid_request", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")  # the details go to the log, never to the client
+        return _error(500, "internal_error", "the server failed; the error was logged")
+
+    @app.get("/livez", tags=["health"])
+    def livez() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "alive"}
+
+    def readiness() -> JSONResponse:
+        checks: dict[str, Any] = {}
+        try:
+            with platform.db.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            at = current_revision(platform.db.engine)
+            checks["database"] = "ok"
+            checks["migrations"] = "ok" if at == head_revision() else f"at {at}, not head"
+        except Exception as exc:  # any driver error means "not ready"
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        if redis_client is not None:
+            try:
+                redis_client.ping()
+                checks["redis"] = "ok"
+            except redis.RedisError as exc:
+                checks["redis"] = f"unreachable: {type(exc).__name__}"
+        ready = all(value == "ok" for value in checks.values()) and "migrations" in checks
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        """The database and Redis answer and the schema is at the latest migration."""
+        return readiness()
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> JSONResponse:
+        """Alias of /readyz for the deployment smoke tests."""
+        return readiness()
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """Prometheus metrics."""
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

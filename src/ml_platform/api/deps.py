@@ -1,0 +1,102 @@
+"""Dependencies: the app's services, the current user, and their role in the project."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ml_platform.accounts import Accounts, Identity, LoginLimiter, Role
+from ml_platform.dispatch import Dispatcher
+from ml_platform.security import AuthError, TokenSigner
+from ml_platform.service import Platform
+
+bearer = HTTPBearer(auto_error=False)
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with its HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+@dataclass
+class Services:
+    platform: Platform
+    accounts: Accounts
+    signer: TokenSigner
+    limiter: LoginLimiter
+    dispatcher: Dispatcher | None
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+ServicesDep = Annotated[Services, Depends(services)]
+
+
+def current_identity(
+    svc: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Identity:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise ApiError(
+            401,
+            "not_authenticated",
+            "send an access token: Authorization: Bearer …",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    try:
+        claims = svc.signer.verify(credentials.credentials)
+    except AuthError as exc:
+        raise ApiError(401, exc.code, exc.message, {"WWW-Authenticate": "Bearer"}) from None
+    identity = svc.accounts.identity(claims.user_id)
+    if identity is None:
+        raise ApiError(401, "token_invalid", "the user no longer exists or is disabled")
+    return identity
+
+
+IdentityDep = Annotated[Identity, Depends(current_identity)]
+
+
+@dataclass(frozen=True)
+class ProjectAccess:
+    project_id: int
+    name: str
+    role: Role
+    identity: Identity
+
+
+def _access(minimum: Role) -> Callable[[str, Services, Identity], ProjectAccess]:
+    """A dependency that admits users with at least ``minimum`` role in the path's project."""
+
+    def dependency(project: str, svc: ServicesDep, identity: IdentityDep) -> ProjectAccess:
+        found = svc.accounts.role_in(identity, project)
+        if found is None:
+            # Another project's resources answer 404, never 403: their existence is private.
+            raise ApiError(404, "not_found", f"no project {project!r}")
+        row, role = found
+        if role < minimum:
+            raise ApiError(
+                403,
+                "forbidden",
+                f"this needs the {minimum.label} role in {project!r}; you are {role.label}",
+            )
+        return ProjectAccess(row.id, row.name, role, identity)
+
+    return dependency
+
+
+Viewer = Annotated[ProjectAccess, Depends(_access(Role.VIEWER))]
+Editor = Annotated[ProjectAccess, Depends(_access(Role.EDITOR))]
+ProjectAdmin = Annotated[ProjectAccess, Depends(_access(Role.ADMIN))]

@@ -1,0 +1,321 @@
+"""The /api/v1 endpoints: auth, users, projects, workflows, runs, schedules."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from ml_platform.accounts import Conflict, Role, login_keys
+from ml_platform.api.deps import ApiError, Editor, IdentityDep, ProjectAdmin, ServicesDep, Viewer
+from ml_platform.api.schemas import (
+    ArtifactOut,
+    AttemptOut,
+    LoginRequest,
+    LogOut,
+    MemberSet,
+    MetricOut,
+    ProjectCreate,
+    ProjectOut,
+    RefreshRequest,
+    RunCreate,
+    RunOut,
+    RunPage,
+    ScheduleCreate,
+    ScheduleOut,
+    TaskRunOut,
+    TokenResponse,
+    UserCreate,
+    UserOut,
+    WorkflowOut,
+    WorkflowRegister,
+)
+from ml_platform.artifacts import ArtifactNotFound
+from ml_platform.engine.states import RunState
+from ml_platform.security import AuthError
+from ml_platform.service import load_workflow
+from ml_platform.store.models import Run, Schedule
+from ml_platform.store.models import Workflow as WorkflowRow
+
+router = APIRouter(prefix="/api/v1")
+
+
+def _tokens(svc: ServicesDep, user_id: int, refresh: str) -> TokenResponse:
+    return TokenResponse(
+        access_token=svc.signer.issue(user_id),
+        refresh_token=refresh,
+        expires_in=int(svc.signer.ttl.total_seconds()),
+    )
+
+
+@router.post("/auth/token", tags=["auth"])
+def login(body: LoginRequest, request: Request, svc: ServicesDep) -> TokenResponse:
+    """Exchange a username and password for an access token and a refresh token."""
+    keys = login_keys(body.username, request.client.host if request.client else None)
+    wait = svc.limiter.blocked_for(keys)
+    if wait:
+        raise ApiError(
+            429,
+            "too_many_attempts",
+            f"too many failed logins; try again in {wait} s",
+            {"Retry-After": str(wait)},
+        )
+    try:
+        identity = svc.accounts.authenticate(body.username, body.password)
+    except AuthError as exc:
+        svc.limiter.failed(keys)
+        raise ApiError(401, exc.code, exc.message) from None
+    svc.limiter.succeeded(keys)
+    return _tokens(svc, identity.user_id, svc.accounts.issue_refresh(identity))
+
+
+@router.post("/auth/refresh", tags=["auth"])
+def refresh(body: RefreshRequest, svc: ServicesDep) -> TokenResponse:
+    """Rotate a refresh token. A token used twice revokes its whole family."""
+    try:
+        pair = svc.accounts.rotate(body.refresh_token)
+    except AuthError as exc:
+        raise ApiError(401, exc.code, exc.message) from None
+    return _tokens(svc, pair.user.user_id, pair.refresh_token)
+
+
+@router.get("/users/me", tags=["users"])
+def me(identity: IdentityDep) -> UserOut:
+    return UserOut(id=identity.user_id, username=identity.username, is_admin=identity.is_admin)
+
+
+@router.post("/users", status_code=201, tags=["users"])
+def create_user(body: UserCreate, identity: IdentityDep, svc: ServicesDep) -> UserOut:
+    """Create a user (platform admins only)."""
+    if not identity.is_admin:
+        raise ApiError(403, "forbidden", "only platform admins create users")
+    try:
+        user = svc.accounts.create_user(body.username, body.password, is_admin=body.is_admin)
+    except Conflict as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+    return UserOut(id=user.user_id, username=user.username, is_admin=user.is_admin)
+
+
+@router.get("/projects", tags=["projects"])
+def list_projects(identity: IdentityDep, svc: ServicesDep) -> list[ProjectOut]:
+    return [ProjectOut(name=p.name, role=r.label) for p, r in svc.accounts.projects_of(identity)]
+
+
+@router.post("/projects", status_code=201, tags=["projects"])
+def create_project(body: ProjectCreate, identity: IdentityDep, svc: ServicesDep) -> ProjectOut:
+    """Create a project; its creator becomes its admin."""
+    try:
+        project = svc.accounts.create_project(body.name, identity)
+    except Conflict as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
+    return ProjectOut(name=project.name, role=Role.ADMIN.label)
+
+
+@router.put("/projects/{project}/members", status_code=204, tags=["projects"])
+def set_member(body: MemberSet, access: ProjectAdmin, svc: ServicesDep) -> Response:
+    """Give a user a role in the project (project admins only)."""
+    try:
+        svc.accounts.set_member(access.project_id, body.username, Role.parse(body.role))
+    except LookupError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    return Response(status_code=204)
+
+
+def _workflow_out(row: WorkflowRow) -> WorkflowOut:
+    return WorkflowOut(
+        name=row.name,
+        version=row.version,
+        code_hash=row.code_hash,
+        description=row.description,
+        params_schema=row.params_schema,
+        created_at=row.created_at,
+    )
+
+
+@router.post("/projects/{project}/workflows", status_code=201, tags=["workflows"])
+def register_workflow(body: WorkflowRegister, access: Editor, svc: ServicesDep) -> WorkflowOut:
+    """Register a workflow by reference; a changed module makes a new version."""
+    row = svc.platform.register(load_workflow(body.reference), access.project_id)
+    return _workflow_out(row)
+
+
+@router.get("/projects/{project}/workflows", tags=["workflows"])
+def list_workflows(access: Viewer, svc: ServicesDep) -> list[WorkflowOut]:
+    """The latest version of each workflow."""
+    latest: dict[str, WorkflowRow] = {}
+    for row in svc.platform.workflows(access.project_id):
+        latest.setdefault(row.name, row)
+    return [_workflow_out(row) for row in latest.values()]
+
+
+@router.get("/projects/{project}/workflows/{name}/versions", tags=["workflows"])
+def workflow_versions(name: str, access: Viewer, svc: ServicesDep) -> list[WorkflowOut]:
+    rows = [r for r in svc.platform.workflows(access.project_id) if r.name == name]
+    if not rows:
+        raise ApiError(404, "not_found", f"no workflow {name!r}")
+    return [_workflow_out(row) for row in rows]
+
+
+def _run_out(run: Run, wf: WorkflowRow) -> RunOut:
+    return RunOut(
+        id=run.id,
+        workflow=wf.name,
+        workflow_version=wf.version,
+        state=run.state,
+        params=run.params,
+        cancel_requested=run.cancel_requested,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+    )
+
+
+@router.post("/projects/{project}/runs", status_code=201, tags=["runs"])
+def submit_run(body: RunCreate, access: Editor, svc: ServicesDep) -> RunOut:
+    """Submit a run of a workflow with parameters (validated against its signature)."""
+    submitted = svc.platform.submit(
+        load_workflow(body.workflow),
+        body.params,
+        max_concurrency=body.max_concurrency,
+        project_id=access.project_id,
+    )
+    if svc.dispatcher is not None:
+        svc.dispatcher.publish(submitted.queued)
+    return _run_out(*svc.platform.run(submitted.run_id))
+
+
+@router.get("/projects/{project}/runs", tags=["runs"])
+def list_runs(
+    access: Viewer,
+    svc: ServicesDep,
+    state: Annotated[RunState | None, Query()] = None,
+    workflow: Annotated[str | None, Query(max_length=400)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> RunPage:
+    rows = svc.platform.runs(
+        limit, state, project_id=access.project_id, workflow=workflow, offset=offset
+    )
+    return RunPage(items=[_run_out(r, w) for r, w in rows], limit=limit, offset=offset)
+
+
+def _run_id(svc: ServicesDep, access: Viewer, run_id: str) -> str:
+    return svc.platform.resolve_run_id(run_id, access.project_id)
+
+
+@router.get("/projects/{project}/runs/{run_id}", tags=["runs"])
+def get_run(run_id: str, access: Viewer, svc: ServicesDep) -> RunOut:
+    return _run_out(*svc.platform.run(_run_id(svc, access, run_id), access.project_id))
+
+
+@router.post("/projects/{project}/runs/{run_id}/cancel", tags=["runs"])
+def cancel_run(run_id: str, access: Editor, svc: ServicesDep) -> RunOut:
+    """Cancel a run: pending tasks never start, running ones stop at their next heartbeat."""
+    full_id = _run_id(svc, access, run_id)
+    svc.platform.cancel(full_id)
+    return _run_out(*svc.platform.run(full_id))
+
+
+@router.get("/projects/{project}/runs/{run_id}/tasks", tags=["runs"])
+def run_tasks(run_id: str, access: Viewer, svc: ServicesDep) -> list[TaskRunOut]:
+    full_id = _run_id(svc, access, run_id)
+    attempts: dict[int, list[AttemptOut]] = {}
+    for a in svc.platform.attempts(full_id):
+        attempts.setdefault(a.task_run_id, []).append(
+            AttemptOut(
+                number=a.number,
+                state=a.state,
+                worker_id=a.worker_id,
+                started_at=a.started_at,
+                finished_at=a.finished_at,
+                error=a.error,
+            )
+        )
+    return [
+        TaskRunOut(
+            node_id=t.node_id,
+            state=t.state,
+            upstream=t.upstream,
+            error=t.error,
+            started_at=t.started_at,
+            finished_at=t.finished_at,
+            attempts=attempts.get(t.id, []),
+        )
+        for t in svc.platform.task_runs(full_id)
+    ]
+
+
+@router.get("/projects/{project}/runs/{run_id}/tasks/{task}/logs", tags=["runs"])
+def task_logs(
+    run_id: str,
+    task: str,
+    access: Viewer,
+    svc: ServicesDep,
+    attempt: Annotated[int | None, Query(ge=1)] = None,
+) -> LogOut:
+    row = svc.platform.log(_run_id(svc, access, run_id), task, attempt)
+    return LogOut(task=task, attempt=row.number, state=row.state, log=row.log or "")
+
+
+@router.get("/projects/{project}/runs/{run_id}/metrics", tags=["runs"])
+def run_metrics(run_id: str, access: Viewer, svc: ServicesDep) -> list[MetricOut]:
+    return [
+        MetricOut(task=node, name=m.name, value=m.value, step=m.step, attempt=m.attempt)
+        for node, m in svc.platform.metrics(_run_id(svc, access, run_id))
+    ]
+
+
+@router.get("/projects/{project}/runs/{run_id}/artifacts", tags=["runs"])
+def run_artifacts(run_id: str, access: Viewer, svc: ServicesDep) -> list[ArtifactOut]:
+    return [
+        ArtifactOut(task=node, name=a.name, sha256=a.sha256, size=a.size, kind=a.kind)
+        for node, a in svc.platform.artifacts_of(_run_id(svc, access, run_id))
+    ]
+
+
+@router.get(
+    "/projects/{project}/runs/{run_id}/artifacts/{sha256}",
+    tags=["runs"],
+    response_class=FileResponse,
+)
+def download_artifact(run_id: str, sha256: str, access: Viewer, svc: ServicesDep) -> FileResponse:
+    """The artifact's bytes; only artifacts of this run are served."""
+    full_id = _run_id(svc, access, run_id)
+    known = {a.sha256: a for _, a in svc.platform.artifacts_of(full_id)}
+    if sha256 not in known:
+        raise ApiError(404, "not_found", f"run {run_id} has no artifact {sha256}")
+    path = svc.platform.artifacts.path(sha256)
+    if not path.exists():
+        raise ArtifactNotFound(f"artifact {sha256} is recorded but missing from the store")
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=f"{known[sha256].name}-{sha256[:12]}"
+    )
+
+
+@router.post("/projects/{project}/schedules", status_code=201, tags=["schedules"])
+def create_schedule(body: ScheduleCreate, access: Editor, svc: ServicesDep) -> ScheduleOut:
+    """Run a workflow at every tick of a cron expression (UTC)."""
+    return _schedule_out(
+        svc.platform.create_schedule(
+            access.project_id, body.name, body.workflow, body.cron, body.params
+        )
+    )
+
+
+@router.get("/projects/{project}/schedules", tags=["schedules"])
+def list_schedules(access: Viewer, svc: ServicesDep) -> list[ScheduleOut]:
+    return [_schedule_out(row) for row in svc.platform.schedules(access.project_id)]
+
+
+def _schedule_out(row: Schedule) -> ScheduleOut:
+    return ScheduleOut(
+        name=row.name,
+        workflow=row.workflow_ref,
+        cron=row.cron,
+        params=row.params,
+        enabled=row.enabled,
+        next_fire_at=row.next_fire_at,
+    )

@@ -1,0 +1,158 @@
+"""Request and response bodies of the API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class LoginRequest(Body):
+    username: str = Field(min_length=1, max_length=100)
+    password: str = Field(min_length=1, max_length=1000)
+
+
+class RefreshRequest(Body):
+    refresh_token: str = Field(min_length=1, max_length=1000)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+
+
+class UserCreate(Body):
+    username: str = Field(min_length=1, max_length=100)
+    password: str = Field(min_length=1, max_length=1000)
+    is_admin: bool = False
+
+
+class UserOut(BaseModel):
+    id: int
+    username: str
+    is_admin: bool
+
+
+class ProjectCreate(Body):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ProjectOut(BaseModel):
+    name: str
+    role: str
+
+
+class MemberSet(Body):
+    username: str = Field(min_length=1, max_length=100)
+    role: Literal["viewer", "editor", "admin"]
+
+
+class WorkflowRegister(Body):
+    reference: str = Field(min_length=3, max_length=400, description="package.module:workflow")
+
+
+class WorkflowOut(BaseModel):
+    name: str
+    version: int
+    code_hash: str
+    description: str
+    params_schema: dict[str, Any]
+    created_at: datetime
+
+
+class RunCreate(Body):
+    workflow: str = Field(min_length=3, max_length=400, description="package.module:workflow")
+    params: dict[str, Any] = Field(default_factory=dict)
+    max_concurrency: int | None = Field(default=None, ge=1)
+
+
+class RunOut(BaseModel):
+    id: str
+    workflow: str
+    workflow_version: int
+    state: str
+    params: dict[str, Any]
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RunPage(BaseModel):
+    items: list[RunOut]
+    limit: int
+    offset: int
+
+
+class AttemptOut(BaseModel):
+    number: int
+    state: str
+    worker_id: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+
+
+class TaskRunOut(BaseModel):
+    node_id: str
+    state: str
+    upstream: list[str]
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: list[AttemptOut]
+
+
+class MetricOut(BaseModel):
+    task: str
+    name: str
+    value: float
+    step: int | None
+    attempt: int
+
+
+class ArtifactOut(BaseModel):
+    task: str
+    name: str
+    sha256: str
+    size: int
+    kind: str
+
+
+class LogOut(BaseModel):
+    task: str
+    attempt: int
+    state: str
+    log: str
+
+
+class ScheduleCreate(Body):
+    name: str = Field(min_length=1, max_length=100)
+    workflow: str = Field(min_length=3, max_length=400)
+    cron: str = Field(min_length=9, max_length=100, description="five-field cron, UTC")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleOut(BaseModel):
+    name: str
+    workflow: str
+    cron: str
+    params: dict[str, Any]
+    enabled: bool
+    next_fire_at: datetime

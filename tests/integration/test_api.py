@@ -1,0 +1,332 @@
+"""The REST API over the real databases: auth rules, project scoping, runs, schedules, health."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import jwt
+import pytest
+from fastapi.testclient import TestClient
+
+from ml_platform.accounts import Accounts, Role
+from ml_platform.api import create_app
+from ml_platform.config import Settings
+from ml_platform.security import ConfigurationError, TokenSigner, resolve_secret_key
+from ml_platform.service import Platform
+from tests.helpers import run_inline
+
+pytestmark = pytest.mark.integration
+SECRET = "k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6"
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Api:
+    client: TestClient
+    platform: Platform
+    accounts: Accounts
+
+    def login(self, username: str, password: str = PASSWORD) -> dict[str, str]:
+        response = self.client.post(
+            "/api/v1/auth/token", json={"username": username, "password": password}
+        )
+        assert response.status_code == 200, response.text
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+@pytest.fixture
+def api(platform: Platform) -> Iterator[Api]:
+    platform.settings.secret_key = SECRET
+    platform.settings.login_attempts = 3
+    app = create_app(platform.settings, platform=platform)
+    accounts = Accounts(platform.db, timedelta(days=1))
+    admin = accounts.create_user("alice", PASSWORD, is_admin=True)
+    accounts.create_user("bob", PASSWORD)
+    accounts.create_user("carol", PASSWORD)
+    project = accounts.create_project("vision", admin)
+    accounts.set_member(project.id, "bob", Role.VIEWER)
+    accounts.set_member(project.id, "carol", Role.EDITOR)
+    accounts.create_project("secret", admin)
+    with TestClient(app) as client:
+        yield Api(client, platform, accounts)
+
+
+def submit(api: Api, headers: dict[str, str], workflow: str, **params: object) -> str:
+    response = api.client.post(
+        "/api/v1/projects/vision/runs",
+        json={"workflow": workflow, "params": params},
+        headers=headers,
+    )
+    assert response.status_code == 201, response.text
+    run_id: str = response.json()["id"]
+    return run_id
+
+
+def test_login_me_and_wrong_passwords_are_rate_limited(api: Api) -> None:
+    headers = api.login("bob")
+    assert api.client.get("/api/v1/users/me", headers=headers).json()["username"] == "bob"
+    for _ in range(3):
+        wrong = api.client.post("/api/v1/auth/token", json={"username": "bob", "password": "nope"})
+        assert wrong.status_code == 401
+        assert wrong.json() == {
+            "error": {"code": "invalid_credentials", "message": "wrong username or password"}
+        }
+    limited = api.client.post("/api/v1/auth/token", json={"username": "bob", "password": PASSWORD})
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "too_many_attempts"
+    assert int(limited.headers["Retry-After"]) > 0
+
+
+def test_tampered_expired_and_foreign_tokens_are_refused(api: Api) -> None:
+    token = api.login("bob")["Authorization"].removeprefix("Bearer ")
+    tampered = token[:-3] + ("aaa" if not token.endswith("aaa") else "bbb")
+    expired = TokenSigner(SECRET, timedelta(minutes=15)).issue(
+        2, now=datetime.now(UTC) - timedelta(hours=1)
+    )
+    now = datetime.now(UTC)
+    foreign = jwt.encode(
+        {"sub": "2", "iat": now, "exp": now + timedelta(minutes=5), "jti": "x", "aud": "other"},
+        SECRET,
+        algorithm="HS256",
+    )
+    other_key = TokenSigner("a-different-key-" * 3, timedelta(minutes=5)).issue(2)
+    cases = [
+        (tampered, "token_invalid"),
+        (expired, "token_expired"),
+        (foreign, "token_invalid"),
+        (other_key, "token_invalid"),
+        ("not-a-jwt", "token_invalid"),
+    ]
+    for bad, code in cases:
+        response = api.client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {bad}"})
+        assert response.status_code == 401, bad
+        assert response.json()["error"]["code"] == code
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    missing = api.client.get("/api/v1/users/me")
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "not_authenticated"
+
+
+def test_refresh_rotates_and_reuse_revokes_the_family(api: Api) -> None:
+    first = api.client.post(
+        "/api/v1/auth/token", json={"username": "bob", "password": PASSWORD}
+    ).json()
+    second = api.client.post("/api/v1/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert second.status_code == 200
+    rotated = second.json()
+    assert rotated["refresh_token"] != first["refresh_token"]
+    me = api.client.get(
+        "/api/v1/users/me", headers={"Authorization": f"Bearer {rotated['access_token']}"}
+    )
+    assert me.json()["username"] == "bob"
+    # The old token again: a replay. Refused, and the whole family is revoked with it.
+    replay = api.client.post("/api/v1/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert replay.status_code == 401 and replay.json()["error"]["code"] == "token_reused"
+    after = api.client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": rotated["refresh_token"]}
+    )
+    assert after.status_code == 401 and after.json()["error"]["code"] == "token_reused"
+    unknown = api.client.post("/api/v1/auth/refresh", json={"refresh_token": "made-up"})
+    assert unknown.status_code == 401 and unknown.json()["error"]["code"] == "token_invalid"
+
+
+def test_other_projects_answer_404_and_roles_limit_what_members_do(api: Api) -> None:
+    bob, carol, alice = api.login("bob"), api.login("carol"), api.login("alice")
+    assert api.client.get("/api/v1/projects/secret/runs", headers=bob).status_code == 404
+    assert [p["name"] for p in api.client.get("/api/v1/projects", headers=bob).json()] == ["vision"]
+    run_id = submit(api, carol, "tests.workflows:arithmetic", n=2)
+    # Bob (viewer) can look but not act.
+    assert api.client.get(f"/api/v1/projects/vision/runs/{run_id}", headers=bob).status_code == 200
+    denied = api.client.post(
+        "/api/v1/projects/vision/runs",
+        json={"workflow": "tests.workflows:arithmetic"},
+        headers=bob,
+    )
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "forbidden"
+    cancel = api.client.post(f"/api/v1/projects/vision/runs/{run_id}/cancel", headers=bob)
+    assert cancel.status_code == 403
+    # The run does not exist in another project, even for an admin who sees both.
+    elsewhere = api.client.get(f"/api/v1/projects/secret/runs/{run_id}", headers=alice)
+    assert elsewhere.status_code == 404
+    # Carol (editor) cancels; only project admins manage members.
+    cancelled = api.client.post(f"/api/v1/projects/vision/runs/{run_id}/cancel", headers=carol)
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    member = {"username": "bob", "role": "editor"}
+    assert (
+        api.client.put("/api/v1/projects/vision/members", json=member, headers=carol).status_code
+        == 403
+    )
+    assert (
+        api.client.put("/api/v1/projects/vision/members", json=member, headers=alice).status_code
+        == 204
+    )
+
+
+def test_a_run_through_the_api_with_its_tasks_logs_metrics_and_artifacts(api: Api) -> None:
+    carol = api.login("carol")
+    run_id = submit(api, carol, "tests.workflows:big_pipeline", n=100_000)
+    assert run_inline(api.platform, run_id).value == "succeeded"
+    base = f"/api/v1/projects/vision/runs/{run_id[:8]}"
+    assert api.client.get(base, headers=carol).json()["state"] == "succeeded"
+    tasks = api.client.get(f"{base}/tasks", headers=carol).json()
+    assert [(t["node_id"], t["state"], len(t["attempts"])) for t in tasks] == [
+        ("big", "succeeded", 1),
+        ("length", "succeeded", 1),
+    ]
+    log = api.client.get(f"{base}/tasks/big/logs", headers=carol).json()
+    assert log["attempt"] == 1 and log["state"] == "succeeded"
+    [artifact] = api.client.get(f"{base}/artifacts", headers=carol).json()
+    assert artifact["name"] == "numbers"
+    blob = api.client.get(f"{base}/artifacts/{artifact['sha256']}", headers=carol)
+    assert blob.status_code == 200 and pickle.loads(blob.content) == list(range(10))
+    missing = api.client.get(f"{base}/artifacts/{'0' * 64}", headers=carol)
+    assert missing.status_code == 404
+    assert api.client.get(f"{base}/metrics", headers=carol).json() == []
+
+
+def test_run_lists_filter_and_paginate(api: Api) -> None:
+    carol = api.login("carol")
+    ids = [submit(api, carol, "tests.workflows:arithmetic", n=1) for _ in range(3)]
+    run_inline(api.platform, ids[0])
+    page = api.client.get("/api/v1/projects/vision/runs?limit=2", headers=carol).json()
+    assert len(page["items"]) == 2 and page["limit"] == 2
+    rest = api.client.get("/api/v1/projects/vision/runs?limit=2&offset=2", headers=carol).json()
+    seen = [r["id"] for r in page["items"] + rest["items"]]
+    assert sorted(seen) == sorted(ids)
+    done = api.client.get("/api/v1/projects/vision/runs?state=succeeded", headers=carol).json()
+    assert [r["id"] for r in done["items"]] == [ids[0]]
+    bad = api.client.get("/api/v1/projects/vision/runs?state=bogus", headers=carol)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"workflow": "tests.workflows:arithmetic", "params": {"n": "x"}}, "invalid_params"),
+        ({"workflow": "tests.workflows:arithmetic", "params": {"zz": 1}}, "invalid_params"),
+        ({"workflow": "no.such:thing"}, "invalid_workflow"),
+        ({"workflow": "tests.workflows:double"}, "invalid_workflow"),
+        ({"params": {}}, "invalid_request"),
+        ({"workflow": "tests.workflows:arithmetic", "extra": 1}, "invalid_request"),
+    ],
+)
+def test_bad_submissions_are_4xx_with_a_code(api: Api, body: dict[str, object], code: str) -> None:
+    response = api.client.post(
+        "/api/v1/projects/vision/runs", json=body, headers=api.login("carol")
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_workflow_registration_and_versions(api: Api) -> None:
+    carol = api.login("carol")
+    registered = api.client.post(
+        "/api/v1/projects/vision/workflows",
+        json={"reference": "tests.workflows:arithmetic"},
+        headers=carol,
+    )
+    assert registered.status_code == 201 and registered.json()["version"] == 1
+    assert registered.json()["params_schema"]["properties"]["n"]["default"] == 3
+    listed = api.client.get("/api/v1/projects/vision/workflows", headers=carol).json()
+    assert [w["name"] for w in listed] == ["tests.workflows:arithmetic"]
+    versions = api.client.get(
+        "/api/v1/projects/vision/workflows/tests.workflows:arithmetic/versions", headers=carol
+    )
+    assert [v["version"] for v in versions.json()] == [1]
+    none = api.client.get("/api/v1/projects/vision/workflows/nope/versions", headers=carol)
+    assert none.status_code == 404
+
+
+def test_users_are_created_by_admins_only(api: Api) -> None:
+    alice, bob = api.login("alice"), api.login("bob")
+    body = {"username": "dave", "password": PASSWORD}
+    assert api.client.post("/api/v1/users", json=body, headers=bob).status_code == 403
+    assert api.client.post("/api/v1/users", json=body, headers=alice).status_code == 201
+    assert api.client.post("/api/v1/users", json=body, headers=alice).status_code == 409
+    short = {"username": "erin", "password": "short"}
+    response = api.client.post("/api/v1/users", json=short, headers=alice)
+    assert response.status_code == 422 and "at least 12 characters" in response.text
+    project = api.client.post("/api/v1/projects", json={"name": "nlp"}, headers=bob)
+    assert project.status_code == 201 and project.json() == {"name": "nlp", "role": "admin"}
+    again = api.client.post("/api/v1/projects", json={"name": "nlp"}, headers=bob)
+    assert again.status_code == 409
+
+
+def test_a_cron_tick_makes_one_run_whatever_the_number_of_schedulers(api: Api) -> None:
+    carol = api.login("carol")
+    bad = api.client.post(
+        "/api/v1/projects/vision/schedules",
+        json={"name": "x", "workflow": "tests.workflows:arithmetic", "cron": "every tuesday"},
+        headers=carol,
+    )
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_schedule"
+    created = api.client.post(
+        "/api/v1/projects/vision/schedules",
+        json={
+            "name": "nightly",
+            "workflow": "tests.workflows:arithmetic",
+            "cron": "0 2 * * *",
+            "params": {"n": 2},
+        },
+        headers=carol,
+    )
+    assert created.status_code == 201, created.text
+    next_fire = datetime.fromisoformat(created.json()["next_fire_at"])
+    assert (next_fire.hour, next_fire.minute) == (2, 0)
+    # Four schedulers wake up at the same moment, a day after the tick (one missed tick).
+    later = next_fire + timedelta(days=1, minutes=1)
+    made: list[int] = []
+    schedulers = [Platform(api.platform.settings).start() for _ in range(4)]
+
+    def fire(scheduler: Platform) -> None:
+        made.append(len(scheduler.fire_schedules(later)))
+
+    threads = [threading.Thread(target=fire, args=(s,)) for s in schedulers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for scheduler in schedulers:
+        scheduler.close()
+    runs = api.client.get("/api/v1/projects/vision/runs", headers=carol).json()["items"]
+    assert sum(made) == 1 and len(runs) == 1
+    [schedule] = api.client.get("/api/v1/projects/vision/schedules", headers=carol).json()
+    assert datetime.fromisoformat(schedule["next_fire_at"]) > later
+
+
+def test_health_and_metrics_tell_the_truth(api: Api) -> None:
+    assert api.client.get("/livez").json() == {"status": "alive"}
+    ready = api.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["database"] == "ok"
+    assert ready.json()["checks"]["migrations"] == "ok"
+    assert api.client.get("/healthz").status_code == 200
+    carol = api.login("carol")
+    run_inline(api.platform, submit(api, carol, "tests.workflows:arithmetic", n=2))
+    submit(api, carol, "tests.workflows:arithmetic", n=2)
+    text = api.client.get("/metrics").text
+    assert 'mlp_runs{state="succeeded"} 1.0' in text
+    assert 'mlp_runs{state="queued"} 1.0' in text
+    assert "mlp_task_duration_seconds_count 3.0" in text
+    assert 'mlp_queue_depth{kind="due"} 2.0' in text
+    assert "mlp_lease_expiries_total 0.0" in text
+    schema = api.client.get("/openapi.json").json()
+    assert "/api/v1/projects/{project}/runs" in schema["paths"]
+    assert api.client.get("/api/v1/nowhere").json()["error"]["code"] == "not_found"
+
+
+def test_secret_key_rules(tmp_path: Path) -> None:
+    strict = Settings(environment="production", home=tmp_path)
+    with pytest.raises(ConfigurationError, match="SECRET_KEY must be set"):
+        resolve_secret_key(strict)
+    for weak in ("changeme", "short", "a" * 40):
+        with pytest.raises(ConfigurationError, match="too weak"):
+            resolve_secret_key(strict.model_copy(update={"secret_key": weak}))
+    assert resolve_secret_key(strict.model_copy(update={"secret_key": SECRET})) == SECRET
+    dev = Settings(environment="development", home=tmp_path)
+    generated = resolve_secret_key(dev)
+    assert len(generated) >= 48 and resolve_secret_key(dev) == generated
