@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, NoReturn
 
@@ -17,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ml_platform.accounts import Accounts
+from ml_platform.client import ApiClientError, Client, Credentials
 from ml_platform.config import load_settings
 from ml_platform.dispatch import DEFAULT_QUEUE, Dispatch, InProcessDispatcher
 from ml_platform.engine.states import RUN_TERMINAL, RunState
@@ -84,39 +88,90 @@ def _seconds(start: datetime | None, end: datetime | None) -> str:
     return f"{(finish - start).total_seconds():.1f} s"
 
 
-def _tasks_table(platform: Platform, run_id: str) -> Table:
+@dataclass
+class TaskView:
+    """One row of a run's task table, from the database or from the API."""
+
+    node_id: str
+    state: str
+    attempts: list[str]
+    started_at: datetime | None
+    finished_at: datetime | None
+    metrics: list[str]
+
+
+def _local_tasks(platform: Platform, run_id: str) -> list[TaskView]:
     attempts: dict[int, list[str]] = {}
     for attempt in platform.attempts(run_id):
         attempts.setdefault(attempt.task_run_id, []).append(attempt.state)
     metrics: dict[str, list[str]] = {}
     for node_id, metric in platform.metrics(run_id):
         metrics.setdefault(node_id, []).append(f"{metric.name}={metric.value:.4g}")
+    return [
+        TaskView(
+            t.node_id,
+            t.state,
+            attempts.get(t.id, []),
+            t.started_at,
+            t.finished_at,
+            metrics.get(t.node_id, []),
+        )
+        for t in platform.task_runs(run_id)
+    ]
+
+
+def _remote_tasks(client: Client, run_id: str) -> list[TaskView]:
+    metrics: dict[str, list[str]] = {}
+    for metric in client.metrics(run_id):
+        metrics.setdefault(metric["task"], []).append(f"{metric['name']}={metric['value']:.4g}")
+    return [
+        TaskView(
+            t["node_id"],
+            t["state"],
+            [a["state"] for a in t["attempts"]],
+            _when(t["started_at"]),
+            _when(t["finished_at"]),
+            metrics.get(t["node_id"], []),
+        )
+        for t in client.tasks(run_id)
+    ]
+
+
+def _when(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _tasks_table(views: list[TaskView]) -> Table:
     table = Table(show_edge=False, header_style="bold")
     for column in ("task", "state", "attempts", "duration", "metrics"):
         table.add_column(column)
-    for task_run in platform.task_runs(run_id):
-        tries = attempts.get(task_run.id, [])
+    for view in views:
+        tries = view.attempts
         table.add_row(
-            task_run.node_id,
-            _styled(task_run.state),
+            view.node_id,
+            _styled(view.state),
             " ".join(_styled(s) for s in tries) if len(tries) > 1 else str(len(tries)),
-            _seconds(task_run.started_at, task_run.finished_at),
-            " ".join(metrics.get(task_run.node_id, [])),
+            _seconds(view.started_at, view.finished_at),
+            " ".join(view.metrics),
         )
     return table
 
 
+def _summary(views: list[TaskView]) -> str:
+    states = Counter(v.state for v in views)
+    line = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    if states.get("cached"):
+        line += f" ({states['cached']} of {len(views)} tasks reused from cache)"
+    return line
+
+
 def _verdict(platform: Platform, run_id: str) -> str:
     run, wf = platform.run(run_id)
-    states = Counter(t.state for t in platform.task_runs(run_id))
-    parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
-    line = (
+    return (
         f"run {run_id[:8]} of {wf.name} v{wf.version} {_styled(run.state)} "
-        f"in {_seconds(run.started_at or run.created_at, run.finished_at)}: {parts}"
+        f"in {_seconds(run.started_at or run.created_at, run.finished_at)}: "
+        + _summary(_local_tasks(platform, run_id))
     )
-    if states.get("cached"):
-        line += f" ({states['cached']} of {sum(states.values())} tasks reused from cache)"
-    return line
 
 
 def _execute(platform: Platform, run_id: str, queued: list[Dispatch], concurrency: int) -> RunState:
@@ -125,18 +180,21 @@ def _execute(platform: Platform, run_id: str, queued: list[Dispatch], concurrenc
     dispatcher.publish(queued)
     worker = Worker(platform, dispatcher, concurrency=concurrency)
     runtime = Runtime(platform, dispatcher, worker, only_run=run_id)
-    with Live(_tasks_table(platform, run_id), console=console, refresh_per_second=4) as live:
+    with Live(
+        _tasks_table(_local_tasks(platform, run_id)), console=console, refresh_per_second=4
+    ) as live:
         worker.on_event = lambda message: live.console.print(f"  {message}", style="dim")
         try:
             return runtime.drive(
-                run_id, on_progress=lambda: live.update(_tasks_table(platform, run_id))
+                run_id,
+                on_progress=lambda: live.update(_tasks_table(_local_tasks(platform, run_id))),
             )
         except KeyboardInterrupt:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
             platform.cancel(run_id)
             worker.stop_all("cancelled by Ctrl-C")
             platform.schedule(run_id)
-            live.update(_tasks_table(platform, run_id))
+            live.update(_tasks_table(_local_tasks(platform, run_id)))
             raise
         finally:
             worker.on_event = lambda _message: None
@@ -176,6 +234,81 @@ def _parse_pairs(pairs: list[str]) -> dict[str, str]:
     return values
 
 
+Server = Annotated[
+    str | None,
+    typer.Option("--server", envvar="MLP_SERVER", help="Use this API server (see `mlp login`)."),
+]
+ProjectName = Annotated[
+    str, typer.Option("--project", envvar="MLP_PROJECT", help="Project on the server.")
+]
+
+
+@contextmanager
+def _client(server: str, project: str) -> Iterator[Client]:
+    settings = load_settings()
+    credentials = Credentials(settings.home)
+    saved = credentials.get(server)
+    if saved is None:
+        _fail(f"not logged in to {server}; run: mlp login --server {server} --username NAME")
+    client = Client(
+        server,
+        token=saved["access_token"],
+        refresh_token=saved["refresh_token"],
+        project=project,
+        on_tokens=lambda access, refresh: credentials.save(server, access, refresh),
+    )
+    try:
+        yield client
+    except ApiClientError as exc:
+        _fail(str(exc), EXIT_USAGE if 400 <= exc.status < 500 else EXIT_FAILED)
+    finally:
+        client.close()
+
+
+def _watch_remote(client: Client, run_id: str) -> str:
+    """Show a remote run's progress until it ends; Ctrl-C cancels it on the server."""
+    with Live(_tasks_table([]), console=console, refresh_per_second=4) as live:
+        try:
+            while True:
+                run = client.run(run_id)
+                live.update(_tasks_table(_remote_tasks(client, run_id)))
+                if run["state"] in {s.value for s in RUN_TERMINAL}:
+                    return str(run["state"])
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            client.cancel(run_id)
+            raise
+        finally:
+            console.line()
+
+
+def _remote_run(client: Client, workflow: str, params: dict[str, str]) -> None:
+    values: dict[str, object] = {}
+    for key, text in params.items():
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    run = client.submit(workflow, values)
+    console.print(
+        f"run [bold]{run['id'][:8]}[/] of {run['workflow']} v{run['workflow_version']} "
+        f"submitted to {client.url} (project {client.project})"
+    )
+    try:
+        state = _watch_remote(client, run["id"])
+    except KeyboardInterrupt:
+        console.print(f"[magenta]run {run['id'][:8]} cancelled by Ctrl-C[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    views = _remote_tasks(client, run["id"])
+    console.print(f"run {run['id'][:8]} of {run['workflow']} {_styled(state)}: {_summary(views)}")
+    if state != RunState.SUCCEEDED:
+        for task in client.tasks(run["id"]):
+            if task["state"] == "failed":
+                console.print(f"  [red]{task['node_id']}[/]: {task['error']}")
+        raise typer.Exit(EXIT_FAILED)
+
+
 Concurrency = Annotated[
     int, typer.Option("--concurrency", "-c", min=1, help="Attempts run at once.")
 ]
@@ -197,42 +330,101 @@ def run(
         list[str] | None, typer.Option("--param", "-p", help="A run parameter, key=value.")
     ] = None,
     concurrency: Concurrency = max(2, os.cpu_count() or 2),
+    server: Server = None,
+    project: ProjectName = "default",
 ) -> None:
-    """Submit a run, run it here with live progress; exit non-zero unless it succeeds."""
+    """Submit a run and show its live progress; exit non-zero unless it succeeds.
+
+    Without --server the run executes here (embedded); with it, on the server's workers.
+    """
+    params = _parse_pairs(param or [])
+    if server:
+        with _client(server, project) as client:
+            _remote_run(client, workflow, params)
+        return
     sys.path.insert(0, os.getcwd())
     with _platform() as platform:
-        _run_and_report(platform, workflow, _parse_pairs(param or []), concurrency)
+        _run_and_report(platform, workflow, params, concurrency)
 
 
 @app.command()
 def runs(
     state: Annotated[str | None, typer.Option(help="Only runs in this state.")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 20,
+    server: Server = None,
+    project: ProjectName = "default",
 ) -> None:
     """List recent runs."""
-    with _platform() as platform:
-        table = Table(show_edge=False, header_style="bold")
-        for column in ("run", "workflow", "state", "created", "duration"):
-            table.add_column(column)
-        for run_row, wf in platform.runs(limit=limit, state=state):
-            table.add_row(
-                run_row.id[:8],
-                f"{wf.name} v{wf.version}",
-                _styled(run_row.state),
-                run_row.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-                _seconds(run_row.started_at, run_row.finished_at),
-            )
-        console.print(table)
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("run", "workflow", "state", "created", "duration"):
+        table.add_column(column)
+
+    def row(
+        run_id: str, workflow: str, state_: str, created: datetime, *span: datetime | None
+    ) -> None:
+        table.add_row(
+            run_id[:8],
+            workflow,
+            _styled(state_),
+            created.strftime("%Y-%m-%d %H:%M:%S"),
+            _seconds(*span),
+        )
+
+    if server:
+        with _client(server, project) as client:
+            for item in client.runs(state=state, limit=limit):
+                row(
+                    item["id"],
+                    f"{item['workflow']} v{item['workflow_version']}",
+                    item["state"],
+                    datetime.fromisoformat(item["created_at"]),
+                    _when(item["started_at"]),
+                    _when(item["finished_at"]),
+                )
+    else:
+        with _platform() as platform:
+            for run_row, wf in platform.runs(limit=limit, state=state):
+                row(
+                    run_row.id,
+                    f"{wf.name} v{wf.version}",
+                    run_row.state,
+                    run_row.created_at,
+                    run_row.started_at,
+                    run_row.finished_at,
+                )
+    console.print(table)
 
 
 @app.command()
-def show(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")]) -> None:
+def show(
+    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    server: Server = None,
+    project: ProjectName = "default",
+) -> None:
     """Show a run's tasks with their states, attempts, durations and metrics."""
+    if server:
+        with _client(server, project) as client:
+            run_ = client.run(run_id)
+            console.print(f"params: {run_['params']}")
+            views = _remote_tasks(client, run_["id"])
+            console.print(_tasks_table(views))
+            for task in client.tasks(run_["id"]):
+                for attempt in task["attempts"]:
+                    if attempt["error"]:
+                        console.print(
+                            f"  {task['node_id']} attempt {attempt['number']} "
+                            f"({attempt['state']}): {attempt['error']}"
+                        )
+            console.print(
+                f"run {run_['id'][:8]} of {run_['workflow']} v{run_['workflow_version']} "
+                f"{_styled(run_['state'])}: {_summary(views)}"
+            )
+        return
     with _platform() as platform:
         full_id = platform.resolve_run_id(run_id)
         run_row, _ = platform.run(full_id)
         console.print(f"params: {run_row.params}")
-        console.print(_tasks_table(platform, full_id))
+        console.print(_tasks_table(_local_tasks(platform, full_id)))
         for attempt in platform.attempts(full_id):
             if attempt.error:
                 console.print(f"  attempt {attempt.number} ({attempt.state}): {attempt.error}")
@@ -251,8 +443,17 @@ def logs(
     attempt: Annotated[
         int | None, typer.Option(help="Attempt number; the latest by default.")
     ] = None,
+    server: Server = None,
+    project: ProjectName = "default",
 ) -> None:
     """Print the output of a task's attempt."""
+    if server:
+        with _client(server, project) as client:
+            body = client.logs(run_id, task, attempt)
+            console.print(f"[dim]{task} attempt {body['attempt']} ({body['state']})[/]")
+            sys.stdout.write(body["log"])
+            sys.stdout.flush()
+        return
     with _platform() as platform:
         row = platform.log(platform.resolve_run_id(run_id), task, attempt)
         console.print(f"[dim]{task} attempt {row.number} ({row.state})[/]")
@@ -261,8 +462,17 @@ def logs(
 
 
 @app.command()
-def cancel(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")]) -> None:
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    server: Server = None,
+    project: ProjectName = "default",
+) -> None:
     """Cancel a run: pending tasks never start, running ones are stopped."""
+    if server:
+        with _client(server, project) as client:
+            body = client.cancel(run_id)
+            console.print(f"run {body['id'][:8]} {_styled(body['state'])}")
+        return
     with _platform() as platform:
         full_id = platform.resolve_run_id(run_id)
         state = platform.cancel(full_id)
@@ -336,6 +546,32 @@ def server(
         serve(load_settings(), host, port, concurrency)
     except ConfigurationError as exc:
         _fail(str(exc))
+
+
+@app.command()
+def login(
+    server: Annotated[str, typer.Option("--server", envvar="MLP_SERVER", help="API server URL.")],
+    username: Annotated[str, typer.Option("--username", "-u")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Log in to a server; the tokens are kept in $ML_PLATFORM_HOME/credentials.json (0600)."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("password", hide_input=True)
+    credentials = Credentials(load_settings().home)
+    client = Client(
+        server, on_tokens=lambda access, refresh: credentials.save(server, access, refresh)
+    )
+    try:
+        client.login(username, password)
+    except ApiClientError as exc:
+        _fail(str(exc))
+    finally:
+        client.close()
+    console.print(f"logged in to {server} as {username}")
 
 
 @users_app.command("create")

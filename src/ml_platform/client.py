@@ -1,0 +1,163 @@
+"""A Python client of the REST API: ``Client(url, token)``; also what ``mlp --server`` uses."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class ApiClientError(RuntimeError):
+    """The server answered with an error; ``code`` is the API's stable error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code}, HTTP {status})")
+        self.status = status
+        self.code = code
+
+
+@dataclass
+class Client:
+    """Talks to one server as one user, in one project; refreshes its token when it expires."""
+
+    url: str
+    token: str | None = None
+    refresh_token: str | None = None
+    project: str = "default"
+    timeout: float = 30.0
+    on_tokens: Any = None  # called with (access, refresh) after a login or a refresh
+    _http: httpx.Client = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=self.timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            response = self._http.request(method, path, headers=headers, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiClientError(0, "unreachable", f"cannot reach {self.url}: {exc}") from None
+        if response.status_code == 401 and retry and self.refresh_token:
+            code = _error_of(response)[0]
+            if code == "token_expired":
+                self.refresh()
+                return self._request(method, path, retry=False, **kwargs)
+        if response.status_code >= 400:
+            code, message = _error_of(response)
+            raise ApiClientError(response.status_code, code, message)
+        if response.status_code == 204:
+            return None
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.content
+
+    def _store_tokens(self, body: dict[str, Any]) -> None:
+        self.token = body["access_token"]
+        self.refresh_token = body["refresh_token"]
+        if self.on_tokens is not None:
+            self.on_tokens(self.token, self.refresh_token)
+
+    def login(self, username: str, password: str) -> None:
+        body = self._request(
+            "POST", "/api/v1/auth/token", json={"username": username, "password": password}
+        )
+        self._store_tokens(body)
+
+    def refresh(self) -> None:
+        body = self._request(
+            "POST", "/api/v1/auth/refresh", retry=False, json={"refresh_token": self.refresh_token}
+        )
+        self._store_tokens(body)
+
+    def _project(self, path: str) -> str:
+        return f"/api/v1/projects/{self.project}{path}"
+
+    def submit(
+        self,
+        workflow: str,
+        params: dict[str, Any] | None = None,
+        max_concurrency: int | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"workflow": workflow, "params": params or {}}
+        if max_concurrency is not None:
+            body["max_concurrency"] = max_concurrency
+        result: dict[str, Any] = self._request("POST", self._project("/runs"), json=body)
+        return result
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", self._project(f"/runs/{run_id}"))
+        return result
+
+    def runs(
+        self, state: str | None = None, limit: int = 20, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if state:
+            params["state"] = state
+        page = self._request("GET", self._project("/runs"), params=params)
+        items: list[dict[str, Any]] = page["items"]
+        return items
+
+    def tasks(self, run_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request("GET", self._project(f"/runs/{run_id}/tasks"))
+        return result
+
+    def metrics(self, run_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request(
+            "GET", self._project(f"/runs/{run_id}/metrics")
+        )
+        return result
+
+    def cancel(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("POST", self._project(f"/runs/{run_id}/cancel"))
+        return result
+
+    def logs(self, run_id: str, task: str, attempt: int | None = None) -> dict[str, Any]:
+        params = {"attempt": attempt} if attempt else {}
+        result: dict[str, Any] = self._request(
+            "GET", self._project(f"/runs/{run_id}/tasks/{task}/logs"), params=params
+        )
+        return result
+
+
+def _error_of(response: httpx.Response) -> tuple[str, str]:
+    try:
+        error = response.json()["error"]
+        return str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        return "http_error", response.text[:200] or response.reason_phrase
+
+
+class Credentials:
+    """Tokens per server in ``$ML_PLATFORM_HOME/credentials.json``, readable by the owner only."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / "credentials.json"
+
+    def _load(self) -> dict[str, dict[str, str]]:
+        try:
+            data: dict[str, dict[str, str]] = json.loads(self.path.read_text())
+            return data
+        except FileNotFoundError:
+            return {}
+
+    def get(self, server: str) -> dict[str, str] | None:
+        return self._load().get(server.rstrip("/"))
+
+    def save(self, server: str, access: str, refresh: str) -> None:
+        data = self._load()
+        data[server.rstrip("/")] = {"access_token": access, "refresh_token": refresh}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, self.path)

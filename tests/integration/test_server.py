@@ -1,0 +1,152 @@
+"""`mlp server` + two `mlp worker` processes on PostgreSQL and Redis, driven by the CLI client."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import RedisTarget
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "correct horse battery"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def mlp(
+    env: dict[str, str], *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ml_platform", *args],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def cluster(
+    postgres_clean: str, redis_target: RedisTarget, redis_client: redis.Redis, tmp_path: Path
+) -> Iterator[tuple[str, dict[str, str]]]:
+    env = dict(
+        os.environ,
+        DATABASE_URL=postgres_clean,
+        REDIS_URL=redis_target.url,
+        MLP_REDIS_PREFIX=redis_target.prefix,
+        MLP_LEASE_SECONDS="3",
+        MLP_POLL_SECONDS="0.2",
+        ML_PLATFORM_HOME=str(tmp_path / "home"),
+        SECRET_KEY="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
+        COLUMNS="200",
+    )
+    assert mlp(env, "db", "upgrade").returncode == 0
+    created = mlp(env, "users", "create", "alice", "--admin", "--password-stdin", stdin=PASSWORD)
+    assert created.returncode == 0, created.stdout + created.stderr
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ml_platform", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for args in (
+            ["server", "--port", str(port)],
+            ["worker", "--concurrency", "2"],
+            ["worker", "--concurrency", "2"],
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.2)
+        yield url, env
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_the_demo_runs_through_the_api_on_two_workers(cluster: tuple[str, dict[str, str]]) -> None:
+    url, env = cluster
+    refused = mlp(env, "runs", "--server", url)
+    assert refused.returncode == 2 and "not logged in" in refused.stdout
+    bad = mlp(env, "login", "--server", url, "-u", "alice", "--password-stdin", stdin="wrong")
+    assert bad.returncode == 2 and "wrong username or password" in bad.stdout
+    login = mlp(env, "login", "--server", url, "-u", "alice", "--password-stdin", stdin=PASSWORD)
+    assert login.returncode == 0, login.stdout
+    credentials = Path(env["ML_PLATFORM_HOME"]) / "credentials.json"
+    assert oct(credentials.stat().st_mode & 0o777) == "0o600"
+
+    run = mlp(
+        env,
+        "run",
+        "ml_platform.examples.classifier:training_pipeline",
+        "-p",
+        "n_samples=600",
+        "--server",
+        url,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(
+        r"evaluate\[3\]\s+│ succeeded\s+│ 1\s+│[^│]*│ accuracy=", run.stdout
+    ), run.stdout
+    match = re.search(r"run ([0-9a-f]{8}) ", run.stdout)
+    assert match is not None
+    run_id = match.group(1)
+
+    listed = mlp(env, "runs", "--server", url)
+    assert run_id in listed.stdout and "succeeded" in listed.stdout
+    shown = mlp(env, "show", run_id, "--server", url)
+    assert "register_model" in shown.stdout and "12 succeeded" in shown.stdout
+    log = mlp(env, "logs", run_id, "register_model", "--server", url)
+    assert "registered {" in log.stdout and "ROC AUC" in log.stdout
+
+    token = httpx.post(
+        f"{url}/api/v1/auth/token", json={"username": "alice", "password": PASSWORD}
+    ).json()["access_token"]
+    tasks = httpx.get(
+        f"{url}/api/v1/projects/default/runs/{run_id}/tasks",
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()
+    workers = {a["worker_id"] for t in tasks for a in t["attempts"]}
+    assert len(workers) == 2, workers  # both workers ran part of the grid
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'mlp_runs{state="succeeded"} 1.0' in metrics
+    assert "mlp_task_duration_seconds_count 12.0" in metrics
+    failed = mlp(env, "run", "tests.workflows:failing_pipeline", "--server", url)
+    assert failed.returncode == 1 and "explode: RuntimeError: boom" in failed.stdout
+    missing = mlp(env, "show", "ffffffff", "--server", url)
+    assert missing.returncode == 2 and "no run with id" in missing.stdout
