@@ -1,0 +1,154 @@
+"""PostgreSQL restarted during a run, on a throwaway server of this test's own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from ml_platform.api import create_app
+from ml_platform.config import Settings
+from ml_platform.service import Platform
+from tests import workflows
+from tests.conftest import RedisTarget
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server in a temporary directory (PostgreSQL refuses to run as root)."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="mlp-pg-", dir="/tmp"))
+        self.dir.chmod(0o755)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        shutil.chown(self.dir, "postgres")
+        self._as_postgres(
+            str(PG_BIN / "initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *argv: str) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True, timeout=60
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+        self._as_postgres(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-o",
+            options,
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._as_postgres(
+            str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "-m", mode, "-w", "stop"
+        )
+
+    def remove(self) -> None:
+        try:
+            self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass  # already stopped
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
+    if not (PG_BIN / "initdb").exists():
+        pytest.fail(f"PostgreSQL 15 server binaries are missing from {PG_BIN}", pytrace=False)
+    server = ThrowawayPostgres()
+    server.start()
+    yield server
+    server.remove()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def test_postgresql_restarted_during_a_run(
+    throwaway_postgres: ThrowawayPostgres,
+    redis_target: RedisTarget,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url_override=throwaway_postgres.url,
+        redis_url=redis_target.url,
+        redis_prefix=redis_target.prefix,
+        lease_seconds=5.0,
+        poll_seconds=0.2,
+        secret_key="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
+    )
+    platform = Platform(settings).start()
+    env = dict(
+        os.environ,
+        DATABASE_URL=throwaway_postgres.url,
+        REDIS_URL=redis_target.url,
+        MLP_REDIS_PREFIX=redis_target.prefix,
+        MLP_LEASE_SECONDS="5",
+        MLP_POLL_SECONDS="0.2",
+        ML_PLATFORM_HOME=str(tmp_path / "home"),
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "ml_platform", "worker", "--concurrency", "1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    marker = tmp_path / "marker"
+    try:
+        with TestClient(create_app(settings, platform=platform)) as api:
+            assert api.get("/readyz").status_code == 200
+            submitted = platform.submit(
+                workflows.long_pipeline, {"marker": str(marker), "seconds": 3.0}
+            )
+            wait_for(marker.exists)
+            throwaway_postgres.stop()
+            down = api.get("/readyz")
+            assert down.status_code == 503
+            assert down.json()["checks"]["database"].startswith("unreachable")
+            time.sleep(1.0)  # the worker's heartbeats fail meanwhile; it must keep going
+            throwaway_postgres.start()
+            wait_for(lambda: api.get("/readyz").status_code == 200)
+            wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded")
+        states = {t.node_id: t.state for t in platform.task_runs(submitted.run_id)}
+        assert states == {"long_step": "succeeded", "echo": "succeeded"}
+        assert worker.poll() is None, "the worker must survive the outage"
+    finally:
+        worker.terminate()
+        output, _ = worker.communicate(timeout=30)
+        platform.close()
+    assert "database or Redis unavailable, retrying" in output
