@@ -18,6 +18,7 @@ from ml_platform.api import create_app
 from ml_platform.config import Settings
 from ml_platform.security import ConfigurationError, TokenSigner, resolve_secret_key
 from ml_platform.service import Platform
+from tests.conftest import RedisTarget
 from tests.helpers import run_inline
 
 pytestmark = pytest.mark.integration
@@ -330,3 +331,26 @@ def test_secret_key_rules(tmp_path: Path) -> None:
     dev = Settings(environment="development", home=tmp_path)
     generated = resolve_secret_key(dev)
     assert len(generated) >= 48 and resolve_secret_key(dev) == generated
+
+
+def test_login_limits_are_shared_by_replicas_through_redis(
+    platform: Platform, redis_target: RedisTarget, redis_client: object
+) -> None:
+    settings = platform.settings.model_copy(
+        update={
+            "secret_key": SECRET,
+            "login_attempts": 2,
+            "redis_url": redis_target.url,
+            "redis_prefix": redis_target.prefix,
+        }
+    )
+    Accounts(platform.db, timedelta(days=1)).create_user("mallory", PASSWORD)
+    replicas = [create_app(settings, platform=platform) for _ in range(2)]
+    with TestClient(replicas[0]) as first, TestClient(replicas[1]) as second:
+        wrong = {"username": "mallory", "password": "guess"}
+        assert first.post("/api/v1/auth/token", json=wrong).status_code == 401
+        assert second.post("/api/v1/auth/token", json=wrong).status_code == 401
+        right = {"username": "mallory", "password": PASSWORD}
+        assert first.post("/api/v1/auth/token", json=right).status_code == 429
+        assert second.post("/api/v1/auth/token", json=right).status_code == 429
+        assert first.get("/readyz").json()["checks"]["redis"] == "ok"

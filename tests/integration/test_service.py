@@ -239,3 +239,62 @@ def test_concurrent_workers_run_every_task_exactly_once(platform: Platform) -> N
     attempts = platform.attempts(submitted.run_id)
     assert len(attempts) == 25 and {a.state for a in attempts} == {"succeeded"}
     assert {t.state for t in platform.task_runs(submitted.run_id)} == {TaskState.SUCCEEDED}
+
+
+def test_concurrent_submissions_and_cancellations_neither_deadlock_nor_lose_updates(
+    platform: Platform,
+) -> None:
+    """Six clients submit and cancel while two workers run tasks, all at once."""
+    submitted: list[str] = []
+    cancelled: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def client(index: int) -> None:
+        try:
+            for round_ in range(4):
+                run_id = platform.submit(workflows.arithmetic, {"n": 3}).run_id
+                with lock:
+                    submitted.append(run_id)
+                if (index + round_) % 2 and platform.cancel(run_id) is not RunState.SUCCEEDED:
+                    with lock:  # the cancel came before the run ended: it must win
+                        cancelled.append(run_id)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    def worker(name: str) -> None:
+        try:
+            while not done.is_set():
+                for attempt_id, _ in platform.schedule():
+                    claimed = platform.claim(attempt_id, name)
+                    if claimed is not None:
+                        platform.finish(claimed, name, execute(platform, claimed))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(2)]
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for thread in workers + clients:
+        thread.start()
+    for thread in clients:
+        thread.join(timeout=120)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = [platform.run(run_id)[0].state for run_id in submitted]
+        if all(state in ("succeeded", "cancelled") for state in states):
+            break
+        time.sleep(0.1)
+    done.set()
+    for thread in workers:
+        thread.join(timeout=30)
+    assert errors == []
+    assert len(submitted) == 24
+    final = {run_id: platform.run(run_id)[0].state for run_id in submitted}
+    assert all(final[run_id] == "cancelled" for run_id in cancelled)
+    assert all(final[r] == "succeeded" for r in submitted if r not in cancelled)
+    for run_id in submitted:  # every task reached an end consistent with its run
+        tasks = {t.state for t in platform.task_runs(run_id)}
+        assert tasks <= (
+            {"succeeded"} if final[run_id] == "succeeded" else {"succeeded", "cancelled"}
+        )
