@@ -96,6 +96,11 @@ def postgres_clean(postgres_url: str) -> Iterator[str]:
         if tables:
             names = sql.SQL(", ").join(sql.Identifier(name) for (name,) in tables)
             conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(names))
+            # Put back what the migrations seed, as a fresh database would have it.
+            conn.execute(
+                "INSERT INTO projects (name, created_at) "
+                "VALUES ('default', now() at time zone 'utc')"
+            )
 
 
 @dataclass(frozen=True)
