@@ -15,14 +15,18 @@ pytestmark = pytest.mark.integration
 
 
 def _dispatcher(
-    client: redis.Redis, target: RedisTarget, consumer: str, **options: object
+    client: redis.Redis,
+    target: RedisTarget,
+    consumer: str,
+    claim_idle_seconds: float = 0.2,
+    **options: object,
 ) -> RedisDispatcher:
     return RedisDispatcher(
         client,
         consumer=consumer,
         prefix=target.prefix,
         queues=["default", "gpu"],
-        claim_idle_seconds=0.2,
+        claim_idle_seconds=claim_idle_seconds,
         republish_seconds=0.5,
         **options,  # type: ignore[arg-type]  # keyword options of the dispatcher under test
     )
@@ -31,8 +35,9 @@ def _dispatcher(
 def test_published_attempts_reach_one_consumer_each_and_acks_remove_them(
     redis_client: redis.Redis, redis_target: RedisTarget
 ) -> None:
-    one = _dispatcher(redis_client, redis_target, "one")
-    two = _dispatcher(redis_client, redis_target, "two")
+    # A long idle time: on a slow machine no delivery may be taken over during this test.
+    one = _dispatcher(redis_client, redis_target, "one", claim_idle_seconds=60)
+    two = _dispatcher(redis_client, redis_target, "two", claim_idle_seconds=60)
     one.publish([Dispatch(1, "default"), Dispatch(2, "gpu"), Dispatch(3, "default")])
     one.publish([Dispatch(1, "default")])  # re-published while live: not duplicated
     first = one.receive(2, block_seconds=0.1)
@@ -50,12 +55,12 @@ def test_published_attempts_reach_one_consumer_each_and_acks_remove_them(
 def test_deliveries_of_a_dead_consumer_are_taken_over(
     redis_client: redis.Redis, redis_target: RedisTarget
 ) -> None:
-    dead = _dispatcher(redis_client, redis_target, "dead")
-    alive = _dispatcher(redis_client, redis_target, "alive")
+    dead = _dispatcher(redis_client, redis_target, "dead", claim_idle_seconds=1.0)
+    alive = _dispatcher(redis_client, redis_target, "alive", claim_idle_seconds=1.0)
     dead.publish([Dispatch(7, "default")])
     [lost] = dead.receive(1)
     assert alive.receive(1) == []  # not idle long enough yet
-    time.sleep(0.3)
+    time.sleep(1.1)
     [taken] = alive.receive(1)
     assert taken.attempt_id == 7 and taken.message_id == lost.message_id
 
