@@ -109,13 +109,13 @@ def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
 ) -> None:
     params = {"counter": str(tmp_path / "c"), "fail_times": 1}
     submitted = platform.submit(workflows.flaky_pipeline, params)
-    platform.settings.lease_seconds = 0.3
+    platform.settings.lease_seconds = 1.0
     claimed = platform.claim(submitted.queued[0].attempt_id, "worker-a")
     assert claimed is not None
     assert platform.heartbeat([claimed.attempt_id], "worker-a").lost == set()
     assert platform.reap() == 0
     # The worker stops heartbeating; the reaper runs after the lease has expired.
-    time.sleep(0.4)
+    time.sleep(1.1)
     assert platform.reap() == 1
     assert platform.heartbeat([claimed.attempt_id], "worker-a").lost == {claimed.attempt_id}
     with pytest.raises(FencedOut):
@@ -131,6 +131,7 @@ def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
 
 def test_the_reaper_fails_attempts_past_their_timeout(platform: Platform) -> None:
     submitted = platform.submit(workflows.overrun_pipeline, {"seconds": 0.0})
+    platform.settings.lease_seconds = 60  # the lease stays valid: only the timeout is late
     claimed = platform.claim(submitted.queued[0].attempt_id, "worker-a")
     assert claimed is not None
     later = utcnow() + timedelta(seconds=1.5)  # past the 1 s timeout, lease still valid
