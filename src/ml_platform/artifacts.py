@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle  # nosec B403 - see the module docstring: only the platform's own blobs are loaded
+import pickle  # nosec B403
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,7 +88,8 @@ class ArtifactStore:
         return self.put_bytes(data), len(data)
 
     def get_object(self, digest: str) -> Any:
-        return pickle.loads(self.get_bytes(digest))  # nosec B301 - the store's own blobs only
+        # Only blobs this platform's own tasks wrote are loaded (see the module docstring).
+        return pickle.loads(self.get_bytes(digest))  # nosec B301
 
 
 def encode_value(value: Any, store: ArtifactStore, inline_limit: int) -> dict[str, Any]:

@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import socket
-import subprocess  # nosec B404 - runs this package's own task runner, never a shell
+
+# Runs this package's own task runner with a fixed argv, never a shell.
+import subprocess  # nosec B404
 import sys
 import tempfile
 import time
@@ -172,7 +174,8 @@ class Worker:
         # Workflow modules are imported by reference, as the submitting process found them.
         env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
         with (workdir / "log.txt").open("wb") as log:
-            process = subprocess.Popen(  # nosec B603 - fixed argv: our interpreter and module
+            # Fixed argv: our own interpreter and module; no shell, no user input.
+            process = subprocess.Popen(  # nosec B603
                 [
                     sys.executable,
                     "-m",

@@ -1,0 +1,1 @@
+"""Security scanning: one findings model for every tool, one policy, one summary."""
