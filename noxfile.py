@@ -68,6 +68,7 @@ def tests(session: nox.Session) -> None:
             os.remove(stale)
     # The 85 % gate (pyproject.toml) holds for the whole suite; a chosen subset reports only.
     gate = [] if not session.posargs else ["--cov-fail-under=0"]
+    # tests/smoke runs against a deployment (`nox -s smoke`, `invoke smoke`), not here.
     session.run(
         "pytest",
         "--cov",
@@ -75,7 +76,7 @@ def tests(session: nox.Session) -> None:
         "--cov-report=html",
         "--cov-report=xml",
         *gate,
-        *(session.posargs or ["tests"]),
+        *(session.posargs or ["tests", "--ignore=tests/smoke"]),
     )
 
 
@@ -233,9 +234,14 @@ def secrets(session: nox.Session) -> None:
     sync(session, "secrets", project=False)
     out = reports_dir("secrets-report")
     files = session.run("git", "ls-files", silent=True, external=True)
-    # The lock holds only hashes of packages, the baseline only hashes of accepted secrets.
+    # The lock holds only hashes of packages, the baseline only hashes of accepted secrets,
+    # and the scanners' test fixtures plant fake secrets on purpose.
     skip = {"uv.lock", ".secrets.baseline"}
-    tracked = [f for f in str(files).splitlines() if f and f not in skip]
+    tracked = [
+        f
+        for f in str(files).splitlines()
+        if f and f not in skip and not f.startswith("tests/delivery/fixtures/")
+    ]
     scan = session.run("detect-secrets", "scan", *tracked, silent=True)
     (out / "detect-secrets.json").write_text(str(scan))
     gate(
@@ -356,3 +362,102 @@ def security_report(session: nox.Session) -> None:
     NOT CHECKED (only offline, e.g. in .ci/run); the summary says so in its first lines.
     """
     session.run("python", "-m", "delivery.security", "report", *session.posargs, env=SECURITY_ENV)
+
+
+# -- build and release ------------------------------------------------------------------------
+
+IMAGE = os.environ.get("IMAGE_NAME", "ghcr.io/ml-platform/ml-platform")
+
+
+@nox.session(python=PYTHON, tags=["release"])
+def build(session: nox.Session) -> None:
+    """Wheel and sdist into dist/, checked with twine, with the runtime SBOM beside them."""
+    sync(session, "release", project=False)
+    shutil.rmtree("dist", ignore_errors=True)
+    session.run("uv", "build", "--out-dir", "dist")
+    session.run("twine", "check", "--strict", *[str(p) for p in Path("dist").iterdir()])
+    session.run("python", "-m", "delivery.build", "check-dist", "dist", env=SECURITY_ENV)
+    target = runtime_python(session)
+    session.run(
+        "cyclonedx-py",
+        "environment",
+        target,
+        "--output-format",
+        "JSON",
+        "--output-file",
+        "dist/ml-platform.cdx.json",
+    )
+
+
+def image_tags(session: nox.Session) -> list[str]:
+    out = session.run("python", "-m", "delivery.tags", silent=True, env=SECURITY_ENV)
+    return [f"{IMAGE}:{tag}" for tag in str(out).split()]
+
+
+@nox.session(python=PYTHON, tags=["release"])
+def image(session: nox.Session) -> None:
+    """Build the image with its computed tags: docker buildx (registry cache) or podman.
+
+    `nox -s image -- --push` pushes (docker only); prints the tags and the digest.
+    """
+    sync(session, "release", project=False)
+    tags = image_tags(session)
+    labels = session.run("python", "-m", "delivery.build", "labels", silent=True, env=SECURITY_ENV)
+    build_args = [arg for line in str(labels).split() for arg in ("--build-arg", line)]
+    tag_args = [arg for tag in tags for arg in ("--tag", tag)]
+    if shutil.which("docker") and session.run(
+        "docker", "info", external=True, silent=True, success_codes=[0, 1]
+    ):
+        cache = f"type=registry,ref={IMAGE}:buildcache"
+        push = "--push" if "--push" in session.posargs else "--load"
+        session.run(
+            "docker",
+            "buildx",
+            "build",
+            *tag_args,
+            *build_args,
+            "--cache-from",
+            cache,
+            *(["--cache-to", f"{cache},mode=max"] if push == "--push" else []),
+            "--metadata-file",
+            "dist/image-metadata.json",
+            push,
+            ".",
+            external=True,
+        )
+    elif shutil.which("podman"):
+        if "--push" in session.posargs:
+            session.error("--push needs docker buildx and a registry; podman builds locally only")
+        session.run(
+            "podman", "build", "--isolation", "chroot", *tag_args, *build_args, ".", external=True
+        )
+    else:
+        session.error("neither a Docker engine (docker info) nor podman is available here")
+    session.log("tags: " + " ".join(tags))
+
+
+@nox.session(python=PYTHON, tags=["release"])
+def scan_image(session: nox.Session) -> None:
+    """Trivy on the built image: table + JSON + SARIF, fails on fixable CRITICAL/HIGH."""
+    trivy = shutil.which("trivy")
+    if trivy is None:
+        session.error("trivy is not installed here (CI installs a pinned release); nothing scanned")
+    target = session.posargs[0] if session.posargs else image_tags(session)[0]
+    out = reports_dir("trivy-container-report")
+    common = ["trivy", "image", "--ignore-unfixed", "--severity", "CRITICAL,HIGH", target]
+    session.run(*common, "--format", "table", "--output", str(out / "trivy.txt"), external=True)
+    session.run(*common, "--format", "sarif", "--output", str(out / "trivy.sarif"), external=True)
+    session.run(*common, "--format", "json", "--output", str(out / "trivy.json"), external=True)
+    gate(session, "normalize", "trivy", str(out / "trivy.json"))
+
+
+@nox.session(python=PYTHON, default=False)
+def commits(session: nox.Session) -> None:
+    """Check commit messages: `<type>(<scope>): <subject>` (range: posargs or origin/main..HEAD)."""
+    session.run("python", "-m", "delivery.release", "check", *session.posargs, env=SECURITY_ENV)
+
+
+@nox.session(python=PYTHON, default=False)
+def release(session: nox.Session) -> None:
+    """Next version from the commits since the last tag, CHANGELOG.md and tag; `-- --apply`."""
+    session.run("python", "-m", "delivery.release", "plan", *session.posargs, env=SECURITY_ENV)
