@@ -449,6 +449,13 @@ def image(session: nox.Session) -> None:
     session.log("tags: " + " ".join(tags))
 
 
+@nox.session(python=PYTHON, default=False)
+def image_e2e(session: nox.Session) -> None:
+    """Build the image with podman on a locally bootstrapped base, run it, smoke-test it."""
+    sync(session, "test")
+    session.run("python", "-m", "delivery.container", "e2e", env=SECURITY_ENV)
+
+
 @nox.session(python=PYTHON, tags=["release"])
 def scan_image(session: nox.Session) -> None:
     """Trivy on the built image: table + JSON + SARIF, fails on fixable CRITICAL/HIGH."""
