@@ -6,8 +6,10 @@ local run equals a CI run and ``nox -R`` reinstalls nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess  # nosec B404
 from pathlib import Path
 
 import nox
@@ -402,6 +404,14 @@ def build(session: nox.Session) -> None:
     )
 
 
+def docker_engine() -> bool:
+    """Whether a Docker engine answers (the docker CLI alone is not enough)."""
+    if shutil.which("docker") is None:
+        return False
+    probe = subprocess.run(["docker", "info"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
 def image_tags(session: nox.Session) -> list[str]:
     out = session.run("python", "-m", "delivery.tags", silent=True, env=SECURITY_ENV)
     return [f"{IMAGE}:{tag}" for tag in str(out).split()]
@@ -411,16 +421,17 @@ def image_tags(session: nox.Session) -> list[str]:
 def image(session: nox.Session) -> None:
     """Build the image with its computed tags: docker buildx (registry cache) or podman.
 
-    `nox -s image -- --push` pushes (docker only); prints the tags and the digest.
+    `nox -s image -- --push` pushes (docker only); other posargs go to the builder, e.g.
+    `-- --build-arg BASE_IMAGE=localhost/ml-platform-base:bookworm`. Prints tags and digest.
     """
     sync(session, "release", project=False)
     tags = image_tags(session)
     labels = session.run("python", "-m", "delivery.build", "labels", silent=True, env=SECURITY_ENV)
     build_args = [arg for line in str(labels).split() for arg in ("--build-arg", line)]
     tag_args = [arg for tag in tags for arg in ("--tag", tag)]
-    if shutil.which("docker") and session.run(
-        "docker", "info", external=True, silent=True, success_codes=[0, 1]
-    ):
+    tag_args += [arg for arg in session.posargs if arg != "--push"]
+    if docker_engine():
+        Path("dist").mkdir(exist_ok=True)
         cache = f"type=registry,ref={IMAGE}:buildcache"
         push = "--push" if "--push" in session.posargs else "--load"
         session.run(
@@ -444,9 +455,23 @@ def image(session: nox.Session) -> None:
         session.run(
             "podman", "build", "--isolation", "chroot", *tag_args, *build_args, ".", external=True
         )
+        digest = session.run(
+            "podman",
+            "image",
+            "inspect",
+            "--format",
+            "{{.Digest}}",
+            tags[0],
+            external=True,
+            silent=True,
+        )
+        session.log(f"digest: {str(digest).strip()}")
     else:
         session.error("neither a Docker engine (docker info) nor podman is available here")
     session.log("tags: " + " ".join(tags))
+    metadata = Path("dist/image-metadata.json")
+    if metadata.exists():
+        session.log("digest: " + json.loads(metadata.read_text()).get("containerimage.digest", "?"))
 
 
 @nox.session(python=PYTHON, default=False)

@@ -53,8 +53,6 @@ def parse(sha: str, message: str) -> Commit:
         raise ValueError(f"{sha[:7]}: {header!r} does not follow <type>(<scope>): <subject>")
     if match["type"] not in TYPES:
         raise ValueError(f"{sha[:7]}: type {match['type']!r} is not one of {', '.join(TYPES)}")
-    if len(header) > 100:
-        raise ValueError(f"{sha[:7]}: the header has {len(header)} characters; keep it to 100")
     breaking = bool(match["breaking"]) or "BREAKING CHANGE:" in message
     return Commit(sha, match["type"], match["scope"], match["subject"], breaking)
 
