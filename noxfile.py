@@ -341,8 +341,38 @@ def iac(session: nox.Session) -> None:
         gate(session, "normalize", "zizmor", str(out / "zizmor.json"))
     else:
         gate(session, "mark", "zizmor", "--status", "not_present", "--reason", "no workflows yet")
-    if Path("k8s").exists():
-        session.error("k8s/ exists but rendering the overlays is not implemented yet (issue 7)")
+    overlays = sorted(p for p in Path("k8s/overlays").glob("*") if p.is_dir())
+    if overlays:
+        if shutil.which("kubectl") is None:
+            session.error("kubectl is needed to render the overlays (kubectl kustomize)")
+        rendered = []
+        for overlay in overlays:
+            target = out / f"k8s-{overlay.name}.yaml"
+            with target.open("w") as manifest:
+                session.run("kubectl", "kustomize", str(overlay), stdout=manifest, external=True)
+            rendered.append(str(target))
+        with (out / "kubernetes-validate.txt").open("w") as report:
+            session.run(
+                "kubernetes-validate",
+                "--strict",
+                "--kubernetes-version",
+                "1.31.0",
+                *rendered,
+                stdout=report,
+                success_codes=[0, 1],
+            )
+        gate(session, "normalize", "kubernetes-validate", str(out / "kubernetes-validate.txt"))
+        checkov_targets += [arg for path in rendered for arg in ("--file", path)]
+    else:
+        gate(
+            session,
+            "mark",
+            "kubernetes-validate",
+            "--status",
+            "not_present",
+            "--reason",
+            "no Kubernetes overlays",
+        )
     if checkov_targets:
         with (out / "checkov.json").open("w") as report:
             session.run(

@@ -130,6 +130,16 @@ def test_detect_secrets_hadolint_checkov_and_zizmor_reports() -> None:
 
 
 @pytest.mark.unit
+def test_kubernetes_validate_report() -> None:
+    findings = parsers.kubernetes_validate(fixture("kubernetes-validate.txt"))
+    assert [(f.path, f.severity) for f in findings] == [
+        ("k8s-staging.yaml:deployment/ml-platform", Severity.HIGH),
+        ("k8s-staging.yaml:deployment/ml-platform-worker", Severity.HIGH),
+    ]
+    assert "spec.replicas: 'two' is not of type 'integer'" in findings[0].message
+
+
+@pytest.mark.unit
 def test_licenses_are_judged_by_the_allowed_list() -> None:
     packages = [
         {"Name": "ok", "Version": "1", "License": "MIT"},

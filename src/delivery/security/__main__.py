@@ -30,6 +30,7 @@ PARSERS = {
     "checkov": parsers.checkov,
     "zizmor": parsers.zizmor,
     "trivy": parsers.trivy,
+    "kubernetes-validate": parsers.kubernetes_validate,
 }
 
 

@@ -335,6 +335,28 @@ def zizmor(text: str) -> list[Finding]:
     return findings
 
 
+KUBE_ERROR = re.compile(
+    r"^ERROR (?P<file>\S+) did not validate for resource (?P<resource>\S+) "
+    r"against version (?P<version>\S+): (?P<message>.*)$"
+)
+
+
+def kubernetes_validate(text: str) -> list[Finding]:
+    """kubernetes-validate's text output: one ERROR line per resource the schema rejects."""
+    return [
+        Finding(
+            tool="kubernetes-validate",
+            rule="schema",
+            severity=Severity.HIGH,
+            path=f"{match['file']}:{match['resource']}",
+            line=None,
+            message=f"Kubernetes {match['version']} rejects it: {match['message']}",
+        )
+        for line in text.splitlines()
+        if (match := KUBE_ERROR.match(line.strip()))
+    ]
+
+
 TRIVY_LEVELS = {**{s.name: s for s in Severity}, "UNKNOWN": Severity.MEDIUM}
 
 
