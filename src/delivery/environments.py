@@ -1,0 +1,69 @@
+"""The deployment environments of invoke.yaml, typed and validated."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class EnvironmentError_(ValueError):
+    """invoke.yaml does not describe the environment correctly; the message says what."""
+
+
+@dataclass(frozen=True)
+class Environment:
+    name: str
+    cluster: str
+    namespace: str
+    url: str
+    region: str
+    approval: bool
+    branches: tuple[str, ...]
+    overlay: Path
+    rollout_timeout: int
+
+
+REQUIRED = ("cluster", "namespace", "url", "region", "overlay")
+
+
+def load_environment(config: Mapping[str, Any], name: str) -> Environment:
+    """The environment ``name`` from invoke's configuration, or a clear error."""
+    environments = config.get("environments") or {}
+    if name not in environments:
+        known = ", ".join(sorted(environments)) or "none"
+        raise EnvironmentError_(f"no environment {name!r} in invoke.yaml (known: {known})")
+    raw = dict(environments[name])
+    missing = [key for key in REQUIRED if not raw.get(key)]
+    if missing:
+        raise EnvironmentError_(f"environments.{name} needs {', '.join(missing)}")
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(raw["url"])):
+        raise EnvironmentError_(f"environments.{name}.url {raw['url']!r} is not an http(s) URL")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", str(raw["namespace"])):
+        raise EnvironmentError_(f"environments.{name}.namespace {raw['namespace']!r} is not valid")
+    overlay = Path(str(raw["overlay"]))
+    if not (overlay / "kustomization.yaml").exists():
+        raise EnvironmentError_(f"environments.{name}.overlay {overlay} has no kustomization.yaml")
+    try:
+        timeout = int(raw.get("rollout_timeout", 300))
+    except (TypeError, ValueError):
+        raise EnvironmentError_(f"environments.{name}.rollout_timeout must be seconds") from None
+    approval = raw.get("approval", False)
+    if isinstance(approval, str):  # from an INVOKE_… environment variable
+        approval = approval.strip().lower() in ("1", "true", "yes")
+    branches = raw.get("branches") or []
+    if isinstance(branches, str):
+        branches = [b.strip() for b in branches.split(",") if b.strip()]
+    return Environment(
+        name=name,
+        cluster=str(raw["cluster"]),
+        namespace=str(raw["namespace"]),
+        url=str(raw["url"]).rstrip("/"),
+        region=str(raw["region"]),
+        approval=bool(approval),
+        branches=tuple(str(b) for b in branches),
+        overlay=overlay,
+        rollout_timeout=timeout,
+    )

@@ -1,0 +1,157 @@
+"""kubectl, as the deploy tasks use it: every command printed in a dry run, nothing run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess  # nosec B404
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOCK = "ml-platform-deploy-lock"
+
+
+class KubeError(RuntimeError):
+    """kubectl failed; the message has its last line of output."""
+
+
+@dataclass
+class Kubectl:
+    namespace: str
+    context: str | None = None
+    dry_run: bool = False
+    echo: Callable[[str], None] = print
+    executable: str = "kubectl"
+    commands: list[list[str]] = field(default_factory=list)
+
+    def _argv(self, args: Sequence[str]) -> list[str]:
+        argv = [self.executable]
+        if self.context:
+            argv += ["--context", self.context]
+        return [*argv, "--namespace", self.namespace, *args]
+
+    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        """Run kubectl; in a dry run, print the command instead (no cluster is contacted)."""
+        argv = self._argv(args)
+        self.commands.append(argv)
+        if self.dry_run:
+            self.echo("would run: " + " ".join(argv) + (" < rendered manifests" if stdin else ""))
+            return ""
+        result = subprocess.run(  # nosec B603 - kubectl with arguments built here
+            argv, input=stdin, capture_output=True, text=True, check=False
+        )
+        if check and result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise KubeError(f"{' '.join(argv[:6])} …: {detail[-1] if detail else 'failed'}")
+        return result.stdout
+
+    # -- deployments ------------------------------------------------------------------------
+
+    def revision(self, deployment: str) -> int | None:
+        """The deployment's current revision, or None if it does not exist yet."""
+        out = self.run(
+            "get",
+            f"deployment/{deployment}",
+            "--ignore-not-found",
+            "-o",
+            "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
+        )
+        return int(out) if out.strip().isdigit() else None
+
+    def apply(self, manifests: str) -> None:
+        self.run("apply", "-f", "-", stdin=manifests)
+
+    def rollout_status(self, deployment: str, timeout: int) -> bool:
+        out = self.run(
+            "rollout", "status", f"deployment/{deployment}", f"--timeout={timeout}s", check=False
+        )
+        return self.dry_run or "successfully rolled out" in out
+
+    def undo(self, deployment: str, to_revision: int | None = None) -> None:
+        args = ["rollout", "undo", f"deployment/{deployment}"]
+        if to_revision is not None:
+            args.append(f"--to-revision={to_revision}")
+        self.run(*args)
+
+    def history(self, deployment: str) -> str:
+        return self.run("rollout", "history", f"deployment/{deployment}")
+
+    def run_job(self, manifest: str, name: str, timeout: int) -> bool:
+        self.run("delete", f"job/{name}", "--ignore-not-found")
+        self.apply(manifest)
+        out = self.run(
+            "wait", "--for=condition=complete", f"job/{name}", f"--timeout={timeout}s", check=False
+        )
+        return self.dry_run or "condition met" in out
+
+    # -- the environment's lock -------------------------------------------------------------
+
+    def lock(self, owner: str) -> None:
+        """Take the deploy lock (a ConfigMap: creating it fails if another deploy holds it)."""
+        since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        try:
+            self.run(
+                "create",
+                "configmap",
+                LOCK,
+                f"--from-literal=owner={owner}",
+                f"--from-literal=since={since}",
+            )
+        except KubeError as exc:
+            if "AlreadyExists" not in str(exc) and "already exists" not in str(exc):
+                raise
+            holder = json.loads(self.run("get", "configmap", LOCK, "-o", "json"))
+            data = holder.get("data", {})
+            taken = datetime.strptime(data.get("since", since), "%Y-%m-%dT%H:%M:%SZ").replace(
+                tzinfo=UTC
+            )
+            minutes = (datetime.now(UTC) - taken).total_seconds() / 60
+            raise KubeError(
+                f"{self.namespace} is locked by {data.get('owner', '?')} for {minutes:.0f} min; "
+                f"if that deploy is dead: kubectl -n {self.namespace} delete configmap {LOCK}"
+            ) from None
+
+    def unlock(self) -> None:
+        self.run("delete", "configmap", LOCK, "--ignore-not-found")
+
+
+def render(overlay: Path, image: str, tag: str) -> str:
+    """The overlay rendered by kustomize with the image tag set (the repository is not touched)."""
+    root = overlay.parent.parent  # k8s/
+    with tempfile.TemporaryDirectory(prefix="mlp-render-") as tmp:
+        copy = Path(tmp) / "k8s"
+        shutil.copytree(root, copy)
+        deploy = copy / "deploy"
+        deploy.mkdir()
+        (deploy / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": [f"../overlays/{overlay.name}"],
+                    "images": [{"name": image, "newTag": tag}],
+                }
+            )
+        )
+        result = subprocess.run(  # nosec B603 B607 - kubectl kustomize of our own files
+            ["kubectl", "kustomize", str(deploy)], capture_output=True, text=True, check=False
+        )
+    if result.returncode != 0:
+        raise KubeError(f"kustomize {overlay}: {result.stderr.strip().splitlines()[-1:]}")
+    return result.stdout
+
+
+def split(manifests: str, kinds: Sequence[str]) -> tuple[str, str]:
+    """(documents of these kinds, all the others), as YAML streams."""
+    chosen: list[dict[str, Any]] = []
+    rest: list[dict[str, Any]] = []
+    for document in yaml.safe_load_all(manifests):
+        if document:
+            (chosen if document.get("kind") in kinds else rest).append(document)
+    return yaml.safe_dump_all(chosen), yaml.safe_dump_all(rest)

@@ -1,0 +1,89 @@
+"""Notifications: Slack incoming webhook and PagerDuty Events API v2.
+
+Each channel is on when its secret is in the environment (SLACK_WEBHOOK, PAGERDUTY_TOKEN — the
+PagerDuty integration's routing key) and skipped with a printed line otherwise. A failing
+notification is reported, never raised: it must not fail a deploy that succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import httpx
+
+PAGERDUTY_URL = os.environ.get("PAGERDUTY_EVENTS_URL", "https://events.pagerduty.com/v2/enqueue")
+EVENTS = ("deploy-succeeded", "deploy-failed", "rollback", "build-failed", "security-alert")
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    environment: str
+    summary: str
+    url: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.kind in ("deploy-failed", "rollback", "build-failed", "security-alert")
+
+
+def slack_payload(event: Event) -> dict[str, object]:
+    icon = ":red_circle:" if event.failed else ":large_green_circle:"
+    text = f"{icon} {event.kind} on {event.environment}: {event.summary}"
+    blocks: list[dict[str, object]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+    ]
+    if event.url:
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": event.url}]})
+    return {"text": text, "blocks": blocks}
+
+
+def pagerduty_payload(event: Event, routing_key: str) -> dict[str, object]:
+    """A trigger for failures (deduplicated per environment), a resolve on recovery."""
+    dedup = f"ml-platform-deploy-{event.environment}"
+    if event.failed:
+        return {
+            "routing_key": routing_key,
+            "event_action": "trigger",
+            "dedup_key": dedup,
+            "payload": {
+                "summary": f"{event.kind} on {event.environment}: {event.summary}"[:1024],
+                "source": f"ml-platform/{event.environment}",
+                "severity": "critical" if event.kind == "security-alert" else "error",
+                "component": "ml-platform",
+            },
+        }
+    return {"routing_key": routing_key, "event_action": "resolve", "dedup_key": dedup}
+
+
+def send(
+    event: Event,
+    env: Mapping[str, str] | None = None,
+    say: Callable[[str], None] = print,
+    post: Callable[..., httpx.Response] = httpx.post,
+) -> dict[str, str]:
+    """Send to every configured channel; return each channel's result ("sent", "skipped", …)."""
+    env = os.environ if env is None else env
+    results: dict[str, str] = {}
+    targets = []
+    if env.get("SLACK_WEBHOOK"):
+        targets.append(("slack", env["SLACK_WEBHOOK"], slack_payload(event)))
+    else:
+        results["slack"] = "skipped: SLACK_WEBHOOK is not set"
+    if env.get("PAGERDUTY_TOKEN"):
+        url = env.get("PAGERDUTY_EVENTS_URL", PAGERDUTY_URL)
+        targets.append(("pagerduty", url, pagerduty_payload(event, env["PAGERDUTY_TOKEN"])))
+    else:
+        results["pagerduty"] = "skipped: PAGERDUTY_TOKEN is not set"
+    for channel, url, payload in targets:
+        try:
+            response = post(url, json=payload, timeout=10)
+            response.raise_for_status()
+            results[channel] = "sent"
+        except httpx.HTTPError as exc:
+            results[channel] = f"FAILED: {type(exc).__name__}: {exc}"[:300]
+    for channel, result in results.items():
+        say(f"notify {channel}: {result}")
+    return results

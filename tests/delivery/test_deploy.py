@@ -1,0 +1,297 @@
+"""Deploys, rollbacks and their guards, against a kubectl double that keeps real state."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from delivery import notify
+from delivery.deploy import DeployError, check_allowed, deploy, rollback_to
+from delivery.environments import EnvironmentError_, load_environment
+from delivery.kube import LOCK, Kubectl, KubeError
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "ghcr.io/ml-platform/ml-platform"
+CONFIG: dict[str, Any] = {
+    "environments": {
+        "staging": {
+            "cluster": "ml-platform-staging",
+            "namespace": "staging",
+            "url": "https://staging.ml-platform.example.com",
+            "region": "us-east-1",
+            "approval": False,
+            "branches": ["main"],
+            "overlay": str(ROOT / "k8s/overlays/staging"),
+            "rollout_timeout": 30,
+        },
+        "production": {
+            "cluster": "ml-platform-production",
+            "namespace": "production",
+            "url": "https://ml-platform.example.com",
+            "region": "us-east-1",
+            "approval": True,
+            "branches": ["main"],
+            "overlay": str(ROOT / "k8s/overlays/production"),
+            "rollout_timeout": 30,
+        },
+    }
+}
+
+
+@dataclass
+class Cluster:
+    state_file: Path
+
+    @property
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.state_file.read_text())
+        return data
+
+    def behave(self, **behaviour: object) -> None:
+        state = self.state if self.state_file.exists() else {}
+        state.setdefault("behaviour", {}).update(behaviour)
+        self.state_file.write_text(json.dumps(state))
+
+    def image(self, name: str = "ml-platform") -> str:
+        image: str = self.state["deployments"][f"staging/{name}"]["image"]
+        return image
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cluster:
+    real = shutil.which("kubectl")
+    if real is None:
+        pytest.fail("kubectl (the client, for kustomize) is not installed", pytrace=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "kubectl"
+    shim.write_text(
+        f'#!/bin/sh\nexec {sys.executable} {ROOT}/tests/delivery/kubectl_double.py "$@"\n'
+    )
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("KUBECTL_REAL", real)
+    monkeypatch.setenv("KUBECTL_DOUBLE_STATE", str(tmp_path / "cluster.json"))
+    return Cluster(tmp_path / "cluster.json")
+
+
+def kube(namespace: str = "staging", dry_run: bool = False) -> Kubectl:
+    return Kubectl(namespace, "ml-platform-staging", dry_run=dry_run, echo=lambda _m: None)
+
+
+def staging_deploy(tag: str, smoke_ok: bool = True, client: Kubectl | None = None) -> Any:
+    env = load_environment(CONFIG, "staging")
+    return deploy(
+        env,
+        client or kube(),
+        image=IMAGE,
+        tag=tag,
+        owner="tester",
+        smoke=lambda url: smoke_ok,
+        say=lambda _m: None,
+    )
+
+
+def test_a_good_rolling_deploy_then_another(cluster: Cluster) -> None:
+    first = staging_deploy("main-1111111")
+    assert first.succeeded and not first.rolled_back
+    assert cluster.image() == f"{IMAGE}:main-1111111"
+    assert cluster.image("ml-platform-worker") == f"{IMAGE}:main-1111111"
+    second = staging_deploy("main-2222222")
+    assert second.succeeded
+    state = cluster.state
+    assert state["deployments"]["staging/ml-platform"]["revision"] == 2
+    assert state["configmaps"] == {}  # the lock was released
+    verbs = [" ".join(cmd[4:6]) for cmd in state["log"]]
+    # The migration job runs before the deployments are applied.
+    assert verbs.index("wait --for=condition=complete") < verbs.index("rollout status")
+
+
+def test_a_rollout_past_its_deadline_is_rolled_back(cluster: Cluster) -> None:
+    staging_deploy("main-1111111")
+    cluster.behave(fail_rollout_of_image="main-bad0000")
+    outcome = staging_deploy("main-bad0000")
+    assert not outcome.succeeded and outcome.rolled_back
+    assert "did not roll out within 30 s" in outcome.message
+    assert cluster.image() == f"{IMAGE}:main-1111111"
+    assert cluster.state["configmaps"] == {}
+
+
+def test_failed_smoke_tests_roll_back(cluster: Cluster) -> None:
+    staging_deploy("main-1111111")
+    outcome = staging_deploy("main-2222222", smoke_ok=False)
+    assert outcome.rolled_back and "smoke tests failed" in outcome.message
+    assert cluster.image() == f"{IMAGE}:main-1111111"
+    assert cluster.image("ml-platform-worker") == f"{IMAGE}:main-1111111"
+
+
+def test_rollback_to_a_revision(cluster: Cluster) -> None:
+    for tag in ("main-1111111", "main-2222222", "main-3333333"):
+        staging_deploy(tag)
+    rollback_to(load_environment(CONFIG, "staging"), kube(), 1)
+    assert cluster.image() == f"{IMAGE}:main-1111111"
+    assert cluster.image("ml-platform-worker") == f"{IMAGE}:main-2222222"  # previous
+    with pytest.raises(KubeError, match="unable to find specified revision 9"):
+        rollback_to(load_environment(CONFIG, "staging"), kube(), 9)
+
+
+def test_a_second_deploy_is_refused_while_one_holds_the_lock(cluster: Cluster) -> None:
+    staging_deploy("main-1111111")
+    holder = kube()
+    holder.lock("alice (run 42)")
+    with pytest.raises(KubeError, match=r"staging is locked by alice \(run 42\) for 0 min"):
+        staging_deploy("main-2222222")
+    assert cluster.image() == f"{IMAGE}:main-1111111"
+    holder.unlock()
+    assert staging_deploy("main-2222222").succeeded
+
+
+def test_a_failed_migration_rolls_nothing_out(cluster: Cluster) -> None:
+    staging_deploy("main-1111111")
+    cluster.behave(fail_job=True)
+    outcome = staging_deploy("main-2222222")
+    assert not outcome.succeeded and "migration job did not complete" in outcome.message
+    assert cluster.image() == f"{IMAGE}:main-1111111"
+    assert LOCK not in json.dumps(cluster.state["configmaps"])
+
+
+def test_production_needs_main_and_an_approval_before_any_change(cluster: Cluster) -> None:
+    production = load_environment(CONFIG, "production")
+    with pytest.raises(DeployError, match="production deploys only from main; this is feature/x"):
+        check_allowed(production, "feature/x", approved=True)
+    with pytest.raises(DeployError, match="needs an approval"):
+        check_allowed(production, "main", approved=False)
+    check_allowed(production, "main", approved=True)
+    assert not cluster.state_file.exists()  # nothing reached the cluster
+
+
+def test_a_dry_run_prints_the_plan_and_changes_nothing(cluster: Cluster) -> None:
+    printed: list[str] = []
+    client = Kubectl("staging", "ml-platform-staging", dry_run=True, echo=printed.append)
+    staging_deploy("main-1111111", client=client)
+    assert not cluster.state_file.exists()
+    assert any("create configmap ml-platform-deploy-lock" in line for line in printed)
+    assert any("rollout status deployment/ml-platform --timeout=30s" in line for line in printed)
+
+
+def test_the_invoke_tasks(cluster: Cluster) -> None:
+    listed = subprocess.run(
+        [sys.executable, "-m", "invoke", "--list"], cwd=ROOT, capture_output=True, text=True
+    )
+    for name in ("deploy", "rollback", "status", "history", "smoke", "notify"):
+        assert f"  {name} " in listed.stdout
+    plan = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "invoke",
+            "deploy",
+            "--env",
+            "staging",
+            "--dry-run",
+            "--image-tag",
+            "X",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert (
+        "would run: kubectl --context ml-platform-staging --namespace staging apply -f -"
+        in plan.stdout
+    )
+    assert "nothing changed" in plan.stdout
+    unknown = subprocess.run(
+        [sys.executable, "-m", "invoke", "deploy", "--env", "qa"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert unknown.returncode == 2 and "no environment 'qa'" in unknown.stderr + unknown.stdout
+
+
+def test_environment_validation() -> None:
+    with pytest.raises(EnvironmentError_, match="no environment 'qa'"):
+        load_environment(CONFIG, "qa")
+    broken = {"environments": {"x": {**CONFIG["environments"]["staging"], "url": "staging"}}}
+    with pytest.raises(EnvironmentError_, match="is not an http"):
+        load_environment(broken, "x")
+    missing = {"environments": {"x": {"namespace": "x"}}}
+    with pytest.raises(EnvironmentError_, match="needs cluster, url, region, overlay"):
+        load_environment(missing, "x")
+    from_env = {
+        "environments": {
+            "x": {
+                **CONFIG["environments"]["staging"],
+                "approval": "true",
+                "branches": "main,release",
+            }
+        }
+    }
+    parsed = load_environment(from_env, "x")
+    assert parsed.approval and parsed.branches == ("main", "release")
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[tuple[str, dict[str, Any]]] = []
+    status = 202
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Receiver.received.append((self.path, body))
+        self.send_response(_Receiver.status)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    _Receiver.received = []
+    _Receiver.status = 202
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_notifications_reach_slack_and_pagerduty_and_never_raise(receiver: str) -> None:
+    env = {
+        "SLACK_WEBHOOK": f"{receiver}/slack",
+        "PAGERDUTY_TOKEN": "routing-key",
+        "PAGERDUTY_EVENTS_URL": f"{receiver}/pagerduty",
+    }
+    said: list[str] = []
+    failed = notify.Event("deploy-failed", "production", "smoke tests failed", "https://x")
+    assert notify.send(failed, env, said.append) == {"slack": "sent", "pagerduty": "sent"}
+    (slack_path, slack), (pd_path, pd) = _Receiver.received
+    assert slack_path == "/slack" and "deploy-failed on production" in slack["text"]
+    assert slack["blocks"][1]["elements"][0]["text"] == "https://x"
+    assert pd_path == "/pagerduty" and pd["event_action"] == "trigger"
+    assert pd["dedup_key"] == "ml-platform-deploy-production" and pd["routing_key"] == "routing-key"
+    recovered = notify.Event("deploy-succeeded", "production", "ok")
+    notify.send(recovered, env, said.append)
+    assert _Receiver.received[-1][1]["event_action"] == "resolve"
+    _Receiver.status = 500
+    results = notify.send(failed, env, said.append)
+    assert results["slack"].startswith("FAILED: HTTPStatusError")
+    assert notify.send(failed, {}, said.append) == {
+        "slack": "skipped: SLACK_WEBHOOK is not set",
+        "pagerduty": "skipped: PAGERDUTY_TOKEN is not set",
+    }
+    assert "notify slack: skipped: SLACK_WEBHOOK is not set" in said
