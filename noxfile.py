@@ -320,7 +320,15 @@ def iac(session: nox.Session) -> None:
     checkov_targets: list[str] = []
     if Path("Dockerfile").exists():
         with (out / "hadolint.json").open("w") as report:
-            session.run("hadolint", "--format", "json", "--no-fail", "Dockerfile", stdout=report)
+            session.run(
+                "hadolint",
+                "--format",
+                "json",
+                "--no-fail",
+                "Dockerfile",
+                stdout=report,
+                stderr=subprocess.DEVNULL,
+            )
         gate(session, "normalize", "hadolint", str(out / "hadolint.json"))
         checkov_targets += ["--file", "Dockerfile"]
     else:
@@ -336,6 +344,7 @@ def iac(session: nox.Session) -> None:
                 "json",
                 *workflows,
                 stdout=report,
+                stderr=subprocess.DEVNULL,
                 success_codes=list(range(0, 20)),
             )
         gate(session, "normalize", "zizmor", str(out / "zizmor.json"))
@@ -383,6 +392,7 @@ def iac(session: nox.Session) -> None:
                 "json",
                 "--quiet",
                 stdout=report,
+                stderr=subprocess.DEVNULL,
                 success_codes=[0, 1],
             )
         gate(session, "normalize", "checkov", str(out / "checkov.json"))

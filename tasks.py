@@ -118,12 +118,22 @@ def smoke(c: Context, env: str = "", url: str = "") -> None:
 
 
 @task(
-    help={"event": f"one of {', '.join(notifying.EVENTS)}", "env": "environment", "message": "text"}
+    help={
+        "event": f"one of {', '.join(notifying.EVENTS)}, or pipeline (chosen from CI results)",
+        "env": "environment",
+        "message": "text",
+    }
 )
 def notify(c: Context, event: str, env: str, message: str = "") -> None:
     """Send a notification to the configured channels (Slack, PagerDuty)."""
+    if event == "pipeline":
+        chosen = notifying.pipeline_event(os.environ)
+        if chosen is None:
+            print("notify: the pipeline neither failed nor deployed; nothing to report")
+            return
+        event = chosen
     if event not in notifying.EVENTS:
-        raise Exit(f"event must be one of {', '.join(notifying.EVENTS)}", code=2)
+        raise Exit(f"event must be one of {', '.join(notifying.EVENTS)} or pipeline", code=2)
     notifying.send(notifying.Event(event, env, message or event))
 
 

@@ -29,6 +29,17 @@ class Event:
         return self.kind in ("deploy-failed", "rollback", "build-failed", "security-alert")
 
 
+def pipeline_event(env: Mapping[str, str]) -> str | None:
+    """The event a finished CI pipeline reports (BUILD_FAILED, DEPLOY_FAILED, DEPLOYED), if any."""
+    if env.get("BUILD_FAILED") == "true":
+        return "build-failed"
+    if env.get("DEPLOY_FAILED") == "true":
+        return "deploy-failed"
+    if env.get("DEPLOYED") == "true":
+        return "deploy-succeeded"
+    return None
+
+
 def slack_payload(event: Event) -> dict[str, object]:
     icon = ":red_circle:" if event.failed else ":large_green_circle:"
     text = f"{icon} {event.kind} on {event.environment}: {event.summary}"
