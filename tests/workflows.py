@@ -99,6 +99,18 @@ def cached_numbers() -> int:
     return 10
 
 
+@task
+def nap(x: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return x
+
+
+@workflow
+def naps(n: int = 8, seconds: float = 0.5) -> None:
+    """Fan out over tasks that take a moment, so that several workers take part."""
+    total([nap(i, seconds) for i in range(n)])
+
+
 @workflow
 def arithmetic(n: int = 3) -> None:
     """Fan out over range(n), fan in to a total."""

@@ -232,8 +232,51 @@ def e2e(context: Path, database_url: str, redis_url: str) -> int:
                     str(port),
                 ],
             )
+            run(
+                [
+                    "podman",
+                    *RUN_FLAGS,
+                    "run",
+                    "-d",
+                    "--name",
+                    f"{name}-worker",
+                    *LIMITS,
+                    "--network",
+                    "host",
+                    "--read-only",
+                    "--tmpfs",
+                    "/tmp",
+                    "--volume",
+                    f"{home}:/var/lib/ml-platform",
+                    *env_args,
+                    IMAGE,
+                    "worker",
+                    "--concurrency",
+                    "1",
+                ],
+            )
             base = f"http://127.0.0.1:{port}"
             wait_ready(base)
+            password = secrets.token_urlsafe(18)
+            subprocess.run(  # nosec B603 B607 - podman with arguments built here
+                [
+                    "podman",
+                    *RUN_FLAGS,
+                    "exec",
+                    "-i",
+                    name,
+                    "mlp",
+                    "users",
+                    "create",
+                    "smoke",
+                    "--admin",
+                    "--password-stdin",
+                ],
+                input=password + "\n",
+                text=True,
+                check=True,
+                capture_output=True,
+            )
             uid = run(["podman", *RUN_FLAGS, "exec", name, "id", "-u"], capture=True).strip()
             if uid != "10001":
                 raise ContainerError(f"the container runs as uid {uid}, not 10001")
@@ -265,7 +308,9 @@ def e2e(context: Path, database_url: str, redis_url: str) -> int:
             if logs.returncode == 0:
                 say("last lines of the container's log:\n" + logs.stdout + logs.stderr)
             subprocess.run(  # nosec B603 B607
-                ["podman", *RUN_FLAGS, "rm", "-f", name], capture_output=True, check=False
+                ["podman", *RUN_FLAGS, "rm", "-f", name, f"{name}-worker"],
+                capture_output=True,
+                check=False,
             )
             subprocess.run(  # nosec B603 B607
                 ["podman", "rmi", "-f", IMAGE], capture_output=True, check=False

@@ -92,14 +92,17 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
 def test_two_workers_share_a_fan_out_and_run_each_task_once(
     platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
 ) -> None:
-    workers(2)
-    submitted = platform.submit(workflows.arithmetic, {"n": 8})
+    for process in workers(2):
+        assert process.stdout is not None
+        assert "ready" in process.stdout.readline()  # both listen before the run exists
+    submitted = platform.submit(workflows.naps, {"n": 8, "seconds": 0.5})
     wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded")
     attempts = platform.attempts(submitted.run_id)
     assert len(attempts) == 9 and {a.state for a in attempts} == {"succeeded"}
-    assert len({a.worker_id for a in attempts}) == 2  # both workers took part
+    # 8 naps of 0.5 s on 2 slots per worker: one worker alone could not take them all at once.
+    assert len({a.worker_id for a in attempts}) == 2
     total = next(t for t in platform.task_runs(submitted.run_id) if t.node_id == "total")
-    assert total.result == {"value": 56}
+    assert total.result == {"value": 28}
 
 
 def test_kill_9_of_a_worker_mid_task_redelivers_and_commits_once(

@@ -150,3 +150,30 @@ def test_the_demo_runs_through_the_api_on_two_workers(cluster: tuple[str, dict[s
     assert failed.returncode == 1 and "explode: RuntimeError: boom" in failed.stdout
     missing = mlp(env, "show", "ffffffff", "--server", url)
     assert missing.returncode == 2 and "no run with id" in missing.stdout
+
+    # The deployment smoke suite, for real, against this server (authenticated checks too).
+    smoke = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/smoke",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--no-cov",
+            "--base-url",
+            url,
+            "--smoke-user",
+            "alice",
+            "--smoke-password",
+            PASSWORD,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+    assert "5 passed" in smoke.stdout
