@@ -16,7 +16,8 @@ from invoke.tasks import task
 
 sys.path.insert(0, str(Path(__file__).parent / "src"))
 
-from delivery import deploy as deploying  # noqa: E402 - after the path setup above
+from delivery import bluegreen  # noqa: E402 - after the path setup above
+from delivery import deploy as deploying  # noqa: E402
 from delivery import notify as notifying  # noqa: E402
 from delivery.environments import Environment, EnvironmentError_, load_environment  # noqa: E402
 from delivery.kube import Kubectl, KubeError  # noqa: E402
@@ -35,22 +36,42 @@ def _env_and_kube(c: Context, env: str, dry_run: bool = False) -> tuple[Environm
     help={
         "env": "staging or production",
         "image_tag": "image tag to deploy (default: <branch>-<short sha> of this commit)",
+        "strategy": "rolling (default) or blue-green (then promote or abort)",
         "dry_run": "print every command that would change something, change nothing",
         "approve": "the approval a production deploy needs (typed by a person)",
     }
 )
 def deploy(
-    c: Context, env: str, image_tag: str = "", dry_run: bool = False, approve: bool = False
+    c: Context,
+    env: str,
+    image_tag: str = "",
+    strategy: str = "rolling",
+    dry_run: bool = False,
+    approve: bool = False,
 ) -> None:
     """Deploy: lock, migrate, roll out, smoke-test; roll back by itself on any failure."""
     environment, kube = _env_and_kube(c, env, dry_run)
+    if strategy not in ("rolling", "blue-green"):
+        raise Exit("--strategy must be rolling or blue-green", code=2)
     ref = current_ref()
     tag = image_tag or next(t for t in compute_tags(ref) if "-" in t and t != "latest")
+    owner = deploying.owner_name()
     try:
         deploying.check_allowed(environment, ref.branch, approve or _ci_approved(environment))
-        outcome = deploying.deploy(
-            environment, kube, image=c.config.image, tag=tag, owner=deploying.owner_name()
-        )
+        if strategy == "blue-green":
+            with kube.port_forward(bluegreen.PREVIEW) as preview:
+                outcome = bluegreen.deploy_idle(
+                    environment,
+                    kube,
+                    image=c.config.image,
+                    tag=tag,
+                    owner=owner,
+                    preview_smoke=lambda: kube.dry_run or deploying.run_smoke(preview),
+                )
+        else:
+            outcome = deploying.deploy(
+                environment, kube, image=c.config.image, tag=tag, owner=owner
+            )
     except (deploying.DeployError, KubeError) as exc:
         raise Exit(f"deploy to {env} refused or failed: {exc}", code=1) from None
     if dry_run:
@@ -61,6 +82,46 @@ def deploy(
     print(("deploy succeeded: " if outcome.succeeded else "deploy FAILED: ") + outcome.message)
     if not outcome.succeeded:
         raise Exit(code=1)
+
+
+@task(help={"env": "staging or production"})
+def promote(c: Context, env: str) -> None:
+    """Blue-green: send live traffic to the preview colour; switch back if checks fail."""
+    environment, kube = _env_and_kube(c, env)
+    try:
+        outcome = bluegreen.promote(
+            environment,
+            kube,
+            owner=deploying.owner_name(),
+            live_smoke=lambda: deploying.run_smoke(environment.url),
+        )
+    except (deploying.DeployError, KubeError) as exc:
+        raise Exit(f"promote on {env} failed: {exc}", code=1) from None
+    kind = "deploy-succeeded" if outcome.succeeded else "rollback"
+    notifying.send(notifying.Event(kind, env, outcome.message, environment.url))
+    print(outcome.message)
+    if not outcome.succeeded:
+        raise Exit(code=1)
+
+
+@task(help={"env": "staging or production"})
+def abort(c: Context, env: str) -> None:
+    """Blue-green: scale the preview colour down; the live colour stays."""
+    environment, kube = _env_and_kube(c, env)
+    try:
+        print(bluegreen.abort(environment, kube, owner=deploying.owner_name()).message)
+    except (deploying.DeployError, KubeError) as exc:
+        raise Exit(f"abort on {env} failed: {exc}", code=1) from None
+
+
+@task(help={"env": "staging or production"})
+def decommission(c: Context, env: str) -> None:
+    """Blue-green: scale the old colour down once the new one has proven itself."""
+    environment, kube = _env_and_kube(c, env)
+    try:
+        print(bluegreen.decommission(environment, kube, owner=deploying.owner_name()).message)
+    except (deploying.DeployError, KubeError) as exc:
+        raise Exit(f"decommission on {env} failed: {exc}", code=1) from None
 
 
 def _ci_approved(environment: Environment) -> bool:
@@ -137,4 +198,4 @@ def notify(c: Context, event: str, env: str, message: str = "") -> None:
     notifying.send(notifying.Event(event, env, message or event))
 
 
-ns = Collection(deploy, rollback, status, history, smoke, notify)
+ns = Collection(deploy, promote, abort, decommission, rollback, status, history, smoke, notify)

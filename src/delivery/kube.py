@@ -6,7 +6,8 @@ import json
 import shutil
 import subprocess  # nosec B404
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,6 +90,25 @@ class Kubectl:
             "wait", "--for=condition=complete", f"job/{name}", f"--timeout={timeout}s", check=False
         )
         return self.dry_run or "condition met" in out
+
+    @contextmanager
+    def port_forward(self, service: str, port: int = 18080) -> Iterator[str]:
+        """A local URL to a Service (how a preview is checked before it gets traffic)."""
+        argv = self._argv(["port-forward", f"service/{service}", f"{port}:80"])
+        if self.dry_run:
+            self.echo("would run: " + " ".join(argv))
+            yield f"http://127.0.0.1:{port}"
+            return
+        process = subprocess.Popen(  # nosec B603 - kubectl with arguments built here
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            assert process.stdout is not None  # noqa: S101 - set by PIPE above
+            process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8000"
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
 
     # -- the environment's lock -------------------------------------------------------------
 

@@ -71,12 +71,33 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
                     dep["image"] = doc["spec"]["template"]["spec"]["containers"][0]["image"]
                     state.setdefault("images", {})[digest] = dep["image"]
                     dep["rolled_out"] = False
+                dep["replicas"] = doc["spec"].get("replicas", 1)
             elif doc["kind"] == "Job":
                 state["jobs"][_key(ns, name)] = {"done": False}
+            elif doc["kind"] == "Service":
+                state.setdefault("services", {})[_key(ns, name)] = dict(doc["spec"]["selector"])
         return 0, "applied\n"
     if verb == "get" and args[1].startswith("deployment/"):
         dep = state["deployments"].get(_key(ns, args[1].split("/", 1)[1]))
+        if any("containers[0].image" in a for a in args):
+            return 0, dep["image"] if dep else ""
         return 0, str(dep["revision"]) if dep else ""
+    if verb == "get" and args[1] == "service":
+        selector = state.get("services", {}).get(_key(ns, args[2]))
+        return 0, json.dumps({"spec": {"selector": selector}}) if selector is not None else ""
+    if verb == "patch" and args[1] == "service":
+        patch = json.loads(args[args.index("-p") + 1])
+        state["services"][_key(ns, args[2])].update(patch["spec"]["selector"])
+        return 0, f"service/{args[2]} patched\n"
+    if verb == "scale":
+        dep = state["deployments"][_key(ns, args[1].split("/", 1)[1])]
+        dep["replicas"] = int(args[2].split("=", 1)[1])
+        return 0, f"{args[1]} scaled\n"
+    if verb == "set" and args[1] == "image":
+        dep = state["deployments"][_key(ns, args[2].split("/", 1)[1])]
+        dep["image"] = args[3].split("=", 1)[1]
+        dep["revision"] += 1
+        return 0, f"{args[2]} image updated\n"
     if verb == "rollout":
         action, target = args[1], args[2].split("/", 1)[1]
         dep = state["deployments"].get(_key(ns, target))

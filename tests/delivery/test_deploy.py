@@ -190,7 +190,17 @@ def test_the_invoke_tasks(cluster: Cluster) -> None:
     listed = subprocess.run(
         [sys.executable, "-m", "invoke", "--list"], cwd=ROOT, capture_output=True, text=True
     )
-    for name in ("deploy", "rollback", "status", "history", "smoke", "notify"):
+    for name in (
+        "deploy",
+        "promote",
+        "abort",
+        "decommission",
+        "rollback",
+        "status",
+        "history",
+        "smoke",
+        "notify",
+    ):
         assert f"  {name} " in listed.stdout
     plan = subprocess.run(
         [
@@ -295,3 +305,70 @@ def test_notifications_reach_slack_and_pagerduty_and_never_raise(receiver: str) 
         "pagerduty": "skipped: PAGERDUTY_TOKEN is not set",
     }
     assert "notify slack: skipped: SLACK_WEBHOOK is not set" in said
+
+
+def test_blue_green_deploy_promote_decommission_and_switch_back(cluster: Cluster) -> None:
+    from delivery import bluegreen
+
+    env = load_environment(CONFIG, "staging")
+    checked: list[str] = []
+
+    def check(where: str, ok: bool) -> bool:
+        checked.append(where)
+        return ok
+
+    def idle(tag: str, ok: bool = True) -> Any:
+        return bluegreen.deploy_idle(
+            env,
+            kube(),
+            image=IMAGE,
+            tag=tag,
+            owner="tester",
+            preview_smoke=lambda: check("preview", ok),
+            say=lambda _m: None,
+        )
+
+    def promote(ok: bool = True) -> Any:
+        return bluegreen.promote(
+            env,
+            kube(),
+            owner="tester",
+            live_smoke=lambda: check("live", ok),
+            say=lambda _m: None,
+        )
+
+    first = idle("main-1111111")
+    assert first.succeeded and "blue runs" in first.message
+    state = cluster.state
+    assert state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "blue"
+    assert state["services"]["staging/ml-platform-preview"]["app.kubernetes.io/colour"] == "blue"
+    second = idle("main-2222222")
+    assert second.succeeded and "green runs" in second.message
+    state = cluster.state
+    assert state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "blue"  # not yet
+    assert state["services"]["staging/ml-platform-preview"]["app.kubernetes.io/colour"] == "green"
+    promoted = promote()
+    assert promoted.succeeded and "green is live; blue is kept" in promoted.message
+    state = cluster.state
+    assert state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "green"
+    assert state["deployments"]["staging/ml-platform-worker"]["image"] == f"{IMAGE}:main-2222222"
+    assert state["deployments"]["staging/ml-platform-blue"]["replicas"] == 2  # kept for rollback
+    done = bluegreen.decommission(env, kube(), owner="tester")
+    assert (
+        done.succeeded and cluster.state["deployments"]["staging/ml-platform-blue"]["replicas"] == 0
+    )
+    # A bad release: the preview passes, the live check after the switch fails → switch back.
+    idle("main-3333333")
+    failed = promote(ok=False)
+    assert failed.rolled_back and "switched back to green" in failed.message
+    assert cluster.state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "green"
+    aborted = bluegreen.abort(env, kube(), owner="tester")
+    assert (
+        aborted.succeeded
+        and cluster.state["deployments"]["staging/ml-platform-blue"]["replicas"] == 0
+    )
+    # A preview that fails its smoke tests never goes live.
+    rejected = idle("main-4444444", ok=False)
+    assert not rejected.succeeded and "preview of blue" in rejected.message
+    assert cluster.state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "green"
+    assert checked[:3] == ["preview", "preview", "live"]
