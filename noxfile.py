@@ -120,6 +120,23 @@ def runtime_python(session: nox.Session) -> str:
     return f"{location}/bin/python"
 
 
+def locked_requirements(session: nox.Session, out: Path) -> Path:
+    """The locked runtime dependencies as a pinned requirements file, for the auditors."""
+    requirements = out / "requirements.txt"
+    session.run(
+        "uv",
+        "export",
+        "--frozen",
+        "--no-default-groups",
+        "--no-emit-project",
+        "--no-hashes",
+        "--output-file",
+        str(requirements),
+        silent=True,
+    )
+    return requirements
+
+
 @nox.session(python=PYTHON, tags=["security"])
 def bandit(session: nox.Session) -> None:
     """Bandit over src/: JSON and SARIF in reports/bandit-security-report/."""
@@ -163,18 +180,7 @@ def audit(session: nox.Session) -> None:
     """pip-audit of the locked runtime dependencies (needs its vulnerability database online)."""
     sync(session, "audit", project=False)
     out = reports_dir("pip-audit-report")
-    requirements = out / "requirements.txt"
-    session.run(
-        "uv",
-        "export",
-        "--frozen",
-        "--no-default-groups",
-        "--no-emit-project",
-        "--no-hashes",
-        "--output-file",
-        str(requirements),
-        silent=True,
-    )
+    requirements = locked_requirements(session, out)
     base = [
         "pip-audit",
         "-r",
@@ -198,18 +204,7 @@ def safety(session: nox.Session) -> None:
     """safety over the locked runtime dependencies (needs its vulnerability database online)."""
     sync(session, "safety", project=False)
     out = reports_dir("safety-report")
-    requirements = out / "requirements.txt"
-    session.run(
-        "uv",
-        "export",
-        "--frozen",
-        "--no-default-groups",
-        "--no-emit-project",
-        "--no-hashes",
-        "--output-file",
-        str(requirements),
-        silent=True,
-    )
+    requirements = locked_requirements(session, out)
     report = out / "safety.json"
     report.unlink(missing_ok=True)
     try:
