@@ -1,13 +1,18 @@
-"""Notifications: Slack incoming webhook and PagerDuty Events API v2.
+"""Notifications: Slack incoming webhook, PagerDuty Events API v2, e-mail over SMTP.
 
-Each channel is on when its secret is in the environment (SLACK_WEBHOOK, PAGERDUTY_TOKEN — the
-PagerDuty integration's routing key) and skipped with a printed line otherwise. A failing
-notification is reported, never raised: it must not fail a deploy that succeeded.
+Each channel is on when its secret is in the environment (SLACK_WEBHOOK; PAGERDUTY_TOKEN — the
+PagerDuty integration's routing key; SMTP_HOST with SMTP_TO, and SMTP_USER / SMTP_PASSWORD
+when the server needs a login) and skipped with a printed line otherwise. E-mail always goes
+through STARTTLS: a server that does not offer it is refused. A failing notification is
+reported, never raised: it must not fail a deploy that succeeded.
 """
 
 from __future__ import annotations
 
 import os
+import smtplib
+import ssl
+from email.message import EmailMessage
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -88,6 +93,10 @@ def send(
         targets.append(("pagerduty", url, pagerduty_payload(event, env["PAGERDUTY_TOKEN"])))
     else:
         results["pagerduty"] = "skipped: PAGERDUTY_TOKEN is not set"
+    if env.get("SMTP_HOST") and env.get("SMTP_TO"):
+        results["email"] = send_email(event, env)
+    else:
+        results["email"] = "skipped: SMTP_HOST and SMTP_TO are not set"
     for channel, url, payload in targets:
         try:
             response = post(url, json=payload, timeout=10)
@@ -98,3 +107,26 @@ def send(
     for channel, result in results.items():
         say(f"notify {channel}: {result}")
     return results
+
+
+def send_email(event: Event, env: Mapping[str, str]) -> str:
+    """One message over SMTP with STARTTLS (verified against the system's CAs or SMTP_CA_FILE)."""
+    message = EmailMessage()
+    message["Subject"] = f"[ml-platform] {event.kind} on {event.environment}"
+    message["From"] = env.get("SMTP_FROM", "ml-platform@localhost")
+    message["To"] = env["SMTP_TO"]
+    message.set_content(f"{event.summary}\n\n{event.url or ''}".strip() + "\n")
+    context = ssl.create_default_context(cafile=env.get("SMTP_CA_FILE") or None)
+    try:
+        with smtplib.SMTP(env["SMTP_HOST"], int(env.get("SMTP_PORT", "587")), timeout=10) as smtp:
+            smtp.ehlo()
+            if not smtp.has_extn("starttls"):
+                return "FAILED: the server does not offer STARTTLS; not sending in clear text"
+            smtp.starttls(context=context)
+            smtp.ehlo()
+            if env.get("SMTP_USER"):
+                smtp.login(env["SMTP_USER"], env.get("SMTP_PASSWORD", ""))
+            smtp.send_message(message)
+    except (OSError, smtplib.SMTPException) as exc:
+        return f"FAILED: {type(exc).__name__}: {exc}"[:300]
+    return "sent"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -288,7 +290,11 @@ def test_notifications_reach_slack_and_pagerduty_and_never_raise(receiver: str) 
     }
     said: list[str] = []
     failed = notify.Event("deploy-failed", "production", "smoke tests failed", "https://x")
-    assert notify.send(failed, env, said.append) == {"slack": "sent", "pagerduty": "sent"}
+    assert notify.send(failed, env, said.append) == {
+        "slack": "sent",
+        "pagerduty": "sent",
+        "email": "skipped: SMTP_HOST and SMTP_TO are not set",
+    }
     (slack_path, slack), (pd_path, pd) = _Receiver.received
     assert slack_path == "/slack" and "deploy-failed on production" in slack["text"]
     assert slack["blocks"][1]["elements"][0]["text"] == "https://x"
@@ -303,6 +309,7 @@ def test_notifications_reach_slack_and_pagerduty_and_never_raise(receiver: str) 
     assert notify.send(failed, {}, said.append) == {
         "slack": "skipped: SLACK_WEBHOOK is not set",
         "pagerduty": "skipped: PAGERDUTY_TOKEN is not set",
+        "email": "skipped: SMTP_HOST and SMTP_TO are not set",
     }
     assert "notify slack: skipped: SLACK_WEBHOOK is not set" in said
 
@@ -372,3 +379,74 @@ def test_blue_green_deploy_promote_decommission_and_switch_back(cluster: Cluster
     assert not rejected.succeeded and "preview of blue" in rejected.message
     assert cluster.state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "green"
     assert checked[:3] == ["preview", "preview", "live"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_email_goes_through_starttls_or_not_at_all(tmp_path: Path) -> None:
+    from aiosmtpd.controller import Controller
+
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(tmp_path / "key.pem"),
+            "-out",
+            str(tmp_path / "cert.pem"),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    received: list[Any] = []
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+            received.append(envelope)
+            return "250 OK"
+
+    port = _free_port()
+    controller = Controller(
+        Handler(), hostname="127.0.0.1", port=port, tls_context=tls, require_starttls=True
+    )
+    controller.start()
+    event = notify.Event("deploy-failed", "production", "smoke tests failed", "https://x")
+    env = {
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(port),
+        "SMTP_TO": "oncall@example.com",
+        "SMTP_CA_FILE": str(tmp_path / "cert.pem"),
+    }
+    try:
+        assert notify.send_email(event, env) == "sent"
+    finally:
+        controller.stop()
+    [envelope] = received
+    assert envelope.rcpt_tos == ["oncall@example.com"]
+    assert b"Subject: [ml-platform] deploy-failed on production" in envelope.content
+    plain_port = _free_port()
+    plain = Controller(Handler(), hostname="127.0.0.1", port=plain_port)
+    plain.start()
+    try:
+        refused = notify.send_email(event, {**env, "SMTP_PORT": str(plain_port)})
+    finally:
+        plain.stop()
+    assert refused == "FAILED: the server does not offer STARTTLS; not sending in clear text"
+    assert len(received) == 1
