@@ -35,6 +35,8 @@ RUN_FLAGS = [
     "--runtime",
     "runc",  # crun fails here (cgroups in hybrid mode, setrlimit not permitted)
 ]
+#: The container's own /tmp (a tmpfs inside it), not the host's temporary directory.
+CONTAINER_TMP = "/tmp"  # nosec B108
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 # The machine's own trust store goes into the base: where TLS to the package registries passes
 # through an inspecting proxy, its CA is there, and pip and uv inside the build need it too.
@@ -220,7 +222,7 @@ def e2e(context: Path, database_url: str, redis_url: str) -> int:
                     "host",
                     "--read-only",
                     "--tmpfs",
-                    "/tmp",
+                    CONTAINER_TMP,
                     "--volume",
                     f"{home}:/var/lib/ml-platform",
                     *env_args,
@@ -245,7 +247,7 @@ def e2e(context: Path, database_url: str, redis_url: str) -> int:
                     "host",
                     "--read-only",
                     "--tmpfs",
-                    "/tmp",
+                    CONTAINER_TMP,
                     "--volume",
                     f"{home}:/var/lib/ml-platform",
                     *env_args,

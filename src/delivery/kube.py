@@ -103,8 +103,8 @@ class Kubectl:
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         try:
-            assert process.stdout is not None  # noqa: S101 - set by PIPE above
-            process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8000"
+            if process.stdout is not None:  # always, with PIPE
+                process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8000"
             yield f"http://127.0.0.1:{port}"
         finally:
             process.terminate()
