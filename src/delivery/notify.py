@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import smtplib
 import ssl
-from email.message import EmailMessage
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from email.message import EmailMessage
 
 import httpx
 
