@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -175,30 +176,40 @@ def _verdict(platform: Platform, run_id: str) -> str:
 
 
 def _execute(platform: Platform, run_id: str, queued: list[Dispatch], concurrency: int) -> RunState:
-    """Drive one run to its end in this process, showing progress; Ctrl-C cancels it."""
+    """Drive one run to its end in this process, showing progress; Ctrl-C cancels it.
+
+    Ctrl-C only sets a flag that the loop reads between two passes, so it never interrupts a
+    database transaction (an interrupted SQLite transaction would hold the write lock).
+    """
     dispatcher = InProcessDispatcher()
     dispatcher.publish(queued)
     worker = Worker(platform, dispatcher, concurrency=concurrency)
     runtime = Runtime(platform, dispatcher, worker, only_run=run_id)
-    with Live(
-        _tasks_table(_local_tasks(platform, run_id)), console=console, refresh_per_second=4
-    ) as live:
-        worker.on_event = lambda message: live.console.print(f"  {message}", style="dim")
-        try:
-            return runtime.drive(
-                run_id,
-                on_progress=lambda: live.update(_tasks_table(_local_tasks(platform, run_id))),
-            )
-        except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
-            platform.cancel(run_id)
-            worker.stop_all("cancelled by Ctrl-C")
-            platform.schedule(run_id)
-            live.update(_tasks_table(_local_tasks(platform, run_id)))
-            raise
-        finally:
-            worker.on_event = lambda _message: None
-            console.line()
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: interrupted.set())
+    try:
+        with Live(
+            _tasks_table(_local_tasks(platform, run_id)), console=console, refresh_per_second=4
+        ) as live:
+            worker.on_event = lambda message: live.console.print(f"  {message}", style="dim")
+            try:
+                state = runtime.drive(
+                    run_id,
+                    on_progress=lambda: live.update(_tasks_table(_local_tasks(platform, run_id))),
+                    stop=interrupted.is_set,
+                )
+                if state is not None:
+                    return state
+                platform.cancel(run_id)
+                worker.stop_all("cancelled by Ctrl-C")
+                platform.schedule(run_id)
+                live.update(_tasks_table(_local_tasks(platform, run_id)))
+                raise KeyboardInterrupt
+            finally:
+                worker.on_event = lambda _message: None
+                console.line()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run_and_report(
@@ -509,21 +520,26 @@ def worker(
             on_event=lambda m: console.print(m),
         )
         runtime = Runtime(platform, dispatcher, the_worker)
-        signals = {"term": 0}
+        # Signals only set flags, read between two passes: never mid-transaction.
+        signals = {"term": 0, "int": 0}
 
         def on_term(_signum: int, _frame: object) -> None:
             signals["term"] += 1
             the_worker.draining = True
 
+        def on_int(_signum: int, _frame: object) -> None:
+            signals["int"] += 1
+
         signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_int)
         console.print(f"worker {the_worker.worker_id} ready, concurrency {concurrency}")
-        try:
-            while not (the_worker.draining and not the_worker.children) and signals["term"] < 2:
-                runtime.tick()
-        except KeyboardInterrupt:
-            the_worker.hand_back("worker interrupted")
-        if signals["term"] >= 2:
-            the_worker.hand_back("worker shut down")
+        while not (the_worker.draining and not the_worker.children):
+            if signals["term"] >= 2 or signals["int"]:
+                the_worker.hand_back(
+                    "worker shut down" if signals["term"] else "worker interrupted"
+                )
+                break
+            runtime.tick()
         console.print(f"worker {the_worker.worker_id} stopped")
 
 

@@ -324,15 +324,20 @@ class Runtime:
         *,
         on_progress: Callable[[], None] | None = None,
         timeout: float | None = None,
-    ) -> RunState:
+        stop: Callable[[], bool] | None = None,
+    ) -> RunState | None:
         """Run ``run_id`` to its end in this process; return its final state.
 
         ``on_progress`` is called a few times a second (e.g. to redraw a progress table).
-        Raises TimeoutError if the run has not ended after ``timeout`` seconds.
+        Returns None, between two passes, as soon as ``stop()`` is true (e.g. after Ctrl-C:
+        never in the middle of a database transaction). Raises TimeoutError if the run has
+        not ended after ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last = 0.0
         while True:
+            if stop is not None and stop():
+                return None
             self.tick()
             if time.monotonic() - last < 0.2:
                 continue
