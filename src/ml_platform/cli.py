@@ -207,9 +207,9 @@ def _execute(platform: Platform, run_id: str, queued: list[Dispatch], concurrenc
                 raise KeyboardInterrupt
             finally:
                 worker.on_event = lambda _message: None
-                console.line()
     finally:
         signal.signal(signal.SIGINT, previous)
+        console.line()  # after the live table's last render: the verdict starts a new line
 
 
 def _run_and_report(
@@ -278,20 +278,21 @@ def _client(server: str, project: str) -> Iterator[Client]:
 
 def _watch_remote(client: Client, run_id: str) -> str:
     """Show a remote run's progress until it ends; Ctrl-C cancels it on the server."""
-    with Live(_tasks_table([]), console=console, refresh_per_second=4) as live:
-        try:
-            while True:
-                run = client.run(run_id)
-                live.update(_tasks_table(_remote_tasks(client, run_id)))
-                if run["state"] in {s.value for s in RUN_TERMINAL}:
-                    return str(run["state"])
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            client.cancel(run_id)
-            raise
-        finally:
-            console.line()
+    try:
+        with Live(_tasks_table([]), console=console, refresh_per_second=4) as live:
+            try:
+                while True:
+                    run = client.run(run_id)
+                    live.update(_tasks_table(_remote_tasks(client, run_id)))
+                    if run["state"] in {s.value for s in RUN_TERMINAL}:
+                        return str(run["state"])
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                client.cancel(run_id)
+                raise
+    finally:
+        console.line()  # after the live table's last render: the verdict starts a new line
 
 
 def _remote_run(client: Client, workflow: str, params: dict[str, str]) -> None:
