@@ -21,7 +21,7 @@ from delivery import deploy as deploying  # noqa: E402
 from delivery import notify as notifying  # noqa: E402
 from delivery.environments import Environment, EnvironmentError_, load_environment  # noqa: E402
 from delivery.kube import Kubectl, KubeError  # noqa: E402
-from delivery.tags import compute_tags, current_ref  # noqa: E402
+from delivery.tags import current_ref, deploy_tag  # noqa: E402
 
 
 def _env_and_kube(c: Context, env: str, dry_run: bool = False) -> tuple[Environment, Kubectl]:
@@ -54,7 +54,7 @@ def deploy(
     if strategy not in ("rolling", "blue-green"):
         raise Exit("--strategy must be rolling or blue-green", code=2)
     ref = current_ref()
-    tag = image_tag or next(t for t in compute_tags(ref) if "-" in t and t != "latest")
+    tag = image_tag or deploy_tag(ref)
     owner = deploying.owner_name()
     try:
         deploying.check_allowed(environment, ref.branch, approve or _ci_approved(environment))

@@ -209,54 +209,25 @@ def e2e(context: Path, database_url: str, redis_url: str) -> int:
         }
         env_args = [arg for key in env for arg in ("--env", key)]
         try:
-            run(
-                [
-                    "podman",
-                    *RUN_FLAGS,
-                    "run",
-                    "-d",
-                    "--name",
-                    name,
-                    *LIMITS,
-                    "--network",
-                    "host",
-                    "--read-only",
-                    "--tmpfs",
-                    CONTAINER_TMP,
-                    "--volume",
-                    f"{home}:/var/lib/ml-platform",
-                    *env_args,
-                    IMAGE,
-                    "server",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
-            )
-            run(
-                [
-                    "podman",
-                    *RUN_FLAGS,
-                    "run",
-                    "-d",
-                    "--name",
-                    f"{name}-worker",
-                    *LIMITS,
-                    "--network",
-                    "host",
-                    "--read-only",
-                    "--tmpfs",
-                    CONTAINER_TMP,
-                    "--volume",
-                    f"{home}:/var/lib/ml-platform",
-                    *env_args,
-                    IMAGE,
-                    "worker",
-                    "--concurrency",
-                    "1",
-                ],
-            )
+            # The same image twice, as the deployment runs it: API server and a worker.
+            common = [
+                *LIMITS,
+                "--network",
+                "host",
+                "--read-only",
+                "--tmpfs",
+                CONTAINER_TMP,
+                "--volume",
+                f"{home}:/var/lib/ml-platform",
+                *env_args,
+                IMAGE,
+            ]
+            server_args = ["server", "--host", "127.0.0.1", "--port", str(port)]
+            for container, command in (
+                (name, server_args),
+                (f"{name}-worker", ["worker", "--concurrency", "1"]),
+            ):
+                run(["podman", *RUN_FLAGS, "run", "-d", "--name", container, *common, *command])
             base = f"http://127.0.0.1:{port}"
             wait_ready(base)
             password = secrets.token_urlsafe(18)

@@ -82,6 +82,12 @@ def compute_tags(ref: BuildRef) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def deploy_tag(ref: BuildRef) -> str:
+    """The immutable tag a deploy pins: the full version of a release, else `<name>-<sha>`."""
+    tags = compute_tags(ref)
+    return tags[0] if ref.git_tag is not None else tags[1]
+
+
 def _git(args: list[str]) -> str:
     result = subprocess.run(  # nosec B603 B607 - git with fixed arguments
         ["git", *args], capture_output=True, text=True, check=False

@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from delivery.tags import TAG_GRAMMAR, BuildRef, TagError, compute_tags, current_ref, sanitize
+from delivery.tags import (
+    TAG_GRAMMAR,
+    BuildRef,
+    TagError,
+    compute_tags,
+    current_ref,
+    deploy_tag,
+    sanitize,
+)
 
 SHA = "abc1234def5678abc1234def5678abc1234def56"  # pragma: allowlist secret
 
@@ -31,6 +39,13 @@ SHA = "abc1234def5678abc1234def5678abc1234def56"  # pragma: allowlist secret
 )
 def test_the_spec_tags(ref: BuildRef, tags: list[str]) -> None:
     assert compute_tags(ref) == tags
+
+
+@pytest.mark.unit
+def test_deploys_pin_an_immutable_tag() -> None:
+    assert deploy_tag(BuildRef(SHA, branch="main")) == "main-abc1234"
+    assert deploy_tag(BuildRef(SHA, pull_request=7)) == "pr-7-abc1234"
+    assert deploy_tag(BuildRef(SHA, git_tag="v1.2.3")) == "1.2.3"  # not the moving "1.2"
 
 
 @pytest.mark.unit

@@ -76,6 +76,5 @@ def test_draining_finishes_running_work_and_takes_no_more(
         runtime.tick()
     states = [a.state for a in sqlite_platform.attempts(submitted.run_id)]
     assert states.count("succeeded") == 1 and states.count("running") == 0
-    runtime.worker.hand_back("not used: nothing runs")
     with pytest.raises(ValueError, match="concurrency must be >= 1"):
         Worker(sqlite_platform, InProcessDispatcher(), concurrency=0)
