@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -193,3 +194,13 @@ def slow_first_attempt(marker: str, seconds: float) -> int:
 @workflow
 def crash_pipeline(marker: str, seconds: float = 60.0) -> None:
     slow_first_attempt(marker, seconds)
+
+
+@task
+def process_id(previous: int | None = None) -> int:
+    return os.getpid()
+
+
+@workflow
+def three_steps() -> None:
+    process_id(process_id(process_id()))

@@ -208,6 +208,7 @@ def _execute(platform: Platform, run_id: str, queued: list[Dispatch], concurrenc
             finally:
                 worker.on_event = lambda _message: None
     finally:
+        worker.close()
         signal.signal(signal.SIGINT, previous)
         console.line()  # after the live table's last render: the verdict starts a new line
 
@@ -541,6 +542,7 @@ def worker(
                 )
                 break
             runtime.tick()
+        the_worker.close()
         console.print(f"worker {the_worker.worker_id} stopped")
 
 

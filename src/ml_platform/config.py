@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(default=0.5, gt=0)
     #: Grace after a task's timeout before the reaper fails an attempt that a worker did not stop.
     timeout_grace_seconds: float = Field(default=10.0, ge=0)
+    #: Attempts one task process runs before it is replaced (0: no limit; 1: a fresh
+    #: process per attempt, the strictest isolation, at the price of a Python start-up each).
+    max_tasks_per_process: int = Field(default=0, ge=0)
     #: Largest task result kept inline in the database; larger ones become artifacts.
     inline_result_bytes: int = Field(default=64 * 1024, ge=0)
 

@@ -7,6 +7,7 @@ worker can win. Two implementations: in-process (embedded mode) and Redis Stream
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -120,6 +121,11 @@ class RedisDispatcher:
         self.on_dead_letter = on_dead_letter
         self._groups_ready: set[str] = set()
         self._overflow: deque[Delivery] = deque()
+        # A delivery becomes reclaimable only after claim_idle_seconds: looking for such
+        # deliveries a few times per idle period is enough, and spares two round trips on
+        # every receive.
+        self._reclaim_every = claim_idle_seconds / 4
+        self._next_reclaim = 0.0
 
     def stream(self, queue: str) -> str:
         return f"{self.prefix}:attempts:{queue}"
@@ -157,7 +163,8 @@ class RedisDispatcher:
     def receive(self, limit: int, block_seconds: float = 0.0) -> list[Delivery]:
         taken = [self._overflow.popleft() for _ in range(min(limit, len(self._overflow)))]
         try:
-            if len(taken) < limit:
+            if len(taken) < limit and time.monotonic() >= self._next_reclaim:
+                self._next_reclaim = time.monotonic() + self._reclaim_every
                 taken += self._reclaim(limit - len(taken))
             if len(taken) < limit:
                 taken += self._read(limit - len(taken), block_seconds if not taken else 0.0)

@@ -45,6 +45,7 @@ class SchedulerLoop(threading.Thread):
         self.stopping.set()
         self.join(timeout=30)
         self.runtime.worker.hand_back("server shut down")
+        self.runtime.worker.close()
 
 
 def build(settings: Settings, concurrency: int) -> tuple[Platform, Dispatcher, SchedulerLoop]:

@@ -26,7 +26,13 @@ from ml_platform.dispatch import Dispatch, queue_of
 from ml_platform.engine.cache import cache_key
 from ml_platform.engine.dag import plan, topological_order
 from ml_platform.engine.retry import RetryPolicy
-from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState, TaskState
+from ml_platform.engine.states import (
+    RUN_TERMINAL,
+    TASK_TERMINAL,
+    AttemptState,
+    RunState,
+    TaskState,
+)
 from ml_platform.inputs import references, resolve_inputs
 from ml_platform.sdk import Workflow, WorkflowError
 from ml_platform.store.db import Database
@@ -46,6 +52,8 @@ from ml_platform.store.models import Workflow as WorkflowRow
 from ml_platform.store.models import utcnow
 
 TIMEOUT_ERROR = "builtins:TimeoutError"
+#: Runs whose DAG shape a Platform keeps in memory (see Platform._dag).
+DAG_CACHE_SIZE = 256
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +103,7 @@ class ClaimedAttempt:
     task_ref: str
     inputs: dict[str, Any]
     options: dict[str, Any]
+    code_version: str = ""
 
 
 @dataclass
@@ -154,6 +163,7 @@ class Platform:
         self.db = Database(settings.database_url)
         self.artifacts = ArtifactStore(settings.artifacts_dir)
         self._default_project_id: int | None = None
+        self._dags: dict[str, tuple[dict[str, list[str]], dict[str, list[str]]]] = {}
 
     def start(self) -> Platform:
         self.db.ensure_schema()
@@ -313,6 +323,7 @@ class Platform:
         if run.state in RUN_TERMINAL:
             return []
         queued: list[Dispatch] = []
+        ready: list[TaskRun] = []
         while True:
             tasks = list(
                 session.scalars(
@@ -361,9 +372,15 @@ class Platform:
                     continue
                 if task_run.pool and not self._pool_has_slot(session, task_run.pool):
                     continue
-                queued.append(self._new_attempt(session, task_run, now, delay=0.0))
+                if task_run.pool:  # the next pool check must count this attempt
+                    queued += self._new_attempts(session, [task_run], now, delay=0.0)
+                else:
+                    ready.append(task_run)
                 active += 1
                 changed = True
+            # One INSERT for all the attempts that became ready (a fan-out's thousand).
+            queued += self._new_attempts(session, ready, now, delay=0.0)
+            ready.clear()
             if decision.outcome is not None:
                 run.state = decision.outcome
                 run.finished_at = now
@@ -427,24 +444,29 @@ class Platform:
         )
         return (busy or 0) < slots
 
-    def _new_attempt(
-        self, session: Session, task_run: TaskRun, now: datetime, delay: float
-    ) -> Dispatch:
-        task_run.current_attempt += 1
-        task_run.state = TaskState.QUEUED
-        attempt = Attempt(
-            task_run_id=task_run.id,
-            run_id=task_run.run_id,
-            number=task_run.current_attempt,
-            state=AttemptState.QUEUED,
-            pool=task_run.pool,
-            not_before=now + timedelta(seconds=delay),
-            timeout_seconds=task_run.options.get("timeout"),
-            created_at=now,
-        )
-        session.add(attempt)
-        session.flush()
-        return Dispatch(attempt.id, queue_of(task_run.pool))
+    def _new_attempts(
+        self, session: Session, task_runs: list[TaskRun], now: datetime, delay: float
+    ) -> list[Dispatch]:
+        """Queue the next attempt of each task run (one flush for all of them)."""
+        attempts = []
+        for task_run in task_runs:
+            task_run.current_attempt += 1
+            task_run.state = TaskState.QUEUED
+            attempt = Attempt(
+                task_run_id=task_run.id,
+                run_id=task_run.run_id,
+                number=task_run.current_attempt,
+                state=AttemptState.QUEUED,
+                pool=task_run.pool,
+                not_before=now + timedelta(seconds=delay),
+                timeout_seconds=task_run.options.get("timeout"),
+                created_at=now,
+            )
+            session.add(attempt)
+            attempts.append(attempt)
+        if attempts:
+            session.flush()
+        return [Dispatch(a.id, queue_of(a.pool)) for a in attempts]
 
     def set_pool(self, name: str, slots: int) -> None:
         """Create or resize a pool; at most ``slots`` of its attempts run at once."""
@@ -457,14 +479,28 @@ class Platform:
             else:
                 pool.slots = slots
 
-    def schedule(self, run_id: str | None = None) -> list[Dispatch]:
+    def schedule(self, run_id: str | None = None, *, advance: bool = True) -> list[Dispatch]:
         """One scheduler pass: reap lost and overdue attempts, advance every active run.
 
         Returns the queued attempts that are due now (of ``run_id`` only, if given), for the
-        dispatcher to (re)publish.
+        dispatcher to (re)publish. Finishing an attempt already advances its run; the full
+        pass (``advance``) is the safety net, and admits tasks waiting for a pool slot that
+        another run freed.
         """
         now = utcnow()
         self.reap(now)
+        if advance:
+            self._advance_all(now)
+        due = select(Attempt.id, Attempt.pool).where(
+            Attempt.state == AttemptState.QUEUED, Attempt.not_before <= now
+        )
+        if run_id is not None:
+            due = due.where(Attempt.run_id == run_id)
+        with self.db.session() as session:
+            rows = session.execute(due.order_by(Attempt.not_before, Attempt.id)).all()
+        return [Dispatch(attempt_id, queue_of(pool)) for attempt_id, pool in rows]
+
+    def _advance_all(self, now: datetime) -> None:
         with self.db.session() as session:
             active = list(
                 session.scalars(
@@ -474,14 +510,6 @@ class Platform:
         for active_id in active:
             with self.db.session() as session:
                 self._advance(session, active_id, now)
-        due = select(Attempt.id, Attempt.pool).where(
-            Attempt.state == AttemptState.QUEUED, Attempt.not_before <= now
-        )
-        if run_id is not None:
-            due = due.where(Attempt.run_id == run_id)
-        with self.db.session() as session:
-            rows = session.execute(due.order_by(Attempt.not_before, Attempt.id)).all()
-        return [Dispatch(attempt_id, queue_of(pool)) for attempt_id, pool in rows]
 
     def reap(self, now: datetime | None = None) -> int:
         """Turn attempts whose lease expired into ``lost`` and overdue ones into timeouts."""
@@ -593,6 +621,7 @@ class Platform:
                 task_ref=task_run.task_ref,
                 inputs=resolve_inputs(task_run.inputs, results),
                 options=task_run.options,
+                code_version=task_run.code_version,
             )
 
     def dead_letter(self, attempt_id: int, reason: str) -> None:
@@ -734,13 +763,58 @@ class Platform:
                 task_run.error = outcome.error
                 if outcome.retryable and policy.may_retry(number):
                     delay = policy.delay(number, seed=f"{run_id}:{task_run.node_id}")
-                    queued.append(self._new_attempt(session, task_run, now, delay=delay))
+                    queued += self._new_attempts(session, [task_run], now, delay=delay)
                 else:
                     task_run.state = TaskState.FAILED
                     task_run.finished_at = now
             session.flush()
-            queued += self._advance(session, run_id, now)
+            if task_run.state in TASK_TERMINAL and self._may_decide(session, run, task_run):
+                queued += self._advance(session, run_id, now)
             return [q for q in queued if self._is_due(session, q.attempt_id, now)]
+
+    def _may_decide(self, session: Session, run: Run, ended: TaskRun) -> bool:
+        """Whether ``ended`` ending may let the engine decide anything in its run.
+
+        A full pass over a run reads every task run, which made a fan-out of n tasks cost n
+        passes of n rows. Usually nothing is decidable yet -- a join still waits for other
+        upstreams -- and a few indexed counts show it. When in doubt, say yes.
+        """
+        if run.max_concurrency is not None or ended.pool:
+            return True  # a freed slot may admit a waiting task
+        upstream, downstream = self._dag(session, run.id)
+        waiting = downstream.get(ended.node_id, [])
+        open_ = TaskRun.state.notin_(list(TASK_TERMINAL))
+        if not waiting:  # a sink: the run ends when no task is left open
+            left = select(TaskRun.id).where(TaskRun.run_id == run.id, open_).limit(1)
+            return session.scalar(left) is None
+        if len(waiting) > 8:
+            return True
+        # Node ids open in the run: few for a chain, up to the width for a fan-in. Compared in
+        # Python so the query stays one small statement, whatever the fan-in.
+        still_open = set(
+            session.scalars(select(TaskRun.node_id).where(TaskRun.run_id == run.id, open_))
+        )
+        return any(still_open.isdisjoint(upstream[node_id]) for node_id in waiting)
+
+    def _dag(
+        self, session: Session, run_id: str
+    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """A run's upstream and downstream maps; they never change, so they are cached."""
+        known = self._dags.get(run_id)
+        if known is not None:
+            return known
+        upstream: dict[str, list[str]] = {}
+        downstream: dict[str, list[str]] = {}
+        for node_id, deps in session.execute(
+            select(TaskRun.node_id, TaskRun.upstream).where(TaskRun.run_id == run_id)
+        ):
+            upstream[node_id] = list(deps)
+            for dep in deps:
+                downstream.setdefault(dep, []).append(node_id)
+        if len(self._dags) >= DAG_CACHE_SIZE:
+            self._dags.pop(next(iter(self._dags)))
+        self._dags[run_id] = (upstream, downstream)
+        return upstream, downstream
 
     @staticmethod
     def _is_due(session: Session, attempt_id: int, now: datetime) -> bool:

@@ -1,8 +1,12 @@
-"""The child process that runs one attempt: ``python -m ml_platform.task_runner IN OUT``.
+"""The warm task process: ``python -m ml_platform.task_runner REPLY_FD``.
 
-It reads the attempt from the JSON file IN, runs the task, and writes the outcome to OUT
-atomically. Its stdout and stderr are the attempt's log. It exits on its own when the worker
-that started it dies, so a killed worker never leaves a task running unseen.
+A worker keeps a few of these processes and hands them attempts one after another, so an
+attempt costs a pipe round trip instead of a Python start-up and the workflow module's
+imports. Each request is one JSON line on stdin naming the attempt and its log file; the
+process points its stdout and stderr at that file, runs the task, and writes the outcome as
+one JSON line to REPLY_FD. It exits on its own when the worker that started it dies, so a
+killed worker never leaves a task running unseen. A process that finds its copy of a task
+older than the one submitted exits with a ``stale`` reply, and the worker starts a fresh one.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from ml_platform.artifacts import ArtifactStore, encode_value
 from ml_platform.inputs import decode_inputs
@@ -81,17 +85,48 @@ def run_attempt(payload: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
-def main(argv: list[str]) -> int:
-    source, target = Path(argv[0]), Path(argv[1])
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    payload = json.loads(source.read_text())
-    outcome = run_attempt(payload)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(outcome))
-    os.replace(tmp, target)
+def _point_output_at(log_path: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def serve(requests: BinaryIO, replies: BinaryIO) -> int:
+    """Run the attempts read from ``requests`` one by one; answer each on ``replies``."""
+    ran = 0
+    for line in requests:
+        request = json.loads(line)
+        _point_output_at(request["log"])
+        if ran and _is_stale(request):
+            replies.write(b'{"stale": true}\n')
+            return 0
+        outcome = run_attempt(request)
+        ran += 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        replies.write(json.dumps(outcome).encode() + b"\n")
+        replies.flush()
     return 0
+
+
+def _is_stale(request: dict[str, Any]) -> bool:
+    """Whether the task's code changed on disk since this process imported it."""
+    expected = request.get("code_version")
+    if not expected:
+        return False
+    try:
+        return bool(import_task(request["task_ref"]).code_version != expected)
+    except Exception:  # a fresh process reports the import error properly
+        return True
+
+
+def main(argv: list[str]) -> int:
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    with os.fdopen(int(argv[0]), "wb", buffering=0) as replies:
+        return serve(sys.stdin.buffer, replies)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 from sqlalchemy.exc import DBAPIError
@@ -31,6 +33,8 @@ from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState
 from ml_platform.service import ClaimedAttempt, FencedOut, Outcome, Platform, timeout_outcome
 
 MAX_LOG_BYTES = 1024 * 1024
+#: Scheduler passes between two full advances of every active run (see Platform.schedule).
+ADVANCE_EVERY_POLLS = 4
 #: Errors of a service that is away for a while (restart, network): retried, not fatal.
 TRANSIENT_ERRORS = (DBAPIError, redis.RedisError)
 
@@ -58,23 +62,87 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+class _Runner:
+    """A warm task process (``ml_platform.task_runner``) that runs attempts one at a time."""
+
+    def __init__(self, first_log: Path) -> None:
+        env = dict(os.environ)
+        # Workflow modules are imported by reference, as the submitting process found them.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
+        read_end, write_end = os.pipe()
+        try:
+            with first_log.open("ab") as log:
+                # Fixed argv: our own interpreter and module; no shell, no user input.
+                self.process = subprocess.Popen(  # nosec B603
+                    [sys.executable, "-m", "ml_platform.task_runner", str(write_end)],
+                    stdin=subprocess.PIPE,
+                    # Until the first request, output (e.g. an import error) goes to its log.
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    pass_fds=(write_end,),
+                    # Own session: a Ctrl-C at the terminal reaches the worker, which decides.
+                    start_new_session=True,
+                )
+        finally:
+            os.close(write_end)
+        os.set_blocking(read_end, False)
+        self.replies = read_end
+        self.ran = 0
+        self.closed = False
+        self._buffer = b""
+
+    def send(self, request: dict[str, Any]) -> None:
+        assert self.process.stdin is not None  # nosec B101 - opened with stdin=PIPE
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+        self.ran += 1
+
+    def reply(self) -> dict[str, Any] | None:
+        """The reply to the current request if it has arrived, else None (never blocks)."""
+        while b"\n" not in self._buffer:
+            try:
+                chunk = os.read(self.replies, 1 << 16)
+            except BlockingIOError:
+                return None
+            if not chunk:  # the process is gone
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def dead(self) -> bool:
+        return self.process.poll() is not None
+
+    def close(self) -> None:
+        """Kill the process if it still runs and release its pipes (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        if self.process.stdin is not None:
+            try:
+                self.process.stdin.close()
+            except BrokenPipeError:
+                pass
+        os.close(self.replies)
+
+
 @dataclass
 class _Child:
+    """An attempt running in one of the worker's task processes."""
+
     claimed: ClaimedAttempt
     delivery: Delivery
-    process: subprocess.Popen[bytes]
-    workdir: Path
+    request: dict[str, Any]
+    runner: _Runner
+    log_path: Path
     started: float
     deadline: float | None
     outcome: Outcome | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "log.txt"
-
-    @property
-    def outcome_path(self) -> Path:
-        return self.workdir / "outcome.json"
 
     def read_log(self) -> str:
         try:
@@ -86,14 +154,7 @@ class _Child:
             return ""
 
     def cleanup(self) -> None:
-        for name in ("attempt.json", "outcome.json", "outcome.tmp", "log.txt"):
-            (self.workdir / name).unlink(missing_ok=True)
-        self.workdir.rmdir()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+        self.log_path.unlink(missing_ok=True)
 
 
 class Worker:
@@ -115,6 +176,7 @@ class Worker:
         self.concurrency = concurrency
         self.worker_id = worker_id or new_worker_id()
         self.children: dict[int, _Child] = {}
+        self.idle: list[_Runner] = []
         self.draining = False
         self._last_beat = 0.0
         self.on_event = on_event or (lambda _message: None)
@@ -157,59 +219,62 @@ class Worker:
         return started
 
     def _spawn(self, claimed: ClaimedAttempt, delivery: Delivery) -> None:
-        workdir = Path(tempfile.mkdtemp(prefix=f"mlp-attempt-{claimed.attempt_id}-"))
         settings = self.platform.settings
-        payload = {
+        fd, name = tempfile.mkstemp(prefix=f"mlp-attempt-{claimed.attempt_id}-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+        request = {
             "run_id": claimed.run_id,
             "node_id": claimed.node_id,
             "number": claimed.number,
             "task_ref": claimed.task_ref,
+            "code_version": claimed.code_version,
             "inputs": claimed.inputs,
             "options": claimed.options,
             "artifacts_dir": str(settings.artifacts_dir),
             "inline_result_bytes": settings.inline_result_bytes,
+            "log": name,
         }
-        (workdir / "attempt.json").write_text(json.dumps(payload))
-        env = dict(os.environ)
-        # Workflow modules are imported by reference, as the submitting process found them.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
-        with (workdir / "log.txt").open("wb") as log:
-            # Fixed argv: our own interpreter and module; no shell, no user input.
-            process = subprocess.Popen(  # nosec B603
-                [
-                    sys.executable,
-                    "-m",
-                    "ml_platform.task_runner",
-                    str(workdir / "attempt.json"),
-                    str(workdir / "outcome.json"),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                # Own session: a Ctrl-C at the terminal reaches the worker, which decides.
-                start_new_session=True,
-            )
+        runner = self.idle.pop() if self.idle else _Runner(log_path)
+        try:
+            runner.send(request)
+        except OSError:  # the idle process died meanwhile: start a fresh one
+            runner.close()
+            runner = _Runner(log_path)
+            runner.send(request)
         timeout = claimed.options.get("timeout")
         now = time.monotonic()
         self.children[claimed.attempt_id] = _Child(
-            claimed, delivery, process, workdir, now, now + timeout if timeout else None
+            claimed, delivery, request, runner, log_path, now, now + timeout if timeout else None
         )
         self.on_event(f"started {claimed.node_id} (attempt {claimed.number})")
 
     def _collect(self) -> bool:
-        done = [c for c in self.children.values() if c.process.poll() is not None]
-        for child in done:
-            self._finish(child, child.outcome or self._read_outcome(child))
-        return bool(done)
+        """Finish every attempt whose process replied or died; True if any did."""
+        collected = False
+        for child in list(self.children.values()):
+            if child.outcome is not None:  # committed on an earlier pass? (database away)
+                self._finish(child, child.outcome)
+                collected = True
+                continue
+            reply = child.runner.reply()
+            if reply is not None and reply.get("stale"):
+                # The task's code changed since this process imported it: use a fresh one.
+                child.runner.close()
+                child.runner = _Runner(child.log_path)
+                child.runner.send(child.request)
+                continue
+            if reply is None and not child.runner.dead():
+                continue
+            self._finish(child, self._outcome(child, reply))
+            collected = True
+        return collected
 
-    def _read_outcome(self, child: _Child) -> Outcome:
+    def _outcome(self, child: _Child, data: dict[str, Any] | None) -> Outcome:
         log = child.read_log()
-        code = child.process.returncode
-        try:
-            data = json.loads(child.outcome_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            if code is not None and code < 0:
+        if data is None:
+            code = child.runner.process.wait()
+            if code < 0:
                 reason = f"killed by signal {signal.Signals(-code).name}"
             else:
                 reason = f"exited with code {code} before reporting a result"
@@ -226,6 +291,28 @@ class Worker:
             artifacts=data["artifacts"],
         )
 
+    def _release(self, child: _Child) -> None:
+        """Keep the child's process for the next attempt, or end it."""
+        runner = child.runner
+        limit = self.platform.settings.max_tasks_per_process
+        if runner.dead() or (limit and runner.ran >= limit) or self.draining:
+            runner.close()
+        else:
+            self.idle.append(runner)
+
+    def wait_for_replies(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking as soon as a running attempt's process answers."""
+        fds = [c.runner.replies for c in self.children.values() if c.outcome is None]
+        if fds:
+            select.select(fds, [], [], seconds)
+        elif seconds > 0:
+            time.sleep(seconds)
+
+    def close(self) -> None:
+        """End the idle task processes (running attempts are stopped by their own paths)."""
+        while self.idle:
+            self.idle.pop().close()
+
     def _finish(self, child: _Child, outcome: Outcome) -> None:
         # Keep the outcome: if the database is away, the next pass commits it again.
         child.outcome = outcome
@@ -237,15 +324,20 @@ class Worker:
             self.dispatcher.publish(queued)
             verdict = "skipped" if outcome.skipped else outcome.state.value
             self.on_event(f"{verdict} {child.claimed.node_id} (attempt {child.claimed.number})")
-        del self.children[child.claimed.attempt_id]
+        self.children.pop(child.claimed.attempt_id, None)
         self.dispatcher.ack(child.delivery)
         child.cleanup()
+        self._release(child)
 
     def _enforce_timeouts(self) -> bool:
         now = time.monotonic()
-        late = [c for c in self.children.values() if c.deadline is not None and now > c.deadline]
+        late = [
+            c
+            for c in self.children.values()
+            if c.outcome is None and c.deadline is not None and now > c.deadline
+        ]
         for child in late:
-            child.kill()
+            child.runner.close()
             outcome = timeout_outcome(child.claimed.options)
             outcome.log = child.read_log()
             self._finish(child, outcome)
@@ -256,7 +348,7 @@ class Worker:
         beat = self.platform.heartbeat(list(self.children), self.worker_id)
         for attempt_id in beat.lost:
             child = self.children.pop(attempt_id)
-            child.kill()
+            child.runner.close()
             self.on_event(f"lost the lease of {child.claimed.node_id}; stopped it")
             self.dispatcher.ack(child.delivery)
             child.cleanup()
@@ -268,7 +360,7 @@ class Worker:
         child = self.children.get(attempt_id)
         if child is None:
             return
-        child.kill()
+        child.runner.close()
         self._finish(child, Outcome(AttemptState.CANCELLED, error=reason, log=child.read_log()))
 
     def stop_all(self, reason: str) -> None:
@@ -278,7 +370,7 @@ class Worker:
     def hand_back(self, reason: str) -> None:
         """Kill every running attempt and record it as lost, so that it is retried."""
         for child in list(self.children.values()):
-            child.kill()
+            child.runner.close()
             self._finish(child, Outcome(AttemptState.LOST, error=reason, log=child.read_log()))
 
 
@@ -298,6 +390,7 @@ class Runtime:
         self.worker = worker
         self.only_run = only_run
         self._last_schedule = 0.0
+        self._last_advance = 0.0
 
     def tick(self) -> None:
         """One pass; survives the database or Redis being away (it retries next pass)."""
@@ -309,14 +402,25 @@ class Runtime:
 
     def _tick(self) -> None:
         settings = self.platform.settings
-        if time.monotonic() - self._last_schedule >= settings.poll_seconds:
-            self._last_schedule = time.monotonic()
-            self.dispatcher.publish(self.platform.schedule(self.only_run))
-        # Children are checked often; the database only every poll interval.
-        wait = 0.02 if self.worker.children else settings.poll_seconds / 5
-        block = self.dispatcher.blocking and self.worker.accepting
-        if not self.worker.step(wait if block else 0.0) and not block:
-            time.sleep(wait)
+        now = time.monotonic()
+        if now - self._last_schedule >= settings.poll_seconds:
+            self._last_schedule = now
+            # The full pass reads every task of every active run: its own, rarer, cadence.
+            advance = now - self._last_advance >= settings.poll_seconds * ADVANCE_EVERY_POLLS
+            if advance:
+                self._last_advance = now
+            self.dispatcher.publish(self.platform.schedule(self.only_run, advance=advance))
+        worker = self.worker
+        idle_wait = settings.poll_seconds / 5
+        # Block on the dispatcher only when nothing runs: a reply must never wait behind it.
+        block = self.dispatcher.blocking and worker.accepting and not worker.children
+        if worker.step(idle_wait if block else 0.0) or block:
+            return
+        if worker.children:
+            # Woken by the first reply; with free slots, look for new work again soon.
+            worker.wait_for_replies(0.005 if worker.accepting else idle_wait)
+        else:
+            time.sleep(idle_wait)
 
     def drive(
         self,
