@@ -20,7 +20,9 @@ nox.options.error_on_missing_interpreters = True
 nox.options.reuse_existing_virtualenvs = False
 
 PYTHON = "3.11"
-LINT_PATHS = ["src", "tests", "noxfile.py"] + (["tasks.py"] if os.path.exists("tasks.py") else [])
+LINT_PATHS = ["src", "tests", "benchmarks", "noxfile.py"] + (
+    ["tasks.py"] if os.path.exists("tasks.py") else []
+)
 
 
 def sync(session: nox.Session, *groups: str, project: bool = True) -> None:
@@ -55,8 +57,8 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """Type-check src/, tests/ and the task files with mypy in strict mode."""
     sync(session, "typecheck")
-    extra = ["tasks.py"] if os.path.exists("tasks.py") else []
-    session.run("mypy", *extra, *session.posargs)
+    # Files on the command line replace the configured ones: name them all.
+    session.run("mypy", *(session.posargs or [*LINT_PATHS]))
 
 
 @nox.session(python=PYTHON, tags=["tests"])
@@ -80,6 +82,31 @@ def tests(session: nox.Session) -> None:
         *gate,
         *(session.posargs or ["tests", "--ignore=tests/smoke"]),
     )
+
+
+@nox.session(python=PYTHON, default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against Celery, Dramatiq, Dask and Prefect; rewrites docs/benchmarks.md.
+
+    Posargs choose sections (workloads, crash, pipeline, pipeline-tests); see benchmarks/.
+    Needs the machine's PostgreSQL and Redis (DATABASE_URL, REDIS_URL to point elsewhere).
+    """
+    sync(session, "bench")
+    peers = Path(".nox") / "bench-peers"
+    if not (peers / "bin" / "python").exists():
+        session.run("uv", "venv", "--quiet", "--python", PYTHON, str(peers))
+    session.run(
+        "uv",
+        "pip",
+        "install",
+        "--quiet",
+        "--python",
+        str(peers / "bin" / "python"),
+        "-r",
+        "benchmarks/peers-requirements.txt",
+    )
+    session.env["BENCH_PEERS_PYTHON"] = str((peers / "bin" / "python").resolve())
+    session.run("python", "-m", "benchmarks", *session.posargs)
 
 
 # -- security ---------------------------------------------------------------------------------

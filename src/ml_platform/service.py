@@ -569,9 +569,21 @@ class Platform:
             if row is None:
                 return None
             run_id, task_run_id, number = row
-            run = self._lock_run(session, run_id)
-            if run.cancel_requested or run.state in RUN_TERMINAL:
+            # No lock on the run: a fan-out's claims would queue behind each other on it. The
+            # guarded UPDATEs below decide; cancel() turns queued task runs cancelled under
+            # the run's lock, so a claim either finds its task queued or loses.
+            run_state = session.execute(
+                select(Run.state, Run.cancel_requested).where(Run.id == run_id)
+            ).one()
+            if run_state.cancel_requested or run_state.state in RUN_TERMINAL:
                 return None
+            if run_state.state == RunState.QUEUED:
+                # The first claim starts the run (the run row lock comes first, as everywhere).
+                session.execute(
+                    update(Run)
+                    .where(Run.id == run_id, Run.state == RunState.QUEUED)
+                    .values(state=RunState.RUNNING, started_at=now)
+                )
             taken = session.execute(
                 update(TaskRun)
                 .where(
@@ -599,9 +611,6 @@ class Platform:
             )
             if _rowcount(started) != 1:
                 raise _Abort  # undo the task run's change too
-            if run.state == RunState.QUEUED:
-                run.state = RunState.RUNNING
-                run.started_at = now
             task_run = session.get_one(TaskRun, task_run_id)
             deps = references(task_run.inputs)
             results = {

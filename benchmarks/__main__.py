@@ -1,0 +1,69 @@
+"""``python -m benchmarks [SECTION...]``: run benchmark sections, then rewrite docs/benchmarks.md.
+
+Sections: ``workloads`` (ours and the peers, alternating), ``crash``, ``pipeline`` (nox
+session creation and the quality gate), ``pipeline-tests`` (the tests session cold and warm:
+about 15 minutes, so never part of the default). Without arguments: workloads, crash and
+pipeline. Figures are kept per section in docs/benchmarks.json, so a partial run replaces
+only its own sections and the page says when each was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import crash, pipeline, report
+from benchmarks.machine import describe
+from benchmarks.workloads_run import run_workloads
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "benchmarks.json"
+DEFAULT = ["workloads", "crash", "pipeline"]
+KNOWN = [*DEFAULT, "pipeline-tests"]
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    sections = argv or DEFAULT
+    unknown = [s for s in sections if s not in KNOWN]
+    if unknown:
+        print(
+            f"unknown section(s) {', '.join(unknown)}; known: {', '.join(KNOWN)}", file=sys.stderr
+        )
+        return 2
+    database_url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    machine = describe()
+    began = time.monotonic()
+    for section in sections:
+        progress(f"section {section}")
+        if section == "workloads":
+            figures = run_workloads(database_url, redis_url, progress)
+        elif section == "crash":
+            figures = crash.run(database_url, redis_url, 20, progress)
+        elif section == "pipeline":
+            figures = pipeline.run(progress, include_tests=False)
+        else:
+            figures = pipeline.run(progress, include_tests=True)
+            section = "pipeline"
+        results[section] = {
+            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine,
+            **figures,
+        }
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    verdict = report.write(results, ROOT / "docs")
+    progress(f"done in {time.monotonic() - began:.0f} s: {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

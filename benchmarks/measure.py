@@ -1,0 +1,64 @@
+"""Figures common to every system: samples, medians, percentiles, memory."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Sample:
+    """One repetition of one workload on one system."""
+
+    makespan: float  # seconds from submission to the last task's end
+    tasks: int
+    starts: list[float] = field(default_factory=list)  # seconds from submission to each start
+    peak_rss: int = 0  # bytes, summed over the system's processes
+
+    @property
+    def throughput(self) -> float:
+        return self.tasks / self.makespan if self.makespan > 0 else 0.0
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The nearest-rank percentile (``fraction`` in 0..1) of ``values``."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = max(1, round(fraction * len(ordered) + 0.5 - 1e-9))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    """Median, minimum and maximum."""
+    return statistics.median(values), min(values), max(values)
+
+
+def rss_of_tree(pid: int) -> int:
+    """Resident memory in bytes of a process and all its descendants (0 if it is gone)."""
+    total = 0
+    for proc in [pid, *_descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{proc}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            tasks = Path(f"/proc/{parent}/task").iterdir()
+            children = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        found += children
+        frontier += children
+    return found

@@ -1,0 +1,230 @@
+"""ml_platform under the benchmark workloads: distributed (PostgreSQL + Redis) and embedded."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+# The bench starts our own CLI with fixed arguments, never a shell.
+import subprocess  # nosec B404
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from benchmarks import workloads
+from benchmarks.measure import Sample, rss_of_tree
+from ml_platform.config import Settings
+from ml_platform.dispatch import InProcessDispatcher
+from ml_platform.engine.states import RUN_TERMINAL, RunState
+from ml_platform.sdk import Workflow
+from ml_platform.service import Platform
+from ml_platform.store.models import utcnow
+from ml_platform.worker import Runtime, Worker, make_dispatcher
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DB = "mlp_bench"
+WORKERS = 2
+
+
+def _admin_url(database_url: str) -> str:
+    url = make_url(database_url)
+    return url.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False
+    )
+
+
+def reset_database(database_url: str) -> str:
+    """Drop and create the bench database; return its URL."""
+    with psycopg.connect(_admin_url(database_url), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {BENCH_DB}")
+    url = make_url(database_url).set(drivername="postgresql+psycopg", database=BENCH_DB)
+    return url.render_as_string(hide_password=False)
+
+
+def drop_database(database_url: str) -> None:
+    with psycopg.connect(_admin_url(database_url), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+
+
+@dataclass
+class RunFigures:
+    """What one run of a workload measured, from the database's own timestamps."""
+
+    makespan: float
+    tasks: int
+    starts: list[float] = field(default_factory=list)  # seconds from submit to each start
+    peak_rss: int = 0
+
+    def sample(self) -> Sample:
+        return Sample(self.makespan, self.tasks, self.starts, self.peak_rss)
+
+
+def _figures(platform: Platform, run_id: str, submitted_at: Any) -> RunFigures:
+    run, _ = platform.run(run_id)
+    if run.state != RunState.SUCCEEDED:
+        raise RuntimeError(f"benchmark run {run_id[:8]} ended {run.state}")
+    attempts = platform.attempts(run_id)
+    starts = sorted((a.started_at - submitted_at).total_seconds() for a in attempts)
+    assert run.finished_at is not None  # nosec B101 - a succeeded run has ended
+    return RunFigures((run.finished_at - submitted_at).total_seconds(), len(attempts), starts)
+
+
+class _RssSampler(threading.Thread):
+    """Samples the summed RSS of some process trees every 20 ms; keeps the peak."""
+
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.peak = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.02):
+            self.peak = max(self.peak, sum(rss_of_tree(pid) for pid in self.pids))
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return self.peak
+
+
+def _wait_for_end(platform: Platform, run_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while RunState(platform.run(run_id)[0].state) not in RUN_TERMINAL:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"benchmark run {run_id[:8]} did not end within {timeout} s")
+        time.sleep(0.02)
+
+
+class Distributed:
+    """Two ``mlp worker`` processes on PostgreSQL and Redis; this process submits."""
+
+    def __init__(self, database_url: str, redis_url: str, concurrency: int = 1) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="mlp-bench-"))
+        self.env = {
+            **os.environ,  # MLP_LEASE_SECONDS and the like reach the workers
+            "DATABASE_URL": reset_database(database_url),
+            "REDIS_URL": redis_url,
+            "MLP_REDIS_PREFIX": f"mlp-bench-{os.getpid()}",
+            "ML_PLATFORM_HOME": str(self.home),
+            "PYTHONPATH": str(ROOT),
+        }
+        self.database_url = database_url
+        self.concurrency = concurrency
+        self.workers: list[subprocess.Popen[bytes]] = []
+        settings = Settings(
+            database_url_override=self.env["DATABASE_URL"],
+            redis_url=redis_url,
+            redis_prefix=self.env["MLP_REDIS_PREFIX"],
+            home=self.home,
+        )
+        self.platform = Platform(settings).start()
+        self.dispatcher = make_dispatcher(self.platform, "bench-submitter")
+
+    def start_workers(self, count: int = WORKERS) -> None:
+        for _ in range(count):
+            # Fixed argv: our own CLI through this interpreter.
+            worker = subprocess.Popen(  # nosec B603
+                [
+                    sys.executable,
+                    "-m",
+                    "ml_platform",
+                    "worker",
+                    "--concurrency",
+                    str(self.concurrency),
+                ],
+                env=self.env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            assert worker.stdout is not None  # nosec B101
+            for line in worker.stdout:
+                if b"ready" in line:
+                    break
+            # Drain its output (one line per task) so the pipe never fills and blocks it.
+            threading.Thread(target=worker.stdout.read, daemon=True).start()
+            self.workers.append(worker)
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.wait(timeout=60)
+        self.workers.clear()
+
+    def run(self, wf: Workflow, params: dict[str, Any], timeout: float = 300) -> RunFigures:
+        sampler = _RssSampler([w.pid for w in self.workers])
+        sampler.start()
+        submitted_at = utcnow()
+        submitted = self.platform.submit(wf, params)
+        self.dispatcher.publish(submitted.queued)
+        try:
+            _wait_for_end(self.platform, submitted.run_id, timeout)
+        finally:
+            peak = sampler.stop()
+        figures = _figures(self.platform, submitted.run_id, submitted_at)
+        figures.peak_rss = peak
+        return figures
+
+    def close(self) -> None:
+        self.stop_workers()
+        self.platform.close()
+        drop_database(self.database_url)
+
+
+class Embedded:
+    """The embedded default: SQLite and the in-process dispatcher, in this process."""
+
+    def __init__(self, concurrency: int = WORKERS) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="mlp-bench-embedded-"))
+        self.platform = Platform(Settings(home=self.home)).start()
+        self.concurrency = concurrency
+
+    def run(self, wf: Workflow, params: dict[str, Any], timeout: float = 300) -> RunFigures:
+        sampler = _RssSampler([os.getpid()])
+        sampler.start()
+        dispatcher = InProcessDispatcher()
+        worker = Worker(self.platform, dispatcher, concurrency=self.concurrency)
+        runtime = Runtime(self.platform, dispatcher, worker)
+        try:
+            submitted_at = utcnow()
+            submitted = self.platform.submit(wf, params)
+            dispatcher.publish(submitted.queued)
+            runtime.drive(submitted.run_id, timeout=timeout)
+        finally:
+            worker.close()
+            peak = sampler.stop()
+        figures = _figures(self.platform, submitted.run_id, submitted_at)
+        figures.peak_rss = peak
+        return figures
+
+    def close(self) -> None:
+        self.platform.close()
+
+
+@contextmanager
+def distributed(database_url: str, redis_url: str, concurrency: int = 1) -> Iterator[Distributed]:
+    mode = Distributed(database_url, redis_url, concurrency)
+    try:
+        mode.start_workers()
+        yield mode
+    finally:
+        mode.close()
+
+
+WORKLOADS: dict[str, tuple[Workflow, dict[str, Any]]] = {
+    "fanout": (workloads.fanout, {}),
+    "chain": (workloads.chain, {}),
+    "sleeps": (workloads.sleeps, {}),
+}

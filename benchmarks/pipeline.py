@@ -1,0 +1,84 @@
+"""The pipeline's own speed: nox session creation (uv against virtualenv), quality, tests.
+
+Cold means a fresh ``--envdir`` (new virtualenvs; uv's download cache stays warm, as on a CI
+runner that restores it); warm means the same sessions again with ``-R`` (reuse, no install).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+# Runs nox with fixed argv, never a shell.
+import subprocess  # nosec B404
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+REPETITIONS = 3
+
+
+def _nox(*args: str) -> float:
+    began = time.monotonic()
+    # Fixed argv: nox through this interpreter.
+    done = subprocess.run(  # nosec B603
+        [sys.executable, "-m", "nox", *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    elapsed = time.monotonic() - began
+    if done.returncode != 0:
+        raise RuntimeError(f"nox {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def _cold_and_warm(
+    progress: Callable[[str], None], label: str, *args: str
+) -> dict[str, list[float]]:
+    cold, warm = [], []
+    for _ in range(REPETITIONS):
+        envdir = Path(tempfile.mkdtemp(prefix="mlp-bench-nox-"))
+        try:
+            cold.append(_nox(*args, "--envdir", str(envdir)))
+            warm.append(_nox(*args, "--envdir", str(envdir), "-R"))
+        finally:
+            shutil.rmtree(envdir, ignore_errors=True)
+        progress(f"{label}: cold {cold[-1]:.1f} s, warm {warm[-1]:.1f} s")
+    return {"cold": cold, "warm": warm}
+
+
+def run(progress: Callable[[str], None], *, include_tests: bool) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for backend in ("uv", "virtualenv"):
+        times = []
+        for _ in range(REPETITIONS):
+            envdir = Path(tempfile.mkdtemp(prefix="mlp-bench-nox-"))
+            try:
+                times.append(
+                    _nox(
+                        "-s",
+                        "lint",
+                        "--install-only",
+                        "--force-venv-backend",
+                        backend,
+                        "--envdir",
+                        str(envdir),
+                    )
+                )
+            finally:
+                shutil.rmtree(envdir, ignore_errors=True)
+        figures[f"create_{backend}"] = times
+        progress(f"session creation with {backend}: {min(times):.1f}-{max(times):.1f} s")
+    figures["quality"] = _cold_and_warm(progress, "nox -t quality", "-t", "quality")
+    if include_tests:
+        envdir = Path(tempfile.mkdtemp(prefix="mlp-bench-nox-"))
+        try:
+            cold = _nox("-s", "tests", "--envdir", str(envdir))
+            progress(f"nox -s tests cold: {cold:.0f} s")
+            warm = _nox("-s", "tests", "--envdir", str(envdir), "-R")
+            progress(f"nox -s tests warm: {warm:.0f} s")
+        finally:
+            shutil.rmtree(envdir, ignore_errors=True)
+        figures["tests"] = {"cold": [cold], "warm": [warm]}
+    return figures

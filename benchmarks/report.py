@@ -1,0 +1,281 @@
+"""docs/benchmarks.md and docs/benchmarks.png from the figures in docs/benchmarks.json."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.sizes import CHAIN_LENGTH, FANOUT_WIDTH, SLEEP_SECONDS, SLEEP_TASKS
+
+OURS = "ml_platform (distributed)"
+SLOTS = 2
+IDEAL_SLEEPS = SLEEP_TASKS * SLEEP_SECONDS / SLOTS
+GOALS = {
+    "fanout": ("fan-out/fan-in of 1,000", 1.0, "s"),
+    "chain": ("10-step chain, per step", 2.5, "ms"),
+    "sleeps": ("1,000 × 10 ms, above the ideal", 0.5, "s"),
+}
+PERSISTENCE = {
+    "ml_platform (distributed)": "every state change committed to PostgreSQL before it is "
+    "acknowledged (runs, task runs, attempts, results, logs)",
+    "ml_platform (embedded)": "every state change committed to SQLite (WAL, synchronous=NORMAL)",
+    "celery": "messages in Redis; results in the Redis result backend (chord needs it); no run "
+    "history",
+    "dramatiq": "messages in Redis; group barrier in Redis; no results, no run history",
+    "dask": "nothing: task state lives in the scheduler's memory",
+    "prefect": "flow and task run states through its API into SQLite (ephemeral local server)",
+}
+
+
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    med, low, high = _stats([v * scale for v in values])
+    return f"{med:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def _metric(samples: list[dict[str, Any]], workload: str) -> list[float]:
+    """The figure a goal is about: seconds, ms per step, or seconds above the ideal."""
+    spans = [s["makespan"] for s in samples]
+    if workload == "chain":
+        return [v * 1000 / CHAIN_LENGTH for v in spans]
+    if workload == "sleeps":
+        return [v - IDEAL_SLEEPS for v in spans]
+    return spans
+
+
+def _workloads_section(data: dict[str, Any]) -> list[str]:
+    samples = data["samples"]
+    lines = [
+        f"## Workloads (measured {data['measured']}; medians of {data['repetitions']}, min–max "
+        "in brackets)",
+        "",
+        "Every system runs on this machine against the same Redis server, in turns: each "
+        "repetition runs every system once, each on a warmed-up set of workers. Ours runs "
+        "with 2 worker processes of concurrency 1 (distributed: `mlp worker` ×2 on PostgreSQL "
+        "+ Redis; embedded: one process on SQLite running 2 task processes); Celery with one "
+        "worker of 2 prefork processes; Dramatiq with 2 processes of 1 thread; Dask with a "
+        "LocalCluster of 2 worker processes of 1 thread; Prefect with a thread pool of 2 inside "
+        "a local flow. Submit-to-start is the time from the workflow's submission to each "
+        "task's start.",
+        "",
+        f"### Fan-out/fan-in: 1 → {FANOUT_WIDTH:,} → 1",
+        "",
+        "| system | makespan s | tasks/s | p50 submit-to-start s | p99 submit-to-start s | "
+        "peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for system, by_workload in samples.items():
+        runs = by_workload["fanout"]
+        rate = [r["tasks"] / r["makespan"] for r in runs]
+        lines.append(
+            f"| {system} | {_fmt([r['makespan'] for r in runs])} | {_fmt(rate, digits=0)} | "
+            f"{_fmt([r['p50_start'] for r in runs])} | {_fmt([r['p99_start'] for r in runs])} | "
+            f"{_fmt([r['peak_rss'] for r in runs], 1 / 2**20, 0)} |"
+        )
+    lines += [
+        "",
+        f"### Chain of {CHAIN_LENGTH} no-op tasks",
+        "",
+        "| system | end to end ms | per step ms |",
+        "|---|---|---|",
+    ]
+    for system, by_workload in samples.items():
+        runs = by_workload["chain"]
+        lines.append(
+            f"| {system} | {_fmt([r['makespan'] for r in runs], 1000, 1)} | "
+            f"{_fmt(_metric(runs, 'chain'), digits=2)} |"
+        )
+    lines += [
+        "",
+        f"### {SLEEP_TASKS:,} tasks of {SLEEP_SECONDS * 1000:.0f} ms on {SLOTS} slots "
+        f"(ideal {IDEAL_SLEEPS:.1f} s)",
+        "",
+        "| system | makespan s | above the ideal s | overhead share of the work |",
+        "|---|---|---|---|",
+    ]
+    for system, by_workload in samples.items():
+        runs = by_workload["sleeps"]
+        above = _metric(runs, "sleeps")
+        share = [a / IDEAL_SLEEPS * 100 for a in above]
+        lines.append(
+            f"| {system} | {_fmt([r['makespan'] for r in runs])} | {_fmt(above)} | "
+            f"{statistics.median(share):.0f} % |"
+        )
+    prefect = samples.get("prefect")
+    if prefect:
+        flows = [r.get("flow_seconds", 0.0) for r in prefect["fanout"]]
+        lines += [
+            "",
+            f"Prefect's figures are taken inside the flow; the whole fan-out flow, its states "
+            f"saved, took {_fmt(flows)} s.",
+        ]
+    lines += ["", "### What each system keeps", "", "| system | persisted |", "|---|---|"]
+    lines += [f"| {s} | {PERSISTENCE.get(s, '?')} |" for s in samples]
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(data["peer_versions"].items()))
+    lines += ["", f"Peer versions: {versions}.", ""]
+    return lines
+
+
+def goal_rows(data: dict[str, Any]) -> list[tuple[str, float, float, str, bool]]:
+    rows = []
+    for workload, (label, goal, unit) in GOALS.items():
+        measured = statistics.median(_metric(data["samples"][OURS][workload], workload))
+        rows.append((label, goal, measured, unit, measured <= goal))
+    return rows
+
+
+def _crash_section(data: dict[str, Any]) -> list[str]:
+    rounds = data["rounds"]
+    recovery = [r["recovery"] for r in rounds]
+    return [
+        f"## Crash benchmark (measured {data['measured']})",
+        "",
+        f"`kill -9` of the worker running a {data['task_seconds']:.0f} s task, "
+        f"{data['kill_after_seconds']:.0f} s into it, {len(rounds)} times (lease "
+        f"{data['lease_seconds']:.0f} s for this benchmark; the default is 30 s, and the time "
+        "to run again follows the lease).",
+        "",
+        "| rounds | ran again after s (median, min–max) | duplicates started | "
+        "duplicates committed | tasks lost |",
+        "|---|---|---|---|---|",
+        f"| {len(rounds)} | {_fmt(recovery)} | {sum(r['duplicates_started'] for r in rounds)} | "
+        f"{sum(r['duplicates_committed'] for r in rounds)} | {sum(r['lost'] for r in rounds)} |",
+        "",
+    ]
+
+
+def _pipeline_section(data: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## The pipeline's speed (measured {data['measured']}; medians, min–max)",
+        "",
+        "| what | cold s | warm s |",
+        "|---|---|---|",
+        f"| `nox -t quality` | {_fmt(data['quality']['cold'], digits=1)} | "
+        f"{_fmt(data['quality']['warm'], digits=1)} |",
+    ]
+    if "tests" in data:
+        when = data.get("tests_measured", data["measured"])
+        lines.append(
+            f"| `nox -s tests` (measured {when}) | {_fmt(data['tests']['cold'], digits=0)} | "
+            f"{_fmt(data['tests']['warm'], digits=0)} |"
+        )
+    else:
+        lines.append("| `nox -s tests` | not measured: `nox -s bench -- pipeline-tests` | |")
+    lines += [
+        "",
+        "Session creation (`nox -s lint --install-only` into a fresh envdir):",
+        "",
+        "| backend | seconds |",
+        "|---|---|",
+        f"| uv | {_fmt(data['create_uv'], digits=1)} |",
+        f"| virtualenv | {_fmt(data['create_virtualenv'], digits=1)} |",
+        "",
+    ]
+    return lines
+
+
+def _machine(results: dict[str, Any]) -> list[str]:
+    any_section = next(iter(results.values()))
+    m = any_section["machine"]
+    return [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}; Python "
+        f"{m['python']}; {m['postgresql']}; {m['redis']}; ml_platform {m['ml_platform']}, "
+        f"SQLAlchemy {m['sqlalchemy']}, psycopg {m['psycopg']}, redis-py {m['redis_py']}, "
+        f"nox {m['nox']}, {m['uv']}.",
+        "",
+    ]
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = results["workloads"]["samples"]
+    systems = list(samples)
+    panels: list[tuple[str, str, Callable[[list[dict[str, Any]]], list[float]]]] = [
+        (
+            "fanout",
+            "fan-out 1,000: tasks/s (higher is better)",
+            lambda rs: [r["tasks"] / r["makespan"] for r in rs],
+        ),
+        ("chain", "chain: ms per step (lower is better)", lambda rs: _metric(rs, "chain")),
+        (
+            "sleeps",
+            "1,000 × 10 ms: s above ideal (lower is better)",
+            lambda rs: _metric(rs, "sleeps"),
+        ),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    for ax, (workload, title, metric) in zip(axes, panels, strict=True):
+        values = [statistics.median(metric(samples[s][workload])) for s in systems]
+        colors = ["#2b7bba" if s.startswith("ml_platform") else "#9aa5b1" for s in systems]
+        ax.barh(systems, values, color=colors)
+        goal = GOALS[workload][1]
+        ax.axvline(
+            goal if workload != "fanout" else FANOUT_WIDTH / goal,
+            color="#c0392b",
+            linestyle="--",
+            label="goal",
+        )
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(
+        f"Medians of {results['workloads']['repetitions']} repetitions, "
+        f"measured {results['workloads']['measured']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], docs: Path) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `uv run nox -s bench` (sections: `nox -s bench -- workloads crash "
+        "pipeline pipeline-tests`) from `docs/benchmarks.json`; do not edit by hand.",
+        "",
+        *_machine(results),
+    ]
+    verdicts = []
+    if "workloads" in results:
+        lines += [
+            "![benchmark chart](benchmarks.png)",
+            "",
+            "## Goals",
+            "",
+            "| goal | target | measured (median) | |",
+            "|---|---|---|---|",
+        ]
+        for label, goal, measured, unit, met in goal_rows(results["workloads"]):
+            lines.append(
+                f"| {label} | ≤ {goal} {unit} | {measured:.2f} {unit} | "
+                f"{'met' if met else '**not met**'} |"
+            )
+            verdicts.append(f"{label} {measured:.2f} {unit} ({'met' if met else 'not met'})")
+        lines.append("")
+        lines += _workloads_section(results["workloads"])
+        chart(results, docs / "benchmarks.png")
+    if "crash" in results:
+        lines += _crash_section(results["crash"])
+        rounds = results["crash"]["rounds"]
+        verdicts.append(
+            f"crash: {sum(r['lost'] for r in rounds)} lost, "
+            f"{sum(r['duplicates_committed'] for r in rounds)} double-committed"
+        )
+    if "pipeline" in results:
+        lines += _pipeline_section(results["pipeline"])
+    notes = docs / "benchmarks-analysis.md"
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
+    (docs / "benchmarks.md").write_text("\n".join(lines))
+    return "; ".join(verdicts) or "nothing measured"

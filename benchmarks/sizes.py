@@ -1,0 +1,8 @@
+"""The workloads' sizes, shared by ours and the peers (no ml_platform import: the peers'
+interpreter reads this too)."""
+
+FANOUT_WIDTH = 1000
+CHAIN_LENGTH = 10
+SLEEP_TASKS = 1000
+SLEEP_SECONDS = 0.010
+CRASH_TASK_SECONDS = 5.0

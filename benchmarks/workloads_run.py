@@ -1,0 +1,138 @@
+"""The workloads on every system, alternating, REPETITIONS times."""
+
+from __future__ import annotations
+
+import json
+import os
+
+# Runs the peers' runner with the peers' interpreter and fixed arguments.
+import subprocess  # nosec B404
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from benchmarks import ours
+from benchmarks.measure import Sample
+
+ROOT = Path(__file__).resolve().parent.parent
+REPETITIONS = 5
+WORKLOADS = ["fanout", "chain", "sleeps"]
+PEERS = ["celery", "dramatiq", "dask", "prefect"]
+#: Redis databases the broker peers may flush (the same Redis server as ours).
+PEER_REDIS_DB = {"celery": 11, "dramatiq": 12, "dask": 13, "prefect": 13}
+PEER_PACKAGES = ["celery", "dramatiq", "dask", "distributed", "prefect", "kombu", "redis"]
+
+
+def peers_python() -> str:
+    return os.environ.get(
+        "BENCH_PEERS_PYTHON", str(ROOT / ".nox" / "bench-peers" / "bin" / "python")
+    )
+
+
+def peer_versions() -> dict[str, str]:
+    code = (
+        "import json, importlib.metadata as m\n"
+        f"print(json.dumps({{p: m.version(p) for p in {PEER_PACKAGES!r}}}))"
+    )
+    # Fixed argv: the peers' interpreter and a literal program.
+    done = subprocess.run(
+        [peers_python(), "-c", code], capture_output=True, text=True, check=True
+    )  # nosec B603
+    versions: dict[str, str] = json.loads(done.stdout)
+    return versions
+
+
+def _peer_redis(redis_url: str, peer: str) -> str:
+    parts = urlsplit(redis_url)
+    return f"redis://{parts.hostname or '127.0.0.1'}:{parts.port or 6379}/{PEER_REDIS_DB[peer]}"
+
+
+def run_peer(peer: str, redis_url: str) -> dict[str, dict[str, Any]]:
+    env = {
+        **os.environ,
+        "BENCH_REDIS_URL": _peer_redis(redis_url, peer),
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_HOME": str(ROOT / ".nox" / "bench-peers" / "prefect-home"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    # Fixed argv: the peers' interpreter running our runner module.
+    done = subprocess.run(  # nosec B603
+        [peers_python(), "-m", "benchmarks.peers", peer, *WORKLOADS],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+        check=False,
+    )
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or len(records) != len(WORKLOADS):
+        raise RuntimeError(f"{peer} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return {r["workload"]: r for r in records}
+
+
+def _ours_distributed(database_url: str, redis_url: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    with ours.distributed(database_url, redis_url) as mode:
+        mode.run(*ours.WORKLOADS["chain"])  # warm-up, as for the peers
+        for workload in WORKLOADS:
+            out[workload] = _record(mode.run(*ours.WORKLOADS[workload]).sample())
+    return out
+
+
+def _ours_embedded() -> dict[str, dict[str, Any]]:
+    mode = ours.Embedded()
+    try:
+        mode.run(*ours.WORKLOADS["chain"])
+        return {w: _record(mode.run(*ours.WORKLOADS[w]).sample()) for w in WORKLOADS}
+    finally:
+        mode.close()
+
+
+def _record(sample: Sample) -> dict[str, Any]:
+    return {
+        "makespan": sample.makespan,
+        "tasks": sample.tasks,
+        "starts": sample.starts,
+        "peak_rss": sample.peak_rss,
+    }
+
+
+def run_workloads(
+    database_url: str,
+    redis_url: str,
+    progress: Callable[[str], None],
+    peers: list[str] | None = None,
+) -> dict[str, Any]:
+    systems = ["ml_platform (distributed)", "ml_platform (embedded)", *(peers or PEERS)]
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {
+        s: {w: [] for w in WORKLOADS} for s in systems
+    }
+    for rep in range(1, REPETITIONS + 1):
+        for system in systems:
+            if system == "ml_platform (distributed)":
+                records = _ours_distributed(database_url, redis_url)
+            elif system == "ml_platform (embedded)":
+                records = _ours_embedded()
+            else:
+                records = run_peer(system, redis_url)
+            for workload, record in records.items():
+                # Keep the starts' percentiles, not every start, in the results file.
+                starts = sorted(record.pop("starts"))
+                record["p50_start"] = starts[len(starts) // 2]
+                record["p99_start"] = starts[min(len(starts) - 1, int(len(starts) * 0.99))]
+                samples[system][workload].append(record)
+            progress(
+                f"rep {rep}/{REPETITIONS} {system}: "
+                + ", ".join(f"{w} {records[w]['makespan']:.2f} s" for w in WORKLOADS)
+            )
+    return {
+        "repetitions": REPETITIONS,
+        "samples": samples,
+        "peer_versions": peer_versions(),
+        "python_peers": sys.version.split()[0],
+    }

@@ -1,0 +1,100 @@
+"""The benchmark's own arithmetic and report, on figures in the results file's format."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import report
+from benchmarks.crash import Round
+from benchmarks.measure import Sample, percentile, rss_of_tree, summary
+
+
+def test_percentiles_use_the_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([3.0], 0.99) == 3.0
+    assert summary([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    assert Sample(2.0, 1000).throughput == 500.0
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+
+
+def test_memory_of_a_process_tree_includes_its_children() -> None:
+    alone = rss_of_tree(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        assert rss_of_tree(os.getpid()) > alone
+        assert rss_of_tree(child.pid) > 0
+    finally:
+        child.kill()
+        child.wait()
+    assert rss_of_tree(child.pid) == 0  # gone: counts nothing
+
+
+def test_a_crash_round_counts_duplicates_and_losses() -> None:
+    clean = Round(recovery=2.4, executions=2, succeeded_attempts=1, run_state="succeeded")
+    assert (clean.duplicates_started, clean.duplicates_committed, clean.lost) == (0, 0, 0)
+    bad = Round(recovery=2.4, executions=3, succeeded_attempts=2, run_state="failed")
+    assert (bad.duplicates_started, bad.duplicates_committed, bad.lost) == (1, 1, 1)
+
+
+def _run(makespan: float, tasks: int) -> dict[str, float]:
+    return {
+        "makespan": makespan,
+        "tasks": tasks,
+        "p50_start": 0.5,
+        "p99_start": 0.9,
+        "peak_rss": 300 * 2**20,
+    }
+
+
+def _results(fanout: float, chain: float, sleeps: float) -> dict[str, object]:
+    systems = {
+        report.OURS: {
+            "fanout": [_run(fanout, 1002), _run(fanout + 0.2, 1002), _run(fanout - 0.1, 1002)],
+            "chain": [_run(chain, 10)] * 3,
+            "sleeps": [_run(sleeps, 1000)] * 3,
+        },
+        "celery": {
+            "fanout": [_run(3.4, 1002)],
+            "chain": [_run(0.028, 10)],
+            "sleeps": [_run(5.82, 1000)],
+        },
+    }
+    return {
+        "measured": "2026-11-26 12:00 UTC",
+        "repetitions": 3,
+        "samples": systems,
+        "peer_versions": {"celery": "5.7.0"},
+    }
+
+
+def test_goals_are_judged_on_the_medians() -> None:
+    rows = {
+        label: (measured, met)
+        for label, _, measured, _, met in report.goal_rows(
+            _results(fanout=0.9, chain=0.020, sleeps=5.3)
+        )
+    }
+    assert rows["fan-out/fan-in of 1,000"] == (pytest.approx(0.9), True)
+    assert rows["10-step chain, per step"] == (pytest.approx(2.0), True)
+    assert rows["1,000 × 10 ms, above the ideal"] == (pytest.approx(0.3), True)
+    slow = {
+        label: met
+        for label, _, _, _, met in report.goal_rows(_results(fanout=8.0, chain=0.1, sleeps=7.0))
+    }
+    assert not any(slow.values())
+
+
+def test_the_workload_tables_show_every_system_with_medians_and_ranges() -> None:
+    text = "\n".join(report._workloads_section(_results(fanout=2.0, chain=0.05, sleeps=6.0)))
+    assert "| ml_platform (distributed) | 2.00 (1.90–2.20) | 501 (455–527) |" in text
+    assert "| celery | 0.03 (0.03–0.03)" not in text  # the chain table is in ms
+    assert "| celery | 28.0 (28.0–28.0) | 2.80 (2.80–2.80) |" in text
+    assert "| celery | 5.82 (5.82–5.82) | 0.82 (0.82–0.82) | 16 % |" in text
+    assert "committed to PostgreSQL" in text
