@@ -877,7 +877,7 @@ class Platform:
             return [q for q in queued if self._is_due(session, q.attempt_id, now)]
 
     @staticmethod
-    def _lock_run_row(conn: Connection, run_id: str) -> Row[Any]:
+    def _lock_run_row(conn: Connection, run_id: str) -> Row[str, bool, int | None]:
         run = conn.execute(_LOCK_RUN, {"run_id": run_id}).first()
         if run is None:
             raise NotFound(f"no run with id {run_id}")
