@@ -519,7 +519,7 @@ def worker(
             dispatcher,
             concurrency=concurrency,
             worker_id=worker_id,
-            on_event=lambda m: console.print(m),
+            on_event=lambda m: console.print(m, markup=False, highlight=False),
         )
         runtime = Runtime(platform, dispatcher, the_worker)
         # Signals only set flags, read between two passes: never mid-transaction.

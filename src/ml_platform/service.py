@@ -222,20 +222,19 @@ _LOCK_RUN = (
     .where(Run.id == bindparam("run_id"))
     .with_for_update()
 )
-_TASK_OF_ATTEMPT = (
-    select(TaskRun.id, TaskRun.node_id, TaskRun.current_attempt, TaskRun.options, TaskRun.pool)
-    .join(Attempt, Attempt.task_run_id == TaskRun.id)
-    .where(Attempt.id == bindparam("attempt_id"))
-)
+_TASK_RUN_OF = select(
+    TaskRun.id, TaskRun.node_id, TaskRun.current_attempt, TaskRun.options, TaskRun.pool
+).where(TaskRun.id == bindparam("task_run_id"))
 _END_TASK_RUN = (
     update(TaskRun)
-    .where(TaskRun.id == bindparam("task_run_id"))
+    .where(TaskRun.id == bindparam("task_run_id"), TaskRun.current_attempt == bindparam("number"))
     .values(
         state=bindparam("state"),
         result=bindparam("result"),
         error=bindparam("error"),
         finished_at=bindparam("now"),
     )
+    .returning(TaskRun.node_id, TaskRun.pool)
 )
 _OPEN_STATES = [state.value for state in TaskState if state not in TASK_TERMINAL]
 _ANY_OPEN = (
@@ -827,9 +826,7 @@ class Platform:
             run = None
             if outcome.state != AttemptState.SUCCEEDED:
                 run = self._lock_run_row(conn, run_id)
-            task = conn.execute(_TASK_OF_ATTEMPT, {"attempt_id": attempt_id}).first()
-            if task is None or task.current_attempt != number:
-                raise _Abort
+            # The attempt's guarded UPDATE names its task run (RETURNING): one round trip.
             ended = conn.execute(
                 update(Attempt)
                 .where(Attempt.id == attempt_id, Attempt.state == AttemptState.RUNNING, *guard)
@@ -839,42 +836,59 @@ class Platform:
                     error=outcome.error,
                     log=outcome.log,
                 )
-            )
-            if _rowcount(ended) != 1:
+                .returning(Attempt.task_run_id)
+            ).first()
+            if ended is None:
                 raise _Abort
-            if outcome.metrics or outcome.params or outcome.artifacts:
-                self._record_outputs(session, run_id, task.id, number, outcome)
+            task_run_id = ended.task_run_id
             queued: list[Dispatch] = []
-            end: dict[str, Any] | None = None
             if outcome.state == AttemptState.SUCCEEDED:
                 end = {
                     "state": TaskState.SKIPPED if outcome.skipped else TaskState.SUCCEEDED,
                     "result": None if outcome.skipped else outcome.result,
                     "error": outcome.error if outcome.skipped else None,
                 }
-            elif (run is not None and run.cancel_requested) or (
-                outcome.state == AttemptState.CANCELLED
-            ):
-                end = {
-                    "state": TaskState.CANCELLED,
-                    "result": None,
-                    "error": outcome.error or "run cancelled",
-                }
+                task = conn.execute(
+                    _END_TASK_RUN, {"task_run_id": task_run_id, "number": number, "now": now, **end}
+                ).first()
+                if task is None:  # a newer attempt is current: this outcome is stale
+                    raise _Abort
+                self._record_outputs(session, run_id, task_run_id, number, outcome)
+                run = self._lock_run_row(conn, run_id)
             else:
+                assert run is not None  # nosec B101 - locked above for every other outcome
+                task = conn.execute(_TASK_RUN_OF, {"task_run_id": task_run_id}).one()
+                if task.current_attempt != number:
+                    raise _Abort
+                self._record_outputs(session, run_id, task_run_id, number, outcome)
                 policy = _policy(task.options)
-                if outcome.retryable and policy.may_retry(number):
+                if run.cancel_requested or outcome.state == AttemptState.CANCELLED:
+                    end = {"state": TaskState.CANCELLED, "error": outcome.error or "run cancelled"}
+                elif outcome.retryable and policy.may_retry(number):
                     delay = policy.delay(number, seed=f"{run_id}:{task.node_id}")
-                    task_run = session.get_one(TaskRun, task.id)
+                    task_run = session.get_one(TaskRun, task_run_id)
                     task_run.error = outcome.error
-                    queued += self._new_attempts(session, [task_run], now, delay=delay)
+                    return self._due(
+                        session, self._new_attempts(session, [task_run], now, delay=delay), now
+                    )
                 else:
-                    end = {"state": TaskState.FAILED, "result": None, "error": outcome.error}
-            if end is not None:
-                conn.execute(_END_TASK_RUN, {"task_run_id": task.id, "now": now, **end})
-                run = run or self._lock_run_row(conn, run_id)
-                if self._may_decide(session, run_id, run.max_concurrency, task.node_id, task.pool):
-                    queued += self._advance(session, run_id, now)
-            return [q for q in queued if self._is_due(session, q.attempt_id, now)]
+                    end = {"state": TaskState.FAILED, "error": outcome.error}
+                conn.execute(
+                    _END_TASK_RUN,
+                    {
+                        "task_run_id": task_run_id,
+                        "number": number,
+                        "now": now,
+                        "result": None,
+                        **end,
+                    },
+                )
+            if self._may_decide(session, run_id, run.max_concurrency, task.node_id, task.pool):
+                queued += self._advance(session, run_id, now)
+            return self._due(session, queued, now)
+
+    def _due(self, session: Session, queued: list[Dispatch], now: datetime) -> list[Dispatch]:
+        return [q for q in queued if self._is_due(session, q.attempt_id, now)]
 
     @staticmethod
     def _lock_run_row(conn: Connection, run_id: str) -> Row[str, bool, int | None]:
