@@ -535,7 +535,7 @@ def worker(
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_int)
         console.print(f"worker {the_worker.worker_id} ready, concurrency {concurrency}")
-        while not (the_worker.draining and not the_worker.children):
+        while not (the_worker.draining and not the_worker.has_work):
             if signals["term"] >= 2 or signals["int"]:
                 the_worker.hand_back(
                     "worker shut down" if signals["term"] else "worker interrupted"

@@ -177,6 +177,8 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         self.children: dict[int, _Child] = {}
         self.idle: list[_Runner] = []
+        #: Attempts whose outcome is known and not yet committed (see step()).
+        self.ended: list[_Child] = []
         self.draining = False
         self._last_beat = 0.0
         self.on_event = on_event or (lambda _message: None)
@@ -192,8 +194,24 @@ class Worker:
         if time.monotonic() - self._last_beat >= self.platform.settings.heartbeat_seconds:
             self._beat()
         if self.accepting:
-            busy |= self._take_work(block_seconds)
+            # New work first: the freed processes start on it while the outcomes just
+            # collected are committed, instead of waiting for those commits.
+            busy |= self._take_work(block_seconds if not self.ended else 0.0)
+        self._commit_ended()
         return busy
+
+    @property
+    def has_work(self) -> bool:
+        """Whether attempts are running or have outcomes not yet committed."""
+        return bool(self.children or self.ended)
+
+    def _commit_ended(self) -> None:
+        """Commit the collected outcomes; one the database refused stays for the next pass."""
+        while self.ended:
+            child = self.ended[0]
+            assert child.outcome is not None  # nosec B101 - collected with its outcome
+            self._finish(child, child.outcome)
+            self.ended.pop(0)
 
     @property
     def accepting(self) -> bool:
@@ -250,13 +268,13 @@ class Worker:
         self.on_event(f"started {claimed.node_id} (attempt {claimed.number})")
 
     def _collect(self) -> bool:
-        """Finish every attempt whose process replied or died; True if any did."""
+        """Collect the outcome of every attempt whose process replied or died.
+
+        The attempt leaves ``children`` (its slot and its process are free at once) for
+        ``ended``, where it waits for its commit. True if any was collected.
+        """
         collected = False
         for child in list(self.children.values()):
-            if child.outcome is not None:  # committed on an earlier pass? (database away)
-                self._finish(child, child.outcome)
-                collected = True
-                continue
             reply = child.runner.reply()
             if reply is not None and reply.get("stale"):
                 # The task's code changed since this process imported it: use a fresh one.
@@ -266,7 +284,10 @@ class Worker:
                 continue
             if reply is None and not child.runner.dead():
                 continue
-            self._finish(child, self._outcome(child, reply))
+            child.outcome = self._outcome(child, reply)
+            del self.children[child.claimed.attempt_id]
+            self._release(child)
+            self.ended.append(child)
             collected = True
         return collected
 
@@ -302,7 +323,7 @@ class Worker:
 
     def wait_for_replies(self, seconds: float) -> None:
         """Sleep up to ``seconds``, waking as soon as a running attempt's process answers."""
-        fds = [c.runner.replies for c in self.children.values() if c.outcome is None]
+        fds = [c.runner.replies for c in self.children.values()]
         if fds:
             select.select(fds, [], [], seconds)
         elif seconds > 0:
@@ -314,7 +335,7 @@ class Worker:
             self.idle.pop().close()
 
     def _finish(self, child: _Child, outcome: Outcome) -> None:
-        # Keep the outcome: if the database is away, the next pass commits it again.
+        """Commit an outcome (the child's process is already released or killed)."""
         child.outcome = outcome
         try:
             queued = self.platform.finish(child.claimed, self.worker_id, outcome)
@@ -327,15 +348,10 @@ class Worker:
         self.children.pop(child.claimed.attempt_id, None)
         self.dispatcher.ack(child.delivery)
         child.cleanup()
-        self._release(child)
 
     def _enforce_timeouts(self) -> bool:
         now = time.monotonic()
-        late = [
-            c
-            for c in self.children.values()
-            if c.outcome is None and c.deadline is not None and now > c.deadline
-        ]
+        late = [c for c in self.children.values() if c.deadline is not None and now > c.deadline]
         for child in late:
             child.runner.close()
             outcome = timeout_outcome(child.claimed.options)
@@ -364,11 +380,13 @@ class Worker:
         self._finish(child, Outcome(AttemptState.CANCELLED, error=reason, log=child.read_log()))
 
     def stop_all(self, reason: str) -> None:
+        self._commit_ended()
         for attempt_id in list(self.children):
             self.stop(attempt_id, reason)
 
     def hand_back(self, reason: str) -> None:
         """Kill every running attempt and record it as lost, so that it is retried."""
+        self._commit_ended()
         for child in list(self.children.values()):
             child.runner.close()
             self._finish(child, Outcome(AttemptState.LOST, error=reason, log=child.read_log()))
@@ -449,7 +467,7 @@ class Runtime:
             if on_progress is not None:
                 on_progress()
             state = RunState(self.platform.run(run_id)[0].state)
-            if state in RUN_TERMINAL and not self.worker.children:
+            if state in RUN_TERMINAL and not self.worker.has_work:
                 return state
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id[:8]} still {state.value} after {timeout} s")
