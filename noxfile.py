@@ -105,7 +105,8 @@ def bench(session: nox.Session) -> None:
         "-r",
         "benchmarks/peers-requirements.txt",
     )
-    session.env["BENCH_PEERS_PYTHON"] = str((peers / "bin" / "python").resolve())
+    # absolute(), not resolve(): a venv's python is a symlink to the base interpreter.
+    session.env["BENCH_PEERS_PYTHON"] = str((peers / "bin" / "python").absolute())
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 
