@@ -25,7 +25,8 @@ PERSISTENCE = {
     "history",
     "dramatiq": "messages in Redis; group barrier in Redis; no results, no run history",
     "dask": "nothing: task state lives in the scheduler's memory",
-    "prefect": "flow and task run states through its API into SQLite (ephemeral local server)",
+    "prefect": "flow and task run states through its API into SQLite (a local Prefect server, "
+    "started once for the whole benchmark)",
 }
 
 
@@ -60,8 +61,8 @@ def _workloads_section(data: dict[str, Any]) -> list[str]:
         "+ Redis; embedded: one process on SQLite running 2 task processes); Celery with one "
         "worker of 2 prefork processes; Dramatiq with 2 processes of 1 thread; Dask with a "
         "LocalCluster of 2 worker processes of 1 thread; Prefect with a thread pool of 2 inside "
-        "a local flow. Submit-to-start is the time from the workflow's submission to each "
-        "task's start.",
+        "a local flow, against a local Prefect server. Submit-to-start is the time from the "
+        "workflow's submission to each task's start.",
         "",
         f"### Fan-out/fan-in: 1 → {FANOUT_WIDTH:,} → 1",
         "",

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 # Runs the peers' runner with the peers' interpreter and fixed arguments.
 import subprocess  # nosec B404
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import httpx
 
 from benchmarks import ours
 from benchmarks.measure import Sample
@@ -49,8 +54,8 @@ def _peer_redis(redis_url: str, peer: str) -> str:
     return f"redis://{parts.hostname or '127.0.0.1'}:{parts.port or 6379}/{PEER_REDIS_DB[peer]}"
 
 
-def run_peer(peer: str, redis_url: str) -> dict[str, dict[str, Any]]:
-    env = {
+def _peer_env(peer: str, redis_url: str) -> dict[str, str]:
+    return {
         **os.environ,
         "BENCH_REDIS_URL": _peer_redis(redis_url, peer),
         "PYTHONPATH": str(ROOT),
@@ -59,6 +64,65 @@ def run_peer(peer: str, redis_url: str) -> dict[str, dict[str, Any]]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
     }
+
+
+@contextmanager
+def prefect_server(redis_url: str) -> Iterator[str]:
+    """One local Prefect API server for every repetition (its start-up is not the workload)."""
+    env = _peer_env("prefect", redis_url)
+    port = _free_port()
+    # Fixed argv: Prefect's own CLI from the peers' venv.
+    server = subprocess.Popen(  # nosec B603
+        [
+            peers_python(),
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the Prefect server did not start")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_peer(
+    peer: str, redis_url: str, prefect_url: str | None = None
+) -> dict[str, dict[str, Any]]:
+    env = _peer_env(peer, redis_url)
+    if prefect_url:
+        env["PREFECT_API_URL"] = prefect_url
     # Fixed argv: the peers' interpreter running our runner module.
     done = subprocess.run(  # nosec B603
         [peers_python(), "-m", "benchmarks.peers", peer, *WORKLOADS],
@@ -112,6 +176,28 @@ def run_workloads(
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {
         s: {w: [] for w in WORKLOADS} for s in systems
     }
+    with ExitStack() as stack:
+        prefect_url = None
+        if "prefect" in systems:
+            progress("starting a local Prefect API server")
+            prefect_url = stack.enter_context(prefect_server(redis_url))
+        _alternate(systems, samples, database_url, redis_url, prefect_url, progress)
+    return {
+        "repetitions": REPETITIONS,
+        "samples": samples,
+        "peer_versions": peer_versions(),
+        "python_peers": sys.version.split()[0],
+    }
+
+
+def _alternate(
+    systems: list[str],
+    samples: dict[str, dict[str, list[dict[str, Any]]]],
+    database_url: str,
+    redis_url: str,
+    prefect_url: str | None,
+    progress: Callable[[str], None],
+) -> None:
     for rep in range(1, REPETITIONS + 1):
         for system in systems:
             if system == "ml_platform (distributed)":
@@ -119,7 +205,7 @@ def run_workloads(
             elif system == "ml_platform (embedded)":
                 records = _ours_embedded()
             else:
-                records = run_peer(system, redis_url)
+                records = run_peer(system, redis_url, prefect_url)
             for workload, record in records.items():
                 # Keep the starts' percentiles, not every start, in the results file.
                 starts = sorted(record.pop("starts"))
@@ -130,9 +216,3 @@ def run_workloads(
                 f"rep {rep}/{REPETITIONS} {system}: "
                 + ", ".join(f"{w} {records[w]['makespan']:.2f} s" for w in WORKLOADS)
             )
-    return {
-        "repetitions": REPETITIONS,
-        "samples": samples,
-        "peer_versions": peer_versions(),
-        "python_peers": sys.version.split()[0],
-    }

@@ -1,8 +1,8 @@
 """Prefect 3, local: tasks submitted concurrently (ThreadPoolTaskRunner) inside a flow.
 
-Prefect saves each task run's state through its API (here the ephemeral local server on
-SQLite under a temporary PREFECT_HOME). The workload's figures are taken inside the flow, as
-for the others; the whole flow, state saving included, is reported as ``flow_seconds``.
+Prefect saves each task run's state through its API (a local Prefect server on SQLite,
+started once by the benchmark: PREFECT_API_URL). The workload's figures are taken inside the
+flow, as for the others; the whole flow, state saving included, is ``flow_seconds``.
 """
 
 from __future__ import annotations
