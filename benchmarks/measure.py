@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,36 @@ def rss_of_tree(pid: int) -> int:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return total
+
+
+def cpu_seconds_of_tree(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and its descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for proc in [pid, *_descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def settle(pid: int, busy_below: float = 0.05, timeout: float = 120.0) -> float:
+    """Wait until a process tree uses less than ``busy_below`` of a core; return the wait.
+
+    Prefect's server goes on recording a flow's events after the flow returns: the next system
+    must not be measured while it does.
+    """
+    began = time.monotonic()
+    last = cpu_seconds_of_tree(pid)
+    while time.monotonic() - began < timeout:
+        time.sleep(1.0)
+        now = cpu_seconds_of_tree(pid)
+        if now - last < busy_below:
+            break
+        last = now
+    return time.monotonic() - began
 
 
 def _descendants(pid: int) -> list[int]:

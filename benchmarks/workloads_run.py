@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from benchmarks import ours
-from benchmarks.measure import Sample
+from benchmarks.measure import Sample, settle
 
 ROOT = Path(__file__).resolve().parent.parent
 REPETITIONS = 5
@@ -67,7 +67,7 @@ def _peer_env(peer: str, redis_url: str) -> dict[str, str]:
 
 
 @contextmanager
-def prefect_server(redis_url: str) -> Iterator[str]:
+def prefect_server(redis_url: str) -> Iterator[tuple[str, int]]:
     """One local Prefect API server for every repetition (its start-up is not the workload)."""
     env = _peer_env("prefect", redis_url)
     port = _free_port()
@@ -100,7 +100,7 @@ def prefect_server(redis_url: str) -> Iterator[str]:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("the Prefect server did not start")
             time.sleep(0.5)
-        yield url
+        yield url, server.pid
     finally:
         server.terminate()
         try:
@@ -177,11 +177,11 @@ def run_workloads(
         s: {w: [] for w in WORKLOADS} for s in systems
     }
     with ExitStack() as stack:
-        prefect_url = None
+        prefect: tuple[str, int] | None = None
         if "prefect" in systems:
             progress("starting a local Prefect API server")
-            prefect_url = stack.enter_context(prefect_server(redis_url))
-        _alternate(systems, samples, database_url, redis_url, prefect_url, progress)
+            prefect = stack.enter_context(prefect_server(redis_url))
+        _alternate(systems, samples, database_url, redis_url, prefect, progress)
     return {
         "repetitions": REPETITIONS,
         "samples": samples,
@@ -195,7 +195,7 @@ def _alternate(
     samples: dict[str, dict[str, list[dict[str, Any]]]],
     database_url: str,
     redis_url: str,
-    prefect_url: str | None,
+    prefect: tuple[str, int] | None,
     progress: Callable[[str], None],
 ) -> None:
     for rep in range(1, REPETITIONS + 1):
@@ -205,7 +205,10 @@ def _alternate(
             elif system == "ml_platform (embedded)":
                 records = _ours_embedded()
             else:
-                records = run_peer(system, redis_url, prefect_url)
+                records = run_peer(system, redis_url, prefect[0] if prefect else None)
+                if system == "prefect" and prefect:
+                    waited = settle(prefect[1])
+                    progress(f"waited {waited:.0f} s for the Prefect server to finish recording")
             for workload, record in records.items():
                 # Keep the starts' percentiles, not every start, in the results file.
                 starts = sorted(record.pop("starts"))

@@ -10,7 +10,14 @@ import pytest
 
 from benchmarks import report
 from benchmarks.crash import Round
-from benchmarks.measure import Sample, percentile, rss_of_tree, summary
+from benchmarks.measure import (
+    Sample,
+    cpu_seconds_of_tree,
+    percentile,
+    rss_of_tree,
+    settle,
+    summary,
+)
 
 
 def test_percentiles_use_the_nearest_rank() -> None:
@@ -99,3 +106,16 @@ def test_the_workload_tables_show_every_system_with_medians_and_ranges() -> None
     assert "| celery | 28.0 (28.0–28.0) | 2.80 (2.80–2.80) |" in text
     assert "| celery | 5.82 (5.82–5.82) | 0.82 (0.82–0.82) | 16 % |" in text
     assert "committed to PostgreSQL" in text
+
+
+def test_settling_waits_for_a_busy_process_tree_to_go_quiet() -> None:
+    assert cpu_seconds_of_tree(os.getpid()) > 0
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<2.5: pass"]
+    )
+    try:
+        waited = settle(busy.pid, timeout=10)
+        assert 2.0 <= waited <= 6.0  # busy for 2.5 s, then gone (or idle)
+    finally:
+        busy.kill()
+        busy.wait()
