@@ -28,7 +28,7 @@ from ml_platform.engine.states import RUN_TERMINAL, RunState
 from ml_platform.store.models import Attempt
 
 LEASE_SECONDS = 2.0
-KILL_AFTER_SECONDS = 1.0
+KILL_AFTER_SECONDS = 0.5
 
 
 @dataclass

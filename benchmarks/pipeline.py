@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-REPETITIONS = 3
+REPETITIONS = 2
 
 
 def _nox(*args: str) -> float:
