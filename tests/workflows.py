@@ -204,3 +204,8 @@ def process_id(previous: int | None = None) -> int:
 @workflow
 def three_steps() -> None:
     process_id(process_id(process_id()))
+
+
+@workflow
+def echo_pipeline(value: str = "hello") -> None:
+    echo(value)

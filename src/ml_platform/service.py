@@ -1119,8 +1119,10 @@ class Platform:
         project_id: int | None = None,
         workflow: str | None = None,
         offset: int = 0,
+        created_from: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> list[tuple[Run, WorkflowRow]]:
-        """Runs, newest first, filtered by state, project and workflow name."""
+        """Runs, newest first, filtered by state, project, workflow name and creation time."""
         query = (
             select(Run, WorkflowRow)
             .join(WorkflowRow, WorkflowRow.id == Run.workflow_id)
@@ -1134,6 +1136,10 @@ class Platform:
             query = query.where(WorkflowRow.project_id == project_id)
         if workflow:
             query = query.where(WorkflowRow.name == workflow)
+        if created_from is not None:
+            query = query.where(Run.created_at >= created_from)
+        if created_before is not None:
+            query = query.where(Run.created_at < created_before)
         with self.db.session() as session:
             return [(r, w) for r, w in session.execute(query)]
 

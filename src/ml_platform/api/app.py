@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ml_platform import __version__
+from ml_platform import __version__, ui
 from ml_platform.accounts import Accounts, LoginLimiter, MemoryLoginLimiter, RedisLoginLimiter
 from ml_platform.api.deps import ApiError, Services
 from ml_platform.api.metrics import PlatformCollector
@@ -83,6 +83,7 @@ def create_app(
     )
     app.state.services = services
     app.include_router(router)
+    ui.install(app)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:

@@ -1,0 +1,242 @@
+"""The web UI in a real headless Chromium: `mlp server` (embedded) driven by Playwright.
+
+Covers what a person does: sign in, watch the demo's states turn green without reloading,
+open its DAG and timeline, compare two runs' metrics, cancel a run as an editor, and be
+refused as a viewer (buttons hidden, the request refused, another project's run invisible
+even by URL). Screenshots of every page go to reports/ui-screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from ml_platform.accounts import Accounts, Role
+from ml_platform.config import Settings
+from ml_platform.service import Platform
+from tests import workflows
+from tests.integration.test_server import free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "reports" / "ui-screenshots"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+PASSWORD = "correct horse battery"
+DEMO = "ml_platform.examples.classifier:training_pipeline"
+# The flags the machine's notes give: without the background-networking ones, Chromium's
+# calls home are refused by this machine's closed network, many at a time.
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("CI", "").lower() == "true":
+        raise RuntimeError("Chromium is missing: .ci/run installs it (apt-get install chromium)")
+    pytest.skip("no Chromium here (apt-get install chromium)", allow_module_level=True)
+
+
+class Site:
+    def __init__(self, url: str, home: Path, secret_run: str) -> None:
+        self.url = url
+        self.home = home
+        self.secret_run = secret_run
+
+    def submit(self, workflow: str, params: dict[str, object]) -> str:
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            token = client.post(
+                "/api/v1/auth/token", json={"username": "alice", "password": PASSWORD}
+            ).json()["access_token"]
+            created = client.post(
+                "/api/v1/projects/default/runs",
+                json={"workflow": workflow, "params": params},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert created.status_code == 201, created.text
+            run_id: str = created.json()["id"]
+            return run_id
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    home = tmp_path_factory.mktemp("ui-home")
+    settings = Settings(home=home)
+    platform = Platform(settings).start()
+    accounts = Accounts(platform.db, timedelta(days=1))
+    alice = accounts.create_user("alice", PASSWORD, is_admin=True)
+    accounts.create_user("bob", PASSWORD)
+    accounts.set_member(platform.default_project_id(), "bob", Role.VIEWER)
+    secret = accounts.create_project("secret", alice)
+    secret_run = platform.submit(workflows.arithmetic, {"n": 2}, project_id=secret.id).run_id
+    platform.close()
+    port = free_port()
+    env = dict(
+        os.environ,
+        ML_PLATFORM_HOME=str(home),
+        PYTHONPATH=str(ROOT),
+        MLP_POLL_SECONDS="0.2",
+        SECRET_KEY="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
+    )
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ml_platform", "server", "--port", str(port), "--concurrency", "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "mlp server did not become ready"
+            time.sleep(0.3)
+        yield Site(url, home, secret_run)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def browser(site: Site) -> Iterator[Browser]:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def _sign_in(browser: Browser, site: Site, user: str) -> Page:
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    page.goto(f"{site.url}/ui/")
+    assert "/ui/login" in page.url  # signed out: sent to the sign-in page
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/ui/p/default/runs")
+    return page
+
+
+def test_sign_in_refuses_a_wrong_password(browser: Browser, site: Site) -> None:
+    page = browser.new_page()
+    page.goto(f"{site.url}/ui/login")
+    page.screenshot(path=str(SHOTS / "01-sign-in.png"))
+    page.fill("input[name=username]", "alice")
+    page.fill("input[name=password]", "not the password")
+    page.click("button[type=submit]")
+    assert page.locator("[role=alert]").inner_text() == "Wrong username or password."
+    page.close()
+
+
+def test_an_editor_watches_the_demo_and_compares_two_runs(browser: Browser, site: Site) -> None:
+    page = _sign_in(browser, site, "alice")
+    first = site.submit(DEMO, {})
+    page.goto(f"{site.url}/ui/p/default/runs")
+    row = page.locator(f"tr:has(a[href$='{first}'])")
+    assert row.get_attribute("data-state") in ("queued", "running")
+    # No reload: the page's script refreshes the rows until nothing runs.
+    page.wait_for_selector(f"tr[data-state=succeeded]:has(a[href$='{first}'])", timeout=180_000)
+    page.screenshot(path=str(SHOTS / "02-runs.png"), full_page=True)
+
+    page.click(f"a[href$='{first}']")
+    page.wait_for_selector("#dag")
+    nodes = page.locator("#dag g.node")
+    assert nodes.count() == 12
+    states = {nodes.nth(i).get_attribute("data-state") for i in range(nodes.count())}
+    assert states <= {"succeeded", "cached"}
+    assert page.locator("#dag line").count() >= 11  # every task but the root has an edge in
+    assert page.locator("#timeline rect.bar").count() == 12
+    assert "roc_auc" in page.locator("#metrics").inner_text()
+    page.screenshot(path=str(SHOTS / "03-run.png"), full_page=True)
+    with page.expect_download() as download:
+        page.click("a[href*='/artifacts/']")
+    assert download.value.suggested_filename == "model"
+
+    second = site.submit(DEMO, {"seed": 11})
+    page.goto(f"{site.url}/ui/p/default/runs/{second}")
+    page.wait_for_selector("#run-state:text('succeeded')", timeout=180_000)
+    page.goto(f"{site.url}/ui/p/default/compare?workflow={DEMO}&metric=roc_auc")
+    assert page.locator("#compare-table tbody tr").count() == 2
+    assert page.locator("#chart circle").count() == 2 * 4  # 4 grid points in each run
+    page.screenshot(path=str(SHOTS / "04-compare.png"), full_page=True)
+    page.goto(f"{site.url}/ui/p/default/workflows")
+    assert DEMO in page.inner_text("main")
+    page.screenshot(path=str(SHOTS / "05-workflows.png"), full_page=True)
+    page.close()
+
+
+def test_an_editor_cancels_a_running_run(browser: Browser, site: Site, tmp_path: Path) -> None:
+    page = _sign_in(browser, site, "alice")
+    run_id = site.submit("tests.workflows:long_pipeline", {"marker": str(tmp_path / "m")})
+    page.goto(f"{site.url}/ui/p/default/runs/{run_id}")
+    page.wait_for_selector("#dag g.node[data-state=running]", timeout=60_000)
+    page.click("#cancel")
+    page.wait_for_selector("#run-state:text('cancelled')", timeout=60_000)
+    assert page.locator("#cancel").count() == 0
+    page.screenshot(path=str(SHOTS / "06-cancelled.png"), full_page=True)
+    page.goto(f"{site.url}/ui/p/default/runs")
+    assert page.locator("tr[data-state=cancelled]").count() == 1
+    page.screenshot(path=str(SHOTS / "08-runs-later.png"), full_page=True)
+    page.close()
+
+
+def test_a_viewer_sees_no_buttons_is_refused_and_never_sees_another_project(
+    browser: Browser, site: Site, tmp_path: Path
+) -> None:
+    run_id = site.submit("tests.workflows:long_pipeline", {"marker": str(tmp_path / "m")})
+    page = _sign_in(browser, site, "bob")
+    page.goto(f"{site.url}/ui/p/default/runs/{run_id}")
+    assert page.locator("#run-state").count() == 1
+    assert page.locator("#cancel").count() == 0 and page.locator("#rerun").count() == 0
+    # The buttons are not only hidden: the request itself is refused.
+    status = page.evaluate(
+        """async ([url, token]) => {
+            const body = new URLSearchParams({csrf: token});
+            const r = await fetch(url, {method: "POST", body});
+            return r.status;
+        }""",
+        [
+            f"/ui/p/default/runs/{run_id}/cancel",
+            page.locator("form.who input[name=csrf]").get_attribute("value"),
+        ],
+    )
+    assert status == 403
+    page.goto(f"{site.url}/ui/p/secret/runs/{site.secret_run}")
+    assert "not yours to see" in page.inner_text("main")
+    page.goto(f"{site.url}/ui/p/default/runs/{site.secret_run}")
+    assert "There is no run" in page.inner_text("main")
+    page.screenshot(path=str(SHOTS / "07-viewer-refused.png"), full_page=True)
+    page.close()
+    with httpx.Client(base_url=site.url) as client:  # let the long run go
+        token = client.post(
+            "/api/v1/auth/token", json={"username": "alice", "password": PASSWORD}
+        ).json()
+        client.post(
+            f"/api/v1/projects/default/runs/{run_id}/cancel",
+            headers={"Authorization": f"Bearer {token['access_token']}"},
+        )

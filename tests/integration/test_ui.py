@@ -1,0 +1,153 @@
+"""The UI's pages over HTTP (no browser): sessions, CSRF, roles, project scoping, escaping."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ml_platform.accounts import Accounts, Role
+from ml_platform.api import create_app
+from ml_platform.service import Platform
+from tests import workflows
+from tests.helpers import run_inline
+
+pytestmark = pytest.mark.integration
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def accounts(sqlite_platform: Platform) -> Accounts:
+    found = Accounts(sqlite_platform.db, timedelta(days=1))
+    found.create_user("alice", PASSWORD, is_admin=True)
+    found.create_user("bob", PASSWORD)
+    found.set_member(sqlite_platform.default_project_id(), "bob", Role.VIEWER)
+    return found
+
+
+@pytest.fixture
+def client(sqlite_platform: Platform, accounts: Accounts) -> Iterator[TestClient]:
+    with TestClient(create_app(sqlite_platform.settings, platform=sqlite_platform)) as c:
+        yield c
+
+
+def sign_in(client: TestClient, user: str) -> str:
+    """Sign in; return the CSRF token the pages embed."""
+    response = client.post("/ui/login", data={"username": user, "password": PASSWORD})
+    assert response.status_code == 200, response.text
+    match = re.search(r'name="csrf" value="([^"]+)"', response.text)
+    assert match
+    return match.group(1)
+
+
+def test_pages_need_a_session_and_send_a_strict_content_security_policy(
+    client: TestClient,
+) -> None:
+    response = client.get("/ui/p/default/runs", follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/ui/login?next=%2Fui%2Fp%2Fdefault%2Fruns"
+    page = client.get("/ui/login")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self';" in policy and "unsafe-inline" not in policy
+    assert "frame-ancestors 'none'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_sign_in_sets_strict_http_only_cookies_and_refuses_open_redirects(
+    client: TestClient,
+) -> None:
+    wrong = client.post("/ui/login", data={"username": "alice", "password": "nope nope nope"})
+    assert wrong.status_code == 401 and "Wrong username or password." in wrong.text
+    response = client.post(
+        "/ui/login",
+        data={"username": "alice", "password": PASSWORD, "next": "https://evil.example/"},
+        follow_redirects=False,
+    )
+    assert response.headers["location"] == "/ui/"
+    cookies = response.headers.get_list("set-cookie")
+    assert len(cookies) == 3
+    assert all("HttpOnly" in c and "SameSite=strict" in c and "Path=/ui" in c for c in cookies)
+
+
+def test_an_expired_access_cookie_is_renewed_from_the_refresh_cookie(client: TestClient) -> None:
+    sign_in(client, "alice")
+    client.cookies.set("mlp_access", "not-a-token", path="/ui")
+    page = client.get("/ui/p/default/runs", follow_redirects=False)
+    assert page.status_code == 200
+    renewed = page.headers.get_list("set-cookie")
+    assert any(c.startswith("mlp_access=") for c in renewed)
+    assert any(c.startswith("mlp_refresh=") for c in renewed)  # rotated, like the API's
+
+
+def test_state_changes_need_the_csrf_token(client: TestClient, sqlite_platform: Platform) -> None:
+    run_id = sqlite_platform.submit(workflows.arithmetic, {"n": 2}).run_id
+    csrf = sign_in(client, "alice")
+    forged = client.post(f"/ui/p/default/runs/{run_id}/cancel", data={"csrf": "guess"})
+    assert forged.status_code == 403
+    assert sqlite_platform.run(run_id)[0].state == "queued"
+    done = client.post(f"/ui/p/default/runs/{run_id}/cancel", data={"csrf": csrf})
+    assert done.status_code == 200 and sqlite_platform.run(run_id)[0].state == "cancelled"
+    rerun = client.post(
+        f"/ui/p/default/runs/{run_id}/rerun", data={"csrf": csrf}, follow_redirects=False
+    )
+    new_id = rerun.headers["location"].rsplit("/", 1)[1]
+    assert new_id != run_id and sqlite_platform.run(new_id)[0].params == {"n": 2}
+
+
+def test_a_viewer_gets_no_buttons_and_is_refused(
+    client: TestClient, sqlite_platform: Platform
+) -> None:
+    run_id = sqlite_platform.submit(workflows.arithmetic, {"n": 2}).run_id
+    csrf = sign_in(client, "bob")
+    page = client.get(f"/ui/p/default/runs/{run_id}")
+    assert page.status_code == 200 and 'id="cancel"' not in page.text and "rerun" not in page.text
+    refused = client.post(f"/ui/p/default/runs/{run_id}/cancel", data={"csrf": csrf})
+    assert refused.status_code == 403 and "you are viewer" in refused.text
+    assert sqlite_platform.run(run_id)[0].state == "queued"
+
+
+def test_another_projects_runs_are_invisible_even_by_url(
+    client: TestClient, sqlite_platform: Platform, accounts: Accounts
+) -> None:
+    owner = accounts.authenticate("alice", PASSWORD)
+    secret = accounts.create_project("secret", owner)
+    run_id = sqlite_platform.submit(workflows.arithmetic, {"n": 2}, project_id=secret.id).run_id
+    sign_in(client, "bob")
+    assert client.get(f"/ui/p/secret/runs/{run_id}").status_code == 404
+    assert client.get(f"/ui/p/default/runs/{run_id}").status_code == 404
+    assert client.get(f"/ui/p/default/runs/{run_id}/artifacts/{'0' * 64}").status_code == 404
+    listed = client.get("/ui/p/default/runs")
+    assert run_id[:8] not in listed.text
+
+
+def test_everything_a_user_wrote_is_escaped(client: TestClient, sqlite_platform: Platform) -> None:
+    run_id = sqlite_platform.submit(
+        workflows.echo_pipeline, {"value": "<script>x()</script>"}
+    ).run_id
+    run_inline(sqlite_platform, run_id)
+    sign_in(client, "alice")
+    for url in ("/ui/p/default/runs", f"/ui/p/default/runs/{run_id}"):
+        text = client.get(url).text
+        assert "<script>x()" not in text
+    listed = client.get("/ui/p/default/runs?fragment=1").text
+    assert "&lt;script&gt;x()&lt;/script&gt;" in listed or "\\u003cscript" in listed
+
+
+def test_the_run_page_draws_the_dag_timeline_and_metrics(
+    client: TestClient, sqlite_platform: Platform
+) -> None:
+    run_id = sqlite_platform.submit(workflows.arithmetic, {"n": 3}).run_id
+    assert run_inline(sqlite_platform, run_id) == "succeeded"
+    sign_in(client, "alice")
+    page = client.get(f"/ui/p/default/runs/{run_id[:8]}").text
+    tasks = sqlite_platform.task_runs(run_id)
+    assert page.count('<g class="node"') == len(tasks)
+    assert page.count('class="bar"') == len(sqlite_platform.attempts(run_id))
+    assert "data-done" in page  # finished: the script stops refreshing
+    compare = client.get("/ui/p/default/compare").text
+    assert "count" in compare  # the metric the workflow logs
+    bad_day = client.get("/ui/p/default/runs?day=yesterday")
+    assert bad_day.status_code == 400 and "must be a date" in bad_day.text
