@@ -137,8 +137,8 @@ def _crash_section(data: dict[str, Any]) -> list[str]:
         f"## Crash benchmark (measured {data['measured']})",
         "",
         f"`kill -9` of the worker running a {data['task_seconds']:.0f} s task, "
-        f"{data['kill_after_seconds']:.0f} s into it, {len(rounds)} times (lease "
-        f"{data['lease_seconds']:.0f} s for this benchmark; the default is 30 s, and the time "
+        f"{data['kill_after_seconds']:g} s into it, {len(rounds)} times (lease "
+        f"{data['lease_seconds']:g} s for this benchmark; the default is 30 s, and the time "
         "to run again follows the lease).",
         "",
         "| rounds | ran again after s (median, min–max) | duplicates started | "
