@@ -16,7 +16,7 @@ from tests import workflows
 from tests.helpers import run_inline
 
 pytestmark = pytest.mark.integration
-PASSWORD = "correct horse battery"
+PASSWORD = "correct horse battery"  # pragma: allowlist secret
 
 
 @pytest.fixture
