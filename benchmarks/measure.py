@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,3 +96,26 @@ def _descendants(pid: int) -> list[int]:
         found += children
         frontier += children
     return found
+
+
+class PeakRss(threading.Thread):
+    """Samples the summed RSS of some process trees every 20 ms while running; keeps the peak.
+
+    ``pids`` is called at each sample, so process trees that change (workers replaced) count.
+    """
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.peak = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.02):
+            self.peak = max(self.peak, sum(rss_of_tree(pid) for pid in self.pids()))
+
+    def stop(self) -> int:
+        """Stop sampling; the peak in bytes."""
+        self._halt.set()
+        self.join()
+        return self.peak

@@ -21,7 +21,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from benchmarks import workloads
-from benchmarks.measure import Sample, rss_of_tree
+from benchmarks.measure import PeakRss, Sample
 from ml_platform.config import Settings
 from ml_platform.dispatch import InProcessDispatcher
 from ml_platform.engine.states import RUN_TERMINAL, RunState
@@ -77,25 +77,6 @@ def _figures(platform: Platform, run_id: str, submitted_at: Any) -> RunFigures:
     starts = sorted((a.started_at - submitted_at).total_seconds() for a in attempts)
     assert run.finished_at is not None  # nosec B101 - a succeeded run has ended
     return RunFigures((run.finished_at - submitted_at).total_seconds(), len(attempts), starts)
-
-
-class _RssSampler(threading.Thread):
-    """Samples the summed RSS of some process trees every 20 ms; keeps the peak."""
-
-    def __init__(self, pids: list[int]) -> None:
-        super().__init__(daemon=True)
-        self.pids = pids
-        self.peak = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(0.02):
-            self.peak = max(self.peak, sum(rss_of_tree(pid) for pid in self.pids))
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        return self.peak
 
 
 def _wait_for_end(platform: Platform, run_id: str, timeout: float) -> None:
@@ -164,7 +145,7 @@ class Distributed:
         self.workers.clear()
 
     def run(self, wf: Workflow, params: dict[str, Any], timeout: float = 300) -> RunFigures:
-        sampler = _RssSampler([w.pid for w in self.workers])
+        sampler = PeakRss(lambda: [w.pid for w in self.workers])
         sampler.start()
         submitted_at = utcnow()
         submitted = self.platform.submit(wf, params)
@@ -192,7 +173,7 @@ class Embedded:
         self.concurrency = concurrency
 
     def run(self, wf: Workflow, params: dict[str, Any], timeout: float = 300) -> RunFigures:
-        sampler = _RssSampler([os.getpid()])
+        sampler = PeakRss(lambda: [os.getpid()])
         sampler.start()
         dispatcher = InProcessDispatcher()
         worker = Worker(self.platform, dispatcher, concurrency=self.concurrency)

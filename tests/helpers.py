@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import httpx
+
 from ml_platform.engine.states import AttemptState, RunState
 from ml_platform.service import ClaimedAttempt, Outcome, Platform
 from ml_platform.task_runner import run_attempt
@@ -54,3 +56,16 @@ def run_inline(
         if not progressed:
             time.sleep(0.02)  # a retry may be waiting for its backoff delay
     raise AssertionError(f"run {run_id} did not end in {rounds} rounds")
+
+
+def wait_until_ready(url: str, timeout: float = 60.0) -> None:
+    """Poll ``url``/readyz until it answers 200 (a server started by a test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"the server at {url} did not become ready"
+        time.sleep(0.2)

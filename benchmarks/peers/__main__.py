@@ -9,13 +9,11 @@ import signal
 # Starts the peers' own worker CLIs with fixed arguments, never a shell.
 import subprocess  # nosec B404
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-from benchmarks.measure import rss_of_tree
+from benchmarks.measure import PeakRss
 from benchmarks.sizes import CHAIN_LENGTH, FANOUT_WIDTH, SLEEP_SECONDS, SLEEP_TASKS
 
 SIZES = {
@@ -23,23 +21,6 @@ SIZES = {
     "chain": CHAIN_LENGTH,
     "sleeps": SLEEP_TASKS,
 }
-
-
-class Peak(threading.Thread):
-    def __init__(self, pids: Callable[[], list[int]]) -> None:
-        super().__init__(daemon=True)
-        self.pids = pids
-        self.peak = 0
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.wait(0.02):
-            self.peak = max(self.peak, sum(rss_of_tree(p) for p in self.pids()))
-
-    def stop(self) -> int:
-        self.halt.set()
-        self.join()
-        return self.peak
 
 
 def _emit(
@@ -104,7 +85,7 @@ def _broker_peer(system: str, workloads: list[str]) -> None:
         marks.wait_for(warm, 1, timeout=120)
         for workload in workloads:
             key = uuid.uuid4().hex
-            peak = Peak(lambda: [worker.pid])
+            peak = PeakRss(lambda: [worker.pid])
             peak.start()
             t0 = time.time()
             if workload == "fanout":
@@ -134,7 +115,7 @@ def _dask(workloads: list[str]) -> None:
     try:
         dask.chain_of(CHAIN_LENGTH)  # warm-up
         for workload in workloads:
-            peak = Peak(lambda: [os.getpid()])
+            peak = PeakRss(lambda: [os.getpid()])
             peak.start()
             if workload == "fanout":
                 t0, starts, end = dask.fanout(FANOUT_WIDTH)
@@ -152,7 +133,7 @@ def _prefect(workloads: list[str]) -> None:
 
     prefect_run.chain_flow(CHAIN_LENGTH)  # warm-up: starts the local API
     for workload in workloads:
-        peak = Peak(lambda: [os.getpid()])
+        peak = PeakRss(lambda: [os.getpid()])
         peak.start()
         began = time.time()
         if workload == "fanout":

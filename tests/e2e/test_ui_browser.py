@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +24,7 @@ from ml_platform.accounts import Accounts, Role
 from ml_platform.config import Settings
 from ml_platform.service import Platform
 from tests import workflows
+from tests.helpers import wait_until_ready
 from tests.integration.test_server import free_port
 
 pytestmark = pytest.mark.integration
@@ -106,15 +106,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "mlp server did not become ready"
-            time.sleep(0.3)
+        wait_until_ready(url)
         yield Site(url, home, secret_run)
     finally:
         server.terminate()
