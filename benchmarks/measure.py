@@ -1,4 +1,4 @@
-"""Figures common to every system: samples, medians, percentiles, memory."""
+"""Figures common to every system: medians, percentiles, memory, CPU."""
 
 from __future__ import annotations
 
@@ -7,22 +7,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-
-
-@dataclass
-class Sample:
-    """One repetition of one workload on one system."""
-
-    makespan: float  # seconds from submission to the last task's end
-    tasks: int
-    starts: list[float] = field(default_factory=list)  # seconds from submission to each start
-    peak_rss: int = 0  # bytes, summed over the system's processes
-
-    @property
-    def throughput(self) -> float:
-        return self.tasks / self.makespan if self.makespan > 0 else 0.0
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -21,7 +21,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from benchmarks import workloads
-from benchmarks.measure import PeakRss, Sample
+from benchmarks.measure import PeakRss
 from ml_platform.config import Settings
 from ml_platform.dispatch import InProcessDispatcher
 from ml_platform.engine.states import RUN_TERMINAL, RunState
@@ -64,9 +64,6 @@ class RunFigures:
     tasks: int
     starts: list[float] = field(default_factory=list)  # seconds from submit to each start
     peak_rss: int = 0
-
-    def sample(self) -> Sample:
-        return Sample(self.makespan, self.tasks, self.starts, self.peak_rss)
 
 
 def _figures(platform: Platform, run_id: str, submitted_at: Any) -> RunFigures:

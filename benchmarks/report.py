@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.measure import summary
 from benchmarks.sizes import CHAIN_LENGTH, FANOUT_WIDTH, SLEEP_SECONDS, SLEEP_TASKS
 
 OURS = "ml_platform (distributed)"
@@ -30,12 +31,8 @@ PERSISTENCE = {
 }
 
 
-def _stats(values: list[float]) -> tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
-
-
 def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    med, low, high = _stats([v * scale for v in values])
+    med, low, high = summary([v * scale for v in values])
     return f"{med:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
 
 

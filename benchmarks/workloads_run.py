@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from benchmarks import ours
-from benchmarks.measure import Sample, settle
+from benchmarks.measure import percentile, settle
 
 ROOT = Path(__file__).resolve().parent.parent
 REPETITIONS = 5
@@ -144,7 +145,7 @@ def _ours_distributed(database_url: str, redis_url: str) -> dict[str, dict[str, 
     with ours.distributed(database_url, redis_url) as mode:
         mode.run(*ours.WORKLOADS["chain"])  # warm-up, as for the peers
         for workload in WORKLOADS:
-            out[workload] = _record(mode.run(*ours.WORKLOADS[workload]).sample())
+            out[workload] = asdict(mode.run(*ours.WORKLOADS[workload]))
     return out
 
 
@@ -152,18 +153,9 @@ def _ours_embedded() -> dict[str, dict[str, Any]]:
     mode = ours.Embedded()
     try:
         mode.run(*ours.WORKLOADS["chain"])
-        return {w: _record(mode.run(*ours.WORKLOADS[w]).sample()) for w in WORKLOADS}
+        return {w: asdict(mode.run(*ours.WORKLOADS[w])) for w in WORKLOADS}
     finally:
         mode.close()
-
-
-def _record(sample: Sample) -> dict[str, Any]:
-    return {
-        "makespan": sample.makespan,
-        "tasks": sample.tasks,
-        "starts": sample.starts,
-        "peak_rss": sample.peak_rss,
-    }
 
 
 def run_workloads(
@@ -211,9 +203,9 @@ def _alternate(
                     progress(f"waited {waited:.0f} s for the Prefect server to finish recording")
             for workload, record in records.items():
                 # Keep the starts' percentiles, not every start, in the results file.
-                starts = sorted(record.pop("starts"))
-                record["p50_start"] = starts[len(starts) // 2]
-                record["p99_start"] = starts[min(len(starts) - 1, int(len(starts) * 0.99))]
+                starts = record.pop("starts")
+                record["p50_start"] = percentile(starts, 0.50)
+                record["p99_start"] = percentile(starts, 0.99)
                 samples[system][workload].append(record)
             progress(
                 f"rep {rep}/{REPETITIONS} {system}: "

@@ -473,7 +473,6 @@ def compare(
         chart=chart,
         table=table,
         columns=columns,
-        query=lambda **q: urlencode({k: v for k, v in q.items() if v}),
     )
 
 
