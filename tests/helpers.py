@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from ml_platform.engine.states import AttemptState, RunState
 from ml_platform.service import ClaimedAttempt, Outcome, Platform
-from ml_platform.task_runner import run_attempt
+from ml_platform.task_runner import is_running, run_attempt
 
 
 def execute(platform: Platform, claimed: ClaimedAttempt) -> Outcome:
@@ -69,3 +70,16 @@ def wait_until_ready(url: str, timeout: float = 60.0) -> None:
             pass
         assert time.monotonic() < deadline, f"the server at {url} did not become ready"
         time.sleep(0.2)
+
+
+def pids_in(path: Path) -> list[int]:
+    """The pids a test task wrote to ``path``, one per line."""
+    return [int(word) for word in path.read_text().split()] if path.exists() else []
+
+
+def wait_until_dead(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Wait for every process to end; return those still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (left := [pid for pid in pids if is_running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+
+# A task that starts processes, for the tests that check they end with their attempt.
+import subprocess  # nosec B404
 import time
 from pathlib import Path
 
@@ -209,3 +212,43 @@ def three_steps() -> None:
 @workflow
 def echo_pipeline(value: str = "hello") -> None:
     echo(value)
+
+
+@task
+def spawner(pids: str, seconds: float, leave: bool = False) -> str:
+    """Starts a child that starts a grandchild and notes all their pids (one per line).
+
+    With ``leave`` it returns at once and leaves both running; else it waits ``seconds``.
+    """
+    with Path(pids).open("a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    script = f'sleep {seconds} & echo $! >> "$0"; echo $$ >> "$0"; wait'
+    subprocess.Popen(["sh", "-c", script, pids])  # nosec B603 B607 - a fixed test command
+    deadline = time.monotonic() + 10
+    while len(Path(pids).read_text().split()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not leave:
+        time.sleep(seconds)
+    return "left" if leave else "waited"
+
+
+@task(timeout=1.0)
+def spawner_with_timeout(pids: str, seconds: float) -> str:
+    return str(spawner.fn(pids, seconds))
+
+
+@workflow
+def spawning(pids: str, seconds: float = 300.0, leave: bool = False) -> None:
+    spawner(pids, seconds, leave)
+
+
+@workflow
+def spawning_past_timeout(pids: str, seconds: float = 300.0) -> None:
+    spawner_with_timeout(pids, seconds)
+
+
+@workflow
+def short_and_long(short: float = 1.0, long: float = 5.0) -> None:
+    """Two independent naps: one ends within a drain, the other is handed back."""
+    nap(1, short)
+    nap(2, long)

@@ -27,9 +27,17 @@ from ml_platform.dispatch import DEFAULT_QUEUE, Dispatch, InProcessDispatcher
 from ml_platform.engine.states import RUN_TERMINAL, RunState
 from ml_platform.sdk import WorkflowError
 from ml_platform.security import ConfigurationError
-from ml_platform.service import NotFound, Platform, load_workflow
+from ml_platform.service import NotFound, Platform
 from ml_platform.store.db import DatabaseUnavailable, safe_url
-from ml_platform.worker import Runtime, Worker, make_dispatcher, new_worker_id
+from ml_platform.tracer import load_workflow
+from ml_platform.worker import (
+    Runtime,
+    Shutdown,
+    Worker,
+    make_dispatcher,
+    new_worker_id,
+    run_until_shutdown,
+)
 
 DEMO_WORKFLOW = "ml_platform.examples.classifier:training_pipeline"
 EXIT_FAILED = 1
@@ -507,6 +515,9 @@ def worker(
 ) -> None:
     """Run scheduled work until stopped: SIGTERM drains, a second SIGTERM hands work back.
 
+    A drain lets running attempts finish for up to MLP_DRAIN_SECONDS (default 30), then hands
+    the rest back; handed-back attempts are retried elsewhere and charge no retry.
+
     With REDIS_URL set, attempts arrive through Redis Streams; several workers may run, on
     several machines, against one DATABASE_URL.
     """
@@ -522,28 +533,11 @@ def worker(
             on_event=lambda m: console.print(m, markup=False, highlight=False),
         )
         runtime = Runtime(platform, dispatcher, the_worker)
-        # Signals only set flags, read between two passes: never mid-transaction.
-        signals = {"term": 0, "int": 0}
-
-        def on_term(_signum: int, _frame: object) -> None:
-            signals["term"] += 1
-            the_worker.draining = True
-
-        def on_int(_signum: int, _frame: object) -> None:
-            signals["int"] += 1
-
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_int)
+        shutdown = Shutdown()
+        shutdown.install()  # signals only count, read between two passes: never mid-commit
         console.print(f"worker {the_worker.worker_id} ready, concurrency {concurrency}")
-        while not (the_worker.draining and not the_worker.has_work):
-            if signals["term"] >= 2 or signals["int"]:
-                the_worker.hand_back(
-                    "worker shut down" if signals["term"] else "worker interrupted"
-                )
-                break
-            runtime.tick()
-        the_worker.close()
-        console.print(f"worker {the_worker.worker_id} stopped")
+        verdict = run_until_shutdown(runtime, shutdown)
+        console.print(f"worker {the_worker.worker_id} stopped: {verdict}")
 
 
 @app.command()

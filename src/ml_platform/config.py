@@ -50,6 +50,20 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     #: Seconds between two passes of a worker's loop when nothing wakes it earlier.
     poll_seconds: float = Field(default=0.5, gt=0)
+    #: Times one task run may lose an attempt to the infrastructure (its worker died, its
+    #: lease expired, its dispatch was dead-lettered) before it fails. Lost attempts never
+    #: consume the task's own ``retries``.
+    max_lost: int = Field(default=3, ge=0)
+    #: Delay before the first retry of a lost attempt; doubled per further loss (up to 30 s).
+    lost_backoff_seconds: float = Field(default=1.0, ge=0)
+    #: Seconds a worker (or an embedded server) stopped with SIGTERM lets its running attempts
+    #: finish before it hands the rest back; a second SIGTERM hands back at once.
+    drain_seconds: float = Field(default=30.0, ge=0)
+    #: Seconds between SIGTERM and SIGKILL when an attempt's processes are stopped (timeout,
+    #: cancel, lost lease, hand-back).
+    kill_grace_seconds: float = Field(default=5.0, ge=0)
+    #: Longest a server may take to import and trace a submitted workflow (in a subprocess).
+    trace_timeout_seconds: float = Field(default=60.0, gt=0)
     #: Grace after a task's timeout before the reaper fails an attempt that a worker did not stop.
     timeout_grace_seconds: float = Field(default=10.0, ge=0)
     #: Attempts one task process runs before it is replaced (0: no limit; 1: a fresh

@@ -249,6 +249,68 @@ def _template(value: Any, ids: list[str], where: str) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class TracedWorkflow:
+    """What registering or submitting needs of a workflow, as plain data.
+
+    Made by ``Workflow.trace`` in the process that imported the workflow's code -- for a
+    long-lived server, a short-lived subprocess (``ml_platform.tracer``), so that the code
+    traced is always the code on disk now and never runs in the server itself.
+    """
+
+    name: str
+    code_hash: str
+    params_schema: dict[str, Any]
+    description: str
+    max_concurrency: int | None
+    #: The validated run params and the traced nodes; None when only registering.
+    params: dict[str, Any] | None = None
+    specs: tuple[NodeSpec, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "code_hash": self.code_hash,
+            "params_schema": self.params_schema,
+            "description": self.description,
+            "max_concurrency": self.max_concurrency,
+            "params": self.params,
+            "specs": [
+                {
+                    "node_id": spec.node_id,
+                    "task_ref": spec.task_ref,
+                    "code_version": spec.code_version,
+                    "upstream": list(spec.upstream),
+                    "inputs": spec.inputs,
+                    "options": spec.options,
+                }
+                for spec in self.specs
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TracedWorkflow:
+        return cls(
+            name=data["name"],
+            code_hash=data["code_hash"],
+            params_schema=data["params_schema"],
+            description=data["description"],
+            max_concurrency=data["max_concurrency"],
+            params=data["params"],
+            specs=tuple(
+                NodeSpec(
+                    node_id=spec["node_id"],
+                    task_ref=spec["task_ref"],
+                    code_version=spec["code_version"],
+                    upstream=tuple(spec["upstream"]),
+                    inputs=spec["inputs"],
+                    options=spec["options"],
+                )
+                for spec in data["specs"]
+            ),
+        )
+
+
 class Workflow:
     """A named DAG of tasks, declared by a function whose parameters are the run's params."""
 
@@ -370,6 +432,19 @@ class Workflow:
             raise WorkflowError(f"workflow {self.name}: {exc}") from None
         return specs
 
+    def trace(self, params: Mapping[str, Any] | None = None) -> TracedWorkflow:
+        """The workflow as data; with ``params``, also validated and traced into nodes."""
+        values = None if params is None else self.validate_params(params)
+        return TracedWorkflow(
+            name=self.name,
+            code_hash=self.code_hash,
+            params_schema=self.params_schema(),
+            description=self.description,
+            max_concurrency=self.max_concurrency,
+            params=values,
+            specs=() if values is None else tuple(self.build(values)),
+        )
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
@@ -462,4 +537,14 @@ def _reset_context(token: contextvars.Token[TaskContext | None]) -> None:
     _CONTEXT.reset(token)
 
 
-__all__ = ["Backoff", "Skip", "Task", "TaskContext", "Workflow", "context", "task", "workflow"]
+__all__ = [
+    "Backoff",
+    "Skip",
+    "Task",
+    "TaskContext",
+    "TracedWorkflow",
+    "Workflow",
+    "context",
+    "task",
+    "workflow",
+]

@@ -9,7 +9,6 @@ successful finish locks the run last, for the decision about what follows.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -46,7 +45,7 @@ from ml_platform.engine.states import (
     TaskState,
 )
 from ml_platform.inputs import references, resolve_inputs
-from ml_platform.sdk import Workflow, WorkflowError
+from ml_platform.sdk import TracedWorkflow, Workflow, WorkflowError
 from ml_platform.store.db import Database
 from ml_platform.store.models import (
     DEFAULT_PROJECT,
@@ -62,6 +61,7 @@ from ml_platform.store.models import (
 )
 from ml_platform.store.models import Workflow as WorkflowRow
 from ml_platform.store.models import utcnow
+from ml_platform.tracer import trace_in_subprocess
 
 TIMEOUT_ERROR = "builtins:TimeoutError"
 #: Runs whose DAG shape a Platform keeps in memory (see Platform._dag).
@@ -71,29 +71,6 @@ log = logging.getLogger(__name__)
 
 class NotFound(LookupError):
     """No run (or task) matches the given id."""
-
-
-def load_workflow(reference: str) -> Workflow:
-    """Import ``package.module:workflow_name`` and return the workflow it names."""
-    module_name, sep, attr_path = reference.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise WorkflowError(
-            f"workflow reference {reference!r} must look like 'package.module:workflow_name'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise WorkflowError(f"cannot import module {module_name!r}: {exc}") from None
-    obj: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise WorkflowError(f"module {module_name!r} has no attribute {attr_path!r}")
-        obj = getattr(obj, part)
-    if not isinstance(obj, Workflow):
-        raise WorkflowError(
-            f"{reference} is a {type(obj).__name__}, not a workflow (decorate it with @workflow)"
-        )
-    return obj
 
 
 @dataclass(frozen=True)
@@ -127,6 +104,9 @@ class Outcome:
     error: str | None = None
     retryable: bool = True
     skipped: bool = False
+    #: A lost attempt that its worker handed back on shutdown: retried at once, charging
+    #: neither the task's retries nor its lost budget.
+    handed_back: bool = False
     log: str | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
@@ -155,6 +135,11 @@ def timeout_outcome(options: Mapping[str, Any], *, reaped: bool = False) -> Outc
         error=f"TimeoutError: task exceeded its {options['timeout']:g} s timeout{by}",
         retryable=retry_on is None or TIMEOUT_ERROR in retry_on,
     )
+
+
+def _lost_policy(base_delay: float) -> RetryPolicy:
+    """The backoff between retries of lost attempts: doubling from ``base_delay``, up to 30 s."""
+    return RetryPolicy(base_delay=base_delay, max_delay=max(base_delay, 30.0))
 
 
 def _policy(options: Mapping[str, Any]) -> RetryPolicy:
@@ -223,8 +208,18 @@ _LOCK_RUN = (
     .with_for_update()
 )
 _TASK_RUN_OF = select(
-    TaskRun.id, TaskRun.node_id, TaskRun.current_attempt, TaskRun.options, TaskRun.pool
+    TaskRun.id,
+    TaskRun.node_id,
+    TaskRun.current_attempt,
+    TaskRun.options,
+    TaskRun.pool,
+    TaskRun.lost_attempts,
 ).where(TaskRun.id == bindparam("task_run_id"))
+_FAILURES_OF = (
+    select(func.count())
+    .select_from(Attempt)
+    .where(Attempt.task_run_id == bindparam("task_run_id"), Attempt.state == AttemptState.FAILED)
+)
 _END_TASK_RUN = (
     update(TaskRun)
     .where(TaskRun.id == bindparam("task_run_id"), TaskRun.current_attempt == bindparam("number"))
@@ -299,9 +294,18 @@ class Platform:
             self._default_project_id = project_id
         return self._default_project_id
 
-    def register(self, wf: Workflow, project_id: int | None = None) -> WorkflowRow:
+    def trace(self, reference: str, params: Mapping[str, Any] | None = None) -> TracedWorkflow:
+        """Load and trace ``reference`` in a fresh process: always the code on disk now.
+
+        What long-lived processes (the API, the scheduler) use: they never import user code
+        themselves, so a changed module is a new version and its new body is what runs.
+        """
+        return trace_in_subprocess(reference, params, timeout=self.settings.trace_timeout_seconds)
+
+    def register(self, wf: Workflow | TracedWorkflow, project_id: int | None = None) -> WorkflowRow:
         """Record the workflow's current code as a version (a new one when the code changed)."""
-        code_hash = wf.code_hash
+        traced = wf.trace() if isinstance(wf, Workflow) else wf
+        code_hash = traced.code_hash
         project = project_id or self.default_project_id()
         for _ in range(3):
             try:
@@ -309,7 +313,7 @@ class Platform:
                     existing = session.scalar(
                         select(WorkflowRow).where(
                             WorkflowRow.project_id == project,
-                            WorkflowRow.name == wf.name,
+                            WorkflowRow.name == traced.name,
                             WorkflowRow.code_hash == code_hash,
                         )
                     )
@@ -317,28 +321,28 @@ class Platform:
                         return existing
                     latest = session.scalar(
                         select(func.max(WorkflowRow.version)).where(
-                            WorkflowRow.project_id == project, WorkflowRow.name == wf.name
+                            WorkflowRow.project_id == project, WorkflowRow.name == traced.name
                         )
                     )
                     row = WorkflowRow(
                         project_id=project,
-                        name=wf.name,
+                        name=traced.name,
                         version=(latest or 0) + 1,
                         code_hash=code_hash,
-                        params_schema=wf.params_schema(),
-                        description=wf.description,
+                        params_schema=traced.params_schema,
+                        description=traced.description,
                     )
                     session.add(row)
                     session.flush()
                     return row
             except IntegrityError:  # another process registered the same version: read it
                 continue
-        raise RuntimeError(f"could not register workflow {wf.name}: concurrent registrations")
+        raise RuntimeError(f"could not register workflow {traced.name}: concurrent registrations")
 
     def submit(
         self,
-        wf: Workflow,
-        params: Mapping[str, Any],
+        wf: Workflow | TracedWorkflow,
+        params: Mapping[str, Any] | None = None,
         *,
         max_concurrency: int | None = None,
         project_id: int | None = None,
@@ -346,14 +350,18 @@ class Platform:
     ) -> Submitted:
         """Validate the params, trace the DAG and store a queued run with its first tasks.
 
-        ``schedule`` (schedule id, tick) marks a run made by a cron schedule; the database
-        refuses a second run for the same tick (IntegrityError).
+        ``wf`` is a workflow imported here (traced now with ``params``) or one already traced
+        with its params (``Platform.trace``). ``schedule`` (schedule id, tick) marks a run
+        made by a cron schedule; the database refuses a second run for the same tick
+        (IntegrityError).
         """
-        values = wf.validate_params(params)
-        specs = wf.build(values)
+        traced = wf if isinstance(wf, TracedWorkflow) else wf.trace(params or {})
+        if traced.params is None:
+            raise WorkflowError(f"workflow {traced.name} was traced without params")
+        values, specs = traced.params, traced.specs
         order = topological_order({spec.node_id: spec.upstream for spec in specs})
         position = {node_id: index for index, node_id in enumerate(order)}
-        version = self.register(wf, project_id)
+        version = self.register(traced, project_id)
         run_id = uuid.uuid4().hex
         with self.db.session() as session:
             session.add(
@@ -362,7 +370,7 @@ class Platform:
                     workflow_id=version.id,
                     state=RunState.QUEUED,
                     params=values,
-                    max_concurrency=max_concurrency or wf.max_concurrency,
+                    max_concurrency=max_concurrency or traced.max_concurrency,
                     schedule_id=schedule[0] if schedule else None,
                     scheduled_for=schedule[1] if schedule else None,
                 )
@@ -715,31 +723,21 @@ class Platform:
             )
 
     def dead_letter(self, attempt_id: int, reason: str) -> None:
-        """Fail a queued attempt that could not be delivered; its task fails without retry."""
-        now = utcnow()
+        """A queued attempt whose dispatch kept reaching dead workers is lost (lost budget).
+
+        Its retry, if the budget allows one, is queued with the lost backoff and published by
+        the next scheduler pass.
+        """
         with self.db.session() as session:
-            run_id = session.scalar(select(Attempt.run_id).where(Attempt.id == attempt_id))
-            if run_id is None:
-                return
-            self._lock_run(session, run_id)
-            task_run = session.scalar(
-                select(TaskRun)
-                .join(Attempt, Attempt.task_run_id == TaskRun.id)
-                .where(Attempt.id == attempt_id)
-                .with_for_update(of=TaskRun)
-            )
-            ended = session.execute(
-                update(Attempt)
-                .where(Attempt.id == attempt_id, Attempt.state == AttemptState.QUEUED)
-                .values(state=AttemptState.FAILED, finished_at=now, error=reason)
-            )
-            if task_run is None or _rowcount(ended) != 1:
-                return
-            task_run.state = TaskState.FAILED
-            task_run.error = reason
-            task_run.finished_at = now
-            session.flush()
-            self._advance(session, run_id, now)
+            row = session.execute(
+                select(Attempt.run_id, Attempt.number).where(Attempt.id == attempt_id)
+            ).first()
+        if row is None:
+            return
+        outcome = Outcome(AttemptState.LOST, error=reason)
+        self._end_attempt(
+            row.run_id, attempt_id, row.number, outcome, utcnow(), [], AttemptState.QUEUED
+        )
 
     def heartbeat(self, attempt_ids: Iterable[int], worker_id: str) -> Heartbeat:
         """Extend the leases of a worker's running attempts; say which must stop."""
@@ -800,9 +798,12 @@ class Platform:
         outcome: Outcome,
         now: datetime,
         guard: list[ColumnElement[bool]],
+        from_state: AttemptState = AttemptState.RUNNING,
     ) -> list[Dispatch] | None:
         try:
-            return self._end_attempt_once(run_id, attempt_id, number, outcome, now, guard)
+            return self._end_attempt_once(
+                run_id, attempt_id, number, outcome, now, guard, from_state
+            )
         except _Abort:
             return None
 
@@ -814,6 +815,7 @@ class Platform:
         outcome: Outcome,
         now: datetime,
         guard: list[ColumnElement[bool]],
+        from_state: AttemptState,
     ) -> list[Dispatch]:
         with self.db.session() as session:
             conn = session.connection()
@@ -829,7 +831,7 @@ class Platform:
             # The attempt's guarded UPDATE names its task run (RETURNING): one round trip.
             ended = conn.execute(
                 update(Attempt)
-                .where(Attempt.id == attempt_id, Attempt.state == AttemptState.RUNNING, *guard)
+                .where(Attempt.id == attempt_id, Attempt.state == from_state, *guard)
                 .values(
                     state=outcome.state,
                     finished_at=now,
@@ -861,18 +863,20 @@ class Platform:
                 if task.current_attempt != number:
                     raise _Abort
                 self._record_outputs(session, run_id, task_run_id, number, outcome)
-                policy = _policy(task.options)
                 if run.cancel_requested or outcome.state == AttemptState.CANCELLED:
                     end = {"state": TaskState.CANCELLED, "error": outcome.error or "run cancelled"}
-                elif outcome.retryable and policy.may_retry(number):
-                    delay = policy.delay(number, seed=f"{run_id}:{task.node_id}")
-                    task_run = session.get_one(TaskRun, task_run_id)
-                    task_run.error = outcome.error
-                    return self._due(
-                        session, self._new_attempts(session, [task_run], now, delay=delay), now
-                    )
                 else:
-                    end = {"state": TaskState.FAILED, "error": outcome.error}
+                    retry = self._retry_after(conn, run_id, task, outcome)
+                    if isinstance(retry, str):
+                        end = {"state": TaskState.FAILED, "error": retry}
+                    else:
+                        delay, lost = retry
+                        task_run = session.get_one(TaskRun, task_run_id)
+                        task_run.error = outcome.error
+                        task_run.lost_attempts = lost
+                        return self._due(
+                            session, self._new_attempts(session, [task_run], now, delay=delay), now
+                        )
                 conn.execute(
                     _END_TASK_RUN,
                     {
@@ -886,6 +890,33 @@ class Platform:
             if self._may_decide(session, run_id, run.max_concurrency, task.node_id, task.pool):
                 queued += self._advance(session, run_id, now)
             return self._due(session, queued, now)
+
+    def _retry_after(
+        self, conn: Connection, run_id: str, task: Any, outcome: Outcome
+    ) -> tuple[float, int] | str:
+        """Whether an attempt that did not succeed is tried again: (delay, lost count), or why not.
+
+        The task's own failures (an exception, a non-zero exit, a timeout) consume its
+        ``retries``; an attempt lost to the infrastructure consumes the separate lost budget
+        (``MLP_MAX_LOST``) and a hand-back on shutdown consumes nothing.
+        """
+        seed = f"{run_id}:{task.node_id}"
+        if outcome.state == AttemptState.LOST:
+            if outcome.handed_back:
+                return 0.0, task.lost_attempts
+            lost = task.lost_attempts + 1
+            budget = self.settings.max_lost
+            if lost > budget:
+                return (
+                    f"lost {lost} attempts to the infrastructure, more than MLP_MAX_LOST={budget} "
+                    f"allows; the last: {outcome.error}"
+                )
+            return _lost_policy(self.settings.lost_backoff_seconds).delay(lost, seed), lost
+        policy = _policy(task.options)
+        failures = conn.execute(_FAILURES_OF, {"task_run_id": task.id}).scalar_one()
+        if outcome.retryable and policy.may_retry(failures):
+            return policy.delay(failures, seed=seed), task.lost_attempts
+        return outcome.error or "failed"
 
     def _due(self, session: Session, queued: list[Dispatch], now: datetime) -> list[Dispatch]:
         return [q for q in queued if self._is_due(session, q.attempt_id, now)]
@@ -1006,8 +1037,7 @@ class Platform:
         """A schedule that submits ``reference`` with ``params`` at every cron tick (UTC)."""
         if not croniter.is_valid(cron):
             raise ScheduleError(f"{cron!r} is not a valid five-field cron expression")
-        wf = load_workflow(reference)
-        values = wf.validate_params(params)
+        values = self.trace(reference, params).params
         now = utcnow()
         try:
             with self.db.session() as session:
@@ -1052,11 +1082,10 @@ class Platform:
         for schedule in due:
             tick = latest_tick(schedule.cron, schedule.next_fire_at, now)
             try:
-                wf = load_workflow(schedule.workflow_ref)
+                traced = self.trace(schedule.workflow_ref, schedule.params)
                 submitted.append(
                     self.submit(
-                        wf,
-                        schedule.params,
+                        traced,
                         project_id=schedule.project_id,
                         schedule=(schedule.id, tick),
                     )

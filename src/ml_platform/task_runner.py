@@ -1,18 +1,31 @@
-"""The warm task process: ``python -m ml_platform.task_runner REPLY_FD``.
+"""The warm task process: ``python -m ml_platform.task_runner REPLY_FD WORKER_PID``.
 
 A worker keeps a few of these processes and hands them attempts one after another, so an
 attempt costs a pipe round trip instead of a Python start-up and the workflow module's
 imports. Each request is one JSON line on stdin naming the attempt and its log file; the
 process points its stdout and stderr at that file, runs the task, and writes the outcome as
-one JSON line to REPLY_FD. It exits on its own when the worker that started it dies, so a
-killed worker never leaves a task running unseen. A process that finds its copy of a task
-older than the one submitted exits with a ``stale`` reply, and the worker starts a fresh one.
+one JSON line to REPLY_FD. A process that finds its copy of a task older than the one
+submitted exits with a ``stale`` reply, and the worker starts a fresh one.
+
+An attempt's processes live and die with it. The worker starts this process as the leader of
+a process group of its own; whatever the task starts joins that group. On Linux:
+
+- this process asks the kernel for SIGKILL when its worker dies (``PR_SET_PDEATHSIG``), then
+  checks that its parent is still the worker whose pid it was given: a worker that died
+  before the request is seen by that check, one that dies after it by the kernel. No window.
+- a *warden* (forked at start-up, in a group of its own, holding nothing) asks the kernel to
+  be told when this process dies, however it dies, and then kills the whole group: the
+  task's children and grandchildren go with it.
+- this process is a child subreaper, so what a task leaves running becomes its child; after
+  each attempt one ``waitid`` tells whether anything is left, and it is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -25,13 +38,154 @@ from ml_platform.inputs import decode_inputs
 from ml_platform.sdk import Skip, Task, TaskContext, _reset_context, _set_context, qualified_name
 
 ORPHAN_EXIT_CODE = 70
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+#: The signal the kernel sends the warden when the task process dies.
+WARDEN_SIGNAL = signal.SIGUSR1
+#: Whether this process is a task process bound to its worker (bind_to_worker on Linux).
+_GUARDED = False
 
 
-def _watch_parent(parent: int) -> NoReturn:
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"prctl({option}): {os.strerror(error)}")
+
+
+def bind_to_worker(worker_pid: int) -> None:
+    """Make this process, and everything it will start, end when the worker ``worker_pid`` does."""
+    if not sys.platform.startswith("linux"):
+        threading.Thread(target=_watch_parent, args=(worker_pid,), daemon=True).start()
+        return
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != worker_pid:  # the worker died before the kernel was asked to tell
+        os._exit(ORPHAN_EXIT_CODE)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    _start_warden()
+    global _GUARDED
+    _GUARDED = True
+
+
+def _watch_parent(worker_pid: int) -> NoReturn:
+    """Where the kernel cannot tell (not Linux): poll for the worker's death."""
     while True:
-        if os.getppid() != parent:
+        if os.getppid() != worker_pid:
             os._exit(ORPHAN_EXIT_CODE)
         time.sleep(0.5)
+
+
+def _start_warden() -> None:
+    """Fork the warden, which kills this process group as soon as this process is gone."""
+    group = os.getpgid(0)
+    task_process = os.getpid()
+    if os.fork() != 0:
+        return
+    try:  # the warden: holds no pipe or file of the task process, ignores terminal signals
+        os.setpgid(0, 0)
+        for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+            if fd > 2:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # the directory listing's own descriptor
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(number, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {WARDEN_SIGNAL})
+        _prctl(PR_SET_PDEATHSIG, WARDEN_SIGNAL)
+        if os.getppid() == task_process:  # else it is gone already
+            signal.sigwait({WARDEN_SIGNAL})
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # nothing was left in the group
+    finally:
+        os._exit(0)
+
+
+def group_members(group: int) -> list[int]:
+    """The processes of process group ``group`` (Linux: read from /proc)."""
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # ended meanwhile
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[2]) == group and fields[0] != b"Z":
+            members.append(int(name))
+    return members
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not; Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(b")") + 2 :][:1] != b"Z"
+
+
+def task_processes_of(worker_pid: int) -> list[int]:
+    """The task processes that worker ``worker_pid`` started and that still run (Linux)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        # python -m ml_platform.task_runner REPLY_FD WORKER_PID
+        if b"ml_platform.task_runner" in argv and argv[-2:-1] == [str(worker_pid).encode()]:
+            if is_running(int(name)):
+                found.append(int(name))
+    return found
+
+
+def end_leftovers() -> int:
+    """Kill what the last attempt started and left running; return how many were killed."""
+    if not _GUARDED:  # only a task process ends what is left in its group
+        return 0
+    group = os.getpgid(0)
+    me = os.getpid()
+    try:  # as a subreaper, anything left in our group is our child or has a living parent
+        os.waitid(os.P_PGID, group, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return 0
+    killed = 0
+    for _ in range(10):  # a process may fork while the group is read: read again
+        others = [pid for pid in group_members(group) if pid != me]
+        if not others:
+            break
+        for pid in others:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        _reap_group(group)
+    _reap_group(group)
+    return killed
+
+
+def _reap_group(group: int, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-group, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.001)  # killed, not yet dead
 
 
 def import_task(reference: str) -> Task[..., Any]:
@@ -42,6 +196,10 @@ def import_task(reference: str) -> Task[..., Any]:
     if not isinstance(obj, Task):
         raise TypeError(f"{reference} is not a task (decorate it with @task)")
     return obj
+
+
+class CodeChanged(RuntimeError):
+    """The task's code on disk is not the code the run was submitted with."""
 
 
 def _is_retryable(exc: BaseException, retry_on: list[str] | None) -> bool:
@@ -64,6 +222,13 @@ def run_attempt(payload: dict[str, Any]) -> dict[str, Any]:
     token = _set_context(ctx)
     try:
         task_ = import_task(payload["task_ref"])
+        expected = payload.get("code_version")
+        if expected and task_.code_version != expected:
+            raise CodeChanged(
+                f"the code of {payload['task_ref']} changed after the run was submitted "
+                f"(submitted {expected[:12]}, found {task_.code_version[:12]}); submit the "
+                "run again to use the new code"
+            )
         inputs = decode_inputs(payload["inputs"], store)
         value = task_.fn(*inputs["args"], **inputs["kwargs"])
         outcome = {
@@ -72,6 +237,9 @@ def run_attempt(payload: dict[str, Any]) -> dict[str, Any]:
         }
     except Skip as exc:
         outcome = {"state": "succeeded", "skipped": True, "error": f"skipped: {exc}"}
+    except CodeChanged as exc:
+        print(exc)
+        outcome = {"state": "failed", "error": f"CodeChanged: {exc}", "retryable": False}
     except BaseException as exc:  # the task's own failure, whatever it is, is the outcome
         traceback.print_exc()
         outcome = {
@@ -107,6 +275,9 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> int:
         ran += 1
         sys.stdout.flush()
         sys.stderr.flush()
+        killed = end_leftovers()
+        if killed:
+            print(f"[ml_platform] stopped {killed} process(es) the task left running", flush=True)
         replies.write(json.dumps(outcome).encode() + b"\n")
         replies.flush()
     return 0
@@ -124,7 +295,7 @@ def _is_stale(request: dict[str, Any]) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    bind_to_worker(int(argv[1]))
     with os.fdopen(int(argv[0]), "wb", buffering=0) as replies:
         return serve(sys.stdin.buffer, replies)
 

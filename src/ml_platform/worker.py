@@ -62,6 +62,25 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def reap_orphans(own: set[int]) -> int:
+    """Reap exited children that are not our own task processes; return how many.
+
+    Run as a container's PID 1, the worker inherits every orphan of its task processes -- their
+    wardens, and what a warden killed -- and must reap them or they stay zombies. Our own task
+    processes are left to their ``Popen``, which needs their exit status.
+    """
+    reaped = 0
+    while True:
+        try:
+            exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return reaped
+        if exited is None or exited.si_pid in own:
+            return reaped  # none, or ours: reaped by its Popen, the rest on a later pass
+        os.waitpid(exited.si_pid, 0)
+        reaped += 1
+
+
 class _Runner:
     """A warm task process (``ml_platform.task_runner``) that runs attempts one at a time."""
 
@@ -74,14 +93,23 @@ class _Runner:
             with first_log.open("ab") as log:
                 # Fixed argv: our own interpreter and module; no shell, no user input.
                 self.process = subprocess.Popen(  # nosec B603
-                    [sys.executable, "-m", "ml_platform.task_runner", str(write_end)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "ml_platform.task_runner",
+                        str(write_end),
+                        # Given, not read by the child: it may start after the worker died.
+                        str(os.getpid()),
+                    ],
                     stdin=subprocess.PIPE,
                     # Until the first request, output (e.g. an import error) goes to its log.
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
                     pass_fds=(write_end,),
-                    # Own session: a Ctrl-C at the terminal reaches the worker, which decides.
+                    # Own session and process group (whose id is the pid): a Ctrl-C at the
+                    # terminal reaches the worker, which decides, and the attempt's processes
+                    # can be ended together.
                     start_new_session=True,
                 )
         finally:
@@ -90,6 +118,7 @@ class _Runner:
         self.replies = read_end
         self.ran = 0
         self.closed = False
+        self.stop_deadline: float | None = None
         self._buffer = b""
 
     def send(self, request: dict[str, Any]) -> None:
@@ -115,13 +144,35 @@ class _Runner:
     def dead(self) -> bool:
         return self.process.poll() is not None
 
+    def signal_group(self, number: signal.Signals) -> None:
+        """Send ``number`` to the task process and everything it started (its process group)."""
+        if self.process.returncode is not None:
+            return  # reaped: its warden has ended the group, and the id may be reused
+        try:
+            os.killpg(self.process.pid, number)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace: float) -> None:
+        """Ask the attempt's processes to end (SIGTERM); ``stopped`` kills them after ``grace``."""
+        if self.stop_deadline is None:
+            self.signal_group(signal.SIGTERM)
+            self.stop_deadline = time.monotonic() + grace
+
+    def stopped(self) -> bool:
+        """Whether a stop has ended: the process is gone, or its grace is over and it was killed."""
+        assert self.stop_deadline is not None  # nosec B101 - called for stopping runners only
+        if self.process.poll() is None and time.monotonic() < self.stop_deadline:
+            return False
+        self.close()
+        return True
+
     def close(self) -> None:
-        """Kill the process if it still runs and release its pipes (idempotent)."""
+        """Kill the process group if it still runs and release the pipes (idempotent)."""
         if self.closed:
             return
         self.closed = True
-        if self.process.poll() is None:
-            self.process.kill()
+        self.signal_group(signal.SIGKILL)
         self.process.wait()
         if self.process.stdin is not None:
             try:
@@ -177,6 +228,8 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         self.children: dict[int, _Child] = {}
         self.idle: list[_Runner] = []
+        #: Processes of ended attempts (timeout, cancel, lost lease) given their grace to stop.
+        self.stopping: list[_Runner] = []
         #: Attempts whose outcome is known and not yet committed (see step()).
         self.ended: list[_Child] = []
         self.draining = False
@@ -191,6 +244,9 @@ class Worker:
         """
         busy = self._collect()
         busy |= self._enforce_timeouts()
+        self._progress_stops()
+        if os.getpid() == 1:  # a container's init: the kernel hands us every orphan
+            reap_orphans(self._runner_pids())
         if time.monotonic() - self._last_beat >= self.platform.settings.heartbeat_seconds:
             self._beat()
         if self.accepting:
@@ -330,9 +386,28 @@ class Worker:
             time.sleep(seconds)
 
     def close(self) -> None:
-        """End the idle task processes (running attempts are stopped by their own paths)."""
+        """End the idle task processes and wait for the stopping ones (at most their grace).
+
+        Running attempts are stopped by their own paths (stop_all, hand_back).
+        """
         while self.idle:
             self.idle.pop().close()
+        while self.stopping:
+            self._progress_stops()
+            if self.stopping:
+                time.sleep(0.02)
+
+    def _runner_pids(self) -> set[int]:
+        runners = [c.runner for c in self.children.values()] + self.idle + self.stopping
+        return {runner.process.pid for runner in runners}
+
+    def _stop_process(self, runner: _Runner) -> None:
+        """End an attempt's processes: SIGTERM now, SIGKILL after the grace (not waited for)."""
+        runner.stop(self.platform.settings.kill_grace_seconds)
+        self.stopping.append(runner)
+
+    def _progress_stops(self) -> None:
+        self.stopping = [runner for runner in self.stopping if not runner.stopped()]
 
     def _finish(self, child: _Child, outcome: Outcome) -> None:
         """Commit an outcome (the child's process is already released or killed)."""
@@ -353,7 +428,7 @@ class Worker:
         now = time.monotonic()
         late = [c for c in self.children.values() if c.deadline is not None and now > c.deadline]
         for child in late:
-            child.runner.close()
+            self._stop_process(child.runner)
             outcome = timeout_outcome(child.claimed.options)
             outcome.log = child.read_log()
             self._finish(child, outcome)
@@ -364,7 +439,7 @@ class Worker:
         beat = self.platform.heartbeat(list(self.children), self.worker_id)
         for attempt_id in beat.lost:
             child = self.children.pop(attempt_id)
-            child.runner.close()
+            self._stop_process(child.runner)
             self.on_event(f"lost the lease of {child.claimed.node_id}; stopped it")
             self.dispatcher.ack(child.delivery)
             child.cleanup()
@@ -376,7 +451,7 @@ class Worker:
         child = self.children.get(attempt_id)
         if child is None:
             return
-        child.runner.close()
+        self._stop_process(child.runner)
         self._finish(child, Outcome(AttemptState.CANCELLED, error=reason, log=child.read_log()))
 
     def stop_all(self, reason: str) -> None:
@@ -385,11 +460,28 @@ class Worker:
             self.stop(attempt_id, reason)
 
     def hand_back(self, reason: str) -> None:
-        """Kill every running attempt and record it as lost, so that it is retried."""
-        self._commit_ended()
+        """Stop every running attempt and hand it back: retried at once, charging no budget.
+
+        If the database or Redis is away, the attempt's lease expires instead (it is then
+        lost, and retried on the lost budget).
+        """
+        try:
+            self._commit_ended()
+        except TRANSIENT_ERRORS as exc:
+            self.on_event(f"could not commit finished attempts: {exc}")
         for child in list(self.children.values()):
-            child.runner.close()
-            self._finish(child, Outcome(AttemptState.LOST, error=reason, log=child.read_log()))
+            self._stop_process(child.runner)
+            outcome = Outcome(
+                AttemptState.LOST,
+                error=f"handed back: {reason}",
+                handed_back=True,
+                log=child.read_log(),
+            )
+            try:
+                self._finish(child, outcome)
+            except TRANSIENT_ERRORS as exc:
+                self.children.pop(child.claimed.attempt_id, None)
+                self.on_event(f"could not hand back {child.claimed.node_id}: {exc}")
 
 
 class Runtime:
@@ -471,3 +563,76 @@ class Runtime:
                 return state
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id[:8]} still {state.value} after {timeout} s")
+
+
+class Shutdown:
+    """SIGTERM and SIGINT, counted by handlers and read between two passes (never mid-commit).
+
+    The first SIGTERM asks for a drain; a second one, or a SIGINT, for a hand-back at once.
+    """
+
+    def __init__(self) -> None:
+        self.terms = 0
+        self.interrupts = 0
+        #: Called from the handler, e.g. to stop an HTTP server as well.
+        self.on_signal: Callable[[], None] = lambda: None
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT in this process (call from the main thread)."""
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+        else:
+            self.terms += 1
+        self.on_signal()
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.terms or self.interrupts)
+
+    @property
+    def immediate(self) -> bool:
+        return self.terms >= 2 or self.interrupts > 0
+
+
+def run_until_shutdown(
+    runtime: Runtime,
+    shutdown: Shutdown,
+    before_pass: Callable[[], None] = lambda: None,
+) -> str:
+    """Run passes until ``shutdown`` is asked for, then drain and stop; say how it ended.
+
+    A drain takes no new work and lets the running attempts finish for up to
+    ``MLP_DRAIN_SECONDS``; what still runs then, or at a second SIGTERM, is handed back: its
+    processes are stopped and its attempts retried elsewhere without charging any budget.
+    """
+    worker = runtime.worker
+    drain = runtime.platform.settings.drain_seconds
+    deadline: float | None = None
+    while True:
+        if shutdown.requested:
+            worker.draining = True
+            if deadline is None:
+                deadline = time.monotonic() + drain
+                if worker.has_work:
+                    worker.on_event(
+                        f"draining: {len(worker.children)} running attempt(s) may finish "
+                        f"within {drain:g} s (MLP_DRAIN_SECONDS); SIGTERM again to hand back now"
+                    )
+            if not worker.has_work:
+                verdict = "drained"
+                break
+            if shutdown.immediate or time.monotonic() > deadline:
+                reason = "shut down" if shutdown.immediate else "not done within MLP_DRAIN_SECONDS"
+                count = len(worker.children)
+                worker.hand_back(reason)
+                verdict = f"handed back {count} attempt(s) ({reason})"
+                break
+        else:
+            before_pass()
+        runtime.tick()
+    worker.close()
+    return verdict

@@ -104,10 +104,25 @@ def test_only_one_worker_can_claim_an_attempt(platform: Platform) -> None:
     assert platform.claim(attempt_id, "worker-b") is None
 
 
+def _lose(platform: Platform, attempt_id: int, worker_id: str = "worker-a") -> None:
+    """Claim an attempt, then let the reaper find its lease expired (the worker died)."""
+    lease, platform.settings.lease_seconds = platform.settings.lease_seconds, 0.05
+    claimed = platform.claim(attempt_id, worker_id)
+    platform.settings.lease_seconds = lease
+    assert claimed is not None
+    time.sleep(0.06)
+    assert platform.reap() == 1
+
+
+def _queued(platform: Platform, run_id: str) -> int:
+    [attempt] = [a for a in platform.attempts(run_id) if a.state == "queued"]
+    return attempt.id
+
+
 def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
     platform: Platform, tmp_path: Path
 ) -> None:
-    params = {"counter": str(tmp_path / "c"), "fail_times": 1}
+    params = {"counter": str(tmp_path / "c"), "fail_times": 2}
     submitted = platform.submit(workflows.flaky_pipeline, params)
     platform.settings.lease_seconds = 1.0
     claimed = platform.claim(submitted.queued[0].attempt_id, "worker-a")
@@ -123,10 +138,75 @@ def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
     attempts = platform.attempts(submitted.run_id)
     assert [(a.number, a.state) for a in attempts] == [(1, "lost"), (2, "queued")]
     assert "lease expired" in (attempts[0].error or "")
-    # A lost attempt counts against the retries: lost, failed, succeeded is all 3 allowed.
+    # The loss is not the task's fault: its two retries are all left for its own failures.
     assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
     states = [a.state for a in platform.attempts(submitted.run_id)]
-    assert states == ["lost", "failed", "succeeded"]
+    assert states == ["lost", "failed", "failed", "succeeded"]
+    [task_run] = platform.task_runs(submitted.run_id)
+    assert task_run.lost_attempts == 1
+
+
+def test_lost_attempts_have_a_budget_of_their_own(platform: Platform) -> None:
+    """A plain task (retries=0) survives MLP_MAX_LOST losses and fails, saying so, after more."""
+    platform.settings.max_lost = 2
+    platform.settings.lost_backoff_seconds = 0.0
+    survives = platform.submit(workflows.arithmetic, {"n": 1})
+    for _ in range(2):
+        _lose(platform, _queued(platform, survives.run_id))
+    assert run_inline(platform, survives.run_id) is RunState.SUCCEEDED
+    tasks = {t.node_id: t for t in platform.task_runs(survives.run_id)}
+    assert tasks["double"].lost_attempts == 2
+    assert [a.state for a in platform.attempts(survives.run_id)][:3] == [
+        "lost",
+        "lost",
+        "succeeded",
+    ]
+
+    fails = platform.submit(workflows.arithmetic, {"n": 1})
+    for _ in range(3):
+        _lose(platform, _queued(platform, fails.run_id))
+    assert RunState(platform.run(fails.run_id)[0].state) is RunState.FAILED
+    tasks = {t.node_id: t for t in platform.task_runs(fails.run_id)}
+    assert tasks["double"].state == "failed"
+    assert "lost 3 attempts" in (tasks["double"].error or "")
+    assert "MLP_MAX_LOST=2" in (tasks["double"].error or "")
+    assert tasks["total"].state == "upstream_failed"
+
+
+def test_lost_retries_back_off(platform: Platform) -> None:
+    platform.settings.lost_backoff_seconds = 5.0
+    submitted = platform.submit(workflows.arithmetic, {"n": 1})
+    _lose(platform, submitted.queued[0].attempt_id)
+    lost, retry = platform.attempts(submitted.run_id)[:2]
+    assert lost.finished_at is not None
+    assert (retry.not_before - lost.finished_at).total_seconds() >= 5.0
+    assert platform.schedule(submitted.run_id) == []  # not due before its backoff
+
+
+def test_a_hand_back_charges_no_budget_at_all(platform: Platform) -> None:
+    platform.settings.max_lost = 0
+    submitted = platform.submit(workflows.arithmetic, {"n": 1})
+    for _ in range(3):
+        claimed = platform.claim(_queued(platform, submitted.run_id), "worker-a")
+        assert claimed is not None
+        handed = Outcome(AttemptState.LOST, error="handed back: worker shut down", handed_back=True)
+        assert len(platform.finish(claimed, "worker-a", handed)) == 1  # due again at once
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+    tasks = {t.node_id: t for t in platform.task_runs(submitted.run_id)}
+    assert tasks["double"].lost_attempts == 0
+    assert [a.state for a in platform.attempts(submitted.run_id)][:4] == ["lost"] * 3 + [
+        "succeeded"
+    ]
+
+
+def test_a_dead_lettered_dispatch_is_lost_and_retried(platform: Platform) -> None:
+    platform.settings.lost_backoff_seconds = 0.0
+    submitted = platform.submit(workflows.arithmetic, {"n": 1})
+    platform.dead_letter(submitted.queued[0].attempt_id, "undeliverable: delivered 5 times")
+    first, second = platform.attempts(submitted.run_id)[:2]
+    assert (first.state, second.state) == ("lost", "queued")
+    assert "undeliverable" in (first.error or "")
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
 
 
 def test_the_reaper_fails_attempts_past_their_timeout(platform: Platform) -> None:

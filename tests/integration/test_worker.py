@@ -6,6 +6,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,8 +19,10 @@ from ml_platform import task_runner
 from ml_platform.dispatch import InProcessDispatcher
 from ml_platform.engine.states import RunState
 from ml_platform.service import Platform
+from ml_platform.task_runner import is_running
 from ml_platform.worker import Runtime, Worker
 from tests import workflows
+from tests.helpers import pids_in, wait_until_dead
 
 pytestmark = pytest.mark.integration
 
@@ -57,15 +61,22 @@ def test_a_task_process_killed_mid_task_fails_the_attempt_and_is_retried(
     assert attempts[0].error == "task process killed by signal SIGKILL"
 
 
-def test_a_worker_that_lost_its_lease_stops_the_task(
+def _until_spawned(runtime: Runtime, pids: Path) -> list[int]:
+    """Run passes until the spawner task noted its pid and those of its child and grandchild."""
+    deadline = time.monotonic() + 30
+    while len(pids_in(pids)) < 3:
+        assert time.monotonic() < deadline, "the task never started its processes"
+        runtime.worker.step() if runtime.worker.children else runtime.tick()
+    return pids_in(pids)
+
+
+def test_a_worker_that_lost_its_lease_stops_the_task_and_all_it_started(
     sqlite_platform: Platform, tmp_path: Path
 ) -> None:
-    marker = tmp_path / "marker"
-    submitted = sqlite_platform.submit(workflows.crash_pipeline, {"marker": str(marker)})
+    pids = tmp_path / "pids"
+    submitted = sqlite_platform.submit(workflows.spawning, {"pids": str(pids)})
     runtime = _runtime(sqlite_platform, submitted.run_id)
-    while not marker.exists():
-        runtime.worker.step() if runtime.worker.children else runtime.tick()
-    [child] = runtime.worker.children.values()
+    started = _until_spawned(runtime, pids)
     # Another scheduler decides the lease expired (e.g. this worker was paused too long).
     sqlite_platform.settings.lease_seconds = 0.2
     runtime.worker._beat()
@@ -73,10 +84,72 @@ def test_a_worker_that_lost_its_lease_stops_the_task(
     assert sqlite_platform.reap() == 1
     runtime.worker._beat()
     assert runtime.worker.children == {}
-    assert child.runner.process.poll() is not None  # the orphaned attempt's process was killed
-    sqlite_platform.settings.lease_seconds = 5
-    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
-    assert [a.state for a in sqlite_platform.attempts(submitted.run_id)] == ["lost", "succeeded"]
+    # SIGTERM to the attempt's process group, SIGKILL after the grace: none is left.
+    assert wait_until_dead(started) == []
+    runtime.worker.close()
+    assert runtime.worker.stopping == []
+    states = [a.state for a in sqlite_platform.attempts(submitted.run_id)]
+    assert states == ["lost", "queued"]  # retried on the lost budget though retries=0
+
+
+def test_a_timeout_ends_the_task_its_child_and_its_grandchild(
+    sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    submitted = sqlite_platform.submit(workflows.spawning_past_timeout, {"pids": str(pids)})
+    runtime = _runtime(sqlite_platform, submitted.run_id)
+    assert runtime.drive(submitted.run_id, timeout=30) is RunState.FAILED
+    assert len(pids_in(pids)) == 3
+    assert wait_until_dead(pids_in(pids)) == []
+    [attempt] = sqlite_platform.attempts(submitted.run_id)
+    assert "timeout" in (attempt.error or "")
+
+
+def test_cancel_ends_the_task_its_child_and_its_grandchild(
+    sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    submitted = sqlite_platform.submit(workflows.spawning, {"pids": str(pids)})
+    runtime = _runtime(sqlite_platform, submitted.run_id)
+    started = _until_spawned(runtime, pids)
+    sqlite_platform.cancel(submitted.run_id)
+    assert runtime.drive(submitted.run_id, timeout=30) is RunState.CANCELLED
+    assert wait_until_dead(started) == []
+
+
+def test_processes_a_task_leaves_running_end_with_its_attempt(
+    sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    submitted = sqlite_platform.submit(workflows.spawning, {"pids": str(pids), "leave": True})
+    runtime = _runtime(sqlite_platform, submitted.run_id)
+    assert runtime.drive(submitted.run_id, timeout=30) is RunState.SUCCEEDED
+    task_process, *left = pids_in(pids)
+    assert wait_until_dead(left, timeout=2) == []
+    assert is_running(task_process)  # the warm process itself stays for the next attempt
+    assert "stopped 2 process(es) the task left running" in (
+        sqlite_platform.attempts(submitted.run_id)[0].log or ""
+    )
+    runtime.worker.close()
+    assert wait_until_dead([task_process]) == []
+
+
+def test_a_task_process_whose_worker_died_before_it_started_exits_at_once() -> None:
+    """The worker's pid is given, not read: a child that finds another parent never runs."""
+    read_end, write_end = os.pipe()
+    not_the_parent = os.getppid()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ml_platform.task_runner", str(write_end), str(not_the_parent)],
+        stdin=subprocess.PIPE,
+        pass_fds=(write_end,),
+    )
+    os.close(write_end)
+    try:
+        assert process.wait(timeout=30) == task_runner.ORPHAN_EXIT_CODE
+    finally:
+        os.close(read_end)
+        assert process.stdin is not None
+        process.stdin.close()
 
 
 def test_draining_finishes_running_work_and_takes_no_more(

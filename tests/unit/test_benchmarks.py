@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks import report
-from benchmarks.crash import Round
+from benchmarks.crash import Round, _ends_after
 from benchmarks.measure import (
     cpu_seconds_of_tree,
     percentile,
@@ -117,3 +118,41 @@ def test_settling_waits_for_a_busy_process_tree_to_go_quiet() -> None:
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_the_crash_section_reports_storms_and_start_up_kills() -> None:
+    storm = {
+        "label": "a fresh process per attempt",
+        "tasks": 40,
+        "succeeded": 40,
+        "run_state": "succeeded",
+        "kills": 5,
+        "lost_attempts": 7,
+        "duplicates_committed": 0,
+        "bodies_after_death": 0,
+        "seconds": 21.04,
+    }
+    data = {
+        "measured": "2026-12-03 12:00 UTC",
+        "rounds": [
+            {"recovery": 2.2, "duplicates_started": 0, "duplicates_committed": 0, "lost": 0}
+        ],
+        "storms": [storm],
+        "startup_kills": {"rounds": 20, "orphans": 0, "during_startup": 17},
+        "storm_tasks": 40,
+        "storm_task_seconds": 1.0,
+        "lease_seconds": 2.0,
+        "kill_after_seconds": 0.5,
+        "task_seconds": 5.0,
+    }
+    text = "\n".join(report._crash_section(data))
+    assert "| a fresh process per attempt | 5 | succeeded | 40 of 40 | 7 | 0 | 0 | 21.0 |" in text
+    assert "20 times (17 of them before the task body had started)" in text
+    assert "**0 task processes left**" in text
+
+
+def test_late_body_ends_of_killed_workers_are_counted(tmp_path: Path) -> None:
+    (tmp_path / "task-0.txt").write_text("start 11 100.0\nend 11 101.0\n")
+    (tmp_path / "task-1.txt").write_text("start 12 100.0\nend 12 99.0\nstart 13 102.0\n")
+    assert _ends_after(tmp_path, {11, 12, 13}, moment=100.5) == {11}
+    assert _ends_after(tmp_path, {12}, moment=100.5) == set()

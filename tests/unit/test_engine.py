@@ -118,7 +118,10 @@ def test_state_machines() -> None:
         check_transition(TASK_TRANSITIONS, TaskState.SUCCEEDED, TaskState.RUNNING)
     with pytest.raises(InvalidTransition):
         check_transition(ATTEMPT_TRANSITIONS, AttemptState.LOST, AttemptState.RUNNING)
-    assert sources_of(ATTEMPT_TRANSITIONS, AttemptState.LOST) == {AttemptState.RUNNING}
+    assert sources_of(ATTEMPT_TRANSITIONS, AttemptState.LOST) == {
+        AttemptState.QUEUED,  # its dispatch was dead-lettered
+        AttemptState.RUNNING,
+    }
     assert TaskState.PENDING in sources_of(TASK_TRANSITIONS, TaskState.CACHED)
 
 

@@ -34,7 +34,6 @@ from ml_platform.api.schemas import (
 from ml_platform.artifacts import ArtifactNotFound
 from ml_platform.engine.states import RunState
 from ml_platform.security import AuthError
-from ml_platform.service import load_workflow
 from ml_platform.store.models import Run, Schedule
 from ml_platform.store.models import Workflow as WorkflowRow
 
@@ -138,7 +137,7 @@ def _workflow_out(row: WorkflowRow) -> WorkflowOut:
 @router.post("/projects/{project}/workflows", status_code=201, tags=["workflows"])
 def register_workflow(body: WorkflowRegister, access: Editor, svc: ServicesDep) -> WorkflowOut:
     """Register a workflow by reference; a changed module makes a new version."""
-    row = svc.platform.register(load_workflow(body.reference), access.project_id)
+    row = svc.platform.register(svc.platform.trace(body.reference), access.project_id)
     return _workflow_out(row)
 
 
@@ -177,8 +176,7 @@ def _run_out(run: Run, wf: WorkflowRow) -> RunOut:
 def submit_run(body: RunCreate, access: Editor, svc: ServicesDep) -> RunOut:
     """Submit a run of a workflow with parameters (validated against its signature)."""
     submitted = svc.platform.submit(
-        load_workflow(body.workflow),
-        body.params,
+        svc.platform.trace(body.workflow, body.params),
         max_concurrency=body.max_concurrency,
         project_id=access.project_id,
     )
@@ -242,6 +240,7 @@ def run_tasks(run_id: str, access: Viewer, svc: ServicesDep) -> list[TaskRunOut]
             error=t.error,
             started_at=t.started_at,
             finished_at=t.finished_at,
+            lost_attempts=t.lost_attempts,
             attempts=attempts.get(t.id, []),
         )
         for t in svc.platform.task_runs(full_id)

@@ -116,6 +116,8 @@ class TaskRunOut(BaseModel):
     error: str | None
     started_at: datetime | None
     finished_at: datetime | None
+    #: Attempts lost to the infrastructure (they never consume the task's retries).
+    lost_attempts: int = 0
     attempts: list[AttemptOut]
 
 

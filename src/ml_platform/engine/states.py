@@ -93,7 +93,10 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 }
 
 ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
-    AttemptState.QUEUED: frozenset({AttemptState.RUNNING, AttemptState.CANCELLED}),
+    # A queued attempt is lost when its dispatch is dead-lettered (delivered to dead workers).
+    AttemptState.QUEUED: frozenset(
+        {AttemptState.RUNNING, AttemptState.CANCELLED, AttemptState.LOST}
+    ),
     AttemptState.RUNNING: frozenset(
         {AttemptState.SUCCEEDED, AttemptState.FAILED, AttemptState.LOST, AttemptState.CANCELLED}
     ),

@@ -175,6 +175,9 @@ class TaskRun(Base):
     cached_from: Mapped[int | None] = mapped_column(Integer, default=None)
     #: Number of the current attempt: the fencing token. 0 before the first attempt.
     current_attempt: Mapped[int] = mapped_column(Integer, default=0)
+    #: Attempts lost to the infrastructure (dead worker, expired lease, dead-lettered
+    #: dispatch), counted against MLP_MAX_LOST and never against the task's retries.
+    lost_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: {"value": ...} or {"__mlp_artifact__": sha256, ...}
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)

@@ -31,7 +31,7 @@ from ml_platform.artifacts import ArtifactNotFound
 from ml_platform.engine.states import RUN_TERMINAL, RunState
 from ml_platform.sdk import WorkflowError
 from ml_platform.security import AuthError
-from ml_platform.service import NotFound, load_workflow
+from ml_platform.service import NotFound
 from ml_platform.ui import graphics
 
 HERE = Path(__file__).parent
@@ -416,7 +416,7 @@ def rerun(
     svc = _services(request)
     try:
         submitted = svc.platform.submit(
-            load_workflow(wf.name), run.params, project_id=scope.project_id
+            svc.platform.trace(wf.name, run.params), project_id=scope.project_id
         )
     except WorkflowError as exc:
         raise PageError(422, f"Cannot re-run {wf.name}: {exc}") from None
