@@ -144,7 +144,39 @@ def _crash_section(data: dict[str, Any]) -> list[str]:
         f"| {len(rounds)} | {_fmt(recovery)} | {sum(r['duplicates_started'] for r in rounds)} | "
         f"{sum(r['duplicates_committed'] for r in rounds)} | {sum(r['lost'] for r in rounds)} |",
         "",
+        *_storm_lines(data),
     ]
+
+
+def _storm_lines(data: dict[str, Any]) -> list[str]:
+    if "storms" not in data:
+        return []
+    lines = [
+        f"Storms: {data['storm_tasks']} plain {data['storm_task_seconds']:g} s tasks (default "
+        "`retries=0`) on 2 workers of 2 slots; a busy worker `kill -9`ed at random moments and "
+        "replaced. Lost attempts are retried on their own budget (`MLP_MAX_LOST`, default 3), "
+        "never the task's retries.",
+        "",
+        "| task processes | kills | run | tasks succeeded | lost attempts | results committed "
+        "twice | task bodies running after their worker died | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for storm in data["storms"]:
+        lines.append(
+            f"| {storm['label']} | {storm['kills']} | {storm['run_state']} | "
+            f"{storm['succeeded']} of {storm['tasks']} | {storm['lost_attempts']} | "
+            f"{storm['duplicates_committed']} | {storm['bodies_after_death']} | "
+            f"{storm['seconds']:.1f} |"
+        )
+    startup = data["startup_kills"]
+    lines += [
+        "",
+        f"Start-up kills: a worker with a fresh task process per attempt, `kill -9`ed the moment "
+        f"its claim was committed, {startup['rounds']} times ({startup['during_startup']} of them "
+        f"before the task body had started): **{startup['orphans']} task processes left**.",
+        "",
+    ]
+    return lines
 
 
 def _pipeline_section(data: dict[str, Any]) -> list[str]:
@@ -270,6 +302,15 @@ def write(results: dict[str, Any], docs: Path) -> str:
             f"crash: {sum(r['lost'] for r in rounds)} lost, "
             f"{sum(r['duplicates_committed'] for r in rounds)} double-committed"
         )
+        for storm in results["crash"].get("storms", []):
+            verdicts.append(
+                f"storm ({storm['label']}): {storm['succeeded']}/{storm['tasks']} succeeded, "
+                f"{storm['bodies_after_death']} bodies after death"
+            )
+        if "startup_kills" in results["crash"]:
+            verdicts.append(
+                f"start-up kills: {results['crash']['startup_kills']['orphans']} orphans"
+            )
     if "pipeline" in results:
         lines += _pipeline_section(results["pipeline"])
     notes = docs / "benchmarks-analysis.md"

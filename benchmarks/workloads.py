@@ -11,6 +11,8 @@ from benchmarks.sizes import (
     FANOUT_WIDTH,
     SLEEP_SECONDS,
     SLEEP_TASKS,
+    STORM_TASK_SECONDS,
+    STORM_TASKS,
 )
 from ml_platform.sdk import Backoff, task, workflow
 
@@ -69,3 +71,21 @@ def sleeps(count: int = SLEEP_TASKS, seconds: float = SLEEP_SECONDS) -> None:
 @workflow
 def crash(marker: str, seconds: float = CRASH_TASK_SECONDS) -> None:
     slow(seconds, marker)
+
+
+@task
+def marked(index: int, seconds: float, folder: str) -> int:
+    """A plain task (default ``retries=0``) that notes its start and end with pid and time."""
+    path = os.path.join(folder, f"task-{index}.txt")
+    with open(path, "a") as handle:
+        handle.write(f"start {os.getpid()} {time.time()}\n")
+    time.sleep(seconds)
+    with open(path, "a") as handle:
+        handle.write(f"end {os.getpid()} {time.time()}\n")
+    return index
+
+
+@workflow
+def storm(folder: str, n: int = STORM_TASKS, seconds: float = STORM_TASK_SECONDS) -> None:
+    for i in range(n):
+        marked(i, seconds, folder)
