@@ -18,6 +18,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from ml_platform.accounts import Accounts
@@ -446,9 +447,13 @@ def show(
         run_row, _ = platform.run(full_id)
         console.print(f"params: {run_row.params}")
         console.print(_tasks_table(_local_tasks(platform, full_id)))
+        node_of = {t.id: t.node_id for t in platform.task_runs(full_id)}
         for attempt in platform.attempts(full_id):
             if attempt.error:
-                console.print(f"  attempt {attempt.number} ({attempt.state}): {attempt.error}")
+                console.print(
+                    f"  {node_of[attempt.task_run_id]} attempt {attempt.number} "
+                    f"({_styled(attempt.state)}): {escape(attempt.error)}"
+                )
         for node_id, artifact in platform.artifacts_of(full_id):
             console.print(
                 f"  artifact {artifact.name} from {node_id}: {artifact.kind}, "

@@ -193,6 +193,8 @@ def test_a_killed_worker_loses_its_attempt_and_another_worker_retries_it(
     attempts = platform.attempts(submitted.run_id)
     assert [a.state for a in attempts] == ["lost", "succeeded"]
     assert "lease expired" in (attempts[0].error or "")
+    code, shown = mlp("show", submitted.run_id[:8])
+    assert "slow_first_attempt attempt 1 (lost): lease expired" in shown, shown
     # The first attempt's process died with its worker: it never finished.
     assert marker.read_text().splitlines() == ["started 1", "started 2", "finished 2"]
 
