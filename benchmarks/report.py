@@ -136,7 +136,8 @@ def _crash_section(data: dict[str, Any]) -> list[str]:
         f"`kill -9` of the worker running a {data['task_seconds']:.0f} s task, "
         f"{data['kill_after_seconds']:g} s into it, {len(rounds)} times (lease "
         f"{data['lease_seconds']:g} s for this benchmark; the default is 30 s, and the time "
-        "to run again follows the lease).",
+        "to run again follows the lease, plus the lost attempts' backoff of 1 s "
+        "(`MLP_LOST_BACKOFF_SECONDS`) since 2026-12-03).",
         "",
         "| rounds | ran again after s (median, min–max) | duplicates started | "
         "duplicates committed | tasks lost |",
