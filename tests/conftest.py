@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from ml_platform.config import Settings
 from ml_platform.service import Platform
+from tests import services
 
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile(
@@ -30,36 +31,48 @@ settings.register_profile(
 _default_profile = "ci" if os.environ.get("CI", "").lower() == "true" else "dev"
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default_profile))
 
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
-# Read once at start: tests that need the embedded default remove DATABASE_URL from the env.
-BASE_DATABASE_URL = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
-PG_START_HINT = "start it with: pg_ctlcluster --skip-systemctl-redirect 15 main start"
-BASE_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-REDIS_START_HINT = (
-    "start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 "
-    '--save "" --appendonly no'
-)
+PG_HINT = "set DATABASE_URL to a reachable server, or unset it to get a throwaway one"
+REDIS_HINT = "set REDIS_URL to a reachable server, or unset it to get a throwaway one"
 
 
-def _libpq_url(url: str) -> str:
-    parsed = make_url(url)
-    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+def pytest_configure(config: pytest.Config) -> None:
+    """Find or start PostgreSQL and Redis once, in the controller, before any xdist worker."""
+    if hasattr(config, "workerinput"):
+        return  # an xdist worker: the controller provisioned, the environment says where
+    try:
+        provisioned = services.provision()
+    except services.ProvisioningError as exc:
+        raise pytest.UsageError(f"cannot provide the test services: {exc}") from None
+    provisioned.export()
+    config.stash[_PROVISIONED] = provisioned
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    provisioned = config.stash.get(_PROVISIONED, None)
+    return f"services: {provisioned.describe()}" if provisioned else None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    provisioned = config.stash.get(_PROVISIONED, None)
+    if provisioned is not None:
+        provisioned.close()
+
+
+_PROVISIONED = pytest.StashKey[services.Provisioned]()
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
-    base = BASE_DATABASE_URL
-    if not base.startswith("postgres"):
-        base = DEFAULT_DATABASE_URL
+    """A fresh PostgreSQL database for this test session (xdist worker), dropped at the end."""
+    base = os.environ[services.DATABASE_ENV]
     name = f"mlp_test_{uuid.uuid4().hex[:12]}"
     try:
-        admin = psycopg.connect(_libpq_url(base), autocommit=True, connect_timeout=5)
+        admin = psycopg.connect(services.libpq_url(base), autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        shown = make_url(base).render_as_string(hide_password=True)
         reason = str(exc).strip().splitlines()[0]
         pytest.fail(
-            f"PostgreSQL at {shown} is unreachable ({reason}); {PG_START_HINT}", pytrace=False
+            f"PostgreSQL at {services.shown(base)} is unreachable ({reason}); {PG_HINT}",
+            pytrace=False,
         )
     with admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -88,7 +101,7 @@ def sqlite_platform(home: Path) -> Iterator[Platform]:
 def postgres_clean(postgres_url: str) -> Iterator[str]:
     """The session's PostgreSQL database, emptied after the test (schema kept)."""
     yield postgres_url
-    with psycopg.connect(_libpq_url(postgres_url), autocommit=True) as conn:
+    with psycopg.connect(services.libpq_url(postgres_url), autocommit=True) as conn:
         tables = conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
             "AND tablename <> 'alembic_version'"
@@ -112,19 +125,17 @@ class RedisTarget:
 @pytest.fixture(scope="session")
 def redis_target() -> Iterator[RedisTarget]:
     """The Redis server with a key prefix of this test session's own, cleaned up at the end."""
-    client = redis.Redis.from_url(BASE_REDIS_URL, socket_connect_timeout=5)
+    url = os.environ[services.REDIS_ENV]
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
     try:
         client.ping()
     except redis.ConnectionError as exc:
-        shown = (
-            make_url(BASE_REDIS_URL.replace("redis://", "postgresql://", 1))
-            .render_as_string(hide_password=True)
-            .replace("postgresql://", "redis://", 1)
+        pytest.fail(
+            f"Redis at {services.shown(url)} is unreachable ({exc}); {REDIS_HINT}", pytrace=False
         )
-        pytest.fail(f"Redis at {shown} is unreachable ({exc}); {REDIS_START_HINT}", pytrace=False)
     prefix = f"mlp-test-{uuid.uuid4().hex[:12]}"
     try:
-        yield RedisTarget(BASE_REDIS_URL, prefix)
+        yield RedisTarget(url, prefix)
     finally:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
         if keys:

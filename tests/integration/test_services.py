@@ -1,0 +1,68 @@
+"""The test session's own services: given, found running, or started and removed."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from ml_platform.task_runner import is_running
+from tests import services
+
+pytestmark = pytest.mark.integration
+NOWHERE_PG = "postgresql://postgres@127.0.0.1:1/test"
+NOWHERE_REDIS = "redis://127.0.0.1:1/0"
+
+
+def _owner(pid: int) -> str:
+    return pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name
+
+
+def test_with_nothing_running_throwaway_servers_are_started_and_leave_nothing() -> None:
+    provisioned = services.provision({}, NOWHERE_PG, NOWHERE_REDIS)
+    try:
+        line = provisioned.describe()
+        assert line.count("started for this session") == 2, line
+        with psycopg.connect(services.libpq_url(provisioned.database_url)) as conn:
+            [(version,)] = conn.execute("SHOW server_version_num").fetchall()
+            assert int(version) >= 150000
+            [(data_dir,)] = conn.execute("SHOW data_directory").fetchall()
+        client = redis.Redis.from_url(provisioned.redis_url)
+        assert client.xadd("probe", {"a": 1})  # Streams are there
+        assert int(client.info()["redis_version"].split(".")[0]) >= 6
+        client.close()
+        postmaster = int(Path(data_dir, "postmaster.pid").read_text().split()[0])
+        if os.geteuid() == 0:  # PostgreSQL refuses root: it runs as an unprivileged user
+            assert _owner(postmaster) == services.POSTGRES_RUN_AS
+        folders = [Path(data_dir).parent]
+    finally:
+        provisioned.close()
+    assert not is_running(postmaster)
+    assert not any(folder.exists() for folder in folders)
+    assert not services.postgres_answers(provisioned.database_url, timeout=1)
+    assert not services.redis_answers(provisioned.redis_url, timeout=0.5)
+
+
+def test_given_urls_are_used_as_they_are_and_nothing_is_started() -> None:
+    given = {
+        "DATABASE_URL": "postgresql://someone:secret@db.example:5432/x",
+        "REDIS_URL": "redis://cache.example:6379/0",
+    }
+    provisioned = services.provision(given, NOWHERE_PG, NOWHERE_REDIS)
+    assert provisioned.database_url == given["DATABASE_URL"]
+    assert provisioned.redis_url == given["REDIS_URL"]
+    assert provisioned.cleanups == []
+    line = provisioned.describe()
+    assert "given by DATABASE_URL" in line and "given by REDIS_URL" in line
+    assert "secret" not in line
+
+
+def test_running_servers_at_the_default_addresses_are_used() -> None:
+    found = services.provision(
+        {}, os.environ[services.DATABASE_ENV], os.environ[services.REDIS_ENV]
+    )
+    assert found.cleanups == [] and found.describe().count("running here") == 2
