@@ -20,6 +20,8 @@ nox.options.error_on_missing_interpreters = True
 nox.options.reuse_existing_virtualenvs = False
 
 PYTHON = "3.11"
+#: pytest-xdist workers for the tests session (PYTEST_WORKERS overrides).
+TEST_WORKERS = os.environ.get("PYTEST_WORKERS", "4")
 LINT_PATHS = ["src", "tests", "benchmarks", "noxfile.py"] + (
     ["tasks.py"] if os.path.exists("tasks.py") else []
 )
@@ -72,6 +74,9 @@ def tests(session: nox.Session) -> None:
             os.remove(stale)
     # The 85 % gate (pyproject.toml) holds for the whole suite; a chosen subset reports only.
     gate = [] if not session.posargs else ["--cov-fail-under=0"]
+    # Most tests wait on processes and services, not on a core: more workers than cores.
+    # PostgreSQL and Redis: see tests/services.py (given, running, or started for the session).
+    workers = [] if "-n" in session.posargs else ["-n", TEST_WORKERS, "--dist", "worksteal"]
     # tests/smoke runs against a deployment (`nox -s smoke`, `invoke smoke`), not here.
     session.run(
         "pytest",
@@ -80,6 +85,7 @@ def tests(session: nox.Session) -> None:
         "--cov-report=html",
         "--cov-report=xml",
         *gate,
+        *workers,
         *(session.posargs or ["tests", "--ignore=tests/smoke"]),
     )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ml_platform import cli
 from ml_platform.cli import app
 from ml_platform.config import load_settings
 from ml_platform.service import Platform
@@ -29,6 +30,8 @@ def cli_env(home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     monkeypatch.setenv("MLP_LEASE_SECONDS", "1.5")
     monkeypatch.setenv("MLP_POLL_SECONDS", "0.1")
     monkeypatch.setenv("COLUMNS", "200")
+    # The CLI's console may have fixed its width at import (in an xdist worker, say).
+    monkeypatch.setattr(cli.console, "width", 200)
     monkeypatch.chdir(ROOT)
     return dict(os.environ)
 
