@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -21,24 +21,14 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from ml_platform.accounts import Accounts
-from ml_platform.client import ApiClientError, Client, Credentials
-from ml_platform.config import load_settings
-from ml_platform.dispatch import DEFAULT_QUEUE, Dispatch, InProcessDispatcher
 from ml_platform.engine.states import RUN_TERMINAL, RunState
-from ml_platform.sdk import WorkflowError
-from ml_platform.security import ConfigurationError
-from ml_platform.service import NotFound, Platform
-from ml_platform.store.db import DatabaseUnavailable, safe_url
-from ml_platform.tracer import load_workflow
-from ml_platform.worker import (
-    Runtime,
-    Shutdown,
-    Worker,
-    make_dispatcher,
-    new_worker_id,
-    run_until_shutdown,
-)
+
+# Deferred to the commands that use them: `mlp --help` must not pay for SQLAlchemy, Alembic,
+# Redis, FastAPI or pydantic (see tests/unit/test_cli_imports.py).
+if TYPE_CHECKING:
+    from ml_platform.client import Client
+    from ml_platform.dispatch import Dispatch
+    from ml_platform.service import Platform
 
 DEMO_WORKFLOW = "ml_platform.examples.classifier:training_pipeline"
 EXIT_FAILED = 1
@@ -77,6 +67,11 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 @contextmanager
 def _platform() -> Iterator[Platform]:
+    from ml_platform.config import load_settings
+    from ml_platform.sdk import WorkflowError
+    from ml_platform.service import NotFound, Platform
+    from ml_platform.store.db import DatabaseUnavailable
+
     platform = Platform(load_settings())
     try:
         platform.start()
@@ -190,6 +185,9 @@ def _execute(platform: Platform, run_id: str, queued: list[Dispatch], concurrenc
     Ctrl-C only sets a flag that the loop reads between two passes, so it never interrupts a
     database transaction (an interrupted SQLite transaction would hold the write lock).
     """
+    from ml_platform.dispatch import InProcessDispatcher
+    from ml_platform.worker import Runtime, Worker
+
     dispatcher = InProcessDispatcher()
     dispatcher.publish(queued)
     worker = Worker(platform, dispatcher, concurrency=concurrency)
@@ -225,6 +223,9 @@ def _execute(platform: Platform, run_id: str, queued: list[Dispatch], concurrenc
 def _run_and_report(
     platform: Platform, reference: str, raw_params: dict[str, str], concurrency: int
 ) -> str:
+    from ml_platform.store.db import safe_url
+    from ml_platform.tracer import load_workflow
+
     wf = load_workflow(reference)
     submitted = platform.submit(wf, wf.parse_cli_params(raw_params))
     console.print(
@@ -266,6 +267,9 @@ ProjectName = Annotated[
 
 @contextmanager
 def _client(server: str, project: str) -> Iterator[Client]:
+    from ml_platform.client import ApiClientError, Client, Credentials
+    from ml_platform.config import load_settings
+
     settings = load_settings()
     credentials = Credentials(settings.home)
     saved = credentials.get(server)
@@ -526,6 +530,16 @@ def worker(
     With REDIS_URL set, attempts arrive through Redis Streams; several workers may run, on
     several machines, against one DATABASE_URL.
     """
+    from ml_platform.dispatch import DEFAULT_QUEUE
+    from ml_platform.worker import (
+        Runtime,
+        Shutdown,
+        Worker,
+        make_dispatcher,
+        new_worker_id,
+        run_until_shutdown,
+    )
+
     sys.path.insert(0, os.getcwd())
     with _platform() as platform:
         worker_id = new_worker_id()
@@ -557,6 +571,8 @@ def server(
     `mlp worker` processes do. Refuses to start with a missing or weak SECRET_KEY when
     ENVIRONMENT is staging or production.
     """
+    from ml_platform.config import load_settings
+    from ml_platform.security import ConfigurationError
     from ml_platform.server import serve
 
     sys.path.insert(0, os.getcwd())
@@ -575,6 +591,9 @@ def login(
     ] = False,
 ) -> None:
     """Log in to a server; the tokens are kept in $ML_PLATFORM_HOME/credentials.json (0600)."""
+    from ml_platform.client import ApiClientError, Client, Credentials
+    from ml_platform.config import load_settings
+
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
@@ -601,6 +620,8 @@ def users_create(
     ] = False,
 ) -> None:
     """Create a user (the way to bootstrap the first admin: there are no default credentials)."""
+    from ml_platform.accounts import Accounts
+
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
@@ -617,6 +638,9 @@ def users_create(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply the database migrations (the embedded database is upgraded on first use too)."""
+    from ml_platform.config import load_settings
+    from ml_platform.store.db import safe_url
+
     settings = load_settings()
     with _platform():
         console.print(f"database at {safe_url(settings.database_url)} is at the latest schema")

@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.service import FencedOut, NotFound, Outcome, Platform
-from ml_platform.store.db import current_revision, head_revision
+from ml_platform.store.db import current_revision, head_from_files, head_revision
 from ml_platform.store.models import Base, utcnow
 from tests import workflows
 from tests.helpers import execute, run_inline
@@ -27,6 +27,7 @@ def _states(platform: Platform, run_id: str) -> dict[str, str]:
 
 def test_migrations_create_exactly_the_models_schema(platform: Platform) -> None:
     assert current_revision(platform.db.engine) == head_revision() is not None
+    assert head_from_files() == head_revision()  # the start-up check that skips Alembic
     with platform.db.engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert diff == []

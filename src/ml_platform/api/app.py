@@ -27,7 +27,7 @@ from ml_platform.dispatch import Dispatcher
 from ml_platform.sdk import ParamError, WorkflowError
 from ml_platform.security import TokenSigner, resolve_secret_key
 from ml_platform.service import NotFound, Platform, ScheduleError
-from ml_platform.store.db import current_revision, head_revision
+from ml_platform.store.db import current_revision, head_from_files
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def create_app(
                 connection.execute(text("SELECT 1"))
             at = current_revision(platform.db.engine)
             checks["database"] = "ok"
-            checks["migrations"] = "ok" if at == head_revision() else f"at {at}, not head"
+            checks["migrations"] = "ok" if at == head_from_files() else f"at {at}, not head"
         except Exception as exc:  # any driver error means "not ready"
             checks["database"] = f"unreachable: {type(exc).__name__}"
         if redis_client is not None:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -56,6 +57,8 @@ def safe_url(url: str) -> str:
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config  # Alembic only when migrating (0.3 s to import)
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -64,6 +67,8 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply the migrations up to ``revision`` on the engine's database."""
+    from alembic import command
+
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
@@ -71,12 +76,36 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None before the first migration)."""
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        try:
+            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except DBAPIError:  # no such table: an empty database
+            return None
 
 
 def head_revision() -> str | None:
+    """The newest migration, as Alembic sees it."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+_REVISION = re.compile(r'^revision: str = "([^"]+)"', re.M)
+_DOWN = re.compile(r'^down_revision: [^=]+= "([^"]+)"', re.M)
+
+
+def head_from_files() -> str | None:
+    """The newest migration, read from the files without importing Alembic (start-up cost)."""
+    revisions, parents = set(), set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        source = path.read_text()
+        if found := _REVISION.search(source):
+            revisions.add(found.group(1))
+        if down := _DOWN.search(source):
+            parents.add(down.group(1))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 class Database:
@@ -90,8 +119,11 @@ class Database:
     def ensure_schema(self) -> None:
         """Bring the schema to head, or raise DatabaseUnavailable with a clear reason."""
         try:
-            if current_revision(self.engine) != head_revision():
-                upgrade(self.engine)
+            current = current_revision(self.engine)
+            # Alembic is imported only when the database is behind (or the files are unclear).
+            if current is None or current != head_from_files():
+                if current != head_revision():
+                    upgrade(self.engine)
         except Exception as exc:  # the driver's errors differ; all mean the same to the user
             if isinstance(exc, DatabaseUnavailable):
                 raise
