@@ -230,7 +230,7 @@ def test_sigterm_to_an_embedded_server_drains_hands_back_and_a_restart_finishes(
         port = str(free_port())
         server = spawn("server", "--port", port, "-c", "2", extra=embedded)
         wait_until_ready(f"http://127.0.0.1:{port}")
-        submitted = platform.submit(workflows.short_and_long, {"short": 1.0, "long": 4.0})
+        submitted = platform.submit(workflows.short_and_long, {"short": 0.5, "long": 3.0})
         wait_for(
             lambda: sum(map(len, running_on(platform, submitted.run_id).values())) == 2,
             what="both naps running",

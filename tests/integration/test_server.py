@@ -73,8 +73,8 @@ def cluster(
         )
         for args in (
             ["server", "--port", str(port)],
-            ["worker", "--concurrency", "2"],
-            ["worker", "--concurrency", "2"],
+            ["worker", "--concurrency", "1"],
+            ["worker", "--concurrency", "1"],
         )
     ]
     try:

@@ -49,7 +49,7 @@ def test_with_nothing_running_throwaway_servers_are_started_and_leave_nothing() 
 
 def test_given_urls_are_used_as_they_are_and_nothing_is_started() -> None:
     given = {
-        "DATABASE_URL": "postgresql://someone:secret@db.example:5432/x",
+        "DATABASE_URL": "postgresql://someone:secret@db.example:5432/x",  # pragma: allowlist secret
         "REDIS_URL": "redis://cache.example:6379/0",
     }
     provisioned = services.provision(given, NOWHERE_PG, NOWHERE_REDIS)
