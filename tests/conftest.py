@@ -82,6 +82,19 @@ def postgres_url() -> Iterator[str]:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+@pytest.fixture(autouse=True)
+def _cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process, argon2 at its smallest cost: the production cost (≈ 0.1 s a hash or a
+    check here) is a defence, not a behaviour. Servers the tests start as processes keep it,
+    and tests/integration/test_security_defaults.py checks it."""
+    from argon2 import PasswordHasher
+
+    from ml_platform import security
+
+    cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    monkeypatch.setattr(security, "_hasher", cheap)
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty platform home, also exported so that child processes use it."""

@@ -17,9 +17,10 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 from ml_platform.artifacts import ArtifactStore
 from ml_platform.engine.cache import UnserializableInput, canonical_json
@@ -324,21 +325,29 @@ class Workflow:
         self.name = name or self.ref
         self.max_concurrency = max_concurrency
         self.description = inspect.getdoc(fn) or ""
-        self.params_model = self._params_model()
-        functools.update_wrapper(self, fn)
-
-    def _params_model(self) -> type[BaseModel]:
-        fields: dict[str, Any] = {}
-        for param in inspect.signature(self.fn).parameters.values():
+        for param in inspect.signature(fn).parameters.values():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 raise WorkflowError(f"workflow {self.ref}: *args and **kwargs cannot be run params")
+        functools.update_wrapper(self, fn)
+
+    @functools.cached_property
+    def params_model(self) -> type[BaseModel]:
+        """The params as a pydantic model, made on first use: a task process that imports the
+        workflow's module to run one of its tasks never needs it (nor pydantic)."""
+        from pydantic import ConfigDict, create_model
+
+        fields: dict[str, Any] = {}
+        for param in inspect.signature(self.fn).parameters.values():
             annotation = Any if param.annotation is param.empty else param.annotation
             default = ... if param.default is param.empty else param.default
             fields[param.name] = (annotation, default)
-        model = create_model(
-            f"Params_{self.fn.__name__}", __config__=ConfigDict(extra="forbid"), **fields
-        )
-        return cast(type[BaseModel], model)
+        try:
+            model = create_model(
+                f"Params_{self.fn.__name__}", __config__=ConfigDict(extra="forbid"), **fields
+            )
+        except Exception as exc:  # an annotation pydantic cannot validate
+            raise WorkflowError(f"workflow {self.ref}: its params cannot be validated: {exc}")
+        return cast("type[BaseModel]", model)
 
     @property
     def code_hash(self) -> str:
@@ -351,6 +360,8 @@ class Workflow:
 
     def validate_params(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """Check and convert run parameters; raise ParamError naming every bad one."""
+        from pydantic import ValidationError
+
         try:
             model = self.params_model.model_validate(dict(raw))
         except ValidationError as exc:

@@ -203,11 +203,11 @@ def test_a_killed_worker_loses_its_attempt_and_another_worker_retries_it(
 
 
 def test_the_demo_runs_and_a_second_run_reuses_the_cache(cli_env: dict[str, str]) -> None:
-    code, output = mlp("demo")
+    code, output = mlp("demo", "-c", "1")  # one task process: scikit-learn imported once
     assert code == 0, output
     assert "succeeded" in output and "roc_auc=" in output
     assert "artifact model from register_model" in output
-    code, again = mlp("demo")
+    code, again = mlp("demo", "-c", "1")
     assert code == 0, again
     assert "10 of 12 tasks reused from cache" in again
     assert re.search(r"evaluate\[0\]\s+│ cached\s+│ 0\s+│[^│]*│ accuracy=", again), again

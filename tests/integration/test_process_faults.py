@@ -123,15 +123,16 @@ def test_kill_9_of_busy_workers_fails_no_task_of_default_retries(
     def busy() -> list[int]:  # live workers running attempts (the dead keep theirs a while)
         return [pid for pid in running_on(platform, submitted.run_id) if pid in pool]
 
-    for _ in range(2):
+    for kill in range(2):
         wait_for(busy, what="a busy worker")
         victim_pid = busy()[0]
         victim = pool.pop(victim_pid)
         victim.kill()
         victim.communicate()
         assert wait_until_dead(task_processes_of(victim_pid), timeout=2) == []
-        fresh = spawn("worker", "-c", "2")
-        pool[fresh.pid] = fresh
+        if kill == 0:  # after the second kill, the survivor finishes alone
+            fresh = spawn("worker", "-c", "2")
+            pool[fresh.pid] = fresh
     wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
     assert platform.run(submitted.run_id)[0].state == "succeeded"
     tasks = platform.task_runs(submitted.run_id)
@@ -163,7 +164,7 @@ def test_a_worker_killed_while_its_task_process_starts_leaves_no_orphan(
     """A fresh task process per attempt: the kill lands while the process is starting."""
     submitted = platform.submit(workflows.naps, {"n": 4, "seconds": 0.5})
     fresh = {"MLP_MAX_TASKS_PER_PROCESS": "1"}
-    for _ in range(3):
+    for _ in range(2):  # the crash benchmark does it 20 times
         worker = spawn("worker", "-c", "1", extra=fresh)
         wait_for(lambda: worker.pid in running_on(platform, submitted.run_id), what="a claim")
         worker.kill()  # claimed a moment ago: its task process is being started
