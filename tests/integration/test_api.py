@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from ml_platform.accounts import Accounts, Role
@@ -354,3 +355,7 @@ def test_login_limits_are_shared_by_replicas_through_redis(
         assert first.post("/api/v1/auth/token", json=right).status_code == 429
         assert second.post("/api/v1/auth/token", json=right).status_code == 429
         assert first.get("/readyz").json()["checks"]["redis"] == "ok"
+    key = f"{redis_target.prefix}:login-failures:user:mallory"
+    assert isinstance(redis_client, redis.Redis)
+    assert int(redis_client.get(key) or 0) == 2  # counted on both replicas, in one window
+    assert 0 < int(redis_client.ttl(key)) <= settings.login_window_seconds
