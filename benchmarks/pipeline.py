@@ -29,7 +29,12 @@ def _nox(*args: str) -> float:
     )
     elapsed = time.monotonic() - began
     if done.returncode != 0:
-        raise RuntimeError(f"nox {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+        failures = [
+            line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))
+        ]
+        raise RuntimeError(
+            f"nox {' '.join(args)} failed:\n" + "\n".join(failures) + done.stderr[-2000:]
+        )
     return elapsed
 
 

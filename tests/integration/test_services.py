@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 from pathlib import Path
 
 import psycopg
@@ -66,3 +67,25 @@ def test_running_servers_at_the_default_addresses_are_used() -> None:
         {}, os.environ[services.DATABASE_ENV], os.environ[services.REDIS_ENV]
     )
     assert found.cleanups == [] and found.describe().count("running here") == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands PostgreSQL to another user")
+def test_as_root_binaries_the_server_user_cannot_reach_are_copied_where_it_can(
+    tmp_path: Path,
+) -> None:
+    found = services.postgres_binaries()
+    assert found is not None
+    private = tmp_path / "private"  # as a venv under a 0700 temporary directory would be
+    private.mkdir(mode=0o700)
+    site = private / "site"
+    shutil.copytree(found.parent, site / found.parent.parent.name / found.parent.name)
+    libs = found.parent.parent.parent / f"{found.parent.parent.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, site / libs.name)
+    server = services.ThrowawayPostgres(site / found.parent.parent.name / found.parent.name / "bin")
+    try:
+        server.start()
+        assert services.postgres_answers(server.url)
+        assert server.dir in server.bin.parents  # ran from its own copy
+    finally:
+        server.remove()
