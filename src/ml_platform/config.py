@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     #: Seconds between SIGTERM and SIGKILL when an attempt's processes are stopped (timeout,
     #: cancel, lost lease, hand-back).
     kill_grace_seconds: float = Field(default=5.0, ge=0)
+    #: Module prefixes a server may load workflows from (comma-separated), besides the
+    #: packages and modules in its working directory (the project's own code). A reference
+    #: outside them is refused before anything is imported.
+    workflow_modules: str = "ml_platform.examples"
     #: Longest a server may take to import and trace a submitted workflow (in a subprocess).
     trace_timeout_seconds: float = Field(default=60.0, gt=0)
     #: Grace after a task's timeout before the reaper fails an attempt that a worker did not stop.
@@ -90,6 +94,10 @@ class Settings(BaseSettings):
     @cached_property
     def artifacts_dir(self) -> Path:
         return self.artifacts_dir_override or self.home / "artifacts"
+
+    @property
+    def workflow_module_prefixes(self) -> list[str]:
+        return [part.strip() for part in self.workflow_modules.split(",") if part.strip()]
 
     @property
     def heartbeat_seconds(self) -> float:

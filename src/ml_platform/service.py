@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 from croniter import croniter
@@ -61,7 +62,7 @@ from ml_platform.store.models import (
 )
 from ml_platform.store.models import Workflow as WorkflowRow
 from ml_platform.store.models import utcnow
-from ml_platform.tracer import trace_in_subprocess
+from ml_platform.tracer import check_allowed, trace_in_subprocess
 
 TIMEOUT_ERROR = "builtins:TimeoutError"
 #: Runs whose DAG shape a Platform keeps in memory (see Platform._dag).
@@ -297,9 +298,12 @@ class Platform:
     def trace(self, reference: str, params: Mapping[str, Any] | None = None) -> TracedWorkflow:
         """Load and trace ``reference`` in a fresh process: always the code on disk now.
 
+        Only a reference the server may load (``tracer.check_allowed``) gets that far.
+
         What long-lived processes (the API, the scheduler) use: they never import user code
         themselves, so a changed module is a new version and its new body is what runs.
         """
+        check_allowed(reference, self.settings.workflow_module_prefixes, Path.cwd())
         return trace_in_subprocess(reference, params, timeout=self.settings.trace_timeout_seconds)
 
     def register(self, wf: Workflow | TracedWorkflow, project_id: int | None = None) -> WorkflowRow:

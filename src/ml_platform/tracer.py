@@ -20,6 +20,7 @@ import signal
 import subprocess  # nosec B404
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ml_platform.sdk import ParamError, TracedWorkflow, Workflow, WorkflowError
@@ -28,13 +29,44 @@ from ml_platform.sdk import ParamError, TracedWorkflow, Workflow, WorkflowError
 STDERR_TAIL = 600
 
 
-def load_workflow(reference: str) -> Workflow:
-    """Import ``package.module:workflow_name`` in this process and return the workflow."""
+def parse_reference(reference: str) -> tuple[str, str]:
+    """``package.module:attribute`` split in two, or WorkflowError: dotted identifiers only."""
     module_name, sep, attr_path = reference.partition(":")
-    if not sep or not module_name or not attr_path:
+    parts = module_name.split(".") + attr_path.split(".")
+    if not sep or not all(part.isidentifier() for part in parts):
         raise WorkflowError(
             f"workflow reference {reference!r} must look like 'package.module:workflow_name'"
         )
+    return module_name, attr_path
+
+
+def check_allowed(reference: str, prefixes: list[str], root: Path) -> None:
+    """Refuse, before any import, a reference outside the modules a server may load.
+
+    Allowed: the packages and modules in ``root`` (the server's working directory: the
+    project's own code) and those under one of ``prefixes`` (``MLP_WORKFLOW_MODULES``).
+    Never a ``__main__`` module or a private (``_``-prefixed) name.
+    """
+    module_name, attr_path = parse_reference(reference)
+    parts = module_name.split(".")
+    if any(part.startswith("_") for part in parts + attr_path.split(".")):
+        raise WorkflowError(f"workflow reference {reference!r} names a private or main module")
+    top = parts[0]
+    in_project = (root / f"{top}.py").is_file() or (root / top / "__init__.py").is_file()
+    listed = any(
+        module_name == prefix or module_name.startswith(prefix + ".") for prefix in prefixes
+    )
+    if not (in_project or listed):
+        raise WorkflowError(
+            f"module {module_name!r} is not one this server loads workflows from: the project's "
+            f"own modules in {root} and {', '.join(prefixes) or 'no others'} "
+            "(MLP_WORKFLOW_MODULES)"
+        )
+
+
+def load_workflow(reference: str) -> Workflow:
+    """Import ``package.module:workflow_name`` in this process and return the workflow."""
+    module_name, attr_path = parse_reference(reference)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
