@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     #: packages and modules in its working directory (the project's own code). A reference
     #: outside them is refused before anything is imported.
     workflow_modules: str = "ml_platform.examples"
+    #: Largest run params the API accepts, as JSON.
+    max_params_bytes: int = Field(default=1024 * 1024, ge=1)
     #: Longest a server may take to import and trace a submitted workflow (in a subprocess).
     trace_timeout_seconds: float = Field(default=60.0, gt=0)
     #: Grace after a task's timeout before the reaper fails an attempt that a worker did not stop.

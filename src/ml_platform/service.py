@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -1041,6 +1041,10 @@ class Platform:
         """A schedule that submits ``reference`` with ``params`` at every cron tick (UTC)."""
         if not croniter.is_valid(cron):
             raise ScheduleError(f"{cron!r} is not a valid five-field cron expression")
+        try:
+            next_tick(cron, utcnow())
+        except (CroniterBadDateError, ValueError):
+            raise ScheduleError(f"{cron!r} never fires (no such date)") from None
         values = self.trace(reference, params).params
         now = utcnow()
         try:

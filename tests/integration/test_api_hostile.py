@@ -71,3 +71,66 @@ def test_modules_outside_the_project_need_the_allow_list(api: Api) -> None:
     allowed = {"reference": "ml_platform.examples.classifier:training_pipeline"}
     ok = api.client.post("/api/v1/projects/vision/workflows", json=allowed, headers=carol)
     assert ok.status_code == 201, ok.text
+
+
+def _refused(response: object) -> bool:
+    status = getattr(response, "status_code")
+    return bool(status == 422 and getattr(response, "json")()["error"]["code"])
+
+
+def test_text_no_database_can_store_is_a_422_wherever_it_comes(api: Api) -> None:
+    carol = api.login("carol")
+    runs = "/api/v1/projects/vision/runs"
+    attacks = [
+        api.client.post("/api/v1/auth/token", json={"username": "a\x00", "password": "x" * 12}),
+        api.client.post(
+            "/api/v1/auth/token",
+            content=b'{"username": "\\ud800", "password": "xxxxxxxxxxxx"}',
+            headers={"content-type": "application/json"},
+        ),
+        api.client.get("/api/v1/projects/vis%00ion/runs", headers=carol),
+        api.client.get(f"{runs}?workflow=a%00b", headers=carol),
+        api.client.post(
+            runs,
+            content=b'{"workflow": "tests.workflows:echo_pipeline", "params": {"value": "\\ud800"}}',
+            headers={**carol, "content-type": "application/json"},
+        ),
+        api.client.put(
+            "/api/v1/projects/vision/members",
+            json={"username": "b\x00b", "role": "viewer"},
+            headers=api.login("alice"),
+        ),
+        api.client.post("/ui/login", data={"username": "x\x00", "password": "y"}),
+    ]
+    assert [a.status_code for a in attacks] == [422] * len(attacks), [a.text for a in attacks]
+    assert all(_refused(a) for a in attacks)
+    # Nothing was stored: the run list still answers for every member.
+    listed = api.client.get(runs, headers=carol)
+    assert listed.status_code == 200 and listed.json()["items"] == []
+
+
+def test_out_of_range_numbers_impossible_crons_and_huge_params_are_422(api: Api) -> None:
+    carol = api.login("carol")
+    runs = "/api/v1/projects/vision/runs"
+    too_big = 9223372036854775808
+    assert api.client.get(f"{runs}?offset={too_big}", headers=carol).status_code == 422
+    body = {"workflow": "tests.workflows:arithmetic", "max_concurrency": 2147483648}
+    assert api.client.post(runs, json=body, headers=carol).status_code == 422
+    run = api.client.post(runs, json={"workflow": "tests.workflows:arithmetic"}, headers=carol)
+    logs = f"{runs}/{run.json()['id']}/tasks/total/logs?attempt=2147483648"
+    assert api.client.get(logs, headers=carol).status_code == 422
+    never = {"name": "never", "workflow": "tests.workflows:arithmetic", "cron": "0 0 30 2 *"}
+    response = api.client.post("/api/v1/projects/vision/schedules", json=never, headers=carol)
+    assert response.status_code == 422 and "never fires" in response.text
+    api.platform.settings.max_params_bytes = 1000
+    huge = {"workflow": "tests.workflows:echo_pipeline", "params": {"value": "x" * 2000}}
+    response = api.client.post(runs, json=huge, headers=carol)
+    assert response.status_code == 422 and "MLP_MAX_PARAMS_BYTES" in response.text
+
+
+def test_every_response_carries_the_security_headers(api: Api) -> None:
+    for path in ["/livez", "/api/v1/users/me", "/ui/login", "/nowhere"]:
+        headers = api.client.get(path).headers
+        assert headers["x-content-type-options"] == "nosniff", path
+        assert headers["x-frame-options"] == "DENY", path
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], path

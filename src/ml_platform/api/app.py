@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ml_platform import __version__, ui
 from ml_platform.accounts import Accounts, LoginLimiter, MemoryLoginLimiter, RedisLoginLimiter
 from ml_platform.api.deps import ApiError, Services
+from ml_platform.api.edge import Edge
 from ml_platform.api.metrics import PlatformCollector
 from ml_platform.api.routes import router
 from ml_platform.artifacts import ArtifactNotFound
@@ -28,6 +29,7 @@ from ml_platform.sdk import ParamError, WorkflowError
 from ml_platform.security import TokenSigner, resolve_secret_key
 from ml_platform.service import NotFound, Platform, ScheduleError
 from ml_platform.store.db import current_revision, head_from_files
+from ml_platform.ui.views import CSP as UI_CSP
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ def create_app(
     app.state.services = services
     app.include_router(router)
     ui.install(app)
+    app.add_middleware(Edge, ui_csp=UI_CSP)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -10,6 +11,7 @@ from fastapi.responses import FileResponse
 from ml_platform.accounts import Conflict, Role, login_keys
 from ml_platform.api.deps import ApiError, Editor, IdentityDep, ProjectAdmin, ServicesDep, Viewer
 from ml_platform.api.schemas import (
+    MAX_INT,
     ArtifactOut,
     AttemptOut,
     LoginRequest,
@@ -172,9 +174,20 @@ def _run_out(run: Run, wf: WorkflowRow) -> RunOut:
     )
 
 
+def _check_params(svc: ServicesDep, params: dict[str, object]) -> None:
+    """Params are stored as JSON: at most MLP_MAX_PARAMS_BYTES of it."""
+    limit = svc.platform.settings.max_params_bytes
+    size = len(json.dumps(params).encode())
+    if size > limit:
+        raise ApiError(
+            422, "invalid_params", f"params take {size} bytes, over MLP_MAX_PARAMS_BYTES={limit}"
+        )
+
+
 @router.post("/projects/{project}/runs", status_code=201, tags=["runs"])
 def submit_run(body: RunCreate, access: Editor, svc: ServicesDep) -> RunOut:
     """Submit a run of a workflow with parameters (validated against its signature)."""
+    _check_params(svc, body.params)
     submitted = svc.platform.submit(
         svc.platform.trace(body.workflow, body.params),
         max_concurrency=body.max_concurrency,
@@ -192,7 +205,7 @@ def list_runs(
     state: Annotated[RunState | None, Query()] = None,
     workflow: Annotated[str | None, Query(max_length=400)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> RunPage:
     rows = svc.platform.runs(
         limit, state, project_id=access.project_id, workflow=workflow, offset=offset
@@ -253,7 +266,7 @@ def task_logs(
     task: str,
     access: Viewer,
     svc: ServicesDep,
-    attempt: Annotated[int | None, Query(ge=1)] = None,
+    attempt: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
 ) -> LogOut:
     row = svc.platform.log(_run_id(svc, access, run_id), task, attempt)
     return LogOut(task=task, attempt=row.number, state=row.state, log=row.log or "")
@@ -297,6 +310,7 @@ def download_artifact(run_id: str, sha256: str, access: Viewer, svc: ServicesDep
 @router.post("/projects/{project}/schedules", status_code=201, tags=["schedules"])
 def create_schedule(body: ScheduleCreate, access: Editor, svc: ServicesDep) -> ScheduleOut:
     """Run a workflow at every tick of a cron expression (UTC)."""
+    _check_params(svc, body.params)
     return _schedule_out(
         svc.platform.create_schedule(
             access.project_id, body.name, body.workflow, body.cron, body.params

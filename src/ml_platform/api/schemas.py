@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: Largest integer a request may carry (the database stores 32-bit integers).
+MAX_INT = 2**31 - 1
+
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -79,7 +82,7 @@ class WorkflowOut(BaseModel):
 class RunCreate(Body):
     workflow: str = Field(min_length=3, max_length=400, description="package.module:workflow")
     params: dict[str, Any] = Field(default_factory=dict)
-    max_concurrency: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1, le=MAX_INT)
 
 
 class RunOut(BaseModel):

@@ -23,7 +23,6 @@ from fastapi import APIRouter, FastAPI, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from ml_platform.accounts import Identity, Role, login_keys
 from ml_platform.api.deps import Services
@@ -367,7 +366,7 @@ def task_log(
     project: str,
     run_id: str,
     task: str,
-    attempt: Annotated[int | None, Query(ge=1)] = None,
+    attempt: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
 ) -> HTMLResponse:
     scope = _scope(request, project)
     run, _ = _run_of(request, scope, run_id)
@@ -492,22 +491,10 @@ def workflows(request: Request, project: str) -> HTMLResponse:
 # -- wiring ---------------------------------------------------------------------------------
 
 
-class _SecurityHeaders(BaseHTTPMiddleware):
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        response = await call_next(request)
-        if request.url.path.startswith("/ui"):
-            response.headers["Content-Security-Policy"] = CSP
-            response.headers["X-Content-Type-Options"] = "nosniff"
-            response.headers["Referrer-Policy"] = "same-origin"
-            response.headers["Cache-Control"] = "no-store"
-        return response
-
-
 def install(app: FastAPI) -> None:
-    """Add the UI's pages, static files, error pages and security headers to ``app``."""
+    """Add the UI's pages, static files and error pages to ``app`` (headers: api/edge.py)."""
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
-    app.add_middleware(_SecurityHeaders)
 
     @app.exception_handler(LoginNeeded)
     async def login_needed(_request: Request, exc: LoginNeeded) -> Response:
