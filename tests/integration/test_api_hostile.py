@@ -92,7 +92,8 @@ def test_text_no_database_can_store_is_a_422_wherever_it_comes(api: Api) -> None
         api.client.get(f"{runs}?workflow=a%00b", headers=carol),
         api.client.post(
             runs,
-            content=b'{"workflow": "tests.workflows:echo_pipeline", "params": {"value": "\\ud800"}}',
+            content=b'{"workflow": "tests.workflows:echo_pipeline", '
+            b'"params": {"value": "\\ud800"}}',
             headers={**carol, "content-type": "application/json"},
         ),
         api.client.put(
