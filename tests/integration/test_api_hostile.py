@@ -78,6 +78,11 @@ def _refused(response: object) -> bool:
     return bool(status == 422 and getattr(response, "json")()["error"]["code"])
 
 
+LONE_SURROGATE_LOGIN = (
+    b'{"username": "\\ud800", "password": "xxxxxxxxxxxx"}'  # pragma: allowlist secret
+)
+
+
 def test_text_no_database_can_store_is_a_422_wherever_it_comes(api: Api) -> None:
     carol = api.login("carol")
     runs = "/api/v1/projects/vision/runs"
@@ -85,7 +90,7 @@ def test_text_no_database_can_store_is_a_422_wherever_it_comes(api: Api) -> None
         api.client.post("/api/v1/auth/token", json={"username": "a\x00", "password": "x" * 12}),
         api.client.post(
             "/api/v1/auth/token",
-            content=b'{"username": "\\ud800", "password": "xxxxxxxxxxxx"}',  # pragma: allowlist secret
+            content=LONE_SURROGATE_LOGIN,
             headers={"content-type": "application/json"},
         ),
         api.client.get("/api/v1/projects/vis%00ion/runs", headers=carol),
