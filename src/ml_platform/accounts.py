@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -14,11 +15,14 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from ml_platform.security import (
+    AccessClaims,
     AuthError,
     hash_password,
     new_refresh_token,
+    password_problem,
     refresh_token_hash,
     verify_password,
+    verify_unknown_user,
 )
 from ml_platform.store.db import Database
 from ml_platform.store.models import (
@@ -28,8 +32,6 @@ from ml_platform.store.models import (
     User,
     utcnow,
 )
-
-MIN_PASSWORD_LENGTH = 12
 
 
 class Role(IntEnum):
@@ -66,51 +68,59 @@ class Identity:
 class TokenPair:
     refresh_token: str
     user: Identity
+    family: str
+
+
+class LoginBlocked(AuthError):
+    """Too many login attempts for this user or address; ``wait`` seconds until the next."""
+
+    def __init__(self, wait: int) -> None:
+        super().__init__("too_many_attempts", f"too many failed logins; try again in {wait} s")
+        self.wait = wait
 
 
 class LoginLimiter(Protocol):
-    def blocked_for(self, keys: list[str]) -> int:
-        """Seconds until a login for these keys is allowed again (0: allowed now)."""
+    def attempt(self, keys: list[str]) -> int:
+        """Count a login attempt for these keys, then say whether it may go on: 0 if so, else
+        the seconds until one may. Counting first makes parallel guesses count each."""
 
-    def failed(self, keys: list[str]) -> None: ...
-
-    def succeeded(self, keys: list[str]) -> None: ...
+    def succeeded(self, keys: list[str]) -> None:
+        """A correct password: the user's count starts again, and the address's forgets this
+        attempt (a busy address's good logins never lock it out)."""
 
 
 class MemoryLoginLimiter:
-    """Per-process limiter for an embedded server without Redis."""
+    """Per-process limiter for an embedded server without Redis (one lock for its threads)."""
 
     def __init__(self, attempts: int, window_seconds: int) -> None:
         self.attempts = attempts
         self.window = window_seconds
-        self._failures: dict[str, list[float]] = {}
+        self._attempts: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
 
-    def _recent(self, key: str) -> list[float]:
+    def attempt(self, keys: list[str]) -> int:
         now = time.monotonic()
-        kept = [t for t in self._failures.get(key, []) if now - t < self.window]
-        self._failures[key] = kept
-        return kept
-
-    def blocked_for(self, keys: list[str]) -> int:
-        waits = [
-            int(self.window - (time.monotonic() - recent[0])) + 1
-            for key in keys
-            if len(recent := self._recent(key)) >= self.attempts
-        ]
+        waits = []
+        with self._lock:
+            for key in keys:
+                recent = [t for t in self._attempts.get(key, []) if now - t < self.window]
+                recent.append(now)
+                self._attempts[key] = recent[-(self.attempts + 1) :]  # bounded under attack
+                if len(recent) > self.attempts:
+                    waits.append(int(self.window - (now - recent[0])) + 1)
         return max(waits, default=0)
 
-    def failed(self, keys: list[str]) -> None:
-        for key in keys:
-            self._recent(key).append(time.monotonic())
-
     def succeeded(self, keys: list[str]) -> None:
-        for key in keys:
-            if key.startswith("user:"):
-                self._failures.pop(key, None)
+        with self._lock:
+            for key in keys:
+                if key.startswith("user:"):
+                    self._attempts.pop(key, None)
+                elif recent := self._attempts.get(key):
+                    recent.pop()
 
 
 class RedisLoginLimiter:
-    """Failed logins counted in Redis, so that every API replica shares the limit."""
+    """Login attempts counted in Redis, so that every API replica shares the limit."""
 
     def __init__(self, client: redis.Redis, prefix: str, attempts: int, window_seconds: int):
         self.client = client
@@ -118,35 +128,37 @@ class RedisLoginLimiter:
         self.attempts = attempts
         self.window = window_seconds
 
+        self._forget_one = client.register_script(
+            "if redis.call('exists', KEYS[1]) == 1 then redis.call('decr', KEYS[1]) end"
+        )
+
     def _key(self, key: str) -> str:
         return f"{self.prefix}:login-failures:{key}"
 
-    def blocked_for(self, keys: list[str]) -> int:
-        pipe = self.client.pipeline(transaction=False)
+    def attempt(self, keys: list[str]) -> int:
+        pipe = self.client.pipeline(transaction=True)  # MULTI/EXEC: one atomic step per login
         for key in keys:
-            pipe.get(self._key(key))
+            # The window starts with the first attempt; INCR keeps the TTL. (Not EXPIRE … NX:
+            # that needs Redis 7, and a Redis 6.2 answered every wrong password with a 500.)
+            pipe.set(self._key(key), 0, ex=self.window, nx=True)
+            pipe.incr(self._key(key))
             pipe.ttl(self._key(key))
         replies = pipe.execute()
         waits = [
             max(int(ttl), 1)
-            for count, ttl in zip(replies[::2], replies[1::2], strict=True)
-            if count is not None and int(count) >= self.attempts
+            for count, ttl in zip(replies[1::3], replies[2::3], strict=True)
+            if int(count) > self.attempts
         ]
         return max(waits, default=0)
 
-    def failed(self, keys: list[str]) -> None:
+    def succeeded(self, keys: list[str]) -> None:
         pipe = self.client.pipeline(transaction=True)
         for key in keys:
-            # The window starts with the first failure; INCR keeps the TTL. (Not EXPIRE … NX:
-            # that needs Redis 7, and a Redis 6.2 answered every wrong password with a 500.)
-            pipe.set(self._key(key), 0, ex=self.window, nx=True)
-            pipe.incr(self._key(key))
+            if key.startswith("user:"):
+                pipe.delete(self._key(key))
+            else:  # DECR only a live key: on an expired one it would make a -1 with no TTL
+                self._forget_one(keys=[self._key(key)], client=pipe)
         pipe.execute()
-
-    def succeeded(self, keys: list[str]) -> None:
-        user_keys = [self._key(k) for k in keys if k.startswith("user:")]
-        if user_keys:
-            self.client.delete(*user_keys)
 
 
 class Accounts:
@@ -165,8 +177,9 @@ class Accounts:
             or not username.replace("-", "").replace("_", "").replace(".", "").isalnum()
         ):
             raise ValueError("username must be 1-100 letters, digits, '.', '-' or '_'")
-        if len(password) < MIN_PASSWORD_LENGTH:
-            raise ValueError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+        problem = password_problem(username, password)
+        if problem:
+            raise ValueError(problem)
         try:
             with self.db.session() as session:
                 user = User(
@@ -247,22 +260,73 @@ class Accounts:
     def authenticate(self, username: str, password: str) -> Identity:
         with self.db.session() as session:
             user = session.scalar(select(User).where(User.username == username))
-        if user is None or user.disabled or not verify_password(user.password_hash, password):
+        if user is None:
+            verify_unknown_user(password)  # the same work: no telling users apart by time
+            raise AuthError("invalid_credentials", "wrong username or password")
+        if not verify_password(user.password_hash, password) or user.disabled:
             raise AuthError("invalid_credentials", "wrong username or password")
         return Identity(user.id, user.username, user.is_admin)
 
-    def issue_refresh(self, identity: Identity, family: str | None = None) -> str:
+    def login(
+        self, limiter: LoginLimiter, username: str, password: str, address: str | None
+    ) -> Identity:
+        """Check a password under the login limits (counted before the check)."""
+        keys = login_keys(username, address)
+        wait = limiter.attempt(keys)
+        if wait:
+            raise LoginBlocked(wait)
+        identity = self.authenticate(username, password)
+        limiter.succeeded(keys)
+        return identity
+
+    def logout(self, claims: AccessClaims, refresh_token: str | None = None) -> None:
+        """End a sign-in: its refresh-token family, and with it every access token issued in
+        it (``revoked`` says so), plus the sign-in ``refresh_token`` belongs to, if given."""
+        with self.db.session() as session:
+            families = {claims.family} if claims.family else set()
+            if refresh_token:
+                families.update(
+                    session.scalars(
+                        select(RefreshToken.family).where(
+                            RefreshToken.token_hash == refresh_token_hash(refresh_token),
+                            RefreshToken.user_id == claims.user_id,  # only one's own sign-ins
+                        )
+                    )
+                )
+            if families:
+                session.execute(
+                    update(RefreshToken)
+                    .where(RefreshToken.family.in_(families), RefreshToken.revoked_at.is_(None))
+                    .values(revoked_at=utcnow())
+                )
+
+    def revoked(self, claims: AccessClaims) -> bool:
+        """Whether the sign-in an access token belongs to has ended: logged out, or revoked
+        because one of its refresh tokens was replayed."""
+        if claims.family is None:
+            return False  # issued before sign-ins were named: it lives out its few minutes
+        with self.db.session() as session:
+            found = session.scalar(
+                select(RefreshToken.id)
+                .where(RefreshToken.family == claims.family, RefreshToken.revoked_at.is_not(None))
+                .limit(1)
+            )
+            return found is not None
+
+    def issue_refresh(self, identity: Identity, family: str | None = None) -> TokenPair:
+        """A refresh token of a new sign-in (a new family), or the next one of ``family``."""
         token, digest = new_refresh_token()
+        family = family or uuid.uuid4().hex
         with self.db.session() as session:
             session.add(
                 RefreshToken(
                     token_hash=digest,
-                    family=family or uuid.uuid4().hex,
+                    family=family,
                     user_id=identity.user_id,
                     expires_at=utcnow() + self.refresh_ttl,
                 )
             )
-        return token
+        return TokenPair(token, identity, family)
 
     def rotate(self, token: str) -> TokenPair:
         """Spend a refresh token for a new one of the same family.
@@ -301,7 +365,7 @@ class Accounts:
         identity = self.identity(user_id)
         if identity is None:
             raise AuthError("token_invalid", "the user no longer exists or is disabled")
-        return TokenPair(self.issue_refresh(identity, family), identity)
+        return self.issue_refresh(identity, family)
 
 
 def login_keys(username: str, client_address: str | None) -> list[str]:

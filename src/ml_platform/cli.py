@@ -611,6 +611,38 @@ def login(
     console.print(f"logged in to {server} as {username}")
 
 
+@app.command()
+def logout(
+    server: Annotated[str, typer.Option("--server", envvar="MLP_SERVER", help="API server URL.")],
+) -> None:
+    """End the sign-in on the server (its tokens stop working everywhere) and forget them here."""
+    from ml_platform.client import ApiClientError, Client, Credentials
+    from ml_platform.config import load_settings
+
+    credentials = Credentials(load_settings().home)
+    saved = credentials.get(server)
+    if saved is None:
+        console.print(f"not logged in to {server}")
+        return
+    client = Client(
+        server,
+        token=saved["access_token"],
+        refresh_token=saved["refresh_token"],
+        on_tokens=lambda access, refresh: credentials.save(server, access, refresh),
+    )
+    try:
+        client.logout()
+        done = f"logged out of {server}: the sign-in has ended on the server"
+    except ApiClientError as exc:
+        if exc.status != 401:  # unreachable or failing: keep the tokens, so a retry can end it
+            _fail(f"{exc}; still logged in, try again")
+        done = f"logged out of {server} (the server had already ended that sign-in)"
+    finally:
+        client.close()
+    credentials.forget(server)
+    console.print(done)
+
+
 @users_app.command("create")
 def users_create(
     username: Annotated[str, typer.Argument(help="Login name.")],
@@ -647,4 +679,10 @@ def db_upgrade() -> None:
 
 
 def main() -> None:
-    app()
+    from ml_platform.config import SettingsError
+
+    try:
+        app()
+    except SettingsError as exc:  # raised before any command could act
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_USAGE)

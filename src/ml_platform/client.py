@@ -77,6 +77,11 @@ class Client:
         )
         self._store_tokens(body)
 
+    def logout(self) -> None:
+        """End this sign-in on the server: the access token and every refresh token of it."""
+        self._request("POST", "/api/v1/auth/logout", json={"refresh_token": self.refresh_token})
+        self.token = self.refresh_token = None
+
     def _project(self, path: str) -> str:
         return f"/api/v1/projects/{self.project}{path}"
 
@@ -155,6 +160,14 @@ class Credentials:
     def save(self, server: str, access: str, refresh: str) -> None:
         data = self._load()
         data[server.rstrip("/")] = {"access_token": access, "refresh_token": refresh}
+        self._write(data)
+
+    def forget(self, server: str) -> None:
+        data = self._load()
+        if data.pop(server.rstrip("/"), None) is not None:
+            self._write(data)
+
+    def _write(self, data: dict[str, dict[str, str]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENVIRONMENTS = ("development", "staging", "production")
 
 
 def _default_home() -> Path:
@@ -20,6 +22,14 @@ class Settings(BaseSettings):
 
     environment: str = Field(
         default="development", validation_alias=AliasChoices("ENVIRONMENT", "MLP_ENVIRONMENT")
+    )
+    #: Serve /docs, /redoc and /openapi.json outside development too.
+    api_docs: bool = False
+    #: Addresses (or networks) of the proxies whose X-Forwarded-For/-Proto are believed
+    #: (uvicorn's own variable); a client's address decides its login limit.
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1",
+        validation_alias=AliasChoices("FORWARDED_ALLOW_IPS", "MLP_FORWARDED_ALLOW_IPS"),
     )
     home: Path = Field(
         default_factory=_default_home,
@@ -78,6 +88,14 @@ class Settings(BaseSettings):
     #: Largest task result kept inline in the database; larger ones become artifacts.
     inline_result_bytes: int = Field(default=64 * 1024, ge=0)
 
+    @field_validator("environment", mode="after")
+    @classmethod
+    def _known_environment(cls, value: str) -> str:
+        name = value.strip().lower()
+        if name not in ENVIRONMENTS:
+            raise ValueError(f"ENVIRONMENT must be one of {', '.join(ENVIRONMENTS)}, not {value!r}")
+        return name
+
     @field_validator("home", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
@@ -107,6 +125,17 @@ class Settings(BaseSettings):
         return self.lease_seconds / 3
 
 
+class SettingsError(ValueError):
+    """The environment holds a setting the platform cannot use; the message names it."""
+
+
 def load_settings() -> Settings:
-    """Read the settings from the environment as it is now."""
-    return Settings()
+    """Read the settings from the environment as it is now (SettingsError if one is wrong)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise SettingsError(f"invalid settings in the environment: {problems}") from None

@@ -87,7 +87,14 @@ def serve(settings: Settings, host: str, port: int, concurrency: int) -> None:
     shutdown = Shutdown()
     platform, dispatcher, loop = build(settings, concurrency, shutdown)
     app = create_app(settings, platform=platform, dispatcher=dispatcher)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", proxy_headers=True)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+    )
     http = uvicorn.Server(config)
     # Ours before and after uvicorn's own: uvicorn restores these when it stops and re-raises
     # the signals it caught, which then reach this count instead of killing the process

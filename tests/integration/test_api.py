@@ -132,6 +132,10 @@ def test_refresh_rotates_and_reuse_revokes_the_family(api: Api) -> None:
         "/api/v1/auth/refresh", json={"refresh_token": rotated["refresh_token"]}
     )
     assert after.status_code == 401 and after.json()["error"]["code"] == "token_reused"
+    # The access tokens of that sign-in end with it, not only its refresh tokens.
+    stolen = {"Authorization": f"Bearer {rotated['access_token']}"}
+    revoked = api.client.get("/api/v1/users/me", headers=stolen)
+    assert revoked.status_code == 401 and revoked.json()["error"]["code"] == "token_revoked"
     unknown = api.client.post("/api/v1/auth/refresh", json={"refresh_token": "made-up"})
     assert unknown.status_code == 401 and unknown.json()["error"]["code"] == "token_invalid"
 
@@ -357,5 +361,6 @@ def test_login_limits_are_shared_by_replicas_through_redis(
         assert first.get("/readyz").json()["checks"]["redis"] == "ok"
     key = f"{redis_target.prefix}:login-failures:user:mallory"
     assert isinstance(redis_client, redis.Redis)
-    assert int(redis_client.get(key) or 0) == 2  # counted on both replicas, in one window
+    # Every attempt counted on both replicas in one window, the two refused ones too.
+    assert int(redis_client.get(key) or 0) == 4
     assert 0 < int(redis_client.ttl(key)) <= settings.login_window_seconds

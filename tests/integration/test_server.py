@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -56,6 +57,8 @@ def cluster(
         MLP_POLL_SECONDS="0.2",
         ML_PLATFORM_HOME=str(tmp_path / "home"),
         SECRET_KEY="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
+        # No proxy here is trusted: an X-Forwarded-For from 127.0.0.1 must not be believed.
+        FORWARDED_ALLOW_IPS="10.255.255.1",
         COLUMNS="200",
     )
     assert mlp(env, "db", "upgrade").returncode == 0
@@ -169,3 +172,33 @@ def test_the_demo_runs_through_the_api_on_two_workers(cluster: tuple[str, dict[s
     )
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
     assert "5 passed" in smoke.stdout
+
+
+def test_logout_ends_the_sign_in_on_the_server_and_proxies_are_not_believed(
+    cluster: tuple[str, dict[str, str]], redis_target: RedisTarget, redis_client: redis.Redis
+) -> None:
+    url, env = cluster
+    login = mlp(env, "login", "--server", url, "-u", "alice", "--password-stdin", stdin=PASSWORD)
+    assert login.returncode == 0, login.stdout
+    credentials = Path(env["ML_PLATFORM_HOME"]) / "credentials.json"
+    saved = json.loads(credentials.read_text())[url]
+    out = mlp(env, "logout", "--server", url)
+    assert out.returncode == 0 and "the sign-in has ended on the server" in out.stdout, out.stdout
+    assert url not in json.loads(credentials.read_text())
+    # A copy of the tokens taken before the logout is worth nothing now.
+    me = httpx.get(
+        f"{url}/api/v1/users/me", headers={"Authorization": f"Bearer {saved['access_token']}"}
+    )
+    assert me.status_code == 401 and me.json()["error"]["code"] == "token_revoked"
+    renew = httpx.post(f"{url}/api/v1/auth/refresh", json={"refresh_token": saved["refresh_token"]})
+    assert renew.status_code == 401
+    assert "not logged in" in mlp(env, "runs", "--server", url).stdout
+    # A forged X-Forwarded-For from an untrusted peer: the limit counts the real address.
+    wrong = {"username": "alice", "password": "not the password"}
+    forged = httpx.post(
+        f"{url}/api/v1/auth/token", json=wrong, headers={"X-Forwarded-For": "203.0.113.9"}
+    )
+    assert forged.status_code == 401
+    keys = {k.decode() for k in redis_client.scan_iter(f"{redis_target.prefix}:login-failures:*")}
+    assert f"{redis_target.prefix}:login-failures:ip:127.0.0.1" in keys, keys
+    assert not any("203.0.113.9" in key for key in keys), keys

@@ -151,3 +151,37 @@ def test_the_run_page_draws_the_dag_timeline_and_metrics(
     assert "count" in compare  # the metric the workflow logs
     bad_day = client.get("/ui/p/default/runs?day=yesterday")
     assert bad_day.status_code == 400 and "must be a date" in bad_day.text
+
+
+def test_sign_out_ends_the_session_on_the_server_not_only_in_the_browser(
+    client: TestClient,
+) -> None:
+    csrf = sign_in(client, "alice")
+    copied = dict(client.cookies.items())  # what a thief (or a shared machine) kept
+    out = client.post("/ui/logout", data={"csrf": csrf}, follow_redirects=False)
+    assert out.status_code == 303 and out.headers["location"] == "/ui/login"
+    for name, value in copied.items():
+        client.cookies.set(name, value, path="/ui")
+    again = client.get("/ui/p/default/runs", follow_redirects=False)
+    assert again.status_code == 303 and again.headers["location"].startswith("/ui/login")
+    client.cookies.set("mlp_access", "expired-so-renew", path="/ui")  # the refresh cookie too
+    assert client.get("/ui/p/default/runs", follow_redirects=False).status_code == 303
+
+
+def test_another_site_cannot_post_the_sign_in_form(client: TestClient) -> None:
+    form = {"username": "alice", "password": PASSWORD}
+    for headers in (
+        {"origin": "https://evil.example"},
+        {"origin": "null"},
+        {"sec-fetch-site": "cross-site"},
+    ):
+        forged = client.post("/ui/login", data=form, headers=headers, follow_redirects=False)
+        assert forged.status_code == 403, headers
+        assert "set-cookie" not in forged.headers
+    ours = client.post(
+        "/ui/login",
+        data=form,
+        headers={"origin": "http://testserver", "sec-fetch-site": "same-origin"},
+        follow_redirects=False,
+    )
+    assert ours.status_code == 303

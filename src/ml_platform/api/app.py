@@ -77,11 +77,16 @@ def create_app(
         platform.start()
         yield
 
+    # The API's map is for developers: outside development only when asked for (MLP_API_DOCS).
+    docs = settings.environment == "development" or settings.api_docs
     app = FastAPI(
         title="ML Platform",
         version=__version__,
         description="Run ML pipelines as DAGs of Python tasks.",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.services = services
     app.include_router(router)

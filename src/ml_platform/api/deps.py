@@ -9,9 +9,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ml_platform.accounts import Accounts, Identity, LoginLimiter, Role
+from ml_platform.accounts import Accounts, Identity, LoginLimiter, Role, TokenPair
 from ml_platform.dispatch import Dispatcher
-from ml_platform.security import AuthError, TokenSigner
+from ml_platform.security import AccessClaims, AuthError, TokenSigner
 from ml_platform.service import Platform
 
 bearer = HTTPBearer(auto_error=False)
@@ -28,6 +28,14 @@ class ApiError(Exception):
         self.headers = headers
 
 
+@dataclass(frozen=True)
+class SignIn:
+    """A verified access token and the user it speaks for."""
+
+    claims: AccessClaims
+    identity: Identity
+
+
 @dataclass
 class Services:
     platform: Platform
@@ -35,6 +43,21 @@ class Services:
     signer: TokenSigner
     limiter: LoginLimiter
     dispatcher: Dispatcher | None
+
+    def signed_in(self, access_token: str) -> SignIn:
+        """Who an access token speaks for: signed by us, unexpired, not ended by a sign-out,
+        of a user who still exists and is enabled. Raises AuthError otherwise."""
+        claims = self.signer.verify(access_token)
+        if self.accounts.revoked(claims):
+            raise AuthError("token_revoked", "this sign-in has ended; log in again")
+        identity = self.accounts.identity(claims.user_id)
+        if identity is None:
+            raise AuthError("token_invalid", "the user no longer exists or is disabled")
+        return SignIn(claims, identity)
+
+    def access_token(self, pair: TokenPair) -> str:
+        """A new access token of the sign-in that ``pair`` belongs to."""
+        return self.signer.issue(pair.user.user_id, pair.family)
 
 
 def services(request: Request) -> Services:
@@ -45,10 +68,10 @@ def services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(services)]
 
 
-def current_identity(
+def current_sign_in(
     svc: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> Identity:
+) -> SignIn:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiError(
             401,
@@ -57,13 +80,16 @@ def current_identity(
             {"WWW-Authenticate": "Bearer"},
         )
     try:
-        claims = svc.signer.verify(credentials.credentials)
+        return svc.signed_in(credentials.credentials)
     except AuthError as exc:
         raise ApiError(401, exc.code, exc.message, {"WWW-Authenticate": "Bearer"}) from None
-    identity = svc.accounts.identity(claims.user_id)
-    if identity is None:
-        raise ApiError(401, "token_invalid", "the user no longer exists or is disabled")
-    return identity
+
+
+SignInDep = Annotated[SignIn, Depends(current_sign_in)]
+
+
+def current_identity(sign_in: SignInDep) -> Identity:
+    return sign_in.identity
 
 
 IdentityDep = Annotated[Identity, Depends(current_identity)]

@@ -8,14 +8,23 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from ml_platform.accounts import Conflict, Role, login_keys
-from ml_platform.api.deps import ApiError, Editor, IdentityDep, ProjectAdmin, ServicesDep, Viewer
+from ml_platform.accounts import Conflict, LoginBlocked, Role, TokenPair
+from ml_platform.api.deps import (
+    ApiError,
+    Editor,
+    IdentityDep,
+    ProjectAdmin,
+    ServicesDep,
+    SignInDep,
+    Viewer,
+)
 from ml_platform.api.schemas import (
     MAX_INT,
     ArtifactOut,
     AttemptOut,
     LoginRequest,
     LogOut,
+    LogoutRequest,
     MemberSet,
     MetricOut,
     ProjectCreate,
@@ -32,6 +41,7 @@ from ml_platform.api.schemas import (
     UserOut,
     WorkflowOut,
     WorkflowRegister,
+    errors,
 )
 from ml_platform.artifacts import ArtifactNotFound
 from ml_platform.engine.states import RunState
@@ -39,13 +49,15 @@ from ml_platform.security import AuthError
 from ml_platform.store.models import Run, Schedule
 from ml_platform.store.models import Workflow as WorkflowRow
 
-router = APIRouter(prefix="/api/v1")
+# Every answer the API may give, declared once (the OpenAPI document is a contract: fuzzers
+# and clients check responses against it).
+router = APIRouter(prefix="/api/v1", responses=errors(401, 403, 404, 409, 413, 422, 429))
 
 
-def _tokens(svc: ServicesDep, user_id: int, refresh: str) -> TokenResponse:
+def _tokens(svc: ServicesDep, pair: TokenPair) -> TokenResponse:
     return TokenResponse(
-        access_token=svc.signer.issue(user_id),
-        refresh_token=refresh,
+        access_token=svc.access_token(pair),
+        refresh_token=pair.refresh_token,
         expires_in=int(svc.signer.ttl.total_seconds()),
     )
 
@@ -53,22 +65,14 @@ def _tokens(svc: ServicesDep, user_id: int, refresh: str) -> TokenResponse:
 @router.post("/auth/token", tags=["auth"])
 def login(body: LoginRequest, request: Request, svc: ServicesDep) -> TokenResponse:
     """Exchange a username and password for an access token and a refresh token."""
-    keys = login_keys(body.username, request.client.host if request.client else None)
-    wait = svc.limiter.blocked_for(keys)
-    if wait:
-        raise ApiError(
-            429,
-            "too_many_attempts",
-            f"too many failed logins; try again in {wait} s",
-            {"Retry-After": str(wait)},
-        )
+    address = request.client.host if request.client else None
     try:
-        identity = svc.accounts.authenticate(body.username, body.password)
+        identity = svc.accounts.login(svc.limiter, body.username, body.password, address)
+    except LoginBlocked as exc:
+        raise ApiError(429, exc.code, exc.message, {"Retry-After": str(exc.wait)}) from None
     except AuthError as exc:
-        svc.limiter.failed(keys)
         raise ApiError(401, exc.code, exc.message) from None
-    svc.limiter.succeeded(keys)
-    return _tokens(svc, identity.user_id, svc.accounts.issue_refresh(identity))
+    return _tokens(svc, svc.accounts.issue_refresh(identity))
 
 
 @router.post("/auth/refresh", tags=["auth"])
@@ -78,7 +82,14 @@ def refresh(body: RefreshRequest, svc: ServicesDep) -> TokenResponse:
         pair = svc.accounts.rotate(body.refresh_token)
     except AuthError as exc:
         raise ApiError(401, exc.code, exc.message) from None
-    return _tokens(svc, pair.user.user_id, pair.refresh_token)
+    return _tokens(svc, pair)
+
+
+@router.post("/auth/logout", status_code=204, tags=["auth"])
+def logout(sign_in: SignInDep, svc: ServicesDep, body: LogoutRequest | None = None) -> Response:
+    """End this sign-in: its access token now, its refresh tokens (the whole family) too."""
+    svc.accounts.logout(sign_in.claims, body.refresh_token if body else None)
+    return Response(status_code=204)
 
 
 @router.get("/users/me", tags=["users"])

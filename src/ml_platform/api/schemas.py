@@ -21,6 +21,8 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Every error: ``{"error": {"code": "…", "message": "…"}}``."""
+
     error: ErrorDetail
 
 
@@ -31,6 +33,13 @@ class LoginRequest(Body):
 
 class RefreshRequest(Body):
     refresh_token: str = Field(min_length=1, max_length=1000)
+
+
+class LogoutRequest(BaseModel):
+    """Optionally a refresh token whose sign-in ends too (e.g. one kept by another client)."""
+
+    model_config = ConfigDict(extra="forbid")
+    refresh_token: str | None = Field(default=None, max_length=1000)
 
 
 class TokenResponse(BaseModel):
@@ -161,3 +170,19 @@ class ScheduleOut(BaseModel):
     params: dict[str, Any]
     enabled: bool
     next_fire_at: datetime
+
+
+_MEANING = {
+    401: "not signed in, or the token is invalid, expired or revoked",
+    403: "signed in, without the role this needs",
+    404: "no such resource (another project's resources answer 404 too)",
+    409: "it exists already",
+    413: "the request body is too large",
+    422: "the request is invalid (the message says what)",
+    429: "too many failed logins (Retry-After says how long to wait)",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all with the standard error body."""
+    return {status: {"model": ErrorBody, "description": _MEANING[status]} for status in statuses}

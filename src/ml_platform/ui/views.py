@@ -17,19 +17,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import APIRouter, FastAPI, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from ml_platform.accounts import Identity, Role, login_keys
+from ml_platform.accounts import Identity, LoginBlocked, Role
 from ml_platform.api.deps import Services
 from ml_platform.artifacts import ArtifactNotFound
 from ml_platform.engine.states import RUN_TERMINAL, RunState
 from ml_platform.sdk import WorkflowError
-from ml_platform.security import AuthError
+from ml_platform.security import AccessClaims, AuthError
 from ml_platform.service import NotFound
 from ml_platform.ui import graphics
 
@@ -59,6 +59,7 @@ class PageError(Exception):
 @dataclass
 class Session:
     identity: Identity
+    claims: AccessClaims  # of the access token in use (the one just renewed, if so)
     csrf: str
     renewed: dict[str, str] | None = None  # cookies to set (a rotated token pair)
 
@@ -88,13 +89,12 @@ def _session(request: Request) -> Session:
     svc = _services(request)
     csrf = request.cookies.get(CSRF_COOKIE, "")
     token = request.cookies.get(ACCESS_COOKIE)
-    if token:
+    if token and csrf:
         try:
-            identity = svc.accounts.identity(svc.signer.verify(token).user_id)
+            sign_in = svc.signed_in(token)
+            return Session(sign_in.identity, sign_in.claims, csrf)
         except AuthError:
-            identity = None
-        if identity is not None and csrf:
-            return Session(identity, csrf)
+            pass
     refresh = request.cookies.get(REFRESH_COOKIE)
     if refresh and csrf:
         try:
@@ -102,11 +102,9 @@ def _session(request: Request) -> Session:
         except AuthError:
             pair = None
         if pair is not None:
-            renewed = {
-                ACCESS_COOKIE: svc.signer.issue(pair.user.user_id),
-                REFRESH_COOKIE: pair.refresh_token,
-            }
-            return Session(pair.user, csrf, renewed)
+            access = svc.access_token(pair)
+            renewed = {ACCESS_COOKIE: access, REFRESH_COOKIE: pair.refresh_token}
+            return Session(pair.user, svc.signer.verify(access), csrf, renewed)
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     raise LoginNeeded(target)
 
@@ -192,6 +190,17 @@ def _local(target: str) -> str:
     return target if target.startswith("/ui/") and not target.startswith("//") else "/ui/"
 
 
+def _same_origin(request: Request) -> bool:
+    """Whether a form was posted from this site: browsers send Origin (or Sec-Fetch-Site) with
+    every POST; a client that sends neither is no browser and cannot be led by another site."""
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    return origin != "null" and urlsplit(origin).netloc == request.headers.get("host", "")
+
+
 @router.post("/login")
 def login(
     request: Request,
@@ -199,33 +208,27 @@ def login(
     password: Annotated[str, Form(max_length=1000)],
     next: Annotated[str, Form(max_length=2000)] = "/ui/",
 ) -> Response:
+    if not _same_origin(request):
+        # Login CSRF: another site must not sign a visitor in to an account of its choosing.
+        raise PageError(403, "Sign in from this site's own sign-in page.")
     svc = _services(request)
-    keys = login_keys(username, request.client.host if request.client else None)
-    wait = svc.limiter.blocked_for(keys)
-    if wait:
-        return _page(
-            request,
-            None,
-            "login.html",
-            429,
-            next=_local(next),
-            error=f"Too many failed sign-ins; try again in {wait} s.",
-        )
+    address = request.client.host if request.client else None
     try:
-        identity = svc.accounts.authenticate(username, password)
+        identity = svc.accounts.login(svc.limiter, username, password, address)
+    except LoginBlocked as exc:
+        error = f"Too many failed sign-ins; try again in {exc.wait} s."
+        return _page(request, None, "login.html", 429, next=_local(next), error=error)
     except AuthError:
-        svc.limiter.failed(keys)
-        return _page(
-            request, None, "login.html", 401, next=_local(next), error="Wrong username or password."
-        )
-    svc.limiter.succeeded(keys)
+        error = "Wrong username or password."
+        return _page(request, None, "login.html", 401, next=_local(next), error=error)
+    pair = svc.accounts.issue_refresh(identity)
     response = RedirectResponse(_local(next), status_code=303)
     _set_cookies(
         request,
         response,
         {
-            ACCESS_COOKIE: svc.signer.issue(identity.user_id),
-            REFRESH_COOKIE: svc.accounts.issue_refresh(identity),
+            ACCESS_COOKIE: svc.access_token(pair),
+            REFRESH_COOKIE: pair.refresh_token,
             CSRF_COOKIE: secrets.token_urlsafe(32),
         },
     )
@@ -234,9 +237,11 @@ def login(
 
 @router.post("/logout")
 def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
+    """End the sign-in on the server (the same as the API's logout), then drop the cookies."""
     session = _session(request)
     if not csrf or not hmac.compare_digest(csrf, session.csrf):
         raise PageError(403, "The form's security token did not match; reload and try again.")
+    _services(request).accounts.logout(session.claims, request.cookies.get(REFRESH_COOKIE))
     response = RedirectResponse("/ui/login", status_code=303)
     for name in (ACCESS_COOKIE, REFRESH_COOKIE, CSRF_COOKIE):
         response.delete_cookie(name, path="/ui")
