@@ -90,8 +90,17 @@ def tests(session: nox.Session) -> None:
         "--cov-report=xml",
         *gate,
         *workers,
-        *(session.posargs or ["tests", "--ignore=tests/smoke"]),
+        *(session.posargs or ["tests", "--ignore=tests/smoke", "--ignore=tests/fuzz"]),
     )
+
+
+@nox.session(python=PYTHON, tags=["security"])
+def fuzz(session: nox.Session) -> None:
+    """Schemathesis over the OpenAPI document against a real `mlp server` (PostgreSQL + Redis)
+    as anonymous, viewer, editor and admin; the gate is every check passing and no 5xx.
+    Reports under reports/fuzz/. Bounded by MLP_FUZZ_EXAMPLES and MLP_FUZZ_SECONDS."""
+    sync(session, "fuzz")
+    session.run("pytest", "tests/fuzz", "-p", "no:cacheprovider", "-n", "0", "-s", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)

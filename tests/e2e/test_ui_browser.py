@@ -25,7 +25,7 @@ from ml_platform.config import Settings
 from ml_platform.service import Platform
 from tests import workflows
 from tests.helpers import wait_until_ready
-from tests.integration.test_server import free_port
+from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -206,7 +206,7 @@ def test_unknown_users_cost_the_same_password_check_as_wrong_passwords(
 
     monkeypatch.setattr(security, "_hasher", Counting())
     for username in ("carol", "nobody-at-all"):
-        body = {"username": username, "password": "a wrong password"}
+        body = {"username": username, "password": "a wrong password"}  # pragma: allowlist secret
         response = api.client.post("/api/v1/auth/token", json=body)
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_credentials"
@@ -308,3 +308,20 @@ def test_environment_is_one_of_three_and_production_hides_the_docs(
     asked = production.model_copy(update={"api_docs": True})
     with TestClient(create_app(asked, platform=api.platform)) as client:
         assert client.get("/openapi.json").status_code == 200
+
+
+def test_a_wrong_method_names_every_method_the_path_answers(api: Api) -> None:
+    carol = api.login("carol")
+    response = api.client.request("TRACE", "/api/v1/projects/vision/runs", headers=carol)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_json_body_that_is_not_utf8_is_a_422(api: Api) -> None:
+    response = api.client.post(
+        "/api/v1/auth/token",
+        content=b'{"username": "\xff", "password": "x"}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422 and "not UTF-8" in response.text

@@ -27,7 +27,8 @@ from ml_platform.task_runner import task_processes_of
 from tests import workflows
 from tests.conftest import RedisTarget
 from tests.helpers import pids_in, wait_until_dead, wait_until_ready
-from tests.integration.test_server import PASSWORD, free_port
+from tests.integration.test_server import PASSWORD
+from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,17 +16,11 @@ import redis
 
 from tests.conftest import RedisTarget
 from tests.helpers import wait_until_ready
+from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def mlp(
@@ -194,7 +187,7 @@ def test_logout_ends_the_sign_in_on_the_server_and_proxies_are_not_believed(
     assert renew.status_code == 401
     assert "not logged in" in mlp(env, "runs", "--server", url).stdout
     # A forged X-Forwarded-For from an untrusted peer: the limit counts the real address.
-    wrong = {"username": "alice", "password": "not the password"}
+    wrong = {"username": "alice", "password": "not the password"}  # pragma: allowlist secret
     forged = httpx.post(
         f"{url}/api/v1/auth/token", json=wrong, headers={"X-Forwarded-For": "203.0.113.9"}
     )

@@ -56,7 +56,11 @@ def _problem(scope: Scope, body: bytes) -> str | None:
     content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
     if "json" in content_type:
         try:
-            document = json.loads(body)
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return "the JSON body is not UTF-8"
+        try:
+            document = json.loads(text)
         except ValueError:
             return None  # not JSON at all: the route's own validation says so
         if _bad_value(document):
