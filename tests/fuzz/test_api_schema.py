@@ -32,7 +32,7 @@ PASSWORD = "fuzzing is believing 42"  # pragma: allowlist secret
 SECRET = "k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6"  # pragma: allowlist secret
 #: Examples per operation and seconds per role: bounded so the session stays short in CI.
 MAX_EXAMPLES = int(os.environ.get("MLP_FUZZ_EXAMPLES", "25"))
-MAX_SECONDS = int(os.environ.get("MLP_FUZZ_SECONDS", "15"))
+MAX_SECONDS = int(os.environ.get("MLP_FUZZ_SECONDS", "10"))
 EXCLUDED = {
     # The API refuses values that satisfy the schema but that no schema can describe: NUL
     # bytes and lone surrogates, workflow references outside MLP_WORKFLOW_MODULES, crons that

@@ -87,7 +87,9 @@ def cluster(
                 process.wait()
 
 
-def test_the_demo_runs_through_the_api_on_two_workers(cluster: tuple[str, dict[str, str]]) -> None:
+def test_the_demo_runs_through_the_api_on_two_workers(
+    cluster: tuple[str, dict[str, str]], redis_target: RedisTarget, redis_client: redis.Redis
+) -> None:
     url, env = cluster
     refused = mlp(env, "runs", "--server", url)
     assert refused.returncode == 2 and "not logged in" in refused.stdout
@@ -165,14 +167,14 @@ def test_the_demo_runs_through_the_api_on_two_workers(cluster: tuple[str, dict[s
     )
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
     assert "5 passed" in smoke.stdout
+    _logout_ends_the_sign_in_on_the_server_and_proxies_are_not_believed(
+        url, env, redis_target, redis_client
+    )
 
 
-def test_logout_ends_the_sign_in_on_the_server_and_proxies_are_not_believed(
-    cluster: tuple[str, dict[str, str]], redis_target: RedisTarget, redis_client: redis.Redis
+def _logout_ends_the_sign_in_on_the_server_and_proxies_are_not_believed(
+    url: str, env: dict[str, str], redis_target: RedisTarget, redis_client: redis.Redis
 ) -> None:
-    url, env = cluster
-    login = mlp(env, "login", "--server", url, "-u", "alice", "--password-stdin", stdin=PASSWORD)
-    assert login.returncode == 0, login.stdout
     credentials = Path(env["ML_PLATFORM_HOME"]) / "credentials.json"
     saved = json.loads(credentials.read_text())[url]
     out = mlp(env, "logout", "--server", url)
