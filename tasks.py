@@ -77,11 +77,26 @@ def deploy(
     if dry_run:
         print(f"dry run: the plan above deploys {c.config.image}:{tag} to {env}; nothing changed")
         return
-    kind = "deploy-succeeded" if outcome.succeeded else "deploy-failed"
-    notifying.send(notifying.Event(kind, env, outcome.message, environment.url))
-    print(("deploy succeeded: " if outcome.succeeded else "deploy FAILED: ") + outcome.message)
-    if not outcome.succeeded:
-        raise Exit(code=1)
+    _finish(environment, outcome, "deploy")
+
+
+def _finish(environment: Environment, outcome: deploying.Outcome, what: str) -> None:
+    """Tell who must know (the spec's routing), print the verdict, exit 1 on a failure."""
+    if outcome.succeeded:
+        kind = "rollback" if what == "rollback" else "deploy-succeeded"
+    else:
+        kind = "restore-failed" if outcome.restore_failed else "deploy-failed"
+    summary = outcome.message if outcome.succeeded else f"{outcome.message} | live: {outcome.live}"
+    notifying.send(notifying.Event(kind, environment.name, summary, environment.url))
+    if outcome.succeeded:
+        print(f"{what} succeeded: {outcome.message}")
+        return
+    if outcome.restore_failed:
+        print(f"{what} FAILED and the restore FAILED (paged): {outcome.message}")
+        print(f"live now: {outcome.live}")
+    else:
+        print(f"{what} FAILED, what was live is back: {outcome.message}")
+    raise Exit(code=1)
 
 
 @task(help={"env": "staging or production"})
@@ -97,11 +112,7 @@ def promote(c: Context, env: str) -> None:
         )
     except (deploying.DeployError, KubeError) as exc:
         raise Exit(f"promote on {env} failed: {exc}", code=1) from None
-    kind = "deploy-succeeded" if outcome.succeeded else "rollback"
-    notifying.send(notifying.Event(kind, env, outcome.message, environment.url))
-    print(outcome.message)
-    if not outcome.succeeded:
-        raise Exit(code=1)
+    _finish(environment, outcome, "promote")
 
 
 @task(help={"env": "staging or production"})
@@ -136,18 +147,16 @@ def _ci_approved(environment: Environment) -> bool:
     }
 )
 def rollback(c: Context, env: str, to_revision: int = 0) -> None:
-    """Roll the deployments back (kubectl rollout undo) and wait for them."""
+    """Every Deployment back to one release (the API's revision N, else its previous one);
+    restored, verified and paged like a deploy if it fails."""
     environment, kube = _env_and_kube(c, env)
     try:
-        kube.lock(deploying.owner_name())
-        try:
-            deploying.rollback_to(environment, kube, to_revision or None)
-        finally:
-            kube.unlock()
+        outcome = deploying.rollback(
+            environment, kube, owner=deploying.owner_name(), to_revision=to_revision or None
+        )
     except (deploying.DeployError, KubeError) as exc:
-        raise Exit(f"rollback of {env} failed: {exc}", code=1) from None
-    notifying.send(notifying.Event("rollback", env, f"rolled back to {to_revision or 'previous'}"))
-    print(f"rolled back {env}")
+        raise Exit(f"rollback of {env} refused or failed: {exc}", code=1) from None
+    _finish(environment, outcome, "rollback")
 
 
 @task(help={"env": "staging or production"})

@@ -1,22 +1,39 @@
-"""Deploy and roll back, as the spec's process says, with a lock and automatic rollback.
+"""Deploys that fail safe: one state machine for a deploy and for a rollback.
 
-deploy: lock → record the current revisions → render the overlay with the image tag → run the
-migration Job → apply → wait for the rollouts (deadline) → smoke tests → on any failure roll
-back to the recorded revisions, wait, and notify → unlock (also on Ctrl-C).
+    lock → record → migrate → apply → wait → verify → finish → unlock
+
+*record* keeps, for every Deployment and Service the deploy touches, what is live: each
+Deployment's pod template (its images and its configuration) and each Service's selector. Any
+failure at a later step — a refused or partly refused apply, a rollout past its deadline, failed
+smoke tests, a kubectl error, SIGINT or SIGTERM — ends in *restore*: the recorded templates and
+selectors are put back (by content, never by revision number, so the API and the workers end on
+the same release), the rollouts are awaited, and what is live is read back and compared. A
+restore that cannot be verified is reported as such (``restore_failed``, with what is live now):
+the task pages and exits non-zero. Signals that arrive during the restore are held until it ends.
+The lock is released last, whatever happened.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess  # nosec B404
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import yaml
 
 from delivery.environments import Environment
 from delivery.kube import Kubectl, KubeError, render, split
 
 DEPLOYMENTS = ("ml-platform", "ml-platform-worker")
+SERVICES = ("ml-platform",)
 MIGRATION_JOB = "ml-platform-migrate"
 
 
@@ -24,11 +41,158 @@ class DeployError(RuntimeError):
     """The deploy was refused or failed; the message says why in one line."""
 
 
+class Interrupted(DeployError):
+    """SIGINT or SIGTERM arrived while the deploy changed something."""
+
+
+class StepFailed(DeployError):
+    """A step of the deploy did not succeed (the message says which and why)."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     succeeded: bool
     message: str
     rolled_back: bool = False
+    #: The restore after a failure could not be verified: someone must look now.
+    restore_failed: bool = False
+    #: What is live after a failure: one line per Deployment and Service.
+    live: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What is live: each Deployment's pod template, each Service's selector (None: absent)."""
+
+    templates: dict[str, dict[str, Any] | None]
+    selectors: dict[str, dict[str, str] | None]
+
+    def images(self, deployment: str) -> list[str] | None:
+        template = self.templates.get(deployment)
+        if template is None:
+            return None
+        return [c["image"] for c in template["spec"]["containers"]]
+
+    def describe(self) -> str:
+        lines = [
+            f"deployment/{name}: {', '.join(self.images(name) or ['absent'])}"
+            for name in self.templates
+        ]
+        lines += [
+            f"service/{name}: "
+            + (",".join(f"{k}={v}" for k, v in sorted(sel.items())) if sel else "absent")
+            for name, sel in self.selectors.items()
+        ]
+        return "; ".join(lines)
+
+
+def snapshot(kube: Kubectl, deployments: tuple[str, ...], services: tuple[str, ...]) -> Snapshot:
+    return Snapshot(
+        {name: kube.template(name) for name in deployments},
+        {name: kube.selector(name) for name in services},
+    )
+
+
+def restore(
+    env: Environment, kube: Kubectl, recorded: Snapshot, say: Callable[[str], None] = print
+) -> list[str]:
+    """Put the recorded templates and selectors back, wait, and compare; the problems found."""
+    problems: list[str] = []
+    for name, template in recorded.templates.items():
+        try:
+            if template is None:
+                kube.delete("deployment", name)  # it did not exist before: it goes again
+            else:
+                kube.set_template(name, template)
+        except KubeError as exc:
+            problems.append(f"deployment/{name} could not be restored: {exc}")
+    for name, selector in recorded.selectors.items():
+        try:
+            if selector is None:
+                kube.delete("service", name)
+            else:
+                kube.set_selector(name, selector)
+        except KubeError as exc:
+            problems.append(f"service/{name} could not be restored: {exc}")
+    for name, template in recorded.templates.items():
+        if template is not None and not kube.rollout_status(name, env.rollout_timeout):
+            problems.append(f"deployment/{name} did not roll back within {env.rollout_timeout} s")
+    try:
+        now = snapshot(kube, tuple(recorded.templates), tuple(recorded.selectors))
+    except KubeError as exc:
+        return [*problems, f"what is live could not be read back: {exc}"]
+    for name in recorded.templates:
+        if now.images(name) != recorded.images(name):
+            problems.append(
+                f"deployment/{name} runs {now.images(name)}, not the recorded "
+                f"{recorded.images(name)}"
+            )
+    for name, selector in recorded.selectors.items():
+        if now.selectors[name] != selector:
+            problems.append(f"service/{name} selects {now.selectors[name]}, not {selector}")
+    say("restore verified" if not problems else "restore FAILED: " + "; ".join(problems))
+    return problems
+
+
+@dataclass
+class SignalGuard:
+    """SIGINT and SIGTERM become Interrupted at the current step; while ``held`` they are only
+    remembered (a restore is not to be cut short). Works in the main thread only; elsewhere
+    (tests calling in from threads) it changes nothing."""
+
+    held: bool = False
+    received: list[str] = field(default_factory=list)
+    _previous: dict[int, Any] = field(default_factory=dict)
+
+    def _handler(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        self.received.append(name)
+        if not self.held:
+            raise Interrupted(f"stopped by {name}")
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
+
+
+@dataclass
+class Deadline:
+    """One overall deadline; every wait gets the smaller of its own timeout and what is left."""
+
+    seconds: float
+    started: float = field(default_factory=time.monotonic)
+
+    def left(self, step_timeout: int) -> int:
+        remaining = self.seconds - (time.monotonic() - self.started)
+        if remaining <= 0:
+            raise StepFailed(f"the deploy's deadline of {self.seconds:.0f} s has passed")
+        return max(1, min(step_timeout, int(remaining)))
+
+
+def change_seconds(env: Environment) -> int:
+    """The deadline of a deploy's changes: the migration, each rollout, the smoke tests."""
+    return env.rollout_timeout * (1 + len(DEPLOYMENTS)) + env.smoke_timeout
+
+
+def worst_case_seconds(env: Environment) -> int:
+    """The longest a deploy can take: its changes, then a restore of every Deployment, plus
+    two minutes for rendering, kubectl calls and notifications. A CI job's timeout must
+    exceed it, or the runner could kill a deploy in the middle of its restore."""
+    return change_seconds(env) + env.rollout_timeout * len(DEPLOYMENTS) + 120
 
 
 def check_allowed(env: Environment, branch: str | None, approved: bool) -> None:
@@ -45,24 +209,90 @@ def check_allowed(env: Environment, branch: str | None, approved: bool) -> None:
         )
 
 
-def run_smoke(url: str) -> bool:
+def run_smoke(url: str, timeout: float = 300) -> bool:
     """The smoke suite (tests/smoke) against ``url``."""
-    result = subprocess.run(  # nosec B603 - our own interpreter and test suite
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "tests/smoke",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--no-cov",
-            "--base-url",
-            url,
-        ],
-        check=False,
-    )
+    try:
+        result = subprocess.run(  # nosec B603 - our own interpreter and test suite
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "tests/smoke",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "--no-cov",
+                "--base-url",
+                url,
+            ],
+            check=False,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return False
     return result.returncode == 0
+
+
+def _names(manifests: str, kind: str) -> tuple[str, ...]:
+    return tuple(
+        doc["metadata"]["name"]
+        for doc in yaml.safe_load_all(manifests)
+        if doc and doc.get("kind") == kind
+    )
+
+
+def guarded(
+    env: Environment,
+    kube: Kubectl,
+    *,
+    owner: str,
+    deployments: tuple[str, ...],
+    services: tuple[str, ...],
+    change: Callable[[Deadline], str],
+    say: Callable[[str], None] = print,
+) -> Outcome:
+    """lock → record → ``change`` → finish, or restore the record on any failure → unlock.
+
+    ``change`` does the steps after recording and returns the success message; it raises
+    StepFailed, KubeError or (on a signal) Interrupted when a step fails.
+    """
+    deadline = Deadline(change_seconds(env))
+    with SignalGuard() as signals:
+        kube.lock(owner)
+        try:
+            try:
+                recorded = snapshot(kube, deployments, services)
+            except KubeError as exc:
+                return Outcome(False, f"could not record what is live, changed nothing: {exc}")
+            say("recorded: " + recorded.describe())
+            try:
+                return Outcome(True, change(deadline))
+            except (DeployError, KubeError) as exc:
+                failure = str(exc)
+            say(f"FAILED: {failure}; restoring what was live")
+            with signals.holding():
+                problems = restore(env, kube, recorded, say)
+                live = _live(kube, recorded)
+            if problems:
+                return Outcome(
+                    False,
+                    f"{failure}; the restore FAILED: {'; '.join(problems)}",
+                    restore_failed=True,
+                    live=live,
+                )
+            return Outcome(
+                False, f"{failure}; restored and verified: {recorded.describe()}", True, live=live
+            )
+        finally:
+            with signals.holding():
+                kube.unlock()
+
+
+def _live(kube: Kubectl, recorded: Snapshot) -> str:
+    try:
+        return snapshot(kube, tuple(recorded.templates), tuple(recorded.selectors)).describe()
+    except KubeError as exc:
+        return f"unknown (kubectl failed: {exc})"
 
 
 def deploy(
@@ -72,57 +302,105 @@ def deploy(
     image: str,
     tag: str,
     owner: str,
-    smoke: Callable[[str], bool] = run_smoke,
+    smoke: Callable[[str], bool] | None = None,
     say: Callable[[str], None] = print,
 ) -> Outcome:
-    """Deploy ``image:tag`` to ``env``; roll back by itself on any failure."""
-    manifests = render(env.overlay, image, tag)
+    """Deploy ``image:tag`` to ``env`` (a rolling update); restore what was live on any failure."""
+    check = smoke or (lambda url: run_smoke(url, env.smoke_timeout))
+    manifests = render(env.overlay, image, tag)  # before the lock: a bad overlay changes nothing
+    job, rest = split(manifests, ["Job"])
+    setup, workloads = split(rest, ["ConfigMap", "Secret", "ServiceAccount"])
+    deployments = _names(workloads, "Deployment")
     say(f"deploying {image}:{tag} to {env.name} ({env.cluster}/{env.namespace}) as {owner}")
-    kube.lock(owner)
-    try:
-        recorded = {name: kube.revision(name) for name in DEPLOYMENTS}
-        say("recorded revisions: " + ", ".join(f"{n}={r}" for n, r in recorded.items()))
-        job, rest = split(manifests, ["Job"])
-        setup, deployments = split(rest, ["ConfigMap", "Secret", "ServiceAccount"])
+
+    def change(deadline: Deadline) -> str:
         kube.apply(setup)
-        if not kube.run_job(job, MIGRATION_JOB, timeout=env.rollout_timeout):
-            return Outcome(False, "the migration job did not complete; nothing was rolled out")
-        kube.apply(deployments)
-        failure = None
-        for name in DEPLOYMENTS:
-            if not kube.rollout_status(name, env.rollout_timeout):
-                failure = f"deployment/{name} did not roll out within {env.rollout_timeout} s"
-                break
-        if failure is None and not kube.dry_run:
+        if not kube.run_job(job, MIGRATION_JOB, timeout=deadline.left(env.rollout_timeout)):
+            raise StepFailed("migrate: the migration job did not complete")
+        kube.apply(workloads)
+        for name in deployments:
+            if not kube.rollout_status(name, deadline.left(env.rollout_timeout)):
+                raise StepFailed(f"wait: deployment/{name} did not roll out in time")
+        if not kube.dry_run:
             say(f"smoke tests against {env.url}")
-            if not smoke(env.url):
-                failure = f"smoke tests failed against {env.url}"
-        if failure is None:
-            return Outcome(True, f"{env.name} runs {image}:{tag}")
-        say(f"FAILED: {failure}; rolling back")
-        rollback(env, kube, recorded)
-        return Outcome(False, f"{failure}; rolled back", rolled_back=True)
-    finally:
-        kube.unlock()
+            if not check(env.url):
+                raise StepFailed(f"verify: smoke tests failed against {env.url}")
+        return f"{env.name} runs {image}:{tag}"
+
+    return guarded(
+        env,
+        kube,
+        owner=owner,
+        deployments=deployments,
+        services=_names(workloads, "Service"),
+        change=change,
+        say=say,
+    )
 
 
-def rollback(env: Environment, kube: Kubectl, revisions: dict[str, int | None]) -> None:
-    """Undo to the given revisions (the previous one where None) and wait for the rollouts."""
-    for name, revision in revisions.items():
-        if revision is None:
-            continue  # it did not exist before this deploy: nothing to go back to
-        kube.undo(name, revision)
-        if not kube.rollout_status(name, env.rollout_timeout):
-            raise DeployError(f"rollback of deployment/{name} did not finish: investigate now")
+def release_templates(
+    kube: Kubectl, to_revision: int | None
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The API's template at ``to_revision`` (else its previous revision), and for each other
+    Deployment its own template of the same release: the latest revision that ran that image,
+    else its current template with the image replaced. (Revision numbers differ between
+    Deployments; images do not.)"""
+    api = DEPLOYMENTS[0]
+    revisions = kube.revisions(api)
+    if to_revision is None:
+        if len(revisions) < 2:
+            raise DeployError(f"deployment/{api} has no earlier revision to go back to")
+        to_revision = revisions[-2]
+    elif to_revision not in revisions:
+        raise DeployError(
+            f"deployment/{api} has no revision {to_revision} (it has {revisions or 'none'})"
+        )
+    target = kube.revision_template(api, to_revision)
+    image = target["spec"]["containers"][0]["image"]
+    templates = {api: target}
+    for name in DEPLOYMENTS[1:]:
+        found = None
+        for revision in reversed(kube.revisions(name)):
+            candidate = kube.revision_template(name, revision)
+            if candidate["spec"]["containers"][0]["image"] == image:
+                found = candidate
+                break
+        if found is None:
+            found = kube.template(name)
+            if found is None:
+                continue
+            found["spec"]["containers"][0]["image"] = image
+        templates[name] = found
+    return image, templates
 
 
-def rollback_to(env: Environment, kube: Kubectl, revision: int | None) -> None:
-    """The spec's manual rollback: deployment/ml-platform to ``revision`` (else the previous
-    one); the workers to their previous revision."""
-    for name in DEPLOYMENTS:
-        kube.undo(name, revision if name == DEPLOYMENTS[0] else None)
-        if not kube.rollout_status(name, env.rollout_timeout):
-            raise DeployError(f"rollback of deployment/{name} did not finish: investigate now")
+def rollback(
+    env: Environment,
+    kube: Kubectl,
+    *,
+    owner: str,
+    to_revision: int | None = None,
+    say: Callable[[str], None] = print,
+) -> Outcome:
+    """The spec's rollback, every Deployment to one release; restored if it fails."""
+
+    def change(deadline: Deadline) -> str:
+        image, templates = release_templates(kube, to_revision)
+        say(f"rolling back to {image}")
+        for name, template in templates.items():
+            kube.set_template(name, template)
+        for name in templates:
+            if not kube.rollout_status(name, deadline.left(env.rollout_timeout)):
+                raise StepFailed(f"wait: deployment/{name} did not roll back in time")
+        now = snapshot(kube, tuple(templates), ())
+        wrong = [name for name in templates if (now.images(name) or [""])[0] != image]
+        if wrong:
+            raise StepFailed(f"verify: {', '.join(wrong)} do not run {image}")
+        return f"{env.name} runs {image} on {', '.join(templates)}"
+
+    return guarded(
+        env, kube, owner=owner, deployments=DEPLOYMENTS, services=(), change=change, say=say
+    )
 
 
 def owner_name() -> str:
@@ -131,4 +409,12 @@ def owner_name() -> str:
     return f"{actor} (run {run})" if run else actor
 
 
-__all__ = ["DeployError", "KubeError", "Outcome", "check_allowed", "deploy", "rollback"]
+__all__ = [
+    "DeployError",
+    "KubeError",
+    "Outcome",
+    "check_allowed",
+    "deploy",
+    "restore",
+    "rollback",
+]

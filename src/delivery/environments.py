@@ -24,6 +24,7 @@ class Environment:
     branches: tuple[str, ...]
     overlay: Path
     rollout_timeout: int
+    smoke_timeout: int = 300
 
 
 REQUIRED = ("cluster", "namespace", "url", "region", "overlay")
@@ -46,10 +47,14 @@ def load_environment(config: Mapping[str, Any], name: str) -> Environment:
     overlay = Path(str(raw["overlay"]))
     if not (overlay / "kustomization.yaml").exists():
         raise EnvironmentError_(f"environments.{name}.overlay {overlay} has no kustomization.yaml")
-    try:
-        timeout = int(raw.get("rollout_timeout", 300))
-    except (TypeError, ValueError):
-        raise EnvironmentError_(f"environments.{name}.rollout_timeout must be seconds") from None
+    seconds = {}
+    for key in ("rollout_timeout", "smoke_timeout"):
+        try:
+            seconds[key] = int(raw.get(key, 300))
+        except (TypeError, ValueError):
+            raise EnvironmentError_(f"environments.{name}.{key} must be seconds") from None
+        if seconds[key] <= 0:
+            raise EnvironmentError_(f"environments.{name}.{key} must be positive")
     approval = raw.get("approval", False)
     if isinstance(approval, str):  # from an INVOKE_… environment variable
         approval = approval.strip().lower() in ("1", "true", "yes")
@@ -65,5 +70,6 @@ def load_environment(config: Mapping[str, Any], name: str) -> Environment:
         approval=bool(approval),
         branches=tuple(str(b) for b in branches),
         overlay=overlay,
-        rollout_timeout=timeout,
+        rollout_timeout=seconds["rollout_timeout"],
+        smoke_timeout=seconds["smoke_timeout"],
     )

@@ -65,6 +65,48 @@ class Kubectl:
         )
         return int(out) if out.strip().isdigit() else None
 
+    def template(self, deployment: str) -> dict[str, Any] | None:
+        """The deployment's pod template (images, config, labels), or None if it does not exist."""
+        out = self.run("get", f"deployment/{deployment}", "--ignore-not-found", "-o", "json")
+        if not out.strip():
+            return None
+        template: dict[str, Any] = json.loads(out)["spec"]["template"]
+        return template
+
+    def set_template(self, deployment: str, template: dict[str, Any]) -> None:
+        """Give the deployment exactly this pod template (a rollout if it differs)."""
+        patch = [{"op": "replace", "path": "/spec/template", "value": template}]
+        self.run("patch", f"deployment/{deployment}", "--type", "json", "-p", json.dumps(patch))
+
+    def revision_template(self, deployment: str, revision: int) -> dict[str, Any]:
+        """The pod template of one revision in the deployment's rollout history."""
+        out = self.run(
+            "rollout", "history", f"deployment/{deployment}", f"--revision={revision}", "-o", "json"
+        )
+        template: dict[str, Any] = json.loads(out) if out.strip() else {}
+        template = template.get("spec", {}).get("template", template)  # a ReplicaSet, or bare
+        return template
+
+    def revisions(self, deployment: str) -> list[int]:
+        """The revision numbers in the deployment's rollout history, oldest first."""
+        out = self.run("rollout", "history", f"deployment/{deployment}")
+        return sorted(int(line.split()[0]) for line in out.splitlines() if line[:1].isdigit())
+
+    def selector(self, service: str) -> dict[str, str] | None:
+        out = self.run("get", "service", service, "--ignore-not-found", "-o", "json")
+        if not out.strip():
+            return None
+        selector: dict[str, str] = json.loads(out).get("spec", {}).get("selector") or {}
+        return selector
+
+    def set_selector(self, service: str, selector: dict[str, str]) -> None:
+        """Give the Service exactly this selector (a merge patch could only add keys)."""
+        patch = [{"op": "replace", "path": "/spec/selector", "value": selector}]
+        self.run("patch", "service", service, "--type", "json", "-p", json.dumps(patch))
+
+    def delete(self, kind: str, name: str) -> None:
+        self.run("delete", f"{kind}/{name}", "--ignore-not-found")
+
     def apply(self, manifests: str) -> None:
         self.run("apply", "-f", "-", stdin=manifests)
 

@@ -15,11 +15,25 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
+from urllib.parse import urlsplit
 
 import httpx
 
-PAGERDUTY_URL = os.environ.get("PAGERDUTY_EVENTS_URL", "https://events.pagerduty.com/v2/enqueue")
-EVENTS = ("deploy-succeeded", "deploy-failed", "rollback", "build-failed", "security-alert")
+PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
+#: Who hears of what: the spec's table, plus a failed restore (a deploy failure that left an
+#: unverified state live) and a finished manual rollback.
+ROUTES: dict[str, tuple[str, ...]] = {
+    "build-failed": ("slack", "email"),
+    "security-alert": ("pagerduty", "email"),
+    "deploy-succeeded": ("slack",),
+    "deploy-failed": ("pagerduty", "slack", "email"),
+    "restore-failed": ("pagerduty", "slack", "email"),
+    "rollback": ("slack",),
+}
+EVENTS = tuple(ROUTES)
+#: Incidents are kept apart by environment and class: a good deploy resolves the last failed
+#: deploy's incident, never an open security alert.
+CLASSES = {"security-alert": "security", "build-failed": "build"}
 
 
 @dataclass(frozen=True)
@@ -31,7 +45,22 @@ class Event:
 
     @property
     def failed(self) -> bool:
-        return self.kind in ("deploy-failed", "rollback", "build-failed", "security-alert")
+        return self.kind not in ("deploy-succeeded", "rollback")
+
+    @property
+    def dedup_key(self) -> str:
+        return f"ml-platform-{self.environment}-{CLASSES.get(self.kind, 'deploy')}"
+
+
+def _url(env: Mapping[str, str], name: str) -> tuple[str | None, str | None]:
+    """(the URL in ``name``, stripped) or (None, why it is not used)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None, f"{name} is not set"
+    parts = urlsplit(raw)
+    if parts.scheme not in ("https", "http") or not parts.netloc or any(c.isspace() for c in raw):
+        return None, f"{name} is not an http(s) URL"
+    return raw, None
 
 
 def pipeline_event(env: Mapping[str, str]) -> str | None:
@@ -57,21 +86,20 @@ def slack_payload(event: Event) -> dict[str, object]:
 
 
 def pagerduty_payload(event: Event, routing_key: str) -> dict[str, object]:
-    """A trigger for failures (deduplicated per environment), a resolve on recovery."""
-    dedup = f"ml-platform-deploy-{event.environment}"
+    """A trigger for a failure; a resolve of the same class's incident on recovery."""
     if event.failed:
         return {
             "routing_key": routing_key,
             "event_action": "trigger",
-            "dedup_key": dedup,
+            "dedup_key": event.dedup_key,
             "payload": {
                 "summary": f"{event.kind} on {event.environment}: {event.summary}"[:1024],
                 "source": f"ml-platform/{event.environment}",
-                "severity": "critical" if event.kind == "security-alert" else "error",
+                "severity": "critical" if event.kind == "restore-failed" else "error",
                 "component": "ml-platform",
             },
         }
-    return {"routing_key": routing_key, "event_action": "resolve", "dedup_key": dedup}
+    return {"routing_key": routing_key, "event_action": "resolve", "dedup_key": event.dedup_key}
 
 
 def send(
@@ -80,23 +108,35 @@ def send(
     say: Callable[[str], None] = print,
     post: Callable[..., httpx.Response] = httpx.post,
 ) -> dict[str, str]:
-    """Send to every configured channel; return each channel's result ("sent", "skipped", …)."""
+    """Send to the channels the event is routed to; each channel's result ("sent", "skipped: …",
+    "FAILED: …"). Never raises: a notification must not fail a deploy that succeeded."""
     env = os.environ if env is None else env
+    routes = ROUTES.get(event.kind, ("slack",))
     results: dict[str, str] = {}
-    targets = []
-    if env.get("SLACK_WEBHOOK"):
-        targets.append(("slack", env["SLACK_WEBHOOK"], slack_payload(event)))
-    else:
-        results["slack"] = "skipped: SLACK_WEBHOOK is not set"
-    if env.get("PAGERDUTY_TOKEN"):
-        url = env.get("PAGERDUTY_EVENTS_URL", PAGERDUTY_URL)
-        targets.append(("pagerduty", url, pagerduty_payload(event, env["PAGERDUTY_TOKEN"])))
-    else:
-        results["pagerduty"] = "skipped: PAGERDUTY_TOKEN is not set"
-    if env.get("SMTP_HOST") and env.get("SMTP_TO"):
-        results["email"] = send_email(event, env)
-    else:
-        results["email"] = "skipped: SMTP_HOST and SMTP_TO are not set"
+    targets: list[tuple[str, str, dict[str, object]]] = []
+    slack, why = _url(env, "SLACK_WEBHOOK")
+    if "slack" in routes:
+        if slack:
+            targets.append(("slack", slack, slack_payload(event)))
+        else:
+            results["slack"] = f"skipped: {why}"
+    token = env.get("PAGERDUTY_TOKEN", "").strip()
+    # A recovery resolves the incident its failure opened, where PagerDuty is configured.
+    if "pagerduty" in routes or (token and not event.failed):
+        pagerduty, why = _url(
+            {"PAGERDUTY_EVENTS_URL": PAGERDUTY_URL, **env}, "PAGERDUTY_EVENTS_URL"
+        )
+        if not token:
+            results["pagerduty"] = "skipped: PAGERDUTY_TOKEN is not set"
+        elif pagerduty is None:
+            results["pagerduty"] = f"skipped: {why}"
+        else:
+            targets.append(("pagerduty", pagerduty, pagerduty_payload(event, token)))
+    if "email" in routes:
+        if env.get("SMTP_HOST", "").strip() and env.get("SMTP_TO", "").strip():
+            results["email"] = send_email(event, env)
+        else:
+            results["email"] = "skipped: SMTP_HOST and SMTP_TO are not set"
     for channel, url, payload in targets:
         try:
             response = post(url, json=payload, timeout=10)
@@ -104,7 +144,7 @@ def send(
             results[channel] = "sent"
         except httpx.HTTPError as exc:
             results[channel] = f"FAILED: {type(exc).__name__}: {exc}"[:300]
-    for channel, result in results.items():
+    for channel, result in sorted(results.items()):
         say(f"notify {channel}: {result}")
     return results
 
@@ -114,11 +154,12 @@ def send_email(event: Event, env: Mapping[str, str]) -> str:
     message = EmailMessage()
     message["Subject"] = f"[ml-platform] {event.kind} on {event.environment}"
     message["From"] = env.get("SMTP_FROM", "ml-platform@localhost")
-    message["To"] = env["SMTP_TO"]
+    message["To"] = env["SMTP_TO"].strip()
     message.set_content(f"{event.summary}\n\n{event.url or ''}".strip() + "\n")
     context = ssl.create_default_context(cafile=env.get("SMTP_CA_FILE") or None)
     try:
-        with smtplib.SMTP(env["SMTP_HOST"], int(env.get("SMTP_PORT", "587")), timeout=10) as smtp:
+        port = int(env.get("SMTP_PORT", "587").strip() or "587")
+        with smtplib.SMTP(env["SMTP_HOST"].strip(), port, timeout=10) as smtp:
             smtp.ehlo()
             if not smtp.has_extn("starttls"):
                 return "FAILED: the server does not offer STARTTLS; not sending in clear text"
@@ -127,6 +168,6 @@ def send_email(event: Event, env: Mapping[str, str]) -> str:
             if env.get("SMTP_USER"):
                 smtp.login(env["SMTP_USER"], env.get("SMTP_PASSWORD", ""))
             smtp.send_message(message)
-    except (OSError, smtplib.SMTPException) as exc:
+    except (OSError, ValueError, smtplib.SMTPException) as exc:
         return f"FAILED: {type(exc).__name__}: {exc}"[:300]
     return "sent"

@@ -106,16 +106,28 @@ def current_ref(
     if not sha:
         raise TagError("no commit: set GITHUB_SHA or run inside a git repository")
     if ref.startswith("refs/tags/"):
-        return BuildRef(sha, git_tag=ref.removeprefix("refs/tags/"), default_branch=default)
+        # A release deploys from the branch that holds its commit (the protection rules name
+        # branches): the default branch if it does, as far as this checkout can tell.
+        holders = {
+            line.strip().removeprefix("origin/")
+            for line in git(["branch", "-a", "--format=%(refname:short)", "--contains", sha])
+            .replace("remotes/", "")
+            .splitlines()
+        }
+        branch = default if default in holders else next(iter(sorted(holders)), None)
+        return BuildRef(
+            sha, branch=branch, git_tag=ref.removeprefix("refs/tags/"), default_branch=default
+        )
     if match := re.fullmatch(r"refs/pull/(\d+)/(merge|head)", ref):
         return BuildRef(sha, pull_request=int(match[1]), default_branch=default)
     if ref.startswith("refs/heads/"):
         return BuildRef(sha, branch=ref.removeprefix("refs/heads/"), default_branch=default)
+    head = git(["rev-parse", "--abbrev-ref", "HEAD"])
+    branch = None if head in ("", "HEAD") else head
     exact = git(["describe", "--tags", "--exact-match", "HEAD"])
-    if exact and SEMVER.match(exact):
-        return BuildRef(sha, git_tag=exact, default_branch=default)
-    branch = git(["rev-parse", "--abbrev-ref", "HEAD"])
-    return BuildRef(sha, branch=None if branch in ("", "HEAD") else branch, default_branch=default)
+    if exact and SEMVER.match(exact):  # a release tag wins for the image; the branch stays
+        return BuildRef(sha, branch=branch, git_tag=exact, default_branch=default)
+    return BuildRef(sha, branch=branch, default_branch=default)
 
 
 def main() -> int:

@@ -1,8 +1,16 @@
 """A stand-in for kubectl that keeps real state in a JSON file ($KUBECTL_DOUBLE_STATE).
 
-It knows deployments with revisions (a changed pod template makes a new one; undo brings an
-old template back as a new revision, as Kubernetes does), rollouts that can be told to fail,
-jobs, ConfigMaps (the deploy lock) and events, and it records every command it receives.
+It knows deployments with revisions (a changed pod template makes a new one; undo or a patched
+template brings an old one back as a new revision, as Kubernetes does), their full pod
+templates, rollouts that can be told to fail or to take their time, jobs, Services with
+selectors, ConfigMaps (the deploy lock) and events, and it records every command it receives.
+
+Behaviours a test may set (``state["behaviour"]``):
+- ``fail_rollout_of_image``: a tag (or a list of tags) whose rollouts never finish;
+- ``reject_apply_of``: a resource name that `apply` refuses after applying what came before it;
+- ``fail_job``: the migration job never completes;
+- ``fail_patch``: `patch deployment` is refused (a restore that cannot even start);
+- ``slow``: {verb: seconds} — that verb sleeps first, after writing ``<state>.busy``.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +29,8 @@ import yaml
 def main(argv: list[str]) -> int:
     path = Path(os.environ["KUBECTL_DOUBLE_STATE"])
     state: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    state.setdefault("deployments", {})
-    state.setdefault("configmaps", {})
-    state.setdefault("jobs", {})
-    state.setdefault("behaviour", {})
+    for table in ("deployments", "configmaps", "jobs", "behaviour", "services", "templates"):
+        state.setdefault(table, {})
     state.setdefault("log", []).append(argv)
     if argv[:1] == ["kustomize"]:  # rendering is real kustomize
         os.execv(os.environ["KUBECTL_REAL"], ["kubectl", *argv])
@@ -35,6 +42,10 @@ def main(argv: list[str]) -> int:
             namespace = args.pop(0)
         elif flag == "--context":
             args.pop(0)
+    delay = state["behaviour"].get("slow", {}).get(args[0] if args else "")
+    if delay:
+        path.with_suffix(".busy").write_text(" ".join(args))
+        time.sleep(float(delay))
     try:
         code, out = handle(state, namespace, args, sys.stdin.read() if "-f" in args else "")
     finally:
@@ -50,6 +61,42 @@ def _key(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
+def _set_template(state: dict[str, Any], ns: str, name: str, template: dict[str, Any]) -> None:
+    """A Deployment gets this pod template: a new revision when it differs from the current."""
+    digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:12]
+    state["templates"][digest] = template
+    dep = state["deployments"].setdefault(
+        _key(ns, name), {"revision": 0, "history": {}, "replicas": 1}
+    )
+    if dep.get("template") == digest:
+        return
+    for revision, old in list(dep["history"].items()):
+        if old == digest:  # Kubernetes keeps one revision per template: the old number goes
+            del dep["history"][revision]
+    dep["revision"] = max([dep["revision"], *map(int, dep["history"])]) + 1
+    dep["history"][str(dep["revision"])] = digest
+    dep["template"] = digest
+    dep["image"] = template["spec"]["containers"][0]["image"]
+    dep["rolled_out"] = False
+
+
+def _failing(behaviour: dict[str, Any], image: str) -> bool:
+    tags = behaviour.get("fail_rollout_of_image") or []
+    tags = [tags] if isinstance(tags, str) else tags
+    return any(image.endswith(f":{tag}") for tag in tags)
+
+
+def _deployment_json(state: dict[str, Any], dep: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "metadata": {
+                "annotations": {"deployment.kubernetes.io/revision": str(dep["revision"])}
+            },
+            "spec": {"replicas": dep["replicas"], "template": state["templates"][dep["template"]]},
+        }
+    )
+
+
 def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple[int, str]:
     verb = args[0] if args else ""
     behaviour = state["behaviour"]
@@ -58,45 +105,58 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
             if not doc:
                 continue
             name = doc["metadata"]["name"]
-            if doc["kind"] == "Deployment":
-                template = json.dumps(doc["spec"]["template"], sort_keys=True)
-                digest = hashlib.sha256(template.encode()).hexdigest()[:12]
-                dep = state["deployments"].setdefault(
-                    _key(ns, name), {"revision": 0, "history": {}}
+            if name == behaviour.get("reject_apply_of"):
+                return 1, (
+                    f'Error from server (Forbidden): error when applying "{name}": '
+                    "admission webhook denied the request\n"
                 )
-                if dep.get("template") != digest:
-                    dep["revision"] += 1
-                    dep["history"][str(dep["revision"])] = digest
-                    dep["template"] = digest
-                    dep["image"] = doc["spec"]["template"]["spec"]["containers"][0]["image"]
-                    state.setdefault("images", {})[digest] = dep["image"]
-                    dep["rolled_out"] = False
-                dep["replicas"] = doc["spec"].get("replicas", 1)
+            if doc["kind"] == "Deployment":
+                _set_template(state, ns, name, doc["spec"]["template"])
+                state["deployments"][_key(ns, name)]["replicas"] = doc["spec"].get("replicas", 1)
             elif doc["kind"] == "Job":
                 state["jobs"][_key(ns, name)] = {"done": False}
             elif doc["kind"] == "Service":
-                state.setdefault("services", {})[_key(ns, name)] = dict(doc["spec"]["selector"])
+                state["services"][_key(ns, name)] = dict(doc["spec"]["selector"])
         return 0, "applied\n"
     if verb == "get" and args[1].startswith("deployment/"):
         dep = state["deployments"].get(_key(ns, args[1].split("/", 1)[1]))
+        if dep is None:
+            return 0, ""
+        if "json" in args:
+            return 0, _deployment_json(state, dep)
         if any("containers[0].image" in a for a in args):
-            return 0, dep["image"] if dep else ""
-        return 0, str(dep["revision"]) if dep else ""
+            return 0, str(dep["image"])
+        return 0, str(dep["revision"])
     if verb == "get" and args[1] == "service":
-        selector = state.get("services", {}).get(_key(ns, args[2]))
+        selector = state["services"].get(_key(ns, args[2]))
         return 0, json.dumps({"spec": {"selector": selector}}) if selector is not None else ""
     if verb == "patch" and args[1] == "service":
         patch = json.loads(args[args.index("-p") + 1])
-        state["services"][_key(ns, args[2])].update(patch["spec"]["selector"])
+        selectors = state["services"]
+        if "--type" in args and args[args.index("--type") + 1] == "json":
+            selectors[_key(ns, args[2])] = dict(patch[0]["value"])
+        else:
+            selectors[_key(ns, args[2])].update(patch["spec"]["selector"])
         return 0, f"service/{args[2]} patched\n"
+    if verb == "patch" and args[1].startswith("deployment/"):
+        if behaviour.get("fail_patch"):
+            return 1, "Error from server (InternalError): etcdserver: request timed out\n"
+        name = args[1].split("/", 1)[1]
+        if _key(ns, name) not in state["deployments"]:
+            return 1, f'Error from server (NotFound): deployments.apps "{name}" not found\n'
+        patch = json.loads(args[args.index("-p") + 1])
+        _set_template(state, ns, name, patch[0]["value"])
+        return 0, f"deployment.apps/{name} patched\n"
     if verb == "scale":
         dep = state["deployments"][_key(ns, args[1].split("/", 1)[1])]
         dep["replicas"] = int(args[2].split("=", 1)[1])
         return 0, f"{args[1]} scaled\n"
     if verb == "set" and args[1] == "image":
-        dep = state["deployments"][_key(ns, args[2].split("/", 1)[1])]
-        dep["image"] = args[3].split("=", 1)[1]
-        dep["revision"] += 1
+        name = args[2].split("/", 1)[1]
+        dep = state["deployments"][_key(ns, name)]
+        template = json.loads(json.dumps(state["templates"][dep["template"]]))
+        template["spec"]["containers"][0]["image"] = args[3].split("=", 1)[1]
+        _set_template(state, ns, name, template)
         return 0, f"{args[2]} image updated\n"
     if verb == "rollout":
         action, target = args[1], args[2].split("/", 1)[1]
@@ -104,8 +164,7 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
         if dep is None:
             return 1, f'Error from server (NotFound): deployments.apps "{target}" not found\n'
         if action == "status":
-            failing = behaviour.get("fail_rollout_of_image")
-            if failing and dep["image"].endswith(f":{failing}"):
+            if _failing(behaviour, dep["image"]):
                 return 1, f'error: deployment "{target}" exceeded its progress deadline\n'
             dep["rolled_out"] = True
             return 0, f'deployment "{target}" successfully rolled out\n'
@@ -118,13 +177,14 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
                 to = str(revisions[-2])
             if to not in dep["history"]:
                 return 1, f"error: unable to find specified revision {to} in history\n"
-            digest = dep["history"].pop(to)
-            dep["revision"] = revisions[-1] + 1
-            dep["history"][str(dep["revision"])] = digest
-            dep["template"] = digest
-            dep["image"] = state["images"][digest]
+            _set_template(state, ns, target, state["templates"][dep["history"][to]])
             return 0, f"deployment.apps/{target} rolled back\n"
         if action == "history":
+            wanted = next((a.split("=", 1)[1] for a in args if a.startswith("--revision=")), None)
+            if wanted is not None:
+                if wanted not in dep["history"]:
+                    return 1, f"error: unable to find the specified revision {wanted}\n"
+                return 0, json.dumps(state["templates"][dep["history"][wanted]])
             lines = ["REVISION  CHANGE-CAUSE"] + [
                 f"{r}         <none>" for r in sorted(dep["history"], key=int)
             ]
@@ -139,12 +199,15 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
     if verb == "get" and args[1] == "configmap":
         data = state["configmaps"].get(_key(ns, args[2]))
         if data is None:
+            if "--ignore-not-found" in args:
+                return 0, ""
             return 1, f'Error from server (NotFound): configmaps "{args[2]}" not found\n'
         return 0, json.dumps({"data": data})
     if verb == "delete":
-        kind, name = (args[1], args[2]) if args[1] == "configmap" else args[1].split("/", 1)
-        store = state["configmaps"] if kind == "configmap" else state["jobs"]
-        store.pop(_key(ns, name), None)
+        kind, name = (args[1], args[2]) if "/" not in args[1] else args[1].split("/", 1)
+        stores = {"configmap": "configmaps", "job": "jobs", "deployment": "deployments"}
+        stores.update(service="services")
+        state[stores[kind]].pop(_key(ns, name), None)
         return 0, f"{kind} {name} deleted\n"
     if verb == "wait":
         name = args[2].split("/", 1)[1]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -17,9 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from delivery import notify
-from delivery.deploy import DeployError, check_allowed, deploy, rollback_to
+from delivery.deploy import (
+    DeployError,
+    check_allowed,
+    deploy,
+    rollback,
+    worst_case_seconds,
+)
 from delivery.environments import EnvironmentError_, load_environment
 from delivery.kube import LOCK, Kubectl, KubeError
 
@@ -129,7 +138,7 @@ def test_a_rollout_past_its_deadline_is_rolled_back(cluster: Cluster) -> None:
     cluster.behave(fail_rollout_of_image="main-bad0000")
     outcome = staging_deploy("main-bad0000")
     assert not outcome.succeeded and outcome.rolled_back
-    assert "did not roll out within 30 s" in outcome.message
+    assert "wait: deployment/ml-platform did not roll out in time" in outcome.message
     assert cluster.image() == f"{IMAGE}:main-1111111"
     assert cluster.state["configmaps"] == {}
 
@@ -142,14 +151,23 @@ def test_failed_smoke_tests_roll_back(cluster: Cluster) -> None:
     assert cluster.image("ml-platform-worker") == f"{IMAGE}:main-1111111"
 
 
-def test_rollback_to_a_revision(cluster: Cluster) -> None:
+def test_rollback_to_a_revision_puts_every_deployment_on_that_release(cluster: Cluster) -> None:
     for tag in ("main-1111111", "main-2222222", "main-3333333"):
         staging_deploy(tag)
-    rollback_to(load_environment(CONFIG, "staging"), kube(), 1)
-    assert cluster.image() == f"{IMAGE}:main-1111111"
-    assert cluster.image("ml-platform-worker") == f"{IMAGE}:main-2222222"  # previous
-    with pytest.raises(KubeError, match="unable to find specified revision 9"):
-        rollback_to(load_environment(CONFIG, "staging"), kube(), 9)
+    # The worker's revision numbers differ from the API's (it was restarted once on its own).
+    state = cluster.state
+    state["deployments"]["staging/ml-platform-worker"]["revision"] += 5
+    cluster.state_file.write_text(json.dumps(state))
+    env = load_environment(CONFIG, "staging")
+    back = rollback(env, kube(), owner="tester", to_revision=1, say=lambda _m: None)
+    assert back.succeeded, back.message
+    assert cluster.image() == cluster.image("ml-platform-worker") == f"{IMAGE}:main-1111111"
+    previous = rollback(env, kube(), owner="tester", say=lambda _m: None)
+    assert previous.succeeded  # the API's previous revision: main-3333333, and the worker too
+    assert cluster.image() == cluster.image("ml-platform-worker") == f"{IMAGE}:main-3333333"
+    missing = rollback(env, kube(), owner="tester", to_revision=99, say=lambda _m: None)
+    assert not missing.succeeded and "has no revision 99" in missing.message
+    assert cluster.image() == f"{IMAGE}:main-3333333" and cluster.state["configmaps"] == {}
 
 
 def test_a_second_deploy_is_refused_while_one_holds_the_lock(cluster: Cluster) -> None:
@@ -298,14 +316,12 @@ def test_notifications_reach_slack_and_pagerduty_and_never_raise(receiver: str) 
         "pagerduty": "sent",
         "email": "skipped: SMTP_HOST and SMTP_TO are not set",
     }
-    (slack_path, slack), (pd_path, pd) = _Receiver.received
-    assert slack_path == "/slack" and "deploy-failed on production" in slack["text"]
-    assert slack["blocks"][1]["elements"][0]["text"] == "https://x"
-    assert pd_path == "/pagerduty" and pd["event_action"] == "trigger"
-    assert pd["dedup_key"] == "ml-platform-deploy-production" and pd["routing_key"] == "routing-key"
-    recovered = notify.Event("deploy-succeeded", "production", "ok")
-    notify.send(recovered, env, said.append)
-    assert _Receiver.received[-1][1]["event_action"] == "resolve"
+    received = dict(_Receiver.received)
+    assert "deploy-failed on production" in received["/slack"]["text"]
+    assert received["/slack"]["blocks"][1]["elements"][0]["text"] == "https://x"
+    pd = received["/pagerduty"]
+    assert pd["event_action"] == "trigger" and pd["routing_key"] == "routing-key"
+    assert pd["dedup_key"] == "ml-platform-production-deploy"
     _Receiver.status = 500
     results = notify.send(failed, env, said.append)
     assert results["slack"].startswith("FAILED: HTTPStatusError")
@@ -315,6 +331,60 @@ def test_notifications_reach_slack_and_pagerduty_and_never_raise(receiver: str) 
         "email": "skipped: SMTP_HOST and SMTP_TO are not set",
     }
     assert "notify slack: skipped: SLACK_WEBHOOK is not set" in said
+
+
+@pytest.mark.parametrize(
+    ("kind", "channels"),
+    [
+        ("build-failed", {"/slack"}),  # and e-mail: not configured here
+        ("security-alert", {"/pagerduty"}),
+        ("deploy-succeeded", {"/slack", "/pagerduty"}),  # PagerDuty: only the resolve
+        ("deploy-failed", {"/slack", "/pagerduty"}),
+        ("restore-failed", {"/slack", "/pagerduty"}),
+    ],
+)
+def test_events_go_where_the_spec_routes_them(receiver: str, kind: str, channels: set[str]) -> None:
+    env = {
+        # Secrets pasted with a trailing newline or spaces still work.
+        "SLACK_WEBHOOK": f" {receiver}/slack\n",
+        "PAGERDUTY_TOKEN": "routing-key\n",
+        "PAGERDUTY_EVENTS_URL": f"{receiver}/pagerduty",
+    }
+    results = notify.send(notify.Event(kind, "staging", "summary"), env, lambda _m: None)
+    assert {path for path, _ in _Receiver.received} == channels, results
+    for path, body in _Receiver.received:
+        if path == "/pagerduty":
+            action = "resolve" if kind == "deploy-succeeded" else "trigger"
+            assert body["event_action"] == action and body["routing_key"] == "routing-key"
+
+
+def test_incidents_are_kept_apart_by_environment_and_class(receiver: str) -> None:
+    env = {"PAGERDUTY_TOKEN": "key", "PAGERDUTY_EVENTS_URL": f"{receiver}/pagerduty"}
+    for kind, where in [
+        ("security-alert", "production"),
+        ("deploy-failed", "production"),
+        ("deploy-failed", "staging"),
+        ("deploy-succeeded", "production"),
+    ]:
+        notify.send(notify.Event(kind, where, "x"), env, lambda _m: None)
+    keys = [(body["event_action"], body["dedup_key"]) for _, body in _Receiver.received]
+    assert keys == [
+        ("trigger", "ml-platform-production-security"),
+        ("trigger", "ml-platform-production-deploy"),
+        ("trigger", "ml-platform-staging-deploy"),
+        ("resolve", "ml-platform-production-deploy"),  # the security incident stays open
+    ]
+
+
+def test_a_broken_webhook_setting_is_one_line_and_never_fails_anything() -> None:
+    said: list[str] = []
+    results = notify.send(
+        notify.Event("deploy-succeeded", "staging", "ok"),
+        {"SLACK_WEBHOOK": "hooks.slack.com/services/x y"},
+        said.append,
+    )
+    assert results == {"slack": "skipped: SLACK_WEBHOOK is not an http(s) URL"}
+    assert said == ["notify slack: skipped: SLACK_WEBHOOK is not an http(s) URL"]
 
 
 def test_blue_green_deploy_promote_decommission_and_switch_back(cluster: Cluster) -> None:
@@ -453,3 +523,94 @@ def test_email_goes_through_starttls_or_not_at_all(tmp_path: Path) -> None:
         plain.stop()
     assert refused == "FAILED: the server does not offer STARTTLS; not sending in clear text"
     assert len(received) == 1
+
+
+def invoke_task(cluster: Cluster, receiver: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
+    """`invoke ARGS` as CI runs it: against the kubectl double, notifying the local receiver."""
+    env = {
+        **os.environ,
+        "SLACK_WEBHOOK": f"{receiver}/slack",
+        "PAGERDUTY_TOKEN": "routing-key",
+        "PAGERDUTY_EVENTS_URL": f"{receiver}/pagerduty",
+        "INVOKE_ENVIRONMENTS_STAGING_ROLLOUT_TIMEOUT": "30",
+        "INVOKE_ENVIRONMENTS_STAGING_SMOKE_TIMEOUT": "30",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def test_a_partly_refused_apply_restores_what_it_had_changed(cluster: Cluster) -> None:
+    staging_deploy("main-1111111")
+    cluster.behave(reject_apply_of="ml-platform-worker")  # the API is applied, then a refusal
+    outcome = staging_deploy("main-2222222")
+    assert not outcome.succeeded and outcome.rolled_back, outcome.message
+    assert "admission webhook denied" in outcome.message
+    assert cluster.image() == cluster.image("ml-platform-worker") == f"{IMAGE}:main-1111111"
+    assert cluster.state["services"]["staging/ml-platform"] == {
+        "app.kubernetes.io/name": "ml-platform",
+        "app.kubernetes.io/component": "api",
+    }
+    assert cluster.state["configmaps"] == {}
+
+
+def test_a_restore_that_fails_pages_says_what_is_live_and_exits_1(
+    cluster: Cluster, receiver: str
+) -> None:
+    staging_deploy("main-1111111")
+    # The new release never rolls out, and the old one does not come back either.
+    cluster.behave(fail_rollout_of_image=["main-2222222", "main-1111111"])
+    task = invoke_task(
+        cluster, receiver, "deploy", "--env", "staging", "--image-tag", "main-2222222"
+    )
+    out, _ = task.communicate(timeout=120)
+    assert task.returncode == 1, out
+    assert "the restore FAILED (paged)" in out and "live now: deployment/ml-platform:" in out
+    page = dict(_Receiver.received)["/pagerduty"]
+    assert page["event_action"] == "trigger" and page["payload"]["severity"] == "critical"
+    assert "restore-failed on staging" in page["payload"]["summary"]
+    assert "did not roll back" in page["payload"]["summary"]
+    assert "restore-failed on staging" in dict(_Receiver.received)["/slack"]["text"]
+    assert cluster.state["configmaps"] == {}  # the lock is released, last
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_deploy_stopped_by_a_signal_restores_verifies_and_tells(
+    cluster: Cluster, receiver: str, signum: signal.Signals
+) -> None:
+    staging_deploy("main-1111111")
+    cluster.behave(slow={"rollout": 3})  # every rollout takes 3 s: time to be interrupted
+    busy = cluster.state_file.with_suffix(".busy")
+    task = invoke_task(
+        cluster, receiver, "deploy", "--env", "staging", "--image-tag", "main-2222222"
+    )
+    deadline = time.monotonic() + 60
+    while not (busy.exists() and "rollout status" in busy.read_text()):
+        assert time.monotonic() < deadline and task.poll() is None, "the deploy never rolled out"
+        time.sleep(0.05)
+    task.send_signal(signum)  # a cancelled CI job
+    out, _ = task.communicate(timeout=60)
+    assert task.returncode == 1, out
+    assert f"stopped by {signum.name}" in out and "what was live is back" in out
+    assert cluster.image() == cluster.image("ml-platform-worker") == f"{IMAGE}:main-1111111"
+    assert cluster.state["configmaps"] == {}
+    received = dict(_Receiver.received)
+    assert f"stopped by {signum.name}" in received["/slack"]["text"]
+    assert received["/pagerduty"]["event_action"] == "trigger"
+
+
+def test_the_ci_jobs_outlast_the_deploys_they_run() -> None:
+    """A job killed by its timeout in the middle of a restore would leave anything live."""
+    config = yaml.safe_load((ROOT / "invoke.yaml").read_text())
+    workflow = yaml.safe_load((ROOT / ".github/workflows/ci-cd.yml").read_text())
+    for name in ("staging", "production"):
+        env = load_environment(config, name)
+        job = workflow["jobs"][f"deploy-{name}"]
+        # Five minutes for checkout and set-up besides the deploy's own worst case.
+        assert job["timeout-minutes"] * 60 >= worst_case_seconds(env) + 300, name

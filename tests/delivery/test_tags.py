@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from delivery.deploy import DeployError
 from delivery.tags import (
     TAG_GRAMMAR,
     BuildRef,
@@ -122,3 +123,31 @@ def test_the_same_inputs_always_give_the_same_tags(ref: BuildRef) -> None:
 @given(branches)
 def test_sanitized_names_are_valid_tags(name: str) -> None:
     assert TAG_GRAMMAR.match(sanitize(name))
+
+
+@pytest.mark.unit
+def test_a_release_tag_on_main_deploys_from_main_with_its_version() -> None:
+    """A tagged HEAD of main: the release tag pins the image, the branch passes the rules."""
+    from delivery.deploy import check_allowed
+    from delivery.environments import load_environment
+    from tests.delivery.test_deploy import CONFIG
+
+    local = {
+        "rev-parse HEAD": SHA,
+        "rev-parse --abbrev-ref HEAD": "main",
+        "describe --tags --exact-match HEAD": "v1.4.0",
+    }
+    ref = current_ref({}, lambda args: local.get(" ".join(args), ""))
+    assert ref.branch == "main" and deploy_tag(ref) == "1.4.0"
+    production = load_environment(CONFIG, "production")
+    check_allowed(production, ref.branch, approved=True)  # no "this is no branch"
+    # In CI a tag push names no branch: the branch that holds the commit does.
+    contains = f"branch -a --format=%(refname:short) --contains {SHA}"
+    ci = current_ref(
+        {"GITHUB_REF": "refs/tags/v1.4.0", "GITHUB_SHA": SHA},
+        lambda args: {contains: "origin/main\norigin/release-1"}.get(" ".join(args), ""),
+    )
+    assert ci.branch == "main" and deploy_tag(ci) == "1.4.0"
+    alone = current_ref({"GITHUB_REF": "refs/tags/v1.4.0", "GITHUB_SHA": SHA}, lambda args: "")
+    with pytest.raises(DeployError, match="this is no branch"):
+        check_allowed(production, alone.branch, approved=True)

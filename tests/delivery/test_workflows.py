@@ -125,8 +125,8 @@ def test_the_pipeline_graph_is_the_specs() -> None:
     assert (
         jobs["deploy-staging"]["if"]
         == jobs["deploy-production"]["if"]
-        == "github.ref == 'refs/heads/main'"
-    )
+        == "github.ref == 'refs/heads/main' || startsWith(github.ref, 'refs/tags/v')"
+    )  # main, or a release tag (its commit must be on main: delivery.tags, check_allowed)
     assert jobs["deploy-production"]["environment"]["name"] == "production"
     assert jobs["deploy-staging"]["environment"]["url"] == "https://staging.ml-platform.example.com"
     for deploy in ("deploy-staging", "deploy-production"):
