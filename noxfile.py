@@ -6,13 +6,16 @@ local run equals a CI run and ``nox -R`` reinstalls nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess  # nosec B404
+from collections.abc import Iterator
 from pathlib import Path
 
 import nox
+import nox.command
 
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "uv"
@@ -149,6 +152,25 @@ def gate(session: nox.Session, *args: str) -> None:
     session.run("python", "-m", "delivery.security", *args, env=SECURITY_ENV)
 
 
+class EveryTool:
+    """Run every tool of a session even when one fails, then fail once naming them all."""
+
+    def __init__(self, session: nox.Session) -> None:
+        self.session = session
+        self.failed: list[str] = []
+
+    @contextlib.contextmanager
+    def tool(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except nox.command.CommandFailed:
+            self.failed.append(name)
+
+    def verdict(self) -> None:
+        if self.failed:
+            self.session.error(f"failed: {', '.join(self.failed)} (every tool ran; see above)")
+
+
 def runtime_python(session: nox.Session) -> str:
     """A venv beside the session's with only the locked runtime dependencies; its python.
 
@@ -199,6 +221,9 @@ def bandit(session: nox.Session) -> None:
 def semgrep(session: nox.Session) -> None:
     """Semgrep with the local rules in security/semgrep/ (plus registry packs in GitHub CI)."""
     sync(session, "sast", project=False)
+    quiet = {"SEMGREP_ENABLE_VERSION_CHECK": "0", "SEMGREP_SEND_METRICS": "off"}
+    # The rules first: each must find its planted samples (security/semgrep/*.py) and only them.
+    session.run("semgrep", "--test", "--metrics", "off", "security/semgrep", env=quiet)
     out = reports_dir("semgrep-report")
     configs = ["--config", "security/semgrep"]
     if os.environ.get("GITHUB_ACTIONS") == "true":  # the registry needs the network
@@ -217,7 +242,8 @@ def semgrep(session: nox.Session) -> None:
         str(out / "semgrep.sarif"),
         "src",
         "noxfile.py",
-        env={"SEMGREP_ENABLE_VERSION_CHECK": "0", "SEMGREP_SEND_METRICS": "off"},
+        "tasks.py",
+        env=quiet,
     )
     gate(session, "normalize", "semgrep", str(out / "semgrep.json"))
 
@@ -356,40 +382,48 @@ def sbom(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, tags=["security"])
 def iac(session: nox.Session) -> None:
-    """Dockerfile (hadolint, checkov), workflows (schema, zizmor), Kubernetes manifests."""
+    """Dockerfile (hadolint, checkov), workflows (schema, zizmor), Kubernetes manifests.
+    Every tool runs even when another fails; the session then fails once."""
     sync(session, "iac", project=False)
     out = reports_dir("iac-report")
+    every = EveryTool(session)
     checkov_targets: list[str] = []
     if Path("Dockerfile").exists():
-        with (out / "hadolint.json").open("w") as report:
-            session.run(
-                "hadolint",
-                "--format",
-                "json",
-                "--no-fail",
-                "Dockerfile",
-                stdout=report,
-                stderr=subprocess.DEVNULL,
-            )
-        gate(session, "normalize", "hadolint", str(out / "hadolint.json"))
+        with every.tool("hadolint"):
+            with (out / "hadolint.json").open("w") as report:
+                session.run(
+                    "hadolint",
+                    "--format",
+                    "json",
+                    "--no-fail",
+                    "Dockerfile",
+                    stdout=report,
+                    stderr=subprocess.DEVNULL,
+                )
+            gate(session, "normalize", "hadolint", str(out / "hadolint.json"))
         checkov_targets += ["--file", "Dockerfile"]
     else:
         gate(session, "mark", "hadolint", "--status", "not_present", "--reason", "no Dockerfile")
-    workflows = sorted(str(p) for p in Path(".github/workflows").glob("*.yml"))
+    folder = Path(".github/workflows")
+    workflows = sorted(str(p) for pattern in ("*.yml", "*.yaml") for p in folder.glob(pattern))
     if workflows:
-        session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
-        with (out / "zizmor.json").open("w") as report:
+        with every.tool("check-jsonschema"):
             session.run(
-                "zizmor",
-                "--offline",
-                "--format",
-                "json",
-                *workflows,
-                stdout=report,
-                stderr=subprocess.DEVNULL,
-                success_codes=list(range(0, 20)),
+                "check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows
             )
-        gate(session, "normalize", "zizmor", str(out / "zizmor.json"))
+        with every.tool("zizmor"):
+            with (out / "zizmor.json").open("w") as report:
+                session.run(
+                    "zizmor",
+                    "--offline",
+                    "--format",
+                    "json",
+                    *workflows,
+                    stdout=report,
+                    stderr=subprocess.DEVNULL,
+                    success_codes=list(range(0, 20)),
+                )
+            gate(session, "normalize", "zizmor", str(out / "zizmor.json"))
     else:
         gate(session, "mark", "zizmor", "--status", "not_present", "--reason", "no workflows yet")
     overlays = sorted(p for p in Path("k8s/overlays").glob("*") if p.is_dir())
@@ -402,17 +436,18 @@ def iac(session: nox.Session) -> None:
             with target.open("w") as manifest:
                 session.run("kubectl", "kustomize", str(overlay), stdout=manifest, external=True)
             rendered.append(str(target))
-        with (out / "kubernetes-validate.txt").open("w") as report:
-            session.run(
-                "kubernetes-validate",
-                "--strict",
-                "--kubernetes-version",
-                "1.31.0",
-                *rendered,
-                stdout=report,
-                success_codes=[0, 1],
-            )
-        gate(session, "normalize", "kubernetes-validate", str(out / "kubernetes-validate.txt"))
+        with every.tool("kubernetes-validate"):
+            with (out / "kubernetes-validate.txt").open("w") as report:
+                session.run(
+                    "kubernetes-validate",
+                    "--strict",
+                    "--kubernetes-version",
+                    "1.31.0",
+                    *rendered,
+                    stdout=report,
+                    success_codes=[0, 1],
+                )
+            gate(session, "normalize", "kubernetes-validate", str(out / "kubernetes-validate.txt"))
         checkov_targets += [arg for path in rendered for arg in ("--file", path)]
     else:
         gate(
@@ -425,19 +460,20 @@ def iac(session: nox.Session) -> None:
             "no Kubernetes overlays",
         )
     if checkov_targets:
-        with (out / "checkov.json").open("w") as report:
-            session.run(
-                "checkov",
-                *checkov_targets,
-                "--skip-download",
-                "--output",
-                "json",
-                "--quiet",
-                stdout=report,
-                stderr=subprocess.DEVNULL,
-                success_codes=[0, 1],
-            )
-        gate(session, "normalize", "checkov", str(out / "checkov.json"))
+        with every.tool("checkov"):
+            with (out / "checkov.json").open("w") as report:
+                session.run(
+                    "checkov",
+                    *checkov_targets,
+                    "--skip-download",
+                    "--output",
+                    "json",
+                    "--quiet",
+                    stdout=report,
+                    stderr=subprocess.DEVNULL,
+                    success_codes=[0, 1],
+                )
+            gate(session, "normalize", "checkov", str(out / "checkov.json"))
     else:
         gate(
             session,
@@ -448,6 +484,7 @@ def iac(session: nox.Session) -> None:
             "--reason",
             "no Dockerfile or Kubernetes manifests yet",
         )
+    every.verdict()
 
 
 @nox.session(python=PYTHON, tags=["security"])

@@ -1,10 +1,11 @@
 """Notifications: Slack incoming webhook, PagerDuty Events API v2, e-mail over SMTP.
 
-Each event goes to the channels the spec's table routes it to (ROUTES). Each channel is on when its secret is in the environment (SLACK_WEBHOOK; PAGERDUTY_TOKEN — the
-PagerDuty integration's routing key; SMTP_HOST with SMTP_TO, and SMTP_USER / SMTP_PASSWORD
-when the server needs a login) and skipped with a printed line otherwise. E-mail always goes
-through STARTTLS: a server that does not offer it is refused. A failing notification is
-reported, never raised: it must not fail a deploy that succeeded.
+Each event goes to the channels the spec's table routes it to (ROUTES). Each channel is on
+when its secret is in the environment (SLACK_WEBHOOK; PAGERDUTY_TOKEN — the PagerDuty
+integration's routing key; SMTP_HOST with SMTP_TO, and SMTP_USER / SMTP_PASSWORD when the
+server needs a login) and skipped with a printed line otherwise. E-mail always goes through
+STARTTLS: a server that does not offer it is refused. A failing notification is reported,
+never raised: it must not fail a deploy that succeeded.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ ARTIFACT_KEY = "__mlp_artifact__"
 _CHUNK = 1024 * 1024
 
 
+class ArtifactCorrupted(ValueError):
+    """A stored blob no longer matches its digest: it is not loaded."""
+
+
 class ArtifactNotFound(LookupError):
     """No blob with that digest exists in the store."""
 
@@ -88,8 +92,12 @@ class ArtifactStore:
         return self.put_bytes(data), len(data)
 
     def get_object(self, digest: str) -> Any:
-        # Only blobs this platform's own tasks wrote are loaded (see the module docstring).
-        return pickle.loads(self.get_bytes(digest))  # nosec B301
+        # Only blobs this platform's own tasks wrote are loaded (see the module docstring), and
+        # only when they are still what was written: a file changed in the store is refused.
+        data = self.get_bytes(digest)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ArtifactCorrupted(f"artifact {digest} in {self.root} does not match its digest")
+        return pickle.loads(data)  # nosec B301
 
 
 def encode_value(value: Any, store: ArtifactStore, inline_limit: int) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import date, timedelta
@@ -515,3 +516,57 @@ def test_mark_and_bad_invocations(tmp_path: Path, capsys: pytest.CaptureFixture[
     )
     assert "safety: NOT CHECKED — db unreachable" in capsys.readouterr().out
     assert main(["--policy", str(tmp_path / "nope.toml"), "report", "--results", out]) == 2
+
+
+def _commit(repo: Path, files: dict[str, str], when: str) -> None:
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    dated = {**os.environ, "GIT_AUTHOR_DATE": when, "GIT_COMMITTER_DATE": when}
+    for args in (
+        ["add", "-A"],
+        ["-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "x"],
+    ):
+        subprocess.run(["git", *args], cwd=repo, check=True, env=dated)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("written", "passes"), [("2026-10-01T12:00:00", False), ("today", True)])
+def test_a_medium_finding_past_its_sla_blocks_dated_by_git_history(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    written: str,
+    passes: bool,
+) -> None:
+    """No ledger kept anywhere: the day the line was committed is the day it was first seen."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    when = date.today().isoformat() + "T00:00:00" if written == "today" else written
+    _commit(repo, {"app.py": "import os\n\nos.chmod('x', 0o777)\n"}, when)
+    _commit(repo, {"README": "later change elsewhere\n"}, date.today().isoformat() + "T00:00:00")
+    monkeypatch.chdir(repo)
+    medium = Finding("bandit", "B103:set_bad_file_permissions", Severity.MEDIUM, "app.py", 3, "x")
+    results = tmp_path / "normalized"
+    ToolResult("bandit", Status.CHECKED, [medium]).save(results)
+    code = main(
+        [
+            "--policy",
+            str(ROOT / "security/policy.toml"),
+            "--first-seen",
+            str(tmp_path / "no-ledger.json"),
+            "report",
+            "--results",
+            str(results),
+            "--out",
+            str(tmp_path / "out"),
+            "--allow-unchecked",
+            ",".join(load_policy(ROOT / "security/policy.toml").required_tools),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert (code == 0) is passes, printed
+    seen = json.loads((tmp_path / "out/security-first-seen.json").read_text())
+    assert seen[medium.fingerprint] == when[:10]
+    if not passes:
+        assert "security gate FAILED: 1 blocking" in printed

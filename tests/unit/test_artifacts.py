@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import pytest
 
 from ml_platform.artifacts import (
     ARTIFACT_KEY,
+    ArtifactCorrupted,
     ArtifactNotFound,
     ArtifactStore,
     decode_value,
@@ -56,3 +58,14 @@ def test_small_json_stays_inline_and_the_rest_becomes_an_artifact(tmp_path: Path
     assert decode_value(large, store) == list(range(1000))
     odd = encode_value({1, 2}, store, inline_limit=100)
     assert decode_value(odd, store) == {1, 2}
+
+
+def test_a_stored_pickle_that_was_changed_is_never_loaded(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    digest, _ = store.put_object({"weights": [1, 2, 3]})
+    assert store.get_object(digest) == {"weights": [1, 2, 3]}
+    path = store.path(digest)
+    path.chmod(0o644)
+    path.write_bytes(pickle.dumps("something else"))
+    with pytest.raises(ArtifactCorrupted, match="does not match its digest"):
+        store.get_object(digest)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from delivery.security import parsers
 from delivery.security.findings import Status, ToolResult, load_results
+from delivery.security.history import earliest, first_seen_from_git
 from delivery.security.policy import PolicyError, Verdict, evaluate, load_policy
 from delivery.security.report import write_all
 
@@ -53,10 +54,15 @@ def _today(text: str | None) -> date:
     return date.fromisoformat(text) if text else date.today()
 
 
-def _first_seen(path: Path) -> dict[str, date]:
-    if not path.exists():
-        return {}
-    return {fp: date.fromisoformat(day) for fp, day in json.loads(path.read_text()).items()}
+def _first_seen(path: Path, results: list[ToolResult]) -> dict[str, date]:
+    """The ledger's dates and git history's, the earliest of both for each finding."""
+    ledger = (
+        {fp: date.fromisoformat(day) for fp, day in json.loads(path.read_text()).items()}
+        if path.exists()
+        else {}
+    )
+    findings = [f for result in results for f in result.findings]
+    return earliest(ledger, first_seen_from_git(findings))
 
 
 def cmd_normalize(args: argparse.Namespace) -> int:
@@ -84,11 +90,17 @@ def cmd_normalize(args: argparse.Namespace) -> int:
     # One tool alone: the other required tools are the report's business, not this session's.
     alone = dataclasses.replace(policy, required_tools=())
     verdict = evaluate(
-        alone, [result], today=_today(args.today), first_seen=_first_seen(args.first_seen)
+        alone,
+        [result],
+        today=_today(args.today),
+        first_seen=_first_seen(args.first_seen, [result]),
     )
     for item in verdict.blocking:
         f = item.finding
-        print(f"  {f.severity.name:8} {f.rule} at {f.path}:{f.line or ''} — {f.message[:120]}")
+        late = f" (overdue: due {item.due}, first seen {item.first_seen})" if item.overdue else ""
+        print(
+            f"  {f.severity.name:8} {f.rule} at {f.path}:{f.line or ''}{late} — {f.message[:120]}"
+        )
     print(_verdict_line(args.tool, verdict))
     return 0 if not verdict.blocking else 1
 
@@ -110,7 +122,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         policy,
         results,
         today=today,
-        first_seen=_first_seen(args.first_seen),
+        first_seen=_first_seen(args.first_seen, results),
         allow_unchecked=allowed,
     )
     written = write_all(verdict, today, args.out)
