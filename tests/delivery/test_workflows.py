@@ -20,7 +20,6 @@ PINNED = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
 SETUP = [
     re.compile(r'^python3 -m pip install --user "uv==\$\{UV_VERSION\}" "nox==\$\{NOX_VERSION\}"$'),
     re.compile(r"^aws eks update-kubeconfig --name ml-platform-(staging|production) "),
-    re.compile(r"^go install github\.com/[\w/.-]+@v\d+\.\d+\.\d+$"),
     re.compile(r'^cat reports/security-summary\.md >> "\$GITHUB_STEP_SUMMARY"$'),
 ]
 WORK = re.compile(r"^uv run (nox (-s [\w_]+|-t [\w]+)( -- .*)?|invoke [\w-]+( .*)?)$")
@@ -73,7 +72,10 @@ def test_every_named_session_and_task_exists() -> None:
         text=True,
         check=True,
     )
-    sessions = {s["session"] for s in json.loads(listed.stdout)}
+    every = subprocess.run(  # non-default sessions too (--json lists the selected ones)
+        [sys.executable, "-m", "nox", "-l"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    sessions = {line[2:].split()[0] for line in every.splitlines() if line[:2] in ("* ", "- ")}
     tags = {tag for s in json.loads(listed.stdout) for tag in s.get("tags", [])}
     assert _named(r"nox -s ([\w_]+)") <= sessions
     assert _named(r"nox -t (\w+)") <= tags
@@ -173,3 +175,19 @@ def test_security_scan_runs_daily_and_uploads_each_sarif_on_its_own() -> None:
         "licenses",
     }
     assert spec <= names
+
+
+def test_pull_requests_check_their_commit_messages() -> None:
+    quality = load("ci-cd.yml")["jobs"]["quality"]
+    [step] = [s for s in quality["steps"] if "nox -s commits" in str(s.get("run", ""))]
+    assert step["if"] == "github.event_name == 'pull_request'"
+    assert step["run"] == 'uv run nox -s commits -- "origin/${BASE_REF}..HEAD"'
+    checkout = quality["steps"][0]
+    assert checkout["with"]["fetch-depth"] == 0
+
+
+def test_the_secrets_job_installs_no_scanner_by_itself() -> None:
+    """The secrets session installs gitleaks and trufflehog (pinned, verified); no `go install`
+    (trufflehog's go.mod has replace directives: it cannot be installed that way)."""
+    text = WORKFLOWS["security-scan.yml"].read_text()
+    assert "go install" not in text and "uv run nox -s secrets" in text
