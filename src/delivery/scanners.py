@@ -37,14 +37,14 @@ PINS = {
         "8.24.0",
         "https://github.com/gitleaks/gitleaks/releases/download/v8.24.0/"
         "gitleaks_8.24.0_linux_x64.tar.gz",
-        "cb49b7de5ee986510fe8666ca0273a6cc15eb82571f2f14832c9e8920751f3a4",
+        "cb49b7de5ee986510fe8666ca0273a6cc15eb82571f2f14832c9e8920751f3a4",  # noqa: E501 # pragma: allowlist secret
     ),
     "trufflehog": Pin(
         "trufflehog",
         "3.93.8",
         "https://github.com/trufflesecurity/trufflehog/releases/download/v3.93.8/"
         "trufflehog_3.93.8_linux_amd64.tar.gz",
-        "b965dd2a4106dc3c194dfcaa93931fe0a93571261e3e1f46f2d1728b6612e019",
+        "b965dd2a4106dc3c194dfcaa93931fe0a93571261e3e1f46f2d1728b6612e019",  # noqa: E501 # pragma: allowlist secret
     ),
 }
 
