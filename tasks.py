@@ -59,15 +59,9 @@ def deploy(
     try:
         deploying.check_allowed(environment, ref.branch, approve or _ci_approved(environment))
         if strategy == "blue-green":
-            with kube.port_forward(bluegreen.PREVIEW) as preview:
-                outcome = bluegreen.deploy_idle(
-                    environment,
-                    kube,
-                    image=c.config.image,
-                    tag=tag,
-                    owner=owner,
-                    preview_smoke=lambda: kube.dry_run or deploying.run_smoke(preview),
-                )
+            outcome = bluegreen.deploy_idle(
+                environment, kube, image=c.config.image, tag=tag, owner=owner
+            )
         else:
             outcome = deploying.deploy(
                 environment, kube, image=c.config.image, tag=tag, owner=owner
@@ -104,12 +98,7 @@ def promote(c: Context, env: str) -> None:
     """Blue-green: send live traffic to the preview colour; switch back if checks fail."""
     environment, kube = _env_and_kube(c, env)
     try:
-        outcome = bluegreen.promote(
-            environment,
-            kube,
-            owner=deploying.owner_name(),
-            live_smoke=lambda: deploying.run_smoke(environment.url),
-        )
+        outcome = bluegreen.promote(environment, kube, owner=deploying.owner_name())
     except (deploying.DeployError, KubeError) as exc:
         raise Exit(f"promote on {env} failed: {exc}", code=1) from None
     _finish(environment, outcome, "promote")
@@ -120,9 +109,12 @@ def abort(c: Context, env: str) -> None:
     """Blue-green: scale the preview colour down; the live colour stays."""
     environment, kube = _env_and_kube(c, env)
     try:
-        print(bluegreen.abort(environment, kube, owner=deploying.owner_name()).message)
+        outcome = bluegreen.abort(environment, kube, owner=deploying.owner_name())
     except (deploying.DeployError, KubeError) as exc:
         raise Exit(f"abort on {env} failed: {exc}", code=1) from None
+    print(outcome.message)
+    if not outcome.succeeded:
+        raise Exit(code=1)
 
 
 @task(help={"env": "staging or production"})
@@ -130,9 +122,12 @@ def decommission(c: Context, env: str) -> None:
     """Blue-green: scale the old colour down once the new one has proven itself."""
     environment, kube = _env_and_kube(c, env)
     try:
-        print(bluegreen.decommission(environment, kube, owner=deploying.owner_name()).message)
+        outcome = bluegreen.decommission(environment, kube, owner=deploying.owner_name())
     except (deploying.DeployError, KubeError) as exc:
         raise Exit(f"decommission on {env} failed: {exc}", code=1) from None
+    print(outcome.message)
+    if not outcome.succeeded:
+        raise Exit(code=1)
 
 
 def _ci_approved(environment: Environment) -> bool:

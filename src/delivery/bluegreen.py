@@ -1,29 +1,54 @@
 """Blue-green deploys, as Argo Rollouts does them, on plain Deployments and Services.
 
-The API runs as two colour Deployments (`ml-platform-blue`, `ml-platform-green`). The live
-Service `ml-platform` selects one colour; the preview Service `ml-platform-preview` selects the
-other. A blue-green deploy rolls the idle colour out and smoke-tests it through the preview,
-then waits: `promote` switches the live selector and checks again (switching back on failure),
-`abort` scales the idle colour down, `decommission` scales the old colour down once the new one
-has proven itself. Workers follow with a rolling update at promotion.
+The API runs as two colour Deployments (`ml-platform-blue`, `ml-platform-green`; their pods
+carry `app.kubernetes.io/colour`). The live Service `ml-platform` selects one colour; the
+preview Service `ml-platform-preview` selects the other. Live traffic moves at one moment only:
+when `promote` switches the live selector. Every step runs in the deploy state machine
+(delivery.deploy.guarded): a failure or a signal restores what was recorded and verifies it.
+
+- **Adopt** (the first blue-green deploy on a namespace that ran rolling deploys, whose live
+  Service selects no colour): the rolling Deployment's current template is copied, with the
+  live colour's label, into that colour's Deployment and rolled out; only when its pods are
+  ready does the live selector name the colour — the same release, image and configuration,
+  before any new release exists. The rolling Deployment is then scaled to 0 (kept for restore).
+- **Deploy the idle colour**: the preview Service is pointed at the idle colour first; the idle
+  Deployment is applied and rolled out; its preview is checked only once the preview Service's
+  endpoints are exactly the idle colour's pods (then `kubectl port-forward` reaches one of
+  them). A failure restores the idle Deployment and the preview; the live Service was never
+  touched.
+- **Promote** refuses when the idle colour is absent, scaled to 0, not rolled out, or not what
+  the preview serves. It switches the live selector, checks the live URL, and moves the workers
+  to the new image; a failed check restores the selector and the workers (and the task pages).
+- **Abort** scales the idle colour down; **decommission** the old colour, once the new one has
+  proven itself.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 import yaml
 
-from delivery.deploy import DeployError, Outcome
+from delivery.deploy import (
+    MIGRATION_JOB,
+    Deadline,
+    DeployError,
+    Outcome,
+    StepFailed,
+    guarded,
+    run_smoke,
+)
 from delivery.environments import Environment
 from delivery.kube import Kubectl, render, split
 
 COLOURS = ("blue", "green")
 LABEL = "app.kubernetes.io/colour"
 API = "ml-platform"
+WORKER = "ml-platform-worker"
 LIVE = "ml-platform"
 PREVIEW = "ml-platform-preview"
 
@@ -32,40 +57,104 @@ def other(colour: str) -> str:
     return COLOURS[1] if colour == COLOURS[0] else COLOURS[0]
 
 
-def coloured(manifests: str, colour: str) -> str:
-    """The rendered manifests with the API Deployment as its colour and a preview Service."""
+def deployment_of(colour: str) -> str:
+    return f"{API}-{colour}"
+
+
+def coloured(manifests: str, colour: str) -> tuple[str, dict[str, Any]]:
+    """The colour's API Deployment (and its HPA) from the rendered manifests, and the preview
+    Service selecting that colour. The live Service and the workers are not in it."""
     documents = [d for d in yaml.safe_load_all(manifests) if d]
     result = []
+    preview: dict[str, Any] | None = None
     for doc in documents:
-        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == API:
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        if kind == "Deployment" and name == API:
             doc = copy.deepcopy(doc)
-            doc["metadata"]["name"] = f"{API}-{colour}"
+            doc["metadata"]["name"] = deployment_of(colour)
             doc["spec"]["selector"]["matchLabels"][LABEL] = colour
             doc["spec"]["template"]["metadata"]["labels"][LABEL] = colour
-        if doc["kind"] == "Service" and doc["metadata"]["name"] == LIVE:
+            result.append(doc)
+        elif kind == "HorizontalPodAutoscaler" and doc["spec"]["scaleTargetRef"]["name"] == API:
+            doc = copy.deepcopy(doc)
+            doc["metadata"]["name"] = deployment_of(colour)
+            doc["spec"]["scaleTargetRef"]["name"] = deployment_of(colour)
+            result.append(doc)
+        elif kind == "Service" and name == LIVE:
             preview = copy.deepcopy(doc)
             preview["metadata"]["name"] = PREVIEW
             preview["spec"]["selector"][LABEL] = colour
-            result.append(preview)
-            continue  # the live Service is only ever patched, never re-applied here
-        if doc["kind"] == "HorizontalPodAutoscaler":
-            doc = copy.deepcopy(doc)
-            doc["spec"]["scaleTargetRef"]["name"] = f"{API}-{colour}"
-        result.append(doc)
-    return yaml.safe_dump_all(result)
+    if preview is None:
+        raise DeployError("the rendered overlay has no Service ml-platform")
+    return yaml.safe_dump_all(result), preview
 
 
 def live_colour(kube: Kubectl) -> str | None:
-    out = kube.run("get", "service", LIVE, "--ignore-not-found", "-o", "json")
-    if not out.strip():
-        return None
-    selector: dict[str, str] = json.loads(out).get("spec", {}).get("selector", {})
+    selector = kube.selector(LIVE) or {}
     return selector.get(LABEL)
 
 
-def switch(kube: Kubectl, colour: str) -> None:
-    patch = {"spec": {"selector": {LABEL: colour}}}
-    kube.run("patch", "service", LIVE, "--type", "merge", "-p", json.dumps(patch))
+def endpoints_are(kube: Kubectl, service: str, deployment: str) -> bool:
+    """Whether every endpoint of the Service is a pod of the Deployment (and there is one)."""
+    out = kube.run("get", "endpoints", service, "--ignore-not-found", "-o", "json")
+    if not out.strip():
+        return False
+    pods = [
+        address.get("targetRef", {}).get("name", "")
+        for subset in json.loads(out).get("subsets") or []
+        for address in subset.get("addresses") or []
+    ]
+    return bool(pods) and all(pod.startswith(f"{deployment}-") for pod in pods)
+
+
+def _wait_for_endpoints(kube: Kubectl, deployment: str, seconds: int) -> None:
+    until = time.monotonic() + seconds
+    while not endpoints_are(kube, PREVIEW, deployment):
+        if time.monotonic() > until:
+            raise StepFailed(f"verify: {PREVIEW} does not serve only {deployment}'s pods")
+        time.sleep(1)
+
+
+def _adopt(env: Environment, kube: Kubectl, deadline: Deadline, say: Callable[[str], None]) -> str:
+    """Make the rolling release the live colour (blue) without changing what users reach."""
+    template = kube.template(API)
+    if template is None:
+        return COLOURS[0]  # nothing live yet: blue will be the first live colour at promote
+    live = COLOURS[0]
+    say(f"adopting the rolling release as {live}: same image and configuration")
+    adopted = copy.deepcopy(template)
+    adopted.setdefault("metadata", {}).setdefault("labels", {})[LABEL] = live
+    manifest = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": deployment_of(live), "labels": {"app.kubernetes.io/name": API}},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {**_selector_of(template), LABEL: live}},
+            "template": adopted,
+        },
+    }
+    kube.apply(yaml.safe_dump(manifest))
+    if not kube.rollout_status(deployment_of(live), deadline.left(env.rollout_timeout)):
+        raise StepFailed(f"adopt: {deployment_of(live)} did not roll out")
+    selector = dict(kube.selector(LIVE) or {})
+    kube.set_selector(LIVE, {**selector, LABEL: live})  # the same release, already ready
+    kube.run("scale", f"deployment/{API}", "--replicas=0")
+    return live
+
+
+def _documents(manifests: str, kind: str, name: str) -> list[dict[str, Any]]:
+    return [
+        d
+        for d in yaml.safe_load_all(manifests)
+        if d and d["kind"] == kind and d["metadata"]["name"] == name
+    ]
+
+
+def _selector_of(template: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = template.get("metadata", {}).get("labels", {})
+    keys = ("app.kubernetes.io/name", "app.kubernetes.io/component")
+    return {key: labels[key] for key in keys if key in labels}
 
 
 def deploy_idle(
@@ -75,51 +164,56 @@ def deploy_idle(
     image: str,
     tag: str,
     owner: str,
-    preview_smoke: Callable[[], bool],
+    preview_smoke: Callable[[str], bool] | None = None,
     say: Callable[[str], None] = print,
 ) -> Outcome:
-    """Roll the idle colour out and smoke-test it through the preview Service."""
+    """Roll the idle colour out and check it through the preview Service; nothing live moves."""
     manifests = render(env.overlay, image, tag)
-    kube.lock(owner)
-    try:
-        live = live_colour(kube)
-        idle = other(live) if live else COLOURS[0]
-        say(f"live colour: {live or 'none'}; deploying {image}:{tag} as {idle}")
-        job, rest = split(manifests, ["Job"])
-        setup, deployments = split(rest, ["ConfigMap", "Secret", "ServiceAccount"])
+    job, rest = split(manifests, ["Job"])
+    setup, _ = split(rest, ["ConfigMap", "Secret", "ServiceAccount"])
+    check = preview_smoke or (lambda url: run_smoke(url, env.smoke_timeout))
+    live = live_colour(kube)
+    first = kube.selector(LIVE) is None  # nothing is live yet: this release will be
+    idle = other(live) if live else COLOURS[1]
+    say(f"live colour: {live or 'none'}; deploying {image}:{tag} as {idle}")
+    workloads, preview = coloured(rest, idle)
+
+    def change(deadline: Deadline) -> str:
+        if live is None and not first:
+            _adopt(env, kube, deadline, say)
         kube.apply(setup)
-        if not kube.run_job(job, "ml-platform-migrate", timeout=env.rollout_timeout):
-            return Outcome(False, "the migration job did not complete; nothing was rolled out")
-        # The idle colour and the preview; existing workers wait for the promotion.
-        first_workers = kube.revision("ml-platform-worker") is None
-        kube.apply(
-            yaml.safe_dump_all(
-                [
-                    d
-                    for d in yaml.safe_load_all(coloured(deployments, idle))
-                    if d and (first_workers or d["metadata"]["name"] != "ml-platform-worker")
-                ]
+        if not kube.run_job(job, MIGRATION_JOB, timeout=deadline.left(env.rollout_timeout)):
+            raise StepFailed("migrate: the migration job did not complete")
+        kube.apply(yaml.safe_dump(preview))  # first: it never selects anything live
+        kube.apply(workloads)
+        name = deployment_of(idle)
+        if not kube.rollout_status(name, deadline.left(env.rollout_timeout)):
+            raise StepFailed(f"wait: deployment/{name} did not roll out in time")
+        if kube.dry_run:
+            return f"{idle} would run {image}:{tag} behind the preview"
+        _wait_for_endpoints(kube, name, deadline.left(env.rollout_timeout))
+        with kube.port_forward(PREVIEW) as url:
+            say(f"smoke tests against the preview of {idle} ({url})")
+            if not check(url):
+                raise StepFailed(f"verify: smoke tests failed on the preview of {idle}")
+        if first:  # no one to switch from: the checked release goes live, workers with it
+            kube.apply(
+                yaml.safe_dump({**preview, "metadata": {**preview["metadata"], "name": LIVE}})
             )
-        )
-        if live is None:  # first blue-green deploy: the live Service points at this colour
-            kube.apply(yaml.safe_dump_all([_live_service(deployments, idle)]))
-        if not kube.rollout_status(f"{API}-{idle}", env.rollout_timeout):
-            kube.run("scale", f"deployment/{API}-{idle}", "--replicas=0")
-            return Outcome(False, f"{idle} did not roll out; scaled it down, {live} stays live")
-        if not preview_smoke():
-            kube.run("scale", f"deployment/{API}-{idle}", "--replicas=0")
-            return Outcome(False, f"smoke tests failed on the preview of {idle}; scaled it down")
-        return Outcome(True, f"{idle} runs {image}:{tag} behind the preview; promote to go live")
-    finally:
-        kube.unlock()
+            if kube.template(WORKER) is None:
+                kube.apply(yaml.safe_dump_all(_documents(rest, "Deployment", WORKER)))
+            return f"{idle} is live with {image}:{tag}, the first release (preview checked first)"
+        return f"{idle} runs {image}:{tag} behind the preview; promote to go live"
 
-
-def _live_service(deployments: str, colour: str) -> dict[str, Any]:
-    for doc in yaml.safe_load_all(deployments):
-        if doc and doc["kind"] == "Service" and doc["metadata"]["name"] == LIVE:
-            doc["spec"]["selector"][LABEL] = colour
-            return dict(doc)
-    raise DeployError("the rendered overlay has no Service ml-platform")
+    return guarded(
+        env,
+        kube,
+        owner=owner,
+        deployments=(API, WORKER, deployment_of(COLOURS[0]), deployment_of(COLOURS[1])),
+        services=(LIVE, PREVIEW),
+        change=change,
+        say=say,
+    )
 
 
 def promote(
@@ -127,54 +221,67 @@ def promote(
     kube: Kubectl,
     *,
     owner: str,
-    live_smoke: Callable[[], bool],
+    live_smoke: Callable[[], bool] | None = None,
     say: Callable[[str], None] = print,
 ) -> Outcome:
-    """Switch live traffic to the preview colour; switch back if the live checks fail."""
-    kube.lock(owner)
-    try:
-        live = live_colour(kube)
-        if live is None:
-            raise DeployError("no blue-green deployment to promote (no live Service)")
-        new = other(live)
-        switch(kube, new)
+    """Switch live traffic to the preview colour; restore the switch if the live check fails."""
+    check = live_smoke or (lambda: run_smoke(env.url, env.smoke_timeout))
+    live = live_colour(kube)
+    if live is None:
+        raise DeployError("no blue-green deployment to promote: the live Service selects no colour")
+    new = other(live)
+    name = deployment_of(new)
+    template = kube.template(name)
+    details = json.loads(
+        kube.run("get", f"deployment/{name}", "--ignore-not-found", "-o", "json") or "{}"
+    )
+    if template is None or not details.get("spec", {}).get("replicas"):
+        raise DeployError(f"nothing to promote: {name} is absent or scaled to 0 (deploy it first)")
+    if not kube.rollout_status(name, 30) or not endpoints_are(kube, PREVIEW, name):
+        raise DeployError(f"{name} is not healthy behind the preview: not promoting it")
+    image = template["spec"]["containers"][0]["image"]
+
+    def change(deadline: Deadline) -> str:
+        kube.set_selector(LIVE, {**(kube.selector(LIVE) or {}), LABEL: new})
         say(f"live traffic switched from {live} to {new}")
-        if not live_smoke():
-            switch(kube, live)
-            return Outcome(
-                False, f"smoke tests failed after the switch; switched back to {live}", True
-            )
-        image = kube.run(
-            "get",
-            f"deployment/{API}-{new}",
-            "-o",
-            "jsonpath={.spec.template.spec.containers[0].image}",
-        ).strip()
-        if image:  # the workers follow the API's new image with a rolling update
-            kube.run("set", "image", "deployment/ml-platform-worker", f"worker={image}")
-            kube.rollout_status("ml-platform-worker", env.rollout_timeout)
-        return Outcome(True, f"{new} is live; {live} is kept for rollback until decommission")
-    finally:
-        kube.unlock()
+        if not check():
+            raise StepFailed(f"verify: smoke tests failed after the switch to {new}")
+        kube.run("set", "image", f"deployment/{WORKER}", f"worker={image}")
+        if not kube.rollout_status(WORKER, deadline.left(env.rollout_timeout)):
+            raise StepFailed(f"wait: deployment/{WORKER} did not roll out {image}")
+        return f"{new} is live ({image}); {live} is kept for rollback until decommission"
+
+    return guarded(
+        env,
+        kube,
+        owner=owner,
+        deployments=(WORKER,),
+        services=(LIVE,),
+        change=change,
+        say=say,
+    )
 
 
 def decommission(env: Environment, kube: Kubectl, *, owner: str) -> Outcome:
     """Scale the old (not live) colour down once the new one has proven itself."""
-    return _scale_idle(kube, owner, "decommissioned")
+    return _scale_idle(env, kube, owner, "decommissioned")
 
 
 def abort(env: Environment, kube: Kubectl, *, owner: str) -> Outcome:
     """Scale the preview colour down before promotion; the live colour is untouched."""
-    return _scale_idle(kube, owner, "aborted")
+    return _scale_idle(env, kube, owner, "aborted")
 
 
-def _scale_idle(kube: Kubectl, owner: str, verb: str) -> Outcome:
-    kube.lock(owner)
-    try:
-        live = live_colour(kube)
-        if live is None:
-            raise DeployError(f"nothing {verb}: no blue-green deployment")
-        kube.run("scale", f"deployment/{API}-{other(live)}", "--replicas=0")
-        return Outcome(True, f"{verb}: {other(live)} scaled down, {live} stays live")
-    finally:
-        kube.unlock()
+def _scale_idle(env: Environment, kube: Kubectl, owner: str, verb: str) -> Outcome:
+    live = live_colour(kube)
+    if live is None:
+        raise DeployError(f"nothing {verb}: no blue-green deployment")
+    idle = deployment_of(other(live))
+
+    def change(_deadline: Deadline) -> str:
+        kube.run("scale", f"deployment/{idle}", "--replicas=0")
+        return f"{verb}: {idle} scaled down, {live} stays live"
+
+    return guarded(
+        env, kube, owner=owner, deployments=(), services=(LIVE,), change=change, say=lambda _m: None
+    )

@@ -66,6 +66,7 @@ class Snapshot:
 
     templates: dict[str, dict[str, Any] | None]
     selectors: dict[str, dict[str, str] | None]
+    replicas: dict[str, int] = field(default_factory=dict)
 
     def images(self, deployment: str) -> list[str] | None:
         template = self.templates.get(deployment)
@@ -87,9 +88,11 @@ class Snapshot:
 
 
 def snapshot(kube: Kubectl, deployments: tuple[str, ...], services: tuple[str, ...]) -> Snapshot:
+    found = {name: kube.deployment(name) for name in deployments}
     return Snapshot(
-        {name: kube.template(name) for name in deployments},
+        {name: None if d is None else d["spec"]["template"] for name, d in found.items()},
         {name: kube.selector(name) for name in services},
+        {name: int(d["spec"].get("replicas", 1)) for name, d in found.items() if d is not None},
     )
 
 
@@ -104,6 +107,7 @@ def restore(
                 kube.delete("deployment", name)  # it did not exist before: it goes again
             else:
                 kube.set_template(name, template)
+                kube.scale(name, recorded.replicas[name])
         except KubeError as exc:
             problems.append(f"deployment/{name} could not be restored: {exc}")
     for name, selector in recorded.selectors.items():
@@ -126,6 +130,11 @@ def restore(
             problems.append(
                 f"deployment/{name} runs {now.images(name)}, not the recorded "
                 f"{recorded.images(name)}"
+            )
+    for name, replicas in recorded.replicas.items():
+        if now.replicas.get(name) != replicas:
+            problems.append(
+                f"deployment/{name} has {now.replicas.get(name)} replicas, not {replicas}"
             )
     for name, selector in recorded.selectors.items():
         if now.selectors[name] != selector:

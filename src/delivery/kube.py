@@ -65,13 +65,21 @@ class Kubectl:
         )
         return int(out) if out.strip().isdigit() else None
 
-    def template(self, deployment: str) -> dict[str, Any] | None:
-        """The deployment's pod template (images, config, labels), or None if it does not exist."""
-        out = self.run("get", f"deployment/{deployment}", "--ignore-not-found", "-o", "json")
+    def deployment(self, name: str) -> dict[str, Any] | None:
+        """The Deployment as the API server has it, or None if it does not exist."""
+        out = self.run("get", f"deployment/{name}", "--ignore-not-found", "-o", "json")
         if not out.strip():
             return None
-        template: dict[str, Any] = json.loads(out)["spec"]["template"]
-        return template
+        found: dict[str, Any] = json.loads(out)
+        return found
+
+    def template(self, deployment: str) -> dict[str, Any] | None:
+        """The deployment's pod template (images, config, labels), or None if it does not exist."""
+        found = self.deployment(deployment)
+        return None if found is None else dict(found["spec"]["template"])
+
+    def scale(self, deployment: str, replicas: int) -> None:
+        self.run("scale", f"deployment/{deployment}", f"--replicas={replicas}")
 
     def set_template(self, deployment: str, template: dict[str, Any]) -> None:
         """Give the deployment exactly this pod template (a rollout if it differs)."""

@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 def main(argv: list[str]) -> int:
     path = Path(os.environ["KUBECTL_DOUBLE_STATE"])
@@ -101,6 +99,8 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
     verb = args[0] if args else ""
     behaviour = state["behaviour"]
     if verb == "apply":
+        import yaml  # only here: most calls are reads, and a start-up is most of their cost
+
         for doc in yaml.safe_load_all(stdin):
             if not doc:
                 continue
@@ -148,9 +148,25 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
         _set_template(state, ns, name, patch[0]["value"])
         return 0, f"deployment.apps/{name} patched\n"
     if verb == "scale":
-        dep = state["deployments"][_key(ns, args[1].split("/", 1)[1])]
+        dep = state["deployments"].get(_key(ns, args[1].split("/", 1)[1]))
+        if dep is None:
+            return 1, f"Error from server (NotFound): {args[1]} not found\n"
         dep["replicas"] = int(args[2].split("=", 1)[1])
         return 0, f"{args[1]} scaled\n"
+    if verb == "get" and args[1] == "endpoints":
+        selector = state["services"].get(_key(ns, args[2]))
+        if selector is None:
+            return 0, ""
+        addresses = []
+        for key, dep in state["deployments"].items():
+            labels = state["templates"][dep["template"]].get("metadata", {}).get("labels", {})
+            ready = dep.get("rolled_out") and not _failing(behaviour, dep["image"])
+            if key.startswith(f"{ns}/") and ready and selector.items() <= labels.items():
+                pod = f"{key.split('/', 1)[1]}-{dep['template'][:6]}"
+                addresses += [{"targetRef": {"name": f"{pod}-{i}"}} for i in range(dep["replicas"])]
+        return 0, json.dumps({"subsets": [{"addresses": addresses}] if addresses else []})
+    if verb == "port-forward":
+        return 0, f"Forwarding from 127.0.0.1:{args[2].split(':')[0]} -> 8000\n"
     if verb == "set" and args[1] == "image":
         name = args[2].split("/", 1)[1]
         dep = state["deployments"][_key(ns, name)]

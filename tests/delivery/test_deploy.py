@@ -387,14 +387,33 @@ def test_a_broken_webhook_setting_is_one_line_and_never_fails_anything() -> None
     assert said == ["notify slack: skipped: SLACK_WEBHOOK is not an http(s) URL"]
 
 
-def test_blue_green_deploy_promote_decommission_and_switch_back(cluster: Cluster) -> None:
+def _live_images(client: Kubectl, service: str = "ml-platform") -> set[str]:
+    """The images of the pods a Service reaches now (what its users get)."""
+    out = json.loads(client.run("get", "endpoints", service, "-o", "json") or "{}")
+    pods = [a["targetRef"]["name"] for sub in out.get("subsets", []) for a in sub["addresses"]]
+    images = set()
+    for name in ("ml-platform", "ml-platform-blue", "ml-platform-green"):
+        template = client.template(name)
+        if template and any(
+            p.startswith(f"{name}-") and p.count("-") == name.count("-") + 2 for p in pods
+        ):
+            images.add(template["spec"]["containers"][0]["image"])
+    return images
+
+
+def test_blue_green_never_moves_live_traffic_before_promote(cluster: Cluster) -> None:
     from delivery import bluegreen
 
     env = load_environment(CONFIG, "staging")
-    checked: list[str] = []
+    client = kube()
+    staging_deploy("main-1111111")  # a namespace that ran rolling deploys
+    old = {f"{IMAGE}:main-1111111"}
+    assert _live_images(client) == old
+    previews: list[set[str]] = []
 
-    def check(where: str, ok: bool) -> bool:
-        checked.append(where)
+    def preview(url: str, ok: bool = True) -> bool:
+        previews.append(_live_images(client, "ml-platform-preview"))  # what the check reaches
+        assert _live_images(client) == old  # and live users still get the old release
         return ok
 
     def idle(tag: str, ok: bool = True) -> Any:
@@ -404,54 +423,70 @@ def test_blue_green_deploy_promote_decommission_and_switch_back(cluster: Cluster
             image=IMAGE,
             tag=tag,
             owner="tester",
-            preview_smoke=lambda: check("preview", ok),
+            preview_smoke=lambda url: preview(url, ok),
             say=lambda _m: None,
         )
 
-    def promote(ok: bool = True) -> Any:
-        return bluegreen.promote(
-            env,
-            kube(),
-            owner="tester",
-            live_smoke=lambda: check("live", ok),
-            say=lambda _m: None,
-        )
+    # A bad build: its rollout fails. Live never moved; everything recorded is back.
+    cluster.behave(fail_rollout_of_image="main-bad0000")
+    bad = idle("main-bad0000")
+    assert not bad.succeeded and bad.rolled_back, bad.message
+    assert _live_images(client) == old and cluster.state["configmaps"] == {}
+    assert client.selector("ml-platform") == {
+        "app.kubernetes.io/name": "ml-platform",
+        "app.kubernetes.io/component": "api",
+    }
+    # A build that rolls out but fails its preview: the check reached the new pods, not live.
+    unhealthy = idle("main-2222222", ok=False)
+    assert not unhealthy.succeeded and unhealthy.rolled_back
+    assert previews == [{f"{IMAGE}:main-2222222"}] and _live_images(client) == old
+    # Promote with nothing deployed behind the preview: refused, nothing switched.
+    with pytest.raises(DeployError, match="no blue-green deployment to promote"):
+        bluegreen.promote(env, kube(), owner="tester", live_smoke=lambda: True)
+    # A good build: live stays on the old release until promote.
+    good = idle("main-3333333")
+    assert good.succeeded and "green runs" in good.message, good.message
+    assert previews[-1] == {f"{IMAGE}:main-3333333"} and _live_images(client) == old
+    assert (client.selector("ml-platform") or {})["app.kubernetes.io/colour"] == "blue"  # adopted
+    promoted = bluegreen.promote(env, kube(), owner="tester", live_smoke=lambda: True)
+    assert promoted.succeeded, promoted.message
+    assert _live_images(client) == {f"{IMAGE}:main-3333333"}
+    assert cluster.image("ml-platform-worker") == f"{IMAGE}:main-3333333"
+    old = {f"{IMAGE}:main-3333333"}  # what users must keep getting from here on
+    # Once the old colour is decommissioned, there is nothing to promote: refused.
+    assert bluegreen.decommission(env, kube(), owner="tester").succeeded
+    with pytest.raises(DeployError, match="absent or scaled to 0"):
+        bluegreen.promote(env, kube(), owner="tester", live_smoke=lambda: True)
+    # The next release passes its preview but fails after the switch: switched back.
+    assert idle("main-4444444").succeeded
+    failed = bluegreen.promote(env, kube(), owner="tester", live_smoke=lambda: False)
+    assert not failed.succeeded and failed.rolled_back, failed.message
+    assert _live_images(client) == {f"{IMAGE}:main-3333333"}
+    assert cluster.image("ml-platform-worker") == f"{IMAGE}:main-3333333"
+    assert bluegreen.abort(env, kube(), owner="tester").succeeded
+    assert cluster.state["deployments"]["staging/ml-platform-blue"]["replicas"] == 0
+    assert cluster.state["configmaps"] == {}
 
-    first = idle("main-1111111")
-    assert first.succeeded and "blue runs" in first.message
-    state = cluster.state
-    assert state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "blue"
-    assert state["services"]["staging/ml-platform-preview"]["app.kubernetes.io/colour"] == "blue"
-    second = idle("main-2222222")
-    assert second.succeeded and "green runs" in second.message
-    state = cluster.state
-    assert state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "blue"  # not yet
-    assert state["services"]["staging/ml-platform-preview"]["app.kubernetes.io/colour"] == "green"
-    promoted = promote()
-    assert promoted.succeeded and "green is live; blue is kept" in promoted.message
-    state = cluster.state
-    assert state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "green"
-    assert state["deployments"]["staging/ml-platform-worker"]["image"] == f"{IMAGE}:main-2222222"
-    assert state["deployments"]["staging/ml-platform-blue"]["replicas"] == 2  # kept for rollback
-    done = bluegreen.decommission(env, kube(), owner="tester")
-    assert (
-        done.succeeded and cluster.state["deployments"]["staging/ml-platform-blue"]["replicas"] == 0
+
+def test_a_first_blue_green_release_goes_live_only_after_its_preview(cluster: Cluster) -> None:
+    from delivery import bluegreen
+
+    env = load_environment(CONFIG, "staging")
+    client = kube()
+    seen: list[set[str]] = []
+
+    def check(url: str) -> bool:
+        seen.append(_live_images(client, "ml-platform-preview"))
+        assert client.selector("ml-platform") is None  # nothing live during the check
+        return True
+
+    first = bluegreen.deploy_idle(
+        env, client, image=IMAGE, tag="main-1111111", owner="t", preview_smoke=check, say=print
     )
-    # A bad release: the preview passes, the live check after the switch fails → switch back.
-    idle("main-3333333")
-    failed = promote(ok=False)
-    assert failed.rolled_back and "switched back to green" in failed.message
-    assert cluster.state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "green"
-    aborted = bluegreen.abort(env, kube(), owner="tester")
-    assert (
-        aborted.succeeded
-        and cluster.state["deployments"]["staging/ml-platform-blue"]["replicas"] == 0
-    )
-    # A preview that fails its smoke tests never goes live.
-    rejected = idle("main-4444444", ok=False)
-    assert not rejected.succeeded and "preview of blue" in rejected.message
-    assert cluster.state["services"]["staging/ml-platform"]["app.kubernetes.io/colour"] == "green"
-    assert checked[:3] == ["preview", "preview", "live"]
+    assert first.succeeded and "the first release" in first.message, first.message
+    assert seen == [{f"{IMAGE}:main-1111111"}]
+    assert _live_images(client) == {f"{IMAGE}:main-1111111"}
+    assert cluster.image("ml-platform-worker") == f"{IMAGE}:main-1111111"
 
 
 def _free_port() -> int:
@@ -585,7 +620,7 @@ def test_a_deploy_stopped_by_a_signal_restores_verifies_and_tells(
     cluster: Cluster, receiver: str, signum: signal.Signals
 ) -> None:
     staging_deploy("main-1111111")
-    cluster.behave(slow={"rollout": 3})  # every rollout takes 3 s: time to be interrupted
+    cluster.behave(slow={"rollout": 2})  # every rollout takes 2 s: time to be interrupted
     busy = cluster.state_file.with_suffix(".busy")
     task = invoke_task(
         cluster, receiver, "deploy", "--env", "staging", "--image-tag", "main-2222222"
