@@ -99,17 +99,22 @@ def snapshot(kube: Kubectl, deployments: tuple[str, ...], services: tuple[str, .
 def restore(
     env: Environment, kube: Kubectl, recorded: Snapshot, say: Callable[[str], None] = print
 ) -> list[str]:
-    """Put the recorded templates and selectors back, wait, and compare; the problems found."""
+    """Put the recorded templates and selectors back, wait, and compare; the problems found.
+
+    In the order that keeps something serving: the recorded Deployments first (and their
+    rollouts awaited), then the Services' selectors, and only then are Deployments the failed
+    change created deleted."""
     problems: list[str] = []
-    for name, template in recorded.templates.items():
+    present = {name: t for name, t in recorded.templates.items() if t is not None}
+    for name, template in present.items():
         try:
-            if template is None:
-                kube.delete("deployment", name)  # it did not exist before: it goes again
-            else:
-                kube.set_template(name, template)
-                kube.scale(name, recorded.replicas[name])
+            kube.set_template(name, template)
+            kube.scale(name, recorded.replicas[name])
         except KubeError as exc:
             problems.append(f"deployment/{name} could not be restored: {exc}")
+    for name in present:
+        if not kube.rollout_status(name, env.rollout_timeout):
+            problems.append(f"deployment/{name} did not roll back within {env.rollout_timeout} s")
     for name, selector in recorded.selectors.items():
         try:
             if selector is None:
@@ -118,9 +123,11 @@ def restore(
                 kube.set_selector(name, selector)
         except KubeError as exc:
             problems.append(f"service/{name} could not be restored: {exc}")
-    for name, template in recorded.templates.items():
-        if template is not None and not kube.rollout_status(name, env.rollout_timeout):
-            problems.append(f"deployment/{name} did not roll back within {env.rollout_timeout} s")
+    for name in (n for n, t in recorded.templates.items() if t is None):
+        try:
+            kube.delete("deployment", name)  # it did not exist before: it goes again
+        except KubeError as exc:
+            problems.append(f"deployment/{name} could not be removed: {exc}")
     try:
         now = snapshot(kube, tuple(recorded.templates), tuple(recorded.selectors))
     except KubeError as exc:

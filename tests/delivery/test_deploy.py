@@ -432,6 +432,10 @@ def test_blue_green_never_moves_live_traffic_before_promote(cluster: Cluster) ->
     bad = idle("main-bad0000")
     assert not bad.succeeded and bad.rolled_back, bad.message
     assert _live_images(client) == old and cluster.state["configmaps"] == {}
+    deployments = cluster.state["deployments"]
+    assert deployments["staging/ml-platform"]["replicas"] == 2  # the adoption is undone too
+    assert "staging/ml-platform-blue" not in deployments
+    assert "staging/ml-platform-green" not in deployments
     assert client.selector("ml-platform") == {
         "app.kubernetes.io/name": "ml-platform",
         "app.kubernetes.io/component": "api",
