@@ -39,6 +39,8 @@ def _env_and_kube(c: Context, env: str, dry_run: bool = False) -> tuple[Environm
         "strategy": "rolling (default) or blue-green (then promote or abort)",
         "dry_run": "print every command that would change something, change nothing",
         "approve": "the approval a production deploy needs (typed by a person)",
+        "force_unverified": "deploy an image its verified_in environment has not verified "
+        "(needs the approval too; the notification says so)",
     }
 )
 def deploy(
@@ -48,16 +50,19 @@ def deploy(
     strategy: str = "rolling",
     dry_run: bool = False,
     approve: bool = False,
+    force_unverified: bool = False,
 ) -> None:
-    """Deploy: lock, migrate, roll out, smoke-test; roll back by itself on any failure."""
+    """Deploy: lock, migrate, roll out, smoke-test, watch; restore by itself on any failure."""
     environment, kube = _env_and_kube(c, env, dry_run)
     if strategy not in ("rolling", "blue-green"):
         raise Exit("--strategy must be rolling or blue-green", code=2)
     ref = current_ref()
     tag = image_tag or deploy_tag(ref)
     owner = deploying.owner_name()
+    approved = approve or _ci_approved(environment)
+    forced = _staging_first(c, environment, tag, force_unverified, approved, dry_run)
     try:
-        deploying.check_allowed(environment, ref.branch, approve or _ci_approved(environment))
+        deploying.check_allowed(environment, ref.branch, approved)
         if strategy == "blue-green":
             outcome = bluegreen.deploy_idle(
                 environment, kube, image=c.config.image, tag=tag, owner=owner
@@ -71,16 +76,45 @@ def deploy(
     if dry_run:
         print(f"dry run: the plan above deploys {c.config.image}:{tag} to {env}; nothing changed")
         return
-    _finish(environment, outcome, "deploy")
+    _finish(environment, outcome, "deploy", f"FORCED, unverified: {forced}" if forced else "")
 
 
-def _finish(environment: Environment, outcome: deploying.Outcome, what: str) -> None:
+def _staging_first(
+    c: Context, environment: Environment, tag: str, force: bool, approved: bool, dry_run: bool
+) -> str:
+    """An environment with `verified_in` takes only images that passed a deploy there.
+    Returns why a refusal was overridden ("" when none was needed)."""
+    if environment.verified_in is None:
+        return ""
+    first, kube = _env_and_kube(c, environment.verified_in, dry_run)
+    try:
+        when = deploying.verified_on(kube, tag)
+    except KubeError as exc:
+        when, why = None, f"{first.name} could not be asked: {exc}"
+    else:
+        why = f"{tag} has not passed a deploy on {first.name}"
+    if when is not None or dry_run:
+        if when:
+            print(f"{tag} passed its deploy on {first.name} at {when}")
+        return ""
+    if not force:
+        raise Exit(f"deploy to {environment.name} refused: {why} (deploy it there first)", code=1)
+    if not approved:
+        raise Exit("--force-unverified needs the deploy's approval (--approve)", code=2)
+    print(f"WARNING: {why}; deploying anyway (--force-unverified, approved)")
+    return why
+
+
+def _finish(
+    environment: Environment, outcome: deploying.Outcome, what: str, note: str = ""
+) -> None:
     """Tell who must know (the spec's routing), print the verdict, exit 1 on a failure."""
     if outcome.succeeded:
         kind = "rollback" if what == "rollback" else "deploy-succeeded"
     else:
         kind = "restore-failed" if outcome.restore_failed else "deploy-failed"
     summary = outcome.message if outcome.succeeded else f"{outcome.message} | live: {outcome.live}"
+    summary = f"{note} | {summary}" if note else summary
     notifying.send(notifying.Event(kind, environment.name, summary, environment.url))
     if outcome.succeeded:
         print(f"{what} succeeded: {outcome.message}")

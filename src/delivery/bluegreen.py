@@ -40,7 +40,9 @@ from delivery.deploy import (
     Outcome,
     StepFailed,
     guarded,
+    record_verified,
     run_smoke,
+    watch_after,
 )
 from delivery.environments import Environment
 from delivery.kube import Kubectl, render, split
@@ -249,9 +251,10 @@ def promote(
         kube.run("set", "image", f"deployment/{WORKER}", f"worker={image}")
         if not kube.rollout_status(WORKER, deadline.left(env.rollout_timeout)):
             raise StepFailed(f"wait: deployment/{WORKER} did not roll out {image}")
+        watch_after(env, say)
         return f"{new} is live ({image}); {live} is kept for rollback until decommission"
 
-    return guarded(
+    outcome = guarded(
         env,
         kube,
         owner=owner,
@@ -260,6 +263,9 @@ def promote(
         change=change,
         say=say,
     )
+    if outcome.succeeded:
+        record_verified(kube, image.rsplit(":", 1)[-1], say)
+    return outcome
 
 
 def decommission(env: Environment, kube: Kubectl, *, owner: str) -> Outcome:

@@ -15,6 +15,7 @@ The lock is released last, whatever happened.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess  # nosec B404
@@ -31,10 +32,13 @@ import yaml
 
 from delivery.environments import Environment
 from delivery.kube import Kubectl, KubeError, render, split
+from delivery.watch import Limits, watch
 
 DEPLOYMENTS = ("ml-platform", "ml-platform-worker")
 SERVICES = ("ml-platform",)
 MIGRATION_JOB = "ml-platform-migrate"
+#: A ConfigMap of the images that passed a deploy here (tag → when), for `verified_in`.
+VERIFIED = "ml-platform-verified-images"
 
 
 class DeployError(RuntimeError):
@@ -200,8 +204,9 @@ class Deadline:
 
 
 def change_seconds(env: Environment) -> int:
-    """The deadline of a deploy's changes: the migration, each rollout, the smoke tests."""
-    return env.rollout_timeout * (1 + len(DEPLOYMENTS)) + env.smoke_timeout
+    """The deadline of a deploy's changes: the migration, each rollout, the smoke tests and
+    the watch window."""
+    return env.rollout_timeout * (1 + len(DEPLOYMENTS)) + env.smoke_timeout + env.watch_seconds
 
 
 def worst_case_seconds(env: Environment) -> int:
@@ -341,9 +346,10 @@ def deploy(
             say(f"smoke tests against {env.url}")
             if not check(env.url):
                 raise StepFailed(f"verify: smoke tests failed against {env.url}")
+            watch_after(env, say)
         return f"{env.name} runs {image}:{tag}"
 
-    return guarded(
+    outcome = guarded(
         env,
         kube,
         owner=owner,
@@ -352,6 +358,43 @@ def deploy(
         change=change,
         say=say,
     )
+    if outcome.succeeded and not kube.dry_run:
+        record_verified(kube, tag, say)
+    return outcome
+
+
+def watch_after(env: Environment, say: Callable[[str], None]) -> None:
+    """The watch window (environments' `watch_seconds`); a breach fails the step."""
+    if env.watch_seconds <= 0:
+        return
+    say(f"watching {env.url} for {env.watch_seconds} s")
+    limits = Limits(
+        env.watch_seconds, env.watch_interval, env.max_5xx_ratio, env.max_lease_expiries
+    )
+    found = watch(env.url, limits, say=say)
+    if found:
+        raise StepFailed(f"watch: {found}")
+
+
+def record_verified(kube: Kubectl, tag: str, say: Callable[[str], None] = print) -> None:
+    """Note in the environment that ``tag`` passed its deploy (smoke tests and watch), for the
+    environments that take only verified images (`verified_in`)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        if kube.run("get", "configmap", VERIFIED, "--ignore-not-found", "-o", "json").strip():
+            patch = json.dumps({"data": {tag: stamp}})
+            kube.run("patch", "configmap", VERIFIED, "--type", "merge", "-p", patch)
+        else:
+            kube.run("create", "configmap", VERIFIED, f"--from-literal={tag}={stamp}")
+    except KubeError as exc:  # the deploy stands; a later promotion of this tag will be refused
+        say(f"warning: could not record {tag} as verified here: {exc}")
+
+
+def verified_on(kube: Kubectl, tag: str) -> str | None:
+    """When ``tag`` passed its deploy in the environment ``kube`` talks to, or None."""
+    out = kube.run("get", "configmap", VERIFIED, "--ignore-not-found", "-o", "json")
+    data: dict[str, str] = json.loads(out).get("data", {}) if out.strip() else {}
+    return data.get(tag)
 
 
 def release_templates(

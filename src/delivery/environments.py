@@ -25,6 +25,13 @@ class Environment:
     overlay: Path
     rollout_timeout: int
     smoke_timeout: int = 300
+    #: The watch window after the smoke tests (0: none), and what breaches it.
+    watch_seconds: int = 0
+    watch_interval: int = 10
+    max_5xx_ratio: float = 0.05
+    max_lease_expiries: int = 3
+    #: An environment whose deploys an image must have passed first (production: staging).
+    verified_in: str | None = None
 
 
 REQUIRED = ("cluster", "namespace", "url", "region", "overlay")
@@ -55,6 +62,22 @@ def load_environment(config: Mapping[str, Any], name: str) -> Environment:
             raise EnvironmentError_(f"environments.{name}.{key} must be seconds") from None
         if seconds[key] <= 0:
             raise EnvironmentError_(f"environments.{name}.{key} must be positive")
+    for key, default in (("watch_seconds", 0), ("watch_interval", 10), ("max_lease_expiries", 3)):
+        try:
+            seconds[key] = int(raw.get(key, default))
+        except (TypeError, ValueError):
+            raise EnvironmentError_(f"environments.{name}.{key} must be a whole number") from None
+        if seconds[key] < 0:
+            raise EnvironmentError_(f"environments.{name}.{key} must not be negative")
+    try:
+        ratio = float(raw.get("max_5xx_ratio", 0.05))
+    except (TypeError, ValueError):
+        raise EnvironmentError_(f"environments.{name}.max_5xx_ratio must be a number") from None
+    if not 0 <= ratio <= 1:
+        raise EnvironmentError_(f"environments.{name}.max_5xx_ratio must be within 0 and 1")
+    verified_in = raw.get("verified_in") or None
+    if verified_in is not None and verified_in not in environments:
+        raise EnvironmentError_(f"environments.{name}.verified_in names no environment")
     approval = raw.get("approval", False)
     if isinstance(approval, str):  # from an INVOKE_… environment variable
         approval = approval.strip().lower() in ("1", "true", "yes")
@@ -72,4 +95,9 @@ def load_environment(config: Mapping[str, Any], name: str) -> Environment:
         overlay=overlay,
         rollout_timeout=seconds["rollout_timeout"],
         smoke_timeout=seconds["smoke_timeout"],
+        watch_seconds=seconds["watch_seconds"],
+        watch_interval=seconds["watch_interval"],
+        max_5xx_ratio=ratio,
+        max_lease_expiries=seconds["max_lease_expiries"],
+        verified_in=str(verified_in) if verified_in else None,
     )

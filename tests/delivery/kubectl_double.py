@@ -212,6 +212,12 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
         data = dict(a.removeprefix("--from-literal=").split("=", 1) for a in args[3:])
         state["configmaps"][key] = data
         return 0, f"configmap/{args[2]} created\n"
+    if verb == "patch" and args[1] == "configmap":
+        data = state["configmaps"].get(_key(ns, args[2]))
+        if data is None:
+            return 1, f'Error from server (NotFound): configmaps "{args[2]}" not found\n'
+        data.update(json.loads(args[args.index("-p") + 1])["data"])
+        return 0, f"configmap/{args[2]} patched\n"
     if verb == "get" and args[1] == "configmap":
         data = state["configmaps"].get(_key(ns, args[2]))
         if data is None:

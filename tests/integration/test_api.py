@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -323,6 +324,14 @@ def test_health_and_metrics_tell_the_truth(api: Api) -> None:
     schema = api.client.get("/openapi.json").json()
     assert "/api/v1/projects/{project}/runs" in schema["paths"]
     assert api.client.get("/api/v1/nowhere").json()["error"]["code"] == "not_found"
+    counted = {
+        match[1]: float(match[2])
+        for match in re.finditer(
+            r'mlp_http_responses_total\{instance="[^"]+",status_class="(\dxx)"\} (\S+)',
+            api.client.get("/metrics").text,
+        )
+    }
+    assert counted == {"2xx": 8.0, "3xx": 0.0, "4xx": 1.0, "5xx": 0.0}  # the calls above
 
 
 def test_secret_key_rules(tmp_path: Path) -> None:

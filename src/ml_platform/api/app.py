@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -12,7 +14,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -82,6 +84,17 @@ def create_app(
     )
     registry = CollectorRegistry()
     registry.register(PlatformCollector(platform.db, redis_client, settings.redis_prefix))
+    # This process's answers by class; `instance` tells replicas apart behind one URL (the
+    # deploy's watch window compares each replica with itself).
+    responses = Counter(
+        "mlp_http_responses",
+        "HTTP responses of this server process, by status class.",
+        ["instance", "status_class"],
+        registry=registry,
+    )
+    instance = f"{socket.gethostname()}:{os.getpid()}"
+    for status_class in ("2xx", "3xx", "4xx", "5xx"):
+        responses.labels(instance, status_class)  # present from the first scrape, at 0
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -102,7 +115,11 @@ def create_app(
     app.state.services = services
     app.include_router(router)
     ui.install(app)
-    app.add_middleware(Edge, ui_csp=UI_CSP)
+    app.add_middleware(
+        Edge,
+        ui_csp=UI_CSP,
+        on_status=lambda status: responses.labels(instance, f"{status // 100}xx").inc(),
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:

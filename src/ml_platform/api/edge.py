@@ -89,10 +89,17 @@ def _security_headers(path: str, ui_csp: str) -> list[tuple[bytes, bytes]]:
 class Edge:
     """ASGI middleware: the refusals above, and security headers on every response."""
 
-    def __init__(self, app: ASGIApp, ui_csp: str, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        ui_csp: str,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        on_status: Callable[[int], None] | None = None,
+    ) -> None:
         self.app = app
         self.ui_csp = ui_csp
         self.max_body_bytes = max_body_bytes
+        self.on_status = on_status  # every response's status (the deploy watch's 5xx rate)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,6 +109,8 @@ class Edge:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
+                if self.on_status is not None:
+                    self.on_status(int(message["status"]))
                 names = {name.lower() for name, _ in message.get("headers", [])}
                 message["headers"] = list(message.get("headers", [])) + [
                     header for header in extra if header[0] not in names
