@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     database_url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    machine = describe()
+    machine = describe(database_url, redis_url)
     began = time.monotonic()
     for section in (s for s in sections if s != "report"):
         progress(f"section {section}")

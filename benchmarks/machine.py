@@ -41,7 +41,31 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def describe() -> dict[str, object]:
+def _servers(database_url: str | None, redis_url: str | None) -> dict[str, str]:
+    """The versions of the servers the figures came from, as they report them (a binary on
+    PATH, such as a wheel's redis-server in the venv, may be another version)."""
+    found = {}
+    if database_url:
+        try:
+            import psycopg
+
+            with psycopg.connect(database_url, connect_timeout=5) as conn:
+                row = conn.execute("SHOW server_version").fetchone()
+            found["postgresql"] = f"PostgreSQL {row[0] if row else '?'} (the server used)"
+        except Exception as exc:  # a description, not a gate: say what happened
+            found["postgresql"] = f"unknown ({type(exc).__name__})"
+    if redis_url:
+        try:
+            import redis
+
+            info = redis.Redis.from_url(redis_url, socket_timeout=5).info("server")
+            found["redis"] = f"Redis {info['redis_version']} (the server used)"
+        except Exception as exc:
+            found["redis"] = f"unknown ({type(exc).__name__})"
+    return found
+
+
+def describe(database_url: str | None = None, redis_url: str | None = None) -> dict[str, object]:
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -56,4 +80,5 @@ def describe() -> dict[str, object]:
         "redis_py": _version("redis"),
         "nox": _version("nox"),
         "uv": _tool(["uv", "--version"]),
+        **_servers(database_url, redis_url),
     }
