@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import crash, pipeline, report
+from benchmarks import crash, pipeline, report, scale
 from benchmarks.machine import describe
 from benchmarks.workloads_run import run_workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "benchmarks.json"
-DEFAULT = ["workloads", "crash", "pipeline"]
+DEFAULT = ["workloads", "crash", "scale", "pipeline"]
 KNOWN = [*DEFAULT, "pipeline-tests", "report"]
 
 
@@ -50,6 +50,8 @@ def main(argv: list[str]) -> int:
             figures = run_workloads(database_url, redis_url, progress)
         elif section == "crash":
             figures = crash.run(database_url, redis_url, 20, progress)
+        elif section == "scale":
+            figures = scale.run(database_url, redis_url, progress)
         elif section == "pipeline":
             figures = pipeline.run(progress, include_tests=False)
         else:

@@ -14,12 +14,14 @@ import jwt
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from ml_platform.accounts import Accounts, Role
 from ml_platform.api import create_app
 from ml_platform.config import Settings
 from ml_platform.security import ConfigurationError, TokenSigner, resolve_secret_key
 from ml_platform.service import Platform
+from tests import workflows as workflows_module
 from tests.conftest import RedisTarget
 from tests.helpers import run_inline
 
@@ -373,3 +375,61 @@ def test_login_limits_are_shared_by_replicas_through_redis(
     # Every attempt counted on both replicas in one window, the two refused ones too.
     assert int(redis_client.get(key) or 0) == 4
     assert 0 < int(redis_client.ttl(key)) <= settings.login_window_seconds
+
+
+def test_the_duration_histogram_counts_each_attempt_once_however_it_is_scraped(
+    platform: Platform,
+) -> None:
+    """Settled attempts are counted once and kept; newer ones afresh at every scrape."""
+    from sqlalchemy import update
+
+    from ml_platform.api.metrics import DURATION_BUCKETS, PlatformCollector
+    from ml_platform.store.models import Attempt
+
+    collector = PlatformCollector(platform.db)
+
+    def histogram() -> dict[str, float]:
+        family = next(f for f in collector.collect() if f.name == "mlp_task_duration_seconds")
+        return {
+            s.labels.get("le", s.name.rsplit("_", 1)[-1]): s.value
+            for s in family.samples
+            if s.name.endswith(("_bucket", "_count", "_sum"))
+        }
+
+    def finish(run_id: str, seconds: float, age_minutes: float) -> None:
+        with platform.db.session() as session:
+            ids = session.scalars(
+                select(Attempt.id).where(Attempt.run_id == run_id).order_by(Attempt.id)
+            ).all()
+            start = datetime.now(UTC) - timedelta(minutes=age_minutes)
+            session.execute(
+                update(Attempt)
+                .where(Attempt.id.in_(ids))
+                .values(
+                    state="succeeded",
+                    created_at=start,
+                    started_at=start,
+                    finished_at=start + timedelta(seconds=seconds),
+                )
+            )
+
+    old = platform.submit(workflows_module.arithmetic, {"n": 2})  # 2 attempts queued
+    finish(old.run_id, 0.3, age_minutes=10)
+    first = histogram()
+    assert first["count"] == 2 and first["0.5"] == 2 and first["0.1"] == 0
+    assert abs(first["sum"] - 0.6) < 1e-3  # SQLite: julianday() has ~0.1 ms of precision
+    assert histogram() == first  # a second scrape: nothing counted twice
+    pending = platform.submit(workflows_module.arithmetic, {"n": 2})  # stays queued, old
+    finish(platform.submit(workflows_module.arithmetic, {"n": 2}).run_id, 20, age_minutes=5)
+    with platform.db.session() as session:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.run_id == pending.run_id)
+            .values(created_at=datetime.now(UTC) - timedelta(minutes=8))
+        )
+    third = histogram()
+    assert third["count"] == 4 and third["30.0"] == 4 and third["10.0"] == 2
+    finish(pending.run_id, 2, age_minutes=8)  # the old pending ones end: counted now, once
+    fourth = histogram()
+    assert fourth["count"] == 6 and fourth["5.0"] == 4 and fourth["+Inf"] == 6
+    assert histogram() == fourth and len(DURATION_BUCKETS) + 3 == len(fourth)

@@ -156,3 +156,25 @@ def test_late_body_ends_of_killed_workers_are_counted(tmp_path: Path) -> None:
     (tmp_path / "task-1.txt").write_text("start 12 100.0\nend 12 99.0\nstart 13 102.0\n")
     assert _ends_after(tmp_path, {11, 12, 13}, moment=100.5) == {11}
     assert _ends_after(tmp_path, {12}, moment=100.5) == set()
+
+
+def test_the_scale_section_judges_each_request_by_its_p95() -> None:
+    from benchmarks.report import _scale_section
+
+    figures = {"p50_ms": 10.0, "p95_ms": 40.0, "max_ms": 90.0}
+    slow = {"p50_ms": 300.0, "p95_ms": 350.0, "max_ms": 510.0}
+    data = {
+        "measured": "2026-12-04 06:30 UTC",
+        "runs": 100_000,
+        "task_runs": 1_000_000,
+        "attempts": 1_000_000,
+        "seed_seconds": 38.7,
+        "repeat": 60,
+        "requests": {"runs_page": figures, "metrics": slow, "ui_runs": figures},
+    }
+    lines, met = _scale_section(data)
+    text = "\n".join(lines)
+    assert met == 1  # the runs page; /metrics misses; the UI runs page has no goal
+    assert "| API: the newest 50 runs of the project | 10.0 | 40.0 | 90.0 | ≤ 50 ms | met |" in text
+    assert "| 300.0 | 350.0 | 510.0 | ≤ 100 ms | **not met** |" in text
+    assert "100,000 runs, 1,000,000 task runs" in text

@@ -132,6 +132,8 @@ class Run(Base):
     __tablename__ = "runs"
     __table_args__ = (
         Index("ix_runs_state_created", "state", "created_at"),
+        # The runs lists: newest first, a page at a time, whatever the project holds.
+        Index("ix_runs_created", "created_at"),
         # At most one run per schedule tick, whatever the number of schedulers.
         UniqueConstraint("schedule_id", "scheduled_for"),
     )
