@@ -1,9 +1,10 @@
 """``python -m benchmarks [SECTION...]``: run benchmark sections, then rewrite docs/benchmarks.md.
 
-Sections: ``workloads`` (ours and the peers, alternating), ``crash``, ``pipeline`` (nox
+Sections: ``workloads`` (ours and the peers, alternating), ``crash``, ``scale`` (the API,
+UI and /metrics over 100,000 runs and a million task runs), ``pipeline`` (nox
 session creation and the quality gate), ``pipeline-tests`` (the tests session cold and warm:
 about 10 minutes, so never part of the default), ``report`` (measure nothing: rewrite the page
-from the figures kept). Without arguments: workloads, crash and
+from the figures kept). Without arguments: workloads, crash, scale and
 pipeline. Figures are kept per section in docs/benchmarks.json, so a partial run replaces
 only its own sections and the page says when each was measured.
 """
