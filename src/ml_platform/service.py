@@ -29,7 +29,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from ml_platform.artifacts import ARTIFACT_KEY, ArtifactStore
@@ -677,54 +677,58 @@ class Platform:
             return None
 
     def _claim(self, attempt_id: int, worker_id: str) -> ClaimedAttempt | None:
-        now = utcnow()
-        lease = now + timedelta(seconds=self.settings.lease_seconds)
         with self.db.session() as session:
-            # Core statements built once (module level): a fan-out claims a thousand times.
-            conn = session.connection()
-            row = conn.execute(_CLAIM_READ, {"attempt_id": attempt_id}).first()
-            if row is None:
-                return None
-            # No lock on the run: a fan-out's claims would queue behind each other on it. The
-            # guarded UPDATEs below decide; cancel() turns queued task runs cancelled under
-            # the run's lock, so a claim either finds its task queued or loses.
-            if row.cancel_requested or row.run_state in RUN_TERMINAL:
-                return None
-            if row.run_state == RunState.QUEUED:
-                # The first claim starts the run (the run row lock comes first, as everywhere).
-                conn.execute(_START_RUN, {"run_id": row.run_id, "now": now})
-            taken = conn.execute(
-                _CLAIM_TASK_RUN,
-                {"task_run_id": row.task_run_id, "number": row.number, "now": now},
-            )
-            if _rowcount(taken) != 1:
-                return None
-            started = conn.execute(
-                _CLAIM_ATTEMPT,
-                {"attempt_id": attempt_id, "now": now, "worker_id": worker_id, "lease": lease},
-            )
-            if _rowcount(started) != 1:
-                raise _Abort  # undo the task run's change too
-            deps = references(row.inputs)
-            results: dict[str, dict[str, Any]] = {}
-            if deps:
-                results = {
-                    node_id: result or {}
-                    for node_id, result in conn.execute(
-                        _RESULTS_OF, {"run_id": row.run_id, "node_ids": sorted(deps)}
-                    )
-                }
-            return ClaimedAttempt(
-                attempt_id=attempt_id,
-                run_id=row.run_id,
-                task_run_id=row.task_run_id,
-                node_id=row.node_id,
-                number=row.number,
-                task_ref=row.task_ref,
-                inputs=resolve_inputs(row.inputs, results),
-                options=row.options,
-                code_version=row.code_version,
-            )
+            return self._claim_in(session, attempt_id, worker_id, utcnow())
+
+    def _claim_in(
+        self, session: Session, attempt_id: int, worker_id: str, now: datetime
+    ) -> ClaimedAttempt | None:
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
+        # Core statements built once (module level): a fan-out claims a thousand times.
+        conn = session.connection()
+        row = conn.execute(_CLAIM_READ, {"attempt_id": attempt_id}).first()
+        if row is None:
+            return None
+        # No lock on the run: a fan-out's claims would queue behind each other on it. The
+        # guarded UPDATEs below decide; cancel() turns queued task runs cancelled under
+        # the run's lock, so a claim either finds its task queued or loses.
+        if row.cancel_requested or row.run_state in RUN_TERMINAL:
+            return None
+        if row.run_state == RunState.QUEUED:
+            # The first claim starts the run (the run row lock comes first, as everywhere).
+            conn.execute(_START_RUN, {"run_id": row.run_id, "now": now})
+        taken = conn.execute(
+            _CLAIM_TASK_RUN,
+            {"task_run_id": row.task_run_id, "number": row.number, "now": now},
+        )
+        if _rowcount(taken) != 1:
+            return None
+        started = conn.execute(
+            _CLAIM_ATTEMPT,
+            {"attempt_id": attempt_id, "now": now, "worker_id": worker_id, "lease": lease},
+        )
+        if _rowcount(started) != 1:
+            raise _Abort  # undo the task run's change too
+        deps = references(row.inputs)
+        results: dict[str, dict[str, Any]] = {}
+        if deps:
+            results = {
+                node_id: result or {}
+                for node_id, result in conn.execute(
+                    _RESULTS_OF, {"run_id": row.run_id, "node_ids": sorted(deps)}
+                )
+            }
+        return ClaimedAttempt(
+            attempt_id=attempt_id,
+            run_id=row.run_id,
+            task_run_id=row.task_run_id,
+            node_id=row.node_id,
+            number=row.number,
+            task_ref=row.task_ref,
+            inputs=resolve_inputs(row.inputs, results),
+            options=row.options,
+            code_version=row.code_version,
+        )
 
     def dead_letter(self, attempt_id: int, reason: str) -> None:
         """A queued attempt whose dispatch kept reaching dead workers is lost (lost budget).
@@ -794,6 +798,51 @@ class Platform:
             )
         return queued
 
+    def finish_and_claim(
+        self,
+        finished: list[tuple[ClaimedAttempt, Outcome]],
+        attempt_ids: list[int],
+        worker_id: str,
+    ) -> tuple[list[list[Dispatch] | None], list[ClaimedAttempt | None]]:
+        """Commit a worker's collected outcomes and claim its next attempts in one transaction
+        (one commit instead of one per outcome and one per claim).
+
+        For each outcome, the attempts it queued (None: fenced out, as finish() says with
+        FencedOut); for each attempt id, the claim (None: not claimable). When any of them
+        loses a race inside the shared transaction (or the database refuses it), nothing of
+        it is kept and each is done on its own instead, so that only the loser is refused.
+        """
+        now = utcnow()
+        guard = [Attempt.worker_id == worker_id, Attempt.lease_expires_at >= now]
+        try:
+            with self.db.session() as session:
+                # Claims first: a finish takes its run's lock, which is then held to the
+                # commit; whatever comes after it in the transaction makes others wait.
+                claims = [self._claim_in(session, a, worker_id, now) for a in attempt_ids]
+                queued: list[list[Dispatch] | None] = [
+                    self._end_attempt_in(
+                        session,
+                        claimed.run_id,
+                        claimed.attempt_id,
+                        claimed.number,
+                        outcome,
+                        now,
+                        guard,
+                        AttemptState.RUNNING,
+                    )
+                    for claimed, outcome in finished
+                ]
+            return queued, claims
+        except (_Abort, DBAPIError):
+            pass
+        one_by_one: list[list[Dispatch] | None] = []
+        for claimed, outcome in finished:
+            try:
+                one_by_one.append(self.finish(claimed, worker_id, outcome))
+            except FencedOut:
+                one_by_one.append(None)
+        return one_by_one, [self.claim(a, worker_id) for a in attempt_ids]
+
     def _end_attempt(
         self,
         run_id: str,
@@ -822,78 +871,93 @@ class Platform:
         from_state: AttemptState,
     ) -> list[Dispatch]:
         with self.db.session() as session:
-            conn = session.connection()
-            # A success needs the run's lock only to decide what follows: taken last, it is
-            # held for the few statements of that decision, not for the whole commit of an
-            # outcome (a fan-out's finishes queue on it). Other outcomes depend on a cancel
-            # request and take it first. Nothing but a finish (or the reaper, through this
-            # same path) changes a running task run, and the guarded UPDATE of the attempt
-            # decides between those.
-            run = None
-            if outcome.state != AttemptState.SUCCEEDED:
-                run = self._lock_run_row(conn, run_id)
-            # The attempt's guarded UPDATE names its task run (RETURNING): one round trip.
-            ended = conn.execute(
-                update(Attempt)
-                .where(Attempt.id == attempt_id, Attempt.state == from_state, *guard)
-                .values(
-                    state=outcome.state,
-                    finished_at=now,
-                    error=outcome.error,
-                    log=outcome.log,
-                )
-                .returning(Attempt.task_run_id)
+            return self._end_attempt_in(
+                session, run_id, attempt_id, number, outcome, now, guard, from_state
+            )
+
+    def _end_attempt_in(
+        self,
+        session: Session,
+        run_id: str,
+        attempt_id: int,
+        number: int,
+        outcome: Outcome,
+        now: datetime,
+        guard: list[ColumnElement[bool]],
+        from_state: AttemptState,
+    ) -> list[Dispatch]:
+        conn = session.connection()
+        # A success needs the run's lock only to decide what follows: taken last, it is
+        # held for the few statements of that decision, not for the whole commit of an
+        # outcome (a fan-out's finishes queue on it). Other outcomes depend on a cancel
+        # request and take it first. Nothing but a finish (or the reaper, through this
+        # same path) changes a running task run, and the guarded UPDATE of the attempt
+        # decides between those.
+        run = None
+        if outcome.state != AttemptState.SUCCEEDED:
+            run = self._lock_run_row(conn, run_id)
+        # The attempt's guarded UPDATE names its task run (RETURNING): one round trip.
+        ended = conn.execute(
+            update(Attempt)
+            .where(Attempt.id == attempt_id, Attempt.state == from_state, *guard)
+            .values(
+                state=outcome.state,
+                finished_at=now,
+                error=outcome.error,
+                log=outcome.log,
+            )
+            .returning(Attempt.task_run_id)
+        ).first()
+        if ended is None:
+            raise _Abort
+        task_run_id = ended.task_run_id
+        queued: list[Dispatch] = []
+        if outcome.state == AttemptState.SUCCEEDED:
+            end = {
+                "state": TaskState.SKIPPED if outcome.skipped else TaskState.SUCCEEDED,
+                "result": None if outcome.skipped else outcome.result,
+                "error": outcome.error if outcome.skipped else None,
+            }
+            task = conn.execute(
+                _END_TASK_RUN, {"task_run_id": task_run_id, "number": number, "now": now, **end}
             ).first()
-            if ended is None:
+            if task is None:  # a newer attempt is current: this outcome is stale
                 raise _Abort
-            task_run_id = ended.task_run_id
-            queued: list[Dispatch] = []
-            if outcome.state == AttemptState.SUCCEEDED:
-                end = {
-                    "state": TaskState.SKIPPED if outcome.skipped else TaskState.SUCCEEDED,
-                    "result": None if outcome.skipped else outcome.result,
-                    "error": outcome.error if outcome.skipped else None,
-                }
-                task = conn.execute(
-                    _END_TASK_RUN, {"task_run_id": task_run_id, "number": number, "now": now, **end}
-                ).first()
-                if task is None:  # a newer attempt is current: this outcome is stale
-                    raise _Abort
-                self._record_outputs(session, run_id, task_run_id, number, outcome)
-                run = self._lock_run_row(conn, run_id)
+            self._record_outputs(session, run_id, task_run_id, number, outcome)
+            run = self._lock_run_row(conn, run_id)
+        else:
+            assert run is not None  # nosec B101 - locked above for every other outcome
+            task = conn.execute(_TASK_RUN_OF, {"task_run_id": task_run_id}).one()
+            if task.current_attempt != number:
+                raise _Abort
+            self._record_outputs(session, run_id, task_run_id, number, outcome)
+            if run.cancel_requested or outcome.state == AttemptState.CANCELLED:
+                end = {"state": TaskState.CANCELLED, "error": outcome.error or "run cancelled"}
             else:
-                assert run is not None  # nosec B101 - locked above for every other outcome
-                task = conn.execute(_TASK_RUN_OF, {"task_run_id": task_run_id}).one()
-                if task.current_attempt != number:
-                    raise _Abort
-                self._record_outputs(session, run_id, task_run_id, number, outcome)
-                if run.cancel_requested or outcome.state == AttemptState.CANCELLED:
-                    end = {"state": TaskState.CANCELLED, "error": outcome.error or "run cancelled"}
+                retry = self._retry_after(conn, run_id, task, outcome)
+                if isinstance(retry, str):
+                    end = {"state": TaskState.FAILED, "error": retry}
                 else:
-                    retry = self._retry_after(conn, run_id, task, outcome)
-                    if isinstance(retry, str):
-                        end = {"state": TaskState.FAILED, "error": retry}
-                    else:
-                        delay, lost = retry
-                        task_run = session.get_one(TaskRun, task_run_id)
-                        task_run.error = outcome.error
-                        task_run.lost_attempts = lost
-                        return self._due(
-                            session, self._new_attempts(session, [task_run], now, delay=delay), now
-                        )
-                conn.execute(
-                    _END_TASK_RUN,
-                    {
-                        "task_run_id": task_run_id,
-                        "number": number,
-                        "now": now,
-                        "result": None,
-                        **end,
-                    },
-                )
-            if self._may_decide(session, run_id, run.max_concurrency, task.node_id, task.pool):
-                queued += self._advance(session, run_id, now)
-            return self._due(session, queued, now)
+                    delay, lost = retry
+                    task_run = session.get_one(TaskRun, task_run_id)
+                    task_run.error = outcome.error
+                    task_run.lost_attempts = lost
+                    return self._due(
+                        session, self._new_attempts(session, [task_run], now, delay=delay), now
+                    )
+            conn.execute(
+                _END_TASK_RUN,
+                {
+                    "task_run_id": task_run_id,
+                    "number": number,
+                    "now": now,
+                    "result": None,
+                    **end,
+                },
+            )
+        if self._may_decide(session, run_id, run.max_concurrency, task.node_id, task.pool):
+            queued += self._advance(session, run_id, now)
+        return self._due(session, queued, now)
 
     def _retry_after(
         self, conn: Connection, run_id: str, task: Any, outcome: Outcome

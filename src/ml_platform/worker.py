@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from ml_platform.dispatch import (
     DEFAULT_QUEUE,
     Delivery,
+    Dispatch,
     Dispatcher,
     InProcessDispatcher,
     RedisDispatcher,
@@ -194,6 +195,8 @@ class _Child:
     started: float
     deadline: float | None
     outcome: Outcome | None = None
+    #: How long the task itself ran, as its process measured it (None: it did not say).
+    ran_seconds: float | None = None
 
     def read_log(self) -> str:
         try:
@@ -234,6 +237,8 @@ class Worker:
         self.ended: list[_Child] = []
         self.draining = False
         self._last_beat = 0.0
+        #: How long committing an outcome takes here (moving average, seconds).
+        self._commit_seconds = 0.005
         self.on_event = on_event or (lambda _message: None)
 
     # One pass of the loop: finish what ended, enforce deadlines and leases, take new work.
@@ -249,12 +254,48 @@ class Worker:
             reap_orphans(self._runner_pids())
         if time.monotonic() - self._last_beat >= self.platform.settings.heartbeat_seconds:
             self._beat()
-        if self.accepting:
+        if self.ended and self.accepting and self._short(self.ended):
+            # Short tasks: their commits are most of the time, so finish them and claim new
+            # work in one transaction.
+            busy |= self._finish_and_take()
+        elif self.accepting:
             # New work first: the freed processes start on it while the outcomes just
             # collected are committed, instead of waiting for those commits.
             busy |= self._take_work(block_seconds if not self.ended else 0.0)
         self._commit_ended()
         return busy
+
+    def _short(self, ended: list[_Child]) -> bool:
+        """Whether these attempts ran for less than a commit takes here: then the next ones
+        (of the same kind, likely) would hide no commit behind their run, and one shared
+        transaction for outcomes and claims saves one."""
+        return all(
+            child.ran_seconds is not None and child.ran_seconds < self._commit_seconds
+            for child in ended
+        )
+
+    def _finish_and_take(self) -> bool:
+        """Commit the collected outcomes and claim new work in the same transaction."""
+        deliveries = self.dispatcher.receive(self.concurrency - len(self.children), 0.0)
+        ended = list(self.ended)
+        began = time.monotonic()
+        queued, claims = self.platform.finish_and_claim(
+            [(child.claimed, child.outcome) for child in ended if child.outcome is not None],
+            [delivery.attempt_id for delivery in deliveries],
+            self.worker_id,
+        )
+        self._timed_commit(time.monotonic() - began)
+        for child, made in zip(ended, queued, strict=True):
+            self._finished(child, made)
+        self.ended.clear()
+        started = False
+        for delivery, claimed in zip(deliveries, claims, strict=True):
+            if claimed is None:
+                self.dispatcher.ack(delivery)  # taken, finished or cancelled meanwhile
+            else:
+                self._spawn(claimed, delivery)
+                started = True
+        return started or bool(ended)
 
     @property
     def has_work(self) -> bool:
@@ -341,6 +382,7 @@ class Worker:
             if reply is None and not child.runner.dead():
                 continue
             child.outcome = self._outcome(child, reply)
+            child.ran_seconds = reply.get("seconds") if reply else None
             del self.children[child.claimed.attempt_id]
             self._release(child)
             self.ended.append(child)
@@ -412,10 +454,28 @@ class Worker:
     def _finish(self, child: _Child, outcome: Outcome) -> None:
         """Commit an outcome (the child's process is already released or killed)."""
         child.outcome = outcome
+        began = time.monotonic()
         try:
-            queued = self.platform.finish(child.claimed, self.worker_id, outcome)
-        except FencedOut as exc:
-            self.on_event(f"discarded {child.claimed.node_id}: {exc}")
+            queued: list[Dispatch] | None = self.platform.finish(
+                child.claimed, self.worker_id, outcome
+            )
+        except FencedOut:
+            queued = None
+        self._timed_commit(time.monotonic() - began)
+        self._finished(child, queued)
+
+    def _timed_commit(self, seconds: float) -> None:
+        self._commit_seconds = 0.8 * self._commit_seconds + 0.2 * seconds
+
+    def _finished(self, child: _Child, queued: list[Dispatch] | None) -> None:
+        """After an outcome's commit (None: fenced out, not committed): tell, ack, clean up."""
+        outcome = child.outcome
+        assert outcome is not None  # nosec B101 - set before any commit
+        if queued is None:
+            self.on_event(
+                f"discarded {child.claimed.node_id}: attempt {child.claimed.number} is no "
+                f"longer held by {self.worker_id}"
+            )
         else:
             self.dispatcher.publish(queued)
             verdict = "skipped" if outcome.skipped else outcome.state.value

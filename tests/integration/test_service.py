@@ -380,3 +380,39 @@ def test_concurrent_submissions_and_cancellations_neither_deadlock_nor_lose_upda
         assert tasks <= (
             {"succeeded"} if final[run_id] == "succeeded" else {"succeeded", "cancelled"}
         )
+
+
+def test_outcomes_and_claims_share_a_transaction_and_a_lost_race_refuses_only_itself(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """finish_and_claim commits outcomes and claims together; a fenced-out outcome in the batch
+    is refused on its own (FencedOut semantics) while the rest commits."""
+    first = platform.submit(workflows.arithmetic, {"n": 1})
+    second = platform.submit(workflows.arithmetic, {"n": 2})
+    held = platform.claim(first.queued[0].attempt_id, "worker-a")
+    assert held is not None
+    done = Outcome(AttemptState.SUCCEEDED, result={"value": 2})
+    platform.settings.lease_seconds = 0.5  # for the claim made in the batch below
+    platform.settings.lost_backoff_seconds = 0.0  # its retry is due at once
+    queued, claims = platform.finish_and_claim(
+        [(held, done)], [second.queued[0].attempt_id], "worker-a"
+    )
+    assert queued[0] is not None and claims[0] is not None  # both committed
+    assert [a.state for a in platform.attempts(first.run_id)][0] == "succeeded"
+    # Its lease expires and the reaper takes the attempt away; the retry is queued.
+    stale = claims[0]
+    time.sleep(0.6)
+    assert platform.reap() == 1
+    [retry] = [
+        a.id
+        for a in platform.attempts(second.run_id)
+        if a.state == "queued" and a.task_run_id == stale.task_run_id
+    ]
+    platform.settings.lease_seconds = 30
+    queued, claims = platform.finish_and_claim([(stale, done)], [retry], "worker-a")
+    assert queued == [None]  # fenced out: not committed
+    assert claims[0] is not None and claims[0].attempt_id == retry  # the claim still holds
+    states = [
+        a.state for a in platform.attempts(second.run_id) if a.task_run_id == stale.task_run_id
+    ]
+    assert states == ["lost", "running"]
