@@ -119,9 +119,10 @@ def _wait_for_endpoints(kube: Kubectl, deployment: str, seconds: int) -> None:
 
 def _adopt(env: Environment, kube: Kubectl, deadline: Deadline, say: Callable[[str], None]) -> str:
     """Make the rolling release the live colour (blue) without changing what users reach."""
-    template = kube.template(API)
-    if template is None:
+    rolling = kube.deployment(API)
+    if rolling is None:
         return COLOURS[0]  # nothing live yet: blue will be the first live colour at promote
+    template = rolling["spec"]["template"]
     live = COLOURS[0]
     say(f"adopting the rolling release as {live}: same image and configuration")
     adopted = copy.deepcopy(template)
@@ -131,7 +132,7 @@ def _adopt(env: Environment, kube: Kubectl, deadline: Deadline, say: Callable[[s
         "kind": "Deployment",
         "metadata": {"name": deployment_of(live), "labels": {"app.kubernetes.io/name": API}},
         "spec": {
-            "replicas": 2,
+            "replicas": int(rolling["spec"].get("replicas", 1)),  # as many as serve now
             "selector": {"matchLabels": {**_selector_of(template), LABEL: live}},
             "template": adopted,
         },
