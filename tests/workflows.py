@@ -252,3 +252,17 @@ def short_and_long(short: float = 1.0, long: float = 5.0) -> None:
     """Two independent naps: one ends within a drain, the other is handed back."""
     nap(1, short)
     nap(2, long)
+
+
+@task
+def chatty(seconds: float) -> str:
+    """Says something, works a while, says more: its log is followed while it runs."""
+    print("first line", flush=True)
+    time.sleep(seconds)
+    print("second line", flush=True)
+    return "done"
+
+
+@workflow
+def chatty_pipeline(seconds: float = 3.0) -> None:
+    chatty(seconds)

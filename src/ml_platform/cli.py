@@ -9,11 +9,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -34,6 +34,8 @@ DEMO_WORKFLOW = "ml_platform.examples.classifier:training_pipeline"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: Seconds between two reads of a followed log (`mlp logs -f`).
+FOLLOW_SECONDS = 0.5
 
 app = typer.Typer(
     help="ML Platform: run ML pipelines as DAGs of Python tasks, reliably.",
@@ -473,22 +475,59 @@ def logs(
     attempt: Annotated[
         int | None, typer.Option(help="Attempt number; the latest by default.")
     ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the attempt ends.")
+    ] = False,
     server: Server = None,
     project: ProjectName = "default",
 ) -> None:
-    """Print the output of a task's attempt."""
+    """Print the output of a task's attempt (with -f, as it is written)."""
     if server:
         with _client(server, project) as client:
-            body = client.logs(run_id, task, attempt)
-            console.print(f"[dim]{task} attempt {body['attempt']} ({body['state']})[/]")
-            sys.stdout.write(body["log"])
-            sys.stdout.flush()
+            _print_log(lambda offset: client.logs(run_id, task, attempt, offset), task, follow)
         return
     with _platform() as platform:
-        row = platform.log(platform.resolve_run_id(run_id), task, attempt)
-        console.print(f"[dim]{task} attempt {row.number} ({row.state})[/]")
-        sys.stdout.write(row.log or "")
+        full_id = platform.resolve_run_id(run_id)
+
+        def read(offset: int) -> dict[str, Any]:
+            row = platform.log(full_id, task, attempt)
+            text = row.log or ""
+            start = offset if offset <= len(text) else 0
+            return {
+                "attempt": row.number,
+                "state": row.state,
+                "log": text[start:],
+                "offset": start,
+                "next_offset": len(text),
+                "running": row.state in ("queued", "running"),
+            }
+
+        _print_log(read, task, follow)
+
+
+def _print_log(read: Callable[[int], dict[str, Any]], task: str, follow: bool) -> None:
+    """Print a log; following, poll for more until the attempt ends (Ctrl-C stops)."""
+    body = read(0)
+    console.print(f"[dim]{task} attempt {body['attempt']} ({body['state']})[/]")
+    number = body["attempt"]
+    while True:
+        if body["offset"] == 0 and body.get("restarted"):
+            console.print("[dim]… (the log was cut to its last part)[/]")
+        sys.stdout.write(body["log"])
         sys.stdout.flush()
+        if not follow or not body.get("running"):
+            break
+        try:
+            time.sleep(FOLLOW_SECONDS)
+        except KeyboardInterrupt:
+            return
+        offset = body["next_offset"]
+        body = read(offset)
+        body["restarted"] = body["offset"] != offset
+        if body["attempt"] != number:
+            break
+    if follow:
+        console.print(f"[dim]{task} attempt {body['attempt']} ended: {body['state']}[/]")
 
 
 @app.command()

@@ -125,8 +125,12 @@ class Client:
         result: dict[str, Any] = self._request("POST", self._project(f"/runs/{run_id}/cancel"))
         return result
 
-    def logs(self, run_id: str, task: str, attempt: int | None = None) -> dict[str, Any]:
-        params = {"attempt": attempt} if attempt else {}
+    def logs(
+        self, run_id: str, task: str, attempt: int | None = None, offset: int = 0
+    ) -> dict[str, Any]:
+        params: dict[str, int] = {"offset": offset}
+        if attempt:
+            params["attempt"] = attempt
         result: dict[str, Any] = self._request(
             "GET", self._project(f"/runs/{run_id}/tasks/{task}/logs"), params=params
         )

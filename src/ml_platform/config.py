@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     #: Attempts one task process runs before it is replaced (0: no limit; 1: a fresh
     #: process per attempt, the strictest isolation, at the price of a Python start-up each).
     max_tasks_per_process: int = Field(default=0, ge=0)
+    #: Seconds between two shipments of running attempts' output to the database (what
+    #: `mlp logs -f`, the API and the UI show while a task runs).
+    log_ship_seconds: float = Field(default=1.0, gt=0)
     #: Largest task result kept inline in the database; larger ones become artifacts.
     inline_result_bytes: int = Field(default=64 * 1024, ge=0)
 

@@ -747,6 +747,21 @@ class Platform:
             row.run_id, attempt_id, row.number, outcome, utcnow(), [], AttemptState.QUEUED
         )
 
+    def ship_logs(self, logs: Mapping[int, str], worker_id: str) -> None:
+        """Store what running attempts printed so far (each attempt's log as a whole: the
+        tail its worker keeps), only while the attempt is still this worker's and running."""
+        with self.db.session() as session:
+            session.connection().execute(
+                update(Attempt)
+                .where(
+                    Attempt.id == bindparam("attempt_id"),
+                    Attempt.worker_id == worker_id,
+                    Attempt.state == AttemptState.RUNNING,
+                )
+                .values(log=bindparam("text")),
+                [{"attempt_id": key, "text": text} for key, text in logs.items()],
+            )
+
     def heartbeat(self, attempt_ids: Iterable[int], worker_id: str) -> Heartbeat:
         """Extend the leases of a worker's running attempts; say which must stop."""
         ids = list(attempt_ids)

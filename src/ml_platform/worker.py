@@ -197,6 +197,8 @@ class _Child:
     outcome: Outcome | None = None
     #: How long the task itself ran, as its process measured it (None: it did not say).
     ran_seconds: float | None = None
+    #: Size of the log file when it was last shipped to the database (live logs).
+    shipped: int = 0
 
     def read_log(self) -> str:
         try:
@@ -239,6 +241,7 @@ class Worker:
         self._last_beat = 0.0
         #: How long committing an outcome takes here (moving average, seconds).
         self._commit_seconds = 0.005
+        self._last_ship = 0.0
         self.on_event = on_event or (lambda _message: None)
 
     # One pass of the loop: finish what ended, enforce deadlines and leases, take new work.
@@ -254,6 +257,8 @@ class Worker:
             reap_orphans(self._runner_pids())
         if time.monotonic() - self._last_beat >= self.platform.settings.heartbeat_seconds:
             self._beat()
+        if time.monotonic() - self._last_ship >= self.platform.settings.log_ship_seconds:
+            self._ship_logs()
         if self.ended and self.accepting and self._short(self.ended):
             # Short tasks: their commits are most of the time, so finish them and claim new
             # work in one transaction.
@@ -493,6 +498,22 @@ class Worker:
             outcome.log = child.read_log()
             self._finish(child, outcome)
         return bool(late)
+
+    def _ship_logs(self) -> None:
+        """What running attempts printed since the last time, into the database, so that
+        `mlp logs -f`, the API and the UI show it while they run (one statement for all)."""
+        self._last_ship = time.monotonic()
+        grown = {}
+        for attempt_id, child in self.children.items():
+            try:
+                size = child.log_path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if size != child.shipped:
+                child.shipped = size
+                grown[attempt_id] = child.read_log()
+        if grown:
+            self.platform.ship_logs(grown, self.worker_id)
 
     def _beat(self) -> None:
         self._last_beat = time.monotonic()

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -233,3 +234,24 @@ def test_a_viewer_sees_no_buttons_is_refused_and_never_sees_another_project(
             f"/api/v1/projects/default/runs/{run_id}/cancel",
             headers={"Authorization": f"Bearer {token['access_token']}"},
         )
+
+
+def test_the_log_page_follows_a_running_task(browser: Browser, site: Site) -> None:
+    page = _sign_in(browser, site, "alice")
+    run_id = site.submit("tests.workflows:chatty_pipeline", {"seconds": 4.0})
+    log = f"{site.url}/ui/p/default/runs/{run_id}/tasks/chatty/log"
+    deadline = time.monotonic() + 30
+    while True:  # until the task has printed its first line and still runs
+        page.goto(log)
+        text = page.locator("pre.log").inner_text()
+        if "first line" in text and page.locator("[data-follow]").count():
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(0.3)
+    assert "second line" not in text
+    # No reload: the script appends what follows and says how it ended.
+    page.wait_for_selector("[data-follow-state]:has-text('ended: succeeded')", timeout=30_000)
+    text = page.locator("pre.log").inner_text()
+    assert text.count("first line") == 1 and "second line" in text
+    page.screenshot(path=str(SHOTS / "07-log-followed.png"), full_page=True)
+    page.close()

@@ -433,3 +433,22 @@ def test_the_duration_histogram_counts_each_attempt_once_however_it_is_scraped(
     fourth = histogram()
     assert fourth["count"] == 6 and fourth["5.0"] == 4 and fourth["+Inf"] == 6
     assert histogram() == fourth and len(DURATION_BUCKETS) + 3 == len(fourth)
+
+
+def test_a_running_attempts_log_is_served_in_parts(api: Api) -> None:
+    carol = api.login("carol")
+    run_id = submit(api, carol, "tests.workflows:chatty_pipeline", seconds=1.0)
+    [attempt] = api.platform.attempts(run_id)
+    claimed = api.platform.claim(attempt.id, "worker-x")
+    assert claimed is not None
+    logs = f"/api/v1/projects/vision/runs/{run_id}/tasks/chatty/logs"
+    assert api.client.get(logs, headers=carol).json()["log"] == ""
+    api.platform.ship_logs({attempt.id: "first line\n"}, "worker-x")
+    api.platform.ship_logs({attempt.id: "stolen\n"}, "worker-y")  # not its attempt: ignored
+    part = api.client.get(logs, headers=carol).json()
+    assert part["log"] == "first line\n" and part["running"] and part["next_offset"] == 11
+    api.platform.ship_logs({attempt.id: "first line\nsecond line\n"}, "worker-x")
+    more = api.client.get(f"{logs}?offset=11", headers=carol).json()
+    assert more["log"] == "second line\n" and more["offset"] == 11
+    beyond = api.client.get(f"{logs}?offset=999", headers=carol).json()
+    assert beyond["offset"] == 0 and beyond["log"].startswith("first line")  # start over

@@ -215,3 +215,31 @@ def test_the_demo_runs_and_a_second_run_reuses_the_cache(cli_env: dict[str, str]
     assert code == 0 and "artifact model from register_model: pickle" in shown
     code, upgraded = mlp("db", "upgrade")
     assert code == 0 and "latest schema" in upgraded
+
+
+def test_logs_follow_shows_what_a_task_prints_while_it_runs(
+    cli_env: dict[str, str], platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlp logs -f` prints a running task's first line before the task ends, then the rest,
+    then says how the attempt ended."""
+    monkeypatch.setenv("MLP_LOG_SHIP_SECONDS", "0.2")  # the worker below inherits it
+    submitted = platform.submit(workflows.chatty_pipeline, {"seconds": 3.0})
+    worker = spawn("worker", "--concurrency", "1")
+    follower = spawn("logs", submitted.run_id[:8], "chatty", "-f")
+    try:
+        assert follower.stdout is not None
+        seen = []
+        for line in follower.stdout:
+            seen.append(line)
+            if "first line" in line:
+                break
+        [attempt] = platform.attempts(submitted.run_id)
+        assert attempt.state == "running", seen  # printed while the task still ran
+        rest, _ = follower.communicate(timeout=60)
+        assert follower.returncode == 0
+        assert "second line" in rest and "chatty attempt 1 ended: succeeded" in rest, rest
+    finally:
+        for process in (follower, worker):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)

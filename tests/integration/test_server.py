@@ -167,9 +167,44 @@ def test_the_demo_runs_through_the_api_on_two_workers(
     )
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
     assert "5 passed" in smoke.stdout
+    _logs_follow_a_running_task_through_the_server(url, env, token)
     _logout_ends_the_sign_in_on_the_server_and_proxies_are_not_believed(
         url, env, redis_target, redis_client
     )
+
+
+def _logs_follow_a_running_task_through_the_server(
+    url: str, env: dict[str, str], token: str
+) -> None:
+    """A remote worker ships what the task prints; `mlp logs -f --server` shows it at once."""
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"workflow": "tests.workflows:chatty_pipeline", "params": {"seconds": 4.0}}
+    run = httpx.post(f"{url}/api/v1/projects/default/runs", json=body, headers=headers)
+    assert run.status_code == 201, run.text
+    run_id = run.json()["id"]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "ml_platform", "logs", run_id, "chatty", "-f", "--server", url],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            if "first line" in line:
+                break
+        tasks = httpx.get(
+            f"{url}/api/v1/projects/default/runs/{run_id}/tasks", headers=headers
+        ).json()
+        assert tasks[0]["attempts"][-1]["state"] == "running"  # shown while it still runs
+        rest, _ = follower.communicate(timeout=60)
+        assert "second line" in rest and "chatty attempt 1 ended: succeeded" in rest, rest
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
 
 
 def _logout_ends_the_sign_in_on_the_server_and_proxies_are_not_believed(

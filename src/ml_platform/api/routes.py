@@ -44,7 +44,7 @@ from ml_platform.api.schemas import (
     errors,
 )
 from ml_platform.artifacts import ArtifactNotFound
-from ml_platform.engine.states import RunState
+from ml_platform.engine.states import AttemptState, RunState
 from ml_platform.security import AuthError
 from ml_platform.store.models import Run, Schedule
 from ml_platform.store.models import Workflow as WorkflowRow
@@ -278,9 +278,22 @@ def task_logs(
     access: Viewer,
     svc: ServicesDep,
     attempt: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> LogOut:
+    """An attempt's output (the latest attempt by default), also while it runs: its worker
+    stores what it printed every MLP_LOG_SHIP_SECONDS. Follow it with ``offset``."""
     row = svc.platform.log(_run_id(svc, access, run_id), task, attempt)
-    return LogOut(task=task, attempt=row.number, state=row.state, log=row.log or "")
+    text = row.log or ""
+    start = offset if offset <= len(text) else 0
+    return LogOut(
+        task=task,
+        attempt=row.number,
+        state=row.state,
+        log=text[start:],
+        offset=start,
+        next_offset=len(text),
+        running=row.state in (AttemptState.QUEUED, AttemptState.RUNNING),
+    )
 
 
 @router.get("/projects/{project}/runs/{run_id}/metrics", tags=["runs"])

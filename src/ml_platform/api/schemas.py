@@ -150,10 +150,16 @@ class ArtifactOut(BaseModel):
 
 
 class LogOut(BaseModel):
+    """An attempt's output from ``offset`` on; ask again from ``next_offset`` for more while
+    ``running``. An offset past what is kept (a log cut to its last MiB) starts over at 0."""
+
     task: str
     attempt: int
     state: str
     log: str
+    offset: int = 0
+    next_offset: int = 0
+    running: bool = False
 
 
 class ScheduleCreate(Body):

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import APIRouter, FastAPI, Form, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
@@ -379,7 +379,37 @@ def task_log(
         row = _services(request).platform.log(run.id, task, attempt)
     except NotFound as exc:
         raise PageError(404, str(exc)) from None
-    return _page(request, scope, "log.html", run=run, task=task, attempt=row)
+    running = row.state in ("queued", "running")
+    return _page(request, scope, "log.html", run=run, task=task, attempt=row, running=running)
+
+
+@router.get("/p/{project}/runs/{run_id}/tasks/{task}/log.json")
+def task_log_part(
+    request: Request,
+    project: str,
+    run_id: str,
+    task: str,
+    attempt: Annotated[int, Query(ge=1, le=2**31 - 1)],
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+) -> JSONResponse:
+    """What an attempt printed from ``offset`` on: the log page follows a running attempt."""
+    scope = _scope(request, project)
+    run, _ = _run_of(request, scope, run_id)
+    try:
+        row = _services(request).platform.log(run.id, task, attempt)
+    except NotFound as exc:
+        raise PageError(404, str(exc)) from None
+    text = row.log or ""
+    start = offset if offset <= len(text) else 0
+    return JSONResponse(
+        {
+            "state": row.state,
+            "text": text[start:],
+            "offset": start,
+            "next_offset": len(text),
+            "running": row.state in ("queued", "running"),
+        }
+    )
 
 
 @router.get("/p/{project}/runs/{run_id}/artifacts/{sha256}")
