@@ -266,3 +266,20 @@ def chatty(seconds: float) -> str:
 @workflow
 def chatty_pipeline(seconds: float = 3.0) -> None:
     chatty(seconds)
+
+
+@task
+def step(previous: int, index: int, folder: str) -> int:
+    """Leaves a mark per run of its body; the step named in `folder`/fail fails while it exists."""
+    marks = Path(folder)
+    (marks / f"step{index}-{os.getpid()}-{time.monotonic_ns()}").touch()
+    if (marks / "fail").exists() and (marks / "fail").read_text().strip() == str(index):
+        raise RuntimeError(f"step {index} was told to fail")
+    return previous + index
+
+
+@workflow
+def five_steps(folder: str) -> None:
+    value = step(0, 1, folder)
+    for index in range(2, 6):
+        value = step(value, index, folder)

@@ -28,7 +28,7 @@ from ml_platform.engine.states import RUN_TERMINAL, RunState
 if TYPE_CHECKING:
     from ml_platform.client import Client
     from ml_platform.dispatch import Dispatch
-    from ml_platform.service import Platform
+    from ml_platform.service import Platform, Submitted
 
 DEMO_WORKFLOW = "ml_platform.examples.classifier:training_pipeline"
 EXIT_FAILED = 1
@@ -51,6 +51,7 @@ console = Console(highlight=False)
 STATE_STYLE = {
     "succeeded": "green",
     "cached": "cyan",
+    "reused": "cyan",
     "running": "yellow",
     "queued": "blue",
     "pending": "dim",
@@ -234,6 +235,11 @@ def _run_and_report(
         f"run [bold]{submitted.run_id[:8]}[/] of {wf.name} v{submitted.workflow_version} "
         f"submitted ({safe_url(platform.settings.database_url)})"
     )
+    return _drive_and_report(platform, submitted, concurrency)
+
+
+def _drive_and_report(platform: Platform, submitted: Submitted, concurrency: int) -> str:
+    """Run a submitted run here to its end with live progress; exit 1 unless it succeeded."""
     try:
         state = _execute(platform, submitted.run_id, submitted.queued, concurrency)
     except KeyboardInterrupt:
@@ -528,6 +534,39 @@ def _print_log(read: Callable[[int], dict[str, Any]], task: str, follow: bool) -
             break
     if follow:
         console.print(f"[dim]{task} attempt {body['attempt']} ended: {body['state']}[/]")
+
+
+@app.command()
+def retry(
+    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    from_task: Annotated[
+        str | None,
+        typer.Option("--from", help="Also rerun this task and everything downstream of it."),
+    ] = None,
+    concurrency: Concurrency = max(2, os.cpu_count() or 2),
+    server: Server = None,
+    project: ProjectName = "default",
+) -> None:
+    """Run an ended run again: reuse what succeeded there, run the rest (and watch it)."""
+    if server:
+        with _client(server, project) as client:
+            body = client.retry(run_id, from_task)
+            console.print(f"run {body['id'][:8]} retries {run_id[:8]}")
+            state = _watch_remote(client, body["id"])
+        raise typer.Exit(0 if state == RunState.SUCCEEDED else EXIT_FAILED)
+    from ml_platform.service import RetryError
+
+    sys.path.insert(0, os.getcwd())
+    with _platform() as platform:
+        try:
+            submitted = platform.retry(platform.resolve_run_id(run_id), from_task=from_task)
+        except RetryError as exc:
+            _fail(str(exc))
+        reused = sum(t.state == "reused" for t in platform.task_runs(submitted.run_id))
+        console.print(
+            f"run [bold]{submitted.run_id[:8]}[/] retries {run_id[:8]}: {reused} task(s) reused"
+        )
+        _drive_and_report(platform, submitted, concurrency)
 
 
 @app.command()

@@ -125,6 +125,13 @@ class Client:
         result: dict[str, Any] = self._request("POST", self._project(f"/runs/{run_id}/cancel"))
         return result
 
+    def retry(self, run_id: str, from_task: str | None = None) -> dict[str, Any]:
+        body = {"from_task": from_task} if from_task else {}
+        result: dict[str, Any] = self._request(
+            "POST", self._project(f"/runs/{run_id}/retry"), json=body
+        )
+        return result
+
     def logs(
         self, run_id: str, task: str, attempt: int | None = None, offset: int = 0
     ) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from ml_platform.engine.dag import plan, topological_order
 from ml_platform.engine.retry import RetryPolicy
 from ml_platform.engine.states import (
     RUN_TERMINAL,
+    TASK_DONE_OK,
     TASK_TERMINAL,
     AttemptState,
     RunState,
@@ -398,6 +399,68 @@ class Platform:
             session.flush()
             queued = self._advance(session, run_id, utcnow())
         return Submitted(run_id, version.version, queued)
+
+    def retry(
+        self, run_id: str, *, from_task: str | None = None, project_id: int | None = None
+    ) -> Submitted:
+        """A new run of an ended run's workflow version and params (`retry_of` links them):
+        the tasks that succeeded there (or were cached or reused) are reused — result,
+        metrics, params and artifacts — and the others run. ``from_task`` also reruns that
+        task and everything downstream of it."""
+        now = utcnow()
+        new_id = uuid.uuid4().hex
+        original, version = self.run(run_id, project_id)  # NotFound across projects
+        if original.state not in RUN_TERMINAL:
+            raise RetryError(f"run {run_id[:8]} is {original.state}: retry it once it ended")
+        with self.db.session() as session:
+            tasks = list(
+                session.scalars(
+                    select(TaskRun).where(TaskRun.run_id == run_id).order_by(TaskRun.position)
+                )
+            )
+            nodes = {t.node_id for t in tasks}
+            if from_task is not None and from_task not in nodes:
+                raise RetryError(f"run {run_id[:8]} has no task {from_task!r}")
+            rerun = _downstream_of(from_task, {t.node_id: t.upstream for t in tasks})
+            session.add(
+                Run(
+                    id=new_id,
+                    workflow_id=version.id,
+                    state=RunState.QUEUED,
+                    params=original.params,
+                    max_concurrency=original.max_concurrency,
+                    retry_of=run_id,
+                )
+            )
+            session.flush()
+            copies = []
+            for old in tasks:
+                reuse = old.state in TASK_DONE_OK and old.node_id not in rerun
+                copy = TaskRun(
+                    run_id=new_id,
+                    node_id=old.node_id,
+                    position=old.position,
+                    task_ref=old.task_ref,
+                    code_version=old.code_version,
+                    upstream=list(old.upstream),
+                    inputs=old.inputs,
+                    options=old.options,
+                    pool=old.pool,
+                    state=TaskState.REUSED if reuse else TaskState.PENDING,
+                    result=old.result if reuse else None,
+                    cached_from=(old.cached_from or old.id) if reuse else None,
+                    cache_key=old.cache_key if reuse else None,
+                    started_at=now if reuse else None,
+                    finished_at=now if reuse else None,
+                )
+                copies.append((old, copy, reuse))
+                session.add(copy)
+            session.flush()
+            for old, copy, reuse in copies:
+                if reuse:
+                    self._copy_outputs(session, old, copy)
+            queued = self._advance(session, new_id, now)
+        return Submitted(new_id, version.version, queued)
 
     def cancel(self, run_id: str) -> RunState:
         """Cancel a run: pending and queued tasks stop now, running ones at their next beat."""
@@ -1341,6 +1404,25 @@ def latest_tick(cron: str, first_due: datetime, now: datetime) -> datetime:
     while (following := next_tick(cron, tick)) <= now:
         tick = following
     return tick
+
+
+class RetryError(ValueError):
+    """The run cannot be retried (yet); the message says why."""
+
+
+def _downstream_of(node_id: str | None, upstream: Mapping[str, Iterable[str]]) -> set[str]:
+    """``node_id`` and every task that depends on it, directly or not (empty for None)."""
+    if node_id is None:
+        return set()
+    found = {node_id}
+    changed = True
+    while changed:
+        changed = False
+        for node, deps in upstream.items():
+            if node not in found and found.intersection(deps):
+                found.add(node)
+                changed = True
+    return found
 
 
 class ScheduleError(ValueError):

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from ml_platform.accounts import Accounts, Role
 from ml_platform.api import create_app
 from ml_platform.config import Settings
+from ml_platform.engine.states import RunState
 from ml_platform.security import ConfigurationError, TokenSigner, resolve_secret_key
 from ml_platform.service import Platform
 from tests import workflows as workflows_module
@@ -452,3 +453,25 @@ def test_a_running_attempts_log_is_served_in_parts(api: Api) -> None:
     assert more["log"] == "second line\n" and more["offset"] == 11
     beyond = api.client.get(f"{logs}?offset=999", headers=carol).json()
     assert beyond["offset"] == 0 and beyond["log"].startswith("first line")  # start over
+
+
+def test_retry_through_the_api_reuses_and_is_for_editors(api: Api, tmp_path: Path) -> None:
+    carol, bob = api.login("carol"), api.login("bob")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "fail").write_text("2")
+    run_id = submit(api, carol, "tests.workflows:five_steps", folder=str(marks))
+    retry = f"/api/v1/projects/vision/runs/{run_id}/retry"
+    early = api.client.post(retry, headers=carol)
+    assert early.status_code == 409 and early.json()["error"]["code"] == "cannot_retry"
+    assert run_inline(api.platform, run_id) is RunState.FAILED
+    (marks / "fail").unlink()
+    assert api.client.post(retry, headers=bob).status_code == 403  # a viewer
+    made = api.client.post(retry, headers=carol)
+    assert made.status_code == 201 and made.json()["retry_of"] == run_id
+    new_id = made.json()["id"]
+    assert run_inline(api.platform, new_id) is RunState.SUCCEEDED
+    tasks = api.client.get(f"/api/v1/projects/vision/runs/{new_id}/tasks", headers=carol).json()
+    assert sorted(t["state"] for t in tasks) == ["reused"] + ["succeeded"] * 4
+    nope = api.client.post(retry, json={"from_task": "nope"}, headers=carol)
+    assert nope.status_code == 422 and "has no task 'nope'" in nope.text

@@ -243,3 +243,28 @@ def test_logs_follow_shows_what_a_task_prints_while_it_runs(
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=30)
+
+
+def test_mlp_retry_reruns_only_what_did_not_succeed(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "fail").write_text("3")
+    code, output = mlp("run", "tests.workflows:five_steps", "-p", f"folder={marks}")
+    assert code == 1, output
+    failed = run_id_of(output)
+    (marks / "fail").unlink()
+    code, output = mlp("retry", failed)
+    assert code == 0, output
+    assert f"retries {failed}: 2 task(s) reused" in output and "2 reused" in output
+    assert sorted(p.name.split("-")[0] for p in marks.iterdir()) == [
+        "step1",
+        "step2",
+        "step3",
+        "step3",
+        "step4",
+        "step5",
+    ]
+    code, output = mlp("retry", "ffffffff")
+    assert code == 2 and "no run" in output

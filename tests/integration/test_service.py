@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from ml_platform.engine.states import AttemptState, RunState, TaskState
-from ml_platform.service import FencedOut, NotFound, Outcome, Platform
+from ml_platform.service import FencedOut, NotFound, Outcome, Platform, RetryError
 from ml_platform.store.db import current_revision, head_from_files, head_revision
 from ml_platform.store.models import Base, utcnow
 from tests import workflows
@@ -416,3 +416,43 @@ def test_outcomes_and_claims_share_a_transaction_and_a_lost_race_refuses_only_it
         a.state for a in platform.attempts(second.run_id) if a.task_run_id == stale.task_run_id
     ]
     assert states == ["lost", "running"]
+
+
+def test_a_retry_reruns_the_failed_step_and_what_follows_and_reuses_the_rest(
+    platform: Platform, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "fail").write_text("3")
+    failed = platform.submit(workflows.five_steps, {"folder": str(marks)})
+    assert run_inline(platform, failed.run_id) is RunState.FAILED
+
+    def ran(index: int) -> int:
+        return len(list(marks.glob(f"step{index}-*")))
+
+    assert [ran(i) for i in range(1, 6)] == [1, 1, 1, 0, 0]
+    (marks / "fail").unlink()  # the bug is fixed
+    retried = platform.retry(failed.run_id)
+    assert run_inline(platform, retried.run_id) is RunState.SUCCEEDED
+    assert [ran(i) for i in range(1, 6)] == [1, 1, 2, 1, 1]  # 1–2 reused, 3–5 ran
+    run, _ = platform.run(retried.run_id)
+    assert run.retry_of == failed.run_id
+    states = {t.node_id: t.state for t in platform.task_runs(retried.run_id)}
+    assert [states[n] for n in sorted(states)] == [
+        "reused",
+        "reused",
+        "succeeded",
+        "succeeded",
+        "succeeded",
+    ]
+    results = {t.node_id: t.result for t in platform.task_runs(retried.run_id)}
+    assert results[max(results)] == {"value": 15}  # 1+2+3+4+5, through the reused values
+    # From a given task: it and everything after it run again, the rest is reused.
+    again = platform.retry(retried.run_id, from_task=sorted(states)[3])
+    assert run_inline(platform, again.run_id) is RunState.SUCCEEDED
+    assert [ran(i) for i in range(1, 6)] == [1, 1, 2, 2, 2]
+    with pytest.raises(RetryError, match="has no task 'nope'"):
+        platform.retry(again.run_id, from_task="nope")
+    pending = platform.submit(workflows.arithmetic, {"n": 1})
+    with pytest.raises(RetryError, match="retry it once it ended"):
+        platform.retry(pending.run_id)

@@ -30,6 +30,7 @@ from ml_platform.api.schemas import (
     ProjectCreate,
     ProjectOut,
     RefreshRequest,
+    RetryRequest,
     RunCreate,
     RunOut,
     RunPage,
@@ -46,6 +47,7 @@ from ml_platform.api.schemas import (
 from ml_platform.artifacts import ArtifactNotFound
 from ml_platform.engine.states import AttemptState, RunState
 from ml_platform.security import AuthError
+from ml_platform.service import RetryError
 from ml_platform.store.models import Run, Schedule
 from ml_platform.store.models import Workflow as WorkflowRow
 
@@ -182,6 +184,7 @@ def _run_out(run: Run, wf: WorkflowRow) -> RunOut:
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
+        retry_of=run.retry_of,
     )
 
 
@@ -239,6 +242,24 @@ def cancel_run(run_id: str, access: Editor, svc: ServicesDep) -> RunOut:
     full_id = _run_id(svc, access, run_id)
     svc.platform.cancel(full_id)
     return _run_out(*svc.platform.run(full_id))
+
+
+@router.post("/projects/{project}/runs/{run_id}/retry", status_code=201, tags=["runs"])
+def retry_run(
+    run_id: str, access: Editor, svc: ServicesDep, body: RetryRequest | None = None
+) -> RunOut:
+    """A new run of an ended run that reuses what succeeded there and runs the rest (with
+    ``from_task``: that task and everything downstream of it too)."""
+    full_id = _run_id(svc, access, run_id)
+    try:
+        submitted = svc.platform.retry(
+            full_id, from_task=body.from_task if body else None, project_id=access.project_id
+        )
+    except RetryError as exc:
+        raise ApiError(409 if "once it ended" in str(exc) else 422, "cannot_retry", str(exc))
+    if svc.dispatcher is not None:
+        svc.dispatcher.publish(submitted.queued)
+    return _run_out(*svc.platform.run(submitted.run_id))
 
 
 @router.get("/projects/{project}/runs/{run_id}/tasks", tags=["runs"])

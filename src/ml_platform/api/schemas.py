@@ -104,6 +104,13 @@ class RunOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    retry_of: str | None = None
+
+
+class RetryRequest(Body):
+    """Rerun from this task (it and everything downstream), reuse the rest's successes."""
+
+    from_task: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class RunPage(BaseModel):

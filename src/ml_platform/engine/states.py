@@ -24,6 +24,9 @@ class TaskState(StrEnum):
     CANCELLED = "cancelled"
     SKIPPED = "skipped"
     CACHED = "cached"
+    #: Succeeded in the run this one retries (`mlp retry`): its result, metrics and artifacts
+    #: are taken over, it does not run again.
+    REUSED = "reused"
     UPSTREAM_FAILED = "upstream_failed"
 
 
@@ -46,11 +49,12 @@ TASK_TERMINAL = frozenset(
         TaskState.CANCELLED,
         TaskState.SKIPPED,
         TaskState.CACHED,
+        TaskState.REUSED,
         TaskState.UPSTREAM_FAILED,
     }
 )
 #: Terminal task states whose result downstream tasks may consume.
-TASK_DONE_OK = frozenset({TaskState.SUCCEEDED, TaskState.CACHED})
+TASK_DONE_OK = frozenset({TaskState.SUCCEEDED, TaskState.CACHED, TaskState.REUSED})
 ATTEMPT_TERMINAL = frozenset(
     {AttemptState.SUCCEEDED, AttemptState.FAILED, AttemptState.LOST, AttemptState.CANCELLED}
 )
@@ -71,6 +75,7 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
         {
             TaskState.QUEUED,
             TaskState.CACHED,
+            TaskState.REUSED,
             TaskState.SKIPPED,
             TaskState.UPSTREAM_FAILED,
             TaskState.CANCELLED,

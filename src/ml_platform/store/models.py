@@ -146,6 +146,8 @@ class Run(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     schedule_id: Mapped[int | None] = mapped_column(ForeignKey("schedules.id"), default=None)
     scheduled_for: Mapped[datetime | None] = mapped_column(default=None)
+    #: The run this one retries (`mlp retry`): its succeeded tasks were reused.
+    retry_of: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -21,6 +21,7 @@ MAX_WIDTH = 1100
 STATE_COLORS = {
     "succeeded": "#2e9e5b",
     "cached": "#6cc08b",
+    "reused": "#6cc08b",
     "running": "#2f7fd8",
     "queued": "#8fb4e3",
     "pending": "#c9ced6",
@@ -31,7 +32,7 @@ STATE_COLORS = {
     "lost": "#b06ad6",
 }
 
-LIGHT_STATES = frozenset({"pending", "queued", "skipped", "cached"})
+LIGHT_STATES = frozenset({"pending", "queued", "skipped", "cached", "reused"})
 
 
 def color(state: str) -> str:

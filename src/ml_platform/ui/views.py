@@ -30,7 +30,7 @@ from ml_platform.artifacts import ArtifactNotFound
 from ml_platform.engine.states import RUN_TERMINAL, RunState
 from ml_platform.sdk import WorkflowError
 from ml_platform.security import AccessClaims, AuthError
-from ml_platform.service import NotFound
+from ml_platform.service import NotFound, RetryError
 from ml_platform.ui import graphics
 
 HERE = Path(__file__).parent
@@ -454,6 +454,26 @@ def rerun(
         )
     except WorkflowError as exc:
         raise PageError(422, f"Cannot re-run {wf.name}: {exc}") from None
+    if svc.dispatcher is not None:
+        svc.dispatcher.publish(submitted.queued)
+    return RedirectResponse(
+        f"/ui/p/{quote(scope.project)}/runs/{submitted.run_id}", status_code=303
+    )
+
+
+@router.post("/p/{project}/runs/{run_id}/retry")
+def retry(
+    request: Request, project: str, run_id: str, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    """A new run that reuses what succeeded in this one and runs the rest."""
+    scope = _scope(request, project, Role.EDITOR)
+    _check_csrf(request, scope, csrf)
+    run, _ = _run_of(request, scope, run_id)
+    svc = _services(request)
+    try:
+        submitted = svc.platform.retry(run.id, project_id=scope.project_id)
+    except RetryError as exc:
+        raise PageError(409, f"Cannot retry this run: {exc}") from None
     if svc.dispatcher is not None:
         svc.dispatcher.publish(submitted.queued)
     return RedirectResponse(
