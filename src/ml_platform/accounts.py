@@ -262,6 +262,14 @@ class Accounts:
             user = session.scalar(select(User).where(User.username == username))
         if user is None:
             verify_unknown_user(password)  # the same work: no telling users apart by time
+            with self.db.session() as session:
+                anyone = session.scalar(select(User.id).limit(1))
+            if anyone is None:  # a fresh database: say what to do (it tells no user apart)
+                raise AuthError(
+                    "invalid_credentials",
+                    "wrong username or password: this server has no users yet; create one "
+                    "with DATABASE_URL=… mlp users create NAME --admin",
+                )
             raise AuthError("invalid_credentials", "wrong username or password")
         if not verify_password(user.password_hash, password) or user.disabled:
             raise AuthError("invalid_credentials", "wrong username or password")

@@ -742,7 +742,13 @@ def users_create(
             user = accounts.create_user(username, password, is_admin=admin)
         except ValueError as exc:
             _fail(str(exc))
-        console.print(f"user {user.username} created" + (" (admin)" if user.is_admin else ""))
+        from ml_platform.store.db import safe_url
+
+        console.print(
+            f"user {user.username} created"
+            + (" (admin)" if user.is_admin else "")
+            + f" in {safe_url(platform.settings.database_url)}"
+        )
 
 
 @db_app.command("upgrade")

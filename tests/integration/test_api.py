@@ -475,3 +475,16 @@ def test_retry_through_the_api_reuses_and_is_for_editors(api: Api, tmp_path: Pat
     assert sorted(t["state"] for t in tasks) == ["reused"] + ["succeeded"] * 4
     nope = api.client.post(retry, json={"from_task": "nope"}, headers=carol)
     assert nope.status_code == 422 and "has no task 'nope'" in nope.text
+
+
+def test_a_login_to_a_server_without_users_says_how_to_make_one(platform: Platform) -> None:
+    platform.settings.secret_key = SECRET
+    with TestClient(create_app(platform.settings, platform=platform)) as client:
+        body = {"username": "alice", "password": PASSWORD}
+        empty = client.post("/api/v1/auth/token", json=body)
+        assert empty.status_code == 401
+        assert "this server has no users yet" in empty.json()["error"]["message"]
+        assert "mlp users create NAME --admin" in empty.json()["error"]["message"]
+        Accounts(platform.db, timedelta(days=1)).create_user("bob", PASSWORD)
+        unknown = client.post("/api/v1/auth/token", json=body)
+        assert unknown.json()["error"]["message"] == "wrong username or password"

@@ -185,3 +185,14 @@ def test_another_site_cannot_post_the_sign_in_form(client: TestClient) -> None:
         follow_redirects=False,
     )
     assert ours.status_code == 303
+
+
+def test_an_unknown_ui_address_is_an_html_page_not_json(client: TestClient) -> None:
+    sign_in(client, "alice")
+    for path in ("/ui/nowhere", "/ui/p/default/runs/x/y/z", "/ui/static/missing.css"):
+        page = client.get(path)
+        assert page.status_code == 404, path
+        if "static" not in path:
+            assert page.headers["content-type"].startswith("text/html"), path
+            assert "There is no such page here." in page.text
+    assert client.get("/ui/static/app.js").status_code == 200  # the real files still load

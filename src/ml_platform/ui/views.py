@@ -551,6 +551,12 @@ def install(app: FastAPI) -> None:
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
 
+    def no_such_page(rest: str) -> Response:
+        raise PageError(404, "There is no such page here.")
+
+    # Last, after every page and the static files: any other /ui address is an HTML 404.
+    app.add_api_route("/ui/{rest:path}", no_such_page, methods=["GET"], include_in_schema=False)
+
     @app.exception_handler(LoginNeeded)
     async def login_needed(_request: Request, exc: LoginNeeded) -> Response:
         return RedirectResponse(f"/ui/login?{urlencode({'next': exc.next_url})}", status_code=303)
