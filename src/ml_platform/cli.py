@@ -572,24 +572,68 @@ def retry(
 @app.command()
 def cancel(
     run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait until the run has stopped.")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait at most.", min=0)] = 30.0,
     server: Server = None,
     project: ProjectName = "default",
 ) -> None:
-    """Cancel a run: pending tasks never start, running ones are stopped."""
+    """Cancel a run: pending tasks never start, running ones are stopped; waits for the end."""
     if server:
         with _client(server, project) as client:
-            body = client.cancel(run_id)
-            console.print(f"run {body['id'][:8]} {_styled(body['state'])}")
+            before = client.run(run_id)
+            full_id = before["id"]
+            if before["state"] in RUN_TERMINAL:
+                console.print(f"run {full_id[:8]} had already ended: {_styled(before['state'])}")
+                return
+            client.cancel(full_id)
+
+            def remote() -> tuple[str, list[str]]:
+                tasks = client.tasks(full_id)
+                running = [t["node_id"] for t in tasks if t["state"] == "running"]
+                return client.run(full_id)["state"], running
+
+            _until_stopped(full_id, remote, wait, timeout)
         return
     with _platform() as platform:
         full_id = platform.resolve_run_id(run_id)
-        state = platform.cancel(full_id)
-        if state in RUN_TERMINAL and state is not RunState.CANCELLED:
-            console.print(f"run {full_id[:8]} had already ended: {_styled(state)}")
-        else:
-            console.print(
-                f"run {full_id[:8]} {_styled(state)}; running tasks stop at their next heartbeat"
-            )
+        ended, _ = platform.run(full_id)
+        if ended.state in RUN_TERMINAL:
+            console.print(f"run {full_id[:8]} had already ended: {_styled(ended.state)}")
+            return
+        platform.cancel(full_id)
+
+        def local() -> tuple[str, list[str]]:
+            running = [t.node_id for t in platform.task_runs(full_id) if t.state == "running"]
+            return platform.run(full_id)[0].state, running
+
+        _until_stopped(full_id, local, wait, timeout)
+
+
+def _until_stopped(
+    run_id: str, read: Callable[[], tuple[str, list[str]]], wait: bool, timeout: float
+) -> None:
+    """Show the cancelling run until it has ended (or the timeout); say how it ended."""
+    state, running = read()
+    if not wait or state in RUN_TERMINAL:
+        console.print(f"run {run_id[:8]} {_styled(state)}" + ("" if wait else " (not waiting)"))
+        return
+    deadline = time.monotonic() + timeout
+    with console.status(f"cancelling run {run_id[:8]}") as status:
+        while state not in RUN_TERMINAL and time.monotonic() < deadline:
+            names = ", ".join(running[:5]) + (" …" if len(running) > 5 else "")
+            status.update(f"cancelling run {run_id[:8]}: stopping {names or 'its tasks'}")
+            time.sleep(0.5)
+            state, running = read()
+    if state in RUN_TERMINAL:
+        console.print(f"run {run_id[:8]} {_styled(state)}")
+    else:
+        console.print(
+            f"run {run_id[:8]} is still stopping after {timeout:.0f} s "
+            f"(running: {', '.join(running) or 'none'}); its worker stops them at its next "
+            "heartbeat, or their leases expire"
+        )
 
 
 @app.command()

@@ -167,14 +167,14 @@ def test_mlp_cancel_stops_a_long_run(
     process = spawn("run", "tests.workflows:long_pipeline", "-p", f"marker={marker}")
     wait_for(lambda: marker.exists())
     [(run, _)] = platform.runs()
-    code, output = mlp("cancel", run.id[:8])
-    assert code == 0 and "running tasks stop at their next heartbeat" in output
+    code, output = mlp("cancel", run.id[:8])  # waits until the run has stopped
+    assert code == 0 and f"run {run.id[:8]} cancelled" in output, output
+    assert platform.run(run.id)[0].state == "cancelled"  # already, when cancel returns
     final, _ = process.communicate(timeout=30)
     assert process.returncode == 1, final
     assert re.search(r"long_step\s+│ cancelled", final), final
-    assert platform.run(run.id)[0].state == "cancelled"
     code, output = mlp("cancel", run.id[:8])
-    assert "cancelled" in output
+    assert code == 0 and "had already ended: cancelled" in output
 
 
 def test_a_killed_worker_loses_its_attempt_and_another_worker_retries_it(
