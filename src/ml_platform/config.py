@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ml_platform.errors import SettingsError
+
 ENVIRONMENTS = ("development", "staging", "production")
 
 
@@ -126,10 +128,6 @@ class Settings(BaseSettings):
     def heartbeat_seconds(self) -> float:
         """Heartbeats come three times per lease, so one late beat loses nothing."""
         return self.lease_seconds / 3
-
-
-class SettingsError(ValueError):
-    """The environment holds a setting the platform cannot use; the message names it."""
 
 
 def load_settings() -> Settings:

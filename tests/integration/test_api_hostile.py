@@ -24,7 +24,8 @@ from ml_platform.accounts import (
     Role,
 )
 from ml_platform.api import create_app
-from ml_platform.config import Settings, SettingsError, load_settings
+from ml_platform.config import Settings, load_settings
+from ml_platform.errors import SettingsError
 from ml_platform.security import AuthError
 from ml_platform.service import Platform
 from tests.conftest import RedisTarget

@@ -19,3 +19,28 @@ def test_importing_the_cli_imports_no_heavy_library() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_help_loads_no_heavy_library_either() -> None:
+    """`mlp --help` runs main(): what it imports to catch errors must be light too."""
+    probe = (
+        "import sys\n"
+        "from ml_platform.cli import main\n"
+        "sys.argv = ['mlp', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "LOADED []", result.stdout[-500:]
+
+
+def test_version_answers_without_a_database() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ml_platform", "--version"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "ML_PLATFORM_HOME": "/nonexistent/never-created"},
+    )
+    assert done.returncode == 0 and done.stdout.startswith("mlp (ml-platform) ")
