@@ -196,3 +196,16 @@ def test_an_unknown_ui_address_is_an_html_page_not_json(client: TestClient) -> N
             assert page.headers["content-type"].startswith("text/html"), path
             assert "There is no such page here." in page.text
     assert client.get("/ui/static/app.js").status_code == 200  # the real files still load
+
+
+def test_a_run_being_cancelled_says_so_and_offers_no_second_cancel(
+    client: TestClient, sqlite_platform: Platform
+) -> None:
+    submitted = sqlite_platform.submit(workflows.arithmetic, {"n": 2})
+    assert sqlite_platform.claim(submitted.queued[0].attempt_id, "worker-x") is not None
+    csrf = sign_in(client, "alice")
+    page = client.post(f"/ui/p/default/runs/{submitted.run_id}/cancel", data={"csrf": csrf})
+    assert page.status_code == 200
+    assert 'id="run-state">cancelling</span>' in page.text  # its own state, at once
+    assert 'id="cancel"' not in page.text  # the button is gone
+    assert "its running tasks are being stopped" in page.text
