@@ -524,6 +524,8 @@ class Platform:
                 task_run = by_id[node_id]
                 task_run.state = state
                 task_run.finished_at = now
+                if state in (TaskState.SKIPPED, TaskState.UPSTREAM_FAILED) and not task_run.error:
+                    task_run.error = _why_not_run(task_run, by_id)
                 changed = True
             active = sum(t.state in (TaskState.QUEUED, TaskState.RUNNING) for t in tasks)
             for node_id in decision.ready:
@@ -1404,6 +1406,22 @@ def latest_tick(cron: str, first_due: datetime, now: datetime) -> datetime:
     while (following := next_tick(cron, tick)) <= now:
         tick = following
     return tick
+
+
+def _why_not_run(task_run: TaskRun, by_id: Mapping[str, TaskRun]) -> str:
+    """The reason a task the engine decided not to run shows: the upstream it followed."""
+    for state, verb in (
+        (TaskState.FAILED, "failed"),
+        (TaskState.UPSTREAM_FAILED, "did not run"),
+        (TaskState.CANCELLED, "was cancelled"),
+        (TaskState.SKIPPED, "was skipped"),
+    ):
+        for upstream in task_run.upstream:
+            if by_id[upstream].state == state:
+                reason = (by_id[upstream].error or "").removeprefix("skipped: ")
+                because = f": {reason}" if reason and state == TaskState.SKIPPED else ""
+                return f"not run: its upstream {upstream} {verb}{because}"[:1000]
+    return "not run: an upstream task did not succeed"
 
 
 class RetryError(ValueError):

@@ -61,8 +61,9 @@ def test_a_failure_stops_only_its_downstream(platform: Platform) -> None:
         "echo": "upstream_failed",
         "double": "succeeded",
     }
-    explode = next(t for t in platform.task_runs(submitted.run_id) if t.node_id == "explode")
-    assert explode.error == "RuntimeError: boom"
+    tasks = {t.node_id: t for t in platform.task_runs(submitted.run_id)}
+    assert tasks["explode"].error == "RuntimeError: boom"
+    assert tasks["echo"].error == "not run: its upstream explode failed"  # says why
 
 
 def test_retries_until_success_and_only_for_listed_errors(
@@ -85,6 +86,11 @@ def test_skip_ends_the_task_and_its_downstream_as_skipped(platform: Platform) ->
     submitted = platform.submit(workflows.skip_pipeline, {"value": 0.5, "threshold": 0.8})
     assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
     assert _states(platform, submitted.run_id) == {"maybe_skip": "skipped", "double": "skipped"}
+    tasks = {t.node_id: t for t in platform.task_runs(submitted.run_id)}
+    assert tasks["maybe_skip"].error == "skipped: 0.5 is below 0.8"
+    assert tasks["double"].error == (
+        "not run: its upstream maybe_skip was skipped: 0.5 is below 0.8"
+    )
 
 
 def test_large_results_become_artifacts_and_flow_downstream(platform: Platform) -> None:

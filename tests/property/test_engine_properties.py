@@ -105,7 +105,9 @@ def policies(draw: st.DrawFn) -> RetryPolicy:
 def test_retry_delays_are_non_decreasing_and_capped(policy: RetryPolicy, seed: str) -> None:
     delays = [policy.delay(n, seed=seed) for n in range(1, 40)]
     assert all(0 <= d <= policy.max_delay for d in delays)
-    assert all(a <= b for a, b in zip(delays, delays[1:]))
+    # Non-decreasing up to floating-point rounding (a factor of 1 + 2e-16 grows by less than
+    # the rounding of its own product).
+    assert all(a <= b * (1 + 1e-9) for a, b in zip(delays, delays[1:]))
 
 
 json_values = st.recursive(
