@@ -88,7 +88,8 @@ STATE_STYLE = {
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}")
+    # Escaped: messages name tasks like train[0] and extras like [examples], not markup.
+    console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -375,6 +376,13 @@ Concurrency = Annotated[
 @app.command()
 def demo(concurrency: Concurrency = max(2, os.cpu_count() or 2)) -> None:
     """Run the example ML pipeline: data, split, a training grid, evaluation, model registry."""
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:
+        _fail(
+            "the example pipeline needs scikit-learn, which this installation leaves out: "
+            "pip install 'ml-platform[examples]' (from a clone, `uv run mlp demo` has it)"
+        )
     with _platform() as platform:
         run_id = _run_and_report(platform, DEMO_WORKFLOW, {}, concurrency)
         for node_id, artifact in platform.artifacts_of(run_id):

@@ -268,3 +268,16 @@ def test_mlp_retry_reruns_only_what_did_not_succeed(
     ]
     code, output = mlp("retry", "ffffffff")
     assert code == 2 and "no run" in output
+
+
+def test_demo_without_the_examples_extra_says_how_to_add_it(
+    cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
+    )
+    code, output = mlp("demo")
+    assert code == 2 and "pip install 'ml-platform[examples]'" in output
