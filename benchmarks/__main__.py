@@ -3,17 +3,20 @@
 Sections: ``workloads`` (ours and the peers, alternating), ``crash``, ``scale`` (the API,
 UI and /metrics over 100,000 runs and a million task runs), ``pipeline`` (nox
 session creation and the quality gate), ``pipeline-tests`` (the tests session cold and warm:
-about 10 minutes, so never part of the default), ``report`` (measure nothing: rewrite the page
-from the figures kept). Without arguments: workloads, crash, scale and
-pipeline. Figures are kept per section in docs/benchmarks.json, so a partial run replaces
-only its own sections and the page says when each was measured.
+about 10 minutes, so never part of the default), ``image`` (the image's size, built with
+podman as `nox -s image_e2e` builds it: root only, so never part of the default), ``report``
+(measure nothing: rewrite the page from the figures kept). Without arguments: workloads,
+crash, scale and pipeline. Figures are kept per section in docs/benchmarks.json, so a partial
+run replaces only its own sections and the page says when each was measured.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess  # nosec B404
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,29 @@ from benchmarks.workloads_run import run_workloads
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "benchmarks.json"
 DEFAULT = ["workloads", "crash", "scale", "pipeline"]
-KNOWN = [*DEFAULT, "pipeline-tests", "report"]
+KNOWN = [*DEFAULT, "pipeline-tests", "image", "report"]
 
 
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def image_size() -> dict[str, Any]:
+    """The image built and measured by delivery.container (the build `nox -s image_e2e` runs)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "image.json"
+        result = subprocess.run(  # nosec B603 - this interpreter, a fixed module
+            [sys.executable, "-m", "delivery.container", "size", "--json", str(out)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            check=False,
+        )
+        if result.returncode != 0:
+            raise SystemExit(
+                f"the image could not be built and measured (exit {result.returncode})"
+            )
+        figures: dict[str, Any] = json.loads(out.read_text())
+    return figures
 
 
 def main(argv: list[str]) -> int:
@@ -55,6 +76,8 @@ def main(argv: list[str]) -> int:
             figures = scale.run(database_url, redis_url, progress)
         elif section == "pipeline":
             figures = pipeline.run(progress, include_tests=False)
+        elif section == "image":
+            figures = image_size()
         else:
             figures = pipeline.run(progress, include_tests=True)
             figures["tests_measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

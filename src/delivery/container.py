@@ -2,16 +2,21 @@
 
 What `nox -s image_e2e` does (see docs/building-without-a-registry.md):
 1. installs podman, buildah, debootstrap and runc from Debian if they are missing (root only);
-2. bootstraps a minimal Debian bookworm root filesystem and commits it as a local image;
+2. bootstraps a minimal Debian bookworm root filesystem, slims it as debian:bookworm-slim is
+   (no package cache, documentation or translations) and commits it as a local image;
 3. adds Python on top (the stand-in for the pinned python:3.11-slim base);
 4. builds the real Dockerfile on that base (`podman build --isolation chroot`);
 5. runs the container as its non-root user with a read-only root filesystem, against this
    machine's PostgreSQL (a database of its own) and Redis (a key prefix of its own);
 6. runs the smoke tests against it, and removes the container, the database and the keys.
+
+`python -m delivery.container size [--json PATH]` does steps 1-4, says the image's size (the
+base's and ours), writes it as JSON and removes the image: `nox -s bench -- image` records it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -25,10 +30,12 @@ import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-MINBASE = "localhost/debian-minbase:bookworm"
-PYTHON_BASE = "localhost/ml-platform-base:bookworm"
+# The tags change with the recipe: a base built by an older recipe is never reused.
+MINBASE = "localhost/debian-slim:bookworm"
+PYTHON_BASE = "localhost/ml-platform-base:bookworm-slim"
 IMAGE = "localhost/ml-platform:e2e"
 TOOLS = ("podman", "buildah", "debootstrap", "runc")
 RUN_FLAGS = [
@@ -37,6 +44,17 @@ RUN_FLAGS = [
 ]
 #: The container's own /tmp (a tmpfs inside it), not the host's temporary directory.
 CONTAINER_TMP = "/tmp"  # nosec B108
+# What debian:bookworm-slim (the base of python:3.11-slim) leaves out: documentation, manual
+# pages and translations, now and in every package installed later (dpkg path excludes).
+SLIM_DPKG_EXCLUDES = """path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/linda/*
+path-exclude /usr/share/locale/*
+"""
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 # The machine's own trust store goes into the base: where TLS to the package registries passes
 # through an inspecting proxy, its CA is there, and pip and uv inside the build need it too.
@@ -44,7 +62,7 @@ PYTHON_BASE_CONTAINERFILE = f"""FROM {MINBASE}
 RUN apt-get update \\
     && apt-get install -y --no-install-recommends \\
         python3 python3-venv python3-pip ca-certificates \\
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY host-ca.crt /usr/local/share/ca-certificates/host-ca.crt
 RUN update-ca-certificates
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \\
@@ -104,12 +122,44 @@ def debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
+def slim(rootfs: Path) -> None:
+    """Make a bootstrapped root filesystem as lean as debian:bookworm-slim.
+
+    debootstrap keeps every package it downloaded (120 MB) and installs documentation,
+    manual pages and translations; the slim images keep none of these.
+    """
+    (rootfs / "etc/dpkg/dpkg.cfg.d/slim").write_text(SLIM_DPKG_EXCLUDES)
+    (rootfs / "etc/apt/apt.conf.d/slim-clean").write_text(
+        'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin'
+        ' || true"; };\n'
+    )
+    for cached in [
+        *rootfs.glob("var/cache/apt/archives/*.deb"),
+        *rootfs.glob("var/cache/apt/*.bin"),
+    ]:
+        cached.unlink()
+    shutil.rmtree(rootfs / "var/lib/apt/lists", ignore_errors=True)
+    (rootfs / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+    for folder in ("man", "groff", "info", "lintian", "linda", "locale"):
+        shutil.rmtree(rootfs / "usr/share" / folder, ignore_errors=True)
+    for doc in (rootfs / "usr/share/doc").glob("*"):
+        if doc.is_dir() and not doc.is_symlink():
+            for item in doc.iterdir():
+                if item.name != "copyright":
+                    (
+                        shutil.rmtree(item)
+                        if item.is_dir() and not item.is_symlink()
+                        else item.unlink()
+                    )
+
+
 def ensure_bases() -> None:
     if not image_exists(MINBASE):
         rootfs = Path(tempfile.mkdtemp(prefix="mlp-rootfs-"))
         started = time.monotonic()
         say(f"debootstrap --variant=minbase bookworm from {debian_mirror()}")
         run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), debian_mirror()])
+        slim(rootfs)
         container = run(["buildah", "from", "scratch"], capture=True).strip()
         mount = run(["buildah", "mount", container], capture=True).strip()
         run(["cp", "-a", f"{rootfs}/.", mount])
@@ -130,8 +180,50 @@ def ensure_bases() -> None:
             shutil.rmtree(context, ignore_errors=True)
 
 
-def build(context: Path) -> tuple[float, int]:
-    """Build the Dockerfile on the local base; return (seconds, image size in bytes)."""
+@dataclass(frozen=True)
+class Built:
+    """What a build made: how long it took and how big the image is, and of what."""
+
+    seconds: float
+    image_bytes: int
+    base_bytes: int
+    #: The largest entries of the image's virtual environment (name, bytes), largest first.
+    largest: list[tuple[str, int]]
+
+    def summary(self) -> str:
+        return (
+            f"{self.image_bytes / 1e6:.0f} MB (the base {self.base_bytes / 1e6:.0f} MB "
+            f"+ ours {(self.image_bytes - self.base_bytes) / 1e6:.0f} MB)"
+        )
+
+
+def image_bytes(name: str) -> int:
+    return int(run(["podman", "image", "inspect", "--format", "{{.Size}}", name], capture=True))
+
+
+def largest_packages(count: int = 8) -> list[tuple[str, int]]:
+    """The biggest entries of the image's site-packages, measured inside the image."""
+    listing = run(
+        [
+            "podman",
+            *RUN_FLAGS,
+            "run",
+            "--rm",
+            *LIMITS,
+            "--entrypoint",
+            "sh",
+            IMAGE,
+            "-c",
+            "du -sk /opt/venv/lib/python3*/site-packages/* | sort -rn | head -n " + str(count),
+        ],
+        capture=True,
+    )
+    rows = [line.split("\t", 1) for line in listing.splitlines() if "\t" in line]
+    return [(Path(path).name, int(kib) * 1024) for kib, path in rows]
+
+
+def build(context: Path) -> Built:
+    """Build the Dockerfile on the local base and measure the image."""
     started = time.monotonic()
     run(
         [
@@ -149,8 +241,19 @@ def build(context: Path) -> tuple[float, int]:
         ]
     )
     seconds = time.monotonic() - started
-    size = int(run(["podman", "image", "inspect", "--format", "{{.Size}}", IMAGE], capture=True))
-    return seconds, size
+    return Built(seconds, image_bytes(IMAGE), image_bytes(PYTHON_BASE), largest_packages())
+
+
+def size(context: Path) -> Built:
+    """Build the image, measure it and remove it: `python -m delivery.container size`."""
+    ensure_tools()
+    ensure_bases()
+    try:
+        return build(context)
+    finally:
+        subprocess.run(  # nosec B603 B607
+            ["podman", "rmi", "-f", IMAGE], capture_output=True, check=False
+        )
 
 
 def free_port() -> int:
@@ -192,8 +295,8 @@ def wait_ready(url: str, timeout: float = 90.0) -> None:
 def e2e(context: Path, database_url: str, redis_url: str) -> int:
     ensure_tools()
     ensure_bases()
-    seconds, size = build(context)
-    say(f"built {IMAGE} in {seconds:.0f} s, {size / 1e6:.0f} MB")
+    built = build(context)
+    say(f"built {IMAGE} in {built.seconds:.0f} s: {built.summary()}")
     port = free_port()
     name = f"mlp-e2e-{os.getpid()}"
     home = Path(tempfile.mkdtemp(prefix="mlp-e2e-home-"))
@@ -308,9 +411,19 @@ def _drop_keys(redis_url: str, prefix: str) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    if list(argv[:1]) != ["e2e"]:
-        print("usage: python -m delivery.container e2e")
+    if list(argv[:1]) not in (["e2e"], ["size"]):
+        print("usage: python -m delivery.container e2e | size [--json PATH]")
         return 2
+    if argv[0] == "size":
+        try:
+            built = size(Path.cwd())
+        except ContainerError as exc:
+            say(f"error: {exc}")
+            return 1
+        say(f"{IMAGE}: {built.summary()}")
+        if argv[1:2] == ["--json"] and len(argv) > 2:
+            Path(argv[2]).write_text(json.dumps(asdict(built)) + "\n")
+        return 0
     try:
         code = e2e(
             Path.cwd(),

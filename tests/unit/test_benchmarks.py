@@ -178,3 +178,22 @@ def test_the_scale_section_judges_each_request_by_its_p95() -> None:
     assert "| API: the newest 50 runs of the project | 10.0 | 40.0 | 90.0 | ≤ 50 ms | met |" in text
     assert "| 300.0 | 350.0 | 510.0 | ≤ 100 ms | **not met** |" in text
     assert "100,000 runs, 1,000,000 task runs" in text
+
+
+def test_the_image_section_splits_the_image_into_base_and_ours_and_judges_the_goal() -> None:
+    from benchmarks.report import _image_section
+
+    data = {
+        "measured": "2026-12-04 08:18 UTC",
+        "image_bytes": 250_000_000,
+        "base_bytes": 155_000_000,
+        "largest": [["sqlalchemy", 29_600_000]],
+    }
+    lines, met = _image_section(data)
+    text = "\n".join(lines)
+    assert met
+    assert "| the image | 250 (goal ≤ 300: met) |" in text
+    assert "| ours (the virtual environment) | 95 |" in text
+    assert "| — sqlalchemy | 29.6 |" in text
+    lines, met = _image_section({**data, "image_bytes": 745_000_000})
+    assert not met and "**not met**" in "\n".join(lines)
