@@ -7,6 +7,7 @@ import os
 # A task that starts processes, for the tests that check they end with their attempt.
 import subprocess  # nosec B404
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ml_platform.sdk import Backoff, Skip, context, task, workflow
@@ -25,7 +26,7 @@ def echo(value: object) -> str:
 
 
 @task
-def total(values: list[float]) -> float:
+def total(values: Sequence[float]) -> float:
     context().log_metric("count", len(values))
     return sum(values)
 
@@ -283,3 +284,54 @@ def five_steps(folder: str) -> None:
     value = step(0, 1, folder)
     for index in range(2, 6):
         value = step(value, index, folder)
+
+
+# -- dynamic fan-out: task.map over what a task computed ----------------------------------
+
+
+@task
+def shards(n: int) -> list[int]:
+    return list(range(n))
+
+
+@task(cache=True, retries=1, retry_backoff=FAST_RETRY)
+def shard_work(item: int, folder: str, fail: int = -1, fail_times: int = 1) -> int:
+    """Leaves a mark per run of its body; element `fail` fails its first `fail_times` runs."""
+    marks = Path(folder)
+    (marks / f"shard{item}-{os.getpid()}-{time.monotonic_ns()}").touch()
+    if item == fail and len(list(marks.glob(f"shard{item}-*"))) <= fail_times:
+        raise RuntimeError(f"element {item} was told to fail")
+    if item < 0:
+        raise Skip(f"no work for {item}")
+    return item * 10
+
+
+@task
+def gather(values: Sequence[int | None]) -> dict[str, int]:
+    return {"count": len(values), "sum": sum(v for v in values if v is not None)}
+
+
+@workflow
+def mapped(
+    n: int, folder: str, fail: int = -1, fail_times: int = 1, limit: int | None = None
+) -> None:
+    gather(
+        shard_work.map(
+            shards(n), folder=folder, fail=fail, fail_times=fail_times, max_concurrency=limit
+        )
+    )
+
+
+@workflow
+def mapped_literal(folder: str) -> None:
+    gather(shard_work.map([2, -1, double(2)], folder=folder))
+
+
+@workflow
+def mapped_over_a_number(folder: str) -> None:
+    gather(shard_work.map(double(2), folder=folder))
+
+
+@workflow
+def mapped_naps(n: int = 8, seconds: float = 0.3) -> None:
+    total(nap.map(shards(n), seconds=seconds))

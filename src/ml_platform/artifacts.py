@@ -18,6 +18,8 @@ from typing import Any
 from ml_platform.engine.cache import UnserializableInput, canonical_json
 
 ARTIFACT_KEY = "__mlp_artifact__"
+#: A mapped task's stored result: the stored results of its elements, in order.
+ELEMENTS_KEY = "__mlp_elements__"
 _CHUNK = 1024 * 1024
 
 
@@ -109,10 +111,38 @@ def encode_value(value: Any, store: ArtifactStore, inline_limit: int) -> dict[st
     if text is not None and len(text.encode()) <= inline_limit:
         return {"value": value}
     digest, size = store.put_object(value)
-    return {ARTIFACT_KEY: digest, "kind": "pickle", "size": size}
+    stored: dict[str, Any] = {ARTIFACT_KEY: digest, "kind": "pickle", "size": size}
+    if isinstance(value, (list, tuple)):
+        stored["length"] = len(value)  # what a mapped task needs to expand over it
+    return stored
 
 
 def decode_value(stored: dict[str, Any], store: ArtifactStore) -> Any:
+    """The live value of a stored result (see encode_value, element_of and mapped results)."""
+    if ELEMENTS_KEY in stored:  # a mapped task's result: its elements' results, in order
+        return [decode_value(element, store) for element in stored[ELEMENTS_KEY]]
     if ARTIFACT_KEY in stored:
-        return store.get_object(stored[ARTIFACT_KEY])
+        value = store.get_object(stored[ARTIFACT_KEY])
+        return value[stored["item"]] if "item" in stored else value
     return stored["value"]
+
+
+def length_of(stored: dict[str, Any]) -> int | None:
+    """How many elements a stored result has, when it is a list (else None)."""
+    if ELEMENTS_KEY in stored:
+        return len(stored[ELEMENTS_KEY])
+    if ARTIFACT_KEY in stored:
+        length = stored.get("length")
+        return length if isinstance(length, int) else None
+    value = stored.get("value")
+    return len(value) if isinstance(value, list) else None
+
+
+def element_of(stored: dict[str, Any], index: int) -> dict[str, Any]:
+    """The stored form of element ``index`` of a stored list (see length_of)."""
+    if ELEMENTS_KEY in stored:
+        element: dict[str, Any] = stored[ELEMENTS_KEY][index]
+        return element
+    if ARTIFACT_KEY in stored:
+        return {**stored, "item": index}
+    return {"value": stored["value"][index]}

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     log_ship_seconds: float = Field(default=1.0, gt=0)
     #: Largest task result kept inline in the database; larger ones become artifacts.
     inline_result_bytes: int = Field(default=64 * 1024, ge=0)
+    #: Most elements one mapped task (`task.map(items)`) may expand into; a longer list fails
+    #: the mapped task with a message that says so.
+    max_map_size: int = Field(default=10_000, ge=0)
 
     @field_validator("environment", mode="after")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ml_platform.artifacts import ArtifactStore, decode_value
+from ml_platform.artifacts import ArtifactStore, decode_value, element_of
 
 REF_KEY = "__mlp_ref__"
 
@@ -22,11 +22,17 @@ def references(inputs: Any) -> set[str]:
 
 
 def resolve_inputs(inputs: Any, results: Mapping[str, dict[str, Any]]) -> Any:
-    """Replace every upstream reference with that upstream's stored result."""
+    """Replace every upstream reference with that upstream's stored result.
+
+    A reference with an ``item`` (an element of a mapped task) takes that element only.
+    """
     if isinstance(inputs, dict):
         if REF_KEY in inputs:
             node_id = inputs[REF_KEY]
-            return {REF_KEY: node_id, "stored": results[node_id]}
+            stored = results[node_id]
+            if "item" in inputs:
+                stored = element_of(stored, inputs["item"])
+            return {REF_KEY: node_id, "stored": stored}
         return {key: resolve_inputs(value, results) for key, value in inputs.items()}
     if isinstance(inputs, list):
         return [resolve_inputs(value, results) for value in inputs]

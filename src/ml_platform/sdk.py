@@ -133,6 +133,29 @@ class Task(Generic[P, R]):
             return self.fn(*args, **kwargs)
         return cast(R, tracer.add(self, args, kwargs))
 
+    def map(self, items: Any, /, *, max_concurrency: int | None = None, **fixed: Any) -> list[R]:
+        """Run this task once per element of ``items``: ``train.map(grid, data=split)``.
+
+        ``items`` is a list or the result of another task (a list known only when that task
+        has run). Each element is passed as the task's first argument and ``fixed`` as the
+        others, the same for every element. Downstream tasks receive the elements' results
+        as one list, in order (``None`` for an element that raised Skip). Each element is a
+        task run of its own -- ``train[0]``, ``train[1]``, … -- with its own attempts,
+        retries, timeout, cache key and pool; ``max_concurrency`` caps how many run at once.
+        Outside a workflow it is a plain loop.
+        """
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        tracer = _TRACER.get()
+        if tracer is None:
+            return [self.fn(*(item,), **fixed) for item in items]
+        if not isinstance(items, (TaskRef, list, tuple)):
+            raise WorkflowError(
+                f"{self.name}.map() needs a list or another task's result to map over, "
+                f"not {type(items).__name__}"
+            )
+        return cast("list[R]", tracer.add(self, (_MapItem(),), fixed, items, max_concurrency))
+
     def __repr__(self) -> str:
         return f"<task {self.ref}>"
 
@@ -188,25 +211,46 @@ class TaskRef:
     __add__ = __lt__ = __gt__ = __le__ = __ge__ = __float__ = __int__ = _misuse
 
 
+class _MapItem:
+    """Where each element of a mapped task goes while its call is checked."""
+
+
+#: Absent: a plain task node. Present: the items a mapped node expands over.
+_NO_MAP = object()
+
+
 @dataclass
 class _Node:
     task: Task[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     upstream: set[int] = field(default_factory=set)
+    map_items: Any = _NO_MAP
+    map_concurrency: int | None = None
 
 
 class _Tracer:
     def __init__(self) -> None:
         self.nodes: list[_Node] = []
 
-    def add(self, task_: Task[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskRef:
+    def add(
+        self,
+        task_: Task[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        map_items: Any = _NO_MAP,
+        map_concurrency: int | None = None,
+    ) -> TaskRef:
         try:
             inspect.signature(task_.fn).bind(*args, **kwargs)
         except TypeError as exc:
             raise WorkflowError(f"task {task_.name!r} called with wrong arguments: {exc}") from None
-        node = _Node(task_, args, kwargs)
+        mapped = map_items is not _NO_MAP
+        node = _Node(task_, () if mapped else args, kwargs, map_items=map_items)
+        node.map_concurrency = map_concurrency
         node.upstream = {ref.index for ref in _refs_in((args, kwargs))}
+        if mapped:
+            node.upstream |= {ref.index for ref in _refs_in(map_items)}
         self.nodes.append(node)
         return TaskRef(len(self.nodes) - 1, task_.name)
 
@@ -420,11 +464,16 @@ class Workflow:
         specs = []
         for index, node in enumerate(tracer.nodes):
             node_id = ids[index]
+            options = node.task.options()
             try:
                 inputs = {
                     "args": _template(list(node.args), ids, f"task {node_id!r}: argument"),
                     "kwargs": _template(node.kwargs, ids, f"task {node_id!r}: argument"),
                 }
+                if node.map_items is not _NO_MAP:
+                    # Expanded by the engine when the items are known: see Platform._expand.
+                    inputs["map"] = _template(node.map_items, ids, f"task {node_id!r}: items")
+                    options["map_concurrency"] = node.map_concurrency
             except UnserializableInput as exc:
                 raise WorkflowError(str(exc)) from None
             specs.append(
@@ -434,7 +483,7 @@ class Workflow:
                     code_version=node.task.code_version,
                     upstream=tuple(sorted(ids[i] for i in node.upstream)),
                     inputs=inputs,
-                    options=node.task.options(),
+                    options=options,
                 )
             )
         try:

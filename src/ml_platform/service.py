@@ -32,11 +32,11 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from ml_platform.artifacts import ARTIFACT_KEY, ArtifactStore
+from ml_platform.artifacts import ARTIFACT_KEY, ELEMENTS_KEY, ArtifactStore, length_of
 from ml_platform.config import Settings
 from ml_platform.dispatch import Dispatch, queue_of
 from ml_platform.engine.cache import cache_key
-from ml_platform.engine.dag import plan, topological_order
+from ml_platform.engine.dag import group_outcome, plan, topological_order
 from ml_platform.engine.retry import RetryPolicy
 from ml_platform.engine.states import (
     RUN_TERMINAL,
@@ -46,7 +46,7 @@ from ml_platform.engine.states import (
     RunState,
     TaskState,
 )
-from ml_platform.inputs import references, resolve_inputs
+from ml_platform.inputs import REF_KEY, references, resolve_inputs
 from ml_platform.sdk import TracedWorkflow, Workflow, WorkflowError
 from ml_platform.store.db import Database
 from ml_platform.store.models import (
@@ -66,6 +66,8 @@ from ml_platform.store.models import utcnow
 from ml_platform.tracer import check_allowed, trace_in_subprocess
 
 TIMEOUT_ERROR = "builtins:TimeoutError"
+#: A run's DAG as Platform._dag keeps it: upstream, downstream, capped mapped elements.
+_Shape = tuple[dict[str, list[str]], dict[str, list[str]], set[str]]
 #: Runs whose DAG shape a Platform keeps in memory (see Platform._dag).
 DAG_CACHE_SIZE = 256
 log = logging.getLogger(__name__)
@@ -267,7 +269,7 @@ class Platform:
         self.db = Database(settings.database_url)
         self.artifacts = ArtifactStore(settings.artifacts_dir)
         self._default_project_id: int | None = None
-        self._dags: dict[str, tuple[dict[str, list[str]], dict[str, list[str]]]] = {}
+        self._dags: dict[str, _Shape] = {}
 
     def start(self) -> Platform:
         self.db.ensure_schema()
@@ -421,7 +423,9 @@ class Platform:
             nodes = {t.node_id for t in tasks}
             if from_task is not None and from_task not in nodes:
                 raise RetryError(f"run {run_id[:8]} has no task {from_task!r}")
-            rerun = _downstream_of(from_task, {t.node_id: t.upstream for t in tasks})
+            rerun = _downstream_of(from_task, _with_elements(tasks))
+            # Rerunning a mapped task reruns its elements.
+            rerun |= {t.node_id for t in tasks if t.options.get("map_of") in rerun}
             session.add(
                 Run(
                     id=new_id,
@@ -434,8 +438,15 @@ class Platform:
             )
             session.flush()
             copies = []
+            reused = {
+                t.node_id for t in tasks if t.state in TASK_DONE_OK and t.node_id not in rerun
+            }
             for old in tasks:
-                reuse = old.state in TASK_DONE_OK and old.node_id not in rerun
+                reuse = old.node_id in reused
+                # The elements of a reused mapped task keep how they ended (a skipped one too).
+                state = TaskState.REUSED if reuse else TaskState.PENDING
+                if old.options.get("map_of") in reused and not reuse:
+                    state = TaskState(old.state)
                 copy = TaskRun(
                     run_id=new_id,
                     node_id=old.node_id,
@@ -446,12 +457,13 @@ class Platform:
                     inputs=old.inputs,
                     options=old.options,
                     pool=old.pool,
-                    state=TaskState.REUSED if reuse else TaskState.PENDING,
+                    state=state,
+                    error=old.error if state == TaskState.SKIPPED else None,
                     result=old.result if reuse else None,
                     cached_from=(old.cached_from or old.id) if reuse else None,
                     cache_key=old.cache_key if reuse else None,
                     started_at=now if reuse else None,
-                    finished_at=now if reuse else None,
+                    finished_at=now if state in TASK_TERMINAL else None,
                 )
                 copies.append((old, copy, reuse))
                 session.add(copy)
@@ -513,13 +525,14 @@ class Platform:
                 )
             )
             by_id = {t.node_id: t for t in tasks}
+            settled = self._settle_groups(tasks, now)
             decision = plan(
                 [t.node_id for t in tasks],
                 {t.node_id: t.upstream for t in tasks},
                 {t.node_id: TaskState(t.state) for t in tasks},
                 cancel_requested=run.cancel_requested,
             )
-            changed = False
+            changed = settled
             for node_id, state in decision.changes().items():
                 task_run = by_id[node_id]
                 task_run.state = state
@@ -527,9 +540,24 @@ class Platform:
                 if state in (TaskState.SKIPPED, TaskState.UPSTREAM_FAILED) and not task_run.error:
                     task_run.error = _why_not_run(task_run, by_id)
                 changed = True
-            active = sum(t.state in (TaskState.QUEUED, TaskState.RUNNING) for t in tasks)
+            active = 0
+            group_active: dict[str, int] = {}
+            for t in tasks:
+                if t.state in (TaskState.QUEUED, TaskState.RUNNING) and "map" not in t.inputs:
+                    active += 1
+                    group = t.options.get("map_of")
+                    if group is not None:
+                        group_active[group] = group_active.get(group, 0) + 1
             for node_id in decision.ready:
                 task_run = by_id[node_id]
+                if "map" in task_run.inputs:
+                    self._expand(session, task_run, by_id, now)
+                    changed = True
+                    continue
+                group = task_run.options.get("map_of")
+                group_limit = task_run.options.get("map_concurrency")
+                if group is not None and group_limit and group_active.get(group, 0) >= group_limit:
+                    continue
                 if task_run.options.get("cache"):
                     results = {dep: by_id[dep].result or {} for dep in task_run.upstream}
                     key = cache_key(
@@ -561,6 +589,8 @@ class Platform:
                 else:
                     ready.append(task_run)
                 active += 1
+                if group is not None:
+                    group_active[group] = group_active.get(group, 0) + 1
                 changed = True
             # One INSERT for all the attempts that became ready (a fan-out's thousand).
             queued += self._new_attempts(session, ready, now, delay=0.0)
@@ -574,6 +604,96 @@ class Platform:
             session.flush()
             if not changed:
                 return queued
+
+    def _expand(
+        self, session: Session, parent: TaskRun, by_id: Mapping[str, TaskRun], now: datetime
+    ) -> None:
+        """Expand a mapped task whose inputs are known into one task run per element.
+
+        The elements ``NAME[i]`` take the mapped task's upstreams, options and pool, and
+        element i of the items as first argument (a reference into the upstream's result, so
+        that no element carries the whole list). The mapped task runs until they all end
+        (see _settle_groups). Elements that exist already -- copied by ``retry`` -- are kept.
+        """
+        template = parent.inputs["map"]
+        items: list[Any]
+        if isinstance(template, dict) and REF_KEY in template:
+            source = template[REF_KEY]
+            length = length_of(by_id[source].result or {})
+            if length is None:
+                self._fail_group(parent, now, f"cannot map over the result of {source}: not a list")
+                return
+            items = [{REF_KEY: source, "item": index} for index in range(length)]
+        else:
+            items = list(template)
+        limit = self.settings.max_map_size
+        if len(items) > limit:
+            self._fail_group(
+                parent,
+                now,
+                f"{parent.node_id} would expand into {len(items):,} elements, more than "
+                f"MLP_MAX_MAP_SIZE={limit:,}",
+            )
+            return
+        parent.state = TaskState.RUNNING
+        parent.started_at = now
+        fixed = parent.inputs["kwargs"]
+        session.add_all(
+            TaskRun(
+                run_id=parent.run_id,
+                node_id=f"{parent.node_id}[{index}]",
+                position=parent.position,
+                task_ref=parent.task_ref,
+                code_version=parent.code_version,
+                upstream=list(parent.upstream),
+                inputs={"args": [item, *parent.inputs["args"]], "kwargs": fixed},
+                options={**parent.options, "map_of": parent.node_id, "map_index": index},
+                pool=parent.pool,
+                state=TaskState.PENDING,
+            )
+            for index, item in enumerate(items)
+            if f"{parent.node_id}[{index}]" not in by_id
+        )
+        self._dags.pop(parent.run_id, None)
+
+    @staticmethod
+    def _fail_group(parent: TaskRun, now: datetime, error: str) -> None:
+        parent.state = TaskState.FAILED
+        parent.error = error
+        parent.started_at = parent.finished_at = now
+
+    @staticmethod
+    def _settle_groups(tasks: list[TaskRun], now: datetime) -> bool:
+        """End each running mapped task whose elements have all ended; True if any did."""
+        elements: dict[str, list[TaskRun]] = {}
+        for task_run in tasks:
+            parent = task_run.options.get("map_of")
+            if parent is not None:
+                elements.setdefault(parent, []).append(task_run)
+        changed = False
+        for task_run in tasks:
+            if task_run.state != TaskState.RUNNING or "map" not in task_run.inputs:
+                continue
+            group = sorted(elements.get(task_run.node_id, []), key=lambda e: e.options["map_index"])
+            outcome = group_outcome([TaskState(e.state) for e in group])
+            if outcome is None:
+                continue
+            task_run.state = outcome
+            task_run.finished_at = now
+            changed = True
+            if outcome == TaskState.SUCCEEDED:
+                task_run.result = {
+                    ELEMENTS_KEY: [
+                        e.result if e.state in TASK_DONE_OK and e.result else {"value": None}
+                        for e in group
+                    ]
+                }
+                continue
+            bad = [e.node_id for e in group if e.state not in TASK_DONE_OK | {TaskState.SKIPPED}]
+            verb = "failed" if outcome == TaskState.FAILED else "did not finish"
+            shown = ", ".join(bad[:5]) + (", …" if len(bad) > 5 else "")
+            task_run.error = f"{len(bad)} of {len(group)} elements {verb}: {shown}"
+        return changed
 
     @staticmethod
     def _copy_outputs(session: Session, source: TaskRun, target: TaskRun) -> None:
@@ -1092,7 +1212,9 @@ class Platform:
         """
         if max_concurrency is not None or pool:
             return True  # a freed slot may admit a waiting task
-        upstream, downstream = self._dag(session, run_id)
+        upstream, downstream, limited = self._dag(session, run_id, node_id)
+        if node_id in limited:
+            return True  # an element of a mapped task with max_concurrency: a freed slot
         waiting = downstream.get(node_id, [])
         conn = session.connection()
         if not waiting:  # a sink: the run ends when no task is left open
@@ -1117,25 +1239,38 @@ class Platform:
                 return True
         return False
 
-    def _dag(
-        self, session: Session, run_id: str
-    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        """A run's upstream and downstream maps; they never change, so they are cached."""
+    def _dag(self, session: Session, run_id: str, node_id: str) -> _Shape:
+        """A run's upstream and downstream maps, and its elements under a concurrency cap.
+
+        Cached per run; a mapped task adds its elements when it expands, so a node the cache
+        does not know (expanded by another process) reloads it. An element counts as an
+        upstream of its mapped task: that task ends when its elements have.
+        """
         known = self._dags.get(run_id)
-        if known is not None:
+        if known is not None and node_id in known[0]:
             return known
         upstream: dict[str, list[str]] = {}
         downstream: dict[str, list[str]] = {}
-        for node_id, deps in session.execute(
-            select(TaskRun.node_id, TaskRun.upstream).where(TaskRun.run_id == run_id)
+        limited: set[str] = set()
+        for node, deps, options in session.execute(
+            select(TaskRun.node_id, TaskRun.upstream, TaskRun.options).where(
+                TaskRun.run_id == run_id
+            )
         ):
-            upstream[node_id] = list(deps)
+            upstream.setdefault(node, []).extend(deps)
             for dep in deps:
-                downstream.setdefault(dep, []).append(node_id)
+                downstream.setdefault(dep, []).append(node)
+            parent = options.get("map_of")
+            if parent is not None:
+                upstream.setdefault(parent, []).append(node)
+                downstream.setdefault(node, []).append(parent)
+                if options.get("map_concurrency"):
+                    limited.add(node)
+        self._dags.pop(run_id, None)
         if len(self._dags) >= DAG_CACHE_SIZE:
             self._dags.pop(next(iter(self._dags)))
-        self._dags[run_id] = (upstream, downstream)
-        return upstream, downstream
+        self._dags[run_id] = (upstream, downstream, limited)
+        return self._dags[run_id]
 
     @staticmethod
     def _is_due(session: Session, attempt_id: int, now: datetime) -> bool:
@@ -1426,6 +1561,16 @@ def _why_not_run(task_run: TaskRun, by_id: Mapping[str, TaskRun]) -> str:
 
 class RetryError(ValueError):
     """The run cannot be retried (yet); the message says why."""
+
+
+def _with_elements(tasks: Iterable[TaskRun]) -> dict[str, list[str]]:
+    """Upstream maps where a mapped task also depends on its elements."""
+    upstream = {t.node_id: list(t.upstream) for t in tasks}
+    for t in tasks:
+        parent = t.options.get("map_of")
+        if parent is not None:
+            upstream[parent].append(t.node_id)
+    return upstream
 
 
 def _downstream_of(node_id: str | None, upstream: Mapping[str, Iterable[str]]) -> set[str]:

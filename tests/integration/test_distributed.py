@@ -139,3 +139,24 @@ def test_lost_redis_data_does_not_lose_queued_work(
     redis_client.delete(*redis_client.keys(f"{redis_target.prefix}:*"))
     workers(1)
     wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded")
+
+
+def test_two_workers_share_the_elements_of_a_mapped_task_and_run_each_once(
+    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
+) -> None:
+    for process in workers(2):
+        assert process.stdout is not None
+        assert "ready" in process.stdout.readline()
+    submitted = platform.submit(workflows.mapped_naps, {"n": 8, "seconds": 0.4})
+    wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded")
+    tasks = {t.id: t for t in platform.task_runs(submitted.run_id)}
+    by_node = {t.node_id: t for t in tasks.values()}
+    assert by_node["total"].result == {"value": sum(range(8))}
+    assert by_node["nap"].state == "succeeded"
+    attempts = platform.attempts(submitted.run_id)
+    elements = [a for a in attempts if tasks[a.task_run_id].node_id.startswith("nap[")]
+    assert sorted(tasks[a.task_run_id].node_id for a in elements) == sorted(
+        f"nap[{i}]" for i in range(8)
+    )  # one attempt each
+    assert {a.state for a in elements} == {"succeeded"}
+    assert len({a.worker_id for a in elements}) == 2

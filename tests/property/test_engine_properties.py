@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ml_platform.engine.cache import cache_key, canonical_json
-from ml_platform.engine.dag import plan, topological_order
+from ml_platform.engine.dag import group_outcome, plan, topological_order
 from ml_platform.engine.retry import RetryPolicy
 from ml_platform.engine.states import TASK_TERMINAL, RunState, TaskState
 
@@ -128,3 +128,74 @@ def test_cache_key_changes_iff_code_or_inputs_change(
 ) -> None:
     same = code_a == code_b and canonical_json(inputs_a) == canonical_json(inputs_b)
     assert (cache_key("m:t", code_a, inputs_a) == cache_key("m:t", code_b, inputs_b)) == same
+
+
+@given(dags(), st.data())
+def test_mapped_tasks_wait_for_all_their_elements_and_every_run_ends_consistently(
+    upstream: dict[str, list[str]], data: st.DataObject
+) -> None:
+    """The engine's pieces as the service composes them (Platform._advance): plan() for
+    the graph, a mapped node expanding into elements that take its upstreams, and
+    group_outcome() deciding it once every element ended."""
+    names = list(upstream)
+    mapped = data.draw(st.sets(st.sampled_from(names)), label="mapped")
+    sizes = {m: data.draw(st.integers(0, 4), label=f"size of {m}") for m in sorted(mapped)}
+    outcomes = st.sampled_from([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.SKIPPED])
+    graph = {name: list(deps) for name, deps in upstream.items()}
+    states = dict.fromkeys(names, TaskState.PENDING)
+    elements: dict[str, list[str]] = {}
+    ended_at: dict[str, int] = {}
+    clock = 0
+    outcome = None
+    for _ in range(20 * len(names) + 20):
+        # Settle the mapped tasks whose elements all ended (as Platform._settle_groups).
+        for parent, kids in elements.items():
+            if states[parent] is TaskState.RUNNING:
+                decided = group_outcome([states[k] for k in kids])
+                if decided is not None:
+                    states[parent] = decided
+                    clock += 1
+                    ended_at[parent] = clock
+        order = topological_order(graph)
+        decision = plan(order, graph, states)
+        states.update(decision.changes())
+        if decision.outcome is not None:
+            outcome = decision.outcome
+            break
+        runnable = []
+        for task in decision.ready:
+            if task in mapped and task not in elements:  # expand (as Platform._expand)
+                kids = [f"{task}[{i}]" for i in range(sizes[task])]
+                elements[task] = kids
+                for kid in kids:
+                    graph[kid] = list(upstream[task])
+                    states[kid] = TaskState.PENDING
+                states[task] = TaskState.RUNNING
+            else:
+                runnable.append(task)
+        if not runnable:
+            continue
+        batch = data.draw(st.lists(st.sampled_from(runnable), min_size=1, unique=True))
+        for task in batch:
+            clock += 1
+            ended_at[task] = clock
+            states[task] = data.draw(outcomes, label=f"outcome of {task}")
+    assert outcome is not None, "the run never ended"
+    assert all(state in TASK_TERMINAL for state in states.values())
+    for parent, kids in elements.items():
+        kid_states = [states[k] for k in kids]
+        # Decided only after every element ended.
+        assert all(ended_at[k] < ended_at[parent] for k in kids if k in ended_at)
+        failed = any(s in (TaskState.FAILED, TaskState.UPSTREAM_FAILED) for s in kid_states)
+        assert (states[parent] is TaskState.FAILED) == failed
+        if not failed:
+            assert states[parent] is TaskState.SUCCEEDED  # skipped elements give None
+        for task, deps in upstream.items():
+            if (
+                parent in deps
+                and task in ended_at
+                and states[task] is not TaskState.UPSTREAM_FAILED
+            ):
+                assert ended_at[task] > ended_at[parent], f"{task} ran before {parent} ended"
+    any_failed = any(s is TaskState.FAILED for s in states.values())
+    assert (outcome is RunState.FAILED) == any_failed

@@ -69,3 +69,21 @@ def test_a_stored_pickle_that_was_changed_is_never_loaded(tmp_path: Path) -> Non
     path.write_bytes(pickle.dumps("something else"))
     with pytest.raises(ArtifactCorrupted, match="does not match its digest"):
         store.get_object(digest)
+
+
+def test_a_list_result_knows_its_length_and_gives_single_elements(tmp_path: Path) -> None:
+    from ml_platform.artifacts import ELEMENTS_KEY, element_of, length_of
+
+    store = ArtifactStore(tmp_path)
+    inline = encode_value([1, 2, 3], store, inline_limit=1024)
+    assert length_of(inline) == 3
+    assert element_of(inline, 1) == {"value": 2}
+    big = encode_value([object.__name__] * 2 + [b"x" * 10], store, inline_limit=10)
+    assert ARTIFACT_KEY in big and length_of(big) == 3
+    assert decode_value(element_of(big, 2), store) == b"x" * 10
+    assert length_of(encode_value({"a": 1}, store, inline_limit=1024)) is None
+    assert length_of(encode_value(b"not json", store, inline_limit=1024)) is None
+    grouped = {ELEMENTS_KEY: [inline, {"value": None}, big]}
+    assert length_of(grouped) == 3
+    assert decode_value(grouped, store) == [[1, 2, 3], None, ["object", "object", b"x" * 10]]
+    assert element_of(grouped, 1) == {"value": None}

@@ -135,3 +135,38 @@ def test_bad_decorator_arguments_fail_at_import_time() -> None:
 def test_context_outside_a_task_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="only available inside a running task"):
         context()
+
+
+def test_map_records_one_node_whose_items_and_fixed_arguments_are_templates() -> None:
+    specs = {spec.node_id: spec for spec in workflows.mapped.build({"n": 3, "folder": "/f"})}
+    assert list(specs) == ["shards", "shard_work", "gather"]
+    node = specs["shard_work"]
+    assert node.upstream == ("shards",)
+    assert node.inputs["map"] == {REF_KEY: "shards"}
+    assert node.inputs["args"] == []
+    assert node.inputs["kwargs"] == {"folder": "/f", "fail": -1, "fail_times": 1}
+    assert node.options["map_concurrency"] is None
+    assert specs["gather"].inputs["args"] == [{REF_KEY: "shard_work"}]
+    literal = {s.node_id: s for s in workflows.mapped_literal.build({"folder": "/f"})}
+    assert literal["shard_work"].inputs["map"] == [2, -1, {REF_KEY: "double"}]
+    assert literal["shard_work"].upstream == ("double",)
+
+
+def test_map_outside_a_workflow_is_a_loop_and_bad_uses_say_what_is_wrong() -> None:
+    assert workflows.double.map([1, 2, 3]) == [2, 4, 6]
+
+    @workflow
+    def over_a_string() -> None:
+        workflows.double.map("abc")
+
+    with pytest.raises(WorkflowError, match=r"double.map\(\) needs a list or another task"):
+        over_a_string.build({})
+
+    @workflow
+    def wrong_fixed() -> None:
+        workflows.double.map([1], y=2)
+
+    with pytest.raises(WorkflowError, match="called with wrong arguments"):
+        wrong_fixed.build({})
+    with pytest.raises(ValueError, match="max_concurrency must be >= 1"):
+        workflows.double.map([1], max_concurrency=0)

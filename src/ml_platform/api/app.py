@@ -32,7 +32,6 @@ from ml_platform.sdk import ParamError, WorkflowError
 from ml_platform.security import TokenSigner, resolve_secret_key
 from ml_platform.service import NotFound, Platform, ScheduleError
 from ml_platform.store.db import current_revision, head_from_files
-from ml_platform.ui.views import CSP as UI_CSP
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +111,9 @@ def create_app(
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
+    # Here, not at the top: the UI's views import the API's dependencies (a cycle otherwise).
+    from ml_platform.ui.views import CSP as UI_CSP
+
     app.state.services = services
     app.include_router(router)
     ui.install(app)

@@ -132,3 +132,20 @@ def run_outcome(states: Iterable[TaskState], *, cancel_requested: bool) -> RunSt
     if TaskState.FAILED in final or TaskState.UPSTREAM_FAILED in final:
         return RunState.FAILED
     return RunState.SUCCEEDED
+
+
+def group_outcome(elements: Sequence[TaskState]) -> TaskState | None:
+    """The state of a mapped task once its elements are decided, else None.
+
+    It waits for every element, so the outcome never depends on which ended first. A failed
+    (or upstream-failed) element fails it, else a cancelled one cancels it; otherwise it
+    succeeds -- with no elements too -- and an element that raised Skip counts as a ``None``
+    result, so that one skipped grid point does not stop the evaluation of the others.
+    """
+    if not all(state in TASK_TERMINAL for state in elements):
+        return None
+    if any(state in (TaskState.FAILED, TaskState.UPSTREAM_FAILED) for state in elements):
+        return TaskState.FAILED
+    if TaskState.CANCELLED in elements:
+        return TaskState.CANCELLED
+    return TaskState.SUCCEEDED

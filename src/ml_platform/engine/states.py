@@ -71,9 +71,13 @@ RUN_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 }
 
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    # A mapped task runs (as the group of its elements) from the moment it expands, and
+    # fails at once when its items cannot be mapped over.
     TaskState.PENDING: frozenset(
         {
             TaskState.QUEUED,
+            TaskState.RUNNING,
+            TaskState.FAILED,
             TaskState.CACHED,
             TaskState.REUSED,
             TaskState.SKIPPED,
