@@ -131,6 +131,17 @@ class TaskView:
     started_at: datetime | None
     finished_at: datetime | None
     metrics: list[str]
+    #: A mapped task: how many elements it expanded into (None for other tasks).
+    elements: int | None = None
+
+
+def _element_counts(rows: list[tuple[str, bool, str | None]]) -> dict[str, int]:
+    """Elements per mapped task, from (node id, is mapped, mapped task it belongs to)."""
+    counts = {node_id: 0 for node_id, mapped, _ in rows if mapped}
+    for _, _, parent in rows:
+        if parent in counts:
+            counts[parent] += 1
+    return counts
 
 
 def _local_tasks(platform: Platform, run_id: str) -> list[TaskView]:
@@ -140,6 +151,10 @@ def _local_tasks(platform: Platform, run_id: str) -> list[TaskView]:
     metrics: dict[str, list[str]] = {}
     for node_id, metric in platform.metrics(run_id):
         metrics.setdefault(node_id, []).append(f"{metric.name}={metric.value:.4g}")
+    tasks = platform.task_runs(run_id)
+    elements = _element_counts(
+        [(t.node_id, "map" in t.inputs, t.options.get("map_of")) for t in tasks]
+    )
     return [
         TaskView(
             t.node_id,
@@ -148,8 +163,9 @@ def _local_tasks(platform: Platform, run_id: str) -> list[TaskView]:
             t.started_at,
             t.finished_at,
             metrics.get(t.node_id, []),
+            elements.get(t.node_id),
         )
-        for t in platform.task_runs(run_id)
+        for t in tasks
     ]
 
 
@@ -157,6 +173,10 @@ def _remote_tasks(client: Client, run_id: str) -> list[TaskView]:
     metrics: dict[str, list[str]] = {}
     for metric in client.metrics(run_id):
         metrics.setdefault(metric["task"], []).append(f"{metric['name']}={metric['value']:.4g}")
+    tasks = client.tasks(run_id)
+    elements = _element_counts(
+        [(t["node_id"], t.get("mapped", False), t.get("element_of")) for t in tasks]
+    )
     return [
         TaskView(
             t["node_id"],
@@ -165,8 +185,9 @@ def _remote_tasks(client: Client, run_id: str) -> list[TaskView]:
             _when(t["started_at"]),
             _when(t["finished_at"]),
             metrics.get(t["node_id"], []),
+            elements.get(t["node_id"]),
         )
-        for t in client.tasks(run_id)
+        for t in tasks
     ]
 
 
@@ -180,10 +201,14 @@ def _tasks_table(views: list[TaskView]) -> Table:
         table.add_column(column)
     for view in views:
         tries = view.attempts
+        if view.elements is not None:
+            tried = f"map ×{view.elements}"  # the elements are the rows that follow
+        else:
+            tried = " ".join(_styled(s) for s in tries) if len(tries) > 1 else str(len(tries))
         table.add_row(
             view.node_id,
             _styled(view.state),
-            " ".join(_styled(s) for s in tries) if len(tries) > 1 else str(len(tries)),
+            tried,
             _seconds(view.started_at, view.finished_at),
             " ".join(view.metrics),
         )

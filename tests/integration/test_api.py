@@ -477,6 +477,24 @@ def test_retry_through_the_api_reuses_and_is_for_editors(api: Api, tmp_path: Pat
     assert nope.status_code == 422 and "has no task 'nope'" in nope.text
 
 
+def test_the_api_says_which_task_is_mapped_and_which_are_its_elements(
+    api: Api, tmp_path: Path
+) -> None:
+    carol = api.login("carol")
+    run_id = submit(api, carol, "tests.workflows:mapped", n=3, folder=str(tmp_path))
+    assert run_inline(api.platform, run_id) is RunState.SUCCEEDED
+    tasks = api.client.get(f"/api/v1/projects/vision/runs/{run_id}/tasks", headers=carol).json()
+    shape = {t["node_id"]: (t["mapped"], t["element_of"], t["state"]) for t in tasks}
+    assert shape == {
+        "shards": (False, None, "succeeded"),
+        "shard_work": (True, None, "succeeded"),
+        "shard_work[0]": (False, "shard_work", "succeeded"),
+        "shard_work[1]": (False, "shard_work", "succeeded"),
+        "shard_work[2]": (False, "shard_work", "succeeded"),
+        "gather": (False, None, "succeeded"),
+    }
+
+
 def test_a_login_to_a_server_without_users_says_how_to_make_one(platform: Platform) -> None:
     platform.settings.secret_key = SECRET
     with TestClient(create_app(platform.settings, platform=platform)) as client:

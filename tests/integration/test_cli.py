@@ -99,6 +99,16 @@ def test_a_failed_run_exits_non_zero_and_names_the_failure(cli_env: dict[str, st
     assert re.search(r"echo\s+│ upstream_failed", output)
 
 
+def test_a_mapped_task_shows_its_element_count_and_each_element_as_a_row(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    code, output = mlp("run", "tests.workflows:mapped", "-p", "n=3", "-p", f"folder={tmp_path}")
+    assert code == 0, output
+    assert re.search(r"shard_work\s+│ succeeded │ map ×3", output), output
+    for index in range(3):
+        assert f"shard_work[{index}]" in output
+
+
 def test_a_task_past_its_timeout_is_killed_and_retried(cli_env: dict[str, str]) -> None:
     started = time.monotonic()
     code, output = mlp("run", "tests.workflows:overrun_pipeline", "-p", "seconds=30")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -151,6 +152,21 @@ def test_the_run_page_draws_the_dag_timeline_and_metrics(
     assert "count" in compare  # the metric the workflow logs
     bad_day = client.get("/ui/p/default/runs?day=yesterday")
     assert bad_day.status_code == 400 and "must be a date" in bad_day.text
+
+
+def test_a_mapped_task_is_one_node_and_its_elements_are_on_the_timeline(
+    client: TestClient, sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    params = {"n": 12, "folder": str(tmp_path), "fail": 3}
+    run_id = sqlite_platform.submit(workflows.mapped, params).run_id
+    assert run_inline(sqlite_platform, run_id) == "succeeded"
+    sign_in(client, "alice")
+    page = client.get(f"/ui/p/default/runs/{run_id}").text
+    assert page.count('<g class="node"') == 3  # shards, shard_work ×12, gather
+    assert "shard_work ×12" in page
+    assert "12 elements, 12 succeeded" in page
+    # 1 + 12 elements (one retried) + 1: every attempt is a bar.
+    assert page.count('class="bar"') == len(sqlite_platform.attempts(run_id)) == 15
 
 
 def test_sign_out_ends_the_session_on_the_server_not_only_in_the_browser(

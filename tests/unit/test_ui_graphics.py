@@ -90,3 +90,23 @@ def test_a_metric_chart_has_a_series_per_task_in_run_order() -> None:
     assert first.path.startswith("M") and " L" in first.path
     assert len(second.points) == 1 and [t.label for t in chart.x_ticks] == ["r1", "r2"]
     assert graphics.metric_chart([], []).series == []
+
+
+def test_a_mapped_task_is_one_node_with_its_element_count_and_their_states() -> None:
+    rows: list[tuple[str, list[str], str, str | None]] = [
+        ("shards", [], "succeeded", None),
+        ("train", ["shards"], "running", None),
+        *[(f"train[{i}]", ["shards"], "succeeded", "train") for i in range(38)],
+        ("train[38]", ["shards"], "running", "train"),
+        ("train[39]", ["shards"], "failed", "train"),
+        ("best", ["train"], "pending", None),
+    ]
+    nodes = graphics.mapped_nodes(rows)
+    assert [n.node_id for n in nodes] == ["shards", "train", "best"]
+    train = nodes[1]
+    assert train.badge == "×40"
+    assert train.detail == "40 elements, 38 succeeded, 1 running, 1 failed"
+    dag = graphics.layout_dag(nodes)
+    [box] = [b for b in dag.boxes if b.node_id == "train"]
+    assert box.label == "train ×40" and not box.compact
+    assert len(dag.boxes) == 3

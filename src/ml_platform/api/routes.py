@@ -287,6 +287,8 @@ def run_tasks(run_id: str, access: Viewer, svc: ServicesDep) -> list[TaskRunOut]
             finished_at=t.finished_at,
             lost_attempts=t.lost_attempts,
             attempts=attempts.get(t.id, []),
+            mapped="map" in t.inputs,
+            element_of=t.options.get("map_of"),
         )
         for t in svc.platform.task_runs(full_id)
     ]

@@ -138,6 +138,10 @@ class TaskRunOut(BaseModel):
     #: Attempts lost to the infrastructure (they never consume the task's retries).
     lost_attempts: int = 0
     attempts: list[AttemptOut]
+    #: A mapped task (`task.map`): true; its elements are the task runs whose element_of
+    #: names it, NAME[0], NAME[1], …
+    mapped: bool = False
+    element_of: str | None = None
 
 
 class MetricOut(BaseModel):

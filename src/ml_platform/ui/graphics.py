@@ -44,6 +44,9 @@ class TaskNode:
     node_id: str
     upstream: Sequence[str]
     state: str
+    #: A mapped task (drawn as one node for all its elements): "×40" and the elements' states.
+    badge: str = ""
+    detail: str = ""
 
 
 @dataclass
@@ -55,6 +58,8 @@ class Box:
     w: float
     h: float
     compact: bool  # a square in a wide layer: the label is only its tooltip
+    badge: str = ""
+    detail: str = ""
 
     @property
     def fill(self) -> str:
@@ -67,7 +72,9 @@ class Box:
 
     @property
     def label(self) -> str:
-        return self.node_id if len(self.node_id) <= 20 else self.node_id[:19] + "…"
+        room = 20 - (len(self.badge) + 1 if self.badge else 0)
+        name = self.node_id if len(self.node_id) <= room else self.node_id[: room - 1] + "…"
+        return f"{name} {self.badge}" if self.badge else name
 
 
 @dataclass
@@ -159,6 +166,8 @@ def layout_dag(tasks: Sequence[TaskNode]) -> Dag:
                     CELL,
                     CELL,
                     True,
+                    task.badge,
+                    task.detail,
                 )
                 dag.boxes.append(box)
                 where[task.node_id] = box
@@ -176,6 +185,8 @@ def layout_dag(tasks: Sequence[TaskNode]) -> Dag:
                     NODE_W,
                     NODE_H,
                     False,
+                    task.badge,
+                    task.detail,
                 )
                 row.append(box)
                 where[task.node_id] = box
@@ -416,3 +427,33 @@ def metric_chart(
     step = (high - low) / 4
     chart.y_ticks = [(y_of(low + i * step), f"{low + i * step:.3g}") for i in range(5)]
     return chart
+
+
+def mapped_nodes(
+    tasks: Sequence[tuple[str, Sequence[str], str, str | None]],
+) -> list[TaskNode]:
+    """The DAG's nodes from (node id, upstream, state, mapped task it is an element of).
+
+    A mapped task's elements are drawn as its one node: ``×N`` and, in its tooltip, how many
+    elements are in which state. A fan-out of 500 elements stays one readable node.
+    """
+    elements: dict[str, list[str]] = {}
+    for _, _, state, parent in tasks:
+        if parent is not None:
+            elements.setdefault(parent, []).append(state)
+    nodes = []
+    for node_id, upstream, state, parent in tasks:
+        if parent is not None:
+            continue
+        states = elements.get(node_id)
+        if states is None:
+            nodes.append(TaskNode(node_id, upstream, state))
+            continue
+        counts: dict[str, int] = {}
+        for element in states:
+            counts[element] = counts.get(element, 0) + 1
+        detail = f"{len(states)} elements" + "".join(
+            f", {count} {name}" for name, count in sorted(counts.items(), key=lambda c: -c[1])
+        )
+        nodes.append(TaskNode(node_id, upstream, state, f"×{len(states)}", detail))
+    return nodes

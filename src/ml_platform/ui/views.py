@@ -324,7 +324,11 @@ def run_page(request: Request, project: str, run_id: str, fragment: bool = False
     tasks = platform.task_runs(run.id)
     attempts = platform.attempts(run.id)
     by_task = {t.id: t.node_id for t in tasks}
-    dag = graphics.layout_dag([graphics.TaskNode(t.node_id, t.upstream, t.state) for t in tasks])
+    dag = graphics.layout_dag(
+        graphics.mapped_nodes(
+            [(t.node_id, t.upstream, t.state, t.options.get("map_of")) for t in tasks]
+        )
+    )
     timeline = graphics.layout_timeline(
         [
             graphics.AttemptSpan(
