@@ -137,24 +137,43 @@ class Task(Generic[P, R]):
         """Run this task once per element of ``items``: ``train.map(grid, data=split)``.
 
         ``items`` is a list or the result of another task (a list known only when that task
-        has run). Each element is passed as the task's first argument and ``fixed`` as the
-        others, the same for every element. Downstream tasks receive the elements' results
-        as one list, in order (``None`` for an element that raised Skip). Each element is a
-        task run of its own -- ``train[0]``, ``train[1]``, … -- with its own attempts,
-        retries, timeout, cache key and pool; ``max_concurrency`` caps how many run at once.
-        Outside a workflow it is a plain loop.
+        has run). Each element goes to the task's first parameter that ``fixed`` does not
+        name, and ``fixed`` to the others, the same for every element. Downstream tasks
+        receive the elements' results as one list, in order (``None`` for an element that
+        raised Skip). Each element is a task run of its own -- ``train[0]``, ``train[1]``,
+        … -- with its own attempts, retries, timeout, cache key and pool; ``max_concurrency``
+        caps how many run at once. Outside a workflow it is a plain loop.
         """
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        target = self._element_parameter(fixed)
         tracer = _TRACER.get()
         if tracer is None:
-            return [self.fn(*(item,), **fixed) for item in items]
+            call = cast("Callable[..., R]", self.fn)
+            return [call(**{target.name: item}, **fixed) for item in items]
         if not isinstance(items, (TaskRef, list, tuple)):
             raise WorkflowError(
                 f"{self.name}.map() needs a list or another task's result to map over, "
                 f"not {type(items).__name__}"
             )
-        return cast("list[R]", tracer.add(self, (_MapItem(),), fixed, items, max_concurrency))
+        return cast(
+            "list[R]",
+            tracer.add(self, (), {**fixed, target.name: _MapItem()}, items, max_concurrency),
+        )
+
+    def _element_parameter(self, fixed: Mapping[str, Any]) -> inspect.Parameter:
+        """The parameter each element of a map goes to: the first one ``fixed`` leaves open."""
+        for parameter in inspect.signature(self.fn).parameters.values():
+            if parameter.name in fixed:
+                continue
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+                return parameter
+            break
+        raise WorkflowError(
+            f"{self.name}.map(): no parameter left for the elements (the fixed arguments "
+            f"{', '.join(sorted(fixed)) or 'none'} take them all, or the first open one is "
+            "positional-only or *args)"
+        )
 
     def __repr__(self) -> str:
         return f"<task {self.ref}>"
@@ -246,7 +265,9 @@ class _Tracer:
         except TypeError as exc:
             raise WorkflowError(f"task {task_.name!r} called with wrong arguments: {exc}") from None
         mapped = map_items is not _NO_MAP
-        node = _Node(task_, () if mapped else args, kwargs, map_items=map_items)
+        if mapped:  # the element's parameter is checked; it is not an input of the node
+            kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, _MapItem)}
+        node = _Node(task_, args, kwargs, map_items=map_items)
         node.map_concurrency = map_concurrency
         node.upstream = {ref.index for ref in _refs_in((args, kwargs))}
         if mapped:
@@ -473,6 +494,7 @@ class Workflow:
                 if node.map_items is not _NO_MAP:
                     # Expanded by the engine when the items are known: see Platform._expand.
                     inputs["map"] = _template(node.map_items, ids, f"task {node_id!r}: items")
+                    inputs["map_to"] = node.task._element_parameter(node.kwargs).name
                     options["map_concurrency"] = node.map_concurrency
             except UnserializableInput as exc:
                 raise WorkflowError(str(exc)) from None

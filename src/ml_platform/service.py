@@ -611,9 +611,10 @@ class Platform:
         """Expand a mapped task whose inputs are known into one task run per element.
 
         The elements ``NAME[i]`` take the mapped task's upstreams, options and pool, and
-        element i of the items as first argument (a reference into the upstream's result, so
-        that no element carries the whole list). The mapped task runs until they all end
-        (see _settle_groups). Elements that exist already -- copied by ``retry`` -- are kept.
+        element i of the items for the parameter the map chose (a reference into the
+        upstream's result, so that no element carries the whole list). The mapped task runs
+        until they all end (see _settle_groups). Elements that exist already -- copied by
+        ``retry`` -- are kept.
         """
         template = parent.inputs["map"]
         items: list[Any]
@@ -646,7 +647,7 @@ class Platform:
                 task_ref=parent.task_ref,
                 code_version=parent.code_version,
                 upstream=list(parent.upstream),
-                inputs={"args": [item, *parent.inputs["args"]], "kwargs": fixed},
+                inputs={"args": [], "kwargs": {**fixed, parent.inputs["map_to"]: item}},
                 options={**parent.options, "map_of": parent.node_id, "map_index": index},
                 pool=parent.pool,
                 state=TaskState.PENDING,

@@ -219,7 +219,7 @@ def test_the_demo_runs_and_a_second_run_reuses_the_cache(cli_env: dict[str, str]
     assert "artifact model from register_model" in output
     code, again = mlp("demo", "-c", "1")
     assert code == 0, again
-    assert "10 of 12 tasks reused from cache" in again
+    assert "10 of 15 tasks reused from cache" in again
     assert re.search(r"evaluate\[0\]\s+│ cached\s+│ 0\s+│[^│]*│ accuracy=", again), again
     code, shown = mlp("show", run_id_of(again.splitlines()[0]))
     assert code == 0 and "artifact model from register_model: pickle" in shown
@@ -291,3 +291,26 @@ def test_demo_without_the_examples_extra_says_how_to_add_it(
     )
     code, output = mlp("demo")
     assert code == 2 and "pip install 'ml-platform[examples]'" in output
+
+
+def test_the_readme_pipeline_runs_as_written(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """README.md's "Your own pipeline": its file and its first command, taken literally."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(# my_pipeline\.py\n.*?)```", readme, re.S)
+    assert block, "README.md lost its my_pipeline.py example"
+    (tmp_path / "my_pipeline.py").write_text(block.group(1))
+    command = re.search(r"^uv run (mlp run my_pipeline:pipeline [^#\n]*?)\s+#", readme, re.M)
+    assert command, "README.md lost its `mlp run my_pipeline:pipeline` command"
+    argv = [a.strip("'") for a in command.group(1).split()[1:]]
+    env = {**cli_env, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, "-m", "ml_platform", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"train\[2\]\s+│ succeeded │ map ×3", result.stdout), result.stdout
+    assert "succeeded in" in result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,6 +146,7 @@ def test_map_records_one_node_whose_items_and_fixed_arguments_are_templates() ->
     assert node.inputs["map"] == {REF_KEY: "shards"}
     assert node.inputs["args"] == []
     assert node.inputs["kwargs"] == {"folder": "/f", "fail": -1, "fail_times": 1}
+    assert node.inputs["map_to"] == "item"  # the first parameter the fixed ones leave open
     assert node.options["map_concurrency"] is None
     assert specs["gather"].inputs["args"] == [{REF_KEY: "shard_work"}]
     literal = {s.node_id: s for s in workflows.mapped_literal.build({"folder": "/f"})}
@@ -152,8 +154,12 @@ def test_map_records_one_node_whose_items_and_fixed_arguments_are_templates() ->
     assert literal["shard_work"].upstream == ("double",)
 
 
-def test_map_outside_a_workflow_is_a_loop_and_bad_uses_say_what_is_wrong() -> None:
+def test_map_outside_a_workflow_is_a_loop_and_bad_uses_say_what_is_wrong(tmp_path: Path) -> None:
     assert workflows.double.map([1, 2, 3]) == [2, 4, 6]
+    # The elements go to the first parameter the fixed arguments leave open.
+    assert workflows.step.map([1, 2], previous=10, folder=str(tmp_path)) == [11, 12]
+    with pytest.raises(WorkflowError, match="no parameter left for the elements"):
+        workflows.double.map([1], x=2)
 
     @workflow
     def over_a_string() -> None:

@@ -1,8 +1,9 @@
 """The example ML pipeline that ``mlp demo`` runs.
 
-Make a synthetic classification dataset, split it, train one model per point of a small
-hyperparameter grid (in parallel), evaluate each (accuracy and ROC AUC as metrics), pick the
-best, and register it as an artifact only if it clears ``min_roc_auc``.
+Make a synthetic classification dataset, split it, propose a hyperparameter grid, train one
+model per grid point (``train.map``: the grid is a task's result, so the fan-out is decided
+when the run gets there), evaluate each (accuracy and ROC AUC as metrics), pick the best, and
+register it as an artifact only if it clears ``min_roc_auc``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,18 @@ def split(dataset: dict[str, Any], test_size: float, seed: int) -> dict[str, Any
     return {"X_train": x_train, "X_test": x_test, "y_train": y_train, "y_test": y_test}
 
 
+@task
+def propose_grid(grid: list[dict[str, Any]] | None, n_features: int) -> list[dict[str, Any]]:
+    """The grid points to train: the run's ``grid`` or one fitted to the data's width."""
+    if grid is not None:
+        return grid
+    # Deeper forests only pay off with more features: the grid depends on the data.
+    depth = 4 if n_features <= 20 else 8
+    return [*DEFAULT_GRID[:3], {**DEFAULT_GRID[3], "max_depth": depth}]
+
+
 @task(cache=True, retries=2)
-def train(data: dict[str, Any], hyperparameters: dict[str, Any], seed: int) -> Any:
+def train(hyperparameters: dict[str, Any], data: dict[str, Any], seed: int) -> dict[str, Any]:
     """Fit one model of the grid."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -62,20 +73,24 @@ def train(data: dict[str, Any], hyperparameters: dict[str, Any], seed: int) -> A
         model = RandomForestClassifier(random_state=seed, n_jobs=1, **settings)
     else:
         raise ValueError(f"unknown model {kind!r}; use logistic_regression or random_forest")
-    return model.fit(data["X_train"], data["y_train"])
+    return {
+        "model": model.fit(data["X_train"], data["y_train"]),
+        "hyperparameters": hyperparameters,
+    }
 
 
 @task(cache=True)
-def evaluate(model: Any, data: dict[str, Any], hyperparameters: dict[str, Any]) -> dict[str, Any]:
+def evaluate(trained: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     """Accuracy and ROC AUC on the held-out split, logged as metrics."""
     from sklearn.metrics import accuracy_score, roc_auc_score
 
+    model = trained["model"]
     accuracy = float(accuracy_score(data["y_test"], model.predict(data["X_test"])))
     roc_auc = float(roc_auc_score(data["y_test"], model.predict_proba(data["X_test"])[:, 1]))
     ctx = context()
     ctx.log_metric("accuracy", accuracy)
     ctx.log_metric("roc_auc", roc_auc)
-    return {"hyperparameters": hyperparameters, "accuracy": accuracy, "roc_auc": roc_auc}
+    return {"hyperparameters": trained["hyperparameters"], "accuracy": accuracy, "roc_auc": roc_auc}
 
 
 @task
@@ -88,11 +103,11 @@ def pick_best(scores: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @task
-def register_model(best: dict[str, Any], models: list[Any], min_roc_auc: float) -> str:
+def register_model(best: dict[str, Any], models: list[dict[str, Any]], min_roc_auc: float) -> str:
     """Save the best model as the run's ``model`` artifact if it is good enough."""
     if best["roc_auc"] < min_roc_auc:
         raise Skip(f"best ROC AUC {best['roc_auc']:.3f} is below the threshold {min_roc_auc}")
-    digest = context().save_artifact("model", models[best["index"]])
+    digest = context().save_artifact("model", models[best["index"]]["model"])
     print(f"registered {best['hyperparameters']} with ROC AUC {best['roc_auc']:.4f}")
     return digest
 
@@ -107,10 +122,10 @@ def training_pipeline(
     min_roc_auc: float = 0.8,
 ) -> None:
     """Train a classifier over a hyperparameter grid and register the best model."""
-    points = grid if grid is not None else DEFAULT_GRID
     dataset = make_dataset(n_samples, n_features, seed)
     data = split(dataset, test_size, seed)
-    models = [train(data, point, seed) for point in points]
-    scores = [evaluate(model, data, point) for model, point in zip(models, points, strict=True)]
+    points = propose_grid(grid, n_features)
+    models = train.map(points, data=data, seed=seed)
+    scores = evaluate.map(models, data=data)
     best = pick_best(scores)
     register_model(best, models, min_roc_auc)
