@@ -1,12 +1,13 @@
 """``python -m benchmarks [SECTION...]``: run benchmark sections, then rewrite docs/benchmarks.md.
 
-Sections: ``workloads`` (ours and the peers, alternating), ``crash``, ``scale`` (the API,
+Sections: ``workloads`` (ours and the peers, alternating), ``map`` (the fan-out declared
+statically and with `task.map`, ours only), ``crash``, ``scale`` (the API,
 UI and /metrics over 100,000 runs and a million task runs), ``pipeline`` (nox
 session creation and the quality gate), ``pipeline-tests`` (the tests session cold and warm:
 about 10 minutes, so never part of the default), ``image`` (the image's size, built with
 podman as `nox -s image_e2e` builds it: root only, so never part of the default), ``report``
 (measure nothing: rewrite the page from the figures kept). Without arguments: workloads,
-crash, scale and pipeline. Figures are kept per section in docs/benchmarks.json, so a partial
+map, crash, scale and pipeline. Figures are kept per section in docs/benchmarks.json, so a partial
 run replaces only its own sections and the page says when each was measured.
 """
 
@@ -23,11 +24,11 @@ from typing import Any
 
 from benchmarks import crash, pipeline, report, scale
 from benchmarks.machine import describe
-from benchmarks.workloads_run import run_workloads
+from benchmarks.workloads_run import run_map, run_workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "benchmarks.json"
-DEFAULT = ["workloads", "crash", "scale", "pipeline"]
+DEFAULT = ["workloads", "map", "crash", "scale", "pipeline"]
 KNOWN = [*DEFAULT, "pipeline-tests", "image", "report"]
 
 
@@ -70,6 +71,8 @@ def main(argv: list[str]) -> int:
         progress(f"section {section}")
         if section == "workloads":
             figures = run_workloads(database_url, redis_url, progress)
+        elif section == "map":
+            figures = run_map(database_url, redis_url, progress)
         elif section == "crash":
             figures = crash.run(database_url, redis_url, 20, progress)
         elif section == "scale":

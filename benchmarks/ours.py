@@ -203,6 +203,7 @@ def distributed(database_url: str, redis_url: str, concurrency: int = 1) -> Iter
 
 WORKLOADS: dict[str, tuple[Workflow, dict[str, Any]]] = {
     "fanout": (workloads.fanout, {}),
+    "mapped_fanout": (workloads.mapped_fanout, {}),
     "chain": (workloads.chain, {}),
     "sleeps": (workloads.sleeps, {}),
 }

@@ -55,6 +55,17 @@ def fanout(width: int = FANOUT_WIDTH) -> None:
     join([after(root, i) for i in range(width)])
 
 
+@task
+def count_to(n: int) -> list[int]:
+    return list(range(n))
+
+
+@workflow
+def mapped_fanout(width: int = FANOUT_WIDTH) -> None:
+    """The fan-out above, but over a list a task computed (`task.map`): 1 → width → 1."""
+    join(after.map(count_to(width), previous=0))
+
+
 @workflow
 def chain(length: int = CHAIN_LENGTH) -> None:
     value = noop(0)

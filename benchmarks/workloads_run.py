@@ -158,6 +158,34 @@ def _ours_embedded() -> dict[str, dict[str, Any]]:
         mode.close()
 
 
+def run_map(database_url: str, redis_url: str, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The 1,000-wide fan-out declared statically and as `task.map` over a computed list,
+    alternating in one run, on both of our modes: what the dynamic expansion costs."""
+    shapes = ["fanout", "mapped_fanout"]
+    samples: dict[str, dict[str, list[float]]] = {
+        system: {shape: [] for shape in shapes}
+        for system in ("ml_platform (distributed)", "ml_platform (embedded)")
+    }
+    with ours.distributed(database_url, redis_url) as mode:
+        mode.run(*ours.WORKLOADS["chain"])  # warm-up
+        for rep in range(1, REPETITIONS + 1):
+            for shape in shapes:
+                figures = mode.run(*ours.WORKLOADS[shape])
+                samples["ml_platform (distributed)"][shape].append(figures.makespan)
+            progress(f"map rep {rep}/{REPETITIONS} distributed done")
+    embedded = ours.Embedded()
+    try:
+        embedded.run(*ours.WORKLOADS["chain"])
+        for rep in range(1, REPETITIONS + 1):
+            for shape in shapes:
+                figures = embedded.run(*ours.WORKLOADS[shape])
+                samples["ml_platform (embedded)"][shape].append(figures.makespan)
+            progress(f"map rep {rep}/{REPETITIONS} embedded done")
+    finally:
+        embedded.close()
+    return {"repetitions": REPETITIONS, "samples": samples}
+
+
 def run_workloads(
     database_url: str,
     redis_url: str,

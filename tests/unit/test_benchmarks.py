@@ -197,3 +197,23 @@ def test_the_image_section_splits_the_image_into_base_and_ours_and_judges_the_go
     assert "| — sqlalchemy | 29.6 |" in text
     lines, met = _image_section({**data, "image_bytes": 745_000_000})
     assert not met and "**not met**" in "\n".join(lines)
+
+
+def test_the_map_section_compares_the_two_declarations_by_their_medians() -> None:
+    from benchmarks.report import _map_section
+
+    data = {
+        "measured": "2026-12-04 08:44 UTC",
+        "repetitions": 3,
+        "samples": {
+            "ml_platform (distributed)": {
+                "fanout": [4.0, 4.4, 5.0],
+                "mapped_fanout": [5.0, 5.5, 6.0],
+            },
+            "ml_platform (embedded)": {"fanout": [2.0, 2.0, 2.0], "mapped_fanout": [2, 2, 2.2]},
+        },
+    }
+    lines, verdict = _map_section(data)
+    text = "\n".join(lines)
+    assert "| ml_platform (distributed) | 4.40 (4.00–5.00) | 5.50 (5.00–6.00) | 1.25 |" in text
+    assert verdict == "map/static: distributed 1.25, embedded 1.00"
