@@ -22,6 +22,7 @@ def execute(platform: Platform, claimed: ClaimedAttempt) -> Outcome:
             "node_id": claimed.node_id,
             "number": claimed.number,
             "task_ref": claimed.task_ref,
+            "code_version": claimed.code_version,  # as a worker sends it: stale code fails
             "inputs": claimed.inputs,
             "options": claimed.options,
             "artifacts_dir": str(settings.artifacts_dir),

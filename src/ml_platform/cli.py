@@ -600,6 +600,14 @@ def retry(
         str | None,
         typer.Option("--from", help="Also rerun this task and everything downstream of it."),
     ] = None,
+    latest: Annotated[
+        bool,
+        typer.Option(
+            "--latest",
+            help="Use the workflow's code as it is now: tasks whose code changed rerun, "
+            "and everything after them.",
+        ),
+    ] = False,
     concurrency: Concurrency = max(2, os.cpu_count() or 2),
     server: Server = None,
     project: ProjectName = "default",
@@ -607,17 +615,20 @@ def retry(
     """Run an ended run again: reuse what succeeded there, run the rest (and watch it)."""
     if server:
         with _client(server, project) as client:
-            body = client.retry(run_id, from_task)
+            body = client.retry(run_id, from_task, latest)
             console.print(f"run {body['id'][:8]} retries {run_id[:8]}")
             state = _watch_remote(client, body["id"])
         raise typer.Exit(0 if state == RunState.SUCCEEDED else EXIT_FAILED)
+    from ml_platform.sdk import WorkflowError
     from ml_platform.service import RetryError
 
     sys.path.insert(0, os.getcwd())
     with _platform() as platform:
         try:
-            submitted = platform.retry(platform.resolve_run_id(run_id), from_task=from_task)
-        except RetryError as exc:
+            submitted = platform.retry(
+                platform.resolve_run_id(run_id), from_task=from_task, latest=latest
+            )
+        except (RetryError, WorkflowError) as exc:
             _fail(str(exc))
         reused = sum(t.state == "reused" for t in platform.task_runs(submitted.run_id))
         console.print(

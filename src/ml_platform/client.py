@@ -125,8 +125,12 @@ class Client:
         result: dict[str, Any] = self._request("POST", self._project(f"/runs/{run_id}/cancel"))
         return result
 
-    def retry(self, run_id: str, from_task: str | None = None) -> dict[str, Any]:
-        body = {"from_task": from_task} if from_task else {}
+    def retry(
+        self, run_id: str, from_task: str | None = None, latest: bool = False
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"from_task": from_task} if from_task else {}
+        if latest:
+            body["latest"] = True
         result: dict[str, Any] = self._request(
             "POST", self._project(f"/runs/{run_id}/retry"), json=body
         )

@@ -9,6 +9,7 @@ successful finish locks the run last, for the decision about what follows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -403,29 +404,46 @@ class Platform:
         return Submitted(run_id, version.version, queued)
 
     def retry(
-        self, run_id: str, *, from_task: str | None = None, project_id: int | None = None
+        self,
+        run_id: str,
+        *,
+        from_task: str | None = None,
+        project_id: int | None = None,
+        latest: bool = False,
     ) -> Submitted:
         """A new run of an ended run's workflow version and params (`retry_of` links them):
         the tasks that succeeded there (or were cached or reused) are reused — result,
         metrics, params and artifacts — and the others run. ``from_task`` also reruns that
-        task and everything downstream of it."""
+        task and everything downstream of it.
+
+        ``latest`` (``mlp retry --latest``): the workflow's code as it is now, traced with the
+        run's params (its name is its ``module:function`` reference; WorkflowError if that
+        cannot be loaded or the params no longer fit). The new run is of that version; a task
+        is reused only if the original run has a task of the same name, task, code version,
+        inputs and upstreams, and every upstream of it is reused too -- a task whose code
+        changed runs, and so does everything that follows it.
+        """
         now = utcnow()
         new_id = uuid.uuid4().hex
         original, version = self.run(run_id, project_id)  # NotFound across projects
         if original.state not in RUN_TERMINAL:
             raise RetryError(f"run {run_id[:8]} is {original.state}: retry it once it ended")
+        traced = None
+        if latest:
+            traced = self.trace(version.name, original.params)
+            version = self.register(traced, project_id)
         with self.db.session() as session:
             tasks = list(
                 session.scalars(
                     select(TaskRun).where(TaskRun.run_id == run_id).order_by(TaskRun.position)
                 )
             )
-            nodes = {t.node_id for t in tasks}
-            if from_task is not None and from_task not in nodes:
+            rows = _retry_rows(tasks, traced)
+            if from_task is not None and from_task not in {r.node_id for r in rows}:
                 raise RetryError(f"run {run_id[:8]} has no task {from_task!r}")
-            rerun = _downstream_of(from_task, _with_elements(tasks))
+            rerun = _downstream_of(from_task, _with_elements(rows))
             # Rerunning a mapped task reruns its elements.
-            rerun |= {t.node_id for t in tasks if t.options.get("map_of") in rerun}
+            rerun |= {r.node_id for r in rows if r.options.get("map_of") in rerun}
             session.add(
                 Run(
                     id=new_id,
@@ -438,30 +456,40 @@ class Platform:
             )
             session.flush()
             copies = []
-            reused = {
-                t.node_id for t in tasks if t.state in TASK_DONE_OK and t.node_id not in rerun
-            }
-            for old in tasks:
-                reuse = old.node_id in reused
-                # The elements of a reused mapped task keep how they ended (a skipped one too).
+            reused: set[str] = set()
+            parents = {r.node_id: r for r in rows if "map" in r.inputs}
+            for row in rows:  # upstreams first: a task is reused only after its upstreams
+                old = row.old
+                parent = parents.get(row.options.get("map_of", ""))
+                if parent is not None and not set(parent.upstream) <= reused:
+                    continue  # the items may differ now: the expansion makes new elements
+                reuse = (
+                    old is not None
+                    and old.state in TASK_DONE_OK
+                    and row.node_id not in rerun
+                    and set(row.upstream) <= reused
+                )
                 state = TaskState.REUSED if reuse else TaskState.PENDING
-                if old.options.get("map_of") in reused and not reuse:
+                # The elements of a reused mapped task keep how they ended (a skipped one too).
+                if parent is not None and parent.node_id in reused and not reuse and old:
                     state = TaskState(old.state)
+                if reuse:
+                    reused.add(row.node_id)
                 copy = TaskRun(
                     run_id=new_id,
-                    node_id=old.node_id,
-                    position=old.position,
-                    task_ref=old.task_ref,
-                    code_version=old.code_version,
-                    upstream=list(old.upstream),
-                    inputs=old.inputs,
-                    options=old.options,
-                    pool=old.pool,
+                    node_id=row.node_id,
+                    position=row.position,
+                    task_ref=row.task_ref,
+                    code_version=row.code_version,
+                    upstream=list(row.upstream),
+                    inputs=row.inputs,
+                    options=row.options,
+                    pool=row.options.get("pool"),
                     state=state,
-                    error=old.error if state == TaskState.SKIPPED else None,
-                    result=old.result if reuse else None,
-                    cached_from=(old.cached_from or old.id) if reuse else None,
-                    cache_key=old.cache_key if reuse else None,
+                    error=old.error if old is not None and state == TaskState.SKIPPED else None,
+                    result=old.result if reuse and old is not None else None,
+                    cached_from=(old.cached_from or old.id) if reuse and old is not None else None,
+                    cache_key=old.cache_key if reuse and old is not None else None,
                     started_at=now if reuse else None,
                     finished_at=now if state in TASK_TERMINAL else None,
                 )
@@ -469,7 +497,7 @@ class Platform:
                 session.add(copy)
             session.flush()
             for old, copy, reuse in copies:
-                if reuse:
+                if reuse and old is not None:
                     self._copy_outputs(session, old, copy)
             queued = self._advance(session, new_id, now)
         return Submitted(new_id, version.version, queued)
@@ -1564,12 +1592,81 @@ class RetryError(ValueError):
     """The run cannot be retried (yet); the message says why."""
 
 
-def _with_elements(tasks: Iterable[TaskRun]) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class _RetryRow:
+    """One task of a retry: what it is (from the original run or the latest trace) and the
+    original run's task it may reuse (None: it has none, or the task differs)."""
+
+    node_id: str
+    position: int
+    task_ref: str
+    code_version: str
+    upstream: tuple[str, ...]
+    inputs: dict[str, Any]
+    options: dict[str, Any]
+    old: TaskRun | None
+
+
+def _row_of(task: TaskRun) -> _RetryRow:
+    return _RetryRow(
+        task.node_id,
+        task.position,
+        task.task_ref,
+        task.code_version,
+        tuple(task.upstream),
+        task.inputs,
+        task.options,
+        task,
+    )
+
+
+def _retry_rows(tasks: list[TaskRun], latest: TracedWorkflow | None) -> list[_RetryRow]:
+    """The tasks of a retry, upstreams first: the original's, or the latest trace's matched
+    to the original's by name, task, code version, inputs and upstreams (with the elements
+    of a matched mapped task)."""
+    if latest is None:  # elements after their mapped task (they share its position)
+        ordered = sorted(tasks, key=lambda t: (t.position, "map_of" in t.options))
+        return [_row_of(t) for t in ordered]
+    by_node = {t.node_id: t for t in tasks}
+    order = topological_order({spec.node_id: spec.upstream for spec in latest.specs})
+    specs = {spec.node_id: spec for spec in latest.specs}
+    rows = []
+    for position, node_id in enumerate(order):
+        spec = specs[node_id]
+        old = by_node.get(node_id)
+        same = (
+            old is not None
+            and old.options.get("map_of") is None
+            and (old.task_ref, old.code_version, old.inputs, sorted(old.upstream))
+            == (spec.task_ref, spec.code_version, spec.inputs, sorted(spec.upstream))
+        )
+        rows.append(
+            _RetryRow(
+                node_id,
+                position,
+                spec.task_ref,
+                spec.code_version,
+                spec.upstream,
+                spec.inputs,
+                spec.options,
+                old if same else None,
+            )
+        )
+        if same and "map" in spec.inputs:
+            rows += [
+                dataclasses.replace(_row_of(t), position=position)
+                for t in tasks
+                if t.options.get("map_of") == node_id
+            ]
+    return rows
+
+
+def _with_elements(tasks: Iterable[TaskRun | _RetryRow]) -> dict[str, list[str]]:
     """Upstream maps where a mapped task also depends on its elements."""
     upstream = {t.node_id: list(t.upstream) for t in tasks}
     for t in tasks:
         parent = t.options.get("map_of")
-        if parent is not None:
+        if parent is not None and parent in upstream:
             upstream[parent].append(t.node_id)
     return upstream
 

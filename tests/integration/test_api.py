@@ -475,6 +475,15 @@ def test_retry_through_the_api_reuses_and_is_for_editors(api: Api, tmp_path: Pat
     assert sorted(t["state"] for t in tasks) == ["reused"] + ["succeeded"] * 4
     nope = api.client.post(retry, json={"from_task": "nope"}, headers=carol)
     assert nope.status_code == 422 and "has no task 'nope'" in nope.text
+    # With the code as it is now (unchanged here): the same version, the successes reused.
+    latest = api.client.post(
+        f"/api/v1/projects/vision/runs/{new_id}/retry", json={"latest": True}, headers=carol
+    )
+    assert latest.status_code == 201 and latest.json()["workflow_version"] == 1
+    done = latest.json()["id"]
+    assert run_inline(api.platform, done) is RunState.SUCCEEDED
+    tasks = api.client.get(f"/api/v1/projects/vision/runs/{done}/tasks", headers=carol).json()
+    assert [t["state"] for t in tasks] == ["reused"] * 5
 
 
 def test_the_api_says_which_task_is_mapped_and_which_are_its_elements(

@@ -268,6 +268,8 @@ def test_mlp_retry_reruns_only_what_did_not_succeed(
     code, output = mlp("retry", failed)
     assert code == 0, output
     assert f"retries {failed}: 2 task(s) reused" in output and "2 reused" in output
+    retried = re.search(r"run ([0-9a-f]{8}) retries", output)
+    assert retried, output
     assert sorted(p.name.split("-")[0] for p in marks.iterdir()) == [
         "step1",
         "step2",
@@ -278,6 +280,10 @@ def test_mlp_retry_reruns_only_what_did_not_succeed(
     ]
     code, output = mlp("retry", "ffffffff")
     assert code == 2 and "no run" in output
+    # --latest with unchanged code: the same version, everything that succeeded reused.
+    code, output = mlp("retry", retried.group(1), "--latest")
+    assert code == 0, output
+    assert "5 task(s) reused" in output and "five_steps v1" in output
 
 
 def test_demo_without_the_examples_extra_says_how_to_add_it(

@@ -462,3 +462,104 @@ def test_a_retry_reruns_the_failed_step_and_what_follows_and_reuses_the_rest(
     pending = platform.submit(workflows.arithmetic, {"n": 1})
     with pytest.raises(RetryError, match="retry it once it ended"):
         platform.retry(pending.run_id)
+
+
+LATEST_MODULE = """
+from pathlib import Path
+
+from ml_platform.sdk import task, workflow
+
+
+def _mark(folder: str, name: str) -> None:
+    (Path(folder) / f"{name}-{len(list(Path(folder).glob(name + '-*')))}").touch()
+
+
+@task
+def first(folder: str) -> int:
+    _mark(folder, "first")
+    return 1
+
+
+@task
+def second(value: int, folder: str) -> int:
+    _mark(folder, "second")
+    return value + 1
+
+
+@task
+def third(value: int, folder: str) -> int:
+    _mark(folder, "third")
+    return BODY
+
+
+@task
+def side(value: int, folder: str) -> int:
+    _mark(folder, "side")
+    return value
+
+
+@workflow
+def chain(folder: str) -> None:
+    start = first(folder)
+    third(second(start, folder), folder)
+    side(start, folder)
+"""
+
+
+def test_retry_latest_reruns_the_tasks_whose_code_changed_and_what_follows(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import sys
+    import uuid
+
+    name = f"latest_{uuid.uuid4().hex[:8]}"
+    source = tmp_path / "code" / f"{name}.py"
+    source.parent.mkdir()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.chdir(source.parent)  # the project's own modules: the tracer loads them
+    monkeypatch.syspath_prepend(str(source.parent))
+
+    def write(body: str) -> None:
+        source.write_text(LATEST_MODULE.replace("BODY", body))
+        sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+
+    def ran(task: str) -> int:
+        return len(list(marks.glob(f"{task}-*")))
+
+    write("1 // 0  # a bug")
+    traced = platform.trace(f"{name}:chain", {"folder": str(marks)})
+    failed = platform.submit(traced)
+    assert run_inline(platform, failed.run_id) is RunState.FAILED
+    assert [ran(t) for t in ("first", "second", "third", "side")] == [1, 1, 1, 1]
+
+    write("value * 100  # the fix")
+    plain = platform.retry(failed.run_id)  # the same version, whose code is gone now
+    assert run_inline(platform, plain.run_id) is RunState.FAILED
+    [stale] = [t for t in platform.task_runs(plain.run_id) if t.node_id == "third"]
+    assert "CodeChanged" in (stale.error or "") and "submit the run again" in (stale.error or "")
+    fixed = platform.retry(failed.run_id, latest=True)
+    assert fixed.workflow_version == 2
+    assert run_inline(platform, fixed.run_id) is RunState.SUCCEEDED
+    assert [ran(t) for t in ("first", "second", "third", "side")] == [1, 1, 2, 1]
+    states = _states(platform, fixed.run_id)
+    assert states == {"first": "reused", "second": "reused", "third": "succeeded", "side": "reused"}
+    tasks = {t.node_id: t for t in platform.task_runs(fixed.run_id)}
+    assert tasks["third"].result == {"value": 200}
+
+    # A change upstream reruns it and what depends on it; the rest is still reused.
+    source.write_text(source.read_text().replace("return value + 1", "return value + 2  # changed"))
+    sys.modules.pop(name, None)
+    again = platform.retry(fixed.run_id, latest=True)
+    assert run_inline(platform, again.run_id) is RunState.SUCCEEDED
+    assert _states(platform, again.run_id) == {
+        "first": "reused",
+        "second": "succeeded",
+        "third": "succeeded",
+        "side": "reused",
+    }
+    assert [ran(t) for t in ("first", "second", "third", "side")] == [1, 2, 3, 1]
+    tasks = {t.node_id: t for t in platform.task_runs(again.run_id)}
+    assert tasks["third"].result == {"value": 300}

@@ -249,11 +249,15 @@ def retry_run(
     run_id: str, access: Editor, svc: ServicesDep, body: RetryRequest | None = None
 ) -> RunOut:
     """A new run of an ended run that reuses what succeeded there and runs the rest (with
-    ``from_task``: that task and everything downstream of it too)."""
+    ``from_task``: that task and everything downstream of it too; ``latest``: with the
+    workflow's code as it is now, rerunning the tasks whose code changed and what follows)."""
     full_id = _run_id(svc, access, run_id)
     try:
         submitted = svc.platform.retry(
-            full_id, from_task=body.from_task if body else None, project_id=access.project_id
+            full_id,
+            from_task=body.from_task if body else None,
+            project_id=access.project_id,
+            latest=body.latest if body else False,
         )
     except RetryError as exc:
         raise ApiError(409 if "once it ended" in str(exc) else 422, "cannot_retry", str(exc))

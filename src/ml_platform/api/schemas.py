@@ -108,9 +108,11 @@ class RunOut(BaseModel):
 
 
 class RetryRequest(Body):
-    """Rerun from this task (it and everything downstream), reuse the rest's successes."""
+    """Rerun from this task (it and everything downstream), reuse the rest's successes;
+    ``latest``: with the workflow's code as it is now (tasks whose code changed rerun)."""
 
     from_task: str | None = Field(default=None, min_length=1, max_length=200)
+    latest: bool = False
 
 
 class RunPage(BaseModel):
