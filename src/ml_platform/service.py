@@ -1529,6 +1529,38 @@ class Platform:
                 )
             ]
 
+    def task_params(self, run_ids: Iterable[str]) -> dict[tuple[str, str], dict[str, Any]]:
+        """The params tasks logged, by (run id, task)."""
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        ids = list(run_ids)
+        if not ids:
+            return found
+        with self.db.session() as session:
+            for run_id, node_id, name, value in session.execute(
+                select(Param.run_id, TaskRun.node_id, Param.name, Param.value)
+                .join(TaskRun, TaskRun.id == Param.task_run_id)
+                .where(Param.run_id.in_(ids))
+                .order_by(Param.id)
+            ):
+                found.setdefault((run_id, node_id), {})[name] = value
+        return found
+
+    def latest_workflow_with_metrics(self, project_id: int) -> str | None:
+        """The workflow of the project's newest succeeded run that logged a metric."""
+        with self.db.session() as session:
+            name: str | None = session.scalar(
+                select(WorkflowRow.name)
+                .join(Run, Run.workflow_id == WorkflowRow.id)
+                .where(
+                    WorkflowRow.project_id == project_id,
+                    Run.state == RunState.SUCCEEDED,
+                    select(Metric.id).where(Metric.run_id == Run.id).exists(),
+                )
+                .order_by(Run.created_at.desc())
+                .limit(1)
+            )
+            return name
+
     def artifacts_of(self, run_id: str) -> list[tuple[str, Artifact]]:
         with self.db.session() as session:
             return [

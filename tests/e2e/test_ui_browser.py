@@ -125,8 +125,10 @@ def browser(site: Site) -> Iterator[Browser]:
             chromium.close()
 
 
-def _sign_in(browser: Browser, site: Site, user: str) -> Page:
-    page = browser.new_page(viewport={"width": 1360, "height": 900})
+def _sign_in(
+    browser: Browser, site: Site, user: str, viewport: tuple[int, int] = (1360, 900)
+) -> Page:
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
     page.goto(f"{site.url}/ui/")
     assert "/ui/login" in page.url  # signed out: sent to the sign-in page
     page.fill("input[name=username]", user)
@@ -257,4 +259,30 @@ def test_the_log_page_follows_a_running_task(browser: Browser, site: Site) -> No
     text = page.locator("pre.log").inner_text()
     assert text.count("first line") == 1 and "second line" in text
     page.screenshot(path=str(SHOTS / "07-log-followed.png"), full_page=True)
+    page.close()
+
+
+def test_every_page_fits_a_phone_without_sideways_scrolling(browser: Browser, site: Site) -> None:
+    """390×844 (a phone): nothing makes the page wider than the screen; wide pictures and
+    tables scroll inside their own boxes, and the header's links are all on screen."""
+    page = _sign_in(browser, site, "alice", viewport=(390, 844))
+    run_id = site.submit("tests.workflows:mapped", {"n": 30, "folder": str(site.home)})
+    page.goto(f"{site.url}/ui/p/default/runs/{run_id}")
+    page.wait_for_selector("#run-state:text('succeeded')", timeout=60_000)
+    for path in (
+        "runs",
+        f"runs/{run_id}",
+        "compare",
+        "workflows",
+        f"runs/{run_id}/tasks/gather/log",
+        "no-such-page",
+    ):
+        page.goto(f"{site.url}/ui/p/default/{path}")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"/{path} is {width} px wide on a 390 px screen"
+        for link in page.locator("header a, header button").all():
+            box = link.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, path
+    page.goto(f"{site.url}/ui/p/default/runs/{run_id}")
+    page.screenshot(path=str(SHOTS / "09-run-on-a-phone.png"), full_page=True)
     page.close()

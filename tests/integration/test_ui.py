@@ -154,6 +154,23 @@ def test_the_run_page_draws_the_dag_timeline_and_metrics(
     assert bad_day.status_code == 400 and "must be a date" in bad_day.text
 
 
+def test_compare_opens_the_workflow_that_logged_metrics_last_with_named_series(
+    client: TestClient, sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    with_metrics = sqlite_platform.submit(workflows.arithmetic, {"n": 2}).run_id
+    assert run_inline(sqlite_platform, with_metrics) == "succeeded"
+    # A later run of a workflow without metrics, whose name sorts first: not the default.
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    later = sqlite_platform.submit(workflows.five_steps, {"folder": str(marks)}).run_id
+    assert run_inline(sqlite_platform, later) == "succeeded"
+    sign_in(client, "alice")
+    page = client.get("/ui/p/default/compare").text
+    assert '<option value="tests.workflows:arithmetic" selected>' in page
+    assert '<option value="count" selected>' in page
+    assert page.count("<circle") == 1
+
+
 def test_a_mapped_task_is_one_node_and_its_elements_are_on_the_timeline(
     client: TestClient, sqlite_platform: Platform, tmp_path: Path
 ) -> None:

@@ -110,3 +110,20 @@ def test_a_mapped_task_is_one_node_with_its_element_count_and_their_states() -> 
     [box] = [b for b in dag.boxes if b.node_id == "train"]
     assert box.label == "train ×40" and not box.compact
     assert len(dag.boxes) == 3
+
+
+def test_series_are_named_by_the_params_that_differ_between_the_tasks() -> None:
+    tasks = ["evaluate[0]", "evaluate[1]", "evaluate[2]", "summary"]
+    params = {
+        "evaluate[0]": {"model": "logistic_regression", "C": 0.1, "seed": 7},
+        "evaluate[1]": {"model": "logistic_regression", "C": 10.0, "seed": 7},
+        "evaluate[2]": {"model": "random_forest", "max_depth": 4, "seed": 7},
+    }
+    names = graphics.series_names(tasks, params)
+    assert names == {
+        "evaluate[0]": "evaluate[0] · model=logistic_regression, C=0.1",
+        "evaluate[1]": "evaluate[1] · model=logistic_regression, C=10.0",
+        "evaluate[2]": "evaluate[2] · model=random_forest, max_depth=4",
+        "summary": "summary",  # logged no params; seed is the same everywhere: left out
+    }
+    assert graphics.series_names(["a"], {}) == {"a": "a"}

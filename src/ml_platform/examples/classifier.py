@@ -88,6 +88,8 @@ def evaluate(trained: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     accuracy = float(accuracy_score(data["y_test"], model.predict(data["X_test"])))
     roc_auc = float(roc_auc_score(data["y_test"], model.predict_proba(data["X_test"])[:, 1]))
     ctx = context()
+    for name, value in trained["hyperparameters"].items():
+        ctx.log_param(name, value)  # what the comparison names each grid point by
     ctx.log_metric("accuracy", accuracy)
     ctx.log_metric("roc_auc", roc_auc)
     return {"hyperparameters": trained["hyperparameters"], "accuracy": accuracy, "roc_auc": roc_auc}

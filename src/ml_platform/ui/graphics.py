@@ -6,9 +6,11 @@ on its own. The templates draw what these return; all text goes through Jinja's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 #: Layers wider than this many tasks are drawn as a grid of small squares (a fan-out of 1,000
 #: stays one readable block instead of a 140,000-pixel row).
@@ -457,3 +459,24 @@ def mapped_nodes(
         )
         nodes.append(TaskNode(node_id, upstream, state, f"×{len(states)}", detail))
     return nodes
+
+
+def series_names(tasks: Sequence[str], params: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """A name per task for a chart: the task and the params it logged that differ between
+    the tasks ("evaluate[2] · model=random_forest, max_depth=4"); the same params everywhere
+    say nothing and are left out."""
+    keys: list[str] = []
+    for task in tasks:
+        keys += [k for k in params.get(task, {}) if k not in keys]
+    logging = [t for t in tasks if params.get(t)]  # a task that logged none is no evidence
+    differing = [
+        key
+        for key in keys
+        if len({json.dumps(params[t].get(key), sort_keys=True) for t in logging}) > 1
+    ]
+    names = {}
+    for task in tasks:
+        own = params.get(task, {})
+        shown = ", ".join(f"{k}={own[k]}" for k in differing if k in own)
+        names[task] = f"{task} · {shown}" if shown else task
+    return names

@@ -498,6 +498,8 @@ def compare(
     scope = _scope(request, project)
     platform = _services(request).platform
     names = sorted({w.name for w in platform.workflows(scope.project_id)})
+    # By default the workflow whose metrics were logged last: a page with something on it.
+    workflow = workflow or platform.latest_workflow_with_metrics(scope.project_id)
     workflow = workflow or (names[0] if names else None)
     runs_ = []
     if workflow:
@@ -517,9 +519,16 @@ def compare(
         (run, {node: m.value for node, m in metrics_of[run.id] if m.name == metric})
         for run, _ in runs_
     ]
-    values = [(run.id[:8], node, v) for run, row in table for node, v in row.items()]
-    chart = graphics.metric_chart([r.id[:8] for r, _ in runs_], values)
     columns = sorted({node for _, row in table for node in row})
+    # Series named by the task and the params it logged that differ between the tasks.
+    logged = platform.task_params(run.id for run, _ in runs_)
+    params_of: dict[str, dict[str, Any]] = {}
+    for (_, node), params in logged.items():
+        if node in columns:
+            params_of.setdefault(node, params)
+    names_of = graphics.series_names(columns, params_of)
+    values = [(run.id[:8], names_of[node], v) for run, row in table for node, v in row.items()]
+    chart = graphics.metric_chart([r.id[:8] for r, _ in runs_], values)
     return _page(
         request,
         scope,
@@ -531,6 +540,7 @@ def compare(
         chart=chart,
         table=table,
         columns=columns,
+        column_names=names_of,
     )
 
 
