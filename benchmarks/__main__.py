@@ -1,7 +1,8 @@
 """``python -m benchmarks [SECTION...]``: run benchmark sections, then rewrite docs/benchmarks.md.
 
 Sections: ``workloads`` (ours and the peers, alternating), ``map`` (the fan-out declared
-statically and with `task.map`, ours only), ``crash``, ``scale`` (the API,
+statically and with `task.map`, ours only), ``watch`` (`mlp run`'s live view over a
+10,000-task fan-out; a few minutes, not in the default), ``crash``, ``scale`` (the API,
 UI and /metrics over 100,000 runs and a million task runs), ``pipeline`` (nox
 session creation and the quality gate), ``pipeline-tests`` (the tests session cold and warm:
 about 10 minutes, so never part of the default), ``image`` (the image's size, built with
@@ -24,12 +25,12 @@ from typing import Any
 
 from benchmarks import crash, pipeline, report, scale
 from benchmarks.machine import describe
-from benchmarks.workloads_run import run_map, run_workloads
+from benchmarks.workloads_run import run_map, run_watch, run_workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "benchmarks.json"
 DEFAULT = ["workloads", "map", "crash", "scale", "pipeline"]
-KNOWN = [*DEFAULT, "pipeline-tests", "image", "report"]
+KNOWN = [*DEFAULT, "watch", "pipeline-tests", "image", "report"]
 
 
 def progress(message: str) -> None:
@@ -73,6 +74,8 @@ def main(argv: list[str]) -> int:
             figures = run_workloads(database_url, redis_url, progress)
         elif section == "map":
             figures = run_map(database_url, redis_url, progress)
+        elif section == "watch":
+            figures = run_watch(progress)
         elif section == "crash":
             figures = crash.run(database_url, redis_url, 20, progress)
         elif section == "scale":

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +169,13 @@ class Embedded:
         self.platform = Platform(Settings(home=self.home)).start()
         self.concurrency = concurrency
 
-    def run(self, wf: Workflow, params: dict[str, Any], timeout: float = 300) -> RunFigures:
+    def run(
+        self,
+        wf: Workflow,
+        params: dict[str, Any],
+        timeout: float = 300,
+        on_progress: Callable[[Platform, str], None] | None = None,
+    ) -> RunFigures:
         sampler = PeakRss(lambda: [os.getpid()])
         sampler.start()
         dispatcher = InProcessDispatcher()
@@ -179,7 +185,9 @@ class Embedded:
             submitted_at = utcnow()
             submitted = self.platform.submit(wf, params)
             dispatcher.publish(submitted.queued)
-            runtime.drive(submitted.run_id, timeout=timeout)
+            run_id = submitted.run_id
+            watch = None if on_progress is None else (lambda: on_progress(self.platform, run_id))
+            runtime.drive(run_id, timeout=timeout, on_progress=watch)
         finally:
             worker.close()
             peak = sampler.stop()

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from benchmarks import ours
+from benchmarks import ours, workloads
 from benchmarks.measure import percentile, settle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,6 +184,51 @@ def run_map(database_url: str, redis_url: str, progress: Callable[[str], None]) 
     finally:
         embedded.close()
     return {"repetitions": REPETITIONS, "samples": samples}
+
+
+WATCH_WIDTH = 10_000
+WATCH_REPETITIONS = 3
+
+
+def run_watch(progress: Callable[[str], None]) -> dict[str, Any]:
+    """`mlp run`'s live view over a 10,000-task fan-out (embedded, the view drawn into a
+    buffer as often as `mlp run` draws it): none, the view it draws now (counts by state,
+    a few running and failed tasks)."""
+    import io
+
+    from rich.console import Console
+
+    from ml_platform import cli
+
+    def drawer(view: Callable[[Any, str], Any]) -> Callable[[Any, str], None]:
+        screen = Console(file=io.StringIO(), width=120)
+
+        def draw(platform: Any, run_id: str) -> None:
+            screen.print(view(platform, run_id))
+            screen.file = io.StringIO()
+
+        return draw
+
+    watchers: dict[str, Callable[[Any, str], None] | None] = {
+        "no watcher": None,
+        "counts by state": drawer(cli._local_view),
+    }
+    # The view before (a row per task, re-read and redrawn every 0.2 s) is not run: on a
+    # 2,000-task fan-out that takes 5 s unwatched it had not finished after 10 minutes.
+    samples: dict[str, list[float]] = {name: [] for name in watchers}
+    embedded = ours.Embedded()
+    try:
+        embedded.run(*ours.WORKLOADS["chain"])
+        for rep in range(1, WATCH_REPETITIONS + 1):
+            for name, watcher in watchers.items():
+                figures = embedded.run(
+                    workloads.fanout, {"width": WATCH_WIDTH}, 900, on_progress=watcher
+                )
+                samples[name].append(figures.makespan)
+                progress(f"watch rep {rep}/{WATCH_REPETITIONS} {name}: {figures.makespan:.1f} s")
+    finally:
+        embedded.close()
+    return {"repetitions": WATCH_REPETITIONS, "width": WATCH_WIDTH, "samples": samples}
 
 
 def run_workloads(

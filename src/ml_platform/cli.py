@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -215,6 +215,52 @@ def _tasks_table(views: list[TaskView]) -> Table:
     return table
 
 
+#: Runs with more tasks than this show counts by state and their running and failed tasks
+#: while they run, instead of a row per task (which would cost O(tasks) per redraw).
+SCREENFUL = 30
+SHOWN = 8
+
+
+def _compact(
+    counts: dict[str, int], running: list[tuple[str, Any, Any]], failed: list[tuple[str, Any, Any]]
+) -> RenderableType:
+    """A large run's progress: its counts by state and a few running and failed tasks."""
+    total = sum(counts.values())
+    line = f"{total:,} tasks: " + ", ".join(
+        f"{n:,} {_styled(state)}" for state, n in sorted(counts.items(), key=lambda c: -c[1])
+    )
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("task", "state", "duration"):
+        table.add_column(column)
+    for state, rows, count in (
+        ("running", running, counts.get("running", 0)),
+        ("failed", failed, counts.get("failed", 0)),
+    ):
+        for node_id, started, finished in rows:
+            table.add_row(node_id, _styled(state), _seconds(started, finished))
+        if count > len(rows):
+            table.add_row(f"… {count - len(rows):,} more", _styled(state), "")
+    return Group(line, table) if table.row_count else Group(line)
+
+
+def _local_view(platform: Platform, run_id: str) -> RenderableType:
+    progress = platform.progress(run_id, SHOWN)
+    if progress.total <= SCREENFUL:
+        return _tasks_table(_local_tasks(platform, run_id))
+    return _compact(progress.counts, progress.running, progress.failed)
+
+
+def _remote_view(client: Client, run_id: str) -> RenderableType:
+    progress = client.progress(run_id, SHOWN)
+    if progress["total"] <= SCREENFUL:
+        return _tasks_table(_remote_tasks(client, run_id))
+
+    def rows(items: list[dict[str, Any]]) -> list[tuple[str, Any, Any]]:
+        return [(t["node_id"], _when(t["started_at"]), _when(t["finished_at"])) for t in items]
+
+    return _compact(progress["counts"], rows(progress["running"]), rows(progress["failed"]))
+
+
 def _summary(views: list[TaskView]) -> str:
     states = Counter(v.state for v in views)
     line = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
@@ -248,22 +294,30 @@ def _execute(platform: Platform, run_id: str, queued: list[Dispatch], concurrenc
     interrupted = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda _signum, _frame: interrupted.set())
     try:
-        with Live(
-            _tasks_table(_local_tasks(platform, run_id)), console=console, refresh_per_second=4
-        ) as live:
-            worker.on_event = lambda message: live.console.print(f"  {message}", style="dim")
+        with Live(_local_view(platform, run_id), console=console, refresh_per_second=4) as live:
+            # A large run (also one that grew: a map expanded) shows no line per task event:
+            # thousands of them would cost more than its tasks.
+            large = threading.Event()
+
+            def on_event(message: str) -> None:
+                if not large.is_set():
+                    live.console.print(f"  {message}", style="dim")
+
+            def on_progress() -> None:
+                view = _local_view(platform, run_id)
+                if not isinstance(view, Table):
+                    large.set()
+                live.update(view)
+
+            worker.on_event = on_event
             try:
-                state = runtime.drive(
-                    run_id,
-                    on_progress=lambda: live.update(_tasks_table(_local_tasks(platform, run_id))),
-                    stop=interrupted.is_set,
-                )
+                state = runtime.drive(run_id, on_progress=on_progress, stop=interrupted.is_set)
                 if state is not None:
                     return state
                 platform.cancel(run_id)
                 worker.stop_all("cancelled by Ctrl-C")
                 platform.schedule(run_id)
-                live.update(_tasks_table(_local_tasks(platform, run_id)))
+                live.update(_local_view(platform, run_id))
                 raise KeyboardInterrupt
             finally:
                 worker.on_event = lambda _message: None
@@ -355,7 +409,7 @@ def _watch_remote(client: Client, run_id: str) -> str:
             try:
                 while True:
                     run = client.run(run_id)
-                    live.update(_tasks_table(_remote_tasks(client, run_id)))
+                    live.update(_remote_view(client, run_id))
                     if run["state"] in {s.value for s in RUN_TERMINAL}:
                         return str(run["state"])
                     time.sleep(0.5)

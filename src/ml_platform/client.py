@@ -111,6 +111,12 @@ class Client:
         items: list[dict[str, Any]] = page["items"]
         return items
 
+    def progress(self, run_id: str, show: int = 10) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(
+            "GET", self._project(f"/runs/{run_id}/progress"), params={"show": show}
+        )
+        return result
+
     def tasks(self, run_id: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._request("GET", self._project(f"/runs/{run_id}/tasks"))
         return result

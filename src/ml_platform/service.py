@@ -1499,6 +1499,32 @@ class Platform:
                 )
             )
 
+    def progress(self, run_id: str, show: int = 10) -> RunProgress:
+        """A run's task counts by state (one aggregate query) and up to ``show`` of its
+        running and of its failed tasks: what a live view of a large run needs, at a cost
+        that does not grow with what it shows."""
+        with self.db.session() as session:
+            counts = {
+                state: count
+                for state, count in session.execute(
+                    select(TaskRun.state, func.count())
+                    .where(TaskRun.run_id == run_id)
+                    .group_by(TaskRun.state)
+                )
+            }
+            picked = {}
+            for state in (TaskState.RUNNING, TaskState.FAILED):
+                picked[state] = [
+                    (node_id, started, finished)
+                    for node_id, started, finished in session.execute(
+                        select(TaskRun.node_id, TaskRun.started_at, TaskRun.finished_at)
+                        .where(TaskRun.run_id == run_id, TaskRun.state == state)
+                        .order_by(TaskRun.position, TaskRun.id)
+                        .limit(show)
+                    )
+                ]
+        return RunProgress(counts, picked[TaskState.RUNNING], picked[TaskState.FAILED])
+
     def task_runs(self, run_id: str) -> list[TaskRun]:
         with self.db.session() as session:
             return list(
@@ -1622,6 +1648,20 @@ def _why_not_run(task_run: TaskRun, by_id: Mapping[str, TaskRun]) -> str:
 
 class RetryError(ValueError):
     """The run cannot be retried (yet); the message says why."""
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """See Platform.progress: counts by state, and some running and failed tasks as
+    (task, started at, finished at)."""
+
+    counts: dict[str, int]
+    running: list[tuple[str, datetime | None, datetime | None]]
+    failed: list[tuple[str, datetime | None, datetime | None]]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
 
 @dataclass(frozen=True)

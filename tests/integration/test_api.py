@@ -504,6 +504,22 @@ def test_the_api_says_which_task_is_mapped_and_which_are_its_elements(
     }
 
 
+def test_progress_counts_a_runs_tasks_by_state_and_names_a_few(api: Api, tmp_path: Path) -> None:
+    carol = api.login("carol")
+    params = {"n": 6, "folder": str(tmp_path), "fail": 2, "fail_times": 5}
+    run_id = submit(api, carol, "tests.workflows:mapped", **params)
+    assert run_inline(api.platform, run_id) is RunState.FAILED
+    url = f"/api/v1/projects/vision/runs/{run_id}/progress"
+    body = api.client.get(url, params={"show": 1}, headers=carol).json()
+    assert body["total"] == 9
+    assert body["counts"] == {"succeeded": 6, "failed": 2, "upstream_failed": 1}
+    assert [t["node_id"] for t in body["failed"]] == ["shard_work"]  # show=1: the first
+    assert body["running"] == []
+    assert api.client.get(url, params={"show": 1000}, headers=carol).status_code == 422
+    elsewhere = url.replace("/vision/", "/secret/")
+    assert api.client.get(elsewhere, headers=carol).status_code == 404  # not her project
+
+
 def test_a_login_to_a_server_without_users_says_how_to_make_one(platform: Platform) -> None:
     platform.settings.secret_key = SECRET
     with TestClient(create_app(platform.settings, platform=platform)) as client:

@@ -320,3 +320,32 @@ def test_the_readme_pipeline_runs_as_written(cli_env: dict[str, str], tmp_path: 
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"train\[2\]\s+│ succeeded │ map ×3", result.stdout), result.stdout
     assert "succeeded in" in result.stdout
+
+
+def test_a_large_run_shows_counts_by_state_not_a_row_per_task(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    code, output = mlp("run", "tests.workflows:mapped", "-p", "n=60", "-p", f"folder={tmp_path}")
+    assert code == 0, output
+    assert "63 tasks: 63 succeeded" in output  # the live view's last state
+    assert "shard_work[59]" not in output.split("63 tasks:")[1]  # no row per task after it
+    platform = Platform(load_settings()).start()
+    try:
+        run_id = platform.runs(1)[0][0].id
+        progress = platform.progress(run_id, 2)
+        assert progress.total == 63 and progress.counts == {"succeeded": 63}
+        assert progress.running == [] and progress.failed == []
+    finally:
+        platform.close()
+    view = cli._compact(
+        {"succeeded": 90, "running": 5, "failed": 3},
+        [(f"t[{i}]", None, None) for i in range(2)],
+        [("bad", None, None)],
+    )
+    from rich.console import Console
+
+    text = Console(width=100, record=True)
+    text.print(view)
+    shown = text.export_text()
+    assert "98 tasks: 90 succeeded, 5 running, 3 failed" in shown
+    assert "… 3 more" in shown and "… 2 more" in shown and "bad" in shown

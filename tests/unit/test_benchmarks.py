@@ -217,3 +217,15 @@ def test_the_map_section_compares_the_two_declarations_by_their_medians() -> Non
     text = "\n".join(lines)
     assert "| ml_platform (distributed) | 4.40 (4.00–5.00) | 5.50 (5.00–6.00) | 1.25 |" in text
     assert verdict == "map/static: distributed 1.25, embedded 1.00"
+
+
+def test_the_watch_section_judges_the_view_against_no_view() -> None:
+    from benchmarks.report import _watch_section
+
+    samples = {"no watcher": [50.0, 52.0, 60.0], "counts by state": [55.0, 57.2, 90.0]}
+    data = {"measured": "2026-12-04 09:26 UTC", "repetitions": 3, "width": 10_000}
+    lines, verdict = _watch_section({**data, "samples": samples})
+    assert "| counts by state | 57.2 (55.0–90.0) | 1.10 (met) |" in "\n".join(lines)
+    assert verdict == "watched run 1.10× (met)"
+    slow = {**samples, "counts by state": [80.0, 80.0, 80.0]}
+    assert _watch_section({**data, "samples": slow})[1] == "watched run 1.54× (not met)"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
@@ -27,6 +27,8 @@ from ml_platform.api.schemas import (
     LogoutRequest,
     MemberSet,
     MetricOut,
+    ProgressOut,
+    ProgressTaskOut,
     ProjectCreate,
     ProjectOut,
     RefreshRequest,
@@ -264,6 +266,28 @@ def retry_run(
     if svc.dispatcher is not None:
         svc.dispatcher.publish(submitted.queued)
     return _run_out(*svc.platform.run(submitted.run_id))
+
+
+@router.get("/projects/{project}/runs/{run_id}/progress", tags=["runs"])
+def run_progress(
+    run_id: str,
+    access: Viewer,
+    svc: ServicesDep,
+    show: Annotated[int, Query(ge=0, le=100)] = 10,
+) -> ProgressOut:
+    """Task counts by state and up to ``show`` running and failed tasks: one aggregate
+    query, whatever the run's size (what `mlp run --server` polls for a large run)."""
+    progress = svc.platform.progress(_run_id(svc, access, run_id), show)
+
+    def tasks(rows: list[tuple[str, Any, Any]]) -> list[ProgressTaskOut]:
+        return [ProgressTaskOut(node_id=n, started_at=s, finished_at=f) for n, s, f in rows]
+
+    return ProgressOut(
+        total=progress.total,
+        counts=progress.counts,
+        running=tasks(progress.running),
+        failed=tasks(progress.failed),
+    )
 
 
 @router.get("/projects/{project}/runs/{run_id}/tasks", tags=["runs"])

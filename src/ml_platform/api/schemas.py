@@ -146,6 +146,21 @@ class TaskRunOut(BaseModel):
     element_of: str | None = None
 
 
+class ProgressTaskOut(BaseModel):
+    node_id: str
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ProgressOut(BaseModel):
+    """A run's task counts by state, and some of its running and failed tasks."""
+
+    total: int
+    counts: dict[str, int]
+    running: list[ProgressTaskOut]
+    failed: list[ProgressTaskOut]
+
+
 class MetricOut(BaseModel):
     task: str
     name: str
