@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -233,3 +234,62 @@ def _logout_ends_the_sign_in_on_the_server_and_proxies_are_not_believed(
     keys = {k.decode() for k in redis_client.scan_iter(f"{redis_target.prefix}:login-failures:*")}
     assert f"{redis_target.prefix}:login-failures:ip:127.0.0.1" in keys, keys
     assert not any("203.0.113.9" in key for key in keys), keys
+
+
+def test_the_readme_distributed_steps_work_as_written(
+    postgres_clean: str, redis_target: RedisTarget, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """README.md's "Server, API and workers" block, run line by line in bash as a person
+    would type it, on this test's database, Redis and a free port. The additions: the
+    password prompts read what a person would type, and the line after `mlp server &`
+    waits until the server answers (a person types slower)."""
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"### Server, API and workers\n.*?```bash\n(.*?)```", readme, re.S)
+    assert found, "README.md lost its distributed block"
+    port = free_port()
+    python = shlex.quote(sys.executable)
+    # On exit the server and the worker get SIGTERM and are waited for: nothing is left.
+    lines = ["set -euo pipefail", "trap 'kill $(jobs -p) 2>/dev/null; wait || true' EXIT"]
+    for line in found.group(1).splitlines():
+        line = (
+            line.replace("postgresql://postgres@127.0.0.1:5432/test", postgres_clean)
+            .replace("redis://127.0.0.1:6379/0", redis_target.url)
+            .replace("8000", str(port))
+            .replace("uv run mlp ", f"{python} -m ml_platform ")
+        )
+        # The password prompts get what a person would type, each its own.
+        answers = {"users create": "$MLP_PW$'\\n'$MLP_PW", " login ": "$MLP_PW"}
+        for command, answer in answers.items():
+            if command in line:
+                code, _, comment = line.partition("  #")
+                line = f"{code.rstrip()} <<< {answer}  #{comment}"
+        lines.append(line)
+        if "ml_platform server" in line:
+            lines.append(
+                f"until {python} -c 'import urllib.request as u; "
+                f'u.urlopen("http://127.0.0.1:{port}/livez", timeout=1)\' 2>/dev/null; '
+                "do sleep 0.2; done"
+            )
+    env = dict(
+        os.environ,
+        HOME=str(tmp_path),
+        ML_PLATFORM_HOME=str(tmp_path / "home"),
+        MLP_REDIS_PREFIX=redis_target.prefix,
+        MLP_PW=PASSWORD,
+        COLUMNS="200",
+    )
+    for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY"):
+        env.pop(name, None)  # the block sets them itself
+    done = subprocess.run(
+        ["bash", "-c", "\n".join(lines)],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "user alice created (admin) in postgresql" in done.stdout
+    assert "training_pipeline" in done.stdout and "succeeded" in done.stdout
