@@ -186,6 +186,27 @@ def test_a_mapped_task_is_one_node_and_its_elements_are_on_the_timeline(
     assert page.count('class="bar"') == len(sqlite_platform.attempts(run_id)) == 15
 
 
+def test_a_large_runs_page_lists_the_failed_tasks_first_and_draws_every_node(
+    client: TestClient,
+    sqlite_platform: Platform,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ml_platform.ui import views
+
+    monkeypatch.setattr(views, "ROWS_SHOWN", 5)
+    params = {"n": 12, "folder": str(tmp_path), "fail": 7, "fail_times": 5}
+    run_id = sqlite_platform.submit(workflows.mapped, params).run_id
+    assert run_inline(sqlite_platform, run_id) == "failed"
+    sign_in(client, "alice")
+    page = client.get(f"/ui/p/default/runs/{run_id}").text
+    rows = re.findall(r'<tr data-task="([^"]+)">', page)
+    assert len(rows) == 5
+    assert {"shard_work[7]", "shard_work", "gather"} <= set(rows)  # failed ones first
+    assert "5 of 15 tasks: the failed, running and queued ones first" in page
+    assert page.count('<g class="node"') == 3  # the graph: shards, shard_work ×12, gather
+
+
 def test_sign_out_ends_the_session_on_the_server_not_only_in_the_browser(
     client: TestClient,
 ) -> None:
