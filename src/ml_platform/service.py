@@ -1525,6 +1525,29 @@ class Platform:
                 ]
         return RunProgress(counts, picked[TaskState.RUNNING], picked[TaskState.FAILED])
 
+    def task_rows(self, run_id: str) -> list[Row[Any]]:
+        """A run's task runs without their inputs and results (what a page of a large run
+        reads): id, node_id, position, upstream, options, state, error, started_at,
+        finished_at."""
+        with self.db.session() as session:
+            return list(
+                session.execute(
+                    select(
+                        TaskRun.id,
+                        TaskRun.node_id,
+                        TaskRun.position,
+                        TaskRun.upstream,
+                        TaskRun.options,
+                        TaskRun.state,
+                        TaskRun.error,
+                        TaskRun.started_at,
+                        TaskRun.finished_at,
+                    )
+                    .where(TaskRun.run_id == run_id)
+                    .order_by(TaskRun.position)
+                )
+            )
+
     def task_runs(self, run_id: str) -> list[TaskRun]:
         with self.db.session() as session:
             return list(
