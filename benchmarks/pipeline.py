@@ -53,8 +53,52 @@ def _cold_and_warm(
     return {"cold": cold, "warm": warm}
 
 
+CLI_REPETITIONS = 5
+CLI_RUNS = 1_000
+
+
+def cli(progress: Callable[[str], None]) -> dict[str, list[float]]:
+    """How long `mlp` takes to answer, beside `python -c pass`: --help, --version, and
+    `mlp runs` on an embedded home holding 1,000 runs (medians of CLI_REPETITIONS)."""
+    import os
+
+    from benchmarks import workloads
+    from ml_platform.config import Settings
+    from ml_platform.service import Platform
+
+    home = Path(tempfile.mkdtemp(prefix="mlp-bench-cli-"))
+    try:
+        platform = Platform(Settings(home=home)).start()
+        try:
+            traced = workloads.fanout.trace({"width": 1})
+            for _ in range(CLI_RUNS):
+                platform.submit(traced)
+        finally:
+            platform.close()
+        env = {**os.environ, "ML_PLATFORM_HOME": str(home), "PYTHONPATH": str(ROOT)}
+        commands = {
+            "python -c pass": ["-c", "pass"],
+            "mlp --help": ["-m", "ml_platform", "--help"],
+            "mlp --version": ["-m", "ml_platform", "--version"],
+            f"mlp runs ({CLI_RUNS:,} runs, embedded)": ["-m", "ml_platform", "runs"],
+        }
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(CLI_REPETITIONS):
+            for name, argv in commands.items():
+                began = time.monotonic()
+                # Fixed argv: this interpreter.
+                subprocess.run(  # nosec B603
+                    [sys.executable, *argv], env=env, capture_output=True, check=True
+                )
+                times[name].append(time.monotonic() - began)
+        progress("cli: " + ", ".join(f"{n} {min(t):.2f} s" for n, t in times.items()))
+        return times
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def run(progress: Callable[[str], None], *, include_tests: bool) -> dict[str, Any]:
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {"cli": cli(progress)}
     for backend in ("uv", "virtualenv"):
         times = []
         for _ in range(REPETITIONS):

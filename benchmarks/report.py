@@ -317,6 +317,22 @@ def _pipeline_section(data: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append("| `nox -s tests` | not measured: `nox -s bench -- pipeline-tests` | |")
+    if "cli" in data:
+        goals = {"mlp --help": 0.3, "mlp --version": 0.3}
+        lines += [
+            "",
+            "How long `mlp` takes to answer (medians, min–max):",
+            "",
+            "| command | seconds | goal |",
+            "|---|---|---|",
+        ]
+        for name, values in data["cli"].items():
+            goal = goals.get(name, 0.8 if name.startswith("mlp runs") else None)
+            verdict = ""
+            if goal is not None:
+                met = statistics.median(values) <= goal
+                verdict = f"≤ {goal} s: {'met' if met else '**not met**'}"
+            lines.append(f"| `{name}` | {_fmt(values)} | {verdict} |")
     lines += [
         "",
         "Session creation (`nox -s lint --install-only` into a fresh envdir):",

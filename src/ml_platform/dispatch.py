@@ -11,9 +11,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-import redis
+if TYPE_CHECKING:  # imported where used: embedded mode and `mlp runs` never load redis
+    import redis
 
 DEFAULT_QUEUE = "default"
 
@@ -138,6 +139,8 @@ class RedisDispatcher:
         return f"{self.prefix}:published:{attempt_id}"
 
     def _ensure_group(self, stream: str) -> None:
+        import redis
+
         if stream in self._groups_ready:
             return
         try:
@@ -161,6 +164,8 @@ class RedisDispatcher:
         pipe.execute()
 
     def receive(self, limit: int, block_seconds: float = 0.0) -> list[Delivery]:
+        import redis
+
         taken = [self._overflow.popleft() for _ in range(min(limit, len(self._overflow)))]
         try:
             if len(taken) < limit and time.monotonic() >= self._next_reclaim:

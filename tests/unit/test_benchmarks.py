@@ -229,3 +229,25 @@ def test_the_watch_section_judges_the_view_against_no_view() -> None:
     assert verdict == "watched run 1.10× (met)"
     slow = {**samples, "counts by state": [80.0, 80.0, 80.0]}
     assert _watch_section({**data, "samples": slow})[1] == "watched run 1.54× (not met)"
+
+
+def test_the_pipeline_section_judges_how_fast_mlp_answers() -> None:
+    from benchmarks.report import _pipeline_section
+
+    data = {
+        "measured": "2026-12-04 10:00 UTC",
+        "quality": {"cold": [20.0], "warm": [10.0]},
+        "create_uv": [1.0],
+        "create_virtualenv": [5.0],
+        "cli": {
+            "python -c pass": [0.02, 0.03, 0.02],
+            "mlp --help": [0.25, 0.26, 0.4],
+            "mlp --version": [0.35, 0.31, 0.33],
+            "mlp runs (1,000 runs, embedded)": [0.7, 0.75, 0.9],
+        },
+    }
+    text = "\n".join(_pipeline_section(data))
+    assert "| `mlp --help` | 0.26 (0.25–0.40) | ≤ 0.3 s: met |" in text
+    assert "| `mlp --version` | 0.33 (0.31–0.35) | ≤ 0.3 s: **not met** |" in text
+    assert "| `mlp runs (1,000 runs, embedded)` | 0.75 (0.70–0.90) | ≤ 0.8 s: met |" in text
+    assert "| `python -c pass` | 0.02 (0.02–0.03) |  |" in text
