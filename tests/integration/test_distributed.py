@@ -160,3 +160,45 @@ def test_two_workers_share_the_elements_of_a_mapped_task_and_run_each_once(
     )  # one attempt each
     assert {a.state for a in elements} == {"succeeded"}
     assert len({a.worker_id for a in elements}) == 2
+
+
+def test_a_worker_killed_mid_map_loses_no_element_and_commits_each_once(
+    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
+) -> None:
+    pool = workers(2)
+    for process in pool:
+        assert process.stdout is not None
+        assert "ready" in process.stdout.readline()
+    submitted = platform.submit(workflows.mapped_naps, {"n": 6, "seconds": 1.5})
+
+    def element_running() -> bool:
+        tasks = {t.id: t.node_id for t in platform.task_runs(submitted.run_id)}
+        return any(
+            a.state == "running" and tasks[a.task_run_id].startswith("nap[")
+            for a in platform.attempts(submitted.run_id)
+        )
+
+    wait_for(element_running)
+    tasks = {t.id: t.node_id for t in platform.task_runs(submitted.run_id)}
+    running = [
+        a
+        for a in platform.attempts(submitted.run_id)
+        if a.state == "running" and tasks[a.task_run_id].startswith("nap[")
+    ]
+    holder_pid = int((running[0].worker_id or "").split(":")[1])
+    holder = next(p for p in pool if p.pid == holder_pid)
+    holder.kill()
+    holder.communicate(timeout=10)
+    wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded", timeout=90)
+    by_node = {t.node_id: t for t in platform.task_runs(submitted.run_id)}
+    assert by_node["total"].result == {"value": sum(range(6))}
+    tasks = {t.id: t.node_id for t in by_node.values()}
+    succeeded: dict[str, int] = {}
+    lost = 0
+    for attempt in platform.attempts(submitted.run_id):
+        if attempt.state == "succeeded":
+            succeeded[tasks[attempt.task_run_id]] = succeeded.get(tasks[attempt.task_run_id], 0) + 1
+        lost += attempt.state == "lost"
+    assert {f"nap[{i}]" for i in range(6)} <= set(succeeded)
+    assert set(succeeded.values()) == {1}  # every element committed exactly once
+    assert lost >= 1  # the killed worker's element(s), retried elsewhere on the lost budget
