@@ -9,7 +9,6 @@ successful finish locks the run last, for the decision about what follows.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -48,7 +47,7 @@ from ml_platform.engine.states import (
     TaskState,
 )
 from ml_platform.inputs import REF_KEY, references, resolve_inputs
-from ml_platform.sdk import TracedWorkflow, Workflow, WorkflowError
+from ml_platform.sdk import NodeSpec, TracedWorkflow, Workflow, WorkflowError
 from ml_platform.store.db import Database
 from ml_platform.store.models import (
     DEFAULT_PROJECT,
@@ -439,11 +438,12 @@ class Platform:
                 )
             )
             rows = _retry_rows(tasks, traced)
-            if from_task is not None and from_task not in {r.node_id for r in rows}:
+            specs = [row.spec for row in rows]
+            if from_task is not None and from_task not in {spec.node_id for spec in specs}:
                 raise RetryError(f"run {run_id[:8]} has no task {from_task!r}")
-            rerun = _downstream_of(from_task, _with_elements(rows))
+            rerun = _downstream_of(from_task, _with_elements(specs))
             # Rerunning a mapped task reruns its elements.
-            rerun |= {r.node_id for r in rows if r.options.get("map_of") in rerun}
+            rerun |= {spec.node_id for spec in specs if spec.options.get("map_of") in rerun}
             session.add(
                 Run(
                     id=new_id,
@@ -457,34 +457,34 @@ class Platform:
             session.flush()
             copies = []
             reused: set[str] = set()
-            parents = {r.node_id: r for r in rows if "map" in r.inputs}
+            parents = {spec.node_id: spec for spec in specs if "map" in spec.inputs}
             for row in rows:  # upstreams first: a task is reused only after its upstreams
-                old = row.old
-                parent = parents.get(row.options.get("map_of", ""))
+                spec, old = row.spec, row.old
+                parent = parents.get(spec.options.get("map_of", ""))
                 if parent is not None and not set(parent.upstream) <= reused:
                     continue  # the items may differ now: the expansion makes new elements
                 reuse = (
                     old is not None
                     and old.state in TASK_DONE_OK
-                    and row.node_id not in rerun
-                    and set(row.upstream) <= reused
+                    and spec.node_id not in rerun
+                    and set(spec.upstream) <= reused
                 )
                 state = TaskState.REUSED if reuse else TaskState.PENDING
                 # The elements of a reused mapped task keep how they ended (a skipped one too).
                 if parent is not None and parent.node_id in reused and not reuse and old:
                     state = TaskState(old.state)
                 if reuse:
-                    reused.add(row.node_id)
+                    reused.add(spec.node_id)
                 copy = TaskRun(
                     run_id=new_id,
-                    node_id=row.node_id,
+                    node_id=spec.node_id,
                     position=row.position,
-                    task_ref=row.task_ref,
-                    code_version=row.code_version,
-                    upstream=list(row.upstream),
-                    inputs=row.inputs,
-                    options=row.options,
-                    pool=row.options.get("pool"),
+                    task_ref=spec.task_ref,
+                    code_version=spec.code_version,
+                    upstream=list(spec.upstream),
+                    inputs=spec.inputs,
+                    options=spec.options,
+                    pool=spec.options.get("pool"),
                     state=state,
                     error=old.error if old is not None and state == TaskState.SKIPPED else None,
                     result=old.result if reuse and old is not None else None,
@@ -1689,30 +1689,24 @@ class RunProgress:
 
 @dataclass(frozen=True)
 class _RetryRow:
-    """One task of a retry: what it is (from the original run or the latest trace) and the
-    original run's task it may reuse (None: it has none, or the task differs)."""
+    """One task of a retry: what it is (the original run's task, or the latest trace's node),
+    where it sits, and the original run's task it may reuse (None: none, or it differs)."""
 
-    node_id: str
+    spec: NodeSpec
     position: int
-    task_ref: str
-    code_version: str
-    upstream: tuple[str, ...]
-    inputs: dict[str, Any]
-    options: dict[str, Any]
     old: TaskRun | None
 
 
-def _row_of(task: TaskRun) -> _RetryRow:
-    return _RetryRow(
+def _row_of(task: TaskRun, position: int | None = None) -> _RetryRow:
+    spec = NodeSpec(
         task.node_id,
-        task.position,
         task.task_ref,
         task.code_version,
         tuple(task.upstream),
         task.inputs,
         task.options,
-        task,
     )
+    return _RetryRow(spec, task.position if position is None else position, task)
 
 
 def _retry_rows(tasks: list[TaskRun], latest: TracedWorkflow | None) -> list[_RetryRow]:
@@ -1735,28 +1729,13 @@ def _retry_rows(tasks: list[TaskRun], latest: TracedWorkflow | None) -> list[_Re
             and (old.task_ref, old.code_version, old.inputs, sorted(old.upstream))
             == (spec.task_ref, spec.code_version, spec.inputs, sorted(spec.upstream))
         )
-        rows.append(
-            _RetryRow(
-                node_id,
-                position,
-                spec.task_ref,
-                spec.code_version,
-                spec.upstream,
-                spec.inputs,
-                spec.options,
-                old if same else None,
-            )
-        )
+        rows.append(_RetryRow(spec, position, old if same else None))
         if same and "map" in spec.inputs:
-            rows += [
-                dataclasses.replace(_row_of(t), position=position)
-                for t in tasks
-                if t.options.get("map_of") == node_id
-            ]
+            rows += [_row_of(t, position) for t in tasks if t.options.get("map_of") == node_id]
     return rows
 
 
-def _with_elements(tasks: Iterable[TaskRun | _RetryRow]) -> dict[str, list[str]]:
+def _with_elements(tasks: Iterable[TaskRun | NodeSpec]) -> dict[str, list[str]]:
     """Upstream maps where a mapped task also depends on its elements."""
     upstream = {t.node_id: list(t.upstream) for t in tasks}
     for t in tasks:

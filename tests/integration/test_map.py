@@ -9,7 +9,7 @@ import pytest
 from ml_platform.engine.states import RunState, TaskState
 from ml_platform.service import Platform
 from tests import workflows
-from tests.helpers import run_inline
+from tests.helpers import execute, run_inline
 
 pytestmark = pytest.mark.integration
 
@@ -130,8 +130,6 @@ def test_max_concurrency_caps_the_elements_that_run_at_once(
     [(shards_attempt, _)] = submitted.queued
     claimed = platform.claim(shards_attempt, "w")
     assert claimed is not None
-    from tests.helpers import execute
-
     after = platform.finish(claimed, "w", execute(platform, claimed))
     assert len(after) == 2  # six elements, two queued
     seen_at_once = 0
@@ -182,8 +180,6 @@ def test_cancelling_a_run_mid_map_cancels_the_waiting_elements_and_the_mapped_ta
     platform: Platform, tmp_path: Path
 ) -> None:
     submitted = platform.submit(workflows.mapped, {"n": 5, "folder": str(tmp_path), "limit": 1})
-    from tests.helpers import execute
-
     [(first, _)] = submitted.queued
     claimed = platform.claim(first, "w")
     assert claimed is not None

@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ml_platform.accounts import Accounts, Identity, LoginLimiter, Role, TokenPair
 from ml_platform.dispatch import Dispatcher
 from ml_platform.security import AccessClaims, AuthError, TokenSigner
-from ml_platform.service import Platform
+from ml_platform.service import Platform, Submitted
 
 bearer = HTTPBearer(auto_error=False)
 
@@ -54,6 +54,13 @@ class Services:
         if identity is None:
             raise AuthError("token_invalid", "the user no longer exists or is disabled")
         return SignIn(claims, identity)
+
+    def publish(self, submitted: Submitted) -> str:
+        """Hand a new run's first attempts to the workers (the embedded server's scheduler
+        finds them in the database); return the run's id."""
+        if self.dispatcher is not None:
+            self.dispatcher.publish(submitted.queued)
+        return submitted.run_id
 
     def access_token(self, pair: TokenPair) -> str:
         """A new access token of the sign-in that ``pair`` belongs to."""

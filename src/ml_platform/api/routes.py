@@ -209,9 +209,7 @@ def submit_run(body: RunCreate, access: Editor, svc: ServicesDep) -> RunOut:
         max_concurrency=body.max_concurrency,
         project_id=access.project_id,
     )
-    if svc.dispatcher is not None:
-        svc.dispatcher.publish(submitted.queued)
-    return _run_out(*svc.platform.run(submitted.run_id))
+    return _run_out(*svc.platform.run(svc.publish(submitted)))
 
 
 @router.get("/projects/{project}/runs", tags=["runs"])
@@ -263,9 +261,7 @@ def retry_run(
         )
     except RetryError as exc:
         raise ApiError(409 if "once it ended" in str(exc) else 422, "cannot_retry", str(exc))
-    if svc.dispatcher is not None:
-        svc.dispatcher.publish(submitted.queued)
-    return _run_out(*svc.platform.run(submitted.run_id))
+    return _run_out(*svc.platform.run(svc.publish(submitted)))
 
 
 @router.get("/projects/{project}/runs/{run_id}/progress", tags=["runs"])

@@ -505,10 +505,8 @@ def rerun(
         )
     except WorkflowError as exc:
         raise PageError(422, f"Cannot re-run {wf.name}: {exc}") from None
-    if svc.dispatcher is not None:
-        svc.dispatcher.publish(submitted.queued)
     return RedirectResponse(
-        f"/ui/p/{quote(scope.project)}/runs/{submitted.run_id}", status_code=303
+        f"/ui/p/{quote(scope.project)}/runs/{svc.publish(submitted)}", status_code=303
     )
 
 
@@ -525,10 +523,8 @@ def retry(
         submitted = svc.platform.retry(run.id, project_id=scope.project_id)
     except RetryError as exc:
         raise PageError(409, f"Cannot retry this run: {exc}") from None
-    if svc.dispatcher is not None:
-        svc.dispatcher.publish(submitted.queued)
     return RedirectResponse(
-        f"/ui/p/{quote(scope.project)}/runs/{submitted.run_id}", status_code=303
+        f"/ui/p/{quote(scope.project)}/runs/{svc.publish(submitted)}", status_code=303
     )
 
 
