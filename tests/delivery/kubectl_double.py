@@ -1,58 +1,123 @@
-"""A stand-in for kubectl that keeps real state in a JSON file ($KUBECTL_DOUBLE_STATE).
+"""A stand-in for kubectl that keeps real state in a JSON file.
 
 It knows deployments with revisions (a changed pod template makes a new one; undo or a patched
 template brings an old one back as a new revision, as Kubernetes does), their full pod
 templates, rollouts that can be told to fail or to take their time, jobs, Services with
 selectors, ConfigMaps (the deploy lock) and events, and it records every command it receives.
 
+It serves from the test's process (`Double`, on a Unix socket): the `kubectl` on the test's
+PATH is `kubectl_client.py`, which imports only built-ins and hands over its arguments and
+stdin. A deploy calls kubectl a few hundred times; a client that starts in a third of the time
+a Python with json and pathlib takes is most of the deploy tests' time saved.
+
 Behaviours a test may set (``state["behaviour"]``):
 - ``fail_rollout_of_image``: a tag (or a list of tags) whose rollouts never finish;
 - ``reject_apply_of``: a resource name that `apply` refuses after applying what came before it;
 - ``fail_job``: the migration job never completes;
 - ``fail_patch``: `patch deployment` is refused (a restore that cannot even start);
-- ``slow``: {verb: seconds} — that verb sleeps first, after writing ``<state>.busy``.
+- ``slow``: {verb: seconds} — that verb sleeps first, after writing ``<state>.busy``; a
+  client killed meanwhile never reaches the cluster (as a killed kubectl would not).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
-import sys
+import socket
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+TABLES = ("deployments", "configmaps", "jobs", "behaviour", "services", "templates")
 
-def main(argv: list[str]) -> int:
-    path = Path(os.environ["KUBECTL_DOUBLE_STATE"])
-    state: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    for table in ("deployments", "configmaps", "jobs", "behaviour", "services", "templates"):
-        state.setdefault(table, {})
-    state.setdefault("log", []).append(argv)
-    if argv[:1] == ["kustomize"]:  # rendering is real kustomize
-        os.execv(os.environ["KUBECTL_REAL"], ["kubectl", *argv])
-    args = list(argv)
-    namespace = "default"
-    while args and args[0].startswith("--"):
-        flag = args.pop(0)
-        if flag == "--namespace":
-            namespace = args.pop(0)
-        elif flag == "--context":
-            args.pop(0)
-    delay = state["behaviour"].get("slow", {}).get(args[0] if args else "")
-    if delay:
-        path.with_suffix(".busy").write_text(" ".join(args))
-        time.sleep(float(delay))
+
+class Double:
+    """The cluster: one state file, commands taken one at a time from `kubectl_client.py`s."""
+
+    def __init__(self, state_path: Path) -> None:
+        self.state_path = state_path
+        self._lock = threading.Lock()
+        self._folder = tempfile.mkdtemp(prefix="kubectl-")  # a short path: AF_UNIX has 108 bytes
+        self.socket_path = os.path.join(self._folder, "sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.socket_path)
+        self._listener.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+        os.unlink(self.socket_path)
+        os.rmdir(self._folder)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            reader = conn.makefile("rb")
+            size = int(reader.readline())
+            argv, stdin = ast.literal_eval(reader.read(size).decode())
+            reply = self.call(argv, stdin, lambda: _connected(conn))
+            if reply is None:
+                return
+            code, out = reply
+            try:
+                conn.sendall(bytes([code]) + out.encode())
+            except OSError:  # the client is gone: like a kubectl killed after its request
+                pass
+
+    def _load(self) -> dict[str, Any]:
+        path = self.state_path
+        state: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        for table in TABLES:
+            state.setdefault(table, {})
+        return state
+
+    def call(
+        self, argv: list[str], stdin: str, connected: Any = lambda: True
+    ) -> tuple[int, str] | None:
+        """One kubectl command: (exit code, output), or None if its client went away first."""
+        args = list(argv)
+        namespace = "default"
+        while args and args[0].startswith("--"):
+            flag = args.pop(0)
+            if flag == "--namespace":
+                namespace = args.pop(0)
+            elif flag == "--context":
+                args.pop(0)
+        with self._lock:
+            delay = self._load()["behaviour"].get("slow", {}).get(args[0] if args else "")
+        if delay:
+            self.state_path.with_suffix(".busy").write_text(" ".join(args))
+            time.sleep(float(delay))
+            if not connected():
+                return None
+        with self._lock:
+            state = self._load()
+            state["log"] = [*state.get("log", []), argv]
+            try:
+                return handle(state, namespace, args, stdin)
+            finally:
+                self.state_path.write_text(json.dumps(state))
+
+
+def _connected(conn: socket.socket) -> bool:
+    """The client still waits (it sent all it had: a closed one reads as end of file)."""
     try:
-        code, out = handle(state, namespace, args, sys.stdin.read() if "-f" in args else "")
-    finally:
-        path.write_text(json.dumps(state))
-    if code == 0:
-        sys.stdout.write(out)
-    else:
-        sys.stderr.write(out)
-    return code
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def _key(namespace: str, name: str) -> str:
@@ -99,7 +164,7 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
     verb = args[0] if args else ""
     behaviour = state["behaviour"]
     if verb == "apply":
-        import yaml  # only here: most calls are reads, and a start-up is most of their cost
+        import yaml
 
         for doc in yaml.safe_load_all(stdin):
             if not doc:
@@ -239,7 +304,3 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
     if verb == "get" and args[1] in ("pods", "events"):
         return 0, f"{args[1]} of {ns}\n"
     return 1, f"kubectl double: unsupported command {args}\n"
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

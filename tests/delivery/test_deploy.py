@@ -31,6 +31,7 @@ from delivery.deploy import (
 )
 from delivery.environments import EnvironmentError_, load_environment
 from delivery.kube import LOCK, Kubectl, KubeError
+from tests.delivery.kubectl_double import Double
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,24 +82,25 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cluster:
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     real = shutil.which("kubectl")
     if real is None:
         pytest.fail("kubectl (the client, for kustomize) is not installed", pytrace=False)
+    double = Double(tmp_path / "cluster.json")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "kubectl"
-    # The double is test code, not measured: without coverage's start-up it runs in half the
-    # time (a deploy calls kubectl dozens of times).
+    # The client is test code, not measured: no coverage, no site-packages (kubectl_client.py).
     shim.write_text(
         "#!/bin/sh\nunset COVERAGE_PROCESS_CONFIG COVERAGE_PROCESS_START\n"
-        f'exec {sys.executable} {ROOT}/tests/delivery/kubectl_double.py "$@"\n'
+        f'exec {sys.executable} -S -I {ROOT}/tests/delivery/kubectl_client.py "$@"\n'
     )
     shim.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("KUBECTL_REAL", real)
-    monkeypatch.setenv("KUBECTL_DOUBLE_STATE", str(tmp_path / "cluster.json"))
-    return Cluster(tmp_path / "cluster.json")
+    monkeypatch.setenv("KUBECTL_DOUBLE_SOCKET", double.socket_path)
+    yield Cluster(tmp_path / "cluster.json")
+    double.close()
 
 
 def unlocked(cluster: Cluster, namespace: str = "staging") -> bool:
