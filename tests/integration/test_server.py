@@ -101,19 +101,11 @@ def test_the_demo_runs_through_the_api_on_two_workers(
     credentials = Path(env["ML_PLATFORM_HOME"]) / "credentials.json"
     assert oct(credentials.stat().st_mode & 0o777) == "0o600"
 
-    run = mlp(
-        env,
-        "run",
-        "ml_platform.examples.classifier:training_pipeline",
-        "-p",
-        "n_samples=600",
-        "--server",
-        url,
-    )
+    # Six naps of 0.4 s on two one-slot workers: both take part. (The example ML pipeline runs
+    # through a server and a worker in test_the_readme_distributed_steps_work_as_written.)
+    run = mlp(env, "run", "tests.workflows:naps", "-p", "n=6", "-p", "seconds=0.4", "--server", url)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert re.search(
-        r"evaluate\[3\]\s+│ succeeded\s+│ 1\s+│[^│]*│ accuracy=", run.stdout
-    ), run.stdout
+    assert re.search(r"total\s+│ succeeded\s+│ 1\s+│[^│]*│ count=6", run.stdout), run.stdout
     match = re.search(r"run ([0-9a-f]{8}) ", run.stdout)
     assert match is not None
     run_id = match.group(1)
@@ -121,9 +113,7 @@ def test_the_demo_runs_through_the_api_on_two_workers(
     listed = mlp(env, "runs", "--server", url)
     assert run_id in listed.stdout and "succeeded" in listed.stdout
     shown = mlp(env, "show", run_id, "--server", url)
-    assert "register_model" in shown.stdout and "15 succeeded" in shown.stdout
-    log = mlp(env, "logs", run_id, "register_model", "--server", url)
-    assert "registered {" in log.stdout and "ROC AUC" in log.stdout
+    assert "nap[5]" in shown.stdout and "7 succeeded" in shown.stdout, shown.stdout
 
     token = httpx.post(
         f"{url}/api/v1/auth/token", json={"username": "alice", "password": PASSWORD}
@@ -133,13 +123,17 @@ def test_the_demo_runs_through_the_api_on_two_workers(
         headers={"Authorization": f"Bearer {token}"},
     ).json()
     workers = {a["worker_id"] for t in tasks for a in t["attempts"]}
-    assert len(workers) == 2, workers  # both workers ran part of the grid
+    assert len(workers) == 2, workers  # both workers ran part of the fan-out
     metrics = httpx.get(f"{url}/metrics").text
     assert 'mlp_runs{state="succeeded"} 1.0' in metrics
-    # One succeeded attempt per task: 13 (a mapped task has none of its own; its 4 elements do).
-    assert "mlp_task_duration_seconds_count 13.0" in metrics
+    # One succeeded attempt per task: six naps and their total.
+    assert "mlp_task_duration_seconds_count 7.0" in metrics
     failed = mlp(env, "run", "tests.workflows:failing_pipeline", "--server", url)
     assert failed.returncode == 1 and "explode: RuntimeError: boom" in failed.stdout
+    failed_id = re.search(r"run ([0-9a-f]{8}) ", failed.stdout)
+    assert failed_id is not None
+    log = mlp(env, "logs", failed_id.group(1), "explode", "--server", url)
+    assert "Traceback" in log.stdout and "RuntimeError: boom" in log.stdout, log.stdout
     missing = mlp(env, "show", "ffffffff", "--server", url)
     assert missing.returncode == 2 and "no run with id" in missing.stdout
 
@@ -293,3 +287,10 @@ def test_the_readme_distributed_steps_work_as_written(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "user alice created (admin) in postgresql" in done.stdout
     assert "training_pipeline" in done.stdout and "succeeded" in done.stdout
+    # The example ML pipeline, through the server and a worker: every grid point evaluated,
+    # the best model registered, 15 task runs succeeded.
+    assert re.search(
+        r"evaluate\[3\]\s+│ succeeded\s+│ 1\s+│[^│]*│ accuracy=", done.stdout
+    ), done.stdout
+    assert re.search(r"register_model\s+│ succeeded", done.stdout), done.stdout
+    assert "15 succeeded" in done.stdout, done.stdout
