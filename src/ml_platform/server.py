@@ -47,11 +47,18 @@ class SchedulerLoop(threading.Thread):
         self.runtime = runtime
         self.shutdown = shutdown
         self.verdict = ""
+        self._last_fire = -float("inf")
 
     def run(self) -> None:
         self.verdict = run_until_shutdown(self.runtime, self.shutdown, self._fire_schedules)
 
     def _fire_schedules(self) -> None:
+        # Once per poll, not once per pass: a busy loop makes hundreds of passes a second, and
+        # cron's ticks are minutes apart.
+        now = time.monotonic()
+        if now - self._last_fire < self.platform.settings.poll_seconds:
+            return
+        self._last_fire = now
         try:
             for submitted in self.platform.fire_schedules():
                 self.runtime.dispatcher.publish(submitted.queued)

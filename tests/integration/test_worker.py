@@ -213,3 +213,36 @@ def test_a_warm_process_with_an_older_copy_of_the_task_hands_it_to_a_fresh_one()
     done, stale = [json.loads(line) for line in replies.getvalue().splitlines()]
     assert done["state"] == "succeeded" and done["result"] == {"value": 4}
     assert stale == {"stale": True}
+
+
+def test_the_server_loop_looks_for_due_schedules_once_per_poll_not_once_per_pass(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle loop makes a pass every fifth of a poll (a busy one, hundreds a second): the
+    cron query belongs to the poll's cadence."""
+    from ml_platform.config import Settings
+    from ml_platform.server import build
+
+    settings = Settings(home=home, poll_seconds=0.2)
+    platform, _dispatcher, loop = build(settings, concurrency=1)
+    looked: list[float] = []
+    fire = platform.fire_schedules
+    monkeypatch.setattr(
+        platform, "fire_schedules", lambda: looked.append(time.monotonic()) or fire()
+    )
+    passes = 0
+    tick = loop.runtime.tick
+
+    def counted_tick() -> None:
+        nonlocal passes
+        passes += 1
+        tick()
+
+    monkeypatch.setattr(loop.runtime, "tick", counted_tick)
+    loop.start()
+    time.sleep(1.2)
+    loop.stop()
+    platform.close()
+    assert passes >= 15, passes  # the loop ran its passes ...
+    assert 3 <= len(looked) <= 8, looked  # ... and looked for schedules about once per poll
+    assert all(b - a >= 0.19 for a, b in zip(looked, looked[1:])), looked
