@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,9 +228,12 @@ def test_the_server_loop_looks_for_due_schedules_once_per_poll_not_once_per_pass
     platform, _dispatcher, loop = build(settings, concurrency=1)
     looked: list[float] = []
     fire = platform.fire_schedules
-    monkeypatch.setattr(
-        platform, "fire_schedules", lambda: looked.append(time.monotonic()) or fire()
-    )
+
+    def counted_fire() -> list[Any]:
+        looked.append(time.monotonic())
+        return fire()
+
+    monkeypatch.setattr(platform, "fire_schedules", counted_fire)
     passes = 0
     tick = loop.runtime.tick
 
