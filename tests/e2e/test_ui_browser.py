@@ -168,7 +168,13 @@ def test_an_editor_watches_the_demo_and_compares_two_runs(browser: Browser, site
     assert page.locator("#dag g.node text:text-is('train ×4')").count() == 1
     states = {nodes.nth(i).get_attribute("data-state") for i in range(nodes.count())}
     assert states <= {"succeeded", "cached"}
-    assert page.locator("#dag line").count() >= 6  # every task but the root has an edge in
+    assert page.locator("#dag path.edge").count() >= 6  # every task but the roots has an edge in
+    # The graph's frame is the drawing's size (up to the page's width): no empty half-frame.
+    frame, drawing = (
+        page.locator(".scroll.graph").bounding_box(),
+        page.locator("#dag").bounding_box(),
+    )
+    assert frame is not None and drawing is not None and drawing["width"] >= frame["width"] - 4
     assert page.locator("#timeline rect.bar").count() == 13
     assert "roc_auc" in page.locator("#metrics").inner_text()
     page.screenshot(path=str(SHOTS / "03-run.png"), full_page=True)

@@ -29,7 +29,7 @@ def test_tasks_sit_one_layer_below_their_lowest_upstream() -> None:
     dag = graphics.layout_dag(tasks)
     y = {b.node_id: b.y for b in dag.boxes}
     assert y["a"] == y["d"] < y["b"] < y["c"]
-    assert len(dag.lines) == 3 and not dag.blocks
+    assert len(dag.edges) == 3 and not dag.blocks
     assert all(not b.compact for b in dag.boxes)
 
 
@@ -40,7 +40,7 @@ def test_a_wide_fan_out_becomes_one_grid_with_bundled_edges() -> None:
     assert block.caption == "1000 tasks: 1000 succeeded"
     assert sum(b.compact for b in dag.boxes) == 1000
     # 2,000 edges drawn as two: root → grid, grid → join.
-    assert len(dag.lines) == 2
+    assert len(dag.edges) == 2
     assert dag.width <= graphics.MAX_WIDTH + graphics.MARGIN
     assert all(block.x <= b.x and b.x + b.w <= block.x + block.w for b in dag.boxes if b.compact)
 

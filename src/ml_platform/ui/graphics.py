@@ -80,11 +80,19 @@ class Box:
 
 
 @dataclass
-class Line:
-    x1: float
-    y1: float
-    x2: float
-    y2: float
+class Edge:
+    """A polyline from a port on its source's bottom to a port on its target's top.
+
+    An edge that skips layers bends through one point per layer it crosses (a *dummy* that
+    the ordering places like a narrow task), so it never passes through a box.
+    """
+
+    points: list[tuple[float, float]]
+
+    @property
+    def d(self) -> str:
+        """The SVG path."""
+        return "M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in self.points)
 
 
 @dataclass
@@ -103,7 +111,7 @@ class Dag:
     width: float
     height: float
     boxes: list[Box] = field(default_factory=list)
-    lines: list[Line] = field(default_factory=list)
+    edges: list[Edge] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
 
 
@@ -121,17 +129,6 @@ def layers_of(tasks: Sequence[TaskNode]) -> list[list[TaskNode]]:
     return layers
 
 
-def _order(layer: list[TaskNode], positions: dict[str, float]) -> list[TaskNode]:
-    """Barycenter ordering: a task goes under the middle of its upstreams (fewer crossings)."""
-
-    def key(item: tuple[int, TaskNode]) -> tuple[float, int]:
-        index, task = item
-        known = [positions[u] for u in task.upstream if u in positions]
-        return (sum(known) / len(known) if known else float(index), index)
-
-    return [task for _, task in sorted(enumerate(layer), key=key)]
-
-
 def _summary(layer: list[TaskNode]) -> str:
     counts: dict[str, int] = {}
     for task in layer:
@@ -140,86 +137,257 @@ def _summary(layer: list[TaskNode]) -> str:
     return f"{len(layer)} tasks: {parts}"
 
 
+#: The room a long edge takes in a layer it passes, and the gap beside it.
+DUMMY_W, DUMMY_GAP = 6.0, 8.0
+#: Barycenter sweeps (down and up) when ordering the layers; the best order found is kept.
+ORDER_SWEEPS = 8
+#: Sweeps of the coordinate assignment (each pulls a unit towards its neighbours' middle).
+PLACE_SWEEPS = 6
+
+
+@dataclass(eq=False)
+class _Unit:
+    """What the layout places: a task's box, a grid (a wide layer), or a dummy."""
+
+    layer: int
+    w: float
+    h: float
+    box: Box | None = None
+    block: Block | None = None
+    members: list[Box] = field(default_factory=list)
+    ups: list[_Unit] = field(default_factory=list)
+    downs: list[_Unit] = field(default_factory=list)
+    x: float = 0.0  # the centre
+
+    @property
+    def dummy(self) -> bool:
+        return self.box is None and self.block is None
+
+    def gap_to(self, right: _Unit) -> float:
+        gap = DUMMY_GAP if self.dummy or right.dummy else NODE_GAP
+        return (self.w + right.w) / 2 + gap
+
+
+def _grid(layer: list[TaskNode], index: int) -> _Unit:
+    per_row = max(1, int((MAX_WIDTH - 2 * MARGIN) // (CELL + CELL_GAP)))
+    grid_rows = -(-len(layer) // per_row)
+    width = min(len(layer), per_row) * (CELL + CELL_GAP) - CELL_GAP + 12
+    block = Block(0.0, 0.0, width, grid_rows * (CELL + CELL_GAP) + 22, _summary(layer))
+    unit = _Unit(index, block.w, block.h, block=block)
+    for i, task in enumerate(layer):
+        line, col = divmod(i, per_row)
+        # Positions relative to the block until it is placed.
+        x, y = 6 + col * (CELL + CELL_GAP), 18 + line * (CELL + CELL_GAP)
+        box = Box(task.node_id, task.state, x, y, CELL, CELL, True, task.badge, task.detail)
+        unit.members.append(box)
+    return unit
+
+
+def _crossings(upper: list[_Unit], position: dict[int, int]) -> int:
+    """Crossings between a layer and the next: inversions of the edges' lower ends."""
+    ends = sorted((position[id(a)], position[id(b)]) for a in upper for b in a.downs)
+    size = max((b for _, b in ends), default=0) + 2
+    tree = [0] * size
+    count = seen = 0
+    for _, b in ends:
+        i, below = b + 1, 0  # how many seen so far end at or left of b
+        while i > 0:
+            below += tree[i]
+            i -= i & -i
+        count += seen - below
+        seen += 1
+        i = b + 1
+        while i < size:
+            tree[i] += 1
+            i += i & -i
+    return count
+
+
+def _order(layers: list[list[_Unit]]) -> list[list[_Unit]]:
+    """Barycenter sweeps down and up; returns the order with the fewest crossings seen."""
+
+    position = {id(u): i for layer in layers for i, u in enumerate(layer)}
+
+    def total() -> int:
+        return sum(_crossings(layer, position) for layer in layers[:-1])
+
+    best = [list(layer) for layer in layers]
+    best_count = total()
+    for sweep in range(ORDER_SWEEPS):
+        if best_count == 0:
+            break
+        down = sweep % 2 == 0
+        indices = range(1, len(layers)) if down else range(len(layers) - 2, -1, -1)
+        for index in indices:
+            layer = layers[index]
+
+            def key(item: tuple[int, _Unit]) -> tuple[float, int]:
+                i, unit = item
+                near = unit.ups if down else unit.downs
+                if not near:
+                    return (float(i), i)
+                return (sum(position[id(n)] for n in near) / len(near), i)
+
+            layers[index] = [u for _, u in sorted(enumerate(layer), key=key)]
+            position.update((id(u), i) for i, u in enumerate(layers[index]))
+        count = total()
+        if count < best_count:
+            best, best_count = [list(layer) for layer in layers], count
+    return best
+
+
+def _isotonic(targets: list[float], weights: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``targets`` (weighted least squares; PAV)."""
+    pools: list[list[float]] = []  # [weighted sum, weight, length]
+    for t, w in zip(targets, weights):
+        pools.append([t * w, w, 1])
+        while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
+            total, weight, length = pools.pop()
+            pools[-1][0] += total
+            pools[-1][1] += weight
+            pools[-1][2] += length
+    out: list[float] = []
+    for total, weight, length in pools:
+        out += [total / weight] * int(length)
+    return out
+
+
+def _pull(unit: _Unit, neighbour: _Unit) -> float:
+    """How much a neighbour pulls: tasks follow tasks, long edges follow their own line."""
+    return 1.0 if unit.dummy == neighbour.dummy else 0.0
+
+
+def _place_layer(layer: list[_Unit], towards: str) -> None:
+    """Move each unit towards the middle of its neighbours ("ups", "downs" or "both"),
+    keeping the layer's order and gaps."""
+    offsets = [0.0]
+    for left, right in zip(layer, layer[1:]):
+        offsets.append(offsets[-1] + left.gap_to(right))
+    targets, weights = [], []
+    for unit, offset in zip(layer, offsets):
+        near = {"ups": unit.ups, "downs": unit.downs}.get(towards, unit.ups + unit.downs)
+        # A task follows the tasks it links to directly, not the long edges that reach it; a
+        # long edge follows itself (a straight line down): neither drifts sideways.
+        pull = [_pull(unit, n) for n in near]
+        if not sum(pull):  # only long edges reach it: follow them
+            pull = [1.0] * len(near)
+        weight = sum(pull)
+        desired = sum(n.x * w for n, w in zip(near, pull)) / weight if near else unit.x
+        targets.append(desired - offset)
+        weights.append(weight if near else 0.01)
+    for unit, y, offset in zip(layer, _isotonic(targets, weights), offsets):
+        unit.x = y + offset
+
+
+def _ports(count: int, unit: _Unit) -> list[float]:
+    if unit.dummy:
+        return [unit.x] * count
+    left = unit.x - unit.w / 2
+    return [left + unit.w * (k + 1) / (count + 1) for k in range(count)]
+
+
 def layout_dag(tasks: Sequence[TaskNode]) -> Dag:
-    """Place every task; wide layers become grids; edges into or out of a grid are bundled."""
+    """A layered drawing: longest-path layers, wide layers as grids (their edges bundled),
+    long edges through dummies, barycenter ordering, centred coordinates, distinct ports."""
     dag = Dag(width=0.0, height=0.0)
-    where: dict[str, Box] = {}
-    block_of: dict[str, Block] = {}
-    positions: dict[str, float] = {}
-    rows: list[list[Box]] = []
-    y = float(MARGIN)
-    for layer in layers_of(tasks):
-        ordered = _order(layer, positions)
-        if len(ordered) > WIDE_LAYER:
-            per_row = max(1, int((MAX_WIDTH - 2 * MARGIN) // (CELL + CELL_GAP)))
-            grid_rows = -(-len(ordered) // per_row)
-            width = min(len(ordered), per_row) * (CELL + CELL_GAP) - CELL_GAP
-            block = Block(
-                MARGIN - 6, y, width + 12, grid_rows * (CELL + CELL_GAP) + 22, _summary(layer)
+    layers: list[list[_Unit]] = []
+    unit_of: dict[str, _Unit] = {}
+    for index, members in enumerate(layers_of(tasks)):
+        if len(members) > WIDE_LAYER:
+            grid = _grid(members, index)
+            layers.append([grid])
+            unit_of.update((box.node_id, grid) for box in grid.members)
+            continue
+        row = []
+        for task in members:
+            box = Box(
+                task.node_id, task.state, 0.0, 0.0, NODE_W, NODE_H, False, task.badge, task.detail
             )
-            dag.blocks.append(block)
-            for i, task in enumerate(ordered):
-                line, col = divmod(i, per_row)
-                box = Box(
-                    task.node_id,
-                    task.state,
-                    MARGIN + col * (CELL + CELL_GAP),
-                    y + 18 + line * (CELL + CELL_GAP),
-                    CELL,
-                    CELL,
-                    True,
-                    task.badge,
-                    task.detail,
-                )
-                dag.boxes.append(box)
-                where[task.node_id] = box
-                block_of[task.node_id] = block
-                positions[task.node_id] = box.x
-            y += block.h + LAYER_GAP
-        else:
-            row: list[Box] = []
-            for i, task in enumerate(ordered):
-                box = Box(
-                    task.node_id,
-                    task.state,
-                    MARGIN + i * (NODE_W + NODE_GAP),
-                    y,
-                    NODE_W,
-                    NODE_H,
-                    False,
-                    task.badge,
-                    task.detail,
-                )
-                row.append(box)
-                where[task.node_id] = box
-                positions[task.node_id] = box.x
-            dag.boxes += row
-            rows.append(row)
-            y += NODE_H + LAYER_GAP
-    # Centre the narrower layers under the widest one (before the edges are drawn).
-    widest = max([b.x + b.w for b in dag.boxes] + [b.x + b.w for b in dag.blocks], default=0.0)
-    for row in rows:
-        shift = (widest - (row[-1].x + row[-1].w)) / 2
-        for box in row:
-            box.x += shift
-    seen: set[tuple[float, float, float, float]] = set()
+            unit_of[task.node_id] = _Unit(index, NODE_W, NODE_H, box=box)
+            row.append(unit_of[task.node_id])
+        layers.append(row)
+    # Edges between units (a grid's members share one end), long ones through dummies; the
+    # long edges of one source share its dummies (one line down, branching where they end).
+    chains: list[list[_Unit]] = []
+    drawn: set[tuple[int, int]] = set()
+    linked: set[tuple[int, int]] = set()
+    bus: dict[tuple[int, int], _Unit] = {}
     for task in tasks:
-        target = where[task.node_id]
+        target = unit_of[task.node_id]
         for upstream in task.upstream:
-            source = where.get(upstream)
-            if source is None:
+            source = unit_of.get(upstream)
+            if source is None or (id(source), id(target)) in drawn:
                 continue
-            # One edge per pair of (task or grid) ends: a grid's members share one anchor.
-            s_block, t_block = block_of.get(upstream), block_of.get(task.node_id)
-            x1 = s_block.x + s_block.w / 2 if s_block else source.x + source.w / 2
-            y1 = s_block.y + s_block.h if s_block else source.y + source.h
-            x2 = t_block.x + t_block.w / 2 if t_block else target.x + target.w / 2
-            y2 = t_block.y if t_block else target.y
-            key = (x1, y1, x2, y2)
-            if key not in seen:
-                seen.add(key)
-                dag.lines.append(Line(x1, y1, x2, y2))
+            drawn.add((id(source), id(target)))
+            chain = [source]
+            for between in range(source.layer + 1, target.layer):
+                dummy = bus.get((id(source), between))
+                if dummy is None:
+                    dummy = bus[(id(source), between)] = _Unit(between, DUMMY_W, 0.0)
+                    layers[between].append(dummy)
+                chain.append(dummy)
+            chain.append(target)
+            for a, b in zip(chain, chain[1:]):
+                if (id(a), id(b)) not in linked:
+                    linked.add((id(a), id(b)))
+                    a.downs.append(b)
+                    b.ups.append(a)
+            chains.append(chain)
+    layers = _order(layers)
+    # Coordinates: packed, then pulled towards neighbours (down, up, ...), then both ways.
+    for layer in layers:
+        x = 0.0
+        for i, unit in enumerate(layer):
+            x = x if i == 0 else x + layer[i - 1].gap_to(unit)
+            unit.x = x
+    for sweep in range(PLACE_SWEEPS):
+        down = sweep % 2 == 0
+        for layer in layers if down else reversed(layers):
+            _place_layer(layer, "ups" if down else "downs")
+    for layer in layers:
+        _place_layer(layer, "both")
+    left = min((u.x - u.w / 2 for layer in layers for u in layer), default=0.0)
+    tops: list[float] = []
+    y = float(MARGIN)
+    for layer in layers:
+        tops.append(y)
+        y += max((u.h for u in layer), default=0.0) + LAYER_GAP
+    bottoms = [top + max((u.h for u in layer), default=0.0) for top, layer in zip(tops, layers)]
+    for layer, top in zip(layers, tops):
+        for unit in layer:
+            unit.x += MARGIN - left
+            x0 = unit.x - unit.w / 2
+            if unit.box is not None:
+                unit.box.x, unit.box.y = x0, top
+                dag.boxes.append(unit.box)
+            elif unit.block is not None:
+                unit.block.x, unit.block.y = x0, top
+                dag.blocks.append(unit.block)
+                for box in unit.members:
+                    box.x += x0
+                    box.y += top
+                dag.boxes += unit.members
+    # Ports: a unit's edges leave and arrive at distinct points, in the order of their other ends.
+    out_port: dict[tuple[int, int], float] = {}
+    in_port: dict[tuple[int, int], float] = {}
+    for layer in layers:
+        for unit in layer:
+            downs = sorted(unit.downs, key=lambda n: n.x)
+            out_port.update(((id(unit), id(n)), p) for n, p in zip(downs, _ports(len(downs), unit)))
+            ups = sorted(unit.ups, key=lambda n: n.x)
+            in_port.update(((id(n), id(unit)), p) for n, p in zip(ups, _ports(len(ups), unit)))
+    for chain in chains:
+        source, target = chain[0], chain[-1]
+        x = out_port[(id(source), id(chain[1]))]
+        points = [(x, tops[source.layer] + source.h)]
+        if source.h < bottoms[source.layer] - tops[source.layer]:
+            points.append((x, bottoms[source.layer]))  # down its own column to the layer's foot
+        for dummy in chain[1:-1]:
+            points += [(dummy.x, tops[dummy.layer]), (dummy.x, bottoms[dummy.layer])]
+        points.append((in_port[(id(chain[-2]), id(target))], tops[target.layer]))
+        dag.edges.append(Edge(points))
     right = [b.x + b.w for b in dag.boxes] + [b.x + b.w for b in dag.blocks]
+    right += [x for edge in dag.edges for x, _ in edge.points]
     dag.width = max(right, default=0.0) + MARGIN
     dag.height = max(y - LAYER_GAP + MARGIN, 2 * MARGIN)
     return dag
