@@ -94,6 +94,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         ML_PLATFORM_HOME=str(home),
         PYTHONPATH=str(ROOT),
         MLP_POLL_SECONDS="0.2",
+        # Heartbeats (a third of the lease) every 1.3 s: a cancelled task stops within that.
+        MLP_LEASE_SECONDS="4",
         SECRET_KEY=TEST_SECRET_KEY,
     )
     env.pop("DATABASE_URL", None)
