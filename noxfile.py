@@ -108,7 +108,8 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmarks against Celery, Dramatiq, Dask and Prefect; rewrites docs/benchmarks.md.
+    """Benchmarks against Celery, Dramatiq, Dask, Prefect and Procrastinate; rewrites
+    docs/benchmarks.md.
 
     Posargs choose sections (workloads, crash, pipeline, pipeline-tests); see benchmarks/.
     Needs the machine's PostgreSQL and Redis (DATABASE_URL, REDIS_URL to point elsewhere).

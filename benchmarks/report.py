@@ -28,6 +28,9 @@ PERSISTENCE = {
     "dask": "nothing: task state lives in the scheduler's memory",
     "prefect": "flow and task run states through its API into SQLite (a local Prefect server, "
     "started once for the whole benchmark)",
+    "procrastinate": "every job a row in PostgreSQL (deferred, started, finished: three "
+    "commits), LISTEN/NOTIFY to wake the worker; no DAG (a step defers the next; the "
+    "fan-in counts in Redis)",
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from sqlalchemy.engine import make_url
 
 from benchmarks import ours, workloads
 from benchmarks.measure import percentile, settle
@@ -25,10 +26,22 @@ from benchmarks.measure import percentile, settle
 ROOT = Path(__file__).resolve().parent.parent
 REPETITIONS = 5
 WORKLOADS = ["fanout", "chain", "sleeps"]
-PEERS = ["celery", "dramatiq", "dask", "prefect"]
+PEERS = ["celery", "dramatiq", "dask", "prefect", "procrastinate"]
 #: Redis databases the broker peers may flush (the same Redis server as ours).
-PEER_REDIS_DB = {"celery": 11, "dramatiq": 12, "dask": 13, "prefect": 13}
-PEER_PACKAGES = ["celery", "dramatiq", "dask", "distributed", "prefect", "kombu", "redis"]
+PEER_REDIS_DB = {"celery": 11, "dramatiq": 12, "dask": 13, "prefect": 13, "procrastinate": 14}
+PEER_PACKAGES = [
+    "celery",
+    "dramatiq",
+    "dask",
+    "distributed",
+    "prefect",
+    "procrastinate",
+    "psycopg",
+    "kombu",
+    "redis",
+]
+#: The database a PostgreSQL peer gets (dropped and made again for each of its runs).
+PEER_DATABASE = "mlp_bench_procrastinate"
 
 
 def peers_python() -> str:
@@ -119,11 +132,14 @@ def _free_port() -> int:
 
 
 def run_peer(
-    peer: str, redis_url: str, prefect_url: str | None = None
+    peer: str, redis_url: str, prefect_url: str | None = None, database_url: str | None = None
 ) -> dict[str, dict[str, Any]]:
     env = _peer_env(peer, redis_url)
     if prefect_url:
         env["PREFECT_API_URL"] = prefect_url
+    if database_url:
+        url = make_url(database_url).set(drivername="postgresql", database=PEER_DATABASE)
+        env["BENCH_PG_URL"] = url.render_as_string(hide_password=False)
     # Fixed argv: the peers' interpreter running our runner module.
     done = subprocess.run(  # nosec B603
         [peers_python(), "-m", "benchmarks.peers", peer, *WORKLOADS],
@@ -270,7 +286,7 @@ def _alternate(
             elif system == "ml_platform (embedded)":
                 records = _ours_embedded()
             else:
-                records = run_peer(system, redis_url, prefect[0] if prefect else None)
+                records = run_peer(system, redis_url, prefect[0] if prefect else None, database_url)
                 if system == "prefect" and prefect:
                     waited = settle(prefect[1])
                     progress(f"waited {waited:.0f} s for the Prefect server to finish recording")

@@ -108,6 +108,72 @@ def _broker_peer(system: str, workloads: list[str]) -> None:
         marks.client().flushdb()
 
 
+def _procrastinate(workloads: list[str]) -> None:
+    """A fresh database with Procrastinate's schema, one `procrastinate worker -c 2`."""
+    import psycopg
+    from psycopg import sql
+
+    from benchmarks.peers import marks
+    from benchmarks.peers import procrastinate_app as app
+
+    url = os.environ["BENCH_PG_URL"]
+    name = str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
+    admin = psycopg.conninfo.make_conninfo(url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    marks.client().flushdb()
+    argv = [
+        sys.executable,
+        "-m",
+        "procrastinate",
+        "--app",
+        "benchmarks.peers.procrastinate_app.app",
+        "worker",
+        "--concurrency",
+        "2",
+    ]
+    with app.app.open():
+        app.app.schema_manager.apply_schema()
+        # Fixed argv: the peer's own CLI from its own venv.
+        worker = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )  # nosec B603
+        try:
+            warm = uuid.uuid4().hex
+            app.chain_of(warm, CHAIN_LENGTH)
+            marks.wait_for(warm, 1, timeout=120)
+            for workload in workloads:
+                key = uuid.uuid4().hex
+                peak = PeakRss(lambda: [worker.pid])
+                peak.start()
+                t0 = time.time()
+                if workload == "fanout":
+                    app.fanout(key, FANOUT_WIDTH)
+                    starts, end = marks.wait_for(key, 1)
+                elif workload == "chain":
+                    app.chain_of(key, CHAIN_LENGTH)
+                    starts, end = marks.wait_for(key, 1)
+                else:
+                    app.sleeps(key, SLEEP_TASKS, SLEEP_SECONDS)
+                    starts, end = marks.wait_for(key, SLEEP_TASKS)
+                _emit(workload, t0, starts, end, peak.stop())
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            marks.client().flushdb()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
 def _dask(workloads: list[str]) -> None:
     from benchmarks.peers.dask_run import Dask
 
@@ -154,6 +220,8 @@ def main(argv: list[str]) -> int:
         _dask(workloads)
     elif system == "prefect":
         _prefect(workloads)
+    elif system == "procrastinate":
+        _procrastinate(workloads)
     else:
         print(f"unknown peer {system!r}", file=sys.stderr)
         return 2
