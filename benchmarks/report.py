@@ -61,8 +61,10 @@ def _workloads_section(data: dict[str, Any]) -> list[str]:
         "+ Redis; embedded: one process on SQLite running 2 task processes); Celery with one "
         "worker of 2 prefork processes; Dramatiq with 2 processes of 1 thread; Dask with a "
         "LocalCluster of 2 worker processes of 1 thread; Prefect with a thread pool of 2 inside "
-        "a local flow, against a local Prefect server. Submit-to-start is the time from the "
-        "workflow's submission to each task's start.",
+        "a local flow, against a local Prefect server; Procrastinate with one `procrastinate "
+        "worker --concurrency 2` on a PostgreSQL database of its own (the same server as "
+        "ours), woken by LISTEN/NOTIFY (its polling interval, 5 s, is the fallback). "
+        "Submit-to-start is the time from the workflow's submission to each task's start.",
         "",
         f"### Fan-out/fan-in: 1 → {FANOUT_WIDTH:,} → 1",
         "",
