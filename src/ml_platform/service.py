@@ -384,18 +384,7 @@ class Platform:
             )
             session.flush()
             session.add_all(
-                TaskRun(
-                    run_id=run_id,
-                    node_id=spec.node_id,
-                    position=position[spec.node_id],
-                    task_ref=spec.task_ref,
-                    code_version=spec.code_version,
-                    upstream=list(spec.upstream),
-                    inputs=spec.inputs,
-                    options=spec.options,
-                    pool=spec.options.get("pool"),
-                    state=TaskState.PENDING,
-                )
+                _task_run_of(spec, run_id, position[spec.node_id], TaskState.PENDING)
                 for spec in specs
             )
             session.flush()
@@ -475,17 +464,11 @@ class Platform:
                     state = TaskState(old.state)
                 if reuse:
                     reused.add(spec.node_id)
-                copy = TaskRun(
-                    run_id=new_id,
-                    node_id=spec.node_id,
-                    position=row.position,
-                    task_ref=spec.task_ref,
-                    code_version=spec.code_version,
-                    upstream=list(spec.upstream),
-                    inputs=spec.inputs,
-                    options=spec.options,
-                    pool=spec.options.get("pool"),
-                    state=state,
+                copy = _task_run_of(
+                    spec,
+                    new_id,
+                    row.position,
+                    state,
                     error=old.error if old is not None and state == TaskState.SKIPPED else None,
                     result=old.result if reuse and old is not None else None,
                     cached_from=(old.cached_from or old.id) if reuse and old is not None else None,
@@ -1695,6 +1678,25 @@ class _RetryRow:
     spec: NodeSpec
     position: int
     old: TaskRun | None
+
+
+def _task_run_of(
+    spec: NodeSpec, run_id: str, position: int, state: TaskState, **fields: Any
+) -> TaskRun:
+    """A new task run of ``run_id`` for a traced node (``fields``: what a retry carries over)."""
+    return TaskRun(
+        run_id=run_id,
+        node_id=spec.node_id,
+        position=position,
+        task_ref=spec.task_ref,
+        code_version=spec.code_version,
+        upstream=list(spec.upstream),
+        inputs=spec.inputs,
+        options=spec.options,
+        pool=spec.options.get("pool"),
+        state=state,
+        **fields,
+    )
 
 
 def _row_of(task: TaskRun, position: int | None = None) -> _RetryRow:
