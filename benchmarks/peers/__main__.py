@@ -37,43 +37,11 @@ def _emit(
     print(json.dumps(record), flush=True)
 
 
-def _broker_peer(system: str, workloads: list[str]) -> None:
-    """Celery or Dramatiq: worker processes started here, tasks leave marks in Redis."""
+def _on_worker(argv: list[str], app: Any, workloads: list[str]) -> None:
+    """Start the peer's worker CLI, warm it up with a chain, then run the workloads through
+    ``app``'s fanout, chain_of and sleeps; the tasks leave their marks in Redis."""
     from benchmarks.peers import marks
 
-    if system == "celery":
-        from benchmarks.peers import celery_app as app
-
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "benchmarks.peers.celery_app",
-            "worker",
-            "--concurrency",
-            "2",
-            "--pool",
-            "prefork",
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel",
-            "WARNING",
-        ]
-    else:
-        from benchmarks.peers import dramatiq_app as app  # type: ignore[no-redef]
-
-        argv = [
-            sys.executable,
-            "-m",
-            "dramatiq",
-            "benchmarks.peers.dramatiq_app",
-            "--processes",
-            "2",
-            "--threads",
-            "1",
-        ]
     marks.client().flushdb()
     # Fixed argv: the peer's own CLI from its own venv.
     worker = subprocess.Popen(
@@ -108,23 +76,58 @@ def _broker_peer(system: str, workloads: list[str]) -> None:
         marks.client().flushdb()
 
 
+def _broker_peer(system: str, workloads: list[str]) -> None:
+    """Celery or Dramatiq: worker processes started here, tasks leave marks in Redis."""
+    if system == "celery":
+        from benchmarks.peers import celery_app as app
+
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "benchmarks.peers.celery_app",
+            "worker",
+            "--concurrency",
+            "2",
+            "--pool",
+            "prefork",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "WARNING",
+        ]
+    else:
+        from benchmarks.peers import dramatiq_app as app  # type: ignore[no-redef]
+
+        argv = [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "benchmarks.peers.dramatiq_app",
+            "--processes",
+            "2",
+            "--threads",
+            "1",
+        ]
+    _on_worker(argv, app, workloads)
+
+
 def _procrastinate(workloads: list[str]) -> None:
     """A fresh database with Procrastinate's schema, one `procrastinate worker -c 2`."""
     import psycopg
     from psycopg import sql
 
-    from benchmarks.peers import marks
     from benchmarks.peers import procrastinate_app as app
 
     url = os.environ["BENCH_PG_URL"]
     name = str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
     admin = psycopg.conninfo.make_conninfo(url, dbname="postgres")
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        conn.execute(drop)
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    marks.client().flushdb()
     argv = [
         sys.executable,
         "-m",
@@ -137,41 +140,9 @@ def _procrastinate(workloads: list[str]) -> None:
     ]
     with app.app.open():
         app.app.schema_manager.apply_schema()
-        # Fixed argv: the peer's own CLI from its own venv.
-        worker = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )  # nosec B603
-        try:
-            warm = uuid.uuid4().hex
-            app.chain_of(warm, CHAIN_LENGTH)
-            marks.wait_for(warm, 1, timeout=120)
-            for workload in workloads:
-                key = uuid.uuid4().hex
-                peak = PeakRss(lambda: [worker.pid])
-                peak.start()
-                t0 = time.time()
-                if workload == "fanout":
-                    app.fanout(key, FANOUT_WIDTH)
-                    starts, end = marks.wait_for(key, 1)
-                elif workload == "chain":
-                    app.chain_of(key, CHAIN_LENGTH)
-                    starts, end = marks.wait_for(key, 1)
-                else:
-                    app.sleeps(key, SLEEP_TASKS, SLEEP_SECONDS)
-                    starts, end = marks.wait_for(key, SLEEP_TASKS)
-                _emit(workload, t0, starts, end, peak.stop())
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-            marks.client().flushdb()
+        _on_worker(argv, app, workloads)
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        conn.execute(drop)
 
 
 def _dask(workloads: list[str]) -> None:
