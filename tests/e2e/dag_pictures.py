@@ -13,8 +13,6 @@ Needs the test group (Playwright) and the machine's Chromium, as the browser tes
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,9 +25,7 @@ from playwright.sync_api import sync_playwright
 from ml_platform.accounts import Accounts
 from ml_platform.config import Settings
 from ml_platform.service import Platform
-from tests.e2e.test_ui_browser import CHROMIUM, FLAGS, PASSWORD, TEST_SECRET_KEY
-from tests.helpers import wait_until_ready
-from tests.services import free_port
+from tests.e2e.test_ui_browser import CHROMIUM, FLAGS, PASSWORD, embedded_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = "ml_platform.examples.classifier:training_pipeline"
@@ -55,20 +51,7 @@ def main(folder: Path) -> None:
     platform = Platform(Settings(home=home)).start()
     Accounts(platform.db, timedelta(days=1)).create_user("alice", PASSWORD, is_admin=True)
     platform.close()
-    port = free_port()
-    env = dict(os.environ, ML_PLATFORM_HOME=str(home), PYTHONPATH=str(ROOT))
-    env.update(SECRET_KEY=TEST_SECRET_KEY, MLP_POLL_SECONDS="0.2")
-    env.pop("DATABASE_URL", None)
-    env.pop("REDIS_URL", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "ml_platform", "server", "--port", str(port), "--concurrency", "2"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url)
+    with embedded_server(home) as url:
         with httpx.Client(base_url=url, timeout=60) as client:
             token = client.post(
                 "/api/v1/auth/token", json={"username": "alice", "password": PASSWORD}
@@ -107,9 +90,6 @@ def main(folder: Path) -> None:
                 page.locator("section:has(#dag)").screenshot(path=str(folder / name))
                 print(f"wrote {folder / name}")
             browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":

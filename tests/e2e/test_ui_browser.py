@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -88,6 +89,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     secret = accounts.create_project("secret", alice)
     secret_run = platform.submit(workflows.arithmetic, {"n": 2}, project_id=secret.id).run_id
     platform.close()
+    with embedded_server(home) as url:
+        yield Site(url, home, secret_run)
+
+
+@contextmanager
+def embedded_server(home: Path) -> Iterator[str]:
+    """`mlp server` (embedded, 2 task slots) on ``home`` and a free port: its URL, until the
+    block ends and it has stopped."""
     port = free_port()
     env = dict(
         os.environ,
@@ -110,7 +119,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url)
-        yield Site(url, home, secret_run)
+        yield url
     finally:
         server.terminate()
         server.wait(timeout=60)
