@@ -247,6 +247,7 @@ def test_the_server_loop_looks_for_due_schedules_once_per_poll_not_once_per_pass
     time.sleep(1.2)
     loop.stop()
     platform.close()
-    assert passes >= 15, passes  # the loop ran its passes ...
-    assert 3 <= len(looked) <= 8, looked  # ... and looked for schedules about once per poll
+    # Idle, the loop makes about five passes per poll (~30 here; fewer on a busy machine) and
+    # looks for schedules on one of them (a look on every pass would make the two equal).
+    assert 2 <= len(looked) <= 8 and passes >= 2 * len(looked), (passes, looked)
     assert all(b - a >= 0.19 for a, b in zip(looked, looked[1:])), looked
