@@ -347,12 +347,13 @@ def layout_dag(tasks: Sequence[TaskNode]) -> Dag:
     for layer in layers:
         _place_layer(layer, "both")
     left = min((u.x - u.w / 2 for layer in layers for u in layer), default=0.0)
+    heights = [max((u.h for u in layer), default=0.0) for layer in layers]
     tops: list[float] = []
     y = float(MARGIN)
-    for layer in layers:
+    for height in heights:
         tops.append(y)
-        y += max((u.h for u in layer), default=0.0) + LAYER_GAP
-    bottoms = [top + max((u.h for u in layer), default=0.0) for top, layer in zip(tops, layers)]
+        y += height + LAYER_GAP
+    bottoms = [top + height for top, height in zip(tops, heights)]
     for layer, top in zip(layers, tops):
         for unit in layer:
             unit.x += MARGIN - left
