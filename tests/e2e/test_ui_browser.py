@@ -20,7 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Route, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from ml_platform.accounts import Accounts, Role
 from ml_platform.config import Settings
@@ -62,19 +63,41 @@ class Site:
         self.home = home
         self.secret_run = secret_run
 
-    def submit(self, workflow: str, params: dict[str, object]) -> str:
+    @contextmanager
+    def client(self) -> Iterator[httpx.Client]:
+        """An API client signed in as alice."""
         with httpx.Client(base_url=self.url, timeout=30) as client:
             token = client.post(
                 "/api/v1/auth/token", json={"username": "alice", "password": PASSWORD}
             ).json()["access_token"]
+            client.headers["Authorization"] = f"Bearer {token}"
+            yield client
+
+    def submit(self, workflow: str, params: dict[str, object]) -> str:
+        with self.client() as client:
             created = client.post(
-                "/api/v1/projects/default/runs",
-                json={"workflow": workflow, "params": params},
-                headers={"Authorization": f"Bearer {token}"},
+                "/api/v1/projects/default/runs", json={"workflow": workflow, "params": params}
             )
             assert created.status_code == 201, created.text
             run_id: str = created.json()["id"]
             return run_id
+
+    def story(self, run_id: str) -> str:
+        """What the API says of a run's tasks and the server's last log lines: the message of
+        a test that waited in vain."""
+        with self.client() as client:
+            tasks = client.get(f"/api/v1/projects/default/runs/{run_id}/tasks").text
+        log = (self.home / "server.log").read_text(errors="replace").splitlines()
+        return f"tasks: {tasks[:3000]}\nserver log (last 30 lines):\n" + "\n".join(log[-30:])
+
+
+def _wait_for_state(page: Page, site: Site, run_id: str, state: str, seconds: float) -> None:
+    """The run page (open on ``run_id``) shows ``state`` within ``seconds``, or the test fails
+    with what the API and the server's log say."""
+    try:
+        page.wait_for_selector(f"#run-state:text('{state}')", timeout=seconds * 1000)
+    except PlaywrightTimeout:
+        pytest.fail(f"run {run_id} not {state} on its page in {seconds} s\n{site.story(run_id)}")
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +132,13 @@ def embedded_server(home: Path) -> Iterator[str]:
     )
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
+    log = (home / "server.log").open("ab")
     server = subprocess.Popen(
         [sys.executable, "-m", "ml_platform", "server", "--port", str(port), "--concurrency", "2"],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -123,6 +147,7 @@ def embedded_server(home: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=60)
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +220,7 @@ def test_an_editor_watches_the_demo_and_compares_two_runs(browser: Browser, site
 
     second = site.submit(DEMO, {"seed": 11})
     page.goto(f"{site.url}/ui/p/default/runs/{second}")
-    page.wait_for_selector("#run-state:text('succeeded')", timeout=180_000)
+    _wait_for_state(page, site, second, "succeeded", 180)
     page.goto(f"{site.url}/ui/p/default/compare?workflow={DEMO}&metric=roc_auc")
     assert page.locator("#compare-table tbody tr").count() == 2
     assert page.locator("#chart circle").count() == 2 * 4  # 4 grid points in each run
@@ -206,17 +231,67 @@ def test_an_editor_watches_the_demo_and_compares_two_runs(browser: Browser, site
     page.close()
 
 
+def test_live_updates_outlive_a_lost_connection_and_stop_when_signed_out(
+    browser: Browser, site: Site
+) -> None:
+    """The run page's refresh survives a dropped connection and a 503 (it says so, tries again
+    later, and catches up), and stops for good once the answer is "signed out"."""
+    page = _sign_in(browser, site, "alice")
+    run_id = site.submit("tests.workflows:mapped_naps", {"n": 4, "seconds": 0.2})
+    faults = ["abort", 503]
+    asked: list[str] = []
+
+    def flaky_network(route: Route) -> None:
+        asked.append(route.request.url)
+        fault = faults.pop(0) if faults else None
+        if fault == "abort":
+            route.abort("connectionreset")
+        elif fault is not None:
+            route.fulfill(status=int(fault), body="busy")
+        else:
+            route.continue_()
+
+    page.route("**/runs/*?fragment=1", flaky_network)
+    page.goto(f"{site.url}/ui/p/default/runs/{run_id}")
+    note = page.locator("#run-body-stale")
+    note.wait_for(timeout=10_000)
+    assert "trying again" in note.inner_text()
+    _wait_for_state(page, site, run_id, "succeeded", 60)
+    assert note.count() == 0 and len(asked) >= 3  # it recovered, and the note went away
+
+    # Signed out (the server now answers 401): no note, and no more requests.
+    page.unroute("**/runs/*?fragment=1")
+    second = site.submit("tests.workflows:long_pipeline", {"marker": str(site.home / "live")})
+    asked.clear()
+
+    def signed_out(route: Route) -> None:
+        asked.append(route.request.url)
+        route.fulfill(status=401, body="signed out")
+
+    page.route("**/runs/*?fragment=1", signed_out)
+    page.goto(f"{site.url}/ui/p/default/runs/{second}")
+    page.wait_for_function("() => document.querySelector('#run-body')", timeout=10_000)
+    deadline = time.monotonic() + 10
+    while not asked and time.monotonic() < deadline:  # the first refresh comes after 2 s
+        page.wait_for_timeout(100)
+    page.wait_for_timeout(3_000)  # a retry would come 2 s after it
+    assert len(asked) == 1 and page.locator("#run-body-stale").count() == 0
+    page.close()
+    with site.client() as client:  # let the long run go
+        client.post(f"/api/v1/projects/default/runs/{second}/cancel").raise_for_status()
+
+
 def test_an_editor_cancels_a_running_run(browser: Browser, site: Site, tmp_path: Path) -> None:
     page = _sign_in(browser, site, "alice")
     run_id = site.submit("tests.workflows:long_pipeline", {"marker": str(tmp_path / "m")})
     page.goto(f"{site.url}/ui/p/default/runs/{run_id}")
     page.wait_for_selector("#dag g.node[data-state=running]", timeout=60_000)
     page.click("#cancel")
-    page.wait_for_selector("#run-state:text('cancelled')", timeout=60_000)
+    _wait_for_state(page, site, run_id, "cancelled", 60)
     assert page.locator("#cancel").count() == 0
     page.screenshot(path=str(SHOTS / "06-cancelled.png"), full_page=True)
     page.goto(f"{site.url}/ui/p/default/runs")
-    assert page.locator("tr[data-state=cancelled]").count() == 1
+    assert page.locator(f"tr[data-state=cancelled]:has(a[href$='{run_id}'])").count() == 1
     page.screenshot(path=str(SHOTS / "08-runs-later.png"), full_page=True)
     page.close()
 
@@ -248,14 +323,8 @@ def test_a_viewer_sees_no_buttons_is_refused_and_never_sees_another_project(
     assert "There is no run" in page.inner_text("main")
     page.screenshot(path=str(SHOTS / "07-viewer-refused.png"), full_page=True)
     page.close()
-    with httpx.Client(base_url=site.url) as client:  # let the long run go
-        token = client.post(
-            "/api/v1/auth/token", json={"username": "alice", "password": PASSWORD}
-        ).json()
-        client.post(
-            f"/api/v1/projects/default/runs/{run_id}/cancel",
-            headers={"Authorization": f"Bearer {token['access_token']}"},
-        )
+    with site.client() as client:  # let the long run go
+        client.post(f"/api/v1/projects/default/runs/{run_id}/cancel").raise_for_status()
 
 
 def test_the_log_page_follows_a_running_task(browser: Browser, site: Site) -> None:
@@ -285,7 +354,7 @@ def test_every_page_fits_a_phone_without_sideways_scrolling(browser: Browser, si
     page = _sign_in(browser, site, "alice", viewport=(390, 844))
     run_id = site.submit("tests.workflows:mapped", {"n": 30, "folder": str(site.home)})
     page.goto(f"{site.url}/ui/p/default/runs/{run_id}")
-    page.wait_for_selector("#run-state:text('succeeded')", timeout=60_000)
+    _wait_for_state(page, site, run_id, "succeeded", 60)
     for path in (
         "runs",
         f"runs/{run_id}",
