@@ -1,7 +1,9 @@
 """Quality, test, security and release sessions. CI calls these by name and nothing else.
 
 Every session installs from uv.lock into its own virtualenv (``uv sync --frozen``), so a
-local run equals a CI run and ``nox -R`` reinstalls nothing.
+local run equals a CI run. The virtualenvs are kept between runs: ``uv sync`` is exact (it
+removes what the lock does not list), so a kept one is the lock's, and the next run saves the
+≈ 6 s of making and byte-compiling a new one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import nox.command
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "uv"
 nox.options.error_on_missing_interpreters = True
-nox.options.reuse_existing_virtualenvs = False
+nox.options.reuse_venv = "yes"
 
 PYTHON = "3.11"
 #: pytest-xdist workers for the tests session (PYTEST_WORKERS overrides).

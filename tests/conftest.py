@@ -19,6 +19,8 @@ from ml_platform.config import Settings
 from ml_platform.service import Platform
 from tests import services
 
+pytest_plugins = ["tests.balance"]
+
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile(
     "ci",

@@ -239,7 +239,7 @@ def test_live_updates_outlive_a_lost_connection_and_stop_when_signed_out(
     later, and catches up), and stops for good once the answer is "signed out"."""
     page = _sign_in(browser, site, "alice")
     run_id = site.submit("tests.workflows:mapped_naps", {"n": 4, "seconds": 0.2})
-    faults = ["abort", 503]
+    faults: list[str | int] = ["abort", 503]
     asked: list[str] = []
 
     def flaky_network(route: Route) -> None:
