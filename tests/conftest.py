@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,13 @@ _PROVISIONED = pytest.StashKey[services.Provisioned]()
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session (xdist worker), dropped at the end."""
+    with throwaway_database() as url:
+        yield url
+
+
+@contextmanager
+def throwaway_database() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database on the session's server, dropped after."""
     base = os.environ[services.DATABASE_ENV]
     name = f"mlp_test_{uuid.uuid4().hex[:12]}"
     try:

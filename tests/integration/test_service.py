@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import text
 
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.service import FencedOut, NotFound, Outcome, Platform, RetryError
-from ml_platform.store.db import current_revision, head_from_files, head_revision
+from ml_platform.store.db import (
+    Database,
+    create_schema,
+    current_revision,
+    head_from_files,
+    head_revision,
+    make_engine,
+    upgrade,
+)
 from ml_platform.store.models import Base, utcnow
 from tests import workflows
+from tests.conftest import throwaway_database
 from tests.helpers import execute, run_inline
 
 pytestmark = pytest.mark.integration
@@ -25,12 +37,71 @@ def _states(platform: Platform, run_id: str) -> dict[str, str]:
     return {t.node_id: t.state for t in platform.task_runs(run_id)}
 
 
-def test_migrations_create_exactly_the_models_schema(platform: Platform) -> None:
-    assert current_revision(platform.db.engine) == head_revision() is not None
-    assert head_from_files() == head_revision()  # the start-up check that skips Alembic
-    with platform.db.engine.connect() as connection:
-        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    assert diff == []
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[str]]:
+    """Two empty databases of one kind."""
+    if request.param == "sqlite":
+        yield [f"sqlite:///{tmp_path / 'one.db'}", f"sqlite:///{tmp_path / 'two.db'}"]
+        return
+    request.getfixturevalue("postgres_url")  # the server is reachable, or a clear failure
+    with throwaway_database() as one, throwaway_database() as two:
+        yield [one, two]
+
+
+def _schema_and_contents(url: str) -> tuple[list[Any], str | None, list[Any]]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+            projects = connection.execute(text("SELECT id, name FROM projects")).all()
+        return diff, current_revision(engine), [tuple(row) for row in projects]
+    finally:
+        engine.dispose()
+
+
+def test_replayed_migrations_and_a_fresh_schema_are_the_models_schema(
+    empty_databases: list[str],
+) -> None:
+    """A new database is made in one go (create_schema); an old one is migrated. Both end
+    exactly as the models say, at the same revision, with the default project."""
+    replayed, fresh = empty_databases
+    upgrade(make_engine(replayed))
+    assert create_schema(make_engine(fresh)) is True
+    expected: tuple[list[Any], str | None, list[Any]] = ([], head_revision(), [(1, "default")])
+    assert _schema_and_contents(replayed) == expected
+    assert _schema_and_contents(fresh) == expected
+    assert head_from_files() == head_revision() is not None  # the check that skips Alembic
+    assert create_schema(make_engine(fresh)) is False  # made already: nothing changes
+    upgrade(make_engine(fresh))  # Alembic takes the stamp for what it is: nothing to do
+    assert _schema_and_contents(fresh) == expected
+
+
+def test_processes_starting_together_on_an_empty_database_all_start(
+    empty_databases: list[str],
+) -> None:
+    """A server and its workers started at once on a new database: one makes the schema,
+    the others wait for it and use it; none fails, and there is one default project."""
+    url = empty_databases[0]
+    together = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        database = Database(url)
+        try:
+            together.wait()
+            database.ensure_schema()
+        except BaseException as exc:  # noqa: B036 - reported by the assertion below
+            errors.append(exc)
+        finally:
+            database.dispose()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert _schema_and_contents(url) == ([], head_revision(), [(1, "default")])
 
 
 def test_fan_out_fan_in_run_succeeds_with_results_and_metrics(platform: Platform) -> None:
