@@ -303,11 +303,19 @@ class _Receiver(BaseHTTPRequestHandler):
 def receiver() -> Iterator[str]:
     _Receiver.received = []
     _Receiver.status = 202
-    server = HTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = _serving(_Receiver)
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+def _serving(handler: type[BaseHTTPRequestHandler]) -> HTTPServer:
+    """An HTTP server on a free port, served by a thread. Its listening socket does not block:
+    a client that gives up between the server's select and its accept (a killed deploy) would
+    otherwise leave accept() waiting for ever, and shutdown() with it."""
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    server.socket.setblocking(False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def test_notifications_reach_slack_and_pagerduty_and_never_raise(receiver: str) -> None:
@@ -693,8 +701,7 @@ def test_the_watch_window_restores_a_release_that_starts_failing(
     cluster: Cluster, errors: int, succeeds: bool
 ) -> None:
     _Platform.errors, _Platform.scrapes = errors, 0
-    server = HTTPServer(("127.0.0.1", 0), _Platform)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _serving(_Platform)
     watched = {
         **CONFIG["environments"]["staging"],
         "url": f"http://127.0.0.1:{server.server_address[1]}",
