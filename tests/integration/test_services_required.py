@@ -24,7 +24,8 @@ def test_an_unreachable_given_postgresql_fails_with_the_url_and_what_to_do(tmp_p
             "no:cacheprovider",
             "--no-cov",
             "-q",
-            "tests/integration/test_service.py::test_replayed_migrations_and_a_fresh_schema_are_the_models_schema",
+            "tests/integration/test_service.py::"
+            "test_replayed_migrations_and_a_fresh_schema_are_the_models_schema",
         ],
         cwd=ROOT,
         env=env,

@@ -1,0 +1,178 @@
+"""Tracing by reference in a zygote's fresh child (ml_platform.tracer), against hostile modules:
+what a module does at import never reaches the requester, and nothing it starts outlives it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ml_platform import tracer
+from ml_platform.sdk import WorkflowError
+from ml_platform.tracer import trace_in_subprocess
+
+pytestmark = pytest.mark.integration
+
+WORKFLOW = """
+from ml_platform.sdk import task, workflow
+
+@task
+def step(value: int) -> int:
+    return value
+
+@workflow
+def flow(value: int = 1) -> None:
+    step(value)
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project directory, the working directory: its modules are importable by reference."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _module(project: Path, name: str, before: str, after: str = WORKFLOW) -> str:
+    (project / f"{name}.py").write_text(textwrap.dedent(before) + after)
+    return f"{name}:flow"
+
+
+def _gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_what_a_module_prints_never_reaches_the_answer(project: Path) -> None:
+    reference = _module(
+        project,
+        "noisy",
+        """
+        import sys
+        print("x" * 1_000_000)  # more than any socket buffer holds
+        print("{\\"traced\\": null}", file=sys.stderr)
+        """,
+    )
+    traced = trace_in_subprocess(reference, {"value": 2}, timeout=30)
+    assert [spec.node_id for spec in traced.specs] == ["step"]
+
+
+def test_a_module_that_exits_or_dies_at_import_is_an_error_with_its_last_words(
+    project: Path,
+) -> None:
+    exits = _module(project, "exits", "import sys\nsys.exit(3)\n")
+    with pytest.raises(WorkflowError, match="SystemExit"):
+        trace_in_subprocess(exits, None, timeout=30)
+    dies = _module(
+        project,
+        "dies",
+        "import os, sys\nprint('last words', file=sys.stderr)\n"
+        "sys.stderr.flush()\nos._exit(7)\n",
+    )
+    with pytest.raises(WorkflowError, match="without an answer: last words"):
+        trace_in_subprocess(dies, None, timeout=30)
+
+
+def test_a_module_that_hangs_is_stopped_at_the_timeout_with_all_it_started(
+    project: Path,
+) -> None:
+    pids = project / "pids"
+    reference = _module(
+        project,
+        "hangs",
+        f"""
+        import os, subprocess, time
+        child = subprocess.Popen(["sleep", "60"])
+        open({str(pids)!r}, "w").write(f"{{os.getpid()}} {{child.pid}}")
+        time.sleep(60)
+        """,
+    )
+    started = time.monotonic()
+    with pytest.raises(WorkflowError, match="took longer than 1 s"):
+        trace_in_subprocess(reference, None, timeout=1)
+    assert time.monotonic() - started < 10
+    module_pid, sleep_pid = (int(p) for p in pids.read_text().split())
+    assert _gone(module_pid) and _gone(sleep_pid)
+
+
+def test_what_a_traced_module_starts_ends_with_its_trace(project: Path) -> None:
+    pids = project / "pids"
+    reference = _module(
+        project,
+        "spawns",
+        f"""
+        import subprocess
+        child = subprocess.Popen(["sleep", "60"])
+        open({str(pids)!r}, "w").write(str(child.pid))
+        """,
+    )
+    trace_in_subprocess(reference, None, timeout=30)
+    assert _gone(int(pids.read_text()))
+
+
+def test_each_trace_sees_the_code_the_environment_and_the_directory_of_now(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = trace_in_subprocess(_module(project, "changes", ""), {}, timeout=30)
+    # The same module, changed on disk, and told by the environment set after the zygote began.
+    _module(
+        project,
+        "changes",
+        """
+        import os
+        assert os.environ["MLP_TRACER_CHECK"] == "now", os.environ.get("MLP_TRACER_CHECK")
+        assert os.getcwd() == {cwd!r}
+        """.format(cwd=str(project)),
+        WORKFLOW.replace("step(value)", "step(value)\n    step(value + 1)"),
+    )
+    monkeypatch.setenv("MLP_TRACER_CHECK", "now")
+    second = trace_in_subprocess("changes:flow", {}, timeout=30)
+    assert second.code_hash != first.code_hash and len(second.specs) == 2
+
+
+def test_a_killed_zygote_is_started_again(project: Path) -> None:
+    reference = _module(project, "plain", "")
+    trace_in_subprocess(reference, {}, timeout=30)
+    zygote = tracer._ZYGOTE._process
+    assert zygote is not None
+    os.kill(zygote.pid, signal.SIGKILL)
+    zygote.wait()
+    traced = trace_in_subprocess(reference, {}, timeout=30)
+    assert [spec.node_id for spec in traced.specs] == ["step"]
+    assert tracer._ZYGOTE._process is not None and tracer._ZYGOTE._process.pid != zygote.pid
+
+
+def test_the_zygote_ends_when_its_requester_is_killed(project: Path) -> None:
+    reference = _module(project, "plain2", "")
+    requester = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from ml_platform import tracer\n"
+            f"tracer.trace_in_subprocess({reference!r}, None, timeout=30)\n"
+            "print(tracer._ZYGOTE._process.pid, flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        cwd=project,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert requester.stdout is not None
+    zygote = int(requester.stdout.readline())
+    requester.kill()
+    requester.wait()
+    assert _gone(zygote)
