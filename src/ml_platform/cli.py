@@ -572,7 +572,8 @@ def show(
         console.print(_tasks_table(_local_tasks(platform, full_id)))
         node_of = {t.id: t.node_id for t in platform.task_runs(full_id)}
         for attempt in platform.attempts(full_id):
-            if attempt.error:
+            # A task run made after node_of was read (a map expanding) is shown next time.
+            if attempt.error and attempt.task_run_id in node_of:
                 console.print(
                     f"  {node_of[attempt.task_run_id]} attempt {attempt.number} "
                     f"({_styled(attempt.state)}): {escape(attempt.error)}"

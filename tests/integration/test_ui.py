@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -263,3 +264,28 @@ def test_a_run_being_cancelled_says_so_and_offers_no_second_cancel(
     assert 'id="run-state">cancelling</span>' in page.text  # its own state, at once
     assert 'id="cancel"' not in page.text  # the button is gone
     assert "its running tasks are being stopped" in page.text
+
+
+def test_a_run_page_read_while_a_map_expands_shows_what_it_read(
+    client: TestClient, sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The page reads the run's tasks, then its attempts. When the run moves on in between
+    (here: its map expands into elements and they all run), the attempts of task runs the
+    page has not read wait for the next refresh; the page does not fail (it did, with a 500,
+    and a browser watching it stopped refreshing)."""
+    sign_in(client, "alice")
+    run_id = sqlite_platform.submit(workflows.mapped, {"n": 3, "folder": str(tmp_path)}).run_id
+    read_tasks = sqlite_platform.task_rows
+
+    def tasks_then_the_run_moves_on(run: str) -> list[Any]:
+        rows = read_tasks(run)
+        if run == run_id:
+            run_inline(sqlite_platform, run_id)  # elements made, run, attempts recorded
+        return rows
+
+    monkeypatch.setattr(sqlite_platform, "task_rows", tasks_then_the_run_moves_on)
+    page = client.get(f"/ui/p/default/runs/{run_id}")
+    assert page.status_code == 200, page.text
+    assert "shard_work[0]" not in page.text  # not read yet: on the next refresh
+    monkeypatch.undo()
+    assert "shard_work[0]" in client.get(f"/ui/p/default/runs/{run_id}").text

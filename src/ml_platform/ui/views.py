@@ -355,8 +355,10 @@ def run_page(request: Request, project: str, run_id: str, fragment: bool = False
     run, wf = _run_of(request, scope, run_id)
     platform = _services(request).platform
     tasks = platform.task_rows(run.id)
-    attempts = platform.attempts(run.id)
     by_task = {t.id: t.node_id for t in tasks}
+    # Read after the tasks: an attempt of a task run made in between (a map expanding) is
+    # left for the next refresh, with its task.
+    attempts = [a for a in platform.attempts(run.id) if a.task_run_id in by_task]
     dag = graphics.layout_dag(
         graphics.mapped_nodes(
             [(t.node_id, t.upstream, t.state, t.options.get("map_of")) for t in tasks]
