@@ -56,6 +56,11 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    # This process's tracer zygote ends now, not when an xdist worker is torn down without
+    # its exit handlers: its coverage is then saved before the controller combines it.
+    from ml_platform import tracer
+
+    tracer._ZYGOTE.stop(5.0)
     provisioned = config.stash.get(_PROVISIONED, None)
     if provisioned is not None:
         provisioned.close()

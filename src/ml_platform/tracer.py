@@ -222,10 +222,11 @@ def _read_both(
 ) -> tuple[bytes | None, bytes]:
     """The child's answer (b"" if it died without one; None if it had not ended by the
     deadline) and what it printed. Both sockets are drained together, so a module that prints
-    a lot cannot block. Once the answer is in, the output is not waited for: a process the
-    module started may hold it open; after a death without answer, for one second at most."""
+    a lot cannot block. Once the answer is in (or the child died), its output is read until
+    the child is gone, for a moment at most: a process the module started may hold it open."""
     answer: list[bytes] = []
     printed: list[bytes] = []
+    answered = False
     with selectors.DefaultSelector() as selector:
         selector.register(channel, selectors.EVENT_READ, answer)
         selector.register(output, selectors.EVENT_READ, printed)
@@ -238,11 +239,9 @@ def _read_both(
                     continue
                 selector.unregister(sock)
                 if sock is channel:
-                    if answer:
-                        return b"".join(answer), b"".join(printed)
-                    deadline = min(deadline, time.monotonic() + 1.0)
-        answered = channel not in [key.fileobj for key in selector.get_map().values()]
-    return (b"" if answered else None), b"".join(printed)
+                    answered = True
+                    deadline = min(deadline, time.monotonic() + (0.5 if answer else 1.0))
+    return (b"".join(answer) if answered else None), b"".join(printed)
 
 
 def _answer(request: Mapping[str, Any]) -> dict[str, Any]:
