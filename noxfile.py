@@ -79,9 +79,8 @@ def tests(session: nox.Session) -> None:
     if os.environ.get("CI", "").lower() == "true":
         session.env.setdefault("HYPOTHESIS_PROFILE", "ci")
     # Also the data files of processes killed mid-save in an earlier run (empty, unreadable).
-    for stale in ["coverage.xml", ".coverage", *Path().glob(".coverage.*")]:
-        if os.path.exists(stale):
-            os.remove(stale)
+    for stale in [Path("coverage.xml"), Path(".coverage"), *Path().glob(".coverage.*")]:
+        stale.unlink(missing_ok=True)
     # The 85 % gate (pyproject.toml) holds for the whole suite; a chosen subset reports only.
     gate = [] if not session.posargs else ["--cov-fail-under=0"]
     # Most tests wait on processes and services, not on a core: more workers than cores.
