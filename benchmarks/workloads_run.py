@@ -26,9 +26,16 @@ from benchmarks.measure import percentile, settle
 ROOT = Path(__file__).resolve().parent.parent
 REPETITIONS = 5
 WORKLOADS = ["fanout", "chain", "sleeps"]
-PEERS = ["celery", "dramatiq", "dask", "prefect", "procrastinate"]
+PEERS = ["celery", "dramatiq", "dask", "prefect", "procrastinate", "dbos"]
 #: Redis databases the broker peers may flush (the same Redis server as ours).
-PEER_REDIS_DB = {"celery": 11, "dramatiq": 12, "dask": 13, "prefect": 13, "procrastinate": 14}
+PEER_REDIS_DB = {
+    "celery": 11,
+    "dramatiq": 12,
+    "dask": 13,
+    "prefect": 13,
+    "procrastinate": 14,
+    "dbos": 15,
+}
 PEER_PACKAGES = [
     "celery",
     "dramatiq",
@@ -36,12 +43,13 @@ PEER_PACKAGES = [
     "distributed",
     "prefect",
     "procrastinate",
+    "dbos",
     "psycopg",
     "kombu",
     "redis",
 ]
 #: The database a PostgreSQL peer gets (dropped and made again for each of its runs).
-PEER_DATABASE = "mlp_bench_procrastinate"
+PEER_DATABASE = "mlp_bench_peer"
 
 
 def peers_python() -> str:

@@ -11,6 +11,8 @@ import subprocess  # nosec B404
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from benchmarks.measure import PeakRss
@@ -114,12 +116,11 @@ def _broker_peer(system: str, workloads: list[str]) -> None:
     _on_worker(argv, app, workloads)
 
 
-def _procrastinate(workloads: list[str]) -> None:
-    """A fresh database with Procrastinate's schema, one `procrastinate worker -c 2`."""
+@contextmanager
+def _fresh_database() -> Iterator[None]:
+    """The PostgreSQL peer's database (BENCH_PG_URL) made anew, and dropped after."""
     import psycopg
     from psycopg import sql
-
-    from benchmarks.peers import procrastinate_app as app
 
     url = os.environ["BENCH_PG_URL"]
     name = str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
@@ -128,6 +129,17 @@ def _procrastinate(workloads: list[str]) -> None:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(drop)
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(drop)
+
+
+def _procrastinate(workloads: list[str]) -> None:
+    """A fresh database with Procrastinate's schema, one `procrastinate worker -c 2`."""
+    from benchmarks.peers import procrastinate_app as app
+
     argv = [
         sys.executable,
         "-m",
@@ -138,11 +150,17 @@ def _procrastinate(workloads: list[str]) -> None:
         "--concurrency",
         "2",
     ]
-    with app.app.open():
+    with _fresh_database(), app.app.open():
         app.app.schema_manager.apply_schema()
         _on_worker(argv, app, workloads)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(drop)
+
+
+def _dbos(workloads: list[str]) -> None:
+    """A fresh database; one DBOS worker process serving a queue of 2 (it makes its schema)."""
+    from benchmarks.peers import dbos_app as app
+
+    with _fresh_database():
+        _on_worker([sys.executable, "-m", "benchmarks.peers.dbos_app"], app, workloads)
 
 
 def _dask(workloads: list[str]) -> None:
@@ -193,6 +211,8 @@ def main(argv: list[str]) -> int:
         _prefect(workloads)
     elif system == "procrastinate":
         _procrastinate(workloads)
+    elif system == "dbos":
+        _dbos(workloads)
     else:
         print(f"unknown peer {system!r}", file=sys.stderr)
         return 2
