@@ -211,10 +211,20 @@ class _Zygote:
                 self._process.wait()
             self._process = None
 
+    def forget(self) -> None:
+        """In a forked copy of the requester: drop the parent's zygote (its socket too, so
+        that the zygote still sees its parent's end); this process starts its own if needed."""
+        if self._control is not None:
+            self._control.close()
+        self._lock = threading.Lock()
+        self._control = None
+        self._process = None
+
 
 _ZYGOTE = _Zygote()
 # At exit the zygote ends before its requester does: nothing of it outlives the process.
 atexit.register(_ZYGOTE.stop, 5.0)
+os.register_at_fork(after_in_child=_ZYGOTE.forget)
 
 
 def _read_both(

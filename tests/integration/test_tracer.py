@@ -3,6 +3,7 @@ what a module does at import never reaches the requester, and nothing it starts 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -176,3 +177,59 @@ def test_the_zygote_ends_when_its_requester_is_killed(project: Path) -> None:
     requester.kill()
     requester.wait()
     assert _gone(zygote)
+
+
+FORKS_AFTER_TRACING = """
+import json, os, sys, time
+from ml_platform import tracer
+
+reference = sys.argv[1]
+tracer.trace_in_subprocess(reference, {}, timeout=30)
+parents = tracer._ZYGOTE._process
+read, write = os.pipe()
+go_on = os.pipe()
+child = os.fork()
+if child == 0:  # the copy: wait until the parent has let its zygote go, then trace
+    code = 1
+    try:
+        os.read(go_on[0], 1)
+        tracer.trace_in_subprocess(reference, {}, timeout=30)
+        os.write(write, str(tracer._ZYGOTE._process.pid).encode())
+        tracer._ZYGOTE.stop(5.0)
+        code = 0
+    finally:
+        os._exit(code)
+started = time.monotonic()
+try:
+    tracer._ZYGOTE.stop(5.0)
+    stopped_in = time.monotonic() - started
+finally:
+    os.write(go_on[1], b"x")  # the copy goes on whatever happened here
+    served_by = int(os.read(read, 64) or b"0")
+    status = os.waitpid(child, 0)[1]
+print(json.dumps({"returncode": parents.returncode, "stopped_in": stopped_in,
+                  "status": status, "parents": parents.pid, "served_by": served_by}))
+"""
+
+
+def test_a_forked_copy_of_the_requester_lets_the_parents_zygote_end_with_the_parent(
+    project: Path,
+) -> None:
+    """A process that forks after tracing (a preloading server, say): the copy does not hold
+    the parent's zygote open -- it ends by itself when the parent lets it go, while the copy
+    still lives -- and the copy traces through a zygote of its own. (In a process of its own:
+    forking this test process, with its threads, is not something to do.)"""
+    reference = _module(project, "forked", "")
+    done = subprocess.run(
+        [sys.executable, "-c", FORKS_AFTER_TRACING, reference],
+        cwd=project,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["returncode"] == 0  # it ended by itself (killed would be -9) ...
+    assert seen["stopped_in"] < 2.5  # ... at once, while the copy still lived
+    assert seen["status"] == 0 and seen["served_by"] not in (0, seen["parents"])
