@@ -754,8 +754,8 @@ def _until_stopped(
     else:
         console.print(
             f"run {run_id[:8]} is still stopping after {timeout:.0f} s "
-            f"(running: {', '.join(running) or 'none'}); its worker stops them at its next "
-            "heartbeat, or their leases expire"
+            f"(running: {', '.join(running) or 'none'}); its worker stops them when it next "
+            "looks (each second), or their leases expire"
         )
 
 

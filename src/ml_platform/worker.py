@@ -259,6 +259,7 @@ class Worker:
             self._beat()
         if time.monotonic() - self._last_ship >= self.platform.settings.log_ship_seconds:
             self._ship_logs()
+            self._stop_cancelled()
         if self.ended and self.accepting and self._short(self.ended):
             # Short tasks: their commits are most of the time, so finish them and claim new
             # work in one transaction.
@@ -514,6 +515,11 @@ class Worker:
                 grown[attempt_id] = child.read_log()
         if grown:
             self.platform.ship_logs(grown, self.worker_id)
+
+    def _stop_cancelled(self) -> None:
+        """Stop the running attempts whose runs were cancelled since the last look."""
+        for attempt_id in self.platform.cancelled_among(self.children):
+            self.stop(attempt_id, "run cancelled")
 
     def _beat(self) -> None:
         self._last_beat = time.monotonic()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from ml_platform import task_runner
+from ml_platform.config import Settings
 from ml_platform.dispatch import InProcessDispatcher
 from ml_platform.engine.states import RunState
 from ml_platform.service import Platform
@@ -116,6 +117,33 @@ def test_cancel_ends_the_task_its_child_and_its_grandchild(
     sqlite_platform.cancel(submitted.run_id)
     assert runtime.drive(submitted.run_id, timeout=30) is RunState.CANCELLED
     assert wait_until_dead(started) == []
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_cancel_stops_a_running_task_within_seconds_not_at_the_next_heartbeat(
+    kind: str, home: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """With the default lease (30 s: a heartbeat every 10 s), a cancelled run's running task
+    stops as soon as the worker next looks (it does so as often as it ships logs, each
+    second), with its child and grandchild."""
+    url = request.getfixturevalue("postgres_clean") if kind == "postgresql" else None
+    platform = Platform(Settings(home=home, database_url_override=url)).start()
+    assert platform.settings.heartbeat_seconds == 10
+    try:
+        pids = tmp_path / "pids"
+        submitted = platform.submit(workflows.spawning, {"pids": str(pids)})
+        runtime = _runtime(platform, submitted.run_id)
+        started = _until_spawned(runtime, pids)
+        runtime.worker.step()  # the first heartbeat is behind it: the next is 10 s away
+        asked = time.monotonic()
+        platform.cancel(submitted.run_id)
+        assert runtime.drive(submitted.run_id, timeout=30) is RunState.CANCELLED
+        assert time.monotonic() - asked < 4
+        assert wait_until_dead(started) == []
+        [attempt] = platform.attempts(submitted.run_id)
+        assert attempt.state == "cancelled" and attempt.error == "run cancelled"
+    finally:
+        platform.close()
 
 
 def test_processes_a_task_leaves_running_end_with_its_attempt(
