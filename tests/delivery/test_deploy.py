@@ -784,3 +784,29 @@ def test_production_takes_only_what_staging_verified(cluster: Cluster, receiver:
     assert "WARNING: main-8888888 has not passed a deploy on staging" in out, out
     slack = dict(_Receiver.received)["/slack"]["text"]
     assert "FORCED, unverified: main-8888888 has not passed a deploy on staging" in slack
+
+
+@pytest.mark.parametrize("killed", [True, False])
+def test_the_double_never_lets_a_killed_kubectl_reach_the_cluster(
+    cluster: Cluster, killed: bool
+) -> None:
+    """What the signal tests rely on: a kubectl killed while its command is slow changes
+    nothing, as a real one killed before its request left would not; one left alone does."""
+    cluster.behave(slow={"create": 1.0})
+    client = subprocess.Popen(
+        ["kubectl", "--namespace", "staging", "create", "configmap", "marker"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    busy = cluster.state_file.with_suffix(".busy")
+    deadline = time.monotonic() + 10
+    while not busy.exists():  # the double has the request and sleeps on it
+        assert time.monotonic() < deadline and client.poll() is None
+        time.sleep(0.02)
+    if killed:
+        client.kill()
+    client.wait(timeout=10)
+    time.sleep(1.3)  # past the slow command's second: the double has decided
+    commands = [argv[-3:] for argv in cluster.state.get("log", [])]
+    assert (["create", "configmap", "marker"] in commands) is not killed
+    assert ("staging/marker" in cluster.state.get("configmaps", {})) is not killed
