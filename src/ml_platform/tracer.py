@@ -137,7 +137,8 @@ class _Zygote:
         self._process: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
 
-    def _start(self) -> socket.socket:
+    def _start(self) -> None:
+        self.stop()  # whatever is left of a dead one
         ours, theirs = socket.socketpair()
         # Fixed argv: our own interpreter and module; requests travel as data on sockets.
         self._process = subprocess.Popen(  # nosec B603
@@ -149,26 +150,27 @@ class _Zygote:
         )
         theirs.close()
         self._control = ours
-        return ours
 
     def _fork(self, channel: socket.socket, output: socket.socket) -> int:
         """The pid of a new child that owns the other ends of ``channel`` and ``output``."""
         with self._lock:
-            for attempt in (1, 2):  # a zygote that died (killed, out of memory) is replaced
-                control = self._control
-                if control is None or self._process is None or self._process.poll() is not None:
-                    control = self._start()
+            for _ in range(2):  # a zygote that died (killed, out of memory) is replaced once
+                if (
+                    self._control is None
+                    or self._process is None
+                    or self._process.poll() is not None
+                ):
+                    self._start()
+                assert self._control is not None
                 try:
-                    socket.send_fds(control, [b"F"], [channel.fileno(), output.fileno()])
-                    pid = control.recv(8)
-                    if len(pid) == 8:
-                        return int(struct.unpack("!q", pid)[0])
+                    socket.send_fds(self._control, [b"F"], [channel.fileno(), output.fileno()])
+                    pid = self._control.recv(8)
                 except OSError:
-                    pass
+                    pid = b""
+                if len(pid) == 8:
+                    return int(struct.unpack("!q", pid)[0])
                 self.stop()
-                if attempt == 2:
-                    raise WorkflowError("the workflow tracer could not be started")
-        raise AssertionError("unreachable")
+        raise WorkflowError("the workflow tracer could not be started")
 
     def run(self, request: bytes, timeout: float, reference: str) -> tuple[bytes, bytes]:
         """The child's answer (b"" if it died without one) and what it printed."""
