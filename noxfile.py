@@ -110,7 +110,7 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmarks against Celery, Dramatiq, Dask, Prefect and Procrastinate; rewrites
+    """Benchmarks against Celery, Dramatiq, Dask, Prefect, Procrastinate and DBOS; rewrites
     docs/benchmarks.md.
 
     Posargs choose sections (workloads, crash, pipeline, pipeline-tests); see benchmarks/.

@@ -107,6 +107,17 @@ def test_the_workload_tables_show_every_system_with_medians_and_ranges() -> None
     assert "committed to PostgreSQL" in text
 
 
+def test_the_tables_list_ours_first_whatever_order_the_results_file_keeps() -> None:
+    results = _results(fanout=2.0, chain=0.05, sleeps=6.0)
+    samples = results["samples"]
+    assert isinstance(samples, dict)
+    results["samples"] = dict(sorted(samples.items()))  # as json's sort_keys leaves them
+    rows = [line for line in report._workloads_section(results) if line.startswith("| ")]
+    systems = [row.split(" | ")[0][2:] for row in rows if "---" not in row]
+    # Each table: its header, then ours, then the peer.
+    assert systems[:3] == ["system", "ml_platform (distributed)", "celery"], systems
+
+
 def test_settling_waits_for_a_busy_process_tree_to_go_quiet() -> None:
     assert cpu_seconds_of_tree(os.getpid()) > 0
     busy = subprocess.Popen(
