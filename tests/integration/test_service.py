@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.service import FencedOut, NotFound, Outcome, Platform, RetryError
@@ -74,6 +76,52 @@ def test_replayed_migrations_and_a_fresh_schema_are_the_models_schema(
     assert create_schema(make_engine(fresh)) is False  # made already: nothing changes
     upgrade(make_engine(fresh))  # Alembic takes the stamp for what it is: nothing to do
     assert _schema_and_contents(fresh) == expected
+
+
+KILLED_WHILE_CREATING = """
+import sys, time
+from pathlib import Path
+from sqlalchemy import event
+from ml_platform.store import db
+
+engine = db.make_engine(sys.argv[1])
+
+@event.listens_for(engine, "after_cursor_execute")
+def _stall(conn, cursor, statement, *args):
+    if statement.lstrip().upper().startswith("CREATE TABLE"):
+        Path(sys.argv[2]).touch()  # one table made, the rest to come: kill me here
+        time.sleep(60)
+
+db.create_schema(engine)
+"""
+
+
+def test_a_process_killed_while_it_makes_the_schema_leaves_nothing_half_made(
+    empty_databases: list[str], tmp_path: Path
+) -> None:
+    """kill -9 between the first CREATE TABLE and the commit: the database is as empty as
+    before (no table, no stamp, no lock held), and the next start makes the whole schema."""
+    url, ready = empty_databases[0], tmp_path / "ready"
+    maker = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_CREATING, url, str(ready)])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert maker.poll() is None and time.monotonic() < deadline, "it never got there"
+            time.sleep(0.02)
+    finally:
+        maker.kill()
+        maker.wait()
+    engine = make_engine(url)
+    try:
+        assert inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+    database = Database(url)
+    try:
+        database.ensure_schema()  # would wait for ever on a lock the dead process held
+    finally:
+        database.dispose()
+    assert _schema_and_contents(url) == ([], head_revision(), [(1, "default")])
 
 
 def test_processes_starting_together_on_an_empty_database_all_start(
