@@ -271,6 +271,10 @@ def _answer(request: Mapping[str, Any]) -> dict[str, Any]:
 
 def _child(channel_fd: int, output_fd: int) -> None:
     """In the forked child: become the fresh process the request describes, answer, exit."""
+    zygote = os.getppid()
+    _die_with_parent()
+    if os.getppid() != zygote:  # it ended before we could ask
+        os._exit(1)
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.dup2(output_fd, 1)  # what the module prints goes to the output socket, never the answer
@@ -288,6 +292,17 @@ def _child(channel_fd: int, output_fd: int) -> None:
     channel.close()
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def _die_with_parent() -> None:
+    """Linux: this process is killed when the zygote ends (its requester is gone), so a module
+    that hangs at import does not outlive the server that asked for it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the trace's timeout still applies
+        pass
 
 
 def _warm_up() -> None:

@@ -155,8 +155,20 @@ def test_a_killed_zygote_is_started_again(project: Path) -> None:
     assert tracer._ZYGOTE._process is not None and tracer._ZYGOTE._process.pid != zygote.pid
 
 
-def test_the_zygote_ends_when_its_requester_is_killed(project: Path) -> None:
-    reference = _module(project, "plain2", "")
+def test_the_zygote_and_a_hanging_trace_end_when_their_requester_is_killed(
+    project: Path,
+) -> None:
+    pid_file = project / "pid"
+    reference = _module(
+        project,
+        "hangs_on",
+        f"""
+        import os, time
+        if os.environ.get("HANG"):
+            open({str(pid_file)!r}, "w").write(str(os.getpid()))
+            time.sleep(60)
+        """,
+    )
     requester = subprocess.Popen(
         [
             sys.executable,
@@ -165,7 +177,8 @@ def test_the_zygote_ends_when_its_requester_is_killed(project: Path) -> None:
             "from ml_platform import tracer\n"
             f"tracer.trace_in_subprocess({reference!r}, None, timeout=30)\n"
             "print(tracer._ZYGOTE._process.pid, flush=True)\n"
-            "time.sleep(60)\n",
+            "import os; os.environ['HANG'] = '1'\n"
+            f"tracer.trace_in_subprocess({reference!r}, None, timeout=60)\n",
         ],
         cwd=project,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
@@ -174,9 +187,14 @@ def test_the_zygote_ends_when_its_requester_is_killed(project: Path) -> None:
     )
     assert requester.stdout is not None
     zygote = int(requester.stdout.readline())
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()):  # the second trace hangs
+        assert time.monotonic() < deadline and requester.poll() is None
+        time.sleep(0.05)
     requester.kill()
     requester.wait()
     assert _gone(zygote)
+    assert _gone(int(pid_file.read_text()))
 
 
 FORKS_AFTER_TRACING = """
