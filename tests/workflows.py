@@ -182,6 +182,14 @@ def pooled_pipeline() -> None:
     pooled(1)
 
 
+@workflow
+def relay(n: int = 5) -> None:
+    """A chain of n short steps."""
+    value = double(1)
+    for _ in range(n - 1):
+        value = double(value)
+
+
 @task(retries=1, retry_backoff=FAST_RETRY)
 def slow_first_attempt(marker: str, seconds: float) -> int:
     """Sleeps on its first attempt only, so a retry after a crash ends quickly."""
@@ -335,3 +343,9 @@ def mapped_over_a_number(folder: str) -> None:
 @workflow
 def mapped_naps(n: int = 8, seconds: float = 0.3) -> None:
     total(nap.map(shards(n), seconds=seconds))
+
+
+@workflow
+def into_a_pool() -> None:
+    """A default-queue task whose downstream runs in the pool "tests-pool"."""
+    pooled(process_id())

@@ -53,6 +53,9 @@ class Dispatcher(Protocol):
     def ack(self, delivery: Delivery) -> None:
         """The delivery was handled (committed, or found stale): never deliver it again."""
 
+    def serves(self, queue: str) -> bool:
+        """Whether this dispatcher's worker takes work from ``queue``."""
+
 
 class InProcessDispatcher:
     """The embedded dispatcher: a de-duplicating FIFO inside one process."""
@@ -79,6 +82,9 @@ class InProcessDispatcher:
 
     def ack(self, delivery: Delivery) -> None:
         """Nothing to do: an in-process delivery is gone once received."""
+
+    def serves(self, queue: str) -> bool:
+        return True
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -252,6 +258,9 @@ class RedisDispatcher:
         pipe.xack(stream, self.group, delivery.message_id)
         pipe.xdel(stream, delivery.message_id)
         pipe.execute()
+
+    def serves(self, queue: str) -> bool:
+        return queue in self.queues
 
     def queue_depth(self) -> dict[str, int]:
         """Messages waiting per queue (for /metrics)."""

@@ -29,6 +29,7 @@ from ml_platform.dispatch import (
     Dispatcher,
     InProcessDispatcher,
     RedisDispatcher,
+    queue_of,
 )
 from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState
 from ml_platform.service import ClaimedAttempt, FencedOut, Outcome, Platform, timeout_outcome
@@ -281,26 +282,36 @@ class Worker:
         )
 
     def _finish_and_take(self) -> bool:
-        """Commit the collected outcomes and claim new work in the same transaction."""
-        deliveries = self.dispatcher.receive(self.concurrency - len(self.children), 0.0)
+        """Commit the collected outcomes and claim new work in the same transaction; slots
+        that no delivery fills take what those outcomes made ready (finish and continue)."""
+        free = self.concurrency - len(self.children)
+        deliveries = self.dispatcher.receive(free, 0.0)
         ended = list(self.ended)
         began = time.monotonic()
         queued, claims = self.platform.finish_and_claim(
             [(child.claimed, child.outcome) for child in ended if child.outcome is not None],
             [delivery.attempt_id for delivery in deliveries],
             self.worker_id,
+            take=free - len(deliveries),
+            serves=self.dispatcher.serves,
         )
         self._timed_commit(time.monotonic() - began)
         for child, made in zip(ended, queued, strict=True):
             self._finished(child, made)
         self.ended.clear()
         started = False
-        for delivery, claimed in zip(deliveries, claims, strict=True):
+        for delivery, claimed in zip(deliveries, claims, strict=False):
             if claimed is None:
                 self.dispatcher.ack(delivery)  # taken, finished or cancelled meanwhile
             else:
                 self._spawn(claimed, delivery)
                 started = True
+        for continued in claims[len(deliveries) :]:
+            assert continued is not None  # nosec B101 - only claims that held are returned
+            # Never published, so nothing to acknowledge: a delivery without a message.
+            queue = queue_of(continued.options.get("pool"))
+            self._spawn(continued, Delivery(continued.attempt_id, queue))
+            started = True
         return started or bool(ended)
 
     @property

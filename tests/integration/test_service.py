@@ -543,6 +543,39 @@ def test_outcomes_and_claims_share_a_transaction_and_a_lost_race_refuses_only_it
     assert states == ["lost", "running"]
 
 
+def test_a_finish_continues_with_what_it_made_ready_in_the_same_transaction(
+    platform: Platform,
+) -> None:
+    """Finish and continue: a free slot takes the downstream task its finish made ready, in
+    the same commit, never published; other workers' queues are left to them."""
+    chain = platform.submit(workflows.arithmetic, {"n": 1})  # double(0) -> total
+    first = platform.claim(chain.queued[0].attempt_id, "worker-a")
+    assert first is not None
+    done = Outcome(AttemptState.SUCCEEDED, result={"value": 0.0})
+    queued, claims = platform.finish_and_claim([(first, done)], [], "worker-a", take=1)
+    assert queued == [[]]  # nothing to publish: the worker took it
+    [continued] = claims
+    assert continued is not None and continued.node_id == "total"
+    # It reads the result committed with it.
+    assert continued.inputs["args"] == [[{"__mlp_ref__": "double", "stored": {"value": 0.0}}]]
+    double_, total_ = platform.attempts(chain.run_id)
+    assert (total_.state, total_.worker_id) == ("running", "worker-a")
+    assert total_.started_at == double_.finished_at  # one transaction for both
+
+    # Without a free slot, or for a queue this worker does not serve, it is published.
+    for take, serves in ((0, lambda _q: True), (1, lambda q: q != "tests-pool")):
+        run = platform.submit(workflows.into_a_pool)
+        held = platform.claim(run.queued[0].attempt_id, "worker-a")
+        assert held is not None
+        done = Outcome(AttemptState.SUCCEEDED, result={"value": 2.0})
+        queued, claims = platform.finish_and_claim(
+            [(held, done)], [], "worker-a", take=take, serves=serves
+        )
+        assert claims == [] and queued[0] is not None
+        assert [d.queue for d in queued[0]] == ["tests-pool"]
+        assert platform.attempts(run.run_id)[-1].state == "queued"
+
+
 def test_a_retry_reruns_the_failed_step_and_what_follows_and_reuses_the_rest(
     platform: Platform, tmp_path: Path
 ) -> None:

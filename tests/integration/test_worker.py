@@ -279,3 +279,22 @@ def test_the_server_loop_looks_for_due_schedules_once_per_poll_not_once_per_pass
     # looks for schedules on one of them (a look on every pass would make the two equal).
     assert 2 <= len(looked) <= 8 and passes >= 2 * len(looked), (passes, looked)
     assert all(b - a >= 0.19 for a, b in zip(looked, looked[1:])), looked
+
+
+def test_a_chain_of_short_steps_runs_on_one_transaction_a_step(sqlite_platform: Platform) -> None:
+    """Finish and continue through the worker: once its process is warm, each short step
+    starts in the commit that ended the one before, on the same worker (no dispatch)."""
+    submitted = sqlite_platform.submit(workflows.relay, {"n": 6})
+    dispatcher = InProcessDispatcher()
+    worker = Worker(sqlite_platform, dispatcher, concurrency=1)
+    _WORKERS.append(worker)
+    dispatcher.publish(submitted.queued)
+    runtime = Runtime(sqlite_platform, dispatcher, worker, only_run=submitted.run_id)
+    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+    attempts = sqlite_platform.attempts(submitted.run_id)
+    assert len(attempts) == 6 and {a.worker_id for a in attempts} == {worker.worker_id}
+    # The first step's time includes importing the workflow module: not a short task.
+    for before, after in zip(attempts[1:], attempts[2:]):
+        assert after.started_at == before.finished_at, (before, after)
+    results = {t.node_id: t.result for t in sqlite_platform.task_runs(submitted.run_id)}
+    assert results["double[5]"] == {"value": 64.0}  # each step read the one before
