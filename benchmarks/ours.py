@@ -81,7 +81,9 @@ def _wait_for_end(platform: Platform, run_id: str, timeout: float) -> None:
     while RunState(platform.run(run_id)[0].state) not in RUN_TERMINAL:
         if time.monotonic() > deadline:
             raise TimeoutError(f"benchmark run {run_id[:8]} did not end within {timeout} s")
-        time.sleep(0.02)
+        # The figures come from the run's own timestamps, not from this loop: look rarely,
+        # so that the bench process takes no CPU from the workers it measures.
+        time.sleep(0.1)
 
 
 class Distributed:
@@ -162,12 +164,19 @@ class Distributed:
 
 
 class Embedded:
-    """The embedded default: SQLite and the in-process dispatcher, in this process."""
+    """The embedded default: SQLite and the in-process dispatcher, in this process.
+
+    One worker serves every run, as in an embedded `mlp server`: its task processes stay
+    warm from one run to the next, as the distributed workers' and the peers' do. (A cold
+    `mlp run` starts them first: ≈ 60-90 ms once, see docs/benchmarks-analysis.md.)
+    """
 
     def __init__(self, concurrency: int = WORKERS) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="mlp-bench-embedded-"))
         self.platform = Platform(Settings(home=self.home)).start()
         self.concurrency = concurrency
+        self.dispatcher = InProcessDispatcher()
+        self.worker = Worker(self.platform, self.dispatcher, concurrency=concurrency)
 
     def run(
         self,
@@ -178,24 +187,22 @@ class Embedded:
     ) -> RunFigures:
         sampler = PeakRss(lambda: [os.getpid()])
         sampler.start()
-        dispatcher = InProcessDispatcher()
-        worker = Worker(self.platform, dispatcher, concurrency=self.concurrency)
-        runtime = Runtime(self.platform, dispatcher, worker)
+        runtime = Runtime(self.platform, self.dispatcher, self.worker)
         try:
             submitted_at = utcnow()
             submitted = self.platform.submit(wf, params)
-            dispatcher.publish(submitted.queued)
+            self.dispatcher.publish(submitted.queued)
             run_id = submitted.run_id
             watch = None if on_progress is None else (lambda: on_progress(self.platform, run_id))
             runtime.drive(run_id, timeout=timeout, on_progress=watch)
         finally:
-            worker.close()
             peak = sampler.stop()
         figures = _figures(self.platform, submitted.run_id, submitted_at)
         figures.peak_rss = peak
         return figures
 
     def close(self) -> None:
+        self.worker.close()
         self.platform.close()
 
 
