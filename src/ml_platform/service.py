@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from croniter import CroniterBadDateError, croniter
 from sqlalchemy import (
@@ -70,6 +70,8 @@ TIMEOUT_ERROR = "builtins:TimeoutError"
 _Shape = tuple[dict[str, list[str]], dict[str, list[str]], set[str]]
 #: Runs whose DAG shape a Platform keeps in memory (see Platform._dag).
 DAG_CACHE_SIZE = 256
+#: Session.info key: the attempts a transaction queued, with their task runs (see _continue).
+_MADE = "made"
 log = logging.getLogger(__name__)
 
 
@@ -97,6 +99,19 @@ class ClaimedAttempt:
     inputs: dict[str, Any]
     options: dict[str, Any]
     code_version: str = ""
+
+
+class _Claimable(NamedTuple):
+    """What a claim reads of an attempt and its task run (see _CLAIM_READ)."""
+
+    run_id: str
+    task_run_id: int
+    number: int
+    node_id: str
+    task_ref: str
+    inputs: dict[str, Any]
+    options: dict[str, Any]
+    code_version: str
 
 
 @dataclass
@@ -812,6 +827,10 @@ class Platform:
             attempts.append(attempt)
         if attempts:
             session.flush()
+        # Kept for finish and continue (_continue): the session itself holds them weakly.
+        made = session.info.setdefault(_MADE, {})
+        for attempt, task_run in zip(attempts, task_runs, strict=True):
+            made[attempt.id] = (attempt, task_run)
         return [Dispatch(a.id, queue_of(a.pool)) for a in attempts]
 
     def set_pool(self, name: str, slots: int) -> None:
@@ -910,7 +929,6 @@ class Platform:
     def _claim_in(
         self, session: Session, attempt_id: int, worker_id: str, now: datetime
     ) -> ClaimedAttempt | None:
-        lease = now + timedelta(seconds=self.settings.lease_seconds)
         # Core statements built once (module level): a fan-out claims a thousand times.
         conn = session.connection()
         row = conn.execute(_CLAIM_READ, {"attempt_id": attempt_id}).first()
@@ -924,6 +942,14 @@ class Platform:
         if row.run_state == RunState.QUEUED:
             # The first claim starts the run (the run row lock comes first, as everywhere).
             conn.execute(_START_RUN, {"run_id": row.run_id, "now": now})
+        return self._take(conn, attempt_id, row, worker_id, now)
+
+    def _take(
+        self, conn: Connection, attempt_id: int, row: Any, worker_id: str, now: datetime
+    ) -> ClaimedAttempt | None:
+        """The claim's guarded UPDATEs, for an attempt whose run may start it (``row`` has
+        the fields of _CLAIM_READ's task run columns)."""
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
         taken = conn.execute(
             _CLAIM_TASK_RUN,
             {"task_run_id": row.task_run_id, "number": row.number, "now": now},
@@ -1128,7 +1154,25 @@ class Platform:
                     return taken
                 if not serves(dispatch.queue):
                     continue
-                claimed = self._claim_in(session, dispatch.attempt_id, worker_id, now)
+                # Made by this transaction, under its run's lock (_new_attempts kept the
+                # attempt and its task run): the claim's read is not needed.
+                attempt, task = session.info.get(_MADE, {}).get(dispatch.attempt_id, (None, None))
+                if attempt is None or task is None:
+                    claimed = self._claim_in(session, dispatch.attempt_id, worker_id, now)
+                else:
+                    claimable = _Claimable(
+                        run_id=task.run_id,
+                        task_run_id=task.id,
+                        number=attempt.number,
+                        node_id=task.node_id,
+                        task_ref=task.task_ref,
+                        inputs=task.inputs,
+                        options=task.options,
+                        code_version=task.code_version,
+                    )
+                    claimed = self._take(
+                        session.connection(), attempt.id, claimable, worker_id, now
+                    )
                 if claimed is not None:
                     assert made is not None  # nosec B101 - iterated from it
                     made.remove(dispatch)
