@@ -26,11 +26,13 @@ from sqlalchemy import (
     Update,
     bindparam,
     func,
+    insert,
     select,
     update,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from ml_platform.artifacts import ARTIFACT_KEY, ELEMENTS_KEY, ArtifactStore, length_of
 from ml_platform.config import Settings
@@ -70,7 +72,7 @@ TIMEOUT_ERROR = "builtins:TimeoutError"
 _Shape = tuple[dict[str, list[str]], dict[str, list[str]], set[str]]
 #: Runs whose DAG shape a Platform keeps in memory (see Platform._dag).
 DAG_CACHE_SIZE = 256
-#: Session.info key: the attempts a transaction queued, with their task runs (see _continue).
+#: Session.info key: the attempts a transaction queued -> their task runs (see _continue).
 _MADE = "made"
 log = logging.getLogger(__name__)
 
@@ -249,6 +251,14 @@ def _held_by(worker_id: str) -> _Guard:
     return _END_HELD_ATTEMPT, {"holder": worker_id}
 
 
+#: Ids bound in one statement: below SQLite's and PostgreSQL's limits on bound parameters.
+_IDS_PER_STATEMENT = 5_000
+_NEW_ATTEMPTS = insert(Attempt).returning(Attempt.id, sort_by_parameter_order=True)
+_QUEUE_TASK_RUNS = (
+    update(TaskRun)
+    .where(TaskRun.id.in_(bindparam("ids", expanding=True)))
+    .values(state=TaskState.QUEUED, current_attempt=TaskRun.current_attempt + 1)
+)
 _LOCK_RUN = (
     select(Run.state, Run.cancel_requested, Run.max_concurrency)
     .where(Run.id == bindparam("run_id"))
@@ -808,30 +818,41 @@ class Platform:
     def _new_attempts(
         self, session: Session, task_runs: list[TaskRun], now: datetime, delay: float
     ) -> list[Dispatch]:
-        """Queue the next attempt of each task run (one flush for all of them)."""
-        attempts = []
-        for task_run in task_runs:
-            task_run.current_attempt += 1
-            task_run.state = TaskState.QUEUED
-            attempt = Attempt(
-                task_run_id=task_run.id,
-                run_id=task_run.run_id,
-                number=task_run.current_attempt,
-                state=AttemptState.QUEUED,
-                pool=task_run.pool,
-                not_before=now + timedelta(seconds=delay),
-                timeout_seconds=task_run.options.get("timeout"),
-                created_at=now,
-            )
-            session.add(attempt)
-            attempts.append(attempt)
-        if attempts:
-            session.flush()
-        # Kept for finish and continue (_continue): the session itself holds them weakly.
-        made = session.info.setdefault(_MADE, {})
-        for attempt, task_run in zip(attempts, task_runs, strict=True):
-            made[attempt.id] = (attempt, task_run)
-        return [Dispatch(a.id, queue_of(a.pool)) for a in attempts]
+        """Queue the next attempt of each task run: two set-based statements for all of them
+        (a fan-out's thousand), the session's objects kept in step without a flush."""
+        if not task_runs:
+            return []
+        session.flush()  # what the session changed comes first
+        conn = session.connection()
+        not_before = now + timedelta(seconds=delay)
+        ids = conn.execute(
+            _NEW_ATTEMPTS,
+            [
+                {
+                    "task_run_id": task_run.id,
+                    "run_id": task_run.run_id,
+                    "number": task_run.current_attempt + 1,
+                    "state": AttemptState.QUEUED,
+                    "pool": task_run.pool,
+                    "not_before": not_before,
+                    "timeout_seconds": task_run.options.get("timeout"),
+                    "created_at": now,
+                }
+                for task_run in task_runs
+            ],
+        ).scalars()
+        task_run_ids = [task_run.id for task_run in task_runs]
+        for start in range(0, len(task_run_ids), _IDS_PER_STATEMENT):
+            chunk = task_run_ids[start : start + _IDS_PER_STATEMENT]
+            conn.execute(_QUEUE_TASK_RUNS, {"ids": chunk})
+        made = session.info.setdefault(_MADE, {})  # for finish and continue (_continue)
+        queued = []
+        for attempt_id, task_run in zip(ids, task_runs, strict=True):
+            set_committed_value(task_run, "current_attempt", task_run.current_attempt + 1)
+            set_committed_value(task_run, "state", TaskState.QUEUED)
+            made[attempt_id] = task_run
+            queued.append(Dispatch(attempt_id, queue_of(task_run.pool)))
+        return queued
 
     def set_pool(self, name: str, slots: int) -> None:
         """Create or resize a pool; at most ``slots`` of its attempts run at once."""
@@ -1154,16 +1175,16 @@ class Platform:
                     return taken
                 if not serves(dispatch.queue):
                     continue
-                # Made by this transaction, under its run's lock (_new_attempts kept the
-                # attempt and its task run): the claim's read is not needed.
-                attempt, task = session.info.get(_MADE, {}).get(dispatch.attempt_id, (None, None))
-                if attempt is None or task is None:
+                # Made by this transaction, under its run's lock (_new_attempts kept its
+                # task run): the claim's read is not needed.
+                task = session.info.get(_MADE, {}).get(dispatch.attempt_id)
+                if task is None:
                     claimed = self._claim_in(session, dispatch.attempt_id, worker_id, now)
                 else:
                     claimable = _Claimable(
                         run_id=task.run_id,
                         task_run_id=task.id,
-                        number=attempt.number,
+                        number=task.current_attempt,
                         node_id=task.node_id,
                         task_ref=task.task_ref,
                         inputs=task.inputs,
@@ -1171,7 +1192,7 @@ class Platform:
                         code_version=task.code_version,
                     )
                     claimed = self._take(
-                        session.connection(), attempt.id, claimable, worker_id, now
+                        session.connection(), dispatch.attempt_id, claimable, worker_id, now
                     )
                 if claimed is not None:
                     assert made is not None  # nosec B101 - iterated from it

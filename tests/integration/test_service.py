@@ -16,6 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from ml_platform import service
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.service import FencedOut, NotFound, Outcome, Platform, RetryError
 from ml_platform.store.db import (
@@ -541,6 +542,19 @@ def test_outcomes_and_claims_share_a_transaction_and_a_lost_race_refuses_only_it
         a.state for a in platform.attempts(second.run_id) if a.task_run_id == stale.task_run_id
     ]
     assert states == ["lost", "running"]
+
+
+def test_many_ready_tasks_are_queued_in_chunks_of_bound_ids(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement that queues ready task runs binds at most _IDS_PER_STATEMENT ids (the
+    databases cap bound parameters; a fan-out may be wider): every chunk is queued."""
+    monkeypatch.setattr(service, "_IDS_PER_STATEMENT", 2)
+    submitted = platform.submit(workflows.arithmetic, {"n": 5})  # 5 roots: chunks 2, 2, 1
+    assert len(submitted.queued) == 5
+    roots = [t for t in platform.task_runs(submitted.run_id) if t.node_id != "total"]
+    assert {(t.state, t.current_attempt) for t in roots} == {("queued", 1)}
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
 
 
 def test_a_finish_continues_with_what_it_made_ready_in_the_same_transaction(
