@@ -1378,6 +1378,8 @@ class Platform:
             return True
         for candidate in waiting:
             deps = upstream[candidate]
+            if all(dep == node_id for dep in deps):
+                return True  # its only upstream just ended (a chain's next step)
             if len(deps) <= 32:
                 blocked = conn.execute(_OPEN_AMONG, {"run_id": run_id, "node_ids": deps}).first()
                 if blocked is None:
