@@ -213,6 +213,19 @@ def process_id(previous: int | None = None) -> int:
     return os.getpid()
 
 
+@task(retries=1, retry_backoff=FAST_RETRY)
+def slow_first_attempt_after(previous: int, marker: str, seconds: float) -> int:
+    """slow_first_attempt, downstream of a task."""
+    return slow_first_attempt.fn(marker, seconds)
+
+
+@workflow
+def short_steps_then_a_crash(marker: str, seconds: float = 60.0) -> None:
+    """Two short steps, then one that sleeps on its first attempt: once the task process is
+    warm, the short step's finish claims the slow one for its worker (finish and continue)."""
+    slow_first_attempt_after(process_id(process_id()), marker, seconds)
+
+
 @workflow
 def three_steps() -> None:
     process_id(process_id(process_id()))

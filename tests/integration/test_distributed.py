@@ -126,6 +126,32 @@ def test_kill_9_of_a_worker_mid_task_redelivers_and_commits_once(
     assert task_run.result == {"value": 2}  # the second attempt's result, committed once
 
 
+def test_a_worker_killed_while_it_runs_an_attempt_it_continued_to_loses_nothing(
+    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]], tmp_path: Path
+) -> None:
+    """An attempt a finish claimed for its own worker was never published: when that worker
+    dies, the lease runs out, the reaper retries it, and another worker commits it once."""
+    [holder] = workers(1)  # alone, so that the short steps run in its warm task process
+    marker = tmp_path / "marker"
+    submitted = platform.submit(workflows.short_steps_then_a_crash, {"marker": str(marker)})
+    wait_for(marker.exists)
+    [other] = workers(1)
+    assert other.stdout is not None
+    assert "ready" in other.stdout.readline()
+    before, running = platform.attempts(submitted.run_id)[1:]
+    assert running.state == "running"
+    assert running.started_at == before.finished_at  # claimed in the commit that ended before
+    assert running.worker_id == before.worker_id
+    assert int((running.worker_id or "").split(":")[1]) == holder.pid
+    holder.kill()
+    holder.communicate(timeout=10)
+    wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded")
+    last = [a for a in platform.attempts(submitted.run_id) if a.task_run_id == running.task_run_id]
+    assert [a.state for a in last] == ["lost", "succeeded"]
+    assert last[1].worker_id != running.worker_id
+    assert marker.read_text().splitlines() == ["started 1", "started 2", "finished 2"]
+
+
 def test_lost_redis_data_does_not_lose_queued_work(
     platform: Platform,
     workers: Callable[[int], list[subprocess.Popen[str]]],
