@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import summary
-from benchmarks.sizes import CHAIN_LENGTH, FANOUT_WIDTH, SLEEP_SECONDS, SLEEP_TASKS
+from benchmarks.sizes import (
+    CHAIN_LENGTH,
+    FANOUT_WIDTH,
+    SLEEP_SECONDS,
+    SLEEP_TASKS,
+)
 
 OURS = "ml_platform (distributed)"
 SLOTS = 2
@@ -164,6 +169,37 @@ def _map_section(data: dict[str, Any]) -> tuple[list[str], str]:
         lines.append(f"| {system} | {_fmt(static)} | {_fmt(mapped)} | {ratio:.2f} |")
         verdict.append(f"{system.split('(')[1].rstrip(')')} {ratio:.2f}")
     return [*lines, ""], "map/static: " + ", ".join(verdict)
+
+
+#: The wide fan-out may cost at most this many times the 1,000-wide one (10× the tasks).
+WIDE_GOAL = 11.0
+
+
+def _wide_section(data: dict[str, Any]) -> tuple[list[str], str]:
+    """The fan-out at 1,000 and 10,000 in the same run: does the cost grow linearly?"""
+    narrow, wide = (str(width) for width in data["widths"])
+    lines = [
+        f"## A ten times wider fan-out (measured {data['measured']}; medians of "
+        f"{data['repetitions']}, min–max)",
+        "",
+        f"1 → {int(narrow):,} and 1 → {int(wide):,} no-op tasks → 1, alternately, on both of "
+        f"our modes (2 slots). Goal: the wide one costs ≤ {WIDE_GOAL:g}× the narrow one "
+        "(ten times the tasks: the cost per task must not grow with the run).",
+        "",
+        f"| mode | {int(narrow):,} s | {int(wide):,} s | ratio | |",
+        "|---|---|---|---|---|",
+    ]
+    verdict = []
+    for system, widths in data["samples"].items():
+        ratio = statistics.median(widths[wide]) / statistics.median(widths[narrow])
+        met = ratio <= WIDE_GOAL
+        lines.append(
+            f"| {system} | {_fmt(widths[narrow])} | {_fmt(widths[wide])} | {ratio:.1f}× | "
+            f"{'met' if met else '**not met**'} |"
+        )
+        mode = system.split("(")[1].rstrip(")")
+        verdict.append(f"{mode} {ratio:.1f}× ({'met' if met else 'not met'})")
+    return [*lines, ""], f"{int(wide):,}-wide fan-out: " + ", ".join(verdict)
 
 
 WATCH_GOAL = 1.5
@@ -454,6 +490,10 @@ def write(results: dict[str, Any], docs: Path) -> str:
         section, map_verdict = _map_section(results["map"])
         lines += section
         verdicts.append(map_verdict)
+    if "wide" in results:
+        section, wide_verdict = _wide_section(results["wide"])
+        lines += section
+        verdicts.append(wide_verdict)
     if "watch" in results:
         section, watch_verdict = _watch_section(results["watch"])
         lines += section

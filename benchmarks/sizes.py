@@ -2,6 +2,8 @@
 interpreter reads this too)."""
 
 FANOUT_WIDTH = 1000
+#: The wide fan-out: ten times FANOUT_WIDTH (the `wide` section: cost must grow linearly).
+WIDE_WIDTH = 10_000
 CHAIN_LENGTH = 10
 SLEEP_TASKS = 1000
 SLEEP_SECONDS = 0.010

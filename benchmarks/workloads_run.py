@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from benchmarks import ours, workloads
 from benchmarks.measure import percentile, settle
+from benchmarks.sizes import FANOUT_WIDTH, WIDE_WIDTH
 
 ROOT = Path(__file__).resolve().parent.parent
 REPETITIONS = 5
@@ -208,6 +209,37 @@ def run_map(database_url: str, redis_url: str, progress: Callable[[str], None]) 
     finally:
         embedded.close()
     return {"repetitions": REPETITIONS, "samples": samples}
+
+
+WIDE_REPETITIONS = 3
+
+
+def run_wide(database_url: str, redis_url: str, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The fan-out at FANOUT_WIDTH and ten times as wide, alternating in one run, on both
+    of our modes: whether the cost per task stays the same as a run grows."""
+    widths = [FANOUT_WIDTH, WIDE_WIDTH]
+    samples: dict[str, dict[str, list[float]]] = {
+        system: {str(width): [] for width in widths}
+        for system in ("ml_platform (distributed)", "ml_platform (embedded)")
+    }
+    with ours.distributed(database_url, redis_url) as mode:
+        mode.run(*ours.WORKLOADS["chain"])  # warm-up
+        for rep in range(1, WIDE_REPETITIONS + 1):
+            for width in widths:
+                figures = mode.run(workloads.fanout, {"width": width}, timeout=600)
+                samples["ml_platform (distributed)"][str(width)].append(figures.makespan)
+            progress(f"wide rep {rep}/{WIDE_REPETITIONS} distributed done")
+    embedded = ours.Embedded()
+    try:
+        embedded.run(*ours.WORKLOADS["chain"])
+        for rep in range(1, WIDE_REPETITIONS + 1):
+            for width in widths:
+                figures = embedded.run(workloads.fanout, {"width": width}, timeout=600)
+                samples["ml_platform (embedded)"][str(width)].append(figures.makespan)
+            progress(f"wide rep {rep}/{WIDE_REPETITIONS} embedded done")
+    finally:
+        embedded.close()
+    return {"repetitions": WIDE_REPETITIONS, "widths": widths, "samples": samples}
 
 
 WATCH_WIDTH = 10_000

@@ -230,6 +230,25 @@ def test_the_map_section_compares_the_two_declarations_by_their_medians() -> Non
     assert verdict == "map/static: distributed 1.25, embedded 1.00"
 
 
+def test_the_wide_section_judges_the_growth_of_the_cost_against_its_goal() -> None:
+    from benchmarks.report import _wide_section
+
+    data = {
+        "measured": "2026-12-04 17:40 UTC",
+        "repetitions": 3,
+        "widths": [1000, 10000],
+        "samples": {
+            "ml_platform (distributed)": {"1000": [3.0, 3.2, 4.0], "10000": [40.0, 41.0, 45.0]},
+            "ml_platform (embedded)": {"1000": [2.0, 2.0, 2.1], "10000": [19.0, 20.0, 22.0]},
+        },
+    }
+    lines, verdict = _wide_section(data)
+    text = "\n".join(lines)
+    assert "| ml_platform (distributed) | 3.20 (3.00–4.00) | 41.00 (40.00–45.00) | 12.8× | " in text
+    assert "**not met**" in text and "| 10.0× | met |" in text
+    assert verdict == "10,000-wide fan-out: distributed 12.8× (not met), embedded 10.0× (met)"
+
+
 def test_the_watch_section_judges_the_view_against_no_view() -> None:
     from benchmarks.report import _watch_section
 

@@ -159,6 +159,8 @@ class TaskRun(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "node_id"),
         Index("ix_task_runs_cache_key_state", "cache_key", "state"),
+        # A run's open tasks (a finish's questions) without reading its ended ones.
+        Index("ix_task_runs_run_state", "run_id", "state"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
