@@ -865,13 +865,21 @@ class Platform:
             else:
                 pool.slots = slots
 
-    def schedule(self, run_id: str | None = None, *, advance: bool = True) -> list[Dispatch]:
+    def schedule(
+        self,
+        run_id: str | None = None,
+        *,
+        advance: bool = True,
+        due_since: datetime | None = None,
+    ) -> list[Dispatch]:
         """One scheduler pass: reap lost and overdue attempts, advance every active run.
 
         Returns the queued attempts that are due now (of ``run_id`` only, if given), for the
-        dispatcher to (re)publish. Finishing an attempt already advances its run; the full
-        pass (``advance``) is the safety net, and admits tasks waiting for a pool slot that
-        another run freed.
+        dispatcher to (re)publish; with ``due_since``, only those that became due after it
+        (a delayed retry's first publication: every other one was published when queued,
+        and a wide fan-out's thousands need not be read again at every pass). Finishing an
+        attempt already advances its run; the full pass (``advance``) is the safety net, and
+        admits tasks waiting for a pool slot that another run freed.
         """
         now = utcnow()
         self.reap(now)
@@ -882,6 +890,8 @@ class Platform:
         )
         if run_id is not None:
             due = due.where(Attempt.run_id == run_id)
+        if due_since is not None:
+            due = due.where(Attempt.not_before > due_since)
         with self.db.session() as session:
             rows = session.execute(due.order_by(Attempt.not_before, Attempt.id)).all()
         return [Dispatch(attempt_id, queue_of(pool)) for attempt_id, pool in rows]

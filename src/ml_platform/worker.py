@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from ml_platform.dispatch import (
 )
 from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState
 from ml_platform.service import ClaimedAttempt, FencedOut, Outcome, Platform, timeout_outcome
+from ml_platform.store.models import utcnow
 
 MAX_LOG_BYTES = 1024 * 1024
 #: Scheduler passes between two full advances of every active run (see Platform.schedule).
@@ -599,6 +601,10 @@ class Runtime:
         self.only_run = only_run
         self._last_schedule = 0.0
         self._last_advance = 0.0
+        #: When every due attempt was last published again (monotonic), and when the last
+        #: pass began (the database's clock): see _tick.
+        self._last_republish = 0.0
+        self._last_pass: datetime | None = None
 
     def tick(self) -> None:
         """One pass; survives the database or Redis being away (it retries next pass)."""
@@ -617,7 +623,18 @@ class Runtime:
             advance = now - self._last_advance >= settings.poll_seconds * ADVANCE_EVERY_POLLS
             if advance:
                 self._last_advance = now
-            self.dispatcher.publish(self.platform.schedule(self.only_run, advance=advance))
+            # Every due attempt again (the safety net for lost dispatches) once per lease,
+            # half the life of Redis's publication markers; in between only what became due
+            # since the last pass (with a pass's margin), not a wide fan-out's thousands.
+            since = None
+            if now - self._last_republish < settings.lease_seconds and self._last_pass:
+                since = self._last_pass - timedelta(seconds=settings.poll_seconds)
+            else:
+                self._last_republish = now
+            self._last_pass = utcnow()
+            self.dispatcher.publish(
+                self.platform.schedule(self.only_run, advance=advance, due_since=since)
+            )
         worker = self.worker
         idle_wait = settings.poll_seconds / 5
         # Block on the dispatcher only when nothing runs: a reply must never wait behind it.

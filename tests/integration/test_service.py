@@ -544,6 +544,21 @@ def test_outcomes_and_claims_share_a_transaction_and_a_lost_race_refuses_only_it
     assert states == ["lost", "running"]
 
 
+def test_a_pass_since_a_moment_returns_only_what_became_due_after_it(platform: Platform) -> None:
+    """The scheduler's frequent passes read only attempts that became due since the last one
+    (a wide fan-out's thousands were read and re-published at every pass); a full pass,
+    once per lease, still returns every due attempt (the safety net)."""
+    first = platform.submit(workflows.arithmetic, {"n": 2})
+    time.sleep(0.01)
+    mark = utcnow()
+    time.sleep(0.01)
+    second = platform.submit(workflows.arithmetic, {"n": 1})
+    recent = platform.schedule(advance=False, due_since=mark)
+    assert [d.attempt_id for d in recent] == [d.attempt_id for d in second.queued]
+    everything = {d.attempt_id for d in platform.schedule(advance=False)}
+    assert everything == {d.attempt_id for d in [*first.queued, *second.queued]}
+
+
 def test_many_ready_tasks_are_queued_in_chunks_of_bound_ids(
     platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
