@@ -113,7 +113,8 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against Celery, Dramatiq, Dask, Prefect, Procrastinate and DBOS; rewrites
     docs/benchmarks.md.
 
-    Posargs choose sections (workloads, crash, pipeline, pipeline-tests); see benchmarks/.
+    Posargs choose sections (workloads, map, wide, crash, scale, pipeline, pipeline-tests, ...);
+    see benchmarks/__main__.py.
     Needs the machine's PostgreSQL and Redis (DATABASE_URL, REDIS_URL to point elsewhere).
     """
     sync(session, "bench")
