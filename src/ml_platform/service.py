@@ -1175,35 +1175,33 @@ class Platform:
         serves: Callable[[str], bool],
         worker_id: str,
         now: datetime,
-    ) -> list[ClaimedAttempt | None]:
+    ) -> list[ClaimedAttempt]:
         """Claim up to ``take`` of the attempts just queued for this worker (see
         finish_and_claim), taking them out of the lists to publish."""
-        taken: list[ClaimedAttempt | None] = []
+        taken: list[ClaimedAttempt] = []
+        made_here = session.info.get(_MADE, {})
         for made in queued:
             for dispatch in list(made or []):
                 if len(taken) >= take:
                     return taken
                 if not serves(dispatch.queue):
                     continue
-                # Made by this transaction, under its run's lock (_new_attempts kept its
-                # task run): the claim's read is not needed.
-                task = session.info.get(_MADE, {}).get(dispatch.attempt_id)
-                if task is None:
-                    claimed = self._claim_in(session, dispatch.attempt_id, worker_id, now)
-                else:
-                    claimable = _Claimable(
-                        run_id=task.run_id,
-                        task_run_id=task.id,
-                        number=task.current_attempt,
-                        node_id=task.node_id,
-                        task_ref=task.task_ref,
-                        inputs=task.inputs,
-                        options=task.options,
-                        code_version=task.code_version,
-                    )
-                    claimed = self._take(
-                        session.connection(), dispatch.attempt_id, claimable, worker_id, now
-                    )
+                # Made by this transaction (every queued list comes from _new_attempts, which
+                # kept its task run), under its run's lock: the claim's read is not needed.
+                task = made_here[dispatch.attempt_id]
+                claimable = _Claimable(
+                    run_id=task.run_id,
+                    task_run_id=task.id,
+                    number=task.current_attempt,
+                    node_id=task.node_id,
+                    task_ref=task.task_ref,
+                    inputs=task.inputs,
+                    options=task.options,
+                    code_version=task.code_version,
+                )
+                claimed = self._take(
+                    session.connection(), dispatch.attempt_id, claimable, worker_id, now
+                )
                 if claimed is not None:
                     assert made is not None  # nosec B101 - iterated from it
                     made.remove(dispatch)

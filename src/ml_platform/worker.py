@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ from ml_platform.dispatch import (
 )
 from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState
 from ml_platform.service import ClaimedAttempt, FencedOut, Outcome, Platform, timeout_outcome
-from ml_platform.store.models import utcnow
 
 MAX_LOG_BYTES = 1024 * 1024
 #: Scheduler passes between two full advances of every active run (see Platform.schedule).
@@ -602,7 +601,7 @@ class Runtime:
         self._last_schedule = 0.0
         self._last_advance = 0.0
         #: When every due attempt was last published again (monotonic), and when the last
-        #: pass began (the database's clock): see _tick.
+        #: pass began (UTC, as attempts' not_before): see _tick.
         self._last_republish = 0.0
         self._last_pass: datetime | None = None
 
@@ -631,7 +630,7 @@ class Runtime:
                 since = self._last_pass - timedelta(seconds=settings.poll_seconds)
             else:
                 self._last_republish = now
-            self._last_pass = utcnow()
+            self._last_pass = datetime.now(UTC)
             self.dispatcher.publish(
                 self.platform.schedule(self.only_run, advance=advance, due_since=since)
             )
