@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from benchmarks import ours, workloads
 from benchmarks.measure import percentile, settle
 from benchmarks.sizes import FANOUT_WIDTH, WIDE_WIDTH
+from ml_platform.sdk import Workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 REPETITIONS = 5
@@ -183,31 +184,45 @@ def _ours_embedded() -> dict[str, dict[str, Any]]:
         mode.close()
 
 
-def run_map(database_url: str, redis_url: str, progress: Callable[[str], None]) -> dict[str, Any]:
-    """The 1,000-wide fan-out declared statically and as `task.map` over a computed list,
-    alternating in one run, on both of our modes: what the dynamic expansion costs."""
-    shapes = ["fanout", "mapped_fanout"]
+def _ours_alternately(
+    variants: dict[str, tuple[Workflow, dict[str, Any]]],
+    repetitions: int,
+    database_url: str,
+    redis_url: str,
+    progress: Callable[[str], None],
+    label: str,
+) -> dict[str, dict[str, list[float]]]:
+    """Makespans of each variant, run alternately ``repetitions`` times on each of our modes
+    (distributed, then embedded), each mode warmed up first."""
     samples: dict[str, dict[str, list[float]]] = {
-        system: {shape: [] for shape in shapes}
+        system: {name: [] for name in variants}
         for system in ("ml_platform (distributed)", "ml_platform (embedded)")
     }
     with ours.distributed(database_url, redis_url) as mode:
         mode.run(*ours.WORKLOADS["chain"])  # warm-up
-        for rep in range(1, REPETITIONS + 1):
-            for shape in shapes:
-                figures = mode.run(*ours.WORKLOADS[shape])
-                samples["ml_platform (distributed)"][shape].append(figures.makespan)
-            progress(f"map rep {rep}/{REPETITIONS} distributed done")
+        for rep in range(1, repetitions + 1):
+            for name, (wf, params) in variants.items():
+                figures = mode.run(wf, params, timeout=600)
+                samples["ml_platform (distributed)"][name].append(figures.makespan)
+            progress(f"{label} rep {rep}/{repetitions} distributed done")
     embedded = ours.Embedded()
     try:
-        embedded.run(*ours.WORKLOADS["chain"])
-        for rep in range(1, REPETITIONS + 1):
-            for shape in shapes:
-                figures = embedded.run(*ours.WORKLOADS[shape])
-                samples["ml_platform (embedded)"][shape].append(figures.makespan)
-            progress(f"map rep {rep}/{REPETITIONS} embedded done")
+        embedded.run(*ours.WORKLOADS["chain"])  # warm-up
+        for rep in range(1, repetitions + 1):
+            for name, (wf, params) in variants.items():
+                figures = embedded.run(wf, params, timeout=600)
+                samples["ml_platform (embedded)"][name].append(figures.makespan)
+            progress(f"{label} rep {rep}/{repetitions} embedded done")
     finally:
         embedded.close()
+    return samples
+
+
+def run_map(database_url: str, redis_url: str, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The 1,000-wide fan-out declared statically and as `task.map` over a computed list,
+    alternating in one run, on both of our modes: what the dynamic expansion costs."""
+    variants = {shape: ours.WORKLOADS[shape] for shape in ("fanout", "mapped_fanout")}
+    samples = _ours_alternately(variants, REPETITIONS, database_url, redis_url, progress, "map")
     return {"repetitions": REPETITIONS, "samples": samples}
 
 
@@ -218,27 +233,10 @@ def run_wide(database_url: str, redis_url: str, progress: Callable[[str], None])
     """The fan-out at FANOUT_WIDTH and ten times as wide, alternating in one run, on both
     of our modes: whether the cost per task stays the same as a run grows."""
     widths = [FANOUT_WIDTH, WIDE_WIDTH]
-    samples: dict[str, dict[str, list[float]]] = {
-        system: {str(width): [] for width in widths}
-        for system in ("ml_platform (distributed)", "ml_platform (embedded)")
-    }
-    with ours.distributed(database_url, redis_url) as mode:
-        mode.run(*ours.WORKLOADS["chain"])  # warm-up
-        for rep in range(1, WIDE_REPETITIONS + 1):
-            for width in widths:
-                figures = mode.run(workloads.fanout, {"width": width}, timeout=600)
-                samples["ml_platform (distributed)"][str(width)].append(figures.makespan)
-            progress(f"wide rep {rep}/{WIDE_REPETITIONS} distributed done")
-    embedded = ours.Embedded()
-    try:
-        embedded.run(*ours.WORKLOADS["chain"])
-        for rep in range(1, WIDE_REPETITIONS + 1):
-            for width in widths:
-                figures = embedded.run(workloads.fanout, {"width": width}, timeout=600)
-                samples["ml_platform (embedded)"][str(width)].append(figures.makespan)
-            progress(f"wide rep {rep}/{WIDE_REPETITIONS} embedded done")
-    finally:
-        embedded.close()
+    variants = {str(width): (workloads.fanout, {"width": width}) for width in widths}
+    samples = _ours_alternately(
+        variants, WIDE_REPETITIONS, database_url, redis_url, progress, "wide"
+    )
     return {"repetitions": WIDE_REPETITIONS, "widths": widths, "samples": samples}
 
 
