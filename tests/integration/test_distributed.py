@@ -167,6 +167,26 @@ def test_lost_redis_data_does_not_lose_queued_work(
     wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded")
 
 
+def test_redis_emptied_while_a_worker_runs_loses_no_queued_work(
+    platform: Platform,
+    workers: Callable[[int], list[subprocess.Popen[str]]],
+    redis_client: redis.Redis,
+    redis_target: RedisTarget,
+) -> None:
+    """Redis loses its data mid-run, under a running worker: the six attempts whose dispatch
+    it lost are published again from the database (the worker's full pass, once per lease),
+    and each runs once."""
+    [worker] = workers(1)  # 2 slots for 8 naps: six wait in the stream
+    assert worker.stdout is not None
+    assert "ready" in worker.stdout.readline()
+    submitted = platform.submit(workflows.naps, {"n": 8, "seconds": 0.5})
+    wait_for(lambda: any(a.state == "running" for a in platform.attempts(submitted.run_id)))
+    redis_client.delete(*redis_client.keys(f"{redis_target.prefix}:*"))
+    wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded")
+    attempts = platform.attempts(submitted.run_id)
+    assert len(attempts) == 9 and {a.state for a in attempts} == {"succeeded"}
+
+
 def test_two_workers_share_the_elements_of_a_mapped_task_and_run_each_once(
     platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
 ) -> None:
