@@ -27,6 +27,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -897,10 +898,35 @@ class Platform:
         return [Dispatch(attempt_id, queue_of(pool)) for attempt_id, pool in rows]
 
     def _advance_all(self, now: datetime) -> None:
+        """Advance the active runs that nothing in flight will advance: those with no queued
+        or running attempt (their last finish decided them, or should have: the safety net)
+        and those with a task waiting for a pool slot (another run may have freed one). A run
+        whose attempts are out is advanced by their finishes: this pass neither reads its
+        task runs (a wide fan-out's thousands) nor waits for its lock."""
+        in_flight = (
+            select(Attempt.id)
+            .where(
+                Attempt.run_id == Run.id,
+                Attempt.state.in_([AttemptState.QUEUED, AttemptState.RUNNING]),
+            )
+            .exists()
+        )
+        waits_for_a_pool = (
+            select(TaskRun.id)
+            .where(
+                TaskRun.run_id == Run.id,
+                TaskRun.state == TaskState.PENDING,
+                TaskRun.pool.is_not(None),
+            )
+            .exists()
+        )
         with self.db.session() as session:
             active = list(
                 session.scalars(
-                    select(Run.id).where(Run.state.in_([RunState.QUEUED, RunState.RUNNING]))
+                    select(Run.id).where(
+                        Run.state.in_([RunState.QUEUED, RunState.RUNNING]),
+                        or_(~in_flight, waits_for_a_pool),
+                    )
                 )
             )
         for active_id in active:

@@ -559,6 +559,47 @@ def test_a_pass_since_a_moment_returns_only_what_became_due_after_it(platform: P
     assert everything == {d.attempt_id for d in [*first.queued, *second.queued]}
 
 
+def test_a_full_pass_leaves_alone_a_run_whose_work_is_in_flight(platform: Platform) -> None:
+    """The scheduler's full pass advances only the runs nothing in flight will advance: one
+    with no queued or running attempt (the safety net), and one with a task waiting for a
+    pool slot another run may have freed. It neither reads nor locks a run whose attempts
+    are out (a wide fan-out's 10,000 task runs were loaded every few seconds, under the
+    run's lock, by every worker); their finishes advance it."""
+    if platform.db.engine.dialect.name != "postgresql":
+        pytest.skip("the run's row lock is PostgreSQL's")
+    busy = platform.submit(workflows.arithmetic, {"n": 2})
+    stuck = platform.submit(workflows.arithmetic, {"n": 1})
+    # A stuck run, as if the advance after its last finish had never happened: its root
+    # succeeded, its downstream was never queued.
+    root = next(t for t in platform.task_runs(stuck.run_id) if t.node_id != "total")
+    with platform.db.engine.begin() as connection:
+        connection.execute(
+            text("UPDATE attempts SET state = 'succeeded' WHERE task_run_id = :id"),
+            {"id": root.id},
+        )
+        connection.execute(
+            text(
+                "UPDATE task_runs SET state = 'succeeded', result = CAST(:r AS json) WHERE id = :id"
+            ),
+            {"id": root.id, "r": '{"value": 1}'},
+        )
+    holder = platform.db.engine.connect()
+    try:
+        # Another transaction holds the busy run's row (as a long finish would).
+        holder.execute(text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": busy.run_id})
+        passed: list[list[Any]] = []
+        scheduler = threading.Thread(target=lambda: passed.append(platform.schedule()))
+        scheduler.start()
+        scheduler.join(timeout=5)
+        assert passed, "the full pass waited for the lock of a run whose work is in flight"
+    finally:
+        holder.rollback()
+        holder.close()
+        scheduler.join()
+    assert _states(platform, stuck.run_id)["total"] == "queued"  # the safety net held
+    assert sorted(_states(platform, busy.run_id).values()) == ["pending", "queued", "queued"]
+
+
 def test_many_ready_tasks_are_queued_in_chunks_of_bound_ids(
     platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
