@@ -78,11 +78,17 @@ def watch(
     url: str,
     limits: Limits,
     *,
-    get: Callable[..., httpx.Response] = httpx.get,
+    get: Callable[..., httpx.Response] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     say: Callable[[str], None] = print,
 ) -> str | None:
-    """Poll ``url`` for ``limits.seconds``; the breach found, or None when it stayed healthy."""
+    """Poll ``url`` for ``limits.seconds``; the breach found, or None when it stayed healthy.
+
+    ``get`` defaults to one client for the whole window (one connection and one TLS context,
+    not a new one at every poll)."""
+    if get is None:
+        with httpx.Client() as client:
+            return watch(url, limits, get=client.get, sleep=sleep, say=say)
     window = Window()
     until = time.monotonic() + limits.seconds
     polls = 0

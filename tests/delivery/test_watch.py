@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -63,3 +65,34 @@ def test_watch_polls_until_the_window_ends_or_a_breach() -> None:
         sleep=lambda s: None,
     )
     assert down == '/readyz answered 503: {"status":"not_ready"}'
+
+
+def test_a_watch_polls_over_one_connection() -> None:
+    """Without a ``get`` given, the window's polls share one client: one connection (and one
+    TLS context) for the window, not one per request."""
+    peers: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+
+        def do_GET(self) -> None:  # noqa: N802 - the handler's API
+            peers.append(self.client_address[1])
+            body = b"ok" if self.path == "/readyz" else metrics({("a", "2xx"): 1}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        found = watch(url, Limits(0.3, interval=0.1), say=lambda _m: None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert found is None
+    assert len(peers) >= 4 and len(set(peers)) == 1, peers
