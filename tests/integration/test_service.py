@@ -16,9 +16,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from ml_platform import service
 from ml_platform.engine.states import AttemptState, RunState, TaskState
-from ml_platform.service import FencedOut, NotFound, Outcome, Platform, RetryError
+from ml_platform.service import FencedOut, NotFound, Outcome, Platform, RetryError, planning
 from ml_platform.store.db import (
     Database,
     create_schema,
@@ -605,7 +604,7 @@ def test_many_ready_tasks_are_queued_in_chunks_of_bound_ids(
 ) -> None:
     """The statement that queues ready task runs binds at most _IDS_PER_STATEMENT ids (the
     databases cap bound parameters; a fan-out may be wider): every chunk is queued."""
-    monkeypatch.setattr(service, "_IDS_PER_STATEMENT", 2)
+    monkeypatch.setattr(planning, "_IDS_PER_STATEMENT", 2)
     submitted = platform.submit(workflows.arithmetic, {"n": 5})  # 5 roots: chunks 2, 2, 1
     assert len(submitted.queued) == 5
     roots = [t for t in platform.task_runs(submitted.run_id) if t.node_id != "total"]

@@ -1,0 +1,53 @@
+"""Use cases: register workflows, submit and cancel runs, schedule, claim and finish attempts.
+
+Every state change is a short transaction whose UPDATE is guarded by the state it expects,
+so that concurrent schedulers and workers cannot both win. Locks are taken run, then task run,
+then attempt -- with two exceptions made for throughput, both on rows no other transaction
+locks in the other order: a claim does not lock the run (its guarded UPDATEs decide), and a
+successful finish locks the run last, for the decision about what follows.
+
+One module per use case, each a layer of ``Platform``:
+
+- ``core``: the settings, database and artifact store; the values returned; the errors.
+- ``queries``: the read models the CLI, API, UI and metrics use.
+- ``planning``: a run's next steps under its lock (the engine's plan, mapped tasks, queuing).
+- ``runs``: register, submit, retry and cancel.
+- ``execution``: the hot path — claim, heartbeat, finish and continue, reap — and the
+  scheduler's pass.
+- ``schedules``: cron.
+"""
+
+from __future__ import annotations
+
+from ml_platform.service.core import (
+    ClaimedAttempt,
+    FencedOut,
+    Heartbeat,
+    NotFound,
+    Outcome,
+    Submitted,
+)
+from ml_platform.service.execution import Execution, timeout_outcome
+from ml_platform.service.queries import RunProgress
+from ml_platform.service.runs import RetryError
+from ml_platform.service.schedules import ScheduleError, Schedules, latest_tick, next_tick
+
+__all__ = [
+    "ClaimedAttempt",
+    "FencedOut",
+    "Heartbeat",
+    "NotFound",
+    "Outcome",
+    "Platform",
+    "RetryError",
+    "RunProgress",
+    "ScheduleError",
+    "Submitted",
+    "latest_tick",
+    "next_tick",
+    "timeout_outcome",
+]
+
+
+class Platform(Schedules, Execution):
+    """The platform's use cases over one database and one artifact store."""

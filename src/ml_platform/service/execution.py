@@ -1,0 +1,796 @@
+"""The hot path: claim, heartbeat, finish (and continue), reap; the scheduler's pass.
+
+Every transition is an UPDATE guarded by the state it expects (and, for a finish, by the
+worker holding the attempt's lease), built once at import: a fan-out runs them thousands of
+times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Row, Update, bindparam, func, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from ml_platform.dispatch import Dispatch, queue_of
+from ml_platform.engine.retry import RetryPolicy
+from ml_platform.engine.states import RUN_TERMINAL, TASK_TERMINAL, AttemptState, RunState, TaskState
+from ml_platform.inputs import references, resolve_inputs
+from ml_platform.service.core import (
+    _MADE,
+    ClaimedAttempt,
+    FencedOut,
+    Heartbeat,
+    NotFound,
+    Outcome,
+    _Abort,
+    _Claimable,
+    _rowcount,
+    _Shape,
+)
+from ml_platform.service.planning import Planning
+from ml_platform.store.models import Artifact, Attempt, Metric, Param, Run, TaskRun, utcnow
+
+TIMEOUT_ERROR = "builtins:TimeoutError"
+#: Runs whose DAG shape a Platform keeps in memory (see _dag).
+DAG_CACHE_SIZE = 256
+
+
+def timeout_outcome(options: Mapping[str, Any], *, reaped: bool = False) -> Outcome:
+    """A failed attempt for a task that ran past its timeout."""
+    retry_on = options.get("retry_on")
+    by = " (stopped by the lease reaper)" if reaped else ""
+    return Outcome(
+        AttemptState.FAILED,
+        error=f"TimeoutError: task exceeded its {options['timeout']:g} s timeout{by}",
+        retryable=retry_on is None or TIMEOUT_ERROR in retry_on,
+    )
+
+
+def _lost_policy(base_delay: float) -> RetryPolicy:
+    """The backoff between retries of lost attempts: doubling from ``base_delay``, up to 30 s."""
+    return RetryPolicy(base_delay=base_delay, max_delay=max(base_delay, 30.0))
+
+
+def _policy(options: Mapping[str, Any]) -> RetryPolicy:
+    return RetryPolicy(
+        retries=options["retries"],
+        base_delay=options["base_delay"],
+        factor=options["factor"],
+        max_delay=options["max_delay"],
+        jitter=options["jitter"],
+    )
+
+
+_CLAIM_READ = (
+    select(
+        Attempt.run_id,
+        Attempt.task_run_id,
+        Attempt.number,
+        Run.state.label("run_state"),
+        Run.cancel_requested,
+        TaskRun.node_id,
+        TaskRun.task_ref,
+        TaskRun.inputs,
+        TaskRun.options,
+        TaskRun.code_version,
+    )
+    .join(Run, Run.id == Attempt.run_id)
+    .join(TaskRun, TaskRun.id == Attempt.task_run_id)
+    .where(Attempt.id == bindparam("attempt_id"))
+)
+_START_RUN = (
+    update(Run)
+    .where(Run.id == bindparam("run_id"), Run.state == RunState.QUEUED)
+    .values(state=RunState.RUNNING, started_at=bindparam("now"))
+)
+_CLAIM_TASK_RUN = (
+    update(TaskRun)
+    .where(
+        TaskRun.id == bindparam("task_run_id"),
+        TaskRun.state == TaskState.QUEUED,
+        TaskRun.current_attempt == bindparam("number"),
+    )
+    .values(
+        state=TaskState.RUNNING,
+        started_at=func.coalesce(TaskRun.started_at, bindparam("now")),
+    )
+)
+_CLAIM_ATTEMPT = (
+    update(Attempt)
+    .where(
+        Attempt.id == bindparam("attempt_id"),
+        Attempt.state == AttemptState.QUEUED,
+        Attempt.not_before <= bindparam("now"),
+    )
+    .values(
+        state=AttemptState.RUNNING,
+        worker_id=bindparam("worker_id"),
+        started_at=bindparam("now"),
+        lease_expires_at=bindparam("lease"),
+    )
+)
+
+
+# Ending an attempt: guarded by the state it expects and by who may end it (see _Guard).
+_END_ATTEMPT = (
+    update(Attempt)
+    .where(Attempt.id == bindparam("attempt_id"), Attempt.state == bindparam("from_state"))
+    .values(
+        state=bindparam("state"),
+        finished_at=bindparam("now"),
+        error=bindparam("error"),
+        log=bindparam("log"),
+    )
+    .returning(Attempt.task_run_id)
+)
+#: Only by the worker that holds it, within its lease (a finish).
+_END_HELD_ATTEMPT = _END_ATTEMPT.where(
+    Attempt.worker_id == bindparam("holder"), Attempt.lease_expires_at >= bindparam("now")
+)
+#: Only once its lease has expired (the reaper's "lost").
+_END_EXPIRED_ATTEMPT = _END_ATTEMPT.where(Attempt.lease_expires_at < bindparam("now"))
+#: Which statement ends an attempt, and its parameters beyond the outcome's.
+_Guard = tuple[Update, dict[str, Any]]
+_UNGUARDED: _Guard = (_END_ATTEMPT, {})
+_EXPIRED: _Guard = (_END_EXPIRED_ATTEMPT, {})
+
+
+def _held_by(worker_id: str) -> _Guard:
+    return _END_HELD_ATTEMPT, {"holder": worker_id}
+
+
+_LOCK_RUN = (
+    select(Run.state, Run.cancel_requested, Run.max_concurrency)
+    .where(Run.id == bindparam("run_id"))
+    .with_for_update()
+)
+_TASK_RUN_OF = select(
+    TaskRun.id,
+    TaskRun.node_id,
+    TaskRun.current_attempt,
+    TaskRun.options,
+    TaskRun.pool,
+    TaskRun.lost_attempts,
+).where(TaskRun.id == bindparam("task_run_id"))
+_FAILURES_OF = (
+    select(func.count())
+    .select_from(Attempt)
+    .where(Attempt.task_run_id == bindparam("task_run_id"), Attempt.state == AttemptState.FAILED)
+)
+_END_TASK_RUN = (
+    update(TaskRun)
+    .where(TaskRun.id == bindparam("task_run_id"), TaskRun.current_attempt == bindparam("number"))
+    .values(
+        state=bindparam("state"),
+        result=bindparam("result"),
+        error=bindparam("error"),
+        finished_at=bindparam("now"),
+    )
+    .returning(TaskRun.node_id, TaskRun.pool)
+)
+_OPEN_STATES = [state.value for state in TaskState if state not in TASK_TERMINAL]
+_ANY_OPEN = (
+    select(TaskRun.id)
+    .where(TaskRun.run_id == bindparam("run_id"), TaskRun.state.in_(_OPEN_STATES))
+    .limit(1)
+)
+_OPEN_AMONG = (
+    select(TaskRun.id)
+    .where(
+        TaskRun.run_id == bindparam("run_id"),
+        TaskRun.node_id.in_(bindparam("node_ids", expanding=True)),
+        TaskRun.state.in_(_OPEN_STATES),
+    )
+    .limit(1)
+)
+_OPEN_TASKS = (
+    select(TaskRun.node_id)
+    .where(TaskRun.run_id == bindparam("run_id"), TaskRun.state.in_(_OPEN_STATES))
+    .limit(bindparam("limit"))
+)
+_RESULTS_OF = select(TaskRun.node_id, TaskRun.result).where(
+    TaskRun.run_id == bindparam("run_id"),
+    TaskRun.node_id.in_(bindparam("node_ids", expanding=True)),
+)
+
+
+class Execution(Planning):
+    """What workers do with attempts, and the scheduler's pass."""
+
+    def schedule(
+        self,
+        run_id: str | None = None,
+        *,
+        advance: bool = True,
+        due_since: datetime | None = None,
+    ) -> list[Dispatch]:
+        """One scheduler pass: reap lost and overdue attempts, advance every active run.
+
+        Returns the queued attempts that are due now (of ``run_id`` only, if given), for the
+        dispatcher to (re)publish; with ``due_since``, only those that became due after it
+        (a delayed retry's first publication: every other one was published when queued,
+        and a wide fan-out's thousands need not be read again at every pass). Finishing an
+        attempt already advances its run; the full pass (``advance``) is the safety net, and
+        admits tasks waiting for a pool slot that another run freed.
+        """
+        now = utcnow()
+        self.reap(now)
+        if advance:
+            self._advance_all(now)
+        due = select(Attempt.id, Attempt.pool).where(
+            Attempt.state == AttemptState.QUEUED, Attempt.not_before <= now
+        )
+        if run_id is not None:
+            due = due.where(Attempt.run_id == run_id)
+        if due_since is not None:
+            due = due.where(Attempt.not_before > due_since)
+        with self.db.session() as session:
+            rows = session.execute(due.order_by(Attempt.not_before, Attempt.id)).all()
+        return [Dispatch(attempt_id, queue_of(pool)) for attempt_id, pool in rows]
+
+    def reap(self, now: datetime | None = None) -> int:
+        """Turn attempts whose lease expired into ``lost`` and overdue ones into timeouts."""
+        now = now or utcnow()
+        grace = timedelta(seconds=self.settings.timeout_grace_seconds)
+        with self.db.session() as session:
+            running = session.execute(
+                select(
+                    Attempt.id,
+                    Attempt.run_id,
+                    Attempt.number,
+                    Attempt.lease_expires_at,
+                    Attempt.started_at,
+                    TaskRun.options,
+                )
+                .join(TaskRun, TaskRun.id == Attempt.task_run_id)
+                .where(Attempt.state == AttemptState.RUNNING)
+            ).all()
+        reaped = 0
+        for attempt_id, run_id, number, lease, started, options in running:
+            timeout = options.get("timeout")
+            guard: _Guard
+            if lease is not None and lease < now:
+                outcome = Outcome(
+                    AttemptState.LOST, error="lease expired: the worker stopped heartbeating"
+                )
+                guard = _EXPIRED
+            elif timeout is not None and started is not None:
+                if started + timedelta(seconds=timeout) + grace >= now:
+                    continue
+                outcome = timeout_outcome(options, reaped=True)
+                guard = _UNGUARDED
+            else:
+                continue
+            if self._end_attempt(run_id, attempt_id, number, outcome, now, guard) is not None:
+                reaped += 1
+        return reaped
+
+    def claim(self, attempt_id: int, worker_id: str) -> ClaimedAttempt | None:
+        """Start an attempt for this worker, or None if it is not (or no longer) claimable."""
+        try:
+            return self._claim(attempt_id, worker_id)
+        except _Abort:
+            return None
+
+    def _claim(self, attempt_id: int, worker_id: str) -> ClaimedAttempt | None:
+        with self.db.session() as session:
+            return self._claim_in(session, attempt_id, worker_id, utcnow())
+
+    def _claim_in(
+        self, session: Session, attempt_id: int, worker_id: str, now: datetime
+    ) -> ClaimedAttempt | None:
+        # Core statements built once (module level): a fan-out claims a thousand times.
+        conn = session.connection()
+        row = conn.execute(_CLAIM_READ, {"attempt_id": attempt_id}).first()
+        if row is None:
+            return None
+        # No lock on the run: a fan-out's claims would queue behind each other on it. The
+        # guarded UPDATEs below decide; cancel() turns queued task runs cancelled under
+        # the run's lock, so a claim either finds its task queued or loses.
+        if row.cancel_requested or row.run_state in RUN_TERMINAL:
+            return None
+        if row.run_state == RunState.QUEUED:
+            # The first claim starts the run (the run row lock comes first, as everywhere).
+            conn.execute(_START_RUN, {"run_id": row.run_id, "now": now})
+        return self._take(conn, attempt_id, row, worker_id, now)
+
+    def _take(
+        self, conn: Connection, attempt_id: int, row: Any, worker_id: str, now: datetime
+    ) -> ClaimedAttempt | None:
+        """The claim's guarded UPDATEs, for an attempt whose run may start it (``row`` has
+        the fields of _CLAIM_READ's task run columns)."""
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
+        taken = conn.execute(
+            _CLAIM_TASK_RUN,
+            {"task_run_id": row.task_run_id, "number": row.number, "now": now},
+        )
+        if _rowcount(taken) != 1:
+            return None
+        started = conn.execute(
+            _CLAIM_ATTEMPT,
+            {"attempt_id": attempt_id, "now": now, "worker_id": worker_id, "lease": lease},
+        )
+        if _rowcount(started) != 1:
+            raise _Abort  # undo the task run's change too
+        deps = references(row.inputs)
+        results: dict[str, dict[str, Any]] = {}
+        if deps:
+            results = {
+                node_id: result or {}
+                for node_id, result in conn.execute(
+                    _RESULTS_OF, {"run_id": row.run_id, "node_ids": sorted(deps)}
+                )
+            }
+        return ClaimedAttempt(
+            attempt_id=attempt_id,
+            run_id=row.run_id,
+            task_run_id=row.task_run_id,
+            node_id=row.node_id,
+            number=row.number,
+            task_ref=row.task_ref,
+            inputs=resolve_inputs(row.inputs, results),
+            options=row.options,
+            code_version=row.code_version,
+        )
+
+    def dead_letter(self, attempt_id: int, reason: str) -> None:
+        """A queued attempt whose dispatch kept reaching dead workers is lost (lost budget).
+
+        Its retry, if the budget allows one, is queued with the lost backoff and published by
+        the next scheduler pass.
+        """
+        with self.db.session() as session:
+            row = session.execute(
+                select(Attempt.run_id, Attempt.number).where(Attempt.id == attempt_id)
+            ).first()
+        if row is None:
+            return
+        outcome = Outcome(AttemptState.LOST, error=reason)
+        self._end_attempt(
+            row.run_id, attempt_id, row.number, outcome, utcnow(), _UNGUARDED, AttemptState.QUEUED
+        )
+
+    def ship_logs(self, logs: Mapping[int, str], worker_id: str) -> None:
+        """Store what running attempts printed so far (each attempt's log as a whole: the
+        tail its worker keeps), only while the attempt is still this worker's and running."""
+        with self.db.session() as session:
+            session.connection().execute(
+                update(Attempt)
+                .where(
+                    Attempt.id == bindparam("attempt_id"),
+                    Attempt.worker_id == worker_id,
+                    Attempt.state == AttemptState.RUNNING,
+                )
+                .values(log=bindparam("text")),
+                [{"attempt_id": key, "text": text} for key, text in logs.items()],
+            )
+
+    def heartbeat(self, attempt_ids: Iterable[int], worker_id: str) -> Heartbeat:
+        """Extend the leases of a worker's running attempts; say which must stop."""
+        ids = list(attempt_ids)
+        beat = Heartbeat()
+        if not ids:
+            return beat
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
+        with self.db.session() as session:
+            session.execute(
+                update(Attempt)
+                .where(
+                    Attempt.id.in_(ids),
+                    Attempt.worker_id == worker_id,
+                    Attempt.state == AttemptState.RUNNING,
+                    Attempt.lease_expires_at >= now,
+                )
+                .values(lease_expires_at=lease)
+            )
+            rows = session.execute(
+                select(Attempt.id, Attempt.state, Attempt.lease_expires_at, Run.cancel_requested)
+                .join(Run, Run.id == Attempt.run_id)
+                .where(Attempt.id.in_(ids))
+            ).all()
+        alive = set()
+        for attempt_id, state, expires, cancel_requested in rows:
+            if state != AttemptState.RUNNING or expires is None or expires < now:
+                continue
+            alive.add(attempt_id)
+            if cancel_requested:
+                beat.cancelled.add(attempt_id)
+        beat.lost = set(ids) - alive
+        return beat
+
+    def cancelled_among(self, attempt_ids: Iterable[int]) -> set[int]:
+        """Which of these attempts belong to runs asked to cancel (one read): a worker asks
+        as often as it ships logs, so a cancel stops a running task within a second or so,
+        not at the next heartbeat (a third of the lease: 10 s by default)."""
+        ids = list(attempt_ids)
+        if not ids:
+            return set()
+        with self.db.session() as session:
+            return set(
+                session.scalars(
+                    select(Attempt.id)
+                    .join(Run, Run.id == Attempt.run_id)
+                    .where(Attempt.id.in_(ids), Run.cancel_requested.is_(True))
+                )
+            )
+
+    def finish(self, claimed: ClaimedAttempt, worker_id: str, outcome: Outcome) -> list[Dispatch]:
+        """Commit an attempt's outcome if this worker still holds it (fencing).
+
+        Returns the attempts that became queued as a consequence (retries, downstream tasks),
+        or raises FencedOut when the attempt was no longer this worker's to finish.
+        """
+        now = utcnow()
+        guard = _held_by(worker_id)
+        queued = self._end_attempt(
+            claimed.run_id, claimed.attempt_id, claimed.number, outcome, now, guard
+        )
+        if queued is None:
+            raise FencedOut(
+                f"attempt {claimed.number} of {claimed.node_id} is no longer held by {worker_id}"
+            )
+        return queued
+
+    def finish_and_claim(
+        self,
+        finished: list[tuple[ClaimedAttempt, Outcome]],
+        attempt_ids: list[int],
+        worker_id: str,
+        *,
+        take: int = 0,
+        serves: Callable[[str], bool] = lambda _queue: True,
+    ) -> tuple[list[list[Dispatch] | None], list[ClaimedAttempt | None]]:
+        """Commit a worker's collected outcomes and claim its next attempts in one transaction
+        (one commit instead of one per outcome and one per claim).
+
+        For each outcome, the attempts it queued (None: fenced out, as finish() says with
+        FencedOut); for each attempt id, the claim (None: not claimable). When any of them
+        loses a race inside the shared transaction (or the database refuses it), nothing of
+        it is kept and each is done on its own instead, so that only the loser is refused.
+
+        Finish and continue: up to ``take`` of the attempts these outcomes queued (in queues
+        the worker ``serves``) are claimed for it in the same transaction, so that a chain
+        step costs one transaction and no trip through the dispatcher. Their claims follow
+        those of ``attempt_ids``; they are no longer among the attempts to publish.
+        """
+        now = utcnow()
+        guard = _held_by(worker_id)
+        try:
+            with self.db.session() as session:
+                # Claims first: a finish takes its run's lock, which is then held to the
+                # commit; whatever comes after it in the transaction makes others wait.
+                claims = [self._claim_in(session, a, worker_id, now) for a in attempt_ids]
+                queued: list[list[Dispatch] | None] = [
+                    self._end_attempt_in(
+                        session,
+                        claimed.run_id,
+                        claimed.attempt_id,
+                        claimed.number,
+                        outcome,
+                        now,
+                        guard,
+                        AttemptState.RUNNING,
+                    )
+                    for claimed, outcome in finished
+                ]
+                claims += self._continue(session, queued, take, serves, worker_id, now)
+            return queued, claims
+        except (_Abort, DBAPIError):
+            pass
+        one_by_one: list[list[Dispatch] | None] = []
+        for claimed, outcome in finished:
+            try:
+                one_by_one.append(self.finish(claimed, worker_id, outcome))
+            except FencedOut:
+                one_by_one.append(None)
+        return one_by_one, [self.claim(a, worker_id) for a in attempt_ids]
+
+    def _continue(
+        self,
+        session: Session,
+        queued: list[list[Dispatch] | None],
+        take: int,
+        serves: Callable[[str], bool],
+        worker_id: str,
+        now: datetime,
+    ) -> list[ClaimedAttempt]:
+        """Claim up to ``take`` of the attempts just queued for this worker (see
+        finish_and_claim), taking them out of the lists to publish."""
+        taken: list[ClaimedAttempt] = []
+        made_here = session.info.get(_MADE, {})
+        for made in queued:
+            for dispatch in list(made or []):
+                if len(taken) >= take:
+                    return taken
+                if not serves(dispatch.queue):
+                    continue
+                # Made by this transaction (every queued list comes from _new_attempts, which
+                # kept its task run), under its run's lock: the claim's read is not needed.
+                task = made_here[dispatch.attempt_id]
+                claimable = _Claimable(
+                    run_id=task.run_id,
+                    task_run_id=task.id,
+                    number=task.current_attempt,
+                    node_id=task.node_id,
+                    task_ref=task.task_ref,
+                    inputs=task.inputs,
+                    options=task.options,
+                    code_version=task.code_version,
+                )
+                claimed = self._take(
+                    session.connection(), dispatch.attempt_id, claimable, worker_id, now
+                )
+                if claimed is not None:
+                    assert made is not None  # nosec B101 - iterated from it
+                    made.remove(dispatch)
+                    taken.append(claimed)
+        return taken
+
+    def _end_attempt(
+        self,
+        run_id: str,
+        attempt_id: int,
+        number: int,
+        outcome: Outcome,
+        now: datetime,
+        guard: _Guard,
+        from_state: AttemptState = AttemptState.RUNNING,
+    ) -> list[Dispatch] | None:
+        try:
+            return self._end_attempt_once(
+                run_id, attempt_id, number, outcome, now, guard, from_state
+            )
+        except _Abort:
+            return None
+
+    def _end_attempt_once(
+        self,
+        run_id: str,
+        attempt_id: int,
+        number: int,
+        outcome: Outcome,
+        now: datetime,
+        guard: _Guard,
+        from_state: AttemptState,
+    ) -> list[Dispatch]:
+        with self.db.session() as session:
+            return self._end_attempt_in(
+                session, run_id, attempt_id, number, outcome, now, guard, from_state
+            )
+
+    def _end_attempt_in(
+        self,
+        session: Session,
+        run_id: str,
+        attempt_id: int,
+        number: int,
+        outcome: Outcome,
+        now: datetime,
+        guard: _Guard,
+        from_state: AttemptState,
+    ) -> list[Dispatch]:
+        conn = session.connection()
+        # A success needs the run's lock only to decide what follows: taken last, it is
+        # held for the few statements of that decision, not for the whole commit of an
+        # outcome (a fan-out's finishes queue on it). Other outcomes depend on a cancel
+        # request and take it first. Nothing but a finish (or the reaper, through this
+        # same path) changes a running task run, and the guarded UPDATE of the attempt
+        # decides between those.
+        run = None
+        if outcome.state != AttemptState.SUCCEEDED:
+            run = self._lock_run_row(conn, run_id)
+        # The attempt's guarded UPDATE names its task run (RETURNING): one round trip.
+        statement, guarded_by = guard
+        ended = conn.execute(
+            statement,
+            {
+                "attempt_id": attempt_id,
+                "from_state": from_state,
+                "state": outcome.state,
+                "now": now,
+                "error": outcome.error,
+                "log": outcome.log,
+                **guarded_by,
+            },
+        ).first()
+        if ended is None:
+            raise _Abort
+        task_run_id = ended.task_run_id
+        queued: list[Dispatch] = []
+        if outcome.state == AttemptState.SUCCEEDED:
+            end = {
+                "state": TaskState.SKIPPED if outcome.skipped else TaskState.SUCCEEDED,
+                "result": None if outcome.skipped else outcome.result,
+                "error": outcome.error if outcome.skipped else None,
+            }
+            task = conn.execute(
+                _END_TASK_RUN, {"task_run_id": task_run_id, "number": number, "now": now, **end}
+            ).first()
+            if task is None:  # a newer attempt is current: this outcome is stale
+                raise _Abort
+            self._record_outputs(session, run_id, task_run_id, number, outcome)
+            run = self._lock_run_row(conn, run_id)
+        else:
+            assert run is not None  # nosec B101 - locked above for every other outcome
+            task = conn.execute(_TASK_RUN_OF, {"task_run_id": task_run_id}).one()
+            if task.current_attempt != number:
+                raise _Abort
+            self._record_outputs(session, run_id, task_run_id, number, outcome)
+            if run.cancel_requested or outcome.state == AttemptState.CANCELLED:
+                end = {"state": TaskState.CANCELLED, "error": outcome.error or "run cancelled"}
+            else:
+                retry = self._retry_after(conn, run_id, task, outcome)
+                if isinstance(retry, str):
+                    end = {"state": TaskState.FAILED, "error": retry}
+                else:
+                    delay, lost = retry
+                    task_run = session.get_one(TaskRun, task_run_id)
+                    task_run.error = outcome.error
+                    task_run.lost_attempts = lost
+                    made = self._new_attempts(session, [task_run], now, delay=delay)
+                    return made if delay <= 0 else []  # a later pass publishes it when due
+            conn.execute(
+                _END_TASK_RUN,
+                {
+                    "task_run_id": task_run_id,
+                    "number": number,
+                    "now": now,
+                    "result": None,
+                    **end,
+                },
+            )
+        if self._may_decide(session, run_id, run.max_concurrency, task.node_id, task.pool):
+            queued += self._advance(session, run_id, now)
+        return queued
+
+    def _retry_after(
+        self, conn: Connection, run_id: str, task: Any, outcome: Outcome
+    ) -> tuple[float, int] | str:
+        """Whether an attempt that did not succeed is tried again: (delay, lost count), or why not.
+
+        The task's own failures (an exception, a non-zero exit, a timeout) consume its
+        ``retries``; an attempt lost to the infrastructure consumes the separate lost budget
+        (``MLP_MAX_LOST``) and a hand-back on shutdown consumes nothing.
+        """
+        seed = f"{run_id}:{task.node_id}"
+        if outcome.state == AttemptState.LOST:
+            if outcome.handed_back:
+                return 0.0, task.lost_attempts
+            lost = task.lost_attempts + 1
+            budget = self.settings.max_lost
+            if lost > budget:
+                return (
+                    f"lost {lost} attempts to the infrastructure, more than MLP_MAX_LOST={budget} "
+                    f"allows; the last: {outcome.error}"
+                )
+            return _lost_policy(self.settings.lost_backoff_seconds).delay(lost, seed), lost
+        policy = _policy(task.options)
+        failures = conn.execute(_FAILURES_OF, {"task_run_id": task.id}).scalar_one()
+        if outcome.retryable and policy.may_retry(failures):
+            return policy.delay(failures, seed=seed), task.lost_attempts
+        return outcome.error or "failed"
+
+    @staticmethod
+    def _lock_run_row(conn: Connection, run_id: str) -> Row[str, bool, int | None]:
+        run = conn.execute(_LOCK_RUN, {"run_id": run_id}).first()
+        if run is None:
+            raise NotFound(f"no run with id {run_id}")
+        return run
+
+    def _may_decide(
+        self,
+        session: Session,
+        run_id: str,
+        max_concurrency: int | None,
+        node_id: str,
+        pool: str | None,
+    ) -> bool:
+        """Whether task ``node_id`` ending may let the engine decide anything in its run.
+
+        A full pass over a run reads every task run, which made a fan-out of n tasks cost n
+        passes of n rows. Usually nothing is decidable yet -- a join still waits for other
+        upstreams -- and a few indexed counts show it. When in doubt, say yes.
+        """
+        if max_concurrency is not None or pool:
+            return True  # a freed slot may admit a waiting task
+        upstream, downstream, limited = self._dag(session, run_id, node_id)
+        if node_id in limited:
+            return True  # an element of a mapped task with max_concurrency: a freed slot
+        waiting = downstream.get(node_id, [])
+        conn = session.connection()
+        if not waiting:  # a sink: the run ends when no task is left open
+            return conn.execute(_ANY_OPEN, {"run_id": run_id}).first() is None
+        if len(waiting) > 8:
+            return True
+        for candidate in waiting:
+            deps = upstream[candidate]
+            if all(dep == node_id for dep in deps):
+                return True  # its only upstream just ended (a chain's next step)
+            if len(deps) <= 32:
+                blocked = conn.execute(_OPEN_AMONG, {"run_id": run_id, "node_ids": deps}).first()
+                if blocked is None:
+                    return True
+                continue
+            # A wide fan-in: rather than a thousand ids, read open tasks up to one more than
+            # the tasks that are not its upstreams. Fewer means the list is complete; that
+            # many means at least one of them is an upstream (pigeonhole). A join after a
+            # fan-out reads three rows.
+            others = len(upstream) - len(deps)
+            open_ = conn.execute(_OPEN_TASKS, {"run_id": run_id, "limit": others + 1}).scalars()
+            found = list(open_)
+            if len(found) <= others and set(found).isdisjoint(deps):
+                return True
+        return False
+
+    def _dag(self, session: Session, run_id: str, node_id: str) -> _Shape:
+        """A run's upstream and downstream maps, and its elements under a concurrency cap.
+
+        Cached per run; a mapped task adds its elements when it expands, so a node the cache
+        does not know (expanded by another process) reloads it. An element counts as an
+        upstream of its mapped task: that task ends when its elements have.
+        """
+        known = self._dags.get(run_id)
+        if known is not None and node_id in known[0]:
+            return known
+        upstream: dict[str, list[str]] = {}
+        downstream: dict[str, list[str]] = {}
+        limited: set[str] = set()
+        for node, deps, options in session.execute(
+            select(TaskRun.node_id, TaskRun.upstream, TaskRun.options).where(
+                TaskRun.run_id == run_id
+            )
+        ):
+            upstream.setdefault(node, []).extend(deps)
+            for dep in deps:
+                downstream.setdefault(dep, []).append(node)
+            parent = options.get("map_of")
+            if parent is not None:
+                upstream.setdefault(parent, []).append(node)
+                downstream.setdefault(node, []).append(parent)
+                if options.get("map_concurrency"):
+                    limited.add(node)
+        self._dags.pop(run_id, None)
+        if len(self._dags) >= DAG_CACHE_SIZE:
+            self._dags.pop(next(iter(self._dags)))
+        self._dags[run_id] = (upstream, downstream, limited)
+        return self._dags[run_id]
+
+    @staticmethod
+    def _record_outputs(
+        session: Session, run_id: str, task_run_id: int, number: int, outcome: Outcome
+    ) -> None:
+        for metric in outcome.metrics:
+            session.add(
+                Metric(
+                    run_id=run_id,
+                    task_run_id=task_run_id,
+                    attempt=number,
+                    name=metric["name"],
+                    value=metric["value"],
+                    step=metric.get("step"),
+                )
+            )
+        for name, value in outcome.params.items():
+            existing = session.scalar(
+                select(Param).where(Param.task_run_id == task_run_id, Param.name == name)
+            )
+            if existing is None:
+                session.add(Param(run_id=run_id, task_run_id=task_run_id, name=name, value=value))
+            else:
+                existing.value = value
+        for artifact in outcome.artifacts:
+            session.add(
+                Artifact(
+                    run_id=run_id,
+                    task_run_id=task_run_id,
+                    name=artifact["name"],
+                    sha256=artifact["sha256"],
+                    size=artifact["size"],
+                    kind=artifact["kind"],
+                )
+            )

@@ -1,0 +1,377 @@
+"""Planning a run: apply the engine's plan, expand mapped tasks, settle their groups, queue the
+attempts that became ready (set-based), and the scheduler's full pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from ml_platform.artifacts import ARTIFACT_KEY, ELEMENTS_KEY, length_of
+from ml_platform.dispatch import Dispatch, queue_of
+from ml_platform.engine.cache import cache_key
+from ml_platform.engine.dag import group_outcome, plan
+from ml_platform.engine.states import RUN_TERMINAL, TASK_DONE_OK, AttemptState, RunState, TaskState
+from ml_platform.inputs import REF_KEY, resolve_inputs
+from ml_platform.service.core import _MADE
+from ml_platform.service.queries import Queries
+from ml_platform.store.models import Artifact, Attempt, Metric, Param, Pool, Run, TaskRun
+
+#: Ids bound in one statement: below SQLite's and PostgreSQL's limits on bound parameters.
+_IDS_PER_STATEMENT = 5_000
+_NEW_ATTEMPTS = insert(Attempt).returning(Attempt.id, sort_by_parameter_order=True)
+_QUEUE_TASK_RUNS = (
+    update(TaskRun)
+    .where(TaskRun.id.in_(bindparam("ids", expanding=True)))
+    .values(state=TaskState.QUEUED, current_attempt=TaskRun.current_attempt + 1)
+)
+
+
+def _why_not_run(task_run: TaskRun, by_id: Mapping[str, TaskRun]) -> str:
+    """The reason a task the engine decided not to run shows: the upstream it followed."""
+    for state, verb in (
+        (TaskState.FAILED, "failed"),
+        (TaskState.UPSTREAM_FAILED, "did not run"),
+        (TaskState.CANCELLED, "was cancelled"),
+        (TaskState.SKIPPED, "was skipped"),
+    ):
+        for upstream in task_run.upstream:
+            if by_id[upstream].state == state:
+                reason = (by_id[upstream].error or "").removeprefix("skipped: ")
+                because = f": {reason}" if reason and state == TaskState.SKIPPED else ""
+                return f"not run: its upstream {upstream} {verb}{because}"[:1000]
+    return "not run: an upstream task did not succeed"
+
+
+class Planning(Queries):
+    """A run's next steps, decided under its lock."""
+
+    def _advance(self, session: Session, run_id: str, now: datetime) -> list[Dispatch]:
+        """Apply the engine's plan to one run until nothing changes; return new attempt ids."""
+        run = self._lock_run(session, run_id)
+        if run.state in RUN_TERMINAL:
+            return []
+        queued: list[Dispatch] = []
+        ready: list[TaskRun] = []
+        while True:
+            tasks = list(
+                session.scalars(
+                    select(TaskRun).where(TaskRun.run_id == run_id).order_by(TaskRun.position)
+                )
+            )
+            by_id = {t.node_id: t for t in tasks}
+            settled = self._settle_groups(tasks, now)
+            decision = plan(
+                [t.node_id for t in tasks],
+                {t.node_id: t.upstream for t in tasks},
+                {t.node_id: TaskState(t.state) for t in tasks},
+                cancel_requested=run.cancel_requested,
+            )
+            changed = settled
+            for node_id, state in decision.changes().items():
+                task_run = by_id[node_id]
+                task_run.state = state
+                task_run.finished_at = now
+                if state in (TaskState.SKIPPED, TaskState.UPSTREAM_FAILED) and not task_run.error:
+                    task_run.error = _why_not_run(task_run, by_id)
+                changed = True
+            active = 0
+            group_active: dict[str, int] = {}
+            for t in tasks:
+                if t.state in (TaskState.QUEUED, TaskState.RUNNING) and "map" not in t.inputs:
+                    active += 1
+                    group = t.options.get("map_of")
+                    if group is not None:
+                        group_active[group] = group_active.get(group, 0) + 1
+            for node_id in decision.ready:
+                task_run = by_id[node_id]
+                if "map" in task_run.inputs:
+                    self._expand(session, task_run, by_id, now)
+                    changed = True
+                    continue
+                group = task_run.options.get("map_of")
+                group_limit = task_run.options.get("map_concurrency")
+                if group is not None and group_limit and group_active.get(group, 0) >= group_limit:
+                    continue
+                if task_run.options.get("cache"):
+                    results = {dep: by_id[dep].result or {} for dep in task_run.upstream}
+                    key = cache_key(
+                        task_run.task_ref,
+                        task_run.code_version,
+                        resolve_inputs(task_run.inputs, results),
+                    )
+                    task_run.cache_key = key
+                    hit = session.scalar(
+                        select(TaskRun)
+                        .where(TaskRun.cache_key == key, TaskRun.state == TaskState.SUCCEEDED)
+                        .order_by(TaskRun.finished_at.desc())
+                        .limit(1)
+                    )
+                    if hit is not None and self._result_available(hit.result):
+                        task_run.state = TaskState.CACHED
+                        task_run.result = hit.result
+                        task_run.cached_from = hit.id
+                        task_run.started_at = task_run.finished_at = now
+                        self._copy_outputs(session, hit, task_run)
+                        changed = True
+                        continue
+                if run.max_concurrency is not None and active >= run.max_concurrency:
+                    continue
+                if task_run.pool and not self._pool_has_slot(session, task_run.pool):
+                    continue
+                if task_run.pool:  # the next pool check must count this attempt
+                    queued += self._new_attempts(session, [task_run], now, delay=0.0)
+                else:
+                    ready.append(task_run)
+                active += 1
+                if group is not None:
+                    group_active[group] = group_active.get(group, 0) + 1
+                # Queuing a task decides nothing else (its downstream waits for it to end):
+                # no second pass over every task run for it.
+            # One INSERT for all the attempts that became ready (a fan-out's thousand).
+            queued += self._new_attempts(session, ready, now, delay=0.0)
+            ready.clear()
+            if decision.outcome is not None:
+                run.state = decision.outcome
+                run.finished_at = now
+                if run.started_at is None:
+                    run.started_at = now
+                return queued
+            session.flush()
+            if not changed:
+                return queued
+
+    def _expand(
+        self, session: Session, parent: TaskRun, by_id: Mapping[str, TaskRun], now: datetime
+    ) -> None:
+        """Expand a mapped task whose inputs are known into one task run per element.
+
+        The elements ``NAME[i]`` take the mapped task's upstreams, options and pool, and
+        element i of the items for the parameter the map chose (a reference into the
+        upstream's result, so that no element carries the whole list). The mapped task runs
+        until they all end (see _settle_groups). Elements that exist already -- copied by
+        ``retry`` -- are kept.
+        """
+        template = parent.inputs["map"]
+        items: list[Any]
+        if isinstance(template, dict) and REF_KEY in template:
+            source = template[REF_KEY]
+            length = length_of(by_id[source].result or {})
+            if length is None:
+                self._fail_group(parent, now, f"cannot map over the result of {source}: not a list")
+                return
+            items = [{REF_KEY: source, "item": index} for index in range(length)]
+        else:
+            items = list(template)
+        limit = self.settings.max_map_size
+        if len(items) > limit:
+            self._fail_group(
+                parent,
+                now,
+                f"{parent.node_id} would expand into {len(items):,} elements, more than "
+                f"MLP_MAX_MAP_SIZE={limit:,}",
+            )
+            return
+        parent.state = TaskState.RUNNING
+        parent.started_at = now
+        fixed = parent.inputs["kwargs"]
+        session.add_all(
+            TaskRun(
+                run_id=parent.run_id,
+                node_id=f"{parent.node_id}[{index}]",
+                position=parent.position,
+                task_ref=parent.task_ref,
+                code_version=parent.code_version,
+                upstream=list(parent.upstream),
+                inputs={"args": [], "kwargs": {**fixed, parent.inputs["map_to"]: item}},
+                options={**parent.options, "map_of": parent.node_id, "map_index": index},
+                pool=parent.pool,
+                state=TaskState.PENDING,
+            )
+            for index, item in enumerate(items)
+            if f"{parent.node_id}[{index}]" not in by_id
+        )
+        self._dags.pop(parent.run_id, None)
+
+    @staticmethod
+    def _fail_group(parent: TaskRun, now: datetime, error: str) -> None:
+        parent.state = TaskState.FAILED
+        parent.error = error
+        parent.started_at = parent.finished_at = now
+
+    @staticmethod
+    def _settle_groups(tasks: list[TaskRun], now: datetime) -> bool:
+        """End each running mapped task whose elements have all ended; True if any did."""
+        elements: dict[str, list[TaskRun]] = {}
+        for task_run in tasks:
+            parent = task_run.options.get("map_of")
+            if parent is not None:
+                elements.setdefault(parent, []).append(task_run)
+        changed = False
+        for task_run in tasks:
+            if task_run.state != TaskState.RUNNING or "map" not in task_run.inputs:
+                continue
+            group = sorted(elements.get(task_run.node_id, []), key=lambda e: e.options["map_index"])
+            outcome = group_outcome([TaskState(e.state) for e in group])
+            if outcome is None:
+                continue
+            task_run.state = outcome
+            task_run.finished_at = now
+            changed = True
+            if outcome == TaskState.SUCCEEDED:
+                task_run.result = {
+                    ELEMENTS_KEY: [
+                        e.result if e.state in TASK_DONE_OK and e.result else {"value": None}
+                        for e in group
+                    ]
+                }
+                continue
+            bad = [e.node_id for e in group if e.state not in TASK_DONE_OK | {TaskState.SKIPPED}]
+            verb = "failed" if outcome == TaskState.FAILED else "did not finish"
+            shown = ", ".join(bad[:5]) + (", …" if len(bad) > 5 else "")
+            task_run.error = f"{len(bad)} of {len(group)} elements {verb}: {shown}"
+        return changed
+
+    @staticmethod
+    def _copy_outputs(session: Session, source: TaskRun, target: TaskRun) -> None:
+        """A cached task shows the metrics, params and artifacts of the run it reuses."""
+        for metric in session.scalars(select(Metric).where(Metric.task_run_id == source.id)):
+            session.add(
+                Metric(
+                    run_id=target.run_id,
+                    task_run_id=target.id,
+                    attempt=0,
+                    name=metric.name,
+                    value=metric.value,
+                    step=metric.step,
+                )
+            )
+        for param in session.scalars(select(Param).where(Param.task_run_id == source.id)):
+            session.add(
+                Param(
+                    run_id=target.run_id, task_run_id=target.id, name=param.name, value=param.value
+                )
+            )
+        for artifact in session.scalars(select(Artifact).where(Artifact.task_run_id == source.id)):
+            session.add(
+                Artifact(
+                    run_id=target.run_id,
+                    task_run_id=target.id,
+                    name=artifact.name,
+                    sha256=artifact.sha256,
+                    size=artifact.size,
+                    kind=artifact.kind,
+                )
+            )
+
+    def _result_available(self, result: dict[str, Any] | None) -> bool:
+        if result is None:
+            return False
+        if ARTIFACT_KEY in result:
+            return self.artifacts.path(result[ARTIFACT_KEY]).exists()
+        return True
+
+    def _pool_has_slot(self, session: Session, pool: str) -> bool:
+        slots = session.scalar(select(Pool.slots).where(Pool.name == pool))
+        if slots is None:
+            return True
+        busy = session.scalar(
+            select(func.count())
+            .select_from(Attempt)
+            .where(
+                Attempt.pool == pool,
+                Attempt.state.in_([AttemptState.QUEUED, AttemptState.RUNNING]),
+            )
+        )
+        return (busy or 0) < slots
+
+    def _new_attempts(
+        self, session: Session, task_runs: list[TaskRun], now: datetime, delay: float
+    ) -> list[Dispatch]:
+        """Queue the next attempt of each task run: two set-based statements for all of them
+        (a fan-out's thousand), the session's objects kept in step without a flush."""
+        if not task_runs:
+            return []
+        session.flush()  # what the session changed comes first
+        conn = session.connection()
+        not_before = now + timedelta(seconds=delay)
+        ids = conn.execute(
+            _NEW_ATTEMPTS,
+            [
+                {
+                    "task_run_id": task_run.id,
+                    "run_id": task_run.run_id,
+                    "number": task_run.current_attempt + 1,
+                    "state": AttemptState.QUEUED,
+                    "pool": task_run.pool,
+                    "not_before": not_before,
+                    "timeout_seconds": task_run.options.get("timeout"),
+                    "created_at": now,
+                }
+                for task_run in task_runs
+            ],
+        ).scalars()
+        task_run_ids = [task_run.id for task_run in task_runs]
+        for start in range(0, len(task_run_ids), _IDS_PER_STATEMENT):
+            chunk = task_run_ids[start : start + _IDS_PER_STATEMENT]
+            conn.execute(_QUEUE_TASK_RUNS, {"ids": chunk})
+        made = session.info.setdefault(_MADE, {})  # for finish and continue (_continue)
+        queued = []
+        for attempt_id, task_run in zip(ids, task_runs, strict=True):
+            set_committed_value(task_run, "current_attempt", task_run.current_attempt + 1)
+            set_committed_value(task_run, "state", TaskState.QUEUED)
+            made[attempt_id] = task_run
+            queued.append(Dispatch(attempt_id, queue_of(task_run.pool)))
+        return queued
+
+    def set_pool(self, name: str, slots: int) -> None:
+        """Create or resize a pool; at most ``slots`` of its attempts run at once."""
+        if slots < 1:
+            raise ValueError(f"a pool needs at least 1 slot, got {slots}")
+        with self.db.session() as session:
+            pool = session.get(Pool, name)
+            if pool is None:
+                session.add(Pool(name=name, slots=slots))
+            else:
+                pool.slots = slots
+
+    def _advance_all(self, now: datetime) -> None:
+        """Advance the active runs that nothing in flight will advance: those with no queued
+        or running attempt (their last finish decided them, or should have: the safety net)
+        and those with a task waiting for a pool slot (another run may have freed one). A run
+        whose attempts are out is advanced by their finishes: this pass neither reads its
+        task runs (a wide fan-out's thousands) nor waits for its lock."""
+        in_flight = (
+            select(Attempt.id)
+            .where(
+                Attempt.run_id == Run.id,
+                Attempt.state.in_([AttemptState.QUEUED, AttemptState.RUNNING]),
+            )
+            .exists()
+        )
+        waits_for_a_pool = (
+            select(TaskRun.id)
+            .where(
+                TaskRun.run_id == Run.id,
+                TaskRun.state == TaskState.PENDING,
+                TaskRun.pool.is_not(None),
+            )
+            .exists()
+        )
+        with self.db.session() as session:
+            active = list(
+                session.scalars(
+                    select(Run.id).where(
+                        Run.state.in_([RunState.QUEUED, RunState.RUNNING]),
+                        or_(~in_flight, waits_for_a_pool),
+                    )
+                )
+            )
+        for active_id in active:
+            with self.db.session() as session:
+                self._advance(session, active_id, now)

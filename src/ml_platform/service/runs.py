@@ -1,0 +1,365 @@
+"""Workflows and runs: trace and register a workflow, submit, retry and cancel a run."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ml_platform.engine.dag import topological_order
+from ml_platform.engine.states import (
+    RUN_TERMINAL,
+    TASK_DONE_OK,
+    TASK_TERMINAL,
+    AttemptState,
+    RunState,
+    TaskState,
+)
+from ml_platform.sdk import NodeSpec, TracedWorkflow, Workflow, WorkflowError
+from ml_platform.service.core import Submitted
+from ml_platform.service.planning import Planning
+from ml_platform.store.models import DEFAULT_PROJECT, Attempt, Project, Run, TaskRun
+from ml_platform.store.models import Workflow as WorkflowRow
+from ml_platform.store.models import utcnow
+from ml_platform.tracer import check_allowed, trace_in_subprocess
+
+
+class RetryError(ValueError):
+    """The run cannot be retried (yet); the message says why."""
+
+
+@dataclass(frozen=True)
+class _RetryRow:
+    """One task of a retry: what it is (the original run's task, or the latest trace's node),
+    where it sits, and the original run's task it may reuse (None: none, or it differs)."""
+
+    spec: NodeSpec
+    position: int
+    old: TaskRun | None
+
+
+def _task_run_of(
+    spec: NodeSpec, run_id: str, position: int, state: TaskState, **fields: Any
+) -> TaskRun:
+    """A new task run of ``run_id`` for a traced node (``fields``: what a retry carries over)."""
+    return TaskRun(
+        run_id=run_id,
+        node_id=spec.node_id,
+        position=position,
+        task_ref=spec.task_ref,
+        code_version=spec.code_version,
+        upstream=list(spec.upstream),
+        inputs=spec.inputs,
+        options=spec.options,
+        pool=spec.options.get("pool"),
+        state=state,
+        **fields,
+    )
+
+
+def _row_of(task: TaskRun, position: int | None = None) -> _RetryRow:
+    spec = NodeSpec(
+        task.node_id,
+        task.task_ref,
+        task.code_version,
+        tuple(task.upstream),
+        task.inputs,
+        task.options,
+    )
+    return _RetryRow(spec, task.position if position is None else position, task)
+
+
+def _retry_rows(tasks: list[TaskRun], latest: TracedWorkflow | None) -> list[_RetryRow]:
+    """The tasks of a retry, upstreams first: the original's, or the latest trace's matched
+    to the original's by name, task, code version, inputs and upstreams (with the elements
+    of a matched mapped task)."""
+    if latest is None:  # elements after their mapped task (they share its position)
+        ordered = sorted(tasks, key=lambda t: (t.position, "map_of" in t.options))
+        return [_row_of(t) for t in ordered]
+    by_node = {t.node_id: t for t in tasks}
+    order = topological_order({spec.node_id: spec.upstream for spec in latest.specs})
+    specs = {spec.node_id: spec for spec in latest.specs}
+    rows = []
+    for position, node_id in enumerate(order):
+        spec = specs[node_id]
+        old = by_node.get(node_id)
+        same = (
+            old is not None
+            and old.options.get("map_of") is None
+            and (old.task_ref, old.code_version, old.inputs, sorted(old.upstream))
+            == (spec.task_ref, spec.code_version, spec.inputs, sorted(spec.upstream))
+        )
+        rows.append(_RetryRow(spec, position, old if same else None))
+        if same and "map" in spec.inputs:
+            rows += [_row_of(t, position) for t in tasks if t.options.get("map_of") == node_id]
+    return rows
+
+
+def _with_elements(tasks: Iterable[TaskRun | NodeSpec]) -> dict[str, list[str]]:
+    """Upstream maps where a mapped task also depends on its elements."""
+    upstream = {t.node_id: list(t.upstream) for t in tasks}
+    for t in tasks:
+        parent = t.options.get("map_of")
+        if parent is not None and parent in upstream:
+            upstream[parent].append(t.node_id)
+    return upstream
+
+
+def _downstream_of(node_id: str | None, upstream: Mapping[str, Iterable[str]]) -> set[str]:
+    """``node_id`` and every task that depends on it, directly or not (empty for None)."""
+    if node_id is None:
+        return set()
+    found = {node_id}
+    changed = True
+    while changed:
+        changed = False
+        for node, deps in upstream.items():
+            if node not in found and found.intersection(deps):
+                found.add(node)
+                changed = True
+    return found
+
+
+class Runs(Planning):
+    """Register workflows; submit, retry and cancel runs."""
+
+    def default_project_id(self) -> int:
+        """The project of runs made without one (the CLI in embedded mode)."""
+        if self._default_project_id is None:
+            try:
+                with self.db.session() as session:
+                    project_id = session.scalar(
+                        select(Project.id).where(Project.name == DEFAULT_PROJECT)
+                    )
+                    if project_id is None:  # the first migration made it; someone removed it
+                        project = Project(name=DEFAULT_PROJECT)
+                        session.add(project)
+                        session.flush()
+                        project_id = project.id
+            except IntegrityError:  # made at the same moment by another process
+                return self.default_project_id()
+            self._default_project_id = project_id
+        return self._default_project_id
+
+    def trace(self, reference: str, params: Mapping[str, Any] | None = None) -> TracedWorkflow:
+        """Load and trace ``reference`` in a fresh process: always the code on disk now.
+
+        Only a reference the server may load (``tracer.check_allowed``) gets that far.
+
+        What long-lived processes (the API, the scheduler) use: they never import user code
+        themselves, so a changed module is a new version and its new body is what runs.
+        """
+        check_allowed(reference, self.settings.workflow_module_prefixes, Path.cwd())
+        return trace_in_subprocess(reference, params, timeout=self.settings.trace_timeout_seconds)
+
+    def register(self, wf: Workflow | TracedWorkflow, project_id: int | None = None) -> WorkflowRow:
+        """Record the workflow's current code as a version (a new one when the code changed)."""
+        traced = wf.trace() if isinstance(wf, Workflow) else wf
+        code_hash = traced.code_hash
+        project = project_id or self.default_project_id()
+        for _ in range(3):
+            try:
+                with self.db.session() as session:
+                    existing = session.scalar(
+                        select(WorkflowRow).where(
+                            WorkflowRow.project_id == project,
+                            WorkflowRow.name == traced.name,
+                            WorkflowRow.code_hash == code_hash,
+                        )
+                    )
+                    if existing is not None:
+                        return existing
+                    latest = session.scalar(
+                        select(func.max(WorkflowRow.version)).where(
+                            WorkflowRow.project_id == project, WorkflowRow.name == traced.name
+                        )
+                    )
+                    row = WorkflowRow(
+                        project_id=project,
+                        name=traced.name,
+                        version=(latest or 0) + 1,
+                        code_hash=code_hash,
+                        params_schema=traced.params_schema,
+                        description=traced.description,
+                    )
+                    session.add(row)
+                    session.flush()
+                    return row
+            except IntegrityError:  # another process registered the same version: read it
+                continue
+        raise RuntimeError(f"could not register workflow {traced.name}: concurrent registrations")
+
+    def submit(
+        self,
+        wf: Workflow | TracedWorkflow,
+        params: Mapping[str, Any] | None = None,
+        *,
+        max_concurrency: int | None = None,
+        project_id: int | None = None,
+        schedule: tuple[int, datetime] | None = None,
+    ) -> Submitted:
+        """Validate the params, trace the DAG and store a queued run with its first tasks.
+
+        ``wf`` is a workflow imported here (traced now with ``params``) or one already traced
+        with its params (``Platform.trace``). ``schedule`` (schedule id, tick) marks a run
+        made by a cron schedule; the database refuses a second run for the same tick
+        (IntegrityError).
+        """
+        traced = wf if isinstance(wf, TracedWorkflow) else wf.trace(params or {})
+        if traced.params is None:
+            raise WorkflowError(f"workflow {traced.name} was traced without params")
+        values, specs = traced.params, traced.specs
+        order = topological_order({spec.node_id: spec.upstream for spec in specs})
+        position = {node_id: index for index, node_id in enumerate(order)}
+        version = self.register(traced, project_id)
+        run_id = uuid.uuid4().hex
+        with self.db.session() as session:
+            session.add(
+                Run(
+                    id=run_id,
+                    workflow_id=version.id,
+                    state=RunState.QUEUED,
+                    params=values,
+                    max_concurrency=max_concurrency or traced.max_concurrency,
+                    schedule_id=schedule[0] if schedule else None,
+                    scheduled_for=schedule[1] if schedule else None,
+                )
+            )
+            session.flush()
+            session.add_all(
+                _task_run_of(spec, run_id, position[spec.node_id], TaskState.PENDING)
+                for spec in specs
+            )
+            session.flush()
+            queued = self._advance(session, run_id, utcnow())
+        return Submitted(run_id, version.version, queued)
+
+    def retry(
+        self,
+        run_id: str,
+        *,
+        from_task: str | None = None,
+        project_id: int | None = None,
+        latest: bool = False,
+    ) -> Submitted:
+        """A new run of an ended run's workflow version and params (`retry_of` links them):
+        the tasks that succeeded there (or were cached or reused) are reused — result,
+        metrics, params and artifacts — and the others run. ``from_task`` also reruns that
+        task and everything downstream of it.
+
+        ``latest`` (``mlp retry --latest``): the workflow's code as it is now, traced with the
+        run's params (its name is its ``module:function`` reference; WorkflowError if that
+        cannot be loaded or the params no longer fit). The new run is of that version; a task
+        is reused only if the original run has a task of the same name, task, code version,
+        inputs and upstreams, and every upstream of it is reused too -- a task whose code
+        changed runs, and so does everything that follows it.
+        """
+        now = utcnow()
+        new_id = uuid.uuid4().hex
+        original, version = self.run(run_id, project_id)  # NotFound across projects
+        if original.state not in RUN_TERMINAL:
+            raise RetryError(f"run {run_id[:8]} is {original.state}: retry it once it ended")
+        traced = None
+        if latest:
+            traced = self.trace(version.name, original.params)
+            version = self.register(traced, project_id)
+        with self.db.session() as session:
+            tasks = list(
+                session.scalars(
+                    select(TaskRun).where(TaskRun.run_id == run_id).order_by(TaskRun.position)
+                )
+            )
+            rows = _retry_rows(tasks, traced)
+            specs = [row.spec for row in rows]
+            if from_task is not None and from_task not in {spec.node_id for spec in specs}:
+                raise RetryError(f"run {run_id[:8]} has no task {from_task!r}")
+            rerun = _downstream_of(from_task, _with_elements(specs))
+            # Rerunning a mapped task reruns its elements.
+            rerun |= {spec.node_id for spec in specs if spec.options.get("map_of") in rerun}
+            session.add(
+                Run(
+                    id=new_id,
+                    workflow_id=version.id,
+                    state=RunState.QUEUED,
+                    params=original.params,
+                    max_concurrency=original.max_concurrency,
+                    retry_of=run_id,
+                )
+            )
+            session.flush()
+            copies = []
+            reused: set[str] = set()
+            parents = {spec.node_id: spec for spec in specs if "map" in spec.inputs}
+            for row in rows:  # upstreams first: a task is reused only after its upstreams
+                spec, old = row.spec, row.old
+                parent = parents.get(spec.options.get("map_of", ""))
+                if parent is not None and not set(parent.upstream) <= reused:
+                    continue  # the items may differ now: the expansion makes new elements
+                reuse = (
+                    old is not None
+                    and old.state in TASK_DONE_OK
+                    and spec.node_id not in rerun
+                    and set(spec.upstream) <= reused
+                )
+                state = TaskState.REUSED if reuse else TaskState.PENDING
+                # The elements of a reused mapped task keep how they ended (a skipped one too).
+                if parent is not None and parent.node_id in reused and not reuse and old:
+                    state = TaskState(old.state)
+                if reuse:
+                    reused.add(spec.node_id)
+                copy = _task_run_of(
+                    spec,
+                    new_id,
+                    row.position,
+                    state,
+                    error=old.error if old is not None and state == TaskState.SKIPPED else None,
+                    result=old.result if reuse and old is not None else None,
+                    cached_from=(old.cached_from or old.id) if reuse and old is not None else None,
+                    cache_key=old.cache_key if reuse and old is not None else None,
+                    started_at=now if reuse else None,
+                    finished_at=now if state in TASK_TERMINAL else None,
+                )
+                copies.append((old, copy, reuse))
+                session.add(copy)
+            session.flush()
+            for old, copy, reuse in copies:
+                if reuse and old is not None:
+                    self._copy_outputs(session, old, copy)
+            queued = self._advance(session, new_id, now)
+        return Submitted(new_id, version.version, queued)
+
+    def cancel(self, run_id: str) -> RunState:
+        """Cancel a run: pending and queued tasks stop now, running ones when their worker next
+        looks (``cancelled_among``: each second)."""
+        now = utcnow()
+        with self.db.session() as session:
+            run = self._lock_run(session, run_id)
+            if run.state in RUN_TERMINAL:
+                return RunState(run.state)
+            run.cancel_requested = True
+            task_ids = select(TaskRun.id).where(
+                TaskRun.run_id == run_id,
+                TaskRun.state.in_([TaskState.PENDING, TaskState.QUEUED]),
+            )
+            queued_ids = list(session.scalars(task_ids))
+            if queued_ids:
+                session.execute(
+                    update(TaskRun)
+                    .where(TaskRun.id.in_(queued_ids))
+                    .values(state=TaskState.CANCELLED, finished_at=now, error="run cancelled")
+                )
+                session.execute(
+                    update(Attempt)
+                    .where(
+                        Attempt.task_run_id.in_(queued_ids), Attempt.state == AttemptState.QUEUED
+                    )
+                    .values(state=AttemptState.CANCELLED, finished_at=now, error="run cancelled")
+                )
+            self._advance(session, run_id, now)
+            return RunState(run.state)
