@@ -384,10 +384,11 @@ def test_the_duration_histogram_counts_each_attempt_once_however_it_is_scraped(
     """Settled attempts are counted once and kept; newer ones afresh at every scrape."""
     from sqlalchemy import update
 
-    from ml_platform.api.metrics import DURATION_BUCKETS, PlatformCollector
+    from ml_platform.api.metrics import PlatformCollector
+    from ml_platform.service import DURATION_BUCKETS
     from ml_platform.store.models import Attempt
 
-    collector = PlatformCollector(platform.db)
+    collector = PlatformCollector(platform)
 
     def histogram() -> dict[str, float]:
         family = next(f for f in collector.collect() if f.name == "mlp_task_duration_seconds")

@@ -82,7 +82,7 @@ def create_app(
         dispatcher=dispatcher,
     )
     registry = CollectorRegistry()
-    registry.register(PlatformCollector(platform.db, redis_client, settings.redis_prefix))
+    registry.register(PlatformCollector(platform, redis_client, settings.redis_prefix))
     # This process's answers by class; `instance` tells replicas apart behind one URL (the
     # deploy's watch window compares each replica with itself).
     responses = Counter(

@@ -28,11 +28,12 @@ from ml_platform.service.core import (
     Submitted,
 )
 from ml_platform.service.execution import Execution, timeout_outcome
-from ml_platform.service.queries import RunProgress
+from ml_platform.service.queries import DURATION_BUCKETS, RunProgress, Stats
 from ml_platform.service.runs import RetryError
 from ml_platform.service.schedules import ScheduleError, Schedules, latest_tick, next_tick
 
 __all__ = [
+    "DURATION_BUCKETS",
     "ClaimedAttempt",
     "FencedOut",
     "Heartbeat",
@@ -42,6 +43,7 @@ __all__ = [
     "RetryError",
     "RunProgress",
     "ScheduleError",
+    "Stats",
     "Submitted",
     "latest_tick",
     "next_tick",
