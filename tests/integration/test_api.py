@@ -15,6 +15,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy import text as sql_text
 
 from ml_platform.accounts import Accounts, Role
 from ml_platform.api import create_app
@@ -335,6 +336,12 @@ def test_health_and_metrics_tell_the_truth(api: Api) -> None:
         )
     }
     assert counted == {"2xx": 8.0, "3xx": 0.0, "4xx": 1.0, "5xx": 0.0}  # the calls above
+    # A schema behind the code's newest migration: not ready, and it says where it is.
+    with api.platform.db.engine.begin() as connection:
+        connection.execute(sql_text("UPDATE alembic_version SET version_num = '0005'"))
+    behind = api.client.get("/readyz")
+    assert behind.status_code == 503
+    assert behind.json()["checks"] == {"database": "ok", "migrations": "at 0005, not head"}
 
 
 def test_secret_key_rules(tmp_path: Path) -> None:

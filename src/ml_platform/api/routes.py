@@ -49,9 +49,7 @@ from ml_platform.api.schemas import (
 from ml_platform.artifacts import ArtifactNotFound
 from ml_platform.engine.states import AttemptState, RunState
 from ml_platform.security import AuthError
-from ml_platform.service import RetryError
-from ml_platform.store.models import Run, Schedule
-from ml_platform.store.models import Workflow as WorkflowRow
+from ml_platform.service import RetryError, RunRow, ScheduleRow, WorkflowRow
 
 # Every answer the API may give, declared once (the OpenAPI document is a contract: fuzzers
 # and clients check responses against it).
@@ -175,7 +173,7 @@ def workflow_versions(name: str, access: Viewer, svc: ServicesDep) -> list[Workf
     return [_workflow_out(row) for row in rows]
 
 
-def _run_out(run: Run, wf: WorkflowRow) -> RunOut:
+def _run_out(run: RunRow, wf: WorkflowRow) -> RunOut:
     return RunOut(
         id=run.id,
         workflow=wf.name,
@@ -394,7 +392,7 @@ def list_schedules(access: Viewer, svc: ServicesDep) -> list[ScheduleOut]:
     return [_schedule_out(row) for row in svc.platform.schedules(access.project_id)]
 
 
-def _schedule_out(row: Schedule) -> ScheduleOut:
+def _schedule_out(row: ScheduleRow) -> ScheduleOut:
     return ScheduleOut(
         name=row.name,
         workflow=row.workflow_ref,

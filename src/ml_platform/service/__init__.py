@@ -32,6 +32,11 @@ from ml_platform.service.queries import DURATION_BUCKETS, RunProgress, Stats
 from ml_platform.service.runs import RetryError
 from ml_platform.service.schedules import ScheduleError, Schedules, latest_tick, next_tick
 
+# The rows the queries return, as the faces name them (they need not reach into the store).
+from ml_platform.store.models import Run as RunRow
+from ml_platform.store.models import Schedule as ScheduleRow
+from ml_platform.store.models import Workflow as WorkflowRow
+
 __all__ = [
     "DURATION_BUCKETS",
     "ClaimedAttempt",
@@ -42,9 +47,12 @@ __all__ = [
     "Platform",
     "RetryError",
     "RunProgress",
+    "RunRow",
     "ScheduleError",
+    "ScheduleRow",
     "Stats",
     "Submitted",
+    "WorkflowRow",
     "latest_tick",
     "next_tick",
     "timeout_outcome",

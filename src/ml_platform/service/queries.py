@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from ml_platform.config import Settings
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.service.core import NotFound, _Core
+from ml_platform.store.db import current_revision, head_from_files
 from ml_platform.store.models import Artifact, Attempt, Metric, Param, Run, TaskRun
 from ml_platform.store.models import Workflow as WorkflowRow
 from ml_platform.store.models import utcnow
@@ -147,6 +148,14 @@ class Queries(_Core):
             due=(due or 0) - (delayed or 0),
             delayed=delayed or 0,
         )
+
+    def schema_behind(self) -> str | None:
+        """None when the database answers and its schema is at the newest migration, else
+        where it is; the driver's error when it does not answer (for readiness checks)."""
+        with self.db.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        at = current_revision(self.db.engine)
+        return None if at == head_from_files() else f"at {at}, not head"
 
     def resolve_run_id(self, prefix: str, project_id: int | None = None) -> str:
         """The full id of the one run whose id starts with ``prefix``."""
