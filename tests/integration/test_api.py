@@ -23,6 +23,7 @@ from ml_platform.config import Settings
 from ml_platform.engine.states import RunState
 from ml_platform.security import ConfigurationError, TokenSigner, resolve_secret_key
 from ml_platform.service import Platform
+from ml_platform.store.db import head_from_files
 from tests import workflows as workflows_module
 from tests.conftest import RedisTarget
 from tests.helpers import run_inline
@@ -336,12 +337,19 @@ def test_health_and_metrics_tell_the_truth(api: Api) -> None:
         )
     }
     assert counted == {"2xx": 8.0, "3xx": 0.0, "4xx": 1.0, "5xx": 0.0}  # the calls above
-    # A schema behind the code's newest migration: not ready, and it says where it is.
+    # A schema behind the code's newest migration: not ready, and it says where it is. (The
+    # stamp is put back: PostgreSQL's database is the xdist worker's, for the tests after.)
+    stamp = "UPDATE alembic_version SET version_num = :at"
     with api.platform.db.engine.begin() as connection:
-        connection.execute(sql_text("UPDATE alembic_version SET version_num = '0005'"))
-    behind = api.client.get("/readyz")
+        connection.execute(sql_text(stamp), {"at": "0005"})
+    try:
+        behind = api.client.get("/readyz")
+    finally:
+        with api.platform.db.engine.begin() as connection:
+            connection.execute(sql_text(stamp), {"at": head_from_files()})
     assert behind.status_code == 503
     assert behind.json()["checks"] == {"database": "ok", "migrations": "at 0005, not head"}
+    assert api.client.get("/readyz").status_code == 200
 
 
 def test_secret_key_rules(tmp_path: Path) -> None:
