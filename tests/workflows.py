@@ -116,6 +116,21 @@ def naps(n: int = 8, seconds: float = 0.5) -> None:
     total([nap(i, seconds) for i in range(n)])
 
 
+@task
+def stamped_nap(x: int, seconds: float, path: str) -> int:
+    """Sleep, then note when this task ended (wall clock)."""
+    time.sleep(seconds)
+    with open(path, "a") as stamps:
+        stamps.write(f"{x} {time.time()}\n")
+    return x
+
+
+@workflow
+def stamped_naps(path: str, n: int = 8, seconds: float = 0.1) -> None:
+    """Brief tasks that say when they ended: claims made ahead show against those times."""
+    total([stamped_nap(i, seconds, path) for i in range(n)])
+
+
 @workflow
 def arithmetic(n: int = 3) -> None:
     """Fan out over range(n), fan in to a total."""

@@ -152,6 +152,36 @@ def test_a_worker_killed_while_it_runs_an_attempt_it_continued_to_loses_nothing(
     assert marker.read_text().splitlines() == ["started 1", "started 2", "finished 2"]
 
 
+def test_a_worker_killed_holding_claims_made_ahead_loses_none_of_them(
+    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]], tmp_path: Path
+) -> None:
+    """Brief tasks: a worker holds, beside the attempts it runs, claims made ahead for the
+    slots they will free (leased to it, started by no process yet). kill -9 of that worker:
+    the leases of both kinds run out, the reaper retries them, another worker commits every
+    task once."""
+    [holder] = workers(1)  # two slots
+    params = {"path": str(tmp_path / "ends"), "n": 16, "seconds": 0.3}
+    submitted = platform.submit(workflows.stamped_naps, params)
+    held = f":{holder.pid}:"
+
+    def holds_more_than_it_runs() -> bool:
+        running = [a for a in platform.attempts(submitted.run_id) if a.state == "running"]
+        return sum(held in (a.worker_id or "") for a in running) > 2
+
+    wait_for(holds_more_than_it_runs)
+    holder.kill()
+    holder.communicate(timeout=10)
+    workers(1)
+    wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
+    assert platform.run(submitted.run_id)[0].state == "succeeded"
+    tasks = platform.task_runs(submitted.run_id)
+    attempts = platform.attempts(submitted.run_id)
+    lost = [a for a in attempts if a.state == "lost"]
+    assert len(lost) >= 3 and all("lease expired" in (a.error or "") for a in lost)
+    assert {a.state for a in attempts} == {"succeeded", "lost"}
+    assert sum(a.state == "succeeded" for a in attempts) == len(tasks)  # each committed once
+
+
 def test_lost_redis_data_does_not_lose_queued_work(
     platform: Platform,
     workers: Callable[[int], list[subprocess.Popen[str]]],

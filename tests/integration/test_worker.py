@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ml_platform.config import Settings
 from ml_platform.dispatch import InProcessDispatcher
 from ml_platform.engine.states import RunState
 from ml_platform.service import Platform
+from ml_platform.store.models import Attempt
 from ml_platform.task_runner import is_running
 from ml_platform.worker import Runtime, Worker
 from tests import workflows
@@ -298,3 +300,90 @@ def test_a_chain_of_short_steps_runs_on_one_transaction_a_step(sqlite_platform: 
         assert after.started_at == before.finished_at, (before, after)
     results = {t.node_id: t.result for t in sqlite_platform.task_runs(submitted.run_id)}
     assert results["double[5]"] == {"value": 64.0}  # each step read the one before
+
+
+def _ended_at(stamps: Path) -> dict[str, float]:
+    """When each stamped nap ended (wall clock), by node id."""
+    words = [line.split() for line in stamps.read_text().splitlines()]
+    return {f"stamped_nap[{index}]": float(at) for index, at in words}
+
+
+def _started_at(attempt: Attempt) -> float:
+    started = attempt.started_at
+    assert started is not None
+    return (started if started.tzinfo else started.replace(tzinfo=UTC)).timestamp()
+
+
+def _one_slot(platform: Platform, run_id: str) -> Runtime:
+    dispatcher = InProcessDispatcher()
+    worker = Worker(platform, dispatcher, concurrency=1)
+    _WORKERS.append(worker)
+    return Runtime(platform, dispatcher, worker, only_run=run_id)
+
+
+def test_brief_attempts_start_on_claims_made_while_the_ones_before_ran(
+    sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    """Claims ahead: while a brief attempt runs, the worker commits the outcome of the one
+    before together with a claim of the next; when the running one ends, the next starts on
+    that claim, with no claim (and no dispatch) between the two tasks."""
+    stamps = tmp_path / "ends"
+    params = {"path": str(stamps), "n": 8, "seconds": 0.1}
+    submitted = sqlite_platform.submit(workflows.stamped_naps, params)
+    runtime = _one_slot(sqlite_platform, submitted.run_id)
+    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+    ended = _ended_at(stamps)
+    tasks = {t.id: t.node_id for t in sqlite_platform.task_runs(submitted.run_id)}
+    naps = sorted(
+        (a for a in sqlite_platform.attempts(submitted.run_id) if tasks[a.task_run_id] in ended),
+        key=_started_at,
+    )
+    assert [a.state for a in naps] == ["succeeded"] * 8  # each once, none lost
+    ahead = [
+        _started_at(after) < ended[tasks[before.task_run_id]]
+        for before, after in zip(naps, naps[1:], strict=False)
+    ]
+    # The first nap is not known to be brief until it ends (and includes the module's import).
+    assert sum(ahead) >= 5, ahead
+
+
+def _until_reserved(runtime: Runtime) -> int:
+    deadline = time.monotonic() + 30
+    while not runtime.worker.reserved:
+        assert time.monotonic() < deadline, "the worker never claimed ahead"
+        runtime.tick()
+    return runtime.worker.reserved[0].claimed.attempt_id
+
+
+@pytest.mark.parametrize("why", ["draining", "waited too long for a slot"])
+def test_a_claim_made_ahead_is_handed_back_unrun_and_charges_nothing(
+    sqlite_platform: Platform, tmp_path: Path, why: str
+) -> None:
+    """A drain takes no more work, and a claim made ahead that waits too long (the task
+    before turned out long) may be run sooner elsewhere: either way it is handed back without
+    running, retried at once, on no budget; the run still succeeds."""
+    params = {"path": str(tmp_path / "ends"), "n": 6, "seconds": 0.2}
+    submitted = sqlite_platform.submit(workflows.stamped_naps, params)
+    runtime = _one_slot(sqlite_platform, submitted.run_id)
+    reserved = _until_reserved(runtime)
+    if why == "draining":
+        runtime.worker.draining = True
+    else:
+        runtime.worker.reserved[0].since -= 60
+    runtime.tick()
+    assert reserved not in {r.claimed.attempt_id for r in runtime.worker.reserved}
+    [given] = [a for a in sqlite_platform.attempts(submitted.run_id) if a.id == reserved]
+    assert (given.state, given.error) == ("lost", f"handed back: {why}")
+    again = [
+        a for a in sqlite_platform.attempts(submitted.run_id) if a.task_run_id == given.task_run_id
+    ]
+    assert [a.state for a in again] == ["lost", "queued"]
+    [task] = [t for t in sqlite_platform.task_runs(submitted.run_id) if t.id == given.task_run_id]
+    assert task.lost_attempts == 0  # a hand-back is not a loss
+    while runtime.worker.has_work:
+        runtime.tick()
+    assert not runtime.worker.reserved
+    assert (
+        _one_slot(sqlite_platform, submitted.run_id).drive(submitted.run_id, timeout=60)
+        is RunState.SUCCEEDED
+    )
