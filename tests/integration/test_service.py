@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.service import FencedOut, NotFound, Outcome, Platform, RetryError, planning
@@ -597,6 +597,34 @@ def test_a_full_pass_leaves_alone_a_run_whose_work_is_in_flight(platform: Platfo
         scheduler.join()
     assert _states(platform, stuck.run_id)["total"] == "queued"  # the safety net held
     assert sorted(_states(platform, busy.run_id).values()) == ["pending", "queued", "queued"]
+
+
+def test_a_chain_step_queues_the_next_from_that_task_run_alone(platform: Platform) -> None:
+    """A finish whose task is the only upstream of the next queues that one without a pass
+    over the run (which read every task run of the run at every step of a chain); the chain
+    still ends as the engine's plan would end it."""
+    submitted = platform.submit(workflows.relay, {"n": 6})
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    [step] = submitted.queued
+    for number in range(3):
+        claimed = platform.claim(step.attempt_id, "w")
+        assert claimed is not None
+        outcome = execute(platform, claimed)
+        if number == 2:  # the third step: its DAG is known to this process by now
+            event.listen(platform.db.engine, "before_cursor_execute", seen)
+        try:
+            [step] = platform.finish(claimed, "w", outcome)
+        finally:
+            if number == 2:
+                event.remove(platform.db.engine, "before_cursor_execute", seen)
+    assert statements and not any("ORDER BY task_runs.position" in s for s in statements)
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+    results = {t.node_id: t.result for t in platform.task_runs(submitted.run_id)}
+    assert results["double[5]"] == {"value": 64.0}
 
 
 def test_many_ready_tasks_are_queued_in_chunks_of_bound_ids(

@@ -645,8 +645,42 @@ class Execution(Planning):
                 },
             )
         if self._may_decide(session, run_id, run.max_concurrency, task.node_id, task.pool):
-            queued += self._advance(session, run_id, now)
+            following = None
+            if outcome.state == AttemptState.SUCCEEDED and not outcome.skipped and not task.pool:
+                following = self._next_steps(session, run, run_id, task.node_id, now)
+            queued += self._advance(session, run_id, now) if following is None else following
         return queued
+
+    def _next_steps(
+        self, session: Session, run: Any, run_id: str, node_id: str, now: datetime
+    ) -> list[Dispatch] | None:
+        """A chain's next steps, queued without a pass over the run: the tasks whose only
+        upstream is ``node_id``, which just succeeded, when nothing else bears on them (a
+        cancel, a run or group limit, a cache, a map, a pool). None: the full advance decides.
+        The engine's plan would say the same (a pending task whose upstreams all succeeded
+        is ready); this reads those task runs only, not the run's every one."""
+        if run.cancel_requested or run.max_concurrency is not None:
+            return None
+        upstream, downstream, _ = self._dag(session, run_id, node_id)
+        waiting = downstream.get(node_id, [])
+        if not waiting or any(set(upstream[node]) != {node_id} for node in waiting):
+            return None
+        tasks = list(
+            session.scalars(
+                select(TaskRun).where(TaskRun.run_id == run_id, TaskRun.node_id.in_(waiting))
+            )
+        )
+        plain = all(
+            task.state == TaskState.PENDING
+            and "map" not in task.inputs
+            and not task.pool
+            and not task.options.get("cache")
+            and task.options.get("map_of") is None
+            for task in tasks
+        )
+        if len(tasks) != len(waiting) or not plain:
+            return None
+        return self._new_attempts(session, tasks, now, delay=0.0)
 
     def _retry_after(
         self, conn: Connection, run_id: str, task: Any, outcome: Outcome
