@@ -113,7 +113,7 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against Celery, Dramatiq, Dask, Prefect, Procrastinate and DBOS; rewrites
     docs/benchmarks.md.
 
-    Posargs choose sections (workloads, map, wide, crash, scale, pipeline, pipeline-tests, ...);
+    Posargs choose sections (workloads, map, wide, transport, crash, scale, pipeline, ...);
     see benchmarks/__main__.py.
     Needs the machine's PostgreSQL and Redis (DATABASE_URL, REDIS_URL to point elsewhere).
     """

@@ -2,15 +2,17 @@
 
 Sections: ``workloads`` (ours and the peers, alternating), ``map`` (the fan-out declared
 statically and with `task.map`, ours only), ``wide`` (the fan-out at 1,000 and 10,000,
-ours only: does the cost grow linearly), ``watch`` (`mlp run`'s live view over a
-10,000-task fan-out; a few minutes, not in the default), ``crash``, ``scale`` (the API,
-UI and /metrics over 100,000 runs and a million task runs), ``pipeline`` (nox
-session creation and the quality gate), ``pipeline-tests`` (the tests session cold and warm:
-about 10 minutes, so never part of the default), ``image`` (the image's size, built with
-podman as `nox -s image_e2e` builds it: root only, so never part of the default), ``report``
-(measure nothing: rewrite the page from the figures kept). Without arguments: workloads,
-map, wide, crash, scale and pipeline. Figures are kept per section in docs/benchmarks.json,
-so a partial run replaces only its own sections and the page says when each was measured.
+ours only: does the cost grow linearly), ``transport`` (a task's dispatch through Redis
+Streams and through LISTEN/NOTIFY with SKIP LOCKED claims: a few seconds), ``watch`` (`mlp
+run`'s live view over a 10,000-task fan-out; a few minutes, not in the default), ``crash``,
+``scale`` (the API, UI and /metrics over 100,000 runs and a million task runs), ``pipeline``
+(nox session creation and the quality gate), ``pipeline-tests`` (the tests session cold and
+warm: about 10 minutes, so never part of the default), ``image`` (the image's size, built
+with podman as `nox -s image_e2e` builds it: root only, so never part of the default),
+``report`` (measure nothing: rewrite the page from the figures kept). Without arguments:
+workloads, map, wide, transport, crash, scale and pipeline. Figures are kept per section in
+docs/benchmarks.json, so a partial run replaces only its own sections and the page says when
+each was measured.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import crash, pipeline, report, scale
+from benchmarks import crash, pipeline, report, scale, transport
 from benchmarks.machine import describe
 from benchmarks.workloads_run import run_map, run_watch, run_wide, run_workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "benchmarks.json"
-DEFAULT = ["workloads", "map", "wide", "crash", "scale", "pipeline"]
+DEFAULT = ["workloads", "map", "wide", "transport", "crash", "scale", "pipeline"]
 KNOWN = [*DEFAULT, "watch", "pipeline-tests", "image", "report"]
 
 
@@ -79,6 +81,8 @@ def main(argv: list[str]) -> int:
             figures = run_wide(database_url, redis_url, progress)
         elif section == "watch":
             figures = run_watch(progress)
+        elif section == "transport":
+            figures = transport.run(database_url, redis_url, progress)
         elif section == "crash":
             figures = crash.run(database_url, redis_url, 20, progress)
         elif section == "scale":

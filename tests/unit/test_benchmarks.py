@@ -281,3 +281,22 @@ def test_the_pipeline_section_judges_how_fast_mlp_answers() -> None:
     assert "| `mlp --version` | 0.33 (0.31–0.35) | ≤ 0.3 s: **not met** |" in text
     assert "| `mlp runs (1,000 runs, embedded)` | 0.75 (0.70–0.90) | ≤ 0.8 s: met |" in text
     assert "| `python -c pass` | 0.02 (0.02–0.03) |  |" in text
+
+
+def test_the_transport_section_adds_up_each_way_of_dispatching_a_task() -> None:
+    from benchmarks.report import _transport_section
+
+    data = {
+        "measured": "2026-12-04 20:30 UTC",
+        "rounds": 1000,
+        "redis_hop": 377.6,
+        "redis_hop_batched": 24.6,
+        "claim_by_id": 264.3,
+        "notify_wakeup": 126.0,
+        "skip_locked_claim": 299.0,
+        "commit": 108.3,
+    }
+    lines, verdict = _transport_section(data)
+    assert verdict == "dispatch per task: Redis 642 µs, LISTEN/NOTIFY 425 µs"
+    assert "| Redis: XADD, XREADGROUP, XACK + XDEL of one entry | 378 |" in lines
+    assert any("**642 µs**" in line and "**425 µs**" in line for line in lines)
