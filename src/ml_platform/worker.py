@@ -356,12 +356,13 @@ class Worker:
         return started
 
     def _end_reserved(self, reserved: _Reserved, outcome: Outcome) -> None:
-        """End an attempt claimed ahead that never started (handed back or cancelled)."""
-        self.reserved.remove(reserved)
+        """End an attempt claimed ahead that never started (handed back or cancelled). If the
+        database is away, it stays claimed ahead: the next pass tries again."""
         try:
             queued = self.platform.finish(reserved.claimed, self.worker_id, outcome)
         except FencedOut:
             queued = []  # its lease was lost meanwhile: the reaper retries it
+        self.reserved.remove(reserved)
         self.dispatcher.publish(queued)
         self.dispatcher.ack(reserved.delivery)
 
@@ -673,7 +674,7 @@ class Worker:
         for reserved in list(self.reserved):
             try:
                 self._end_reserved(reserved, _handed_back(reason))
-            except TRANSIENT_ERRORS as exc:
+            except TRANSIENT_ERRORS as exc:  # its lease expires instead (the lost budget)
                 self.reserved.remove(reserved)
                 self.on_event(f"could not hand back {reserved.claimed.node_id}: {exc}")
         for child in list(self.children.values()):

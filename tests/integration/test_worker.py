@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from ml_platform import task_runner
 from ml_platform.config import Settings
@@ -387,3 +388,28 @@ def test_a_claim_made_ahead_is_handed_back_unrun_and_charges_nothing(
         _one_slot(sqlite_platform, submitted.run_id).drive(submitted.run_id, timeout=60)
         is RunState.SUCCEEDED
     )
+
+
+def test_a_hand_back_with_the_database_away_leaves_claims_ahead_to_their_lease(
+    sqlite_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutting down while the database does not answer: the claim made ahead cannot be
+    handed back; the worker says so and lets it go (its lease runs out, the reaper retries
+    it) instead of failing the shutdown."""
+    params = {"path": str(tmp_path / "ends"), "n": 6, "seconds": 0.2}
+    submitted = sqlite_platform.submit(workflows.stamped_naps, params)
+    runtime = _one_slot(sqlite_platform, submitted.run_id)
+    events: list[str] = []
+    runtime.worker.on_event = events.append
+    reserved = _until_reserved(runtime)
+
+    def away(*_: object, **__: object) -> None:
+        raise OperationalError("UPDATE attempts", {}, Exception("the database went away"))
+
+    monkeypatch.setattr(sqlite_platform, "finish", away)
+    runtime.worker.hand_back("shut down")
+    assert runtime.worker.reserved == [] and not runtime.worker.children
+    assert any(e.startswith("could not hand back stamped_nap[") for e in events), events
+    monkeypatch.undo()
+    [held] = [a for a in sqlite_platform.attempts(submitted.run_id) if a.id == reserved]
+    assert held.state == "running"  # still leased: the reaper's to retry once it expires
