@@ -309,35 +309,14 @@ class Worker:
 
     def _finish_and_reserve(self) -> bool:
         """Commit the collected outcomes and, in the same transaction, claim up to one attempt
-        ahead per slot (those deliveries that are waiting, then what the outcomes made ready).
-        Nothing when draining: claims ahead are for work this worker will still do."""
+        ahead per busy slot. Nothing when draining: claims ahead are for work this worker
+        will still do."""
         want = len(self.children) - len(self.reserved)  # one ahead per busy slot
         if self.draining or want <= 0:
             return False
-        deliveries = self.dispatcher.receive(want, 0.0)
-        ended = list(self.ended)
-        began = time.monotonic()
-        queued, claims = self.platform.finish_and_claim(
-            [(child.claimed, child.outcome) for child in ended if child.outcome is not None],
-            [delivery.attempt_id for delivery in deliveries],
-            self.worker_id,
-            take=want - len(deliveries),
-            serves=self.dispatcher.serves,
-        )
-        self._timed_commit(time.monotonic() - began)
-        for child, made in zip(ended, queued, strict=True):
-            self._finished(child, made)
-        self.ended.clear()
         now = time.monotonic()
-        for delivery, claimed in zip(deliveries, claims, strict=False):
-            if claimed is None:
-                self.dispatcher.ack(delivery)  # taken, finished or cancelled meanwhile
-            else:
-                self.reserved.append(_Reserved(claimed, delivery, now))
-        for continued in claims[len(deliveries) :]:
-            assert continued is not None  # nosec B101 - only claims that held are returned
-            queue = queue_of(continued.options.get("pool"))
-            self.reserved.append(_Reserved(continued, Delivery(continued.attempt_id, queue), now))
+        for claimed, delivery in self._finish_and_claim(want):
+            self.reserved.append(_Reserved(claimed, delivery, now))
         return True
 
     def _start_reserved(self) -> bool:
@@ -376,37 +355,43 @@ class Worker:
         )
 
     def _finish_and_take(self) -> bool:
-        """Commit the collected outcomes and claim new work in the same transaction; slots
-        that no delivery fills take what those outcomes made ready (finish and continue)."""
-        free = self.concurrency - len(self.children)
-        deliveries = self.dispatcher.receive(free, 0.0)
+        """Commit the collected outcomes and claim new work for the free slots in the same
+        transaction, then start it."""
+        claims = self._finish_and_claim(self.concurrency - len(self.children))
+        for claimed, delivery in claims:
+            self._spawn(claimed, delivery)
+        return True
+
+    def _finish_and_claim(self, slots: int) -> list[tuple[ClaimedAttempt, Delivery]]:
+        """Commit the collected outcomes and, in the same transaction, claim work for up to
+        ``slots`` slots: the deliveries waiting, then what those outcomes made ready (finish
+        and continue: never published, so a delivery without a message). The claims that held,
+        with their deliveries; the others are acknowledged (taken, finished or cancelled)."""
+        deliveries = self.dispatcher.receive(slots, 0.0)
         ended = list(self.ended)
         began = time.monotonic()
         queued, claims = self.platform.finish_and_claim(
             [(child.claimed, child.outcome) for child in ended if child.outcome is not None],
             [delivery.attempt_id for delivery in deliveries],
             self.worker_id,
-            take=free - len(deliveries),
+            take=slots - len(deliveries),
             serves=self.dispatcher.serves,
         )
         self._timed_commit(time.monotonic() - began)
         for child, made in zip(ended, queued, strict=True):
             self._finished(child, made)
         self.ended.clear()
-        started = False
+        held = []
         for delivery, claimed in zip(deliveries, claims, strict=False):
             if claimed is None:
-                self.dispatcher.ack(delivery)  # taken, finished or cancelled meanwhile
+                self.dispatcher.ack(delivery)
             else:
-                self._spawn(claimed, delivery)
-                started = True
+                held.append((claimed, delivery))
         for continued in claims[len(deliveries) :]:
             assert continued is not None  # nosec B101 - only claims that held are returned
-            # Never published, so nothing to acknowledge: a delivery without a message.
             queue = queue_of(continued.options.get("pool"))
-            self._spawn(continued, Delivery(continued.attempt_id, queue))
-            started = True
-        return started or bool(ended)
+            held.append((continued, Delivery(continued.attempt_id, queue)))
+        return held
 
     @property
     def has_work(self) -> bool:
