@@ -144,7 +144,9 @@ def _notify_wakeup(url: str, rounds: int = ROUNDS // 2) -> float:
             while len(received) == before and time.perf_counter() < deadline:
                 time.sleep(0)  # yield to the listener's thread
     thread.join(10)
-    return _median_us([got - at for at, got in zip(sent, received, strict=False)])
+    if len(received) != rounds:  # a pairing of sends with the wrong receipts would lie
+        raise RuntimeError(f"LISTEN got {len(received)} of {rounds} notifications")
+    return _median_us([got - at for at, got in zip(sent, received, strict=True)])
 
 
 def run(database_url: str, redis_url: str, progress: Callable[[str], None]) -> dict[str, Any]:
