@@ -42,9 +42,9 @@ def _close_workers() -> Iterator[None]:
         _WORKERS.pop().close()
 
 
-def _runtime(platform: Platform, run_id: str) -> Runtime:
+def _runtime(platform: Platform, run_id: str, concurrency: int = 2) -> Runtime:
     dispatcher = InProcessDispatcher()
-    worker = Worker(platform, dispatcher, concurrency=2)
+    worker = Worker(platform, dispatcher, concurrency=concurrency)
     _WORKERS.append(worker)
     return Runtime(platform, dispatcher, worker, only_run=run_id)
 
@@ -315,13 +315,6 @@ def _started_at(attempt: Attempt) -> float:
     return (started if started.tzinfo else started.replace(tzinfo=UTC)).timestamp()
 
 
-def _one_slot(platform: Platform, run_id: str) -> Runtime:
-    dispatcher = InProcessDispatcher()
-    worker = Worker(platform, dispatcher, concurrency=1)
-    _WORKERS.append(worker)
-    return Runtime(platform, dispatcher, worker, only_run=run_id)
-
-
 def test_brief_attempts_start_on_claims_made_while_the_ones_before_ran(
     sqlite_platform: Platform, tmp_path: Path
 ) -> None:
@@ -331,7 +324,7 @@ def test_brief_attempts_start_on_claims_made_while_the_ones_before_ran(
     stamps = tmp_path / "ends"
     params = {"path": str(stamps), "n": 8, "seconds": 0.1}
     submitted = sqlite_platform.submit(workflows.stamped_naps, params)
-    runtime = _one_slot(sqlite_platform, submitted.run_id)
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
     ended = _ended_at(stamps)
     tasks = {t.id: t.node_id for t in sqlite_platform.task_runs(submitted.run_id)}
@@ -365,7 +358,7 @@ def test_a_claim_made_ahead_is_handed_back_unrun_and_charges_nothing(
     running, retried at once, on no budget; the run still succeeds."""
     params = {"path": str(tmp_path / "ends"), "n": 6, "seconds": 0.2}
     submitted = sqlite_platform.submit(workflows.stamped_naps, params)
-    runtime = _one_slot(sqlite_platform, submitted.run_id)
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     reserved = _until_reserved(runtime)
     if why == "draining":
         runtime.worker.draining = True
@@ -385,7 +378,9 @@ def test_a_claim_made_ahead_is_handed_back_unrun_and_charges_nothing(
         runtime.tick()
     assert not runtime.worker.reserved
     assert (
-        _one_slot(sqlite_platform, submitted.run_id).drive(submitted.run_id, timeout=60)
+        _runtime(sqlite_platform, submitted.run_id, concurrency=1).drive(
+            submitted.run_id, timeout=60
+        )
         is RunState.SUCCEEDED
     )
 
@@ -398,7 +393,7 @@ def test_a_hand_back_with_the_database_away_leaves_claims_ahead_to_their_lease(
     it) instead of failing the shutdown."""
     params = {"path": str(tmp_path / "ends"), "n": 6, "seconds": 0.2}
     submitted = sqlite_platform.submit(workflows.stamped_naps, params)
-    runtime = _one_slot(sqlite_platform, submitted.run_id)
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     events: list[str] = []
     runtime.worker.on_event = events.append
     reserved = _until_reserved(runtime)
@@ -413,3 +408,29 @@ def test_a_hand_back_with_the_database_away_leaves_claims_ahead_to_their_lease(
     monkeypatch.undo()
     [held] = [a for a in sqlite_platform.attempts(submitted.run_id) if a.id == reserved]
     assert held.state == "running"  # still leased: the reaper's to retry once it expires
+
+
+def test_a_cancel_stops_a_claim_made_ahead_as_it_starts(
+    sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    """A run cancelled while the worker holds a claim ahead for it: that attempt is stopped
+    as it starts and ends cancelled, its task never finishes, and the worker holds nothing of
+    the run afterwards."""
+    stamps = tmp_path / "ends"
+    params = {"path": str(stamps), "n": 6, "seconds": 0.2}
+    submitted = sqlite_platform.submit(workflows.stamped_naps, params)
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
+    reserved = _until_reserved(runtime)
+    [task_run_id] = [r.claimed.task_run_id for r in runtime.worker.reserved]
+    assert sqlite_platform.cancel(submitted.run_id) is RunState.RUNNING  # its attempts stop
+    deadline = time.monotonic() + 30
+    while runtime.worker.has_work:
+        assert time.monotonic() < deadline, "the worker kept the cancelled run's attempts"
+        runtime.tick()
+    [ended] = [a for a in sqlite_platform.attempts(submitted.run_id) if a.id == reserved]
+    assert ended.state == "cancelled"
+    node = next(
+        t.node_id for t in sqlite_platform.task_runs(submitted.run_id) if t.id == task_run_id
+    )
+    assert node not in _ended_at(stamps)  # it never finished
+    assert sqlite_platform.run(submitted.run_id)[0].state == RunState.CANCELLED
