@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -180,6 +182,45 @@ def test_a_worker_killed_holding_claims_made_ahead_loses_none_of_them(
     assert len(lost) >= 3 and all("lease expired" in (a.error or "") for a in lost)
     assert {a.state for a in attempts} == {"succeeded", "lost"}
     assert sum(a.state == "succeeded" for a in attempts) == len(tasks)  # each committed once
+
+
+def _utc(moment: datetime | None) -> datetime:
+    assert moment is not None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def test_sigterm_to_a_worker_holding_claims_made_ahead_hands_them_back_unrun(
+    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]], tmp_path: Path
+) -> None:
+    """SIGTERM while a worker holds claims made ahead: the drain hands them back at once,
+    unrun and charging nothing, lets its running attempts finish, and exits 0; another worker
+    runs the rest, every task committed once."""
+    [holder] = workers(1)
+    params = {"path": str(tmp_path / "ends"), "n": 16, "seconds": 0.3}
+    submitted = platform.submit(workflows.stamped_naps, params)
+    held = f":{holder.pid}:"
+
+    def mine() -> list[Any]:
+        return [a for a in platform.attempts(submitted.run_id) if held in (a.worker_id or "")]
+
+    wait_for(lambda: sum(a.state == "running" for a in mine()) > 2)
+    signalled = datetime.now(UTC)
+    holder.send_signal(signal.SIGTERM)
+    output, _ = holder.communicate(timeout=30)
+    assert holder.returncode == 0, output
+    left = mine()
+    assert not [a for a in left if a.state == "running"], output
+    handed = [a for a in left if a.state == "lost"]
+    assert handed and all(a.error == "handed back: draining" for a in handed), output
+    # At once: not after a claim's longest wait for a slot (2 s), nor at the drain's end.
+    assert all(_utc(a.finished_at) - signalled < timedelta(seconds=1) for a in handed), output
+    workers(1)
+    wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
+    assert platform.run(submitted.run_id)[0].state == "succeeded"
+    tasks = platform.task_runs(submitted.run_id)
+    assert {t.lost_attempts for t in tasks} == {0}  # a hand-back is not a loss
+    attempts = platform.attempts(submitted.run_id)
+    assert sum(a.state == "succeeded" for a in attempts) == len(tasks)
 
 
 def test_lost_redis_data_does_not_lose_queued_work(
