@@ -6,7 +6,7 @@ import pickle
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -358,8 +358,8 @@ def test_secret_key_rules(tmp_path: Path) -> None:
         resolve_secret_key(strict)
     for weak in ("changeme", "short", "a" * 40):
         with pytest.raises(ConfigurationError, match="too weak"):
-            resolve_secret_key(strict.model_copy(update={"secret_key": weak}))
-    assert resolve_secret_key(strict.model_copy(update={"secret_key": SECRET})) == SECRET
+            resolve_secret_key(replace(strict, secret_key=weak))
+    assert resolve_secret_key(replace(strict, secret_key=SECRET)) == SECRET
     dev = Settings(environment="development", home=tmp_path)
     generated = resolve_secret_key(dev)
     assert len(generated) >= 48 and resolve_secret_key(dev) == generated
@@ -368,13 +368,12 @@ def test_secret_key_rules(tmp_path: Path) -> None:
 def test_login_limits_are_shared_by_replicas_through_redis(
     platform: Platform, redis_target: RedisTarget, redis_client: object
 ) -> None:
-    settings = platform.settings.model_copy(
-        update={
-            "secret_key": SECRET,
-            "login_attempts": 2,
-            "redis_url": redis_target.url,
-            "redis_prefix": redis_target.prefix,
-        }
+    settings = replace(
+        platform.settings,
+        secret_key=SECRET,
+        login_attempts=2,
+        redis_url=redis_target.url,
+        redis_prefix=redis_target.prefix,
     )
     Accounts(platform.db, timedelta(days=1)).create_user("mallory", PASSWORD)
     replicas = [create_app(settings, platform=platform) for _ in range(2)]

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -301,12 +302,12 @@ def test_environment_is_one_of_three_and_production_hides_the_docs(
     monkeypatch.setenv("ENVIRONMENT", "prod")
     with pytest.raises(SettingsError, match="ENVIRONMENT must be one of"):
         load_settings()
-    production = api.platform.settings.model_copy(update={"environment": "production"})
+    production = replace(api.platform.settings, environment="production")
     with TestClient(create_app(production, platform=api.platform)) as client:
         for path in ("/docs", "/redoc", "/openapi.json"):
             assert client.get(path).status_code == 404, path
         assert client.get("/livez").headers["x-content-type-options"] == "nosniff"
-    asked = production.model_copy(update={"api_docs": True})
+    asked = replace(production, api_docs=True)
     with TestClient(create_app(asked, platform=api.platform)) as client:
         assert client.get("/openapi.json").status_code == 200
 

@@ -44,3 +44,18 @@ def test_version_answers_without_a_database() -> None:
         env={"PATH": "/usr/bin:/bin", "ML_PLATFORM_HOME": "/nonexistent/never-created"},
     )
     assert done.returncode == 0 and done.stdout.startswith("mlp (ml-platform) ")
+
+
+def test_the_worker_and_its_settings_load_no_pydantic() -> None:
+    """Every process reads the settings, and a worker run from Python (an embedded runtime)
+    needs nothing of pydantic. (`mlp worker` still loads it: typer parses its options with
+    pydantic since typer 0.2x.)"""
+    probe = (
+        "import sys, ml_platform.worker, ml_platform.cli; "
+        "from ml_platform.config import load_settings; load_settings(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0].startswith('pydantic')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout

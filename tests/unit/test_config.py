@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from ml_platform.config import Settings, load_settings
+from ml_platform.errors import SettingsError
 
 pytestmark = pytest.mark.unit
 
@@ -35,3 +37,60 @@ def test_bad_numbers_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_home_expands_the_user() -> None:
     assert "~" not in str(Settings(home=Path("~/x")).home)
+
+
+def test_a_keyword_wins_over_the_environment_which_wins_over_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLP_LEASE_SECONDS", "12.5")
+    monkeypatch.setenv("MLP_API_DOCS", "yes")
+    monkeypatch.setenv("MLP_ENVIRONMENT", "staging")
+    monkeypatch.setenv("ENVIRONMENT", " Production ")  # the first name listed wins
+    settings = Settings(poll_seconds=0.25)
+    assert settings.lease_seconds == 12.5 and settings.poll_seconds == 0.25
+    assert settings.api_docs is True and settings.environment == "production"
+    assert Settings(lease_seconds=3).lease_seconds == 3.0
+    assert Settings().max_lost == 3  # nothing set: the default
+    monkeypatch.setenv("MLP_API_DOCS", "off")
+    assert Settings().api_docs is False
+
+
+def test_an_empty_database_url_means_the_embedded_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "")
+    monkeypatch.setenv("ML_PLATFORM_HOME", str(tmp_path))
+    settings = load_settings()
+    assert settings.database_url_override is None
+    assert settings.database_url == f"sqlite:///{tmp_path}/ml_platform.db"
+
+
+def test_every_wrong_setting_is_named_with_its_variable_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLP_MAX_LOST", "2.5")
+    monkeypatch.setenv("MLP_POLL_SECONDS", "inf")
+    monkeypatch.setenv("MLP_API_DOCS", "maybe")
+    monkeypatch.setenv("MLP_MAX_DELIVERIES", "0")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert message.startswith("invalid settings in the environment: ")
+    for expected in (
+        "max_lost (MLP_MAX_LOST='2.5'): must be a whole number",
+        "poll_seconds (MLP_POLL_SECONDS='inf'): must be a finite number",
+        "api_docs (MLP_API_DOCS='maybe'): must be true or false",
+        "max_deliveries (MLP_MAX_DELIVERIES='0'): must be at least 1",
+    ):
+        assert expected in message, message
+    with pytest.raises(SettingsError, match="lease_seconds: must be greater than 0"):
+        Settings(lease_seconds=0)
+
+
+def test_a_setting_that_does_not_exist_is_refused_and_a_copy_keeps_every_value() -> None:
+    with pytest.raises(TypeError, match="lease_second"):
+        Settings(lease_second=3)
+    settings = Settings(home=Path("/srv/mlp"), secret_key="s3cret", max_lost=1)
+    copy = replace(settings, max_lost=0)
+    assert (copy.home, copy.secret_key, copy.max_lost) == (Path("/srv/mlp"), "s3cret", 0)
+    assert "s3cret" not in repr(settings)
