@@ -627,6 +627,48 @@ def test_a_chain_step_queues_the_next_from_that_task_run_alone(platform: Platfor
     assert results["double[5]"] == {"value": 64.0}
 
 
+def test_a_wide_run_is_stored_in_one_insert_per_table_that_does_not_grow_with_it(
+    platform: Platform,
+) -> None:
+    """A run of 500 tasks: its task runs go in in one INSERT and its first attempts in
+    another. On PostgreSQL each is a statement of fixed text (arrays of values), not a
+    VALUES list the driver must re-parse for every row; what is stored is what was traced."""
+    statements: list[tuple[str, bool]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, _params: Any, _ctx: Any, many: bool) -> None:
+        statements.append((statement, many))
+
+    before = utcnow()
+    event.listen(platform.db.engine, "before_cursor_execute", seen)
+    try:
+        submitted = platform.submit(workflows.arithmetic, {"n": 500})
+    finally:
+        event.remove(platform.db.engine, "before_cursor_execute", seen)
+    inserts = {
+        table: [s for s in statements if s[0].startswith(f"INSERT INTO {table} ")]
+        for table in ("task_runs", "attempts")
+    }
+    assert [len(found) for found in inserts.values()] == [1, 1], inserts
+    if platform.db.engine.dialect.name == "postgresql":
+        assert all(len(found[0][0]) < 2_000 for found in inserts.values()), inserts
+    tasks = {t.node_id: t for t in platform.task_runs(submitted.run_id)}
+    assert len(tasks) == 501 and tasks["total"].state == TaskState.PENDING
+    assert sorted(tasks["total"].upstream) == sorted(f"double[{i}]" for i in range(500))
+    assert tasks["double[7]"].inputs == {"args": [7], "kwargs": {}}
+    assert tasks["double[7]"].result is None and tasks["double[7]"].cached_from is None
+    attempts = {a.id: a for a in platform.attempts(submitted.run_id)}
+    assert sorted(attempts) == sorted(d.attempt_id for d in submitted.queued)
+    by_task = {a.task_run_id: a for a in attempts.values()}
+    for task in tasks.values():
+        if task.node_id != "total":
+            attempt = by_task[task.id]
+            assert (attempt.number, attempt.state, task.current_attempt) == (1, "queued", 1)
+            assert before <= attempt.created_at <= utcnow()
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+    total = next(t for t in platform.task_runs(submitted.run_id) if t.node_id == "total")
+    assert total.result == {"value": 2 * sum(range(500))}
+
+
 def test_many_ready_tasks_are_queued_in_chunks_of_bound_ids(
     platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -20,16 +20,21 @@ from ml_platform.engine.states import RUN_TERMINAL, TASK_DONE_OK, AttemptState, 
 from ml_platform.inputs import REF_KEY, resolve_inputs
 from ml_platform.service.core import _MADE
 from ml_platform.service.queries import Queries
+from ml_platform.store.db import insert_rows
 from ml_platform.store.models import Artifact, Attempt, Metric, Param, Pool, Run, TaskRun
 
 #: Ids bound in one statement: below SQLite's and PostgreSQL's limits on bound parameters.
 _IDS_PER_STATEMENT = 5_000
-_NEW_ATTEMPTS = insert(Attempt).returning(Attempt.id, sort_by_parameter_order=True)
 _QUEUE_TASK_RUNS = (
     update(TaskRun)
     .where(TaskRun.id.in_(bindparam("ids", expanding=True)))
     .values(state=TaskState.QUEUED, current_attempt=TaskRun.current_attempt + 1)
 )
+
+
+def _task_run_row(**columns: Any) -> dict[str, Any]:
+    """A new task run as ``insert_rows`` takes it: ``columns`` and the model's defaults."""
+    return {"current_attempt": 0, "lost_attempts": 0, **columns}
 
 
 def _why_not_run(task_run: TaskRun, by_id: Mapping[str, TaskRun]) -> str:
@@ -180,21 +185,26 @@ class Planning(Queries):
         parent.state = TaskState.RUNNING
         parent.started_at = now
         fixed = parent.inputs["kwargs"]
-        session.add_all(
-            TaskRun(
-                run_id=parent.run_id,
-                node_id=f"{parent.node_id}[{index}]",
-                position=parent.position,
-                task_ref=parent.task_ref,
-                code_version=parent.code_version,
-                upstream=list(parent.upstream),
-                inputs={"args": [], "kwargs": {**fixed, parent.inputs["map_to"]: item}},
-                options={**parent.options, "map_of": parent.node_id, "map_index": index},
-                pool=parent.pool,
-                state=TaskState.PENDING,
-            )
-            for index, item in enumerate(items)
-            if f"{parent.node_id}[{index}]" not in by_id
+        session.flush()  # the parent's new state first
+        insert_rows(
+            session.connection(),
+            TaskRun,
+            [
+                _task_run_row(
+                    run_id=parent.run_id,
+                    node_id=f"{parent.node_id}[{index}]",
+                    position=parent.position,
+                    task_ref=parent.task_ref,
+                    code_version=parent.code_version,
+                    upstream=list(parent.upstream),
+                    inputs={"args": [], "kwargs": {**fixed, parent.inputs["map_to"]: item}},
+                    options={**parent.options, "map_of": parent.node_id, "map_index": index},
+                    pool=parent.pool,
+                    state=TaskState.PENDING,
+                )
+                for index, item in enumerate(items)
+                if f"{parent.node_id}[{index}]" not in by_id
+            ],
         )
         self._dags.pop(parent.run_id, None)
 
@@ -300,29 +310,35 @@ class Planning(Queries):
         session.flush()  # what the session changed comes first
         conn = session.connection()
         not_before = now + timedelta(seconds=delay)
-        ids = conn.execute(
-            _NEW_ATTEMPTS,
-            [
-                {
-                    "task_run_id": task_run.id,
-                    "run_id": task_run.run_id,
-                    "number": task_run.current_attempt + 1,
-                    "state": AttemptState.QUEUED,
-                    "pool": task_run.pool,
-                    "not_before": not_before,
-                    "timeout_seconds": task_run.options.get("timeout"),
-                    "created_at": now,
-                }
-                for task_run in task_runs
-            ],
-        ).scalars()
+        made_for = {
+            row.task_run_id: row.id
+            for row in insert_rows(
+                conn,
+                Attempt,
+                [
+                    {
+                        "task_run_id": task_run.id,
+                        "run_id": task_run.run_id,
+                        "number": task_run.current_attempt + 1,
+                        "state": AttemptState.QUEUED,
+                        "pool": task_run.pool,
+                        "not_before": not_before,
+                        "timeout_seconds": task_run.options.get("timeout"),
+                        "created_at": now,
+                    }
+                    for task_run in task_runs
+                ],
+                returning=("id", "task_run_id"),
+            )
+        }
         task_run_ids = [task_run.id for task_run in task_runs]
         for start in range(0, len(task_run_ids), _IDS_PER_STATEMENT):
             chunk = task_run_ids[start : start + _IDS_PER_STATEMENT]
             conn.execute(_QUEUE_TASK_RUNS, {"ids": chunk})
         made = session.info.setdefault(_MADE, {})  # for finish and continue (_continue)
         queued = []
-        for attempt_id, task_run in zip(ids, task_runs, strict=True):
+        for task_run in task_runs:
+            attempt_id = made_for[task_run.id]
             set_committed_value(task_run, "current_attempt", task_run.current_attempt + 1)
             set_committed_value(task_run, "state", TaskState.QUEUED)
             made[attempt_id] = task_run

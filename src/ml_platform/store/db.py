@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect, text
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Engine,
+    Insert,
+    Row,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    column,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,6 +72,66 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def insert_rows(
+    connection: Connection,
+    model: type[Any],
+    rows: Sequence[Mapping[str, Any]],
+    returning: tuple[str, ...] = (),
+) -> list[Row[Any]]:
+    """Insert many rows (each with the same keys) in one statement; the ``returning`` columns
+    of each, in no promised order (return a key to match them by).
+
+    On PostgreSQL, one ``INSERT … SELECT … FROM unnest(arrays)``: a statement of fixed text
+    whatever the number of rows, one array per column. (SQLAlchemy's many-VALUES statement
+    for a thousand rows is ≈ 100 KB of text that psycopg re-parses on every run: half the
+    time of such an insert.) Elsewhere (SQLite), SQLAlchemy's own executemany.
+    """
+    if not rows:
+        return []
+    table: Table = model.__table__
+    names = tuple(rows[0])
+    if connection.dialect.name != "postgresql":
+        statement: Insert = insert(table)
+        if returning:
+            statement = statement.returning(*(table.c[name] for name in returning))
+        result = connection.execute(statement, list(rows))
+        return list(result) if returning else []
+    json_columns = {name for name in names if isinstance(table.c[name].type, JSON)}
+    arrays = {
+        name: (
+            [json.dumps(row[name]) for row in rows]
+            if name in json_columns
+            else [row[name] for row in rows]
+        )
+        for name in names
+    }
+    result = connection.execute(_unnest_insert(table, names, returning), arrays)
+    return list(result) if returning else []
+
+
+@lru_cache(maxsize=64)
+def _unnest_insert(table: Table, names: tuple[str, ...], returning: tuple[str, ...]) -> Insert:
+    """``INSERT INTO table (names) SELECT … FROM unnest(:name::type[], …) AS u(names)``; JSON
+    travels as text and is cast back (psycopg has no JSON array to bind)."""
+    kinds = {
+        name: Text() if isinstance(table.c[name].type, JSON) else table.c[name].type
+        for name in names
+    }
+    rows = (
+        func.unnest(*(bindparam(name, type_=ARRAY(kinds[name])) for name in names))
+        .table_valued(*(column(name, kinds[name]) for name in names))
+        .render_derived(name="u")
+    )
+    values = select(
+        *(
+            cast(rows.c[name], JSON) if isinstance(table.c[name].type, JSON) else rows.c[name]
+            for name in names
+        )
+    )
+    statement = insert(table).from_select(list(names), values)
+    return statement.returning(*(table.c[name] for name in returning)) if returning else statement
 
 
 def safe_url(url: str) -> str:
