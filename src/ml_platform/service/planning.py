@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import Integer, any_, bindparam, func, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -28,6 +29,13 @@ _IDS_PER_STATEMENT = 5_000
 _QUEUE_TASK_RUNS = (
     update(TaskRun)
     .where(TaskRun.id.in_(bindparam("ids", expanding=True)))
+    .values(state=TaskState.QUEUED, current_attempt=TaskRun.current_attempt + 1)
+)
+#: The same on PostgreSQL: one array, a statement of fixed text (the IN list above is one
+#: placeholder per id, re-parsed by the driver each time).
+_QUEUE_TASK_RUNS_IN_ARRAY = (
+    update(TaskRun)
+    .where(TaskRun.id == any_(bindparam("ids", type_=ARRAY(Integer))))
     .values(state=TaskState.QUEUED, current_attempt=TaskRun.current_attempt + 1)
 )
 
@@ -332,9 +340,12 @@ class Planning(Queries):
             )
         }
         task_run_ids = [task_run.id for task_run in task_runs]
+        queue = _QUEUE_TASK_RUNS
+        if conn.dialect.name == "postgresql":
+            queue = _QUEUE_TASK_RUNS_IN_ARRAY
         for start in range(0, len(task_run_ids), _IDS_PER_STATEMENT):
             chunk = task_run_ids[start : start + _IDS_PER_STATEMENT]
-            conn.execute(_QUEUE_TASK_RUNS, {"ids": chunk})
+            conn.execute(queue, {"ids": chunk})
         made = session.info.setdefault(_MADE, {})  # for finish and continue (_continue)
         queued = []
         for task_run in task_runs:
