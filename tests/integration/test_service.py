@@ -202,6 +202,42 @@ def test_retries_until_success_and_only_for_listed_errors(
     assert [a.state for a in platform.attempts(picky.run_id)] == ["failed"]
 
 
+def test_a_claim_takes_the_task_run_and_the_attempt_together_or_neither(
+    platform: Platform,
+) -> None:
+    """The claim's two guarded UPDATEs (one statement on PostgreSQL): an attempt not yet due
+    leaves its task run queued (the task run's change is undone), a task run that moved on
+    leaves the attempt queued, and a claimable one gets both."""
+    submitted = platform.submit(workflows.relay, {"n": 2})
+    [queued] = submitted.queued
+    with platform.db.session() as session:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.id == queued.attempt_id)
+            .values(not_before=utcnow() + timedelta(hours=1))
+        )
+    assert platform.claim(queued.attempt_id, "w") is None  # not due yet
+    [task] = [t for t in platform.task_runs(submitted.run_id) if t.state != "pending"]
+    [attempt] = platform.attempts(submitted.run_id)
+    assert (task.state, attempt.state, attempt.worker_id) == ("queued", "queued", None)
+    with platform.db.session() as session:
+        session.execute(
+            update(Attempt).where(Attempt.id == queued.attempt_id).values(not_before=utcnow())
+        )
+        session.execute(update(TaskRun).where(TaskRun.id == task.id).values(current_attempt=2))
+    assert platform.claim(queued.attempt_id, "w") is None  # fenced: another attempt is current
+    [attempt] = platform.attempts(submitted.run_id)
+    assert attempt.state == "queued" and attempt.worker_id is None
+    with platform.db.session() as session:
+        session.execute(update(TaskRun).where(TaskRun.id == task.id).values(current_attempt=1))
+    claimed = platform.claim(queued.attempt_id, "w")
+    assert claimed is not None and claimed.node_id == task.node_id
+    [task] = [t for t in platform.task_runs(submitted.run_id) if t.state != "pending"]
+    [attempt] = platform.attempts(submitted.run_id)
+    assert (task.state, attempt.state, attempt.worker_id) == ("running", "running", "w")
+    assert platform.claim(queued.attempt_id, "w2") is None  # once only
+
+
 def test_skip_ends_the_task_and_its_downstream_as_skipped(platform: Platform) -> None:
     submitted = platform.submit(workflows.skip_pipeline, {"value": 0.5, "threshold": 0.8})
     assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, Update, bindparam, func, select, update
+from sqlalchemy import Connection, Row, Update, bindparam, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -32,7 +32,16 @@ from ml_platform.service.core import (
     _Shape,
 )
 from ml_platform.service.planning import Planning
-from ml_platform.store.models import Artifact, Attempt, Metric, Param, Run, TaskRun, utcnow
+from ml_platform.store.models import (
+    Artifact,
+    Attempt,
+    Metric,
+    Param,
+    Run,
+    TaskRun,
+    UTCDateTime,
+    utcnow,
+)
 
 TIMEOUT_ERROR = "builtins:TimeoutError"
 #: Runs whose DAG shape a Platform keeps in memory (see _dag).
@@ -112,6 +121,28 @@ _CLAIM_ATTEMPT = (
         started_at=bindparam("now"),
         lease_expires_at=bindparam("lease"),
     )
+)
+
+#: Both claim UPDATEs in one round trip (PostgreSQL): the task run's first, as above, and the
+#: attempt's only if the task run's matched. Counts (1, 1): claimed; (0, 0): not claimable,
+#: nothing changed; (1, 0): the attempt changed under us -- roll the task run's change back.
+_CLAIM_BOTH = text(f"""
+    WITH claimed_task_run AS (
+        UPDATE task_runs SET state = '{TaskState.RUNNING}', started_at = coalesce(started_at, :now)
+        WHERE id = :task_run_id AND state = '{TaskState.QUEUED}' AND current_attempt = :number
+        RETURNING id
+    ), claimed_attempt AS (
+        UPDATE attempts
+        SET state = '{AttemptState.RUNNING}', worker_id = :worker_id, started_at = :now,
+            lease_expires_at = :lease
+        WHERE id = :attempt_id AND state = '{AttemptState.QUEUED}' AND not_before <= :now
+            AND EXISTS (SELECT FROM claimed_task_run)
+        RETURNING id
+    )
+    SELECT (SELECT count(*) FROM claimed_task_run) AS task_runs,
+        (SELECT count(*) FROM claimed_attempt) AS attempts
+    """).bindparams(  # nosec B608 - the only values in the text are our own state names
+    bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime)
 )
 
 
@@ -304,18 +335,19 @@ class Execution(Planning):
         """The claim's guarded UPDATEs, for an attempt whose run may start it (``row`` has
         the fields of _CLAIM_READ's task run columns)."""
         lease = now + timedelta(seconds=self.settings.lease_seconds)
-        taken = conn.execute(
-            _CLAIM_TASK_RUN,
-            {"task_run_id": row.task_run_id, "number": row.number, "now": now},
-        )
-        if _rowcount(taken) != 1:
-            return None
-        started = conn.execute(
-            _CLAIM_ATTEMPT,
-            {"attempt_id": attempt_id, "now": now, "worker_id": worker_id, "lease": lease},
-        )
-        if _rowcount(started) != 1:
-            raise _Abort  # undo the task run's change too
+        task_run = {"task_run_id": row.task_run_id, "number": row.number, "now": now}
+        attempt = {"attempt_id": attempt_id, "now": now, "worker_id": worker_id, "lease": lease}
+        if conn.dialect.name == "postgresql":
+            won = conn.execute(_CLAIM_BOTH, task_run | attempt).one()
+            if won.task_runs != 1:
+                return None
+            if won.attempts != 1:
+                raise _Abort  # undo the task run's change too
+        else:
+            if _rowcount(conn.execute(_CLAIM_TASK_RUN, task_run)) != 1:
+                return None
+            if _rowcount(conn.execute(_CLAIM_ATTEMPT, attempt)) != 1:
+                raise _Abort  # undo the task run's change too
         deps = references(row.inputs)
         results: dict[str, dict[str, Any]] = {}
         if deps:
