@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, Row, Update, bindparam, func, select, text, update
@@ -196,13 +197,38 @@ _END_TASK_RUN = (
     update(TaskRun)
     .where(TaskRun.id == bindparam("task_run_id"), TaskRun.current_attempt == bindparam("number"))
     .values(
-        state=bindparam("state"),
+        state=bindparam("task_state"),
         result=bindparam("result"),
-        error=bindparam("error"),
+        error=bindparam("task_error"),
         finished_at=bindparam("now"),
     )
-    .returning(TaskRun.node_id, TaskRun.pool)
+    .returning(TaskRun.id, TaskRun.node_id, TaskRun.pool)
 )
+
+
+@lru_cache(maxsize=8)
+def _end_with_success(ending: Update) -> Update:
+    """A success's two guarded UPDATEs in one statement (PostgreSQL): the attempt's (``ending``,
+    one of the guards above) in a CTE, then its task run's if the attempt's matched and the
+    attempt is still the current one. No row back: either lost its race."""
+    ended = ending.cte("ended_attempt")
+    return (
+        update(TaskRun)
+        .where(
+            TaskRun.id == select(ended.c.task_run_id).scalar_subquery(),
+            # not "number": a key named after a column of the attempts would be SET there
+            TaskRun.current_attempt == bindparam("current_number"),
+        )
+        .values(
+            state=bindparam("task_state"),
+            result=bindparam("result"),
+            error=bindparam("task_error"),
+            finished_at=bindparam("now"),
+        )
+        .returning(TaskRun.id, TaskRun.node_id, TaskRun.pool)
+    )
+
+
 _OPEN_STATES = [state.value for state in TaskState if state not in TASK_TERMINAL]
 _ANY_OPEN = (
     select(TaskRun.id)
@@ -618,47 +644,58 @@ class Execution(Planning):
             run = self._lock_run_row(conn, run_id)
         # The attempt's guarded UPDATE names its task run (RETURNING): one round trip.
         statement, guarded_by = guard
-        ended = conn.execute(
-            statement,
-            {
-                "attempt_id": attempt_id,
-                "from_state": from_state,
-                "state": outcome.state,
-                "now": now,
-                "error": outcome.error,
-                "log": outcome.log,
-                **guarded_by,
-            },
-        ).first()
-        if ended is None:
-            raise _Abort
-        task_run_id = ended.task_run_id
+        ending = {
+            "attempt_id": attempt_id,
+            "from_state": from_state,
+            "state": outcome.state,
+            "now": now,
+            "error": outcome.error,
+            "log": outcome.log,
+            **guarded_by,
+        }
         queued: list[Dispatch] = []
         if outcome.state == AttemptState.SUCCEEDED:
             end = {
-                "state": TaskState.SKIPPED if outcome.skipped else TaskState.SUCCEEDED,
+                "task_state": TaskState.SKIPPED if outcome.skipped else TaskState.SUCCEEDED,
                 "result": None if outcome.skipped else outcome.result,
-                "error": outcome.error if outcome.skipped else None,
+                "task_error": outcome.error if outcome.skipped else None,
             }
-            task = conn.execute(
-                _END_TASK_RUN, {"task_run_id": task_run_id, "number": number, "now": now, **end}
-            ).first()
-            if task is None:  # a newer attempt is current: this outcome is stale
+            if conn.dialect.name == "postgresql":  # both UPDATEs in one round trip
+                task = conn.execute(
+                    _end_with_success(statement), {**ending, "current_number": number, **end}
+                ).first()
+            else:
+                ended = conn.execute(statement, ending).first()
+                if ended is None:
+                    raise _Abort
+                task = conn.execute(
+                    _END_TASK_RUN,
+                    {"task_run_id": ended.task_run_id, "number": number, "now": now, **end},
+                ).first()
+            if task is None:  # lost to the lease or a newer attempt: this outcome is stale
                 raise _Abort
+            task_run_id = task.id
             self._record_outputs(session, run_id, task_run_id, number, outcome)
             run = self._lock_run_row(conn, run_id)
         else:
             assert run is not None  # nosec B101 - locked above for every other outcome
+            ended = conn.execute(statement, ending).first()
+            if ended is None:
+                raise _Abort
+            task_run_id = ended.task_run_id
             task = conn.execute(_TASK_RUN_OF, {"task_run_id": task_run_id}).one()
             if task.current_attempt != number:
                 raise _Abort
             self._record_outputs(session, run_id, task_run_id, number, outcome)
             if run.cancel_requested or outcome.state == AttemptState.CANCELLED:
-                end = {"state": TaskState.CANCELLED, "error": outcome.error or "run cancelled"}
+                end = {
+                    "task_state": TaskState.CANCELLED,
+                    "task_error": outcome.error or "run cancelled",
+                }
             else:
                 retry = self._retry_after(conn, run_id, task, outcome)
                 if isinstance(retry, str):
-                    end = {"state": TaskState.FAILED, "error": retry}
+                    end = {"task_state": TaskState.FAILED, "task_error": retry}
                 else:
                     delay, lost = retry
                     task_run = session.get_one(TaskRun, task_run_id)
