@@ -28,7 +28,7 @@ from ml_platform.store.db import (
     make_engine,
     upgrade,
 )
-from ml_platform.store.models import Attempt, Base, TaskRun, utcnow
+from ml_platform.store.models import Attempt, Base, Run, TaskRun, utcnow
 from tests import workflows
 from tests.conftest import throwaway_database
 from tests.helpers import execute, run_inline
@@ -202,20 +202,25 @@ def test_retries_until_success_and_only_for_listed_errors(
     assert [a.state for a in platform.attempts(picky.run_id)] == ["failed"]
 
 
+@pytest.mark.parametrize("run_started", [False, True], ids=["first claim", "run running"])
 def test_a_claim_takes_the_task_run_and_the_attempt_together_or_neither(
-    platform: Platform,
+    platform: Platform, run_started: bool
 ) -> None:
-    """The claim's two guarded UPDATEs (one statement on PostgreSQL): an attempt not yet due
-    leaves its task run queued (the task run's change is undone), a task run that moved on
-    leaves the attempt queued, and a claimable one gets both."""
+    """The claim's two guarded UPDATEs (with its read, one statement on PostgreSQL once the
+    run is running): an attempt not yet due leaves its task run queued (the task run's change
+    is undone), a task run that moved on leaves the attempt queued, a cancel requested leaves
+    both, and a claimable one gets both."""
     submitted = platform.submit(workflows.relay, {"n": 2})
     [queued] = submitted.queued
+    run = update(Run).where(Run.id == submitted.run_id)
     with platform.db.session() as session:
         session.execute(
             update(Attempt)
             .where(Attempt.id == queued.attempt_id)
             .values(not_before=utcnow() + timedelta(hours=1))
         )
+        if run_started:
+            session.execute(run.values(state=RunState.RUNNING, started_at=utcnow()))
     assert platform.claim(queued.attempt_id, "w") is None  # not due yet
     [task] = [t for t in platform.task_runs(submitted.run_id) if t.state != "pending"]
     [attempt] = platform.attempts(submitted.run_id)
@@ -226,16 +231,32 @@ def test_a_claim_takes_the_task_run_and_the_attempt_together_or_neither(
         )
         session.execute(update(TaskRun).where(TaskRun.id == task.id).values(current_attempt=2))
     assert platform.claim(queued.attempt_id, "w") is None  # fenced: another attempt is current
+    with platform.db.session() as session:
+        session.execute(update(TaskRun).where(TaskRun.id == task.id).values(current_attempt=1))
+        session.execute(run.values(cancel_requested=True))
+    assert platform.claim(queued.attempt_id, "w") is None  # the run is being cancelled
     [attempt] = platform.attempts(submitted.run_id)
     assert attempt.state == "queued" and attempt.worker_id is None
     with platform.db.session() as session:
-        session.execute(update(TaskRun).where(TaskRun.id == task.id).values(current_attempt=1))
-    claimed = platform.claim(queued.attempt_id, "w")
+        session.execute(run.values(cancel_requested=False))
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    event.listen(platform.db.engine, "before_cursor_execute", seen)
+    try:
+        claimed = platform.claim(queued.attempt_id, "w")
+    finally:
+        event.remove(platform.db.engine, "before_cursor_execute", seen)
     assert claimed is not None and claimed.node_id == task.node_id
+    if run_started and platform.db.engine.dialect.name == "postgresql":
+        assert len(statements) == 1, statements  # read and both UPDATEs: one round trip
     [task] = [t for t in platform.task_runs(submitted.run_id) if t.state != "pending"]
     [attempt] = platform.attempts(submitted.run_id)
     assert (task.state, attempt.state, attempt.worker_id) == ("running", "running", "w")
     assert platform.claim(queued.attempt_id, "w2") is None  # once only
+    assert platform.run(submitted.run_id)[0].state == RunState.RUNNING
 
 
 def test_skip_ends_the_task_and_its_downstream_as_skipped(platform: Platform) -> None:

@@ -124,27 +124,65 @@ _CLAIM_ATTEMPT = (
     )
 )
 
+#: The states the claim statements below compare and set, bound like any value.
+_CLAIM_STATES = {
+    "task_queued": TaskState.QUEUED,
+    "task_running": TaskState.RUNNING,
+    "attempt_queued": AttemptState.QUEUED,
+    "attempt_running": AttemptState.RUNNING,
+    "run_running": RunState.RUNNING,
+}
 #: Both claim UPDATEs in one round trip (PostgreSQL): the task run's first, as above, and the
 #: attempt's only if the task run's matched. Counts (1, 1): claimed; (0, 0): not claimable,
 #: nothing changed; (1, 0): the attempt changed under us -- roll the task run's change back.
-_CLAIM_BOTH = text(f"""
+_CLAIM_BOTH = text("""
     WITH claimed_task_run AS (
-        UPDATE task_runs SET state = '{TaskState.RUNNING}', started_at = coalesce(started_at, :now)
-        WHERE id = :task_run_id AND state = '{TaskState.QUEUED}' AND current_attempt = :number
+        UPDATE task_runs SET state = :task_running, started_at = coalesce(started_at, :now)
+        WHERE id = :task_run_id AND state = :task_queued AND current_attempt = :number
         RETURNING id
     ), claimed_attempt AS (
         UPDATE attempts
-        SET state = '{AttemptState.RUNNING}', worker_id = :worker_id, started_at = :now,
+        SET state = :attempt_running, worker_id = :worker_id, started_at = :now,
             lease_expires_at = :lease
-        WHERE id = :attempt_id AND state = '{AttemptState.QUEUED}' AND not_before <= :now
+        WHERE id = :attempt_id AND state = :attempt_queued AND not_before <= :now
             AND EXISTS (SELECT FROM claimed_task_run)
         RETURNING id
     )
     SELECT (SELECT count(*) FROM claimed_task_run) AS task_runs,
         (SELECT count(*) FROM claimed_attempt) AS attempts
-    """).bindparams(  # nosec B608 - the only values in the text are our own state names
-    bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime)
-)
+    """).bindparams(bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime))
+
+
+#: The whole claim in one round trip (PostgreSQL) when the attempt's run is running already
+#: (every claim but a run's first): the read of _CLAIM_READ, then _CLAIM_BOTH's UPDATEs
+#: only if the run is running and not being cancelled. The row comes back either way, with
+#: the counts of _CLAIM_BOTH: (0, 0) for a run that is not running says what to do next.
+_CLAIM_IN_RUNNING_RUN = text("""
+    WITH target AS (
+        SELECT a.run_id, a.task_run_id, a.number, r.state AS run_state, r.cancel_requested,
+            t.node_id, t.task_ref, t.inputs, t.options, t.code_version
+        FROM attempts a JOIN runs r ON r.id = a.run_id JOIN task_runs t ON t.id = a.task_run_id
+        WHERE a.id = :attempt_id
+    ), claimed_task_run AS (
+        UPDATE task_runs
+        SET state = :task_running, started_at = coalesce(task_runs.started_at, :now)
+        FROM target
+        WHERE task_runs.id = target.task_run_id AND task_runs.state = :task_queued
+            AND task_runs.current_attempt = target.number
+            AND target.run_state = :run_running AND NOT target.cancel_requested
+        RETURNING task_runs.id
+    ), claimed_attempt AS (
+        UPDATE attempts
+        SET state = :attempt_running, worker_id = :worker_id, started_at = :now,
+            lease_expires_at = :lease
+        WHERE id = :attempt_id AND state = :attempt_queued AND not_before <= :now
+            AND EXISTS (SELECT FROM claimed_task_run)
+        RETURNING id
+    )
+    SELECT target.*, (SELECT count(*) FROM claimed_task_run) AS task_runs,
+        (SELECT count(*) FROM claimed_attempt) AS attempts
+    FROM target
+    """).bindparams(bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime))
 
 
 # Ending an attempt: guarded by the state it expects and by who may end it (see _Guard).
@@ -342,7 +380,26 @@ class Execution(Planning):
     ) -> ClaimedAttempt | None:
         # Core statements built once (module level): a fan-out claims a thousand times.
         conn = session.connection()
-        row = conn.execute(_CLAIM_READ, {"attempt_id": attempt_id}).first()
+        if conn.dialect.name == "postgresql":
+            lease = now + timedelta(seconds=self.settings.lease_seconds)
+            row = conn.execute(
+                _CLAIM_IN_RUNNING_RUN,
+                {
+                    "attempt_id": attempt_id,
+                    "now": now,
+                    "worker_id": worker_id,
+                    "lease": lease,
+                    **_CLAIM_STATES,
+                },
+            ).first()
+            if row is not None and row.task_runs == 1:
+                if row.attempts != 1:
+                    raise _Abort  # undo the task run's change too
+                return self._claimed(conn, attempt_id, row)
+            if row is not None and row.run_state == RunState.RUNNING:
+                return None  # the task run or the attempt is no longer claimable
+        else:
+            row = conn.execute(_CLAIM_READ, {"attempt_id": attempt_id}).first()
         if row is None:
             return None
         # No lock on the run: a fan-out's claims would queue behind each other on it. The
@@ -364,7 +421,7 @@ class Execution(Planning):
         task_run = {"task_run_id": row.task_run_id, "number": row.number, "now": now}
         attempt = {"attempt_id": attempt_id, "now": now, "worker_id": worker_id, "lease": lease}
         if conn.dialect.name == "postgresql":
-            won = conn.execute(_CLAIM_BOTH, task_run | attempt).one()
+            won = conn.execute(_CLAIM_BOTH, task_run | attempt | _CLAIM_STATES).one()
             if won.task_runs != 1:
                 return None
             if won.attempts != 1:
@@ -374,6 +431,11 @@ class Execution(Planning):
                 return None
             if _rowcount(conn.execute(_CLAIM_ATTEMPT, attempt)) != 1:
                 raise _Abort  # undo the task run's change too
+        return self._claimed(conn, attempt_id, row)
+
+    @staticmethod
+    def _claimed(conn: Connection, attempt_id: int, row: Any) -> ClaimedAttempt:
+        """A claimed attempt as its worker needs it: its upstreams' results read in."""
         deps = references(row.inputs)
         results: dict[str, dict[str, Any]] = {}
         if deps:
