@@ -259,6 +259,36 @@ def test_a_claim_takes_the_task_run_and_the_attempt_together_or_neither(
     assert platform.run(submitted.run_id)[0].state == RunState.RUNNING
 
 
+def test_a_claim_brings_its_upstreams_results_in_the_same_round_trip(
+    platform: Platform,
+) -> None:
+    """A chain's second step: its claim resolves the first step's result into its inputs,
+    and on PostgreSQL the claim, the updates and that result are one statement."""
+    submitted = platform.submit(workflows.relay, {"n": 3})
+    [first] = submitted.queued
+    claimed = platform.claim(first.attempt_id, "w")
+    assert claimed is not None
+    [second] = platform.finish(claimed, "w", execute(platform, claimed))
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    event.listen(platform.db.engine, "before_cursor_execute", seen)
+    try:
+        step = platform.claim(second.attempt_id, "w")
+    finally:
+        event.remove(platform.db.engine, "before_cursor_execute", seen)
+    assert step is not None
+    assert step.inputs["args"] == [{"__mlp_ref__": "double[0]", "stored": {"value": 2}}]
+    if platform.db.engine.dialect.name == "postgresql":
+        assert len(statements) == 1, statements
+    [third] = platform.finish(step, "w", execute(platform, step))
+    last = platform.claim(third.attempt_id, "w")
+    assert last is not None
+    assert last.inputs["args"] == [{"__mlp_ref__": "double[1]", "stored": {"value": 4}}]
+
+
 def test_skip_ends_the_task_and_its_downstream_as_skipped(platform: Platform) -> None:
     submitted = platform.submit(workflows.skip_pipeline, {"value": 0.5, "threshold": 0.8})
     assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED

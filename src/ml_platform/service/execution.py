@@ -155,12 +155,13 @@ _CLAIM_BOTH = text("""
 
 #: The whole claim in one round trip (PostgreSQL) when the attempt's run is running already
 #: (every claim but a run's first): the read of _CLAIM_READ, then _CLAIM_BOTH's UPDATEs
-#: only if the run is running and not being cancelled. The row comes back either way, with
-#: the counts of _CLAIM_BOTH: (0, 0) for a run that is not running says what to do next.
+#: only if the run is running and not being cancelled, and the results of the task's
+#: upstreams (committed before it was queued). The row comes back either way, with the
+#: counts of _CLAIM_BOTH: (0, 0) for a run that is not running says what to do next.
 _CLAIM_IN_RUNNING_RUN = text("""
     WITH target AS (
         SELECT a.run_id, a.task_run_id, a.number, r.state AS run_state, r.cancel_requested,
-            t.node_id, t.task_ref, t.inputs, t.options, t.code_version
+            t.node_id, t.task_ref, t.inputs, t.options, t.code_version, t.upstream
         FROM attempts a JOIN runs r ON r.id = a.run_id JOIN task_runs t ON t.id = a.task_run_id
         WHERE a.id = :attempt_id
     ), claimed_task_run AS (
@@ -180,7 +181,11 @@ _CLAIM_IN_RUNNING_RUN = text("""
         RETURNING id
     )
     SELECT target.*, (SELECT count(*) FROM claimed_task_run) AS task_runs,
-        (SELECT count(*) FROM claimed_attempt) AS attempts
+        (SELECT count(*) FROM claimed_attempt) AS attempts,
+        (SELECT json_object_agg(u.node_id, u.result) FROM task_runs u
+            WHERE u.run_id = target.run_id
+                AND u.node_id IN (SELECT json_array_elements_text(target.upstream))
+        ) AS upstream_results
     FROM target
     """).bindparams(bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime))
 
@@ -395,7 +400,7 @@ class Execution(Planning):
             if row is not None and row.task_runs == 1:
                 if row.attempts != 1:
                     raise _Abort  # undo the task run's change too
-                return self._claimed(conn, attempt_id, row)
+                return self._claimed(conn, attempt_id, row, row.upstream_results or {})
             if row is not None and row.run_state == RunState.RUNNING:
                 return None  # the task run or the attempt is no longer claimable
         else:
@@ -434,11 +439,19 @@ class Execution(Planning):
         return self._claimed(conn, attempt_id, row)
 
     @staticmethod
-    def _claimed(conn: Connection, attempt_id: int, row: Any) -> ClaimedAttempt:
-        """A claimed attempt as its worker needs it: its upstreams' results read in."""
+    def _claimed(
+        conn: Connection,
+        attempt_id: int,
+        row: Any,
+        upstream_results: Mapping[str, Any] | None = None,
+    ) -> ClaimedAttempt:
+        """A claimed attempt as its worker needs it: its upstreams' results read in (unless
+        ``upstream_results`` holds them already)."""
         deps = references(row.inputs)
         results: dict[str, dict[str, Any]] = {}
-        if deps:
+        if deps and upstream_results is not None:
+            results = {node_id: upstream_results.get(node_id) or {} for node_id in deps}
+        elif deps:
             results = {
                 node_id: result or {}
                 for node_id, result in conn.execute(
