@@ -132,33 +132,14 @@ _CLAIM_STATES = {
     "attempt_running": AttemptState.RUNNING,
     "run_running": RunState.RUNNING,
 }
-#: Both claim UPDATEs in one round trip (PostgreSQL): the task run's first, as above, and the
-#: attempt's only if the task run's matched. Counts (1, 1): claimed; (0, 0): not claimable,
-#: nothing changed; (1, 0): the attempt changed under us -- roll the task run's change back.
-_CLAIM_BOTH = text("""
-    WITH claimed_task_run AS (
-        UPDATE task_runs SET state = :task_running, started_at = coalesce(started_at, :now)
-        WHERE id = :task_run_id AND state = :task_queued AND current_attempt = :number
-        RETURNING id
-    ), claimed_attempt AS (
-        UPDATE attempts
-        SET state = :attempt_running, worker_id = :worker_id, started_at = :now,
-            lease_expires_at = :lease
-        WHERE id = :attempt_id AND state = :attempt_queued AND not_before <= :now
-            AND EXISTS (SELECT FROM claimed_task_run)
-        RETURNING id
-    )
-    SELECT (SELECT count(*) FROM claimed_task_run) AS task_runs,
-        (SELECT count(*) FROM claimed_attempt) AS attempts
-    """).bindparams(bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime))
 
-
-#: The whole claim in one round trip (PostgreSQL) when the attempt's run is running already
-#: (every claim but a run's first): the read of _CLAIM_READ, then _CLAIM_BOTH's UPDATEs
-#: only if the run is running and not being cancelled, and the results of the task's
-#: upstreams (committed before it was queued). The row comes back either way, with the
-#: counts of _CLAIM_BOTH: (0, 0) for a run that is not running says what to do next.
-_CLAIM_IN_RUNNING_RUN = text("""
+#: The whole claim in one round trip (PostgreSQL): the read of _CLAIM_READ; if the run is
+#: running and not being cancelled, _CLAIM_TASK_RUN's UPDATE and then _CLAIM_ATTEMPT's, the
+#: latter only if the former matched; and the results of the task's upstreams (committed
+#: before it was queued). The row comes back either way, with what each UPDATE matched:
+#: (1, 1) claimed; (0, 0) not claimable, nothing changed (or the run not started yet);
+#: (1, 0) the attempt changed under us -- roll the task run's change back.
+_CLAIM_IN_ONE_STATEMENT = text("""
     WITH target AS (
         SELECT a.run_id, a.task_run_id, a.number, r.state AS run_state, r.cancel_requested,
             t.node_id, t.task_ref, t.inputs, t.options, t.code_version, t.upstream
@@ -236,16 +217,19 @@ _FAILURES_OF = (
     .select_from(Attempt)
     .where(Attempt.task_run_id == bindparam("task_run_id"), Attempt.state == AttemptState.FAILED)
 )
+#: What ending a task run sets, and what it returns (also in _end_with_success).
+_TASK_RUN_END: dict[str, Any] = {
+    "state": bindparam("task_state"),
+    "result": bindparam("result"),
+    "error": bindparam("task_error"),
+    "finished_at": bindparam("now"),
+}
+_TASK_RUN_ENDED = (TaskRun.id, TaskRun.node_id, TaskRun.pool)
 _END_TASK_RUN = (
     update(TaskRun)
     .where(TaskRun.id == bindparam("task_run_id"), TaskRun.current_attempt == bindparam("number"))
-    .values(
-        state=bindparam("task_state"),
-        result=bindparam("result"),
-        error=bindparam("task_error"),
-        finished_at=bindparam("now"),
-    )
-    .returning(TaskRun.id, TaskRun.node_id, TaskRun.pool)
+    .values(_TASK_RUN_END)
+    .returning(*_TASK_RUN_ENDED)
 )
 
 
@@ -262,13 +246,8 @@ def _end_with_success(ending: Update) -> Update:
             # not "number": a key named after a column of the attempts would be SET there
             TaskRun.current_attempt == bindparam("current_number"),
         )
-        .values(
-            state=bindparam("task_state"),
-            result=bindparam("result"),
-            error=bindparam("task_error"),
-            finished_at=bindparam("now"),
-        )
-        .returning(TaskRun.id, TaskRun.node_id, TaskRun.pool)
+        .values(_TASK_RUN_END)
+        .returning(*_TASK_RUN_ENDED)
     )
 
 
@@ -386,25 +365,8 @@ class Execution(Planning):
         # Core statements built once (module level): a fan-out claims a thousand times.
         conn = session.connection()
         if conn.dialect.name == "postgresql":
-            lease = now + timedelta(seconds=self.settings.lease_seconds)
-            row = conn.execute(
-                _CLAIM_IN_RUNNING_RUN,
-                {
-                    "attempt_id": attempt_id,
-                    "now": now,
-                    "worker_id": worker_id,
-                    "lease": lease,
-                    **_CLAIM_STATES,
-                },
-            ).first()
-            if row is not None and row.task_runs == 1:
-                if row.attempts != 1:
-                    raise _Abort  # undo the task run's change too
-                return self._claimed(conn, attempt_id, row, row.upstream_results or {})
-            if row is not None and row.run_state == RunState.RUNNING:
-                return None  # the task run or the attempt is no longer claimable
-        else:
-            row = conn.execute(_CLAIM_READ, {"attempt_id": attempt_id}).first()
+            return self._claim_in_one_statement(conn, attempt_id, worker_id, now)
+        row = conn.execute(_CLAIM_READ, {"attempt_id": attempt_id}).first()
         if row is None:
             return None
         # No lock on the run: a fan-out's claims would queue behind each other on it. The
@@ -417,25 +379,41 @@ class Execution(Planning):
             conn.execute(_START_RUN, {"run_id": row.run_id, "now": now})
         return self._take(conn, attempt_id, row, worker_id, now)
 
+    def _claim_in_one_statement(
+        self, conn: Connection, attempt_id: int, worker_id: str, now: datetime
+    ) -> ClaimedAttempt | None:
+        """The claim on PostgreSQL: _CLAIM_IN_ONE_STATEMENT, after starting the run if this is
+        its first claim (the run's row lock comes first, as everywhere)."""
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
+        params = {
+            "attempt_id": attempt_id,
+            "now": now,
+            "worker_id": worker_id,
+            "lease": lease,
+            **_CLAIM_STATES,
+        }
+        row = conn.execute(_CLAIM_IN_ONE_STATEMENT, params).first()
+        if row is not None and row.run_state == RunState.QUEUED and not row.cancel_requested:
+            conn.execute(_START_RUN, {"run_id": row.run_id, "now": now})
+            row = conn.execute(_CLAIM_IN_ONE_STATEMENT, params).first()
+        if row is None or row.task_runs != 1:
+            return None
+        if row.attempts != 1:
+            raise _Abort  # undo the task run's change too
+        return self._claimed(conn, attempt_id, row, row.upstream_results or {})
+
     def _take(
         self, conn: Connection, attempt_id: int, row: Any, worker_id: str, now: datetime
     ) -> ClaimedAttempt | None:
-        """The claim's guarded UPDATEs, for an attempt whose run may start it (``row`` has
-        the fields of _CLAIM_READ's task run columns)."""
+        """The claim's guarded UPDATEs on SQLite, for an attempt whose run may start it
+        (``row`` has the fields of _CLAIM_READ's task run columns)."""
         lease = now + timedelta(seconds=self.settings.lease_seconds)
         task_run = {"task_run_id": row.task_run_id, "number": row.number, "now": now}
+        if _rowcount(conn.execute(_CLAIM_TASK_RUN, task_run)) != 1:
+            return None
         attempt = {"attempt_id": attempt_id, "now": now, "worker_id": worker_id, "lease": lease}
-        if conn.dialect.name == "postgresql":
-            won = conn.execute(_CLAIM_BOTH, task_run | attempt | _CLAIM_STATES).one()
-            if won.task_runs != 1:
-                return None
-            if won.attempts != 1:
-                raise _Abort  # undo the task run's change too
-        else:
-            if _rowcount(conn.execute(_CLAIM_TASK_RUN, task_run)) != 1:
-                return None
-            if _rowcount(conn.execute(_CLAIM_ATTEMPT, attempt)) != 1:
-                raise _Abort  # undo the task run's change too
+        if _rowcount(conn.execute(_CLAIM_ATTEMPT, attempt)) != 1:
+            raise _Abort  # undo the task run's change too
         return self._claimed(conn, attempt_id, row)
 
     @staticmethod
@@ -642,22 +620,26 @@ class Execution(Planning):
                     return taken
                 if not serves(dispatch.queue):
                     continue
-                # Made by this transaction (every queued list comes from _new_attempts, which
-                # kept its task run), under its run's lock: the claim's read is not needed.
-                task = made_here[dispatch.attempt_id]
-                claimable = _Claimable(
-                    run_id=task.run_id,
-                    task_run_id=task.id,
-                    number=task.current_attempt,
-                    node_id=task.node_id,
-                    task_ref=task.task_ref,
-                    inputs=task.inputs,
-                    options=task.options,
-                    code_version=task.code_version,
-                )
-                claimed = self._take(
-                    session.connection(), dispatch.attempt_id, claimable, worker_id, now
-                )
+                conn = session.connection()
+                if conn.dialect.name == "postgresql":
+                    claimed = self._claim_in_one_statement(
+                        conn, dispatch.attempt_id, worker_id, now
+                    )
+                else:
+                    # Made by this transaction (every queued list comes from _new_attempts,
+                    # which kept its task run), under its run's lock: no read is needed.
+                    task = made_here[dispatch.attempt_id]
+                    claimable = _Claimable(
+                        run_id=task.run_id,
+                        task_run_id=task.id,
+                        number=task.current_attempt,
+                        node_id=task.node_id,
+                        task_ref=task.task_ref,
+                        inputs=task.inputs,
+                        options=task.options,
+                        code_version=task.code_version,
+                    )
+                    claimed = self._take(conn, dispatch.attempt_id, claimable, worker_id, now)
                 if claimed is not None:
                     assert made is not None  # nosec B101 - iterated from it
                     made.remove(dispatch)
