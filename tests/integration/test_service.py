@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,21 @@ from tests.conftest import throwaway_database
 from tests.helpers import execute, run_inline
 
 pytestmark = pytest.mark.integration
+
+
+@contextmanager
+def statements_sent(platform: Platform) -> Iterator[list[str]]:
+    """The SQL statements the platform sends to its database inside the block."""
+    sent: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    event.listen(platform.db.engine, "before_cursor_execute", seen)
+    try:
+        yield sent
+    finally:
+        event.remove(platform.db.engine, "before_cursor_execute", seen)
 
 
 def _states(platform: Platform, run_id: str) -> dict[str, str]:
@@ -239,16 +255,8 @@ def test_a_claim_takes_the_task_run_and_the_attempt_together_or_neither(
     assert attempt.state == "queued" and attempt.worker_id is None
     with platform.db.session() as session:
         session.execute(run.values(cancel_requested=False))
-    statements: list[str] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        statements.append(statement)
-
-    event.listen(platform.db.engine, "before_cursor_execute", seen)
-    try:
+    with statements_sent(platform) as statements:
         claimed = platform.claim(queued.attempt_id, "w")
-    finally:
-        event.remove(platform.db.engine, "before_cursor_execute", seen)
     assert claimed is not None and claimed.node_id == task.node_id
     if run_started and platform.db.engine.dialect.name == "postgresql":
         assert len(statements) == 1, statements  # read and both UPDATEs: one round trip
@@ -269,16 +277,8 @@ def test_a_claim_brings_its_upstreams_results_in_the_same_round_trip(
     claimed = platform.claim(first.attempt_id, "w")
     assert claimed is not None
     [second] = platform.finish(claimed, "w", execute(platform, claimed))
-    statements: list[str] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        statements.append(statement)
-
-    event.listen(platform.db.engine, "before_cursor_execute", seen)
-    try:
+    with statements_sent(platform) as statements:
         step = platform.claim(second.attempt_id, "w")
-    finally:
-        event.remove(platform.db.engine, "before_cursor_execute", seen)
     assert step is not None
     assert step.inputs["args"] == [{"__mlp_ref__": "double[0]", "stored": {"value": 2}}]
     if platform.db.engine.dialect.name == "postgresql":
@@ -692,23 +692,16 @@ def test_a_chain_step_queues_the_next_from_that_task_run_alone(platform: Platfor
     over the run (which read every task run of the run at every step of a chain); the chain
     still ends as the engine's plan would end it."""
     submitted = platform.submit(workflows.relay, {"n": 6})
-    statements: list[str] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        statements.append(statement)
-
     [step] = submitted.queued
-    for number in range(3):
+    for _ in range(2):  # the third step's finish: its DAG is known to this process by now
         claimed = platform.claim(step.attempt_id, "w")
         assert claimed is not None
-        outcome = execute(platform, claimed)
-        if number == 2:  # the third step: its DAG is known to this process by now
-            event.listen(platform.db.engine, "before_cursor_execute", seen)
-        try:
-            [step] = platform.finish(claimed, "w", outcome)
-        finally:
-            if number == 2:
-                event.remove(platform.db.engine, "before_cursor_execute", seen)
+        [step] = platform.finish(claimed, "w", execute(platform, claimed))
+    claimed = platform.claim(step.attempt_id, "w")
+    assert claimed is not None
+    outcome = execute(platform, claimed)
+    with statements_sent(platform) as statements:
+        platform.finish(claimed, "w", outcome)
     assert statements and not any("ORDER BY task_runs.position" in s for s in statements)
     assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
     results = {t.node_id: t.result for t in platform.task_runs(submitted.run_id)}
@@ -722,24 +715,16 @@ def test_a_wide_run_is_stored_in_one_insert_per_table_that_does_not_grow_with_it
     another. On PostgreSQL every statement of the submission has a fixed text (the rows
     travel as one JSON value, the ids as one array), not a VALUES or IN list the driver must
     re-parse for every row; what is stored is what was traced."""
-    statements: list[tuple[str, bool]] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, _params: Any, _ctx: Any, many: bool) -> None:
-        statements.append((statement, many))
-
     before = utcnow()
-    event.listen(platform.db.engine, "before_cursor_execute", seen)
-    try:
+    with statements_sent(platform) as statements:
         submitted = platform.submit(workflows.arithmetic, {"n": 500})
-    finally:
-        event.remove(platform.db.engine, "before_cursor_execute", seen)
     inserts = {
-        table: [s for s in statements if s[0].startswith(f"INSERT INTO {table} ")]
+        table: [s for s in statements if s.startswith(f"INSERT INTO {table} ")]
         for table in ("task_runs", "attempts")
     }
     assert [len(found) for found in inserts.values()] == [1, 1], inserts
     if platform.db.engine.dialect.name == "postgresql":  # not one statement grows with it
-        assert max(len(statement) for statement, _ in statements) < 2_000, statements
+        assert max(len(statement) for statement in statements) < 2_000, statements
     tasks = {t.node_id: t for t in platform.task_runs(submitted.run_id)}
     assert len(tasks) == 501 and tasks["total"].state == TaskState.PENDING
     assert sorted(tasks["total"].upstream) == sorted(f"double[{i}]" for i in range(500))
