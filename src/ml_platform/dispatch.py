@@ -50,8 +50,8 @@ class Dispatcher(Protocol):
     def receive(self, limit: int, block_seconds: float = 0.0) -> list[Delivery]:
         """Take up to ``limit`` deliveries, waiting up to ``block_seconds`` for the first."""
 
-    def ack(self, delivery: Delivery) -> None:
-        """The delivery was handled (committed, or found stale): never deliver it again."""
+    def ack(self, *deliveries: Delivery) -> None:
+        """The deliveries were handled (committed, or found stale): never deliver them again."""
 
     def serves(self, queue: str) -> bool:
         """Whether this dispatcher's worker takes work from ``queue``."""
@@ -80,7 +80,7 @@ class InProcessDispatcher:
             taken.append(Delivery(item.attempt_id, item.queue))
         return taken
 
-    def ack(self, delivery: Delivery) -> None:
+    def ack(self, *deliveries: Delivery) -> None:
         """Nothing to do: an in-process delivery is gone once received."""
 
     def serves(self, queue: str) -> bool:
@@ -250,13 +250,15 @@ class RedisDispatcher:
     def _delivery(queue: str, message_id: Any, fields: Any) -> Delivery:
         return Delivery(int(_text(fields[b"attempt"])), queue, _text(message_id))
 
-    def ack(self, delivery: Delivery) -> None:
-        if delivery.message_id is None:
+    def ack(self, *deliveries: Delivery) -> None:
+        """Acknowledge and delete the deliveries' entries: one round trip for all of them."""
+        sent = [(self.stream(d.queue), d.message_id) for d in deliveries if d.message_id]
+        if not sent:
             return
-        stream = self.stream(delivery.queue)
         pipe = self.client.pipeline(transaction=False)
-        pipe.xack(stream, self.group, delivery.message_id)
-        pipe.xdel(stream, delivery.message_id)
+        for stream, message_id in sent:
+            pipe.xack(stream, self.group, message_id)
+            pipe.xdel(stream, message_id)
         pipe.execute()
 
     def serves(self, queue: str) -> bool:

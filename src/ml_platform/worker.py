@@ -46,6 +46,15 @@ BRIEF_SECONDS = 1.0
 #: A claim made ahead that waited longer than this for a slot is handed back (seconds; at most
 #: half MLP_TIMEOUT_GRACE_SECONDS, so that the reaper never counts its wait as run time).
 RESERVED_WAIT_SECONDS = 2.0
+#: Short attempts (briefer than a commit) are claimed ahead and committed in batches: as many
+#: per slot as run in BATCH_HOLD_SECONDS (counting PER_TASK_SECONDS of the worker's own work
+#: each), at most MAX_BATCH; an outcome waits at most BATCH_HOLD_SECONDS for its batch.
+MAX_BATCH = 16
+BATCH_HOLD_SECONDS = 0.01
+PER_TASK_SECONDS = 0.0005
+#: Attempts started on claims made ahead are checked for a cancel of their run at most this
+#: often (seconds): one read for a batch of short ones, not one per task.
+CANCEL_LOOK_SECONDS = 0.02
 
 
 def make_dispatcher(
@@ -214,6 +223,8 @@ class _Child:
     outcome: Outcome | None = None
     #: How long the task itself ran, as its process measured it (None: it did not say).
     ran_seconds: float | None = None
+    #: When its outcome was collected (monotonic): a short one waits for its batch.
+    ended_at: float = 0.0
     #: Size of the log file when it was last shipped to the database (live logs).
     shipped: int = 0
 
@@ -261,6 +272,9 @@ class Worker:
         #: How long committing an outcome takes here (moving average, seconds).
         self._commit_seconds = 0.005
         self._last_ship = 0.0
+        #: Attempts started on claims ahead whose run was not looked at for a cancel since.
+        self._unlooked: list[int] = []
+        self._last_look = 0.0
         self.on_event = on_event or (lambda _message: None)
 
     # One pass of the loop: finish what ended, enforce deadlines and leases, take new work.
@@ -281,6 +295,9 @@ class Worker:
             self._stop_cancelled()
         # What was claimed ahead starts at once: no database or Redis trip between two tasks.
         busy |= self._start_reserved()
+        if self._holding():
+            # Short outcomes wait (briefly) for the rest of their batch: one commit for all.
+            return busy
         if self.ended and self.accepting and self._short(self.ended):
             # Short tasks: their commits are most of the time, so finish them and claim new
             # work in one transaction.
@@ -304,14 +321,35 @@ class Worker:
             child.ran_seconds is not None and child.ran_seconds < BRIEF_SECONDS for child in ended
         )
 
+    def _batch(self, ended: list[_Child]) -> int:
+        """How many attempts a slot claims ahead, and how many outcomes share a commit: one,
+        unless these ran shorter than a commit; then as many as would run in
+        BATCH_HOLD_SECONDS (judged by these: the next ones are likely of the same kind)."""
+        if not ended or not self._short(ended):
+            return 1
+        each = max(child.ran_seconds or 0.0 for child in ended) + PER_TASK_SECONDS
+        return max(1, min(MAX_BATCH, int(BATCH_HOLD_SECONDS / each)))
+
+    def _holding(self) -> bool:
+        """Whether the outcomes collected wait for more of their batch: short ones, while
+        attempts claimed ahead with them are still to run, until the batch is full or its
+        first outcome has waited BATCH_HOLD_SECONDS."""
+        ended = self.ended
+        return (
+            bool(ended and self.reserved)
+            and not self.draining
+            and len(ended) < self._batch(ended)
+            and time.monotonic() - ended[0].ended_at < BATCH_HOLD_SECONDS
+        )
+
     def _reserved_wait(self) -> float:
         return min(RESERVED_WAIT_SECONDS, self.platform.settings.timeout_grace_seconds / 2)
 
     def _finish_and_reserve(self) -> bool:
-        """Commit the collected outcomes and, in the same transaction, claim up to one attempt
-        ahead per busy slot. Nothing when draining: claims ahead are for work this worker
-        will still do."""
-        want = len(self.children) - len(self.reserved)  # one ahead per busy slot
+        """Commit the collected outcomes and, in the same transaction, claim attempts ahead
+        for the busy slots (one each, or a batch of short ones). Nothing when draining: claims
+        ahead are for work this worker will still do."""
+        want = self._batch(self.ended) * len(self.children) - len(self.reserved)
         if self.draining or want <= 0:
             return False
         now = time.monotonic()
@@ -335,8 +373,16 @@ class Worker:
         # A run cancelled since the claim (which a claim made now would have refused): its
         # attempt is stopped at once. Asked after the start, while the task runs, not before:
         # a read on the way between two tasks cost 10 ms tasks more than a third of the gain.
-        for attempt_id in self.platform.cancelled_among(started):
-            self.stop(attempt_id, "run cancelled")
+        # Short ones start many times in CANCEL_LOOK_SECONDS: one read looks at those of them
+        # still running (a stop could not catch the others anyway).
+        self._unlooked += started
+        if self._unlooked and now - self._last_look >= CANCEL_LOOK_SECONDS:
+            running = [a for a in self._unlooked if a in self.children]
+            self._unlooked.clear()
+            if running:
+                self._last_look = now
+                for attempt_id in self.platform.cancelled_among(running):
+                    self.stop(attempt_id, "run cancelled")
         return bool(started)
 
     def _end_reserved(self, reserved: _Reserved, outcome: Outcome) -> None:
@@ -362,9 +408,12 @@ class Worker:
     def _finish_and_take(self) -> bool:
         """Commit the collected outcomes and claim new work for the free slots in the same
         transaction, then start it."""
-        claims = self._finish_and_claim(self.concurrency - len(self.children))
-        for claimed, delivery in claims:
+        free = self.concurrency - len(self.children)
+        claims = self._finish_and_claim(free * self._batch(self.ended))
+        now = time.monotonic()
+        for claimed, delivery in claims[:free]:
             self._spawn(claimed, delivery)
+        self.reserved += [_Reserved(claimed, delivery, now) for claimed, delivery in claims[free:]]
         return True
 
     def _finish_and_claim(self, slots: int) -> list[tuple[ClaimedAttempt, Delivery]]:
@@ -387,11 +436,14 @@ class Worker:
             self._finished(child, made)
         self.ended.clear()
         held = []
+        stale = []
         for delivery, claimed in zip(deliveries, claims, strict=False):
             if claimed is None:
-                self.dispatcher.ack(delivery)
+                stale.append(delivery)
             else:
                 held.append((claimed, delivery))
+        # One round trip acknowledges the whole batch.
+        self.dispatcher.ack(*(child.delivery for child in ended), *stale)
         for continued in claims[len(deliveries) :]:
             assert continued is not None  # nosec B101 - only claims that held are returned
             queue = queue_of(continued.options.get("pool"))
@@ -484,6 +536,7 @@ class Worker:
                 continue
             child.outcome = self._outcome(child, reply)
             child.ran_seconds = reply.get("seconds") if reply else None
+            child.ended_at = time.monotonic()
             del self.children[child.claimed.attempt_id]
             self._release(child)
             self.ended.append(child)
@@ -564,12 +617,14 @@ class Worker:
             queued = None
         self._timed_commit(time.monotonic() - began)
         self._finished(child, queued)
+        self.dispatcher.ack(child.delivery)
 
     def _timed_commit(self, seconds: float) -> None:
         self._commit_seconds = 0.8 * self._commit_seconds + 0.2 * seconds
 
     def _finished(self, child: _Child, queued: list[Dispatch] | None) -> None:
-        """After an outcome's commit (None: fenced out, not committed): tell, ack, clean up."""
+        """After an outcome's commit (None: fenced out, not committed): tell and clean up; the
+        caller acknowledges the delivery."""
         outcome = child.outcome
         assert outcome is not None  # nosec B101 - set before any commit
         if queued is None:
@@ -582,7 +637,6 @@ class Worker:
             verdict = "skipped" if outcome.skipped else outcome.state.value
             self.on_event(f"{verdict} {child.claimed.node_id} (attempt {child.claimed.number})")
         self.children.pop(child.claimed.attempt_id, None)
-        self.dispatcher.ack(child.delivery)
         child.cleanup()
 
     def _enforce_timeouts(self) -> bool:
