@@ -7,12 +7,14 @@ times.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Row, Update, bindparam, func, select, text, update
+from sqlalchemy import Connection, Integer, Row, Update, bindparam, func, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -133,18 +135,20 @@ _CLAIM_STATES = {
     "run_running": RunState.RUNNING,
 }
 
-#: The whole claim in one round trip (PostgreSQL): the read of _CLAIM_READ; if the run is
-#: running and not being cancelled, _CLAIM_TASK_RUN's UPDATE and then _CLAIM_ATTEMPT's, the
-#: latter only if the former matched; and the results of the task's upstreams (committed
-#: before it was queued). The row comes back either way, with what each UPDATE matched:
-#: (1, 1) claimed; (0, 0) not claimable, nothing changed (or the run not started yet);
-#: (1, 0) the attempt changed under us -- roll the task run's change back.
+#: Whole claims in one round trip (PostgreSQL), of any number of attempts: the read of
+#: _CLAIM_READ; for those whose run is running and not being cancelled, _CLAIM_TASK_RUN's
+#: UPDATE and then _CLAIM_ATTEMPT's, the latter only where the former matched; and the
+#: results of each task's upstreams (committed before it was queued). A row comes back for
+#: every attempt found, with what each UPDATE matched: (true, true) claimed; (false, false)
+#: not claimable, nothing changed (or its run not started yet); (true, false) the attempt
+#: changed under us -- roll the task run's change back.
 _CLAIM_IN_ONE_STATEMENT = text("""
     WITH target AS (
-        SELECT a.run_id, a.task_run_id, a.number, r.state AS run_state, r.cancel_requested,
-            t.node_id, t.task_ref, t.inputs, t.options, t.code_version, t.upstream
+        SELECT a.id AS attempt_id, a.run_id, a.task_run_id, a.number, r.state AS run_state,
+            r.cancel_requested, t.node_id, t.task_ref, t.inputs, t.options, t.code_version,
+            t.upstream
         FROM attempts a JOIN runs r ON r.id = a.run_id JOIN task_runs t ON t.id = a.task_run_id
-        WHERE a.id = :attempt_id
+        WHERE a.id = ANY(:attempt_ids)
     ), claimed_task_run AS (
         UPDATE task_runs
         SET state = :task_running, started_at = coalesce(task_runs.started_at, :now)
@@ -157,18 +161,25 @@ _CLAIM_IN_ONE_STATEMENT = text("""
         UPDATE attempts
         SET state = :attempt_running, worker_id = :worker_id, started_at = :now,
             lease_expires_at = :lease
-        WHERE id = :attempt_id AND state = :attempt_queued AND not_before <= :now
-            AND EXISTS (SELECT FROM claimed_task_run)
-        RETURNING id
+        FROM target
+        WHERE attempts.id = target.attempt_id AND attempts.state = :attempt_queued
+            AND attempts.not_before <= :now
+            AND target.task_run_id IN (SELECT id FROM claimed_task_run)
+        RETURNING attempts.id
     )
-    SELECT target.*, (SELECT count(*) FROM claimed_task_run) AS task_runs,
-        (SELECT count(*) FROM claimed_attempt) AS attempts,
+    SELECT target.*,
+        target.task_run_id IN (SELECT id FROM claimed_task_run) AS task_run_claimed,
+        target.attempt_id IN (SELECT id FROM claimed_attempt) AS attempt_claimed,
         (SELECT json_object_agg(u.node_id, u.result) FROM task_runs u
             WHERE u.run_id = target.run_id
                 AND u.node_id IN (SELECT json_array_elements_text(target.upstream))
         ) AS upstream_results
     FROM target
-    """).bindparams(bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime))
+    """).bindparams(
+    bindparam("attempt_ids", type_=ARRAY(Integer)),
+    bindparam("now", type_=UTCDateTime),
+    bindparam("lease", type_=UTCDateTime),
+)
 
 
 # Ending an attempt: guarded by the state it expects and by who may end it (see _Guard).
@@ -233,6 +244,15 @@ _END_TASK_RUN = (
 )
 
 
+def _success_end(outcome: Outcome) -> dict[str, Any]:
+    """What a success sets on its task run (a skip ends it skipped, with its reason)."""
+    return {
+        "task_state": TaskState.SKIPPED if outcome.skipped else TaskState.SUCCEEDED,
+        "result": None if outcome.skipped else outcome.result,
+        "task_error": outcome.error if outcome.skipped else None,
+    }
+
+
 @lru_cache(maxsize=8)
 def _end_with_success(ending: Update) -> Update:
     """A success's two guarded UPDATEs in one statement (PostgreSQL): the attempt's (``ending``,
@@ -250,6 +270,36 @@ def _end_with_success(ending: Update) -> Update:
         .returning(*_TASK_RUN_ENDED)
     )
 
+
+#: Many successes of one worker in one statement (PostgreSQL): each attempt's guarded UPDATE
+#: (held by :holder, within its lease) in a CTE, then the task runs of those that matched and
+#: are still current; the outcomes travel as one JSON document. A row back per success that
+#: held; one missing lost its race.
+_END_SUCCESSES = text("""
+    WITH given AS (
+        SELECT * FROM json_to_recordset(CAST(:outcomes AS JSON)) AS g(
+            attempt_id integer, number integer, task_state varchar, result json,
+            task_error text, error text, log text)
+    ), ended_attempt AS (
+        UPDATE attempts
+        SET state = :attempt_succeeded, finished_at = :now, error = given.error,
+            log = given.log
+        FROM given
+        WHERE attempts.id = given.attempt_id AND attempts.state = :attempt_running
+            AND attempts.worker_id = :holder AND attempts.lease_expires_at >= :now
+        RETURNING attempts.id AS attempt_id, attempts.task_run_id
+    )
+    UPDATE task_runs
+    SET state = given.task_state, result = given.result, error = given.task_error,
+        finished_at = :now
+    FROM ended_attempt JOIN given ON given.attempt_id = ended_attempt.attempt_id
+    WHERE task_runs.id = ended_attempt.task_run_id AND task_runs.current_attempt = given.number
+    RETURNING ended_attempt.attempt_id, task_runs.id, task_runs.node_id, task_runs.pool
+    """).bindparams(bindparam("now", type_=UTCDateTime))
+_SUCCESS_STATES = {
+    "attempt_succeeded": AttemptState.SUCCEEDED,
+    "attempt_running": AttemptState.RUNNING,
+}
 
 _OPEN_STATES = [state.value for state in TaskState if state not in TASK_TERMINAL]
 _ANY_OPEN = (
@@ -359,6 +409,18 @@ class Execution(Planning):
         with self.db.session() as session:
             return self._claim_in(session, attempt_id, worker_id, utcnow())
 
+    def _claim_all_in(
+        self, session: Session, attempt_ids: list[int], worker_id: str, now: datetime
+    ) -> list[ClaimedAttempt | None]:
+        """Claims of ``attempt_ids`` in the session's transaction: one statement on
+        PostgreSQL, one after the other on SQLite."""
+        if not attempt_ids:
+            return []
+        conn = session.connection()
+        if conn.dialect.name == "postgresql":
+            return self._claim_many(conn, attempt_ids, worker_id, now)
+        return [self._claim_in(session, a, worker_id, now) for a in attempt_ids]
+
     def _claim_in(
         self, session: Session, attempt_id: int, worker_id: str, now: datetime
     ) -> ClaimedAttempt | None:
@@ -382,25 +444,41 @@ class Execution(Planning):
     def _claim_in_one_statement(
         self, conn: Connection, attempt_id: int, worker_id: str, now: datetime
     ) -> ClaimedAttempt | None:
-        """The claim on PostgreSQL: _CLAIM_IN_ONE_STATEMENT, after starting the run if this is
-        its first claim (the run's row lock comes first, as everywhere)."""
+        [claimed] = self._claim_many(conn, [attempt_id], worker_id, now)
+        return claimed
+
+    def _claim_many(
+        self, conn: Connection, attempt_ids: list[int], worker_id: str, now: datetime
+    ) -> list[ClaimedAttempt | None]:
+        """Claims on PostgreSQL, one statement for all (_CLAIM_IN_ONE_STATEMENT), and again
+        for those whose run was not started yet, once their runs are (the run's row lock
+        comes first, as everywhere). A claim for each id, None where it is not claimable."""
         lease = now + timedelta(seconds=self.settings.lease_seconds)
-        params = {
-            "attempt_id": attempt_id,
-            "now": now,
-            "worker_id": worker_id,
-            "lease": lease,
-            **_CLAIM_STATES,
+        params = {"now": now, "worker_id": worker_id, "lease": lease, **_CLAIM_STATES}
+        rows = {
+            row.attempt_id: row
+            for row in conn.execute(_CLAIM_IN_ONE_STATEMENT, {"attempt_ids": attempt_ids, **params})
         }
-        row = conn.execute(_CLAIM_IN_ONE_STATEMENT, params).first()
-        if row is not None and row.run_state == RunState.QUEUED and not row.cancel_requested:
-            conn.execute(_START_RUN, {"run_id": row.run_id, "now": now})
-            row = conn.execute(_CLAIM_IN_ONE_STATEMENT, params).first()
-        if row is None or row.task_runs != 1:
-            return None
-        if row.attempts != 1:
-            raise _Abort  # undo the task run's change too
-        return self._claimed(conn, attempt_id, row, row.upstream_results or {})
+        unstarted = sorted(
+            {row.run_id for row in rows.values() if row.run_state == RunState.QUEUED}
+            - {row.run_id for row in rows.values() if row.cancel_requested}
+        )
+        if unstarted:
+            for run_id in unstarted:  # in one order everywhere: two workers cannot deadlock
+                conn.execute(_START_RUN, {"run_id": run_id, "now": now})
+            again = [a for a, row in rows.items() if row.run_id in unstarted]
+            for row in conn.execute(_CLAIM_IN_ONE_STATEMENT, {"attempt_ids": again, **params}):
+                rows[row.attempt_id] = row
+        claims: list[ClaimedAttempt | None] = []
+        for attempt_id in attempt_ids:
+            found = rows.get(attempt_id)
+            if found is None or not found.task_run_claimed:
+                claims.append(None)
+            elif not found.attempt_claimed:
+                raise _Abort  # undo the task run's change too
+            else:
+                claims.append(self._claimed(conn, attempt_id, found, found.upstream_results or {}))
+        return claims
 
     def _take(
         self, conn: Connection, attempt_id: int, row: Any, worker_id: str, now: datetime
@@ -575,20 +653,24 @@ class Execution(Planning):
             with self.db.session() as session:
                 # Claims first: a finish takes its run's lock, which is then held to the
                 # commit; whatever comes after it in the transaction makes others wait.
-                claims = [self._claim_in(session, a, worker_id, now) for a in attempt_ids]
-                queued: list[list[Dispatch] | None] = [
-                    self._end_attempt_in(
-                        session,
-                        claimed.run_id,
-                        claimed.attempt_id,
-                        claimed.number,
-                        outcome,
-                        now,
-                        guard,
-                        AttemptState.RUNNING,
-                    )
-                    for claimed, outcome in finished
-                ]
+                claims = self._claim_all_in(session, attempt_ids, worker_id, now)
+                queued: list[list[Dispatch] | None]
+                if all(outcome.state == AttemptState.SUCCEEDED for _, outcome in finished):
+                    queued = list(self._end_successes_in(session, finished, now, worker_id))
+                else:
+                    queued = [
+                        self._end_attempt_in(
+                            session,
+                            claimed.run_id,
+                            claimed.attempt_id,
+                            claimed.number,
+                            outcome,
+                            now,
+                            guard,
+                            AttemptState.RUNNING,
+                        )
+                        for claimed, outcome in finished
+                    ]
                 claims += self._continue(session, queued, take, serves, worker_id, now)
             return queued, claims
         except (_Abort, DBAPIError):
@@ -710,29 +792,17 @@ class Execution(Planning):
             "log": outcome.log,
             **guarded_by,
         }
-        queued: list[Dispatch] = []
         if outcome.state == AttemptState.SUCCEEDED:
-            end = {
-                "task_state": TaskState.SKIPPED if outcome.skipped else TaskState.SUCCEEDED,
-                "result": None if outcome.skipped else outcome.result,
-                "task_error": outcome.error if outcome.skipped else None,
-            }
             if conn.dialect.name == "postgresql":  # both UPDATEs in one round trip
                 task = conn.execute(
-                    _end_with_success(statement), {**ending, "current_number": number, **end}
+                    _end_with_success(statement),
+                    {**ending, "current_number": number, **_success_end(outcome)},
                 ).first()
             else:
-                ended = conn.execute(statement, ending).first()
-                if ended is None:
-                    raise _Abort
-                task = conn.execute(
-                    _END_TASK_RUN,
-                    {"task_run_id": ended.task_run_id, "number": number, "now": now, **end},
-                ).first()
+                task = self._end_success(conn, statement, ending, number, outcome, now)
             if task is None:  # lost to the lease or a newer attempt: this outcome is stale
                 raise _Abort
-            task_run_id = task.id
-            self._record_outputs(session, run_id, task_run_id, number, outcome)
+            self._record_outputs(session, run_id, task.id, number, outcome)
             run = self._lock_run_row(conn, run_id)
         else:
             assert run is not None  # nosec B101 - locked above for every other outcome
@@ -770,12 +840,111 @@ class Execution(Planning):
                     **end,
                 },
             )
-        if self._may_decide(session, run_id, run.max_concurrency, task.node_id, task.pool):
-            following = None
-            if outcome.state == AttemptState.SUCCEEDED and not outcome.skipped and not task.pool:
-                following = self._next_steps(session, run, run_id, task.node_id, now)
-            queued += self._advance(session, run_id, now) if following is None else following
-        return queued
+        return self._decide(session, run, run_id, task, outcome, now)
+
+    @staticmethod
+    def _end_success(
+        conn: Connection,
+        statement: Update,
+        ending: dict[str, Any],
+        number: int,
+        outcome: Outcome,
+        now: datetime,
+    ) -> Any:
+        """A success's two guarded UPDATEs one after the other (SQLite): its task run's row
+        (id, node_id, pool), or None if either lost its race."""
+        ended = conn.execute(statement, ending).first()
+        if ended is None:
+            return None
+        return conn.execute(
+            _END_TASK_RUN,
+            {"task_run_id": ended.task_run_id, "number": number, "now": now}
+            | _success_end(outcome),
+        ).first()
+
+    def _end_successes_in(
+        self,
+        session: Session,
+        finished: list[tuple[ClaimedAttempt, Outcome]],
+        now: datetime,
+        worker_id: str,
+    ) -> Iterator[list[Dispatch]]:
+        """A worker's batch of successes: every attempt and task run ended first (one
+        statement on PostgreSQL), then each run's lock once, in one order, and what follows
+        decided once for the batch (see _decide); the attempts each success queued.
+
+        Ending them all before any decision makes each decision see the whole batch: a
+        fan-out's siblings finished together ask once whether their fan-in is ready."""
+        conn = session.connection()
+        if conn.dialect.name == "postgresql":
+            outcomes = [
+                {
+                    "attempt_id": claimed.attempt_id,
+                    "number": claimed.number,
+                    "error": outcome.error,
+                    "log": outcome.log,
+                    **_success_end(outcome),
+                }
+                for claimed, outcome in finished
+            ]
+            params = {"outcomes": json.dumps(outcomes), "now": now, "holder": worker_id}
+            rows = conn.execute(_END_SUCCESSES, params | _SUCCESS_STATES)
+            tasks = {row.attempt_id: row for row in rows}
+        else:
+            statement, guarded_by = _held_by(worker_id)
+            tasks = {}
+            for claimed, outcome in finished:
+                ending = {
+                    "attempt_id": claimed.attempt_id,
+                    "from_state": AttemptState.RUNNING,
+                    "state": outcome.state,
+                    "now": now,
+                    "error": outcome.error,
+                    "log": outcome.log,
+                    **guarded_by,
+                }
+                tasks[claimed.attempt_id] = self._end_success(
+                    conn, statement, ending, claimed.number, outcome, now
+                )
+        if len(tasks) != len(finished) or None in tasks.values():
+            raise _Abort  # one lost its race: each is done on its own instead
+        for claimed, outcome in finished:
+            task_run_id = tasks[claimed.attempt_id].id
+            self._record_outputs(session, claimed.run_id, task_run_id, claimed.number, outcome)
+        queued: dict[int, list[Dispatch]] = {}
+        for run_id in sorted({claimed.run_id for claimed, _ in finished}):
+            run = self._lock_run_row(conn, run_id)
+            asked: set[tuple[str, ...]] = set()
+            for claimed, outcome in finished:
+                if claimed.run_id == run_id:
+                    task = tasks[claimed.attempt_id]
+                    queued[claimed.attempt_id] = self._decide(
+                        session, run, run_id, task, outcome, now, asked
+                    )
+        return (queued[claimed.attempt_id] for claimed, _ in finished)
+
+    def _decide(
+        self,
+        session: Session,
+        run: Any,
+        run_id: str,
+        task: Any,
+        outcome: Outcome,
+        now: datetime,
+        asked: set[tuple[str, ...]] | None = None,
+    ) -> list[Dispatch]:
+        """What follows an ended task, under its run's lock: nothing yet (most often), its
+        next steps (a chain), or a pass over the run. ``asked``: the downstream sets already
+        decided in this transaction (see _may_decide)."""
+        if not self._may_decide(
+            session, run_id, run.max_concurrency, task.node_id, task.pool, asked
+        ):
+            return []
+        if outcome.state == AttemptState.SUCCEEDED and not outcome.skipped and not task.pool:
+            following = self._next_steps(session, run, run_id, task.node_id, now)
+            if following is not None:
+                return following
+        return self._advance(session, run_id, now)
 
     def _next_steps(
         self, session: Session, run: Any, run_id: str, node_id: str, now: datetime
@@ -849,12 +1018,18 @@ class Execution(Planning):
         max_concurrency: int | None,
         node_id: str,
         pool: str | None,
+        asked: set[tuple[str, ...]] | None = None,
     ) -> bool:
         """Whether task ``node_id`` ending may let the engine decide anything in its run.
 
         A full pass over a run reads every task run, which made a fan-out of n tasks cost n
         passes of n rows. Usually nothing is decidable yet -- a join still waits for other
         upstreams -- and a few indexed counts show it. When in doubt, say yes.
+
+        ``asked`` (tasks ended together, all before this question): the downstream sets whose
+        question was answered already. The answer, and anything it led to, holds for every
+        task with the same downstream tasks (which cannot be their only upstream), so the
+        second sibling of a batch asks nothing.
         """
         if max_concurrency is not None or pool:
             return True  # a freed slot may admit a waiting task
@@ -862,6 +1037,10 @@ class Execution(Planning):
         if node_id in limited:
             return True  # an element of a mapped task with max_concurrency: a freed slot
         waiting = downstream.get(node_id, [])
+        if asked is not None:
+            if tuple(waiting) in asked:
+                return False
+            asked.add(tuple(waiting))
         conn = session.connection()
         if not waiting:  # a sink: the run ends when no task is left open
             return conn.execute(_ANY_OPEN, {"run_id": run_id}).first() is None
