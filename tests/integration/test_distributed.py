@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,9 +15,11 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import func, select
 
 from ml_platform.config import Settings
 from ml_platform.service import Platform
+from ml_platform.store.models import Attempt
 from ml_platform.worker import make_dispatcher
 from tests import workflows
 from tests.conftest import RedisTarget
@@ -83,12 +86,12 @@ def workers(env: dict[str, str]) -> Iterator[Callable[[int], list[subprocess.Pop
             process.communicate()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0, interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
-        time.sleep(0.1)
+        time.sleep(interval)
 
 
 def test_two_workers_share_a_fan_out_and_run_each_task_once(
@@ -182,6 +185,49 @@ def test_a_worker_killed_holding_claims_made_ahead_loses_none_of_them(
     assert len(lost) >= 3 and all("lease expired" in (a.error or "") for a in lost)
     assert {a.state for a in attempts} == {"succeeded", "lost"}
     assert sum(a.state == "succeeded" for a in attempts) == len(tasks)  # each committed once
+
+
+def test_a_worker_killed_holding_a_batch_of_short_attempts_loses_none_of_them(
+    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
+) -> None:
+    """Tasks shorter than a commit: a worker claims them a batch ahead and holds their
+    outcomes until the batch commits. kill -9 of that worker mid-batch: what it ran but had
+    not committed and what it had claimed but not run are retried once their leases run out,
+    and another worker commits every task once."""
+    [holder] = workers(1)
+    submitted = platform.submit(workflows.arithmetic, {"n": 1500})
+    held = f":{holder.pid}:"
+
+    def holds_a_batch() -> bool:
+        with platform.db.session() as session:
+            running = session.scalar(
+                select(func.count())
+                .select_from(Attempt)
+                .where(Attempt.state == "running", Attempt.worker_id.contains(held))
+            )
+        return (running or 0) > 4
+
+    wait_for(holds_a_batch, interval=0.005)
+    holder.kill()
+    holder.communicate(timeout=10)
+    [other] = workers(1)
+    # A line per task: read them as they come, or its pipe fills and the worker blocks.
+    assert other.stdout is not None
+    drain = threading.Thread(target=other.stdout.read, daemon=True)
+    drain.start()
+    wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
+    other.send_signal(signal.SIGTERM)
+    drain.join(timeout=30)
+    other.wait(timeout=30)
+    assert platform.run(submitted.run_id)[0].state == "succeeded"
+    tasks = platform.task_runs(submitted.run_id)
+    attempts = platform.attempts(submitted.run_id)
+    lost = [a for a in attempts if a.state == "lost"]
+    assert len(lost) > 4 and all("lease expired" in (a.error or "") for a in lost)
+    assert {a.state for a in attempts} == {"succeeded", "lost"}
+    assert sum(a.state == "succeeded" for a in attempts) == len(tasks)  # each committed once
+    results = {t.node_id: t.result for t in tasks}
+    assert results["total"] == {"value": float(sum(2 * i for i in range(1500)))}
 
 
 def _utc(moment: datetime | None) -> datetime:

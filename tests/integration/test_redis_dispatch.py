@@ -52,6 +52,34 @@ def test_published_attempts_reach_one_consumer_each_and_acks_remove_them(
     assert two.receive(10, block_seconds=0.05) == []
 
 
+def test_a_batch_of_deliveries_is_acknowledged_in_one_round_trip(
+    redis_client: redis.Redis, redis_target: RedisTarget
+) -> None:
+    """A worker acknowledges a batch's deliveries together: one pipeline (XACK and XDEL for
+    each), after which none is pending, none is left in its stream, and none comes back."""
+    one = _dispatcher(redis_client, redis_target, "one", claim_idle_seconds=0.05)
+    one.publish([Dispatch(i, "gpu" if i % 3 == 0 else "default") for i in range(1, 10)])
+    taken = one.receive(20, block_seconds=0.1)
+    assert sorted(d.attempt_id for d in taken) == list(range(1, 10))
+    sent: list[object] = []
+    execute = redis.client.Pipeline.execute
+
+    def counted(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(pipe)
+        return execute(pipe, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(redis.client.Pipeline, "execute", counted)
+        one.ack(*taken)
+    assert len(sent) == 1
+    for queue in ("default", "gpu"):
+        stream = one.stream(queue)
+        assert redis_client.xpending(stream, one.group)["pending"] == 0
+        assert redis_client.xlen(stream) == 0
+    time.sleep(0.1)  # past the takeover idle time: nothing is left to take over
+    assert one.receive(20, block_seconds=0.05) == []
+
+
 def test_deliveries_of_a_dead_consumer_are_taken_over(
     redis_client: redis.Redis, redis_target: RedisTarget
 ) -> None:

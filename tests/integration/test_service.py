@@ -631,6 +631,55 @@ def test_outcomes_and_claims_share_a_transaction_and_a_lost_race_refuses_only_it
     assert states == ["lost", "running"]
 
 
+def test_a_batch_of_siblings_is_claimed_and_ended_together_and_asks_its_fan_in_once(
+    platform: Platform,
+) -> None:
+    """A worker's batch: its claims are one statement on PostgreSQL, its successes one
+    statement, its run's lock taken once and its fan-in asked once for the whole batch (on
+    both databases); each task keeps its own result; a sibling still running keeps the fan-in
+    waiting, and its own finish queues it. One outcome of a batch that lost its attempt is
+    refused alone."""
+    submitted = platform.submit(workflows.arithmetic, {"n": 7})
+    first, *rest = [d.attempt_id for d in submitted.queued]
+    held = platform.claim(first, "w")  # starts the run
+    assert held is not None
+    with statements_sent(platform) as statements:
+        _, claims = platform.finish_and_claim([], rest, "w")
+    assert all(claims) and len(claims) == 6
+    postgresql = platform.db.engine.dialect.name == "postgresql"
+    if postgresql:
+        assert len(statements) == 1, statements
+    batch = [c for c in claims if c is not None]
+    done = [execute(platform, claimed) for claimed in batch]
+    with statements_sent(platform) as statements:
+        queued, _ = platform.finish_and_claim(list(zip(batch[:5], done, strict=False)), [], "w")
+    assert queued == [[]] * 5  # the fan-in waits for two more
+    asked = [s for s in statements if s.lstrip().startswith("SELECT task_runs.id")]
+    assert len(asked) == 1, statements  # the fan-in's question, once for five
+    shape = "SELECT task_runs.node_id, task_runs.upstream"  # the run's shape, read once
+    if postgresql:  # one UPDATE for all, the run's lock, the question
+        assert len([s for s in statements if not s.lstrip().startswith(shape)]) == 3, statements
+    results = {t.node_id: t.result for t in platform.task_runs(submitted.run_id)}
+    assert [results[c.node_id] for c in batch[:5]] == [{"value": 2.0 * (i + 1)} for i in range(5)]
+    # A batch of two whose second attempt was taken over meanwhile: only it is refused.
+    with platform.db.session() as session:
+        session.execute(
+            update(Attempt).where(Attempt.id == batch[5].attempt_id).values(worker_id="other")
+        )
+    queued, _ = platform.finish_and_claim(
+        [(held, execute(platform, held)), (batch[5], done[5])], [], "w"
+    )
+    assert queued[0] == [] and queued[1] is None
+    states = {a.id: a.state for a in platform.attempts(submitted.run_id)}
+    assert (states[held.attempt_id], states[batch[5].attempt_id]) == ("succeeded", "running")
+    with platform.db.session() as session:
+        session.execute(
+            update(Attempt).where(Attempt.id == batch[5].attempt_id).values(worker_id="w")
+        )
+    [(join, _)] = platform.finish(batch[5], "w", done[5])
+    assert {a.id: a.state for a in platform.attempts(submitted.run_id)}[join] == "queued"
+
+
 def test_a_pass_since_a_moment_returns_only_what_became_due_after_it(platform: Platform) -> None:
     """The scheduler's frequent passes read only attempts that became due since the last one
     (a wide fan-out's thousands were read and re-published at every pass); a full pass,

@@ -303,6 +303,30 @@ def test_a_chain_of_short_steps_runs_on_one_transaction_a_step(sqlite_platform: 
     assert results["double[5]"] == {"value": 64.0}  # each step read the one before
 
 
+def test_short_attempts_are_claimed_ahead_and_committed_in_batches(
+    sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fan-out of tasks shorter than a commit on one slot: the worker claims a batch of
+    them ahead and commits their outcomes together, several to a transaction, each task run
+    once and every attempt ending succeeded."""
+    submitted = sqlite_platform.submit(workflows.arithmetic, {"n": 60})
+    batches: list[int] = []
+    finish_and_claim = sqlite_platform.finish_and_claim
+
+    def counted(finished: Any, *args: Any, **kwargs: Any) -> Any:
+        batches.append(len(finished))
+        return finish_and_claim(finished, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite_platform, "finish_and_claim", counted)
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
+    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+    attempts = sqlite_platform.attempts(submitted.run_id)
+    assert len(attempts) == 61 and {a.state for a in attempts} == {"succeeded"}
+    assert max(batches) > 1 and len([b for b in batches if b]) < 60 / 2, batches
+    results = {t.node_id: t.result for t in sqlite_platform.task_runs(submitted.run_id)}
+    assert results["total"] == {"value": float(sum(2 * i for i in range(60)))}
+
+
 def _ended_at(stamps: Path) -> dict[str, float]:
     """When each stamped nap ended (wall clock), by node id."""
     words = [line.split() for line in stamps.read_text().splitlines()]

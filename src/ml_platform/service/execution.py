@@ -875,6 +875,8 @@ class Execution(Planning):
 
         Ending them all before any decision makes each decision see the whole batch: a
         fan-out's siblings finished together ask once whether their fan-in is ready."""
+        if not finished:
+            return iter(())
         conn = session.connection()
         if conn.dialect.name == "postgresql":
             outcomes = [
