@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -106,8 +107,9 @@ def test_retry_delays_are_non_decreasing_and_capped(policy: RetryPolicy, seed: s
     delays = [policy.delay(n, seed=seed) for n in range(1, 40)]
     assert all(0 <= d <= policy.max_delay for d in delays)
     # Non-decreasing up to floating-point rounding (a factor of 1 + 2e-16 grows by less than
-    # the rounding of its own product).
-    assert all(a <= b * (1 + 1e-9) for a, b in zip(delays, delays[1:]))
+    # the rounding of its own product; below the smallest normal float, a base delay of
+    # 5e-324 s, products round by whole steps of 5e-324).
+    assert all(a <= b * (1 + 1e-9) + sys.float_info.min for a, b in zip(delays, delays[1:]))
 
 
 json_values = st.recursive(
