@@ -195,7 +195,7 @@ def test_a_worker_killed_holding_a_batch_of_short_attempts_loses_none_of_them(
     not committed and what it had claimed but not run are retried once their leases run out,
     and another worker commits every task once."""
     [holder] = workers(1)
-    submitted = platform.submit(workflows.arithmetic, {"n": 1500})
+    submitted = platform.submit(workflows.arithmetic, {"n": 600})
     held = f":{holder.pid}:"
 
     def holds_a_batch() -> bool:
@@ -227,7 +227,7 @@ def test_a_worker_killed_holding_a_batch_of_short_attempts_loses_none_of_them(
     assert {a.state for a in attempts} == {"succeeded", "lost"}
     assert sum(a.state == "succeeded" for a in attempts) == len(tasks)  # each committed once
     results = {t.node_id: t.result for t in tasks}
-    assert results["total"] == {"value": float(sum(2 * i for i in range(1500)))}
+    assert results["total"] == {"value": float(sum(2 * i for i in range(600)))}
 
 
 def _utc(moment: datetime | None) -> datetime:
