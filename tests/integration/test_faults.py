@@ -100,3 +100,57 @@ def test_postgresql_restarted_during_a_run(
         output, _ = worker.communicate(timeout=30)
         platform.close()
     assert "database or Redis unavailable, retrying" in output
+
+
+def test_postgresql_restarted_under_a_busy_worker(
+    throwaway_postgres: ThrowawayPostgres,
+    redis_target: RedisTarget,
+    tmp_path: Path,
+) -> None:
+    """A worker committing short tasks back to back: its pooled connections are never idle,
+    so never pinged before use. PostgreSQL restarts under it: the first statement on an old
+    connection fails, the pool drops them all, and the worker goes on with fresh ones. The
+    run succeeds, every task committed once, the worker still running."""
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url_override=throwaway_postgres.url,
+        redis_url=redis_target.url,
+        redis_prefix=redis_target.prefix,
+        lease_seconds=2.0,
+        poll_seconds=0.2,
+    )
+    platform = Platform(settings).start()
+    env = dict(
+        os.environ,
+        DATABASE_URL=throwaway_postgres.url,
+        REDIS_URL=redis_target.url,
+        MLP_REDIS_PREFIX=redis_target.prefix,
+        MLP_LEASE_SECONDS="2",
+        MLP_POLL_SECONDS="0.2",
+        ML_PLATFORM_HOME=str(tmp_path / "home"),
+    )
+    output = tmp_path / "worker.out"
+    with output.open("w") as out:  # a line per task: a file, not a pipe that could fill
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "ml_platform", "worker", "--concurrency", "1"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        submitted = platform.submit(workflows.arithmetic, {"n": 2000})
+        wait_for(lambda: output.read_text().count("succeeded double") >= 100, timeout=30)
+        throwaway_postgres.stop()
+        throwaway_postgres.start()
+        wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
+        assert platform.run(submitted.run_id)[0].state == "succeeded"
+        assert worker.poll() is None, "the worker must survive the restart"
+        tasks = platform.task_runs(submitted.run_id)
+        attempts = platform.attempts(submitted.run_id)
+        assert sum(a.state == "succeeded" for a in attempts) == len(tasks)  # each once
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        platform.close()
+    assert "database or Redis unavailable, retrying" in output.read_text()

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -19,6 +20,7 @@ from sqlalchemy import event, inspect, text, update
 
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.service import FencedOut, NotFound, Outcome, Platform, RetryError, planning
+from ml_platform.store import db
 from ml_platform.store.db import (
     Database,
     create_schema,
@@ -33,6 +35,7 @@ from ml_platform.store.models import Attempt, Base, Run, TaskRun, utcnow
 from tests import workflows
 from tests.conftest import throwaway_database
 from tests.helpers import execute, run_inline
+from tests.services import libpq_url
 
 pytestmark = pytest.mark.integration
 
@@ -629,6 +632,40 @@ def test_outcomes_and_claims_share_a_transaction_and_a_lost_race_refuses_only_it
         a.state for a in platform.attempts(second.run_id) if a.task_run_id == stale.task_run_id
     ]
     assert states == ["lost", "running"]
+
+
+def test_a_pooled_connection_is_pinged_only_after_sitting_idle(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: a connection used a moment ago goes straight to work (a ping before every
+    transaction was one round trip more per task); one idle for PING_IDLE_SECONDS is pinged
+    first, and one the server closed meanwhile is replaced unseen by the caller."""
+    engine = make_engine(postgres_url)
+    pings: list[object] = []
+    do_ping = engine.dialect.do_ping
+
+    def counted(dbapi_conn: Any) -> bool:
+        pings.append(dbapi_conn)
+        return do_ping(dbapi_conn)
+
+    monkeypatch.setattr(engine.dialect, "do_ping", counted)
+    try:
+        with engine.connect() as conn:
+            first = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        for _ in range(3):
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() == first
+        assert pings == []  # back to back: never pinged
+        monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.0)  # as if each sat idle
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() == first
+        assert len(pings) == 1
+        with psycopg.connect(libpq_url(postgres_url), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+        with engine.connect() as conn:  # the dead one fails its ping; a fresh one serves
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != first
+    finally:
+        engine.dispose()
 
 
 def test_a_batch_of_siblings_is_claimed_and_ended_together_and_asks_its_fan_in_once(

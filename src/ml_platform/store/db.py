@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).with_name("migrations")
 #: PostgreSQL advisory lock key under which one process at a time changes the schema.
 SCHEMA_LOCK = 0x6D6C705F736368  # "mlp_sch"
+#: A pooled PostgreSQL connection idle this long (seconds) is pinged before it is used.
+PING_IDLE_SECONDS = 1.0
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -72,7 +75,27 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = create_engine(url, pool_size=5, max_overflow=5)
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_from"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        # A connection that sat idle may have been closed by a restart or a network device:
+        # try it first (the pool then opens a fresh one). One used a moment ago is not tried:
+        # a ping before every transaction was a round trip more per task; if the server went
+        # away since, the statement fails, the pool drops every older connection, and the
+        # caller's retry gets a fresh one.
+        idle_from = record.info.get("idle_from")
+        if idle_from is not None and time.monotonic() - idle_from >= PING_IDLE_SECONDS:
+            try:
+                engine.dialect.do_ping(dbapi_conn)
+            except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
+                raise DisconnectionError(f"a pooled connection failed its ping: {exc}") from exc
+
+    return engine
 
 
 def insert_rows(
