@@ -800,17 +800,21 @@ def test_a_wide_run_is_stored_in_one_insert_per_table_that_does_not_grow_with_it
     """A run of 500 tasks: its task runs go in in one INSERT and its first attempts in
     another. On PostgreSQL every statement of the submission has a fixed text (the rows
     travel as one JSON value, the ids as one array), not a VALUES or IN list the driver must
-    re-parse for every row; what is stored is what was traced."""
+    re-parse for every row, and the attempts' INSERT is the statement that queues their task
+    runs; what is stored is what was traced."""
     before = utcnow()
     with statements_sent(platform) as statements:
         submitted = platform.submit(workflows.arithmetic, {"n": 500})
     inserts = {
-        table: [s for s in statements if s.startswith(f"INSERT INTO {table} ")]
+        table: [s for s in statements if f"INSERT INTO {table} " in s]
         for table in ("task_runs", "attempts")
     }
     assert [len(found) for found in inserts.values()] == [1, 1], inserts
     if platform.db.engine.dialect.name == "postgresql":  # not one statement grows with it
         assert max(len(statement) for statement in statements) < 2_000, statements
+        [queuing] = inserts["attempts"]
+        assert "UPDATE task_runs" in queuing  # queued and given attempts: one round trip
+        assert not [s for s in statements if s.startswith("UPDATE task_runs")], statements
     tasks = {t.node_id: t for t in platform.task_runs(submitted.run_id)}
     assert len(tasks) == 501 and tasks["total"].state == TaskState.PENDING
     assert sorted(tasks["total"].upstream) == sorted(f"double[{i}]" for i in range(500))
@@ -827,6 +831,27 @@ def test_a_wide_run_is_stored_in_one_insert_per_table_that_does_not_grow_with_it
     assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
     total = next(t for t in platform.task_runs(submitted.run_id) if t.node_id == "total")
     assert total.result == {"value": 2 * sum(range(500))}
+
+
+def test_a_queued_attempt_carries_its_tasks_timeout_pool_and_number(platform: Platform) -> None:
+    """Queuing a task run makes its next attempt from the task run as the queuing left it
+    (on PostgreSQL in the same statement): the task's timeout and pool, the next number,
+    queued and due."""
+    timed = platform.submit(workflows.overrun_pipeline, {"seconds": 0.1})
+    [attempt] = platform.attempts(timed.run_id)
+    [task] = platform.task_runs(timed.run_id)
+    assert (attempt.number, attempt.state, attempt.timeout_seconds) == (1, "queued", 1.0)
+    assert (task.state, task.current_attempt) == ("queued", 1)
+    assert attempt.not_before <= utcnow()
+    pooled = platform.submit(workflows.pooled_pipeline, {})
+    assert {a.pool for a in platform.attempts(pooled.run_id)} == {"tests-pool"}
+    claimed = platform.claim(attempt.id, "w")
+    assert claimed is not None
+    platform.finish(claimed, "w", Outcome(AttemptState.FAILED, error="boom"))
+    second = [a for a in platform.attempts(timed.run_id) if a.number == 2]
+    assert [(a.state, a.timeout_seconds) for a in second] == [("queued", 1.0)]
+    [task] = platform.task_runs(timed.run_id)
+    assert (task.state, task.current_attempt) == ("queued", 2)
 
 
 def test_rows_inserted_together_keep_every_value_as_given(platform: Platform) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, any_, bindparam, func, or_, select, update
+from sqlalchemy import Integer, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -22,21 +22,44 @@ from ml_platform.inputs import REF_KEY, resolve_inputs
 from ml_platform.service.core import _MADE
 from ml_platform.service.queries import Queries
 from ml_platform.store.db import insert_rows
-from ml_platform.store.models import Artifact, Attempt, Metric, Param, Pool, Run, TaskRun
+from ml_platform.store.models import (
+    Artifact,
+    Attempt,
+    Metric,
+    Param,
+    Pool,
+    Run,
+    TaskRun,
+    UTCDateTime,
+)
 
 #: Ids bound in one statement: below SQLite's and PostgreSQL's limits on bound parameters.
 _IDS_PER_STATEMENT = 5_000
+_QUEUE_STATES = {"task_queued": TaskState.QUEUED, "attempt_queued": AttemptState.QUEUED}
 _QUEUE_TASK_RUNS = (
     update(TaskRun)
     .where(TaskRun.id.in_(bindparam("ids", expanding=True)))
     .values(state=TaskState.QUEUED, current_attempt=TaskRun.current_attempt + 1)
 )
-#: The same on PostgreSQL: one array, a statement of fixed text (the IN list above is one
-#: placeholder per id, re-parsed by the driver each time).
-_QUEUE_TASK_RUNS_IN_ARRAY = (
-    update(TaskRun)
-    .where(TaskRun.id == any_(bindparam("ids", type_=ARRAY(Integer))))
-    .values(state=TaskState.QUEUED, current_attempt=TaskRun.current_attempt + 1)
+#: The same on PostgreSQL, with the new attempts' INSERT in one statement: the ids as one array
+#: (a statement of fixed text; the IN list above is one placeholder per id, re-parsed by the
+#: driver each time), each queued task run's next attempt made from what its UPDATE returned.
+_QUEUE_WITH_ATTEMPTS = text("""
+    WITH queued AS (
+        UPDATE task_runs SET state = :task_queued, current_attempt = current_attempt + 1
+        WHERE id = ANY(:ids)
+        RETURNING id, run_id, current_attempt, pool, options
+    )
+    INSERT INTO attempts (task_run_id, run_id, number, state, pool, not_before,
+        timeout_seconds, created_at)
+    SELECT id, run_id, current_attempt, :attempt_queued, pool, :not_before,
+        CAST(options ->> 'timeout' AS DOUBLE PRECISION), :now
+    FROM queued
+    RETURNING id, task_run_id
+    """).bindparams(
+    bindparam("ids", type_=ARRAY(Integer)),
+    bindparam("not_before", type_=UTCDateTime),
+    bindparam("now", type_=UTCDateTime),
 )
 
 
@@ -318,34 +341,35 @@ class Planning(Queries):
         session.flush()  # what the session changed comes first
         conn = session.connection()
         not_before = now + timedelta(seconds=delay)
-        made_for = {
-            row.task_run_id: row.id
-            for row in insert_rows(
-                conn,
-                Attempt,
-                [
-                    {
-                        "task_run_id": task_run.id,
-                        "run_id": task_run.run_id,
-                        "number": task_run.current_attempt + 1,
-                        "state": AttemptState.QUEUED,
-                        "pool": task_run.pool,
-                        "not_before": not_before,
-                        "timeout_seconds": task_run.options.get("timeout"),
-                        "created_at": now,
-                    }
-                    for task_run in task_runs
-                ],
-                returning=("id", "task_run_id"),
-            )
-        }
         task_run_ids = [task_run.id for task_run in task_runs]
-        queue = _QUEUE_TASK_RUNS
-        if conn.dialect.name == "postgresql":
-            queue = _QUEUE_TASK_RUNS_IN_ARRAY
-        for start in range(0, len(task_run_ids), _IDS_PER_STATEMENT):
-            chunk = task_run_ids[start : start + _IDS_PER_STATEMENT]
-            conn.execute(queue, {"ids": chunk})
+        chunks = [
+            task_run_ids[start : start + _IDS_PER_STATEMENT]
+            for start in range(0, len(task_run_ids), _IDS_PER_STATEMENT)
+        ]
+        made_for: dict[int, int] = {}
+        if conn.dialect.name == "postgresql":  # one round trip a chunk
+            params = {"not_before": not_before, "now": now, **_QUEUE_STATES}
+            for chunk in chunks:
+                for row in conn.execute(_QUEUE_WITH_ATTEMPTS, {"ids": chunk, **params}):
+                    made_for[row.task_run_id] = row.id
+        else:
+            rows = [
+                {
+                    "task_run_id": task_run.id,
+                    "run_id": task_run.run_id,
+                    "number": task_run.current_attempt + 1,
+                    "state": AttemptState.QUEUED,
+                    "pool": task_run.pool,
+                    "not_before": not_before,
+                    "timeout_seconds": task_run.options.get("timeout"),
+                    "created_at": now,
+                }
+                for task_run in task_runs
+            ]
+            for row in insert_rows(conn, Attempt, rows, returning=("id", "task_run_id")):
+                made_for[row.task_run_id] = row.id
+            for chunk in chunks:
+                conn.execute(_QUEUE_TASK_RUNS, {"ids": chunk})
         made = session.info.setdefault(_MADE, {})  # for finish and continue (_continue)
         queued = []
         for task_run in task_runs:
