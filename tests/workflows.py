@@ -116,6 +116,16 @@ def naps(n: int = 8, seconds: float = 0.5) -> None:
     total([nap(i, seconds) for i in range(n)])
 
 
+@workflow
+def mixed_lengths(n: int = 48, every: int = 8, seconds: float = 0.03) -> None:
+    """Short tasks with a brief nap every ``every``: a batch's outcomes of unlike lengths."""
+    for i in range(n):
+        if i % every == every - 1:
+            nap(i, seconds)
+        else:
+            double(i)
+
+
 @task
 def stamped_nap(x: int, seconds: float, path: str) -> int:
     """Sleep, then note when this task ended (wall clock)."""

@@ -53,8 +53,9 @@ MAX_BATCH = 16
 BATCH_HOLD_SECONDS = 0.01
 PER_TASK_SECONDS = 0.0005
 #: Attempts started on claims made ahead are checked for a cancel of their run at most this
-#: often (seconds): one read for a batch of short ones, not one per task.
-CANCEL_LOOK_SECONDS = 0.02
+#: often (seconds): one read for many short ones (which end before a stop could matter), not
+#: one per task; one that started since the last look and still runs is stopped at the next.
+CANCEL_LOOK_SECONDS = 0.1
 
 
 def make_dispatcher(
@@ -349,9 +350,10 @@ class Worker:
         """Commit the collected outcomes and, in the same transaction, claim attempts ahead
         for the busy slots (one each, or a batch of short ones). Nothing when draining: claims
         ahead are for work this worker will still do."""
-        want = self._batch(self.ended) * len(self.children) - len(self.reserved)
-        if self.draining or want <= 0:
+        if self.draining:
             return False
+        # The outcomes share one transaction even when no claim is wanted (enough ahead).
+        want = max(0, self._batch(self.ended) * len(self.children) - len(self.reserved))
         now = time.monotonic()
         for claimed, delivery in self._finish_and_claim(want):
             self.reserved.append(_Reserved(claimed, delivery, now))

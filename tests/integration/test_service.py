@@ -441,11 +441,15 @@ def test_the_reaper_fails_attempts_past_their_timeout(platform: Platform) -> Non
 
 def test_cancel_stops_pending_work_and_signals_running_attempts(platform: Platform) -> None:
     submitted = platform.submit(workflows.arithmetic, {"n": 2})
+    other = platform.submit(workflows.arithmetic, {"n": 1})
     running = platform.claim(submitted.queued[0].attempt_id, "worker-a")
     assert running is not None
+    ids = [running.attempt_id, other.queued[0].attempt_id, 10**9]
+    assert platform.cancelled_among(ids) == set()
     assert platform.cancel(submitted.run_id) is RunState.RUNNING  # one attempt still runs
     beat = platform.heartbeat([running.attempt_id], "worker-a")
     assert beat.cancelled == {running.attempt_id}
+    assert platform.cancelled_among(ids) == {running.attempt_id}  # a worker's quicker look
     assert platform.claim(submitted.queued[1].attempt_id, "worker-b") is None
     platform.finish(running, "worker-a", Outcome(AttemptState.CANCELLED, error="run cancelled"))
     assert platform.run(submitted.run_id)[0].state == RunState.CANCELLED

@@ -317,14 +317,45 @@ def test_short_attempts_are_claimed_ahead_and_committed_in_batches(
         batches.append(len(finished))
         return finish_and_claim(finished, *args, **kwargs)
 
+    alone: list[object] = []
+    finish = sqlite_platform.finish
+
+    def counted_alone(claimed: Any, *args: Any, **kwargs: Any) -> Any:
+        alone.append(claimed)
+        return finish(claimed, *args, **kwargs)
+
     monkeypatch.setattr(sqlite_platform, "finish_and_claim", counted)
+    monkeypatch.setattr(sqlite_platform, "finish", counted_alone)
     runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
     attempts = sqlite_platform.attempts(submitted.run_id)
     assert len(attempts) == 61 and {a.state for a in attempts} == {"succeeded"}
     assert max(batches) > 1 and len([b for b in batches if b]) < 60 / 2, batches
+    assert len(alone) <= 1, batches  # none committed on its own (but perhaps the first)
     results = {t.node_id: t.result for t in sqlite_platform.task_runs(submitted.run_id)}
     assert results["total"] == {"value": float(sum(2 * i for i in range(60)))}
+
+
+def test_outcomes_of_unlike_lengths_still_share_their_commit(
+    sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A brief task among short ones, while the worker holds claims ahead: the outcomes it
+    collected (the short ones held for their batch, and the brief one) are committed in one
+    transaction that claims nothing more (enough is claimed), never one by one."""
+    submitted = sqlite_platform.submit(workflows.mixed_lengths, {})
+    alone: list[Any] = []
+    finish = sqlite_platform.finish
+
+    def counted(claimed: Any, *args: Any, **kwargs: Any) -> Any:
+        alone.append(claimed)
+        return finish(claimed, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite_platform, "finish", counted)
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
+    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+    attempts = sqlite_platform.attempts(submitted.run_id)
+    assert len(attempts) == 48 and {a.state for a in attempts} == {"succeeded"}
+    assert len(alone) <= 1, [c.node_id for c in alone]  # perhaps the very first
 
 
 def _ended_at(stamps: Path) -> dict[str, float]:

@@ -13,7 +13,18 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Integer, Row, Update, bindparam, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    Row,
+    Update,
+    any_,
+    bindparam,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -300,6 +311,21 @@ _SUCCESS_STATES = {
     "attempt_succeeded": AttemptState.SUCCEEDED,
     "attempt_running": AttemptState.RUNNING,
 }
+
+#: Which of some attempts belong to runs asked to cancel (the ids as one array on PostgreSQL).
+_CANCELLED_AMONG = (
+    select(Attempt.id)
+    .join(Run, Run.id == Attempt.run_id)
+    .where(Attempt.id.in_(bindparam("ids", expanding=True)), Run.cancel_requested.is_(True))
+)
+_CANCELLED_IN_ARRAY = (
+    select(Attempt.id)
+    .join(Run, Run.id == Attempt.run_id)
+    .where(
+        Attempt.id == any_(bindparam("ids", type_=ARRAY(Integer))),
+        Run.cancel_requested.is_(True),
+    )
+)
 
 _OPEN_STATES = [state.value for state in TaskState if state not in TASK_TERMINAL]
 _ANY_OPEN = (
@@ -599,14 +625,10 @@ class Execution(Planning):
         ids = list(attempt_ids)
         if not ids:
             return set()
-        with self.db.session() as session:
-            return set(
-                session.scalars(
-                    select(Attempt.id)
-                    .join(Run, Run.id == Attempt.run_id)
-                    .where(Attempt.id.in_(ids), Run.cancel_requested.is_(True))
-                )
-            )
+        with self.db.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                return set(conn.scalars(_CANCELLED_IN_ARRAY, {"ids": ids}))
+            return set(conn.scalars(_CANCELLED_AMONG, {"ids": ids}))
 
     def finish(self, claimed: ClaimedAttempt, worker_id: str, outcome: Outcome) -> list[Dispatch]:
         """Commit an attempt's outcome if this worker still holds it (fencing).
