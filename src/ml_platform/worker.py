@@ -801,8 +801,10 @@ class Runtime:
         if worker.step(idle_wait if block else 0.0) or block:
             return
         if worker.children:
-            # Woken by the first reply; with free slots, look for new work again soon.
-            worker.wait_for_replies(0.005 if worker.accepting else idle_wait)
+            # Woken by the first reply; with free slots, look for new work again soon, and
+            # with outcomes held for their batch, commit them within their hold.
+            soon = worker.accepting or worker.ended
+            worker.wait_for_replies(min(0.005, BATCH_HOLD_SECONDS) if soon else idle_wait)
         else:
             time.sleep(idle_wait)
 
@@ -908,5 +910,6 @@ def run_until_shutdown(
         else:
             before_pass()
         runtime.tick()
+        sys.stdout.flush()  # what the pass printed, in one write
     worker.close()
     return verdict
