@@ -860,10 +860,10 @@ def test_a_queued_attempt_carries_its_tasks_timeout_pool_and_number(platform: Pl
 
 def test_rows_inserted_together_keep_every_value_as_given(platform: Platform) -> None:
     """What one insert of many rows stores is what the ORM would have stored: JSON with
-    quotes, backslashes, braces and non-ASCII text, NULLs, and times in any zone (kept in
-    UTC)."""
+    quotes, backslashes, braces, non-ASCII text and NUL characters (a JSON column keeps them,
+    escaped), NULLs, and times in any zone (kept in UTC)."""
     run_id = platform.submit(workflows.relay, {"n": 2}).run_id
-    tricky = {"args": ['say "hi" \\ {x} — ünï ✓', None, [1.5, {"k": []}]], "kwargs": {}}
+    tricky = {"args": ['say "hi" \\ {x} — ünï ✓ \x00', None, [1.5, {"k\x00": []}]], "kwargs": {}}
     paris = timezone(timedelta(hours=1))
     when = datetime(2026, 12, 4, 22, 30, 15, 123456, tzinfo=paris)
     rows: list[dict[str, Any]] = [
@@ -911,6 +911,37 @@ def test_rows_inserted_together_keep_every_value_as_given(platform: Platform) ->
         insert_rows(session.connection(), TaskRun, task_run_rows)
     copies = [t for t in platform.task_runs(run_id) if t.node_id.startswith("copy")]
     assert len(copies) == 3 and all(t.inputs == tricky and t.result is None for t in copies)
+
+
+def test_nul_characters_in_params_results_and_logs_are_stored(platform: Platform) -> None:
+    """A NUL character is valid in JSON and may be printed by any task, but PostgreSQL's text
+    has none: params and results keep it (JSON columns keep it escaped), and a log or an error
+    gets U+FFFD in its place. A batch of such successes still commits in one statement."""
+    submitted = platform.submit(workflows.echo_pipeline, {"value": "a\x00b"})
+    other = platform.submit(workflows.echo_pipeline, {"value": "c"})
+    first = platform.claim(submitted.queued[0].attempt_id, "w")
+    second = platform.claim(other.queued[0].attempt_id, "w")
+    assert first is not None and second is not None
+    assert first.inputs["args"] == ["a\x00b"]
+    done = [
+        Outcome(AttemptState.SUCCEEDED, result={"value": "a\x00b"}, log="print\x00ed"),
+        Outcome(AttemptState.SUCCEEDED, result={"value": "c"}, error="x\x00", skipped=True),
+    ]
+    with statements_sent(platform) as statements:
+        queued, _ = platform.finish_and_claim(list(zip([first, second], done)), [], "w")
+    assert queued == [[], []]  # both held: neither was refused and done again alone
+    if platform.db.engine.dialect.name == "postgresql":
+        ending = [s for s in statements if "json_to_recordset" in s]
+        assert len(ending) == 1, statements
+    [task] = platform.task_runs(submitted.run_id)
+    [attempt] = platform.attempts(submitted.run_id)
+    assert (task.state, task.result, attempt.log) == (
+        "succeeded",
+        {"value": "a\x00b"},
+        "print\ufffded",
+    )
+    [skipped] = platform.task_runs(other.run_id)
+    assert (skipped.state, skipped.error) == ("skipped", "x\ufffd")
 
 
 def test_many_ready_tasks_are_queued_in_chunks_of_bound_ids(

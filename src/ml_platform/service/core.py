@@ -79,6 +79,16 @@ class Outcome:
     params: dict[str, Any] = field(default_factory=dict)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.error = storable_text(self.error)
+        self.log = storable_text(self.log)
+
+
+def storable_text(text: str | None) -> str | None:
+    """Text as a database column can hold it: PostgreSQL's text has no NUL character, which a
+    task may well print or put in an error; each becomes U+FFFD, as undecodable bytes do."""
+    return None if text is None else text.replace("\x00", "\ufffd")
+
 
 @dataclass
 class Heartbeat:

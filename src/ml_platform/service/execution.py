@@ -44,8 +44,10 @@ from ml_platform.service.core import (
     _Claimable,
     _rowcount,
     _Shape,
+    storable_text,
 )
 from ml_platform.service.planning import Planning
+from ml_platform.store.db import json_text
 from ml_platform.store.models import (
     Artifact,
     Attempt,
@@ -284,12 +286,13 @@ def _end_with_success(ending: Update) -> Update:
 
 #: Many successes of one worker in one statement (PostgreSQL): each attempt's guarded UPDATE
 #: (held by :holder, within its lease) in a CTE, then the task runs of those that matched and
-#: are still current; the outcomes travel as one JSON document. A row back per success that
-#: held; one missing lost its race.
+#: are still current; the outcomes travel as one JSON document (each result as a string of
+#: JSON: see store.db._recordset_insert). A row back per success that held; one missing lost
+#: its race.
 _END_SUCCESSES = text("""
     WITH given AS (
         SELECT * FROM json_to_recordset(CAST(:outcomes AS JSON)) AS g(
-            attempt_id integer, number integer, task_state varchar, result json,
+            attempt_id integer, number integer, task_state varchar, result text,
             task_error text, error text, log text)
     ), ended_attempt AS (
         UPDATE attempts
@@ -301,7 +304,7 @@ _END_SUCCESSES = text("""
         RETURNING attempts.id AS attempt_id, attempts.task_run_id
     )
     UPDATE task_runs
-    SET state = given.task_state, result = given.result, error = given.task_error,
+    SET state = given.task_state, result = CAST(given.result AS JSON), error = given.task_error,
         finished_at = :now
     FROM ended_attempt JOIN given ON given.attempt_id = ended_attempt.attempt_id
     WHERE task_runs.id = ended_attempt.task_run_id AND task_runs.current_attempt = given.number
@@ -581,7 +584,7 @@ class Execution(Planning):
                     Attempt.state == AttemptState.RUNNING,
                 )
                 .values(log=bindparam("text")),
-                [{"attempt_id": key, "text": text} for key, text in logs.items()],
+                [{"attempt_id": key, "text": storable_text(text)} for key, text in logs.items()],
             )
 
     def heartbeat(self, attempt_ids: Iterable[int], worker_id: str) -> Heartbeat:
@@ -911,6 +914,8 @@ class Execution(Planning):
                 }
                 for claimed, outcome in finished
             ]
+            for row in outcomes:  # as a string of JSON: see store.db._recordset_insert
+                row["result"] = None if row["result"] is None else json_text(row["result"])
             params = {"outcomes": json.dumps(outcomes), "now": now, "holder": worker_id}
             rows = conn.execute(_END_SUCCESSES, params | _SUCCESS_STATES)
             tasks = {row.attempt_id: row for row in rows}

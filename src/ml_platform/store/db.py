@@ -119,6 +119,15 @@ def insert_rows(
     names = tuple(rows[0])
     if connection.dialect.name == "postgresql":
         statement = _recordset_insert(table, names, returning)
+        nested = _json_columns(table, names)
+        if nested:  # each JSON value travels as a string of JSON (see _recordset_insert)
+            rows = [
+                {
+                    name: json_text(value) if name in nested and value is not None else value
+                    for name, value in row.items()
+                }
+                for row in rows
+            ]
         result = connection.execute(statement, {"rows": json.dumps(rows, default=_naive_utc)})
     else:
         statement = insert(table)
@@ -135,17 +144,32 @@ def _naive_utc(value: object) -> str:
     raise TypeError(f"cannot store {type(value).__name__} as JSON")
 
 
+def json_text(value: Any) -> str:
+    """A value as JSON text, for a JSON column read from a recordset as text (see
+    _recordset_insert)."""
+    return json.dumps(value)
+
+
+def _json_columns(table: Table, names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(n for n in names if isinstance(_stored_as(table.c[n].type), JSON))
+
+
 @lru_cache(maxsize=64)
 def _recordset_insert(table: Table, names: tuple[str, ...], returning: tuple[str, ...]) -> Insert:
     """``INSERT INTO table (names) SELECT names FROM json_to_recordset(:rows) AS u(name type,
-    …)``, each column read as its own type."""
-    kinds = {name: table.c[name].type for name in names}
+    …)``, each column read as its own type -- but a JSON column as text, cast to JSON: the
+    recordset's parser turns every escape of the document into a character, and ``\u0000``,
+    which a JSON column keeps, has no character in PostgreSQL's text (a task's inputs may
+    hold one); inside a string of JSON it is a plain backslash sequence."""
+    nested = _json_columns(table, names)
+    kinds = {name: Text() if name in nested else _stored_as(table.c[name].type) for name in names}
     rows = (
         func.json_to_recordset(cast(bindparam("rows", type_=Text()), JSON))
-        .table_valued(*(column(name, _stored_as(kinds[name])) for name in names))
+        .table_valued(*(column(name, kinds[name]) for name in names))
         .render_derived(name="u", with_types=True)
     )
-    statement = insert(table).from_select(list(names), select(*(rows.c[n] for n in names)))
+    values = [cast(rows.c[n], JSON) if n in nested else rows.c[n] for n in names]
+    statement = insert(table).from_select(list(names), select(*values))
     return statement.returning(*(table.c[name] for name in returning)) if returning else statement
 
 
