@@ -56,6 +56,10 @@ PER_TASK_SECONDS = 0.0005
 #: often (seconds): one read for many short ones (which end before a stop could matter), not
 #: one per task; one that started since the last look and still runs is stopped at the next.
 CANCEL_LOOK_SECONDS = 0.1
+#: After the dispatcher had nothing for a commit that claims, the next such commits within this
+#: many seconds do not ask it again (a chain's steps continue on the worker itself: asking
+#: before each was a Redis round trip for nothing); idle workers are asked at once meanwhile.
+QUIET_SECONDS = 0.02
 
 
 def make_dispatcher(
@@ -276,6 +280,8 @@ class Worker:
         #: Attempts started on claims ahead whose run was not looked at for a cancel since.
         self._unlooked: list[int] = []
         self._last_look = 0.0
+        #: When the dispatcher last had nothing for a commit that claims (monotonic).
+        self._quiet_since = -QUIET_SECONDS
         self.on_event = on_event or (lambda _message: None)
 
     # One pass of the loop: finish what ended, enforce deadlines and leases, take new work.
@@ -423,7 +429,12 @@ class Worker:
         ``slots`` slots: the deliveries waiting, then what those outcomes made ready (finish
         and continue: never published, so a delivery without a message). The claims that held,
         with their deliveries; the others are acknowledged (taken, finished or cancelled)."""
-        deliveries = self.dispatcher.receive(slots, 0.0)
+        now = time.monotonic()
+        deliveries = []
+        if slots and now - self._quiet_since >= QUIET_SECONDS:
+            deliveries = self.dispatcher.receive(slots, 0.0)
+            if not deliveries:
+                self._quiet_since = now
         ended = list(self.ended)
         began = time.monotonic()
         queued, claims = self.platform.finish_and_claim(

@@ -358,6 +358,39 @@ def test_outcomes_of_unlike_lengths_still_share_their_commit(
     assert len(alone) <= 1, [c.node_id for c in alone]  # perhaps the very first
 
 
+def test_a_chain_on_its_own_worker_does_not_ask_the_dispatcher_before_every_step(
+    sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chain's short steps continue on the worker that finished the step before: after the
+    dispatcher had nothing, the worker does not ask it again before each step (a Redis round
+    trip for nothing), only every QUIET_SECONDS; work published meanwhile is still taken."""
+    submitted = sqlite_platform.submit(workflows.relay, {"n": 40})
+    dispatcher = InProcessDispatcher()
+    asked: list[int] = []
+    receive = dispatcher.receive
+
+    def counted(limit: int, block_seconds: float = 0.0) -> Any:
+        asked.append(limit)
+        return receive(limit, block_seconds)
+
+    monkeypatch.setattr(dispatcher, "receive", counted)
+    worker = Worker(sqlite_platform, dispatcher, concurrency=1)
+    _WORKERS.append(worker)
+    dispatcher.publish(submitted.queued)
+    runtime = Runtime(sqlite_platform, dispatcher, worker)
+    other = None
+    while sqlite_platform.run(submitted.run_id)[0].state not in ("succeeded", "failed"):
+        runtime.tick()
+        done = sum(t.state == "succeeded" for t in sqlite_platform.task_runs(submitted.run_id))
+        if other is None and done >= 20:  # work published while the chain goes on
+            other = sqlite_platform.submit(workflows.echo_pipeline, {"value": "meanwhile"})
+            dispatcher.publish(other.queued)
+    assert sqlite_platform.run(submitted.run_id)[0].state == "succeeded"
+    assert len(asked) < 40 / 2, asked  # not before each of the 40 steps
+    assert other is not None
+    assert runtime.drive(other.run_id, timeout=30) is RunState.SUCCEEDED
+
+
 def _ended_at(stamps: Path) -> dict[str, float]:
     """When each stamped nap ended (wall clock), by node id."""
     words = [line.split() for line in stamps.read_text().splitlines()]
