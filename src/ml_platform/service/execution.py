@@ -41,7 +41,6 @@ from ml_platform.service.core import (
     NotFound,
     Outcome,
     _Abort,
-    _Claimable,
     _rowcount,
     _Shape,
     storable_text,
@@ -328,6 +327,24 @@ _CANCELLED_IN_ARRAY = (
         Attempt.id == any_(bindparam("ids", type_=ARRAY(Integer))),
         Run.cancel_requested.is_(True),
     )
+)
+
+#: What the next steps of a chain are read for: whether they are plain, and what queuing them
+#: and claiming them needs.
+_NEXT_STEPS = select(
+    TaskRun.id,
+    TaskRun.run_id,
+    TaskRun.node_id,
+    TaskRun.state,
+    TaskRun.inputs,
+    TaskRun.options,
+    TaskRun.pool,
+    TaskRun.current_attempt,
+    TaskRun.task_ref,
+    TaskRun.code_version,
+).where(
+    TaskRun.run_id == bindparam("run_id"),
+    TaskRun.node_id.in_(bindparam("node_ids", expanding=True)),
 )
 
 _OPEN_STATES = [state.value for state in TaskState if state not in TASK_TERMINAL]
@@ -734,18 +751,8 @@ class Execution(Planning):
                     )
                 else:
                     # Made by this transaction (every queued list comes from _new_attempts,
-                    # which kept its task run), under its run's lock: no read is needed.
-                    task = made_here[dispatch.attempt_id]
-                    claimable = _Claimable(
-                        run_id=task.run_id,
-                        task_run_id=task.id,
-                        number=task.current_attempt,
-                        node_id=task.node_id,
-                        task_ref=task.task_ref,
-                        inputs=task.inputs,
-                        options=task.options,
-                        code_version=task.code_version,
-                    )
+                    # which kept what a claim reads), under its run's lock: no read is needed.
+                    claimable = made_here[dispatch.attempt_id]
                     claimed = self._take(conn, dispatch.attempt_id, claimable, worker_id, now)
                 if claimed is not None:
                     assert made is not None  # nosec B101 - iterated from it
@@ -989,10 +996,10 @@ class Execution(Planning):
         waiting = downstream.get(node_id, [])
         if not waiting or any(set(upstream[node]) != {node_id} for node in waiting):
             return None
+        # Core rows, not the ORM's objects: a chain reads one per step, and loading it was
+        # a fifth of the step's transaction.
         tasks = list(
-            session.scalars(
-                select(TaskRun).where(TaskRun.run_id == run_id, TaskRun.node_id.in_(waiting))
-            )
+            session.connection().execute(_NEXT_STEPS, {"run_id": run_id, "node_ids": waiting})
         )
         plain = all(
             task.state == TaskState.PENDING

@@ -4,11 +4,11 @@ attempts that became ready (set-based), and the scheduler's full pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, func, or_, select, text, update
+from sqlalchemy import Integer, Row, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -19,7 +19,7 @@ from ml_platform.engine.cache import cache_key
 from ml_platform.engine.dag import group_outcome, plan
 from ml_platform.engine.states import RUN_TERMINAL, TASK_DONE_OK, AttemptState, RunState, TaskState
 from ml_platform.inputs import REF_KEY, resolve_inputs
-from ml_platform.service.core import _MADE
+from ml_platform.service.core import _MADE, _Claimable
 from ml_platform.service.queries import Queries
 from ml_platform.store.db import insert_rows
 from ml_platform.store.models import (
@@ -332,10 +332,15 @@ class Planning(Queries):
         return (busy or 0) < slots
 
     def _new_attempts(
-        self, session: Session, task_runs: list[TaskRun], now: datetime, delay: float
+        self,
+        session: Session,
+        task_runs: Sequence[TaskRun | Row[Any]],
+        now: datetime,
+        delay: float,
     ) -> list[Dispatch]:
-        """Queue the next attempt of each task run: two set-based statements for all of them
-        (a fan-out's thousand), the session's objects kept in step without a flush."""
+        """Queue the next attempt of each task run (the session's objects, kept in step
+        without a flush, or rows of their columns): set-based statements for all of them (a
+        fan-out's thousand)."""
         if not task_runs:
             return []
         session.flush()  # what the session changed comes first
@@ -374,9 +379,19 @@ class Planning(Queries):
         queued = []
         for task_run in task_runs:
             attempt_id = made_for[task_run.id]
-            set_committed_value(task_run, "current_attempt", task_run.current_attempt + 1)
-            set_committed_value(task_run, "state", TaskState.QUEUED)
-            made[attempt_id] = task_run
+            made[attempt_id] = _Claimable(
+                run_id=task_run.run_id,
+                task_run_id=task_run.id,
+                number=task_run.current_attempt + 1,
+                node_id=task_run.node_id,
+                task_ref=task_run.task_ref,
+                inputs=task_run.inputs,
+                options=task_run.options,
+                code_version=task_run.code_version,
+            )
+            if isinstance(task_run, TaskRun):  # keep the session's object in step
+                set_committed_value(task_run, "current_attempt", task_run.current_attempt + 1)
+                set_committed_value(task_run, "state", TaskState.QUEUED)
             queued.append(Dispatch(attempt_id, queue_of(task_run.pool)))
         return queued
 
