@@ -698,8 +698,8 @@ def test_a_batch_of_siblings_is_claimed_and_ended_together_and_asks_its_fan_in_o
     asked = [s for s in statements if s.lstrip().startswith("SELECT task_runs.id")]
     assert len(asked) == 1, statements  # the fan-in's question, once for five
     shape = "SELECT task_runs.node_id, task_runs.upstream"  # the run's shape, read once
-    if postgresql:  # one UPDATE for all, the run's lock, the question
-        assert len([s for s in statements if not s.lstrip().startswith(shape)]) == 3, statements
+    if postgresql:  # one statement ends all and locks the run, then the question
+        assert len([s for s in statements if not s.lstrip().startswith(shape)]) == 2, statements
     results = {t.node_id: t.result for t in platform.task_runs(submitted.run_id)}
     assert [results[c.node_id] for c in batch[:5]] == [{"value": 2.0 * (i + 1)} for i in range(5)]
     # A batch of two whose second attempt was taken over meanwhile: only it is refused.

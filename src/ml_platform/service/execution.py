@@ -17,6 +17,7 @@ from sqlalchemy import (
     Connection,
     Integer,
     Row,
+    String,
     Update,
     any_,
     bindparam,
@@ -286,8 +287,10 @@ def _end_with_success(ending: Update) -> Update:
 #: Many successes of one worker in one statement (PostgreSQL): each attempt's guarded UPDATE
 #: (held by :holder, within its lease) in a CTE, then the task runs of those that matched and
 #: are still current; the outcomes travel as one JSON document (each result as a string of
-#: JSON: see store.db._recordset_insert). A row back per success that held; one missing lost
-#: its race.
+#: JSON: see store.db._recordset_insert). Their runs' locks, in one order, are taken in the same
+#: round trip (a success locks its run last, only to decide what follows: later statements
+#: see what committed before the lock). A row back per success that held, with its run's row;
+#: one missing lost its race.
 _END_SUCCESSES = text("""
     WITH given AS (
         SELECT * FROM json_to_recordset(CAST(:outcomes AS JSON)) AS g(
@@ -301,14 +304,23 @@ _END_SUCCESSES = text("""
         WHERE attempts.id = given.attempt_id AND attempts.state = :attempt_running
             AND attempts.worker_id = :holder AND attempts.lease_expires_at >= :now
         RETURNING attempts.id AS attempt_id, attempts.task_run_id
+    ), ended_task_run AS (
+        UPDATE task_runs
+        SET state = given.task_state, result = CAST(given.result AS JSON),
+            error = given.task_error, finished_at = :now
+        FROM ended_attempt JOIN given ON given.attempt_id = ended_attempt.attempt_id
+        WHERE task_runs.id = ended_attempt.task_run_id
+            AND task_runs.current_attempt = given.number
+        RETURNING ended_attempt.attempt_id, task_runs.id, task_runs.node_id, task_runs.pool,
+            task_runs.run_id
+    ), locked_run AS MATERIALIZED (
+        SELECT id, state, cancel_requested, max_concurrency FROM runs
+        WHERE id = ANY(:run_ids) ORDER BY id FOR UPDATE
     )
-    UPDATE task_runs
-    SET state = given.task_state, result = CAST(given.result AS JSON), error = given.task_error,
-        finished_at = :now
-    FROM ended_attempt JOIN given ON given.attempt_id = ended_attempt.attempt_id
-    WHERE task_runs.id = ended_attempt.task_run_id AND task_runs.current_attempt = given.number
-    RETURNING ended_attempt.attempt_id, task_runs.id, task_runs.node_id, task_runs.pool
-    """).bindparams(bindparam("now", type_=UTCDateTime))
+    SELECT ended_task_run.*, locked_run.state AS run_state, locked_run.cancel_requested,
+        locked_run.max_concurrency
+    FROM ended_task_run JOIN locked_run ON locked_run.id = ended_task_run.run_id
+    """).bindparams(bindparam("now", type_=UTCDateTime), bindparam("run_ids", type_=ARRAY(String)))
 _SUCCESS_STATES = {
     "attempt_succeeded": AttemptState.SUCCEEDED,
     "attempt_running": AttemptState.RUNNING,
@@ -923,10 +935,17 @@ class Execution(Planning):
             ]
             for row in outcomes:  # as a string of JSON: see store.db._recordset_insert
                 row["result"] = None if row["result"] is None else json_text(row["result"])
-            params = {"outcomes": json.dumps(outcomes), "now": now, "holder": worker_id}
-            rows = conn.execute(_END_SUCCESSES, params | _SUCCESS_STATES)
+            params = {
+                "outcomes": json.dumps(outcomes),
+                "now": now,
+                "holder": worker_id,
+                "run_ids": sorted({claimed.run_id for claimed, _ in finished}),
+            }
+            rows = list(conn.execute(_END_SUCCESSES, params | _SUCCESS_STATES))
             tasks = {row.attempt_id: row for row in rows}
+            locked = {row.run_id: row for row in rows}
         else:
+            locked = {}
             statement, guarded_by = _held_by(worker_id)
             tasks = {}
             for claimed, outcome in finished:
@@ -949,7 +968,7 @@ class Execution(Planning):
             self._record_outputs(session, claimed.run_id, task_run_id, claimed.number, outcome)
         queued: dict[int, list[Dispatch]] = {}
         for run_id in sorted({claimed.run_id for claimed, _ in finished}):
-            run = self._lock_run_row(conn, run_id)
+            run = locked[run_id] if run_id in locked else self._lock_run_row(conn, run_id)
             asked: set[tuple[str, ...]] = set()
             for claimed, outcome in finished:
                 if claimed.run_id == run_id:
