@@ -43,31 +43,39 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def _settings_and_env(
+    server: ThrowawayPostgres, redis_target: RedisTarget, tmp_path: Path, lease: float
+) -> tuple[Settings, dict[str, str]]:
+    """This test's platform settings, and the same as a worker process's environment."""
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url_override=server.url,
+        redis_url=redis_target.url,
+        redis_prefix=redis_target.prefix,
+        lease_seconds=lease,
+        poll_seconds=0.2,
+        secret_key="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
+    )
+    env = dict(
+        os.environ,
+        DATABASE_URL=server.url,
+        REDIS_URL=redis_target.url,
+        MLP_REDIS_PREFIX=redis_target.prefix,
+        MLP_LEASE_SECONDS=str(lease),
+        MLP_POLL_SECONDS="0.2",
+        ML_PLATFORM_HOME=str(tmp_path / "home"),
+    )
+    return settings, env
+
+
 def test_postgresql_restarted_during_a_run(
     throwaway_postgres: ThrowawayPostgres,
     redis_target: RedisTarget,
     redis_client: redis.Redis,
     tmp_path: Path,
 ) -> None:
-    settings = Settings(
-        home=tmp_path / "home",
-        database_url_override=throwaway_postgres.url,
-        redis_url=redis_target.url,
-        redis_prefix=redis_target.prefix,
-        lease_seconds=5.0,
-        poll_seconds=0.2,
-        secret_key="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
-    )
+    settings, env = _settings_and_env(throwaway_postgres, redis_target, tmp_path, lease=5.0)
     platform = Platform(settings).start()
-    env = dict(
-        os.environ,
-        DATABASE_URL=throwaway_postgres.url,
-        REDIS_URL=redis_target.url,
-        MLP_REDIS_PREFIX=redis_target.prefix,
-        MLP_LEASE_SECONDS="5",
-        MLP_POLL_SECONDS="0.2",
-        ML_PLATFORM_HOME=str(tmp_path / "home"),
-    )
     worker = subprocess.Popen(
         [sys.executable, "-m", "ml_platform", "worker", "--concurrency", "1"],
         cwd=ROOT,
@@ -111,24 +119,8 @@ def test_postgresql_restarted_under_a_busy_worker(
     so never pinged before use. PostgreSQL restarts under it: the first statement on an old
     connection fails, the pool drops them all, and the worker goes on with fresh ones. The
     run succeeds, every task committed once, the worker still running."""
-    settings = Settings(
-        home=tmp_path / "home",
-        database_url_override=throwaway_postgres.url,
-        redis_url=redis_target.url,
-        redis_prefix=redis_target.prefix,
-        lease_seconds=2.0,
-        poll_seconds=0.2,
-    )
+    settings, env = _settings_and_env(throwaway_postgres, redis_target, tmp_path, lease=2.0)
     platform = Platform(settings).start()
-    env = dict(
-        os.environ,
-        DATABASE_URL=throwaway_postgres.url,
-        REDIS_URL=redis_target.url,
-        MLP_REDIS_PREFIX=redis_target.prefix,
-        MLP_LEASE_SECONDS="2",
-        MLP_POLL_SECONDS="0.2",
-        ML_PLATFORM_HOME=str(tmp_path / "home"),
-    )
     output = tmp_path / "worker.out"
     with output.open("w") as out:  # a line per task: a file, not a pipe that could fill
         worker = subprocess.Popen(

@@ -303,6 +303,19 @@ def test_a_chain_of_short_steps_runs_on_one_transaction_a_step(sqlite_platform: 
     assert results["double[5]"] == {"value": 64.0}  # each step read the one before
 
 
+def _calls(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> list[Any]:
+    """The first argument of each call of ``target.name`` from now on (each call goes on)."""
+    seen: list[Any] = []
+    original = getattr(target, name)
+
+    def recorded(first: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(first)
+        return original(first, *args, **kwargs)
+
+    monkeypatch.setattr(target, name, recorded)
+    return seen
+
+
 def test_short_attempts_are_claimed_ahead_and_committed_in_batches(
     sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -310,26 +323,13 @@ def test_short_attempts_are_claimed_ahead_and_committed_in_batches(
     them ahead and commits their outcomes together, several to a transaction, each task run
     once and every attempt ending succeeded."""
     submitted = sqlite_platform.submit(workflows.arithmetic, {"n": 60})
-    batches: list[int] = []
-    finish_and_claim = sqlite_platform.finish_and_claim
-
-    def counted(finished: Any, *args: Any, **kwargs: Any) -> Any:
-        batches.append(len(finished))
-        return finish_and_claim(finished, *args, **kwargs)
-
-    alone: list[object] = []
-    finish = sqlite_platform.finish
-
-    def counted_alone(claimed: Any, *args: Any, **kwargs: Any) -> Any:
-        alone.append(claimed)
-        return finish(claimed, *args, **kwargs)
-
-    monkeypatch.setattr(sqlite_platform, "finish_and_claim", counted)
-    monkeypatch.setattr(sqlite_platform, "finish", counted_alone)
+    together = _calls(monkeypatch, sqlite_platform, "finish_and_claim")
+    alone = _calls(monkeypatch, sqlite_platform, "finish")
     runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
     attempts = sqlite_platform.attempts(submitted.run_id)
     assert len(attempts) == 61 and {a.state for a in attempts} == {"succeeded"}
+    batches = [len(finished) for finished in together]
     assert max(batches) > 1 and len([b for b in batches if b]) < 60 / 2, batches
     assert len(alone) <= 1, batches  # none committed on its own (but perhaps the first)
     results = {t.node_id: t.result for t in sqlite_platform.task_runs(submitted.run_id)}
@@ -343,14 +343,7 @@ def test_outcomes_of_unlike_lengths_still_share_their_commit(
     collected (the short ones held for their batch, and the brief one) are committed in one
     transaction that claims nothing more (enough is claimed), never one by one."""
     submitted = sqlite_platform.submit(workflows.mixed_lengths, {})
-    alone: list[Any] = []
-    finish = sqlite_platform.finish
-
-    def counted(claimed: Any, *args: Any, **kwargs: Any) -> Any:
-        alone.append(claimed)
-        return finish(claimed, *args, **kwargs)
-
-    monkeypatch.setattr(sqlite_platform, "finish", counted)
+    alone = _calls(monkeypatch, sqlite_platform, "finish")
     runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
     attempts = sqlite_platform.attempts(submitted.run_id)
@@ -366,14 +359,7 @@ def test_a_chain_on_its_own_worker_does_not_ask_the_dispatcher_before_every_step
     trip for nothing), only every QUIET_SECONDS; work published meanwhile is still taken."""
     submitted = sqlite_platform.submit(workflows.relay, {"n": 40})
     dispatcher = InProcessDispatcher()
-    asked: list[int] = []
-    receive = dispatcher.receive
-
-    def counted(limit: int, block_seconds: float = 0.0) -> Any:
-        asked.append(limit)
-        return receive(limit, block_seconds)
-
-    monkeypatch.setattr(dispatcher, "receive", counted)
+    asked = _calls(monkeypatch, dispatcher, "receive")
     worker = Worker(sqlite_platform, dispatcher, concurrency=1)
     _WORKERS.append(worker)
     dispatcher.publish(submitted.queued)
