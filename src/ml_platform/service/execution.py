@@ -528,8 +528,12 @@ class Execution(Planning):
             for row in conn.execute(_CLAIM_IN_ONE_STATEMENT, {"attempt_ids": again, **params}):
                 rows[row.attempt_id] = row
         claims: list[ClaimedAttempt | None] = []
+        seen: set[int] = set()
         for attempt_id in attempt_ids:
             found = rows.get(attempt_id)
+            if attempt_id in seen:  # delivered twice (published again): one claim only
+                found = None
+            seen.add(attempt_id)
             if found is None or not found.task_run_claimed:
                 claims.append(None)
             elif not found.attempt_claimed:
