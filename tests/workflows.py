@@ -208,6 +208,13 @@ def pooled_pipeline() -> None:
 
 
 @workflow
+def spread(n: int = 4) -> None:
+    """One task, then n tasks that read it (each its only upstream), then their total."""
+    first = double(1)
+    total([double(first) for _ in range(n)])
+
+
+@workflow
 def relay(n: int = 5) -> None:
     """A chain of n short steps."""
     value = double(1)

@@ -977,6 +977,38 @@ def test_a_finish_continues_with_what_it_made_ready_in_the_same_transaction(
     double_, total_ = platform.attempts(chain.run_id)
     assert (total_.state, total_.worker_id) == ("running", "worker-a")
     assert total_.started_at == double_.finished_at  # one transaction for both
+    assert total_.lease_expires_at is not None and total_.started_at is not None
+    assert total_.lease_expires_at > total_.started_at
+
+    # A chain's step on PostgreSQL: the success (with the run's lock), the next task run's
+    # read, and its start (made running, claimed and given its input): three statements.
+    relay = platform.submit(workflows.relay, {"n": 3})
+    step = platform.claim(relay.queued[0].attempt_id, "worker-a")
+    assert step is not None
+    _, [second] = platform.finish_and_claim(
+        [(step, execute(platform, step))], [], "worker-a", take=1
+    )
+    assert second is not None
+    with statements_sent(platform) as statements:
+        _, [third] = platform.finish_and_claim(
+            [(second, execute(platform, second))], [], "worker-a", take=1
+        )
+    assert third is not None and third.inputs["args"][0]["stored"] == {"value": 4}
+    if platform.db.engine.dialect.name == "postgresql":
+        assert len(statements) == 3, statements
+
+    # A finish that makes more ready than the worker may take: it takes what it may, the
+    # rest is queued for others.
+    wide = platform.submit(workflows.spread, {"n": 5})
+    root = platform.claim(wide.queued[0].attempt_id, "worker-a")
+    assert root is not None
+    queued, claims = platform.finish_and_claim(
+        [(root, execute(platform, root))], [], "worker-a", take=2
+    )
+    assert len(claims) == 2 and all(c is not None for c in claims)
+    assert len(queued[0] or []) == 3
+    states = sorted(a.state for a in platform.attempts(wide.run_id))
+    assert states == ["queued"] * 3 + ["running"] * 2 + ["succeeded"]
 
     # Without a free slot, or for a queue this worker does not serve, it is published.
     for take, serves in ((0, lambda _q: True), (1, lambda q: q != "tests-pool")):

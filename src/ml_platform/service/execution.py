@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -340,6 +341,53 @@ _CANCELLED_IN_ARRAY = (
         Run.cancel_requested.is_(True),
     )
 )
+
+#: A chain's next steps made and claimed at once, for the worker that finished the step before
+#: (PostgreSQL; see Execution._next_steps): their task runs start, their attempts are made
+#: running, held by :worker_id, and each comes back with what a claim returns.
+_START_NEXT = text("""
+    WITH started AS (
+        UPDATE task_runs
+        SET state = :task_running, current_attempt = current_attempt + 1,
+            started_at = coalesce(started_at, :now)
+        WHERE id = ANY(:ids)
+        RETURNING id, run_id, current_attempt, pool, options, node_id, task_ref, inputs,
+            code_version, upstream
+    ), made AS (
+        INSERT INTO attempts (task_run_id, run_id, number, state, pool, not_before,
+            timeout_seconds, created_at, worker_id, started_at, lease_expires_at)
+        SELECT id, run_id, current_attempt, :attempt_running, pool, :now,
+            CAST(options ->> 'timeout' AS DOUBLE PRECISION), :now, :worker_id, :now, :lease
+        FROM started
+        RETURNING id, task_run_id
+    )
+    SELECT made.id AS attempt_id, started.run_id, started.id AS task_run_id,
+        started.current_attempt AS number, started.node_id, started.task_ref, started.inputs,
+        started.options, started.code_version,
+        (SELECT json_object_agg(u.node_id, u.result) FROM task_runs u
+            WHERE u.run_id = started.run_id
+                AND u.node_id IN (SELECT json_array_elements_text(started.upstream))
+        ) AS upstream_results
+    FROM made JOIN started ON started.id = made.task_run_id
+    """).bindparams(
+    bindparam("ids", type_=ARRAY(Integer)),
+    bindparam("now", type_=UTCDateTime),
+    bindparam("lease", type_=UTCDateTime),
+)
+
+
+@dataclass
+class _Starts:
+    """A finish that may continue on its worker (session.info[_STARTS]): who, how many more
+    attempts it may start, which queues it serves, and the claims made so far."""
+
+    worker_id: str
+    left: int
+    serves: Callable[[str], bool]
+    started: list[ClaimedAttempt]
+
+
+_STARTS = "starts"
 
 #: What the next steps of a chain are read for: whether they are plain, and what queuing them
 #: and claiming them needs.
@@ -713,7 +761,10 @@ class Execution(Planning):
                 # commit; whatever comes after it in the transaction makes others wait.
                 claims = self._claim_all_in(session, attempt_ids, worker_id, now)
                 queued: list[list[Dispatch] | None]
+                started: list[ClaimedAttempt] = []
                 if all(outcome.state == AttemptState.SUCCEEDED for _, outcome in finished):
+                    if take > 0 and session.connection().dialect.name == "postgresql":
+                        session.info[_STARTS] = _Starts(worker_id, take, serves, started)
                     queued = list(self._end_successes_in(session, finished, now, worker_id))
                 else:
                     queued = [
@@ -729,7 +780,10 @@ class Execution(Planning):
                         )
                         for claimed, outcome in finished
                     ]
-                claims += self._continue(session, queued, take, serves, worker_id, now)
+                claims += started
+                claims += self._continue(
+                    session, queued, take - len(started), serves, worker_id, now
+                )
             return queued, claims
         except (_Abort, DBAPIError):
             pass
@@ -1034,7 +1088,21 @@ class Execution(Planning):
         )
         if len(tasks) != len(waiting) or not plain:
             return None
-        return self._new_attempts(session, tasks, now, delay=0.0)
+        starts: _Starts | None = session.info.get(_STARTS)
+        running = (run.run_state if "run_state" in run._fields else run.state) == RunState.RUNNING
+        if starts is None or not running or not starts.serves(queue_of(None)):
+            return self._new_attempts(session, tasks, now, delay=0.0)
+        # Finish and continue, with nothing between: the first ones are made running, claimed
+        # for the finishing worker in the statement that makes them; the rest are queued.
+        mine, others = tasks[: starts.left], tasks[starts.left :]
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
+        params = {"now": now, "lease": lease, "worker_id": starts.worker_id, **_CLAIM_STATES}
+        conn = session.connection()
+        for row in conn.execute(_START_NEXT, {"ids": [task.id for task in mine], **params}):
+            claimed = self._claimed(conn, row.attempt_id, row, row.upstream_results or {})
+            starts.started.append(claimed)
+        starts.left -= len(mine)
+        return self._new_attempts(session, others, now, delay=0.0)
 
     def _retry_after(
         self, conn: Connection, run_id: str, task: Any, outcome: Outcome
