@@ -48,7 +48,6 @@ from ml_platform.service.core import (
     storable_text,
 )
 from ml_platform.service.planning import Planning
-from ml_platform.store.db import json_text
 from ml_platform.store.models import (
     Artifact,
     Attempt,
@@ -256,6 +255,25 @@ _END_TASK_RUN = (
     .values(_TASK_RUN_END)
     .returning(*_TASK_RUN_ENDED)
 )
+
+
+def _ending(
+    attempt_id: int,
+    from_state: AttemptState,
+    outcome: Outcome,
+    now: datetime,
+    guarded_by: dict[str, Any],
+) -> dict[str, Any]:
+    """The parameters of an attempt's guarded ending (see _Guard)."""
+    return {
+        "attempt_id": attempt_id,
+        "from_state": from_state,
+        "state": outcome.state,
+        "now": now,
+        "error": outcome.error,
+        "log": outcome.log,
+        **guarded_by,
+    }
 
 
 def _success_end(outcome: Outcome) -> dict[str, Any]:
@@ -885,15 +903,7 @@ class Execution(Planning):
             run = self._lock_run_row(conn, run_id)
         # The attempt's guarded UPDATE names its task run (RETURNING): one round trip.
         statement, guarded_by = guard
-        ending = {
-            "attempt_id": attempt_id,
-            "from_state": from_state,
-            "state": outcome.state,
-            "now": now,
-            "error": outcome.error,
-            "log": outcome.log,
-            **guarded_by,
-        }
+        ending = _ending(attempt_id, from_state, outcome, now, guarded_by)
         if outcome.state == AttemptState.SUCCEEDED:
             if conn.dialect.name == "postgresql":  # both UPDATEs in one round trip
                 task = conn.execute(
@@ -992,7 +1002,7 @@ class Execution(Planning):
                 for claimed, outcome in finished
             ]
             for row in outcomes:  # as a string of JSON: see store.db._recordset_insert
-                row["result"] = None if row["result"] is None else json_text(row["result"])
+                row["result"] = None if row["result"] is None else json.dumps(row["result"])
             params = {
                 "outcomes": json.dumps(outcomes),
                 "now": now,
@@ -1007,15 +1017,7 @@ class Execution(Planning):
             statement, guarded_by = _held_by(worker_id)
             tasks = {}
             for claimed, outcome in finished:
-                ending = {
-                    "attempt_id": claimed.attempt_id,
-                    "from_state": AttemptState.RUNNING,
-                    "state": outcome.state,
-                    "now": now,
-                    "error": outcome.error,
-                    "log": outcome.log,
-                    **guarded_by,
-                }
+                ending = _ending(claimed.attempt_id, AttemptState.RUNNING, outcome, now, guarded_by)
                 tasks[claimed.attempt_id] = self._end_success(
                     conn, statement, ending, claimed.number, outcome, now
                 )
@@ -1089,8 +1091,8 @@ class Execution(Planning):
         if len(tasks) != len(waiting) or not plain:
             return None
         starts: _Starts | None = session.info.get(_STARTS)
-        running = (run.run_state if "run_state" in run._fields else run.state) == RunState.RUNNING
-        if starts is None or not running or not starts.serves(queue_of(None)):
+        # (Set only for a batch of successes on PostgreSQL, whose run rows carry run_state.)
+        if starts is None or run.run_state != RunState.RUNNING or not starts.serves(queue_of(None)):
             return self._new_attempts(session, tasks, now, delay=0.0)
         # Finish and continue, with nothing between: the first ones are made running, claimed
         # for the finishing worker in the statement that makes them; the rest are queued.

@@ -375,20 +375,23 @@ class Planning(Queries):
                 made_for[row.task_run_id] = row.id
             for chunk in chunks:
                 conn.execute(_QUEUE_TASK_RUNS, {"ids": chunk})
-        made = session.info.setdefault(_MADE, {})  # for finish and continue (_continue)
+        # What finish and continue claims without reading it back (SQLite: see _continue;
+        # PostgreSQL's claim reads it in its one statement).
+        made = None if conn.dialect.name == "postgresql" else session.info.setdefault(_MADE, {})
         queued = []
         for task_run in task_runs:
             attempt_id = made_for[task_run.id]
-            made[attempt_id] = _Claimable(
-                run_id=task_run.run_id,
-                task_run_id=task_run.id,
-                number=task_run.current_attempt + 1,
-                node_id=task_run.node_id,
-                task_ref=task_run.task_ref,
-                inputs=task_run.inputs,
-                options=task_run.options,
-                code_version=task_run.code_version,
-            )
+            if made is not None:
+                made[attempt_id] = _Claimable(
+                    run_id=task_run.run_id,
+                    task_run_id=task_run.id,
+                    number=task_run.current_attempt + 1,
+                    node_id=task_run.node_id,
+                    task_ref=task_run.task_ref,
+                    inputs=task_run.inputs,
+                    options=task_run.options,
+                    code_version=task_run.code_version,
+                )
             if isinstance(task_run, TaskRun):  # keep the session's object in step
                 set_committed_value(task_run, "current_attempt", task_run.current_attempt + 1)
                 set_committed_value(task_run, "state", TaskState.QUEUED)

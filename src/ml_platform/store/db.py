@@ -123,7 +123,7 @@ def insert_rows(
         if nested:  # each JSON value travels as a string of JSON (see _recordset_insert)
             rows = [
                 {
-                    name: json_text(value) if name in nested and value is not None else value
+                    name: json.dumps(value) if name in nested and value is not None else value
                     for name, value in row.items()
                 }
                 for row in rows
@@ -142,12 +142,6 @@ def _naive_utc(value: object) -> str:
     if isinstance(value, datetime):
         return value.astimezone(UTC).replace(tzinfo=None).isoformat()
     raise TypeError(f"cannot store {type(value).__name__} as JSON")
-
-
-def json_text(value: Any) -> str:
-    """A value as JSON text, for a JSON column read from a recordset as text (see
-    _recordset_insert)."""
-    return json.dumps(value)
 
 
 def _json_columns(table: Table, names: tuple[str, ...]) -> frozenset[str]:
