@@ -230,6 +230,49 @@ def test_a_worker_killed_holding_a_batch_of_short_attempts_loses_none_of_them(
     assert results["total"] == {"value": float(sum(2 * i for i in range(600)))}
 
 
+def test_sigterm_to_a_worker_holding_a_batch_of_short_attempts_commits_or_hands_back_all(
+    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
+) -> None:
+    """SIGTERM while a worker holds a batch of short attempts (claimed ahead, outcomes not yet
+    committed): the drain commits what ran, hands back what did not (charging nothing), and
+    exits 0 holding nothing; another worker runs the rest, every task committed once."""
+    [holder] = workers(1)
+    assert holder.stdout is not None
+    drain = threading.Thread(target=holder.stdout.read, daemon=True)
+    drain.start()
+    submitted = platform.submit(workflows.arithmetic, {"n": 600})
+    held = f":{holder.pid}:"
+
+    def holds_a_batch() -> bool:
+        with platform.db.session() as session:
+            running = session.scalar(
+                select(func.count())
+                .select_from(Attempt)
+                .where(Attempt.state == "running", Attempt.worker_id.contains(held))
+            )
+        return (running or 0) > 4
+
+    wait_for(holds_a_batch, interval=0.005)
+    holder.send_signal(signal.SIGTERM)
+    assert holder.wait(timeout=30) == 0
+    drain.join(timeout=30)
+    mine = [a for a in platform.attempts(submitted.run_id) if held in (a.worker_id or "")]
+    assert mine and not [a for a in mine if a.state == "running"]
+    handed = [a for a in mine if a.state == "lost"]
+    assert all(a.error == "handed back: draining" for a in handed)
+    [other] = workers(1)
+    assert other.stdout is not None
+    threading.Thread(target=other.stdout.read, daemon=True).start()
+    wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
+    assert platform.run(submitted.run_id)[0].state == "succeeded"
+    tasks = platform.task_runs(submitted.run_id)
+    assert {t.lost_attempts for t in tasks} == {0}  # a hand-back is not a loss
+    attempts = platform.attempts(submitted.run_id)
+    assert sum(a.state == "succeeded" for a in attempts) == len(tasks)  # each committed once
+    other.send_signal(signal.SIGTERM)
+    other.wait(timeout=30)
+
+
 def _utc(moment: datetime | None) -> datetime:
     assert moment is not None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
