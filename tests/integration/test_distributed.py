@@ -187,6 +187,17 @@ def test_a_worker_killed_holding_claims_made_ahead_loses_none_of_them(
     assert sum(a.state == "succeeded" for a in attempts) == len(tasks)  # each committed once
 
 
+def _running_held_by(platform: Platform, held: str) -> int:
+    """How many attempts run held by the worker whose id contains ``held``."""
+    with platform.db.session() as session:
+        running = session.scalar(
+            select(func.count())
+            .select_from(Attempt)
+            .where(Attempt.state == "running", Attempt.worker_id.contains(held))
+        )
+    return running or 0
+
+
 def test_a_worker_killed_holding_a_batch_of_short_attempts_loses_none_of_them(
     platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
 ) -> None:
@@ -197,17 +208,7 @@ def test_a_worker_killed_holding_a_batch_of_short_attempts_loses_none_of_them(
     [holder] = workers(1)
     submitted = platform.submit(workflows.arithmetic, {"n": 600})
     held = f":{holder.pid}:"
-
-    def holds_a_batch() -> bool:
-        with platform.db.session() as session:
-            running = session.scalar(
-                select(func.count())
-                .select_from(Attempt)
-                .where(Attempt.state == "running", Attempt.worker_id.contains(held))
-            )
-        return (running or 0) > 4
-
-    wait_for(holds_a_batch, interval=0.005)
+    wait_for(lambda: _running_held_by(platform, held) > 4, interval=0.005)  # a batch
     holder.kill()
     holder.communicate(timeout=10)
     [other] = workers(1)
@@ -242,17 +243,7 @@ def test_sigterm_to_a_worker_holding_a_batch_of_short_attempts_commits_or_hands_
     drain.start()
     submitted = platform.submit(workflows.arithmetic, {"n": 600})
     held = f":{holder.pid}:"
-
-    def holds_a_batch() -> bool:
-        with platform.db.session() as session:
-            running = session.scalar(
-                select(func.count())
-                .select_from(Attempt)
-                .where(Attempt.state == "running", Attempt.worker_id.contains(held))
-            )
-        return (running or 0) > 4
-
-    wait_for(holds_a_batch, interval=0.005)
+    wait_for(lambda: _running_held_by(platform, held) > 4, interval=0.005)  # a batch
     holder.send_signal(signal.SIGTERM)
     assert holder.wait(timeout=30) == 0
     drain.join(timeout=30)
