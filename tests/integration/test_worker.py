@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from ml_platform import task_runner
+from ml_platform import worker as worker_module
 from ml_platform.config import Settings
 from ml_platform.dispatch import InProcessDispatcher
 from ml_platform.engine.states import RunState
@@ -357,6 +358,9 @@ def test_a_chain_on_its_own_worker_does_not_ask_the_dispatcher_before_every_step
     """A chain's short steps continue on the worker that finished the step before: after the
     dispatcher had nothing, the worker does not ask it again before each step (a Redis round
     trip for nothing), only every QUIET_SECONDS; work published meanwhile is still taken."""
+    # Long enough that a loaded machine (coverage, four test processes on two cores) cannot
+    # make a step outlast it: the count below is then about the rule, not the machine.
+    monkeypatch.setattr(worker_module, "QUIET_SECONDS", 1.0)
     submitted = sqlite_platform.submit(workflows.relay, {"n": 40})
     dispatcher = InProcessDispatcher()
     asked = _calls(monkeypatch, dispatcher, "receive")
