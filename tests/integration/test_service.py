@@ -172,6 +172,28 @@ def test_processes_starting_together_on_an_empty_database_all_start(
     assert _schema_and_contents(url) == ([], head_revision(), [(1, "default")])
 
 
+def test_a_new_sqlite_database_written_by_another_process_is_waited_for(tmp_path: Path) -> None:
+    """SQLite refuses the switch to WAL at once ("database is locked", its busy timeout not
+    applied) while another connection is writing a database still in its first journal mode:
+    the case of processes opening a new database together. Opening waits for the writer."""
+    import sqlite3
+
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE busy (x INTEGER)")
+    done = threading.Timer(0.3, writer.execute, ("ROLLBACK",))
+    done.start()
+    database = Database(f"sqlite:///{path}")
+    try:
+        database.ensure_schema()
+    finally:
+        done.join()
+        database.dispose()
+        writer.close()
+    assert _schema_and_contents(f"sqlite:///{path}") == ([], head_revision(), [(1, "default")])
+
+
 def test_fan_out_fan_in_run_succeeds_with_results_and_metrics(platform: Platform) -> None:
     submitted = platform.submit(workflows.arithmetic, {"n": 4})
     assert len(submitted.queued) == 4  # the four doubles, nothing else yet

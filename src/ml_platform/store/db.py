@@ -51,6 +51,27 @@ class DatabaseUnavailable(RuntimeError):
     """The database cannot be reached or opened; the message names the URL (without password)."""
 
 
+#: How long a new SQLite connection keeps trying to switch the database to WAL.
+WAL_SWITCH_SECONDS = 30.0
+
+
+def _to_wal(cursor: sqlite3.Cursor) -> None:
+    """Put the database in WAL mode. SQLite answers "database is locked" at once, without
+    waiting out the busy timeout, when another connection holds a lock while this one
+    changes the journal mode (processes opening a new database together): try again."""
+    deadline = time.monotonic() + WAL_SWITCH_SECONDS
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and serialized write transactions."""
     parsed = make_url(url)
@@ -62,7 +83,7 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
             cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _to_wal(cursor)
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
