@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -262,11 +263,58 @@ def _point_output_at(log_path: str) -> None:
     os.close(fd)
 
 
-def serve(requests: BinaryIO, replies: BinaryIO) -> int:
-    """Run the attempts read from ``requests`` one by one; answer each on ``replies``."""
+class Requests:
+    """The worker's requests, one JSON line each, read from a file descriptor; the line after
+    one can be looked at without waiting (see serve)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = b""
+
+    def line(self, wait: bool = True) -> bytes | None:
+        """The next line; None at the end, or, when not waiting, if no whole line has come."""
+        while b"\n" not in self._buffer:
+            if not wait and not select.select([self.fd], [], [], 0)[0]:
+                return None
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def put_back(self, line: bytes) -> None:
+        self._buffer = line + b"\n" + self._buffer
+
+
+def _revoked(requests: Requests, request: dict[str, Any]) -> bool:
+    """Whether the worker took back this request while it waited behind the previous one: a
+    revoke naming its attempt follows it (one that comes later is too late, and ignored)."""
+    following = requests.line(wait=False)
+    if following is None:
+        return False
+    revoke = json.loads(following).get("revoke")
+    if revoke is not None and revoke == request.get("attempt"):
+        return True
+    requests.put_back(following)
+    return False
+
+
+def serve(requests: Requests, replies: BinaryIO) -> int:
+    """Run the attempts read from ``requests`` one by one; answer each on ``replies``.
+
+    The worker may send a request while the previous one runs, so that it starts the moment
+    the previous one is answered; until then it may take it back (``{"revoke": attempt}``),
+    and the answer is ``{"revoked": true}``."""
     ran = 0
-    for line in requests:
+    while (line := requests.line()) is not None:
         request = json.loads(line)
+        if "revoke" in request:
+            continue  # too late: its attempt had started, and has its own answer
+        if _revoked(requests, request):
+            replies.write(b'{"revoked": true}\n')
+            replies.flush()
+            continue
         _point_output_at(request["log"])
         if ran and _is_stale(request):
             replies.write(b'{"stale": true}\n')
@@ -299,7 +347,7 @@ def _is_stale(request: dict[str, Any]) -> bool:
 def main(argv: list[str]) -> int:
     bind_to_worker(int(argv[1]))
     with os.fdopen(int(argv[0]), "wb", buffering=0) as replies:
-        return serve(sys.stdin.buffer, replies)
+        return serve(Requests(sys.stdin.fileno()), replies)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,19 @@ class _Runner:
         self.process.stdin.flush()
         self.ran += 1
 
+    def revoke(self, attempt_id: int) -> None:
+        """Take back the request sent behind the running one (the answer says if it was in time)."""
+        assert self.process.stdin is not None  # nosec B101 - opened with stdin=PIPE
+        try:
+            self.process.stdin.write(json.dumps({"revoke": attempt_id}).encode() + b"\n")
+            self.process.stdin.flush()
+        except OSError:
+            pass  # the process is gone: it began nothing more (see Worker._collect)
+
+    def has_reply(self) -> bool:
+        """Whether a whole reply has been read already (so waiting on the pipe would stall)."""
+        return b"\n" in self._buffer
+
     def reply(self) -> dict[str, Any] | None:
         """The reply to the current request if it has arrived, else None (never blocks)."""
         while b"\n" not in self._buffer:
@@ -207,11 +220,19 @@ class _Runner:
 
 @dataclass
 class _Reserved:
-    """An attempt claimed ahead (committed: leased to this worker), waiting for a slot."""
+    """An attempt claimed ahead (committed: leased to this worker), waiting for a slot; or
+    sent ahead to a busy task process (``runner``), which begins it as soon as it has answered
+    for the running one, without waiting for the worker."""
 
     claimed: ClaimedAttempt
     delivery: Delivery
     since: float
+    runner: _Runner | None = None
+    request: dict[str, Any] = field(default_factory=dict)
+    log_path: Path = Path()
+    #: Sent ahead, then taken back: ended in the database already, its process told to skip
+    #: it (if it began meanwhile, its outcome is fenced out).
+    revoking: bool = False
 
 
 @dataclass
@@ -372,12 +393,15 @@ class Worker:
         for reserved in list(self.reserved):
             if self.draining or now - reserved.since > self._reserved_wait():
                 reason = "draining" if self.draining else "waited too long for a slot"
-                self._end_reserved(reserved, _handed_back(reason))
+                self._take_back(reserved, _handed_back(reason))
         started = []
-        while self.reserved and self.accepting:
-            reserved = self.reserved.pop(0)
+        while self.accepting and (waiting := self._unsent()):
+            reserved = waiting[0]
+            self.reserved.remove(reserved)
             self._spawn(reserved.claimed, reserved.delivery)
             started.append(reserved.claimed.attempt_id)
+        if not self.draining:
+            self._send_ahead()
         # A run cancelled since the claim (which a claim made now would have refused): its
         # attempt is stopped at once. Asked after the start, while the task runs, not before:
         # a read on the way between two tasks cost 10 ms tasks more than a third of the gain.
@@ -393,13 +417,109 @@ class Worker:
                     self.stop(attempt_id, "run cancelled")
         return bool(started)
 
+    def _unsent(self) -> list[_Reserved]:
+        return [reserved for reserved in self.reserved if reserved.runner is None]
+
+    def _send_ahead(self) -> None:
+        """Send a claim made ahead to each busy task process that has none waiting: it begins
+        the moment the running attempt is answered, not after the worker's next pass (which may
+        be in a commit or a scheduler pass then)."""
+        limit = self.platform.settings.max_tasks_per_process
+        taken = {id(reserved.runner) for reserved in self.reserved if reserved.runner}
+        for child in list(self.children.values()):
+            runner = child.runner
+            if id(runner) in taken or runner.stop_deadline is not None:
+                continue
+            if limit and runner.ran >= limit:
+                continue  # it ends after this attempt
+            waiting = self._unsent()
+            # A claim sent to a process waits for that process, which may turn out long: with
+            # several slots, enough stay unsent for any slot that frees first.
+            if not waiting or (self.concurrency > 1 and len(waiting) <= len(self.children)):
+                return
+            reserved = waiting[0]
+            reserved.request, reserved.log_path = self._request(reserved.claimed)
+            try:
+                runner.send(reserved.request)
+            except OSError:  # the process died: the next pass collects its attempt
+                reserved.log_path.unlink(missing_ok=True)
+                continue
+            reserved.runner = runner
+            taken.add(id(runner))
+
+    def _sent_to(self, runner: _Runner) -> _Reserved | None:
+        return next((r for r in self.reserved if r.runner is runner), None)
+
+    def _take_back(self, reserved: _Reserved, outcome: Outcome | None) -> None:
+        """End a claim made ahead unrun with ``outcome`` (None: only acknowledge it, its lease
+        was lost)."""
+        if reserved.revoking:
+            return
+        if reserved.runner is None:
+            if outcome is None:
+                self.reserved.remove(reserved)
+                self.dispatcher.ack(reserved.delivery)
+            else:
+                self._end_reserved(reserved, outcome)
+            return
+        # Sent ahead: its process reads a revoke only once the task before has ended, which
+        # may be long. The claim ends now (another worker may take its retry at once), and
+        # the process is told to skip it; had it begun meanwhile, its outcome is fenced out.
+        if outcome is not None:
+            try:
+                queued = self.platform.finish(reserved.claimed, self.worker_id, outcome)
+            except FencedOut:
+                queued = []
+            self.dispatcher.publish(queued)
+        self.dispatcher.ack(reserved.delivery)
+        reserved.revoking = True
+        reserved.runner.revoke(reserved.claimed.attempt_id)
+
+    def _never_began(self, runner: _Runner) -> None:
+        """The process ``runner`` ended (or is being stopped) before it answered for its running
+        attempt: what was sent ahead to it never began. It waits for a slot again (or ends, if
+        it was being taken back)."""
+        reserved = self._sent_to(runner)
+        if reserved is None:
+            return
+        reserved.log_path.unlink(missing_ok=True)
+        reserved.runner = None
+        if reserved.revoking:  # ended already
+            self.reserved.remove(reserved)
+
+    def _begin_sent(self, reserved: _Reserved) -> None:
+        """The process it was sent to has answered for the attempt before: it runs now."""
+        assert reserved.runner is not None  # nosec B101 - only sent claims begin so
+        self.reserved.remove(reserved)
+        claimed = reserved.claimed
+        timeout = claimed.options.get("timeout")
+        now = time.monotonic()
+        self.children[claimed.attempt_id] = _Child(
+            claimed,
+            reserved.delivery,
+            reserved.request,
+            reserved.runner,
+            reserved.log_path,
+            now,
+            now + timeout if timeout else None,
+        )
+        if not reserved.revoking:
+            self._unlooked.append(claimed.attempt_id)
+            self.on_event(f"started {claimed.node_id} (attempt {claimed.number})")
+
     def _end_reserved(self, reserved: _Reserved, outcome: Outcome) -> None:
         """End an attempt claimed ahead that never started (handed back or cancelled). If the
         database is away, it stays claimed ahead: the next pass tries again."""
+        if reserved.revoking:  # ended already
+            reserved.log_path.unlink(missing_ok=True)
+            self.reserved.remove(reserved)
+            return
         try:
             queued = self.platform.finish(reserved.claimed, self.worker_id, outcome)
         except FencedOut:
             queued = []  # its lease was lost meanwhile: the reaper retries it
+        if reserved.runner is not None:  # sent ahead: its process is being stopped
+            reserved.log_path.unlink(missing_ok=True)
         self.reserved.remove(reserved)
         self.dispatcher.publish(queued)
         self.dispatcher.ack(reserved.delivery)
@@ -499,12 +619,13 @@ class Worker:
                 started = True
         return started
 
-    def _spawn(self, claimed: ClaimedAttempt, delivery: Delivery) -> None:
+    def _request(self, claimed: ClaimedAttempt) -> tuple[dict[str, Any], Path]:
+        """What a task process is sent to run ``claimed``, and the log file it writes."""
         settings = self.platform.settings
         fd, name = tempfile.mkstemp(prefix=f"mlp-attempt-{claimed.attempt_id}-", suffix=".log")
         os.close(fd)
-        log_path = Path(name)
         request = {
+            "attempt": claimed.attempt_id,
             "run_id": claimed.run_id,
             "node_id": claimed.node_id,
             "number": claimed.number,
@@ -516,6 +637,10 @@ class Worker:
             "inline_result_bytes": settings.inline_result_bytes,
             "log": name,
         }
+        return request, Path(name)
+
+    def _spawn(self, claimed: ClaimedAttempt, delivery: Delivery) -> None:
+        request, log_path = self._request(claimed)
         runner = self.idle.pop() if self.idle else _Runner(log_path)
         try:
             runner.send(request)
@@ -538,22 +663,34 @@ class Worker:
         """
         collected = False
         for child in list(self.children.values()):
-            reply = child.runner.reply()
+            runner = child.runner
+            reply = runner.reply()
             if reply is not None and reply.get("stale"):
                 # The task's code changed since this process imported it: use a fresh one.
-                child.runner.close()
+                # (What was sent ahead to the old one did not begin: it waits for a slot.)
+                runner.close()
+                self._never_began(runner)
                 child.runner = _Runner(child.log_path)
                 child.runner.send(child.request)
                 continue
-            if reply is None and not child.runner.dead():
+            if reply is None and not runner.dead():
                 continue
-            child.outcome = self._outcome(child, reply)
-            child.ran_seconds = reply.get("seconds") if reply else None
-            child.ended_at = time.monotonic()
             del self.children[child.claimed.attempt_id]
-            self._release(child)
-            self.ended.append(child)
             collected = True
+            # What was sent ahead to this process began the moment it answered.
+            following = self._sent_to(runner) if reply is not None else None
+            if following is not None:
+                self._begin_sent(following)
+            if reply is not None and reply.get("revoked"):
+                child.cleanup()  # taken back in time: ended in the database already
+            else:
+                child.outcome = self._outcome(child, reply)
+                child.ran_seconds = reply.get("seconds") if reply else None
+                child.ended_at = time.monotonic()
+                self.ended.append(child)
+            if following is None:
+                self._never_began(runner)  # it died, if anything was sent ahead to it
+                self._release(child)
         return collected
 
     def _outcome(self, child: _Child, data: dict[str, Any] | None) -> Outcome:
@@ -588,6 +725,8 @@ class Worker:
 
     def wait_for_replies(self, seconds: float) -> None:
         """Sleep up to ``seconds``, waking as soon as a running attempt's process answers."""
+        if any(c.runner.has_reply() for c in self.children.values()):
+            return
         fds = [c.runner.replies for c in self.children.values()]
         if fds:
             select.select(fds, [], [], seconds)
@@ -611,9 +750,11 @@ class Worker:
         return {runner.process.pid for runner in runners}
 
     def _stop_process(self, runner: _Runner) -> None:
-        """End an attempt's processes: SIGTERM now, SIGKILL after the grace (not waited for)."""
+        """End an attempt's processes: SIGTERM now, SIGKILL after the grace (not waited for).
+        What was sent ahead to the process will not begin there: it waits for a slot again."""
         runner.stop(self.platform.settings.kill_grace_seconds)
         self.stopping.append(runner)
+        self._never_began(runner)
 
     def _progress_stops(self) -> None:
         self.stopping = [runner for runner in self.stopping if not runner.stopped()]
@@ -690,8 +831,7 @@ class Worker:
         beat = self.platform.heartbeat([*self.children, *reserved], self.worker_id)
         for attempt_id in beat.lost:
             if attempt_id in reserved:  # never started: nothing to stop
-                self.reserved.remove(reserved[attempt_id])
-                self.dispatcher.ack(reserved[attempt_id].delivery)
+                self._take_back(reserved[attempt_id], None)
                 continue
             child = self.children.pop(attempt_id)
             self._stop_process(child.runner)
@@ -705,7 +845,7 @@ class Worker:
         """Kill a running attempt and record it as cancelled."""
         reserved = next((r for r in self.reserved if r.claimed.attempt_id == attempt_id), None)
         if reserved is not None:
-            self._end_reserved(reserved, Outcome(AttemptState.CANCELLED, error=reason))
+            self._take_back(reserved, Outcome(AttemptState.CANCELLED, error=reason))
             return
         child = self.children.get(attempt_id)
         if child is None:
@@ -715,7 +855,10 @@ class Worker:
 
     def stop_all(self, reason: str) -> None:
         self._commit_ended()
-        for attempt_id in [*self.children, *(r.claimed.attempt_id for r in self.reserved)]:
+        # Claims ahead first, those sent ahead too: their processes are stopped next.
+        for reserved in list(self.reserved):
+            self._end_reserved(reserved, Outcome(AttemptState.CANCELLED, error=reason))
+        for attempt_id in list(self.children):
             self.stop(attempt_id, reason)
 
     def hand_back(self, reason: str) -> None:

@@ -217,6 +217,14 @@ def test_task_processes_are_reused_up_to_the_configured_limit(
     assert len(runtime.worker.idle) == (1 if limit == 0 else 0)
 
 
+def _requests(*lines: dict[str, Any]) -> task_runner.Requests:
+    """A task process's requests, as the worker writes them: JSON lines on a pipe."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    os.close(write_end)
+    return task_runner.Requests(read_end)
+
+
 def test_a_warm_process_with_an_older_copy_of_the_task_hands_it_to_a_fresh_one() -> None:
     first = {
         "run_id": "r",
@@ -232,13 +240,15 @@ def test_a_warm_process_with_an_older_copy_of_the_task_hands_it_to_a_fresh_one()
     changed = {**first, "node_id": "b", "code_version": "0" * 64}
     with tempfile.TemporaryDirectory() as folder:
         log = str(Path(folder) / "log.txt")
-        requests = io.BytesIO(
-            b"".join(json.dumps({**r, "log": log}).encode() + b"\n" for r in (first, changed))
-        )
         replies = io.BytesIO()
         saved = os.dup(1), os.dup(2)
         try:
-            assert task_runner.serve(requests, replies) == 0
+            assert (
+                task_runner.serve(
+                    _requests(*({**r, "log": log} for r in (first, changed))), replies
+                )
+                == 0
+            )
         finally:
             for fd, saved_fd in ((1, saved[0]), (2, saved[1])):
                 os.dup2(saved_fd, fd)
@@ -246,6 +256,54 @@ def test_a_warm_process_with_an_older_copy_of_the_task_hands_it_to_a_fresh_one()
     done, stale = [json.loads(line) for line in replies.getvalue().splitlines()]
     assert done["state"] == "succeeded" and done["result"] == {"value": 4}
     assert stale == {"stale": True}
+
+
+def test_a_request_sent_ahead_runs_after_the_one_before_unless_taken_back_in_time() -> None:
+    """The worker sends a claim ahead behind a running attempt; the process begins it as soon
+    as it has answered, unless a revoke naming it came before that (answer: revoked, unrun).
+    A revoke that comes once it began is too late and changes nothing."""
+
+    def request(attempt: int, value: int, log: str) -> dict[str, Any]:
+        return {
+            "attempt": attempt,
+            "run_id": "r",
+            "node_id": f"n{attempt}",
+            "number": 1,
+            "task_ref": "tests.workflows:double",
+            "code_version": workflows.double.code_version,
+            "inputs": {"args": [value], "kwargs": {}},
+            "options": {},
+            "artifacts_dir": "/nonexistent",
+            "inline_result_bytes": 1024,
+            "log": log,
+        }
+
+    with tempfile.TemporaryDirectory() as folder:
+        log = str(Path(folder) / "log.txt")
+        replies = io.BytesIO()
+        saved = os.dup(1), os.dup(2)
+        try:
+            requests = _requests(
+                request(1, 1, log),
+                request(2, 2, log),
+                {"revoke": 2},  # in time: 2 waits behind 1
+                request(3, 3, log),
+                request(4, 4, log),
+                {"revoke": 3},  # too late: 3 began once 1 (and 2) were answered
+            )
+            assert task_runner.serve(requests, replies) == 0
+            os.close(requests.fd)
+        finally:
+            for fd, saved_fd in ((1, saved[0]), (2, saved[1])):
+                os.dup2(saved_fd, fd)
+                os.close(saved_fd)
+    answers = [json.loads(line) for line in replies.getvalue().splitlines()]
+    assert [a.get("result", a) for a in answers] == [
+        {"value": 2},
+        {"revoked": True},
+        {"value": 6},
+        {"value": 8},
+    ]
 
 
 def test_the_server_loop_looks_for_due_schedules_once_per_poll_not_once_per_pass(
@@ -419,6 +477,26 @@ def test_brief_attempts_start_on_claims_made_while_the_ones_before_ran(
     assert sum(ahead) >= 5, ahead
 
 
+def test_a_claim_sent_ahead_begins_when_the_task_before_ends_without_waiting_for_the_worker(
+    sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    """The next brief attempt is sent to the busy task process behind the running one: it
+    begins the moment that one is answered, even while the worker is busy elsewhere (here: not
+    stepping at all), instead of after the worker's next pass."""
+    stamps = tmp_path / "ends"
+    params = {"path": str(stamps), "n": 6, "seconds": 0.2}
+    submitted = sqlite_platform.submit(workflows.stamped_naps, params)
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
+    _until_reserved(runtime)
+    _send_ahead(runtime)
+    before = len(_ended_at(stamps)) if stamps.exists() else 0
+    time.sleep(1.0)  # the worker does nothing: the running nap ends, the one sent ahead runs
+    assert len(_ended_at(stamps)) == before + 2
+    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+    attempts = sqlite_platform.attempts(submitted.run_id)
+    assert sorted(a.state for a in attempts) == ["succeeded"] * 7  # each once: 6 naps, 1 join
+
+
 def _until_reserved(runtime: Runtime) -> int:
     deadline = time.monotonic() + 30
     while not runtime.worker.reserved:
@@ -427,29 +505,57 @@ def _until_reserved(runtime: Runtime) -> int:
     return runtime.worker.reserved[0].claimed.attempt_id
 
 
+def _send_ahead(runtime: Runtime) -> None:
+    """One more pass: the claim made ahead is sent to the busy task process, behind its task."""
+    runtime.tick()
+    [ahead] = runtime.worker.reserved
+    assert ahead.runner is not None and not ahead.revoking
+
+
+def _holds(runtime: Runtime, attempt_id: int) -> bool:
+    worker = runtime.worker
+    held = [*worker.children, *(r.claimed.attempt_id for r in worker.reserved)]
+    return attempt_id in held or attempt_id in {c.claimed.attempt_id for c in worker.ended}
+
+
+@pytest.mark.parametrize("sent_ahead", [False, True], ids=["waiting", "sent ahead"])
 @pytest.mark.parametrize("why", ["draining", "waited too long for a slot"])
 def test_a_claim_made_ahead_is_handed_back_unrun_and_charges_nothing(
-    sqlite_platform: Platform, tmp_path: Path, why: str
+    sqlite_platform: Platform, tmp_path: Path, why: str, sent_ahead: bool
 ) -> None:
     """A drain takes no more work, and a claim made ahead that waits too long (the task
     before turned out long) may be run sooner elsewhere: either way it is handed back without
-    running, retried at once, on no budget; the run still succeeds."""
-    params = {"path": str(tmp_path / "ends"), "n": 6, "seconds": 0.2}
+    running, retried at once, on no budget; the run still succeeds. One already sent to the
+    busy task process is revoked there, and never begins."""
+    stamps = tmp_path / "ends"
+    params = {"path": str(stamps), "n": 6, "seconds": 0.2}
     submitted = sqlite_platform.submit(workflows.stamped_naps, params)
     runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     reserved = _until_reserved(runtime)
+    if sent_ahead:
+        _send_ahead(runtime)
     if why == "draining":
         runtime.worker.draining = True
     else:
         runtime.worker.reserved[0].since -= 60
     runtime.tick()
-    assert reserved not in {r.claimed.attempt_id for r in runtime.worker.reserved}
+    # Ended in that pass, even one sent ahead (its process would tell only once the task
+    # before ended, which may be long): another worker may take its retry at once.
     [given] = [a for a in sqlite_platform.attempts(submitted.run_id) if a.id == reserved]
     assert (given.state, given.error) == ("lost", f"handed back: {why}")
+    deadline = time.monotonic() + 30
+    while _holds(runtime, reserved):  # one sent ahead: until its process has answered
+        assert time.monotonic() < deadline, "the claim made ahead was never let go"
+        runtime.tick()
     again = [
         a for a in sqlite_platform.attempts(submitted.run_id) if a.task_run_id == given.task_run_id
     ]
-    assert [a.state for a in again] == ["lost", "queued"]
+    assert [a.state for a in again][:1] == ["lost"] and len(again) == 2  # retried at once
+    node = next(
+        t.node_id for t in sqlite_platform.task_runs(submitted.run_id) if t.id == given.task_run_id
+    )
+    if why == "draining":
+        assert node not in _ended_at(stamps)  # it never ran
     [task] = [t for t in sqlite_platform.task_runs(submitted.run_id) if t.id == given.task_run_id]
     assert task.lost_attempts == 0  # a hand-back is not a loss
     while runtime.worker.has_work:
@@ -488,17 +594,20 @@ def test_a_hand_back_with_the_database_away_leaves_claims_ahead_to_their_lease(
     assert held.state == "running"  # still leased: the reaper's to retry once it expires
 
 
+@pytest.mark.parametrize("sent_ahead", [False, True], ids=["waiting", "sent ahead"])
 def test_a_cancel_stops_a_claim_made_ahead_as_it_starts(
-    sqlite_platform: Platform, tmp_path: Path
+    sqlite_platform: Platform, tmp_path: Path, sent_ahead: bool
 ) -> None:
-    """A run cancelled while the worker holds a claim ahead for it: that attempt is stopped
-    as it starts and ends cancelled, its task never finishes, and the worker holds nothing of
-    the run afterwards."""
+    """A run cancelled while the worker holds a claim ahead for it (waiting for a slot, or
+    sent to the busy task process): that attempt ends cancelled, its task never finishes, and
+    the worker holds nothing of the run afterwards."""
     stamps = tmp_path / "ends"
     params = {"path": str(stamps), "n": 6, "seconds": 0.2}
     submitted = sqlite_platform.submit(workflows.stamped_naps, params)
     runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     reserved = _until_reserved(runtime)
+    if sent_ahead:
+        _send_ahead(runtime)
     [task_run_id] = [r.claimed.task_run_id for r in runtime.worker.reserved]
     assert sqlite_platform.cancel(submitted.run_id) is RunState.RUNNING  # its attempts stop
     deadline = time.monotonic() + 30
