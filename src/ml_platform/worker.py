@@ -156,7 +156,7 @@ class _Runner:
         try:
             self.process.stdin.write(json.dumps({"revoke": attempt_id}).encode() + b"\n")
             self.process.stdin.flush()
-        except OSError:
+        except (OSError, ValueError):  # its pipe broke, or was closed with it
             pass  # the process is gone: it began nothing more (see Worker._collect)
 
     def has_reply(self) -> bool:

@@ -497,6 +497,31 @@ def test_a_claim_sent_ahead_begins_when_the_task_before_ends_without_waiting_for
     assert sorted(a.state for a in attempts) == ["succeeded"] * 7  # each once: 6 naps, 1 join
 
 
+def test_a_task_process_killed_with_a_claim_sent_ahead_to_it_runs_that_claim_elsewhere(
+    sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    """kill -9 of a task process while a claim is sent ahead to it: its running attempt fails
+    (and is retried), and the claim sent ahead, which never began there, runs once in a fresh
+    process on the same claim."""
+    stamps = tmp_path / "ends"
+    params = {"path": str(stamps), "n": 6, "seconds": 0.2}
+    submitted = sqlite_platform.submit(workflows.stamped_naps, params)
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
+    ahead = _until_reserved(runtime)
+    _send_ahead(runtime)
+    [(running, child)] = runtime.worker.children.items()
+    os.kill(child.runner.process.pid, signal.SIGKILL)
+    runtime.drive(submitted.run_id, timeout=60)  # failed: the killed nap had no retries
+    attempts = {a.id: a for a in sqlite_platform.attempts(submitted.run_id)}
+    assert attempts[running].state == "failed"
+    assert "killed by signal SIGKILL" in (attempts[running].error or "")
+    assert attempts[ahead].state == "succeeded"  # the same claim, begun in another process
+    tasks = {t.id: t.node_id for t in sqlite_platform.task_runs(submitted.run_id)}
+    assert tasks[attempts[ahead].task_run_id] in _ended_at(stamps)
+    ended = [line.split()[0] for line in stamps.read_text().splitlines()]
+    assert len(ended) == len(set(ended))  # none ran twice
+
+
 def _until_reserved(runtime: Runtime) -> int:
     deadline = time.monotonic() + 30
     while not runtime.worker.reserved:
