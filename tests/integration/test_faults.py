@@ -131,8 +131,10 @@ def test_postgresql_restarted_under_a_busy_worker(
             stderr=subprocess.STDOUT,
         )
     try:
-        submitted = platform.submit(workflows.arithmetic, {"n": 2000})
-        wait_for(lambda: output.read_text().count("succeeded double") >= 100, timeout=30)
+        # 400 tasks of 5 ms on one slot: at least 2 s of work, however fast the machine.
+        submitted = platform.submit(workflows.naps, {"n": 400, "seconds": 0.005})
+        wait_for(lambda: output.read_text().count("succeeded nap") >= 50, timeout=30)
+        assert output.read_text().count("succeeded nap") < 400  # restarted under load
         throwaway_postgres.stop()
         throwaway_postgres.start()
         wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
