@@ -127,6 +127,11 @@ class Task(Generic[P, R]):
             "pool": self.pool,
         }
 
+    @functools.cached_property
+    def _signature(self) -> inspect.Signature:
+        """The function's signature, read once: a fan-out's thousand calls check against it."""
+        return inspect.signature(self.fn)
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         tracer = _TRACER.get()
         if tracer is None:
@@ -261,7 +266,7 @@ class _Tracer:
         map_concurrency: int | None = None,
     ) -> TaskRef:
         try:
-            inspect.signature(task_.fn).bind(*args, **kwargs)
+            task_._signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise WorkflowError(f"task {task_.name!r} called with wrong arguments: {exc}") from None
         mapped = map_items is not _NO_MAP
