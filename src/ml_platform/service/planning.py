@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Integer, Row, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -82,6 +82,22 @@ def _why_not_run(task_run: TaskRun, by_id: Mapping[str, TaskRun]) -> str:
                 because = f": {reason}" if reason and state == TaskState.SKIPPED else ""
                 return f"not run: its upstream {upstream} {verb}{because}"[:1000]
     return "not run: an upstream task did not succeed"
+
+
+class NewTaskRun(NamedTuple):
+    """A root of a run just stored, as _new_attempts reads a task run (see _start_new_run)."""
+
+    id: int
+    run_id: str
+    node_id: str
+    task_ref: str
+    code_version: str
+    inputs: dict[str, Any]
+    options: dict[str, Any]
+    pool: str | None
+    #: Queued as it is by the engine's plan: no map, cache or pool, no run-wide limit.
+    plain: bool
+    current_attempt: int = 0
 
 
 class Planning(Queries):
@@ -331,10 +347,21 @@ class Planning(Queries):
         )
         return (busy or 0) < slots
 
+    def _start_new_run(
+        self, session: Session, run_id: str, roots: Sequence[NewTaskRun], now: datetime
+    ) -> list[Dispatch]:
+        """A run just stored: queue its first steps. When they are its plain roots (no map,
+        cache or pool, no run-wide limit: what the engine's plan would queue as they are),
+        straight from what was stored, without reading the run back (a fan-out's thousand task
+        runs through the ORM); otherwise through the plan."""
+        if roots and all(root.plain for root in roots):
+            return self._new_attempts(session, roots, now, delay=0.0)
+        return self._advance(session, run_id, now)
+
     def _new_attempts(
         self,
         session: Session,
-        task_runs: Sequence[TaskRun | Row[Any]],
+        task_runs: Sequence[TaskRun | Row[Any] | NewTaskRun],
         now: datetime,
         delay: float,
     ) -> list[Dispatch]:
