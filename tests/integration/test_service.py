@@ -826,10 +826,10 @@ def test_a_wide_run_is_stored_in_one_insert_per_table_that_does_not_grow_with_it
     platform: Platform,
 ) -> None:
     """A run of 500 tasks: its task runs go in in one INSERT and its first attempts in
-    another, and nothing of it is read back. On PostgreSQL every statement of the submission has a fixed text (the rows
-    travel as one JSON value, the ids as one array), not a VALUES or IN list the driver must
-    re-parse for every row, and the attempts' INSERT is the statement that queues their task
-    runs; what is stored is what was traced."""
+    another, and nothing of it is read back. On PostgreSQL every statement of the submission
+    has a fixed text (the rows travel as one JSON value, the ids as one array), not a VALUES or
+    IN list the driver must re-parse for every row, and the attempts' INSERT is the statement
+    that queues their task runs; what is stored is what was traced."""
     before = utcnow()
     with statements_sent(platform) as statements:
         submitted = platform.submit(workflows.arithmetic, {"n": 500})
