@@ -425,10 +425,9 @@ class Worker:
         the moment the running attempt is answered, not after the worker's next pass (which may
         be in a commit or a scheduler pass then)."""
         limit = self.platform.settings.max_tasks_per_process
-        taken = {id(reserved.runner) for reserved in self.reserved if reserved.runner}
         for child in list(self.children.values()):
             runner = child.runner
-            if id(runner) in taken or runner.stop_deadline is not None:
+            if runner.stop_deadline is not None or self._sent_to(runner) is not None:
                 continue
             if limit and runner.ran >= limit:
                 continue  # it ends after this attempt
@@ -445,7 +444,6 @@ class Worker:
                 reserved.log_path.unlink(missing_ok=True)
                 continue
             reserved.runner = runner
-            taken.add(id(runner))
 
     def _sent_to(self, runner: _Runner) -> _Reserved | None:
         return next((r for r in self.reserved if r.runner is runner), None)

@@ -47,7 +47,7 @@ from ml_platform.service.core import (
     _Shape,
     storable_text,
 )
-from ml_platform.service.planning import Planning
+from ml_platform.service.planning import Planning, queued_as_it_is
 from ml_platform.store.models import (
     Artifact,
     Attempt,
@@ -346,19 +346,11 @@ _SUCCESS_STATES = {
 }
 
 #: Which of some attempts belong to runs asked to cancel (the ids as one array on PostgreSQL).
-_CANCELLED_AMONG = (
-    select(Attempt.id)
-    .join(Run, Run.id == Attempt.run_id)
-    .where(Attempt.id.in_(bindparam("ids", expanding=True)), Run.cancel_requested.is_(True))
+_CANCELLED = (
+    select(Attempt.id).join(Run, Run.id == Attempt.run_id).where(Run.cancel_requested.is_(True))
 )
-_CANCELLED_IN_ARRAY = (
-    select(Attempt.id)
-    .join(Run, Run.id == Attempt.run_id)
-    .where(
-        Attempt.id == any_(bindparam("ids", type_=ARRAY(Integer))),
-        Run.cancel_requested.is_(True),
-    )
-)
+_CANCELLED_AMONG = _CANCELLED.where(Attempt.id.in_(bindparam("ids", expanding=True)))
+_CANCELLED_IN_ARRAY = _CANCELLED.where(Attempt.id == any_(bindparam("ids", type_=ARRAY(Integer))))
 
 #: A chain's next steps made and claimed at once, for the worker that finished the step before
 #: (PostgreSQL; see Execution._next_steps): their task runs start, their attempts are made
@@ -1082,10 +1074,7 @@ class Execution(Planning):
         )
         plain = all(
             task.state == TaskState.PENDING
-            and "map" not in task.inputs
-            and not task.pool
-            and not task.options.get("cache")
-            and task.options.get("map_of") is None
+            and queued_as_it_is(task.inputs, task.options, task.pool)
             for task in tasks
         )
         if len(tasks) != len(waiting) or not plain:

@@ -84,6 +84,19 @@ def _why_not_run(task_run: TaskRun, by_id: Mapping[str, TaskRun]) -> str:
     return "not run: an upstream task did not succeed"
 
 
+def queued_as_it_is(
+    inputs: Mapping[str, Any], options: Mapping[str, Any], pool: str | None
+) -> bool:
+    """Whether the engine's plan queues a ready task run as it is: no map to expand, no cache
+    to look up, no pool slot or map group to wait for."""
+    return (
+        "map" not in inputs
+        and not pool
+        and not options.get("cache")
+        and options.get("map_of") is None
+    )
+
+
 class NewTaskRun(NamedTuple):
     """A root of a run just stored, as _new_attempts reads a task run (see _start_new_run)."""
 
@@ -95,8 +108,6 @@ class NewTaskRun(NamedTuple):
     inputs: dict[str, Any]
     options: dict[str, Any]
     pool: str | None
-    #: Queued as it is by the engine's plan: no map, cache or pool, no run-wide limit.
-    plain: bool
     current_attempt: int = 0
 
 
@@ -348,13 +359,22 @@ class Planning(Queries):
         return (busy or 0) < slots
 
     def _start_new_run(
-        self, session: Session, run_id: str, roots: Sequence[NewTaskRun], now: datetime
+        self,
+        session: Session,
+        run_id: str,
+        roots: Sequence[NewTaskRun],
+        limited: bool,
+        now: datetime,
     ) -> list[Dispatch]:
-        """A run just stored: queue its first steps. When they are its plain roots (no map,
-        cache or pool, no run-wide limit: what the engine's plan would queue as they are),
-        straight from what was stored, without reading the run back (a fan-out's thousand task
-        runs through the ORM); otherwise through the plan."""
-        if roots and all(root.plain for root in roots):
+        """A run just stored: queue its first steps. When its roots are queued as they are
+        (see queued_as_it_is) and the run has no limit, straight from what was stored,
+        without reading the run back (a fan-out's thousand task runs through the ORM);
+        otherwise through the plan."""
+        if (
+            roots
+            and not limited
+            and all(queued_as_it_is(r.inputs, r.options, r.pool) for r in roots)
+        ):
             return self._new_attempts(session, roots, now, delay=0.0)
         return self._advance(session, run_id, now)
 
