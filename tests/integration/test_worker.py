@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -521,6 +522,76 @@ def test_a_task_process_killed_with_a_claim_sent_ahead_to_it_runs_that_claim_els
     assert tasks[attempts[ahead].task_run_id] in _ended_at(stamps)
     ended = [line.split()[0] for line in stamps.read_text().splitlines()]
     assert len(ended) == len(set(ended))  # none ran twice
+
+
+EDITED_NAPS = """
+import time
+
+from ml_platform.sdk import task, workflow
+
+
+@task
+def nap(x: int, seconds: float, path: str) -> int:
+    time.sleep(seconds)
+    with open(path, "a") as stamps:
+        stamps.write(f"{{x}} {body}\\n")
+    return x
+
+
+@workflow
+def naps(path: str, n: int = 2, seconds: float = 0.1) -> None:
+    for i in range(n):
+        nap(i, seconds, path)
+"""
+
+
+def test_a_stale_task_process_loses_nothing_that_was_sent_ahead_to_it(
+    sqlite_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm task process holding an older copy of the task's module answers `stale` to a
+    newer attempt and exits; the claim already sent ahead to it never began there. Both run
+    once, in a fresh process, on their first attempt: no hand-back, no retry."""
+    code = tmp_path / "code"
+    code.mkdir()
+    module = code / "edited_naps.py"
+    module.write_text(EDITED_NAPS.format(body="first"))
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]))
+    stamps = tmp_path / "stamps"
+    first = sqlite_platform.submit(
+        importlib.import_module("edited_naps").naps, {"path": str(stamps), "n": 1, "seconds": 0}
+    )
+    runtime = _runtime(sqlite_platform, first.run_id, concurrency=1)
+    assert runtime.drive(first.run_id, timeout=60) is RunState.SUCCEEDED
+    [warm] = runtime.worker.idle  # it imported the first copy of the module
+
+    module.write_text(EDITED_NAPS.format(body="second, edited"))
+    sys.modules.pop("edited_naps")
+    second = sqlite_platform.submit(
+        importlib.import_module("edited_naps").naps, {"path": str(stamps), "n": 2, "seconds": 0.3}
+    )
+    worker = runtime.worker
+    runtime.dispatcher.publish(second.queued)
+    for delivery in runtime.dispatcher.receive(2):
+        claimed = sqlite_platform.claim(delivery.attempt_id, worker.worker_id)
+        assert claimed is not None
+        worker.reserved.append(worker_module._Reserved(claimed, delivery, time.monotonic()))
+    worker._start_reserved()  # one starts in the warm process, the other is sent ahead to it
+    [child] = worker.children.values()
+    [ahead] = worker.reserved
+    assert child.runner is warm and ahead.runner is warm
+
+    after = Runtime(sqlite_platform, runtime.dispatcher, worker, only_run=second.run_id)
+    assert after.drive(second.run_id, timeout=60) is RunState.SUCCEEDED
+    assert not wait_until_dead([warm.process.pid])
+    attempts = sqlite_platform.attempts(second.run_id)
+    assert [(a.number, a.state) for a in attempts] == [(1, "succeeded")] * 2, attempts
+    assert {t.lost_attempts for t in sqlite_platform.task_runs(second.run_id)} == {0}
+    assert sorted(stamps.read_text().splitlines()) == [
+        "0 first",
+        "0 second, edited",
+        "1 second, edited",
+    ]
 
 
 def _until_reserved(runtime: Runtime) -> int:
