@@ -27,6 +27,7 @@ from ml_platform.store.db import head_from_files
 from tests import workflows as workflows_module
 from tests.conftest import RedisTarget
 from tests.helpers import run_inline
+from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 SECRET = "k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6"
@@ -73,6 +74,22 @@ def submit(api: Api, headers: dict[str, str], workflow: str, **params: object) -
     assert response.status_code == 201, response.text
     run_id: str = response.json()["id"]
     return run_id
+
+
+def test_a_request_that_needs_an_unreachable_redis_is_a_503_to_retry(
+    sqlite_platform: Platform,
+) -> None:
+    """The sign-in limit lives in Redis: with Redis away, a sign-in is refused with 503 and
+    Retry-After (the client may try again), never a 500 or a sign-in past the limit."""
+    settings = sqlite_platform.settings
+    settings.secret_key = SECRET
+    Accounts(sqlite_platform.db, timedelta(days=1)).create_user("alice", PASSWORD)
+    settings.redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with TestClient(create_app(settings, platform=sqlite_platform)) as client:
+        login = client.post("/api/v1/auth/token", json={"username": "alice", "password": PASSWORD})
+    assert login.status_code == 503, login.text
+    assert login.json()["error"]["code"] == "redis_unavailable"
+    assert login.headers["retry-after"] == "1"
 
 
 def test_login_me_and_wrong_passwords_are_rate_limited(api: Api) -> None:

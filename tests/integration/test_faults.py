@@ -96,6 +96,13 @@ def test_postgresql_restarted_during_a_run(
             down = api.get("/readyz")
             assert down.status_code == 503
             assert down.json()["checks"]["database"].startswith("unreachable")
+            # A request that needs the database meanwhile: 503 and when to ask again, not a
+            # 500 that says the server failed.
+            for _ in range(2):  # the connection the server dropped, then a refused one
+                scraped = api.get("/metrics")
+                assert scraped.status_code == 503, scraped.text
+                assert scraped.json()["error"]["code"] == "database_unavailable"
+                assert scraped.headers["retry-after"] == "1"
             time.sleep(1.0)  # the worker's heartbeats fail meanwhile; it must keep going
             throwaway_postgres.start()
             wait_for(lambda: api.get("/readyz").status_code == 200)

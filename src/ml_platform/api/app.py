@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from sqlalchemy import exc as db_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -40,6 +41,33 @@ def _error(
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
     )
+
+
+#: What a request meets when the database cannot be reached (refused, restarted, a connection
+#: dropped, the pool exhausted, SQLite busy past its timeout) or Redis cannot: not a bug of
+#: ours but a dependency away for a moment. 503 with Retry-After, one log line, no traceback.
+UNAVAILABLE: dict[type[Exception], str] = {
+    db_errors.OperationalError: "database",
+    db_errors.InterfaceError: "database",
+    db_errors.DisconnectionError: "database",
+    db_errors.TimeoutError: "database",
+    redis.ConnectionError: "Redis",
+    redis.TimeoutError: "Redis",
+}
+
+
+def _unavailable(service: str) -> Any:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning("%s %s: %s unavailable (%s)", request.method, request.url.path, service, reason)
+        return _error(
+            503,
+            f"{service.lower()}_unavailable",
+            f"the {service} did not answer; try again in a moment",
+            {"Retry-After": "1"},
+        )
+
+    return handler
 
 
 def _allowed_methods(app: FastAPI, request: Request) -> str:
@@ -159,6 +187,9 @@ def create_app(
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(app, request)
         return _error(exc.status_code, code, str(exc.detail), headers)
+
+    for error, service in UNAVAILABLE.items():
+        app.add_exception_handler(error, _unavailable(service))
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
