@@ -20,6 +20,7 @@ from sqlalchemy import text as sql_text
 from ml_platform.accounts import Accounts, Role
 from ml_platform.api import create_app
 from ml_platform.config import Settings
+from ml_platform.dispatch import RedisDispatcher
 from ml_platform.engine.states import RunState
 from ml_platform.security import ConfigurationError, TokenSigner, resolve_secret_key
 from ml_platform.service import Platform
@@ -90,6 +91,39 @@ def test_a_request_that_needs_an_unreachable_redis_is_a_503_to_retry(
     assert login.status_code == 503, login.text
     assert login.json()["error"]["code"] == "redis_unavailable"
     assert login.headers["retry-after"] == "1"
+
+
+def test_a_run_submitted_while_redis_is_away_is_stored_once_and_published_later(
+    sqlite_platform: Platform, redis_target: RedisTarget, redis_client: redis.Redis
+) -> None:
+    """The run is committed before its first tasks go to Redis: with Redis away the request
+    still answers 201 (an error would have the client submit it a second time), and the
+    scheduler's next pass hands its tasks to the workers once Redis answers."""
+    settings = sqlite_platform.settings
+    settings.secret_key = SECRET
+    Accounts(sqlite_platform.db, timedelta(days=1)).create_user("alice", PASSWORD, is_admin=True)
+    away = RedisDispatcher(
+        redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"),  # nothing listens there
+        consumer="api",
+        prefix=redis_target.prefix,
+    )
+    with TestClient(create_app(settings, platform=sqlite_platform, dispatcher=away)) as client:
+        token = client.post(
+            "/api/v1/auth/token", json={"username": "alice", "password": PASSWORD}
+        ).json()["access_token"]
+        created = client.post(
+            "/api/v1/projects/default/runs",
+            json={"workflow": "tests.workflows:arithmetic", "params": {"n": 2}},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert created.status_code == 201, created.text
+    [(run, _)] = sqlite_platform.runs()
+    assert run.id == created.json()["id"]
+    queued = {a.id for a in sqlite_platform.attempts(run.id) if a.state == "queued"}
+    assert len(queued) == 2
+    back = RedisDispatcher(redis_client, consumer="worker", prefix=redis_target.prefix)
+    back.publish(sqlite_platform.schedule())  # the scheduler's pass, Redis back
+    assert {d.attempt_id for d in back.receive(10)} == queued
 
 
 def test_login_me_and_wrong_passwords_are_rate_limited(api: Api) -> None:

@@ -51,9 +51,10 @@ UNAVAILABLE: dict[type[Exception], str] = {
     db_errors.InterfaceError: "database",
     db_errors.DisconnectionError: "database",
     db_errors.TimeoutError: "database",
-    redis.ConnectionError: "Redis",
-    redis.TimeoutError: "Redis",
+    redis.ConnectionError: "redis",
+    redis.TimeoutError: "redis",
 }
+_NAMED = {"database": "the database", "redis": "Redis"}
 
 
 def _unavailable(service: str) -> Any:
@@ -62,8 +63,8 @@ def _unavailable(service: str) -> Any:
         log.warning("%s %s: %s unavailable (%s)", request.method, request.url.path, service, reason)
         return _error(
             503,
-            f"{service.lower()}_unavailable",
-            f"the {service} did not answer; try again in a moment",
+            f"{service}_unavailable",
+            f"{_NAMED[service]} did not answer; try again in a moment",
             {"Retry-After": "1"},
         )
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
+import redis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -13,6 +15,8 @@ from ml_platform.accounts import Accounts, Identity, LoginLimiter, Role, TokenPa
 from ml_platform.dispatch import Dispatcher
 from ml_platform.security import AccessClaims, AuthError, TokenSigner
 from ml_platform.service import Platform, Submitted
+
+log = logging.getLogger(__name__)
 
 bearer = HTTPBearer(auto_error=False)
 
@@ -57,9 +61,21 @@ class Services:
 
     def publish(self, submitted: Submitted) -> str:
         """Hand a new run's first attempts to the workers (the embedded server's scheduler
-        finds them in the database); return the run's id."""
+        finds them in the database); return the run's id.
+
+        The run is stored already. If Redis does not answer, the request still succeeds (an
+        error would have the client submit the run again): the scheduler publishes every due
+        attempt again once per lease, and these with them."""
         if self.dispatcher is not None:
-            self.dispatcher.publish(submitted.queued)
+            try:
+                self.dispatcher.publish(submitted.queued)
+            except redis.RedisError as exc:
+                log.warning(
+                    "run %s stored; Redis did not take its first tasks (%s): the scheduler "
+                    "publishes them within a lease",
+                    submitted.run_id[:8],
+                    exc,
+                )
         return submitted.run_id
 
     def access_token(self, pair: TokenPair) -> str:
