@@ -426,7 +426,13 @@ class Workflow:
         return _source_hash(module if module is not None else self.fn)
 
     def params_schema(self) -> dict[str, Any]:
-        return self.params_model.model_json_schema()
+        """The params' JSON schema: a fresh copy each time (pydantic's own takes ≈ 0.15 ms,
+        once per workflow object; a changed module is a new one)."""
+        return cast("dict[str, Any]", json.loads(self._params_schema_json))
+
+    @functools.cached_property
+    def _params_schema_json(self) -> str:
+        return json.dumps(self.params_model.model_json_schema())
 
     def validate_params(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """Check and convert run parameters; raise ParamError naming every bad one."""

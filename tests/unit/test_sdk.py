@@ -59,6 +59,13 @@ def test_params_are_validated_against_the_signature() -> None:
         workflows.flaky_pipeline.validate_params({})
 
 
+def test_the_params_schema_is_the_signatures_and_each_caller_gets_its_own_copy() -> None:
+    schema = workflows.arithmetic.params_schema()
+    assert schema["properties"]["n"] == {"default": 3, "title": "N", "type": "integer"}
+    schema["properties"]["n"]["default"] = 99  # a caller changing what it was given
+    assert workflows.arithmetic.params_schema()["properties"]["n"]["default"] == 3
+
+
 def test_cli_params_parse_json_except_for_strings() -> None:
     wf = workflows.flaky_pipeline
     assert wf.parse_cli_params({"counter": "123", "fail_times": "2"}) == {
