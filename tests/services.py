@@ -241,7 +241,9 @@ class ThrowawayRedis:
                 raise ProvisioningError(f"redis-server {self.binary} did not start")
             time.sleep(0.02)
 
-    def remove(self) -> None:
+    def stop(self) -> None:
+        """Stop the server: what it held is gone (it keeps nothing on disk); ``start`` brings
+        up an empty one on the same port, as a restarted Redis without persistence."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -249,6 +251,9 @@ class ThrowawayRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def remove(self) -> None:
+        self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -1,4 +1,4 @@
-"""PostgreSQL restarted during a run, on a throwaway server of this test's own."""
+"""PostgreSQL or Redis restarted during a run, on a throwaway server of the test's own."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from fastapi.testclient import TestClient
 from ml_platform.api import create_app
 from ml_platform.config import Settings
 from ml_platform.service import Platform
+from ml_platform.worker import make_dispatcher
 from tests import workflows
 from tests.conftest import RedisTarget
-from tests.services import ThrowawayPostgres
+from tests.services import ThrowawayPostgres, ThrowawayRedis
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,4 +155,62 @@ def test_postgresql_restarted_under_a_busy_worker(
         worker.terminate()
         worker.wait(timeout=30)
         platform.close()
+    assert "database or Redis unavailable, retrying" in output.read_text()
+
+
+def test_redis_restarted_under_a_busy_worker(postgres_clean: str, tmp_path: Path) -> None:
+    """Redis (no persistence) restarts under a worker committing short tasks back to back:
+    its connections drop, and the server that comes back holds no stream, group or
+    publication marker. The worker keeps going, the scheduler publishes what is queued
+    again, and the run succeeds with every task committed once."""
+    server = ThrowawayRedis()
+    server.start()
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url_override=postgres_clean,
+        redis_url=server.url,
+        redis_prefix="restart",
+        lease_seconds=2.0,
+        poll_seconds=0.2,
+    )
+    platform = Platform(settings).start()
+    env = dict(
+        os.environ,
+        DATABASE_URL=postgres_clean,
+        REDIS_URL=server.url,
+        MLP_REDIS_PREFIX="restart",
+        MLP_LEASE_SECONDS="2",
+        MLP_POLL_SECONDS="0.2",
+        ML_PLATFORM_HOME=str(tmp_path / "home"),
+    )
+    output = tmp_path / "worker.out"
+    try:
+        with output.open("w") as out:  # a line per task: a file, not a pipe that could fill
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "ml_platform", "worker", "--concurrency", "1"],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            submitted = platform.submit(workflows.naps, {"n": 300, "seconds": 0.005})
+            make_dispatcher(platform, "submitter").publish(submitted.queued)
+            wait_for(lambda: output.read_text().count("succeeded nap") >= 30, timeout=30)
+            assert output.read_text().count("succeeded nap") < 300  # restarted under load
+            server.stop()
+            time.sleep(0.5)  # the worker finds it gone
+            server.start()
+            wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
+            assert platform.run(submitted.run_id)[0].state == "succeeded"
+            assert worker.poll() is None, "the worker must survive the restart"
+            tasks = platform.task_runs(submitted.run_id)
+            attempts = platform.attempts(submitted.run_id)
+            assert sum(a.state == "succeeded" for a in attempts) == len(tasks)  # each once
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+            platform.close()
+    finally:
+        server.remove()
     assert "database or Redis unavailable, retrying" in output.read_text()
