@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ class Client:
     project: str = "default"
     timeout: float = 30.0
     on_tokens: Any = None  # called with (access, refresh) after a login or a refresh
+    #: How long a read waits out a server whose database or Redis is away for a moment (503
+    #: with Retry-After: a restart, a failover), asking again when told, before it fails.
+    unavailable_wait: float = 60.0
     _http: httpx.Client = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -41,10 +45,18 @@ class Client:
 
     def _request(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        try:
-            response = self._http.request(method, path, headers=headers, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ApiClientError(0, "unreachable", f"cannot reach {self.url}: {exc}") from None
+        deadline = time.monotonic() + self.unavailable_wait
+        while True:
+            try:
+                response = self._http.request(method, path, headers=headers, **kwargs)
+            except httpx.HTTPError as exc:
+                raise ApiClientError(0, "unreachable", f"cannot reach {self.url}: {exc}") from None
+            # A read is asked again (it changes nothing); a write is not: it fails, and the
+            # caller decides (a 503 means it was not done, but a retry is the caller's call).
+            pause = _retry_after(response) if method in ("GET", "HEAD") else None
+            if pause is None or time.monotonic() + pause > deadline:
+                break
+            time.sleep(pause)
         if response.status_code == 401 and retry and self.refresh_token:
             code = _error_of(response)[0]
             if code == "token_expired":
@@ -152,6 +164,18 @@ class Client:
             "GET", self._project(f"/runs/{run_id}/tasks/{task}/logs"), params=params
         )
         return result
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait before asking again, if the server said it is unavailable for now
+    (503 with Retry-After in seconds, at most 10); else None."""
+    if response.status_code != 503:
+        return None
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return min(max(seconds, 0.1), 10.0)
 
 
 def _error_of(response: httpx.Response) -> tuple[str, str]:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from ml_platform.accounts import Accounts
 from ml_platform.api import create_app
+from ml_platform.client import ApiClientError, Client
 from ml_platform.config import Settings
 from ml_platform.service import Platform
 from ml_platform.worker import make_dispatcher
@@ -116,6 +120,43 @@ def test_postgresql_restarted_during_a_run(
         output, _ = worker.communicate(timeout=30)
         platform.close()
     assert "database or Redis unavailable, retrying" in output
+
+
+def test_a_client_read_waits_out_a_postgresql_restart(
+    throwaway_postgres: ThrowawayPostgres, tmp_path: Path
+) -> None:
+    """`mlp --server` watching a run while the server's database restarts: the server
+    answers 503 with Retry-After; a read asks again when told, until it is answered, instead
+    of failing the command. A write is not repeated: it fails, and says why."""
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url_override=throwaway_postgres.url,
+        secret_key="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
+    )
+    platform = Platform(settings).start()
+    password = "correct horse battery"  # pragma: allowlist secret
+    Accounts(platform.db, timedelta(days=1)).create_user("alice", password, is_admin=True)
+    run_id = platform.submit(workflows.arithmetic, {"n": 2}).run_id
+    try:
+        with TestClient(create_app(settings, platform=platform)) as http:
+            client = Client(str(http.base_url))
+            client._http = http  # the real application, in this process
+            client.login("alice", password)
+            throwaway_postgres.stop()
+            with pytest.raises(ApiClientError) as refused:
+                client.cancel(run_id)
+            assert refused.value.status == 503 and refused.value.code == "database_unavailable"
+            restart = threading.Timer(1.0, throwaway_postgres.start)
+            restart.start()
+            try:
+                began = time.monotonic()
+                assert client.run(run_id)["id"] == run_id
+                assert time.monotonic() - began >= 1.0  # it waited for the restart
+            finally:
+                restart.join()
+            assert platform.run(run_id)[0].cancel_requested is False  # the write was not done
+    finally:
+        platform.close()
 
 
 def test_postgresql_restarted_under_a_busy_worker(
