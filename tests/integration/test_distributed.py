@@ -368,20 +368,22 @@ def test_a_worker_killed_mid_map_loses_no_element_and_commits_each_once(
         assert "ready" in process.stdout.readline()
     submitted = platform.submit(workflows.mapped_naps, {"n": 6, "seconds": 1.5})
 
-    def element_running() -> bool:
+    def elements_running() -> list[Attempt]:
+        # Attempts first: the map expands meanwhile, and a task run is stored before its
+        # attempt, so every attempt read here has its task run in the read after.
+        attempts = platform.attempts(submitted.run_id)
         tasks = {t.id: t.node_id for t in platform.task_runs(submitted.run_id)}
-        return any(
-            a.state == "running" and tasks[a.task_run_id].startswith("nap[")
-            for a in platform.attempts(submitted.run_id)
-        )
+        return [
+            a for a in attempts if a.state == "running" and tasks[a.task_run_id].startswith("nap[")
+        ]
 
-    wait_for(element_running)
-    tasks = {t.id: t.node_id for t in platform.task_runs(submitted.run_id)}
-    running = [
-        a
-        for a in platform.attempts(submitted.run_id)
-        if a.state == "running" and tasks[a.task_run_id].startswith("nap[")
-    ]
+    running: list[Attempt] = []
+
+    def found() -> bool:
+        running[:] = elements_running()
+        return bool(running)
+
+    wait_for(found)
     holder_pid = int((running[0].worker_id or "").split(":")[1])
     holder = next(p for p in pool if p.pid == holder_pid)
     holder.kill()
