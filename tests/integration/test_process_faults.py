@@ -105,8 +105,9 @@ def worker_pid(worker_id: str | None) -> int:
 def running_on(platform: Platform, run_id: str) -> dict[int, list[str]]:
     """The running attempts of a run by worker pid: {pid: [node ids]}."""
     by_pid: dict[int, list[str]] = {}
+    attempts = platform.attempts(run_id)  # first: each one's task run is stored before it
     task_of = {t.id: t.node_id for t in platform.task_runs(run_id)}
-    for attempt in platform.attempts(run_id):
+    for attempt in attempts:
         if attempt.state == "running":
             by_pid.setdefault(worker_pid(attempt.worker_id), []).append(
                 task_of[attempt.task_run_id]
