@@ -159,17 +159,13 @@ def test_a_client_read_waits_out_a_postgresql_restart(
         platform.close()
 
 
-def test_postgresql_restarted_under_a_busy_worker(
-    throwaway_postgres: ThrowawayPostgres,
-    redis_target: RedisTarget,
-    tmp_path: Path,
+def _restarted_under_a_busy_worker(
+    platform: Platform, env: dict[str, str], tmp_path: Path, restart: Callable[[], None]
 ) -> None:
-    """A worker committing short tasks back to back: its pooled connections are never idle,
-    so never pinged before use. PostgreSQL restarts under it: the first statement on an old
-    connection fails, the pool drops them all, and the worker goes on with fresh ones. The
-    run succeeds, every task committed once, the worker still running."""
-    settings, env = _settings_and_env(throwaway_postgres, redis_target, tmp_path, lease=2.0)
-    platform = Platform(settings).start()
+    """A worker commits 400 tasks of 5 ms back to back on one slot (at least 2 s of work,
+    however fast the machine; its pooled connections never idle, so never pinged before use);
+    ``restart`` happens under it once 50 have ended. The worker retries and goes on: the run
+    succeeds, every task committed once, the worker still running."""
     output = tmp_path / "worker.out"
     with output.open("w") as out:  # a line per task: a file, not a pipe that could fill
         worker = subprocess.Popen(
@@ -180,12 +176,11 @@ def test_postgresql_restarted_under_a_busy_worker(
             stderr=subprocess.STDOUT,
         )
     try:
-        # 400 tasks of 5 ms on one slot: at least 2 s of work, however fast the machine.
         submitted = platform.submit(workflows.naps, {"n": 400, "seconds": 0.005})
+        make_dispatcher(platform, "submitter").publish(submitted.queued)
         wait_for(lambda: output.read_text().count("succeeded nap") >= 50, timeout=30)
         assert output.read_text().count("succeeded nap") < 400  # restarted under load
-        throwaway_postgres.stop()
-        throwaway_postgres.start()
+        restart()
         wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
         assert platform.run(submitted.run_id)[0].state == "succeeded"
         assert worker.poll() is None, "the worker must survive the restart"
@@ -195,15 +190,31 @@ def test_postgresql_restarted_under_a_busy_worker(
     finally:
         worker.terminate()
         worker.wait(timeout=30)
-        platform.close()
     assert "database or Redis unavailable, retrying" in output.read_text()
 
 
+def test_postgresql_restarted_under_a_busy_worker(
+    throwaway_postgres: ThrowawayPostgres, redis_target: RedisTarget, tmp_path: Path
+) -> None:
+    """The first statement on an old connection fails, the pool drops them all, and the
+    worker goes on with fresh ones."""
+    settings, env = _settings_and_env(throwaway_postgres, redis_target, tmp_path, lease=2.0)
+    platform = Platform(settings).start()
+    try:
+
+        def restart() -> None:
+            throwaway_postgres.stop()
+            throwaway_postgres.start()
+
+        _restarted_under_a_busy_worker(platform, env, tmp_path, restart)
+    finally:
+        platform.close()
+
+
 def test_redis_restarted_under_a_busy_worker(postgres_clean: str, tmp_path: Path) -> None:
-    """Redis (no persistence) restarts under a worker committing short tasks back to back:
-    its connections drop, and the server that comes back holds no stream, group or
-    publication marker. The worker keeps going, the scheduler publishes what is queued
-    again, and the run succeeds with every task committed once."""
+    """Redis (no persistence) restarts: its connections drop, and the server that comes back
+    holds no stream, group or publication marker. The consumer group is made again and the
+    scheduler publishes what is queued again."""
     server = ThrowawayRedis()
     server.start()
     settings = Settings(
@@ -214,7 +225,6 @@ def test_redis_restarted_under_a_busy_worker(postgres_clean: str, tmp_path: Path
         lease_seconds=2.0,
         poll_seconds=0.2,
     )
-    platform = Platform(settings).start()
     env = dict(
         os.environ,
         DATABASE_URL=postgres_clean,
@@ -224,34 +234,15 @@ def test_redis_restarted_under_a_busy_worker(postgres_clean: str, tmp_path: Path
         MLP_POLL_SECONDS="0.2",
         ML_PLATFORM_HOME=str(tmp_path / "home"),
     )
-    output = tmp_path / "worker.out"
+    platform = Platform(settings).start()
     try:
-        with output.open("w") as out:  # a line per task: a file, not a pipe that could fill
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "ml_platform", "worker", "--concurrency", "1"],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            submitted = platform.submit(workflows.naps, {"n": 300, "seconds": 0.005})
-            make_dispatcher(platform, "submitter").publish(submitted.queued)
-            wait_for(lambda: output.read_text().count("succeeded nap") >= 30, timeout=30)
-            assert output.read_text().count("succeeded nap") < 300  # restarted under load
+
+        def restart() -> None:
             server.stop()
             time.sleep(0.5)  # the worker finds it gone
             server.start()
-            wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
-            assert platform.run(submitted.run_id)[0].state == "succeeded"
-            assert worker.poll() is None, "the worker must survive the restart"
-            tasks = platform.task_runs(submitted.run_id)
-            attempts = platform.attempts(submitted.run_id)
-            assert sum(a.state == "succeeded" for a in attempts) == len(tasks)  # each once
-        finally:
-            worker.terminate()
-            worker.wait(timeout=30)
-            platform.close()
+
+        _restarted_under_a_busy_worker(platform, env, tmp_path, restart)
     finally:
+        platform.close()
         server.remove()
-    assert "database or Redis unavailable, retrying" in output.read_text()
