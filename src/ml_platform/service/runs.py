@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -218,9 +219,17 @@ class Runs(Planning):
         (IntegrityError).
         """
         traced = wf if isinstance(wf, TracedWorkflow) else wf.trace(params or {})
-        if traced.params is None:
+        values = traced.params
+        if values is None:
             raise WorkflowError(f"workflow {traced.name} was traced without params")
         project = project_id or self.default_project_id()
+        store = functools.partial(
+            self._store_run,
+            traced=traced,
+            values=values,
+            max_concurrency=max_concurrency,
+            schedule=schedule,
+        )
         # Most runs are of a version stored already: found in the run's own transaction (a
         # transaction less); a new one is registered first, in its own.
         with self.db.session() as session:
@@ -232,28 +241,15 @@ class Runs(Planning):
                 )
             ).first()
             if known is not None:
-                return self._store_run(
-                    session,
-                    traced,
-                    traced.params,
-                    (known.id, known.version),
-                    max_concurrency,
-                    schedule,
-                )
-        version = self.register(traced, project)
+                return store(session, version=(known.id, known.version))
+        registered = self.register(traced, project)
         with self.db.session() as session:
-            return self._store_run(
-                session,
-                traced,
-                traced.params,
-                (version.id, version.version),
-                max_concurrency,
-                schedule,
-            )
+            return store(session, version=(registered.id, registered.version))
 
     def _store_run(
         self,
         session: Session,
+        *,
         traced: TracedWorkflow,
         values: dict[str, Any],
         version: tuple[int, int],
