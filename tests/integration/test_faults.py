@@ -159,6 +159,37 @@ def test_a_client_read_waits_out_a_postgresql_restart(
         platform.close()
 
 
+def test_the_first_write_after_a_postgresql_restart_succeeds(
+    throwaway_postgres: ThrowawayPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However recently the API used a pooled connection (a worker's is tried only after a
+    second idle), a request tries it first: the first request after a restart or a failover
+    gets a fresh connection, not a 503 from one the server dropped."""
+    monkeypatch.setattr("ml_platform.store.db.PING_IDLE_SECONDS", 3600.0)  # "just used"
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url_override=throwaway_postgres.url,
+        secret_key="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
+    )
+    platform = Platform(settings).start()
+    password = "correct horse battery"  # pragma: allowlist secret
+    Accounts(platform.db, timedelta(days=1)).create_user("alice", password, is_admin=True)
+    run_id = platform.submit(workflows.arithmetic, {"n": 2}).run_id
+    try:
+        with TestClient(create_app(settings, platform=platform)) as api:
+            token = api.post(
+                "/api/v1/auth/token", json={"username": "alice", "password": password}
+            ).json()["access_token"]
+            headers = {"Authorization": f"Bearer {token}"}
+            assert api.get(f"/api/v1/projects/default/runs/{run_id}", headers=headers).is_success
+            throwaway_postgres.stop()
+            throwaway_postgres.start()
+            cancelled = api.post(f"/api/v1/projects/default/runs/{run_id}/cancel", headers=headers)
+            assert cancelled.status_code == 200, cancelled.text
+    finally:
+        platform.close()
+
+
 def _restarted_under_a_busy_worker(
     platform: Platform, env: dict[str, str], tmp_path: Path, restart: Callable[[], None]
 ) -> None:

@@ -6,7 +6,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -72,8 +72,10 @@ def _to_wal(cursor: sqlite3.Cursor) -> None:
         pause = min(pause * 2, 0.05)
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, a busy timeout and serialized write transactions."""
+def make_engine(url: str, ping_after: Callable[[], float] = lambda: PING_IDLE_SECONDS) -> Engine:
+    """Create an engine; SQLite gets WAL, a busy timeout and serialized write transactions.
+
+    A pooled PostgreSQL connection idle ``ping_after()`` seconds or more is tried before use."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -110,7 +112,7 @@ def make_engine(url: str) -> Engine:
         # away since, the statement fails, the pool drops every older connection, and the
         # caller's retry gets a fresh one.
         idle_from = record.info.get("idle_from")
-        if idle_from is not None and time.monotonic() - idle_from >= PING_IDLE_SECONDS:
+        if idle_from is not None and time.monotonic() - idle_from >= ping_after():
             try:
                 engine.dialect.do_ping(dbapi_conn)
             except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
@@ -291,7 +293,9 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        #: A pooled PostgreSQL connection idle this long is tried before use (0: always).
+        self.ping_after = PING_IDLE_SECONDS
+        self.engine = make_engine(url, lambda: self.ping_after)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def ensure_schema(self) -> None:
