@@ -393,6 +393,7 @@ def _client(server: str, project: str) -> Iterator[Client]:
         refresh_token=saved["refresh_token"],
         project=project,
         on_tokens=lambda access, refresh: credentials.save(server, access, refresh),
+        on_wait=lambda line: console.print(f"  {server}: {line}", style="dim"),
     )
     try:
         yield client

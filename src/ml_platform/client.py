@@ -34,6 +34,7 @@ class Client:
     #: How long a read waits out a server whose database or Redis is away for a moment (503
     #: with Retry-After: a restart, a failover), asking again when told, before it fails.
     unavailable_wait: float = 60.0
+    on_wait: Any = None  # called with a line saying why, before each such wait
     _http: httpx.Client = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +57,9 @@ class Client:
             pause = _retry_after(response) if method in ("GET", "HEAD") else None
             if pause is None or time.monotonic() + pause > deadline:
                 break
+            if self.on_wait is not None:
+                code, message = _error_of(response)
+                self.on_wait(f"{message} ({code}): asking again in {pause:g} s")
             time.sleep(pause)
         if response.status_code == 401 and retry and self.refresh_token:
             code = _error_of(response)[0]

@@ -139,7 +139,8 @@ def test_a_client_read_waits_out_a_postgresql_restart(
     run_id = platform.submit(workflows.arithmetic, {"n": 2}).run_id
     try:
         with TestClient(create_app(settings, platform=platform)) as http:
-            client = Client(str(http.base_url))
+            waits: list[str] = []
+            client = Client(str(http.base_url), on_wait=waits.append)
             client._http = http  # the real application, in this process
             client.login("alice", password)
             throwaway_postgres.stop()
@@ -152,6 +153,7 @@ def test_a_client_read_waits_out_a_postgresql_restart(
                 began = time.monotonic()
                 assert client.run(run_id)["id"] == run_id
                 assert time.monotonic() - began >= 1.0  # it waited for the restart
+                assert waits and "(database_unavailable): asking again in 1 s" in waits[0]
             finally:
                 restart.join()
             assert platform.run(run_id)[0].cancel_requested is False  # the write was not done
