@@ -122,74 +122,75 @@ def test_postgresql_restarted_during_a_run(
     assert "database or Redis unavailable, retrying" in output
 
 
-def test_a_client_read_waits_out_a_postgresql_restart(
+PASSWORD = "correct horse battery"  # pragma: allowlist secret
+
+
+@pytest.fixture
+def platform_with_a_run(
     throwaway_postgres: ThrowawayPostgres, tmp_path: Path
-) -> None:
-    """`mlp --server` watching a run while the server's database restarts: the server
-    answers 503 with Retry-After; a read asks again when told, until it is answered, instead
-    of failing the command. A write is not repeated: it fails, and says why."""
+) -> Iterator[tuple[Platform, str]]:
+    """A platform on the throwaway PostgreSQL, an admin alice, and a run of two tasks."""
     settings = Settings(
         home=tmp_path / "home",
         database_url_override=throwaway_postgres.url,
         secret_key="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
     )
     platform = Platform(settings).start()
-    password = "correct horse battery"  # pragma: allowlist secret
-    Accounts(platform.db, timedelta(days=1)).create_user("alice", password, is_admin=True)
-    run_id = platform.submit(workflows.arithmetic, {"n": 2}).run_id
     try:
-        with TestClient(create_app(settings, platform=platform)) as http:
-            waits: list[str] = []
-            client = Client(str(http.base_url), on_wait=waits.append)
-            client._http = http  # the real application, in this process
-            client.login("alice", password)
-            throwaway_postgres.stop()
-            with pytest.raises(ApiClientError) as refused:
-                client.cancel(run_id)
-            assert refused.value.status == 503 and refused.value.code == "database_unavailable"
-            restart = threading.Timer(1.0, throwaway_postgres.start)
-            restart.start()
-            try:
-                began = time.monotonic()
-                assert client.run(run_id)["id"] == run_id
-                assert time.monotonic() - began >= 1.0  # it waited for the restart
-                assert waits and "(database_unavailable): asking again in 1 s" in waits[0]
-            finally:
-                restart.join()
-            assert platform.run(run_id)[0].cancel_requested is False  # the write was not done
+        Accounts(platform.db, timedelta(days=1)).create_user("alice", PASSWORD, is_admin=True)
+        yield platform, platform.submit(workflows.arithmetic, {"n": 2}).run_id
     finally:
         platform.close()
 
 
+def test_a_client_read_waits_out_a_postgresql_restart(
+    throwaway_postgres: ThrowawayPostgres, platform_with_a_run: tuple[Platform, str]
+) -> None:
+    """`mlp --server` watching a run while the server's database restarts: the server
+    answers 503 with Retry-After; a read asks again when told, until it is answered, instead
+    of failing the command. A write is not repeated: it fails, and says why."""
+    platform, run_id = platform_with_a_run
+    with TestClient(create_app(platform.settings, platform=platform)) as http:
+        waits: list[str] = []
+        client = Client(str(http.base_url), on_wait=waits.append)
+        client._http = http  # the real application, in this process
+        client.login("alice", PASSWORD)
+        throwaway_postgres.stop()
+        with pytest.raises(ApiClientError) as refused:
+            client.cancel(run_id)
+        assert refused.value.status == 503 and refused.value.code == "database_unavailable"
+        restart = threading.Timer(1.0, throwaway_postgres.start)
+        restart.start()
+        try:
+            began = time.monotonic()
+            assert client.run(run_id)["id"] == run_id
+            assert time.monotonic() - began >= 1.0  # it waited for the restart
+            assert waits and "(database_unavailable): asking again in 1 s" in waits[0]
+        finally:
+            restart.join()
+        assert platform.run(run_id)[0].cancel_requested is False  # the write was not done
+
+
 def test_the_first_write_after_a_postgresql_restart_succeeds(
-    throwaway_postgres: ThrowawayPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    throwaway_postgres: ThrowawayPostgres,
+    platform_with_a_run: tuple[Platform, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """However recently the API used a pooled connection (a worker's is tried only after a
     second idle), a request tries it first: the first request after a restart or a failover
     gets a fresh connection, not a 503 from one the server dropped."""
     monkeypatch.setattr("ml_platform.store.db.PING_IDLE_SECONDS", 3600.0)  # "just used"
-    settings = Settings(
-        home=tmp_path / "home",
-        database_url_override=throwaway_postgres.url,
-        secret_key="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
-    )
-    platform = Platform(settings).start()
-    password = "correct horse battery"  # pragma: allowlist secret
-    Accounts(platform.db, timedelta(days=1)).create_user("alice", password, is_admin=True)
-    run_id = platform.submit(workflows.arithmetic, {"n": 2}).run_id
-    try:
-        with TestClient(create_app(settings, platform=platform)) as api:
-            token = api.post(
-                "/api/v1/auth/token", json={"username": "alice", "password": password}
-            ).json()["access_token"]
-            headers = {"Authorization": f"Bearer {token}"}
-            assert api.get(f"/api/v1/projects/default/runs/{run_id}", headers=headers).is_success
-            throwaway_postgres.stop()
-            throwaway_postgres.start()
-            cancelled = api.post(f"/api/v1/projects/default/runs/{run_id}/cancel", headers=headers)
-            assert cancelled.status_code == 200, cancelled.text
-    finally:
-        platform.close()
+    platform, run_id = platform_with_a_run
+    with TestClient(create_app(platform.settings, platform=platform)) as api:
+        token = api.post(
+            "/api/v1/auth/token", json={"username": "alice", "password": PASSWORD}
+        ).json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        assert api.get(f"/api/v1/projects/default/runs/{run_id}", headers=headers).is_success
+        throwaway_postgres.stop()
+        throwaway_postgres.start()
+        cancelled = api.post(f"/api/v1/projects/default/runs/{run_id}/cancel", headers=headers)
+        assert cancelled.status_code == 200, cancelled.text
 
 
 def _restarted_under_a_busy_worker(
