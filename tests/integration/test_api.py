@@ -93,6 +93,21 @@ def test_a_request_that_needs_an_unreachable_redis_is_a_503_to_retry(
     assert login.headers["retry-after"] == "1"
 
 
+def test_a_missing_table_is_a_bug_answered_500_not_a_database_away(
+    sqlite_platform: Platform, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite calls "no such table" an operational error too: it is a bug of ours (or a
+    database left behind by a migration), answered 500 with the traceback in the log, not a
+    503 that would have clients wait for it to pass."""
+    sqlite_platform.settings.secret_key = SECRET
+    with sqlite_platform.db.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE attempts")
+    with TestClient(create_app(sqlite_platform.settings, platform=sqlite_platform)) as client:
+        scraped = client.get("/metrics")
+    assert scraped.status_code == 500 and scraped.json()["error"]["code"] == "internal_error"
+    assert "no such table: attempts" in caplog.text and "Traceback" in caplog.text
+
+
 def test_a_run_submitted_while_redis_is_away_is_stored_once_and_published_later(
     sqlite_platform: Platform, redis_target: RedisTarget, redis_client: redis.Redis
 ) -> None:

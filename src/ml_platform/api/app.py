@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -57,8 +58,27 @@ UNAVAILABLE: dict[type[Exception], str] = {
 _NAMED = {"database": "the database", "redis": "Redis"}
 
 
+def _failed(exc: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc)  # the details go to the log, never to the client
+    return _error(500, "internal_error", "the server failed; the error was logged")
+
+
+#: What SQLite says when its file is busy or cannot be reached; its other "operational"
+#: errors (no such table, a syntax error) are bugs, answered 500 with the traceback logged.
+_SQLITE_AWAY = ("locked", "busy", "unable to open", "disk i/o")
+
+
+def _is_away(exc: Exception) -> bool:
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, sqlite3.Error):
+        return any(words in str(orig).lower() for words in _SQLITE_AWAY)
+    return True
+
+
 def _unavailable(service: str) -> Any:
     async def handler(request: Request, exc: Exception) -> JSONResponse:
+        if not _is_away(exc):
+            return _failed(exc)
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         log.warning("%s %s: %s unavailable (%s)", request.method, request.url.path, service, reason)
         return _error(
@@ -198,8 +218,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")  # the details go to the log, never to the client
-        return _error(500, "internal_error", "the server failed; the error was logged")
+        return _failed(exc)
 
     @app.get("/livez", tags=["health"])
     def livez() -> dict[str, str]:
