@@ -66,13 +66,18 @@ def _failed(exc: Exception) -> JSONResponse:
 #: What SQLite says when its file is busy or cannot be reached; its other "operational"
 #: errors (no such table, a syntax error) are bugs, answered 500 with the traceback logged.
 _SQLITE_AWAY = ("locked", "busy", "unable to open", "disk i/o")
+#: PostgreSQL's classes of errors that pass (SQLSTATE's first two characters): a connection
+#: lost, a transaction to run again, resources short, the server stopping or a statement
+#: cancelled, an I/O error. Another class (a value past a limit, say) is a bug: 500.
+_POSTGRESQL_AWAY = ("08", "40", "53", "55", "57", "58")
 
 
 def _is_away(exc: Exception) -> bool:
     orig = getattr(exc, "orig", None)
     if isinstance(orig, sqlite3.Error):
         return any(words in str(orig).lower() for words in _SQLITE_AWAY)
-    return True
+    sqlstate = getattr(orig, "sqlstate", None)  # None: no answer from the server at all
+    return sqlstate is None or str(sqlstate)[:2] in _POSTGRESQL_AWAY
 
 
 def _unavailable(service: str) -> Any:
