@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -133,6 +133,15 @@ def _downstream_of(node_id: str | None, upstream: Mapping[str, Iterable[str]]) -
     return found
 
 
+def _version_of(project: int, traced: TracedWorkflow) -> ColumnElement[bool]:
+    """The stored version of ``traced``'s code in ``project`` (at most one row)."""
+    return and_(
+        WorkflowRow.project_id == project,
+        WorkflowRow.name == traced.name,
+        WorkflowRow.code_hash == traced.code_hash,
+    )
+
+
 class Runs(Planning):
     """Register workflows; submit, retry and cancel runs."""
 
@@ -168,17 +177,12 @@ class Runs(Planning):
     def register(self, wf: Workflow | TracedWorkflow, project_id: int | None = None) -> WorkflowRow:
         """Record the workflow's current code as a version (a new one when the code changed)."""
         traced = wf.trace() if isinstance(wf, Workflow) else wf
-        code_hash = traced.code_hash
         project = project_id or self.default_project_id()
         for _ in range(3):
             try:
                 with self.db.session() as session:
                     existing = session.scalar(
-                        select(WorkflowRow).where(
-                            WorkflowRow.project_id == project,
-                            WorkflowRow.name == traced.name,
-                            WorkflowRow.code_hash == code_hash,
-                        )
+                        select(WorkflowRow).where(_version_of(project, traced))
                     )
                     if existing is not None:
                         return existing
@@ -191,7 +195,7 @@ class Runs(Planning):
                         project_id=project,
                         name=traced.name,
                         version=(latest or 0) + 1,
-                        code_hash=code_hash,
+                        code_hash=traced.code_hash,
                         params_schema=traced.params_schema,
                         description=traced.description,
                     )
@@ -234,11 +238,7 @@ class Runs(Planning):
         # transaction less); a new one is registered first, in its own.
         with self.db.session() as session:
             known = session.execute(
-                select(WorkflowRow.id, WorkflowRow.version).where(
-                    WorkflowRow.project_id == project,
-                    WorkflowRow.name == traced.name,
-                    WorkflowRow.code_hash == traced.code_hash,
-                )
+                select(WorkflowRow.id, WorkflowRow.version).where(_version_of(project, traced))
             ).first()
             if known is not None:
                 return store(session, version=(known.id, known.version))
