@@ -73,6 +73,7 @@ _POSTGRESQL_AWAY = ("08", "40", "53", "55", "57", "58")
 
 
 def _is_away(exc: Exception) -> bool:
+    """Whether a database error passes (asking again may succeed), by the driver's error."""
     orig = getattr(exc, "orig", None)
     if isinstance(orig, sqlite3.Error):
         return any(words in str(orig).lower() for words in _SQLITE_AWAY)
@@ -82,7 +83,7 @@ def _is_away(exc: Exception) -> bool:
 
 def _unavailable(service: str) -> Any:
     async def handler(request: Request, exc: Exception) -> JSONResponse:
-        if not _is_away(exc):
+        if service == "database" and not _is_away(exc):
             return _failed(exc)
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         log.warning("%s %s: %s unavailable (%s)", request.method, request.url.path, service, reason)
