@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 # A task that starts processes, for the tests that check they end with their attempt.
 import subprocess  # nosec B404
@@ -256,6 +257,23 @@ def short_steps_then_a_crash(marker: str, seconds: float = 60.0) -> None:
     """Two short steps, then one that sleeps on its first attempt: once the task process is
     warm, the short step's finish claims the slow one for its worker (finish and continue)."""
     slow_first_attempt_after(process_id(process_id()), marker, seconds)
+
+
+@task
+def flush_on_sigterm(path: str) -> int:
+    """Registers a SIGTERM handler in its task process, as an experiment tracker does to flush."""
+
+    def flush(number: int, frame: object) -> None:
+        Path(path).write_text(f"flushed by {os.getpid()}")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, flush)
+    return os.getpid()
+
+
+@workflow
+def flushing(path: str) -> None:
+    flush_on_sigterm(path)
 
 
 @workflow

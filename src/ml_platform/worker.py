@@ -717,9 +717,18 @@ class Worker:
         runner = child.runner
         limit = self.platform.settings.max_tasks_per_process
         if runner.dead() or (limit and runner.ran >= limit) or self.draining:
-            runner.close()
+            self._retire(runner)
         else:
             self.idle.append(runner)
+
+    def _retire(self, runner: _Runner) -> None:
+        """End an idle task process as a running one is ended: SIGTERM (the task's own handlers
+        run: a tracker flushes, a file is closed), SIGKILL after the grace (not waited for)."""
+        if runner.dead():
+            runner.close()
+        else:
+            runner.stop(self.platform.settings.kill_grace_seconds)
+            self.stopping.append(runner)
 
     def wait_for_replies(self, seconds: float) -> None:
         """Sleep up to ``seconds``, waking as soon as a running attempt's process answers."""
@@ -737,7 +746,7 @@ class Worker:
         Running attempts are stopped by their own paths (stop_all, hand_back).
         """
         while self.idle:
-            self.idle.pop().close()
+            self._retire(self.idle.pop())
         while self.stopping:
             self._progress_stops()
             if self.stopping:

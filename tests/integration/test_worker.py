@@ -218,6 +218,22 @@ def test_task_processes_are_reused_up_to_the_configured_limit(
     assert len(runtime.worker.idle) == (1 if limit == 0 else 0)
 
 
+def test_a_task_process_a_worker_retires_gets_sigterm_so_the_tasks_own_handler_runs(
+    sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    """Idle task processes end as running ones do: SIGTERM, SIGKILL only after the grace. What a
+    task registered for it (a tracker's flush, a file's close) runs when its worker stops."""
+    marker = tmp_path / "flushed"
+    submitted = sqlite_platform.submit(workflows.flushing, {"path": str(marker)})
+    runtime = _runtime(sqlite_platform, submitted.run_id)
+    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+    [runner] = runtime.worker.idle
+    assert not marker.exists()
+    runtime.worker.close()
+    assert runner.dead() and not runtime.worker.stopping
+    assert marker.read_text() == f"flushed by {runner.process.pid}"
+
+
 def _requests(*lines: dict[str, Any]) -> task_runner.Requests:
     """A task process's requests, as the worker writes them: JSON lines on a pipe."""
     read_end, write_end = os.pipe()
