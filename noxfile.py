@@ -74,10 +74,10 @@ def typecheck(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Unit, property and integration tests (real PostgreSQL); coverage gate and reports."""
     sync(session, "test")
-    # Coverage measures the `mlp` processes the tests start, not their task processes: see the file.
-    scope = Path("tests/mlp_coverage_scope.pth")
+    # How far coverage reaches into the processes the tests start: tests/coverage_scope.py.
     for site_packages in Path(session.virtualenv.location).glob("lib/python*/site-packages"):
-        shutil.copyfile(scope, site_packages / "zz-mlp-coverage-scope.pth")
+        shutil.copyfile("tests/coverage_scope.py", site_packages / "_mlp_coverage_scope.py")
+        shutil.copyfile("tests/mlp_coverage_scope.pth", site_packages / "zz-mlp-coverage-scope.pth")
     # Our own modules' bytecode too: the suite starts a few hundred Python processes.
     session.env["PYTHONDONTWRITEBYTECODE"] = ""
     if os.environ.get("CI", "").lower() == "true":
