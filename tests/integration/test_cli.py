@@ -19,6 +19,7 @@ from ml_platform.cli import app
 from ml_platform.config import load_settings
 from ml_platform.service import Platform
 from tests import workflows
+from tests.forked import ZYGOTE, Forked
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,14 +63,9 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ml_platform", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-    )
+def spawn(*args: str) -> Forked:
+    """`mlp ARGS` with this process's environment, forked from a warm copy (tests/forked.py)."""
+    return ZYGOTE.spawn(list(args), dict(os.environ))
 
 
 def test_a_task_that_fails_twice_then_succeeds_shows_three_attempts(

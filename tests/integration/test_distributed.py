@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from ml_platform.store.models import Attempt
 from ml_platform.worker import make_dispatcher
 from tests import workflows
 from tests.conftest import RedisTarget
+from tests.forked import ZYGOTE, Forked
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,21 +57,13 @@ def platform(env: dict[str, str]) -> Iterator[Platform]:
 
 
 @pytest.fixture
-def workers(env: dict[str, str]) -> Iterator[Callable[[int], list[subprocess.Popen[str]]]]:
-    started: list[subprocess.Popen[str]] = []
+def workers(env: dict[str, str]) -> Iterator[Callable[[int], list[Forked]]]:
+    """`mlp worker --concurrency 2` processes, forked from a warm copy (tests/forked.py)."""
+    started: list[Forked] = []
 
-    def start(count: int) -> list[subprocess.Popen[str]]:
+    def start(count: int) -> list[Forked]:
         for _ in range(count):
-            started.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "ml_platform", "worker", "--concurrency", "2"],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
+            started.append(ZYGOTE.spawn(["worker", "--concurrency", "2"], env))
         return started[-count:]
 
     yield start
@@ -95,7 +87,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0, interval: flo
 
 
 def test_two_workers_share_a_fan_out_and_run_each_task_once(
-    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
+    platform: Platform, workers: Callable[[int], list[Forked]]
 ) -> None:
     for process in workers(2):
         assert process.stdout is not None
@@ -111,7 +103,7 @@ def test_two_workers_share_a_fan_out_and_run_each_task_once(
 
 
 def test_kill_9_of_a_worker_mid_task_redelivers_and_commits_once(
-    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]], tmp_path: Path
+    platform: Platform, workers: Callable[[int], list[Forked]], tmp_path: Path
 ) -> None:
     pool = workers(2)
     marker = tmp_path / "marker"
@@ -132,7 +124,7 @@ def test_kill_9_of_a_worker_mid_task_redelivers_and_commits_once(
 
 
 def test_a_worker_killed_while_it_runs_an_attempt_it_continued_to_loses_nothing(
-    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]], tmp_path: Path
+    platform: Platform, workers: Callable[[int], list[Forked]], tmp_path: Path
 ) -> None:
     """An attempt a finish claimed for its own worker was never published: when that worker
     dies, the lease runs out, the reaper retries it, and another worker commits it once."""
@@ -158,7 +150,7 @@ def test_a_worker_killed_while_it_runs_an_attempt_it_continued_to_loses_nothing(
 
 
 def test_a_worker_killed_holding_claims_made_ahead_loses_none_of_them(
-    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]], tmp_path: Path
+    platform: Platform, workers: Callable[[int], list[Forked]], tmp_path: Path
 ) -> None:
     """Brief tasks: a worker holds, beside the attempts it runs, claims made ahead for the
     slots they will free (leased to it, started by no process yet). kill -9 of that worker:
@@ -199,7 +191,7 @@ def _running_held_by(platform: Platform, held: str) -> int:
 
 
 def test_a_worker_killed_holding_a_batch_of_short_attempts_loses_none_of_them(
-    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
+    platform: Platform, workers: Callable[[int], list[Forked]]
 ) -> None:
     """Tasks shorter than a commit: a worker claims them a batch ahead and holds their
     outcomes until the batch commits. kill -9 of that worker mid-batch: what it ran but had
@@ -232,7 +224,7 @@ def test_a_worker_killed_holding_a_batch_of_short_attempts_loses_none_of_them(
 
 
 def test_sigterm_to_a_worker_holding_a_batch_of_short_attempts_commits_or_hands_back_all(
-    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
+    platform: Platform, workers: Callable[[int], list[Forked]]
 ) -> None:
     """SIGTERM while a worker holds a batch of short attempts (claimed ahead, outcomes not yet
     committed): the drain commits what ran, hands back what did not (charging nothing), and
@@ -270,7 +262,7 @@ def _utc(moment: datetime | None) -> datetime:
 
 
 def test_sigterm_to_a_worker_holding_claims_made_ahead_hands_them_back_unrun(
-    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]], tmp_path: Path
+    platform: Platform, workers: Callable[[int], list[Forked]], tmp_path: Path
 ) -> None:
     """SIGTERM while a worker holds claims made ahead: the drain hands them back at once,
     unrun and charging nothing, lets its running attempts finish, and exits 0; another worker
@@ -305,7 +297,7 @@ def test_sigterm_to_a_worker_holding_claims_made_ahead_hands_them_back_unrun(
 
 def test_lost_redis_data_does_not_lose_queued_work(
     platform: Platform,
-    workers: Callable[[int], list[subprocess.Popen[str]]],
+    workers: Callable[[int], list[Forked]],
     redis_client: redis.Redis,
     redis_target: RedisTarget,
 ) -> None:
@@ -320,7 +312,7 @@ def test_lost_redis_data_does_not_lose_queued_work(
 
 def test_redis_emptied_while_a_worker_runs_loses_no_queued_work(
     platform: Platform,
-    workers: Callable[[int], list[subprocess.Popen[str]]],
+    workers: Callable[[int], list[Forked]],
     redis_client: redis.Redis,
     redis_target: RedisTarget,
 ) -> None:
@@ -339,7 +331,7 @@ def test_redis_emptied_while_a_worker_runs_loses_no_queued_work(
 
 
 def test_two_workers_share_the_elements_of_a_mapped_task_and_run_each_once(
-    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
+    platform: Platform, workers: Callable[[int], list[Forked]]
 ) -> None:
     for process in workers(2):
         assert process.stdout is not None
@@ -360,7 +352,7 @@ def test_two_workers_share_the_elements_of_a_mapped_task_and_run_each_once(
 
 
 def test_a_worker_killed_mid_map_loses_no_element_and_commits_each_once(
-    platform: Platform, workers: Callable[[int], list[subprocess.Popen[str]]]
+    platform: Platform, workers: Callable[[int], list[Forked]]
 ) -> None:
     pool = workers(2)
     for process in pool:

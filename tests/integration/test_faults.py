@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +21,7 @@ from ml_platform.service import Platform
 from ml_platform.worker import make_dispatcher
 from tests import workflows
 from tests.conftest import RedisTarget
+from tests.forked import ZYGOTE
 from tests.services import ThrowawayPostgres, ThrowawayRedis
 
 pytestmark = pytest.mark.integration
@@ -81,14 +80,7 @@ def test_postgresql_restarted_during_a_run(
 ) -> None:
     settings, env = _settings_and_env(throwaway_postgres, redis_target, tmp_path, lease=5.0)
     platform = Platform(settings).start()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "ml_platform", "worker", "--concurrency", "1"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    worker = ZYGOTE.spawn(["worker", "--concurrency", "1"], env)  # tests/forked.py
     marker = tmp_path / "marker"
     try:
         with TestClient(create_app(settings, platform=platform)) as api:
@@ -200,15 +192,12 @@ def _restarted_under_a_busy_worker(
     however fast the machine; its pooled connections never idle, so never pinged before use);
     ``restart`` happens under it once 50 have ended. The worker retries and goes on: the run
     succeeds, every task committed once, the worker still running."""
+    # This process reads the run after the restart as the API does: a checkout is pinged first
+    # (else a connection last used under a second before the restart fails its first read).
+    platform.db.ping_after = 0.0
     output = tmp_path / "worker.out"
     with output.open("w") as out:  # a line per task: a file, not a pipe that could fill
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "ml_platform", "worker", "--concurrency", "1"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        worker = ZYGOTE.spawn(["worker", "--concurrency", "1"], env, output=out)
     try:
         submitted = platform.submit(workflows.naps, {"n": 400, "seconds": 0.005})
         make_dispatcher(platform, "submitter").publish(submitted.queued)

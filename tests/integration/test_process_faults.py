@@ -26,6 +26,7 @@ from ml_platform.service import Platform
 from ml_platform.task_runner import task_processes_of
 from tests import workflows
 from tests.conftest import RedisTarget
+from tests.forked import ZYGOTE, Forked
 from tests.helpers import pids_in, wait_until_dead, wait_until_ready
 from tests.integration.test_server import PASSWORD
 from tests.services import free_port
@@ -76,17 +77,11 @@ def platform(env: dict[str, str]) -> Iterator[Platform]:
 @pytest.fixture
 def spawn(env: dict[str, str]) -> Iterator[Spawn]:
     """Start `mlp ARGS…` with the test's environment (plus ``extra``); stopped at the end."""
-    started: list[subprocess.Popen[str]] = []
+    started: list[Forked] = []
 
     def start(*args: str, extra: dict[str, str] | None = None, cwd: Path = ROOT) -> Any:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ml_platform", *args],
-            cwd=cwd,
-            env={**env, **(extra or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        # Forked from a warm copy of `python -m ml_platform` (tests/forked.py).
+        process = ZYGOTE.spawn(list(args), {**env, **(extra or {})}, cwd)
         started.append(process)
         return process
 
