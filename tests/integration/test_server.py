@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from ml_platform import cli
 from ml_platform.cli import app
 from tests.conftest import RedisTarget
+from tests.forked import ZYGOTE
 from tests.helpers import wait_until_ready
 from tests.services import free_port
 
@@ -66,20 +67,17 @@ def cluster(
     assert created.returncode == 0, created.stdout + created.stderr
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "ml_platform", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for args in (
-            ["server", "--port", str(port)],
-            ["worker", "--concurrency", "1"],
-            ["worker", "--concurrency", "1"],
-        )
-    ]
+    # Forked from a warm copy of `python -m ml_platform` (tests/forked.py); the README's test
+    # below starts its server and worker as a person does.
+    with open(os.devnull, "w") as devnull:
+        processes = [
+            ZYGOTE.spawn(args, env, output=devnull)
+            for args in (
+                ["server", "--port", str(port)],
+                ["worker", "--concurrency", "1"],
+                ["worker", "--concurrency", "1"],
+            )
+        ]
     try:
         wait_until_ready(url)
         yield url, env
