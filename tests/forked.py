@@ -32,6 +32,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from ml_platform.tracer import _Zygote
+
 ROOT = Path(__file__).resolve().parents[1]
 _STATUS = struct.Struct("!q")
 
@@ -94,13 +96,12 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-class Zygote:
-    """Starts the zygote on first use; ``spawn`` asks it for a child."""
+class Zygote(_Zygote):
+    """Starts the zygote on first use (as ``ml_platform.tracer`` starts its own); ``spawn``
+    asks it for a child."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._control: socket.socket | None = None
+    module = "tests.forked"
+    cwd = ROOT
 
     def spawn(
         self,
@@ -135,36 +136,9 @@ class Zygote:
             child_status.detach()
         return Forked(pid, status, open(read_end, encoding="utf-8") if output is None else None)
 
-    def _start(self) -> None:
-        self.stop()
-        ours, theirs = socket.socketpair()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "tests.forked", "--zygote", str(theirs.fileno())],
-            cwd=ROOT,
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        theirs.close()
-        self._control = ours
-
-    def stop(self) -> None:
-        """Close the control socket (the zygote then exits) and wait for it."""
-        if self._control is not None:
-            self._control.close()
-            self._control = None
-        if self._process is not None:
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
-
 
 ZYGOTE = Zygote()
-atexit.register(ZYGOTE.stop)
+atexit.register(ZYGOTE.stop, 5.0)
 
 
 # The zygote's side.

@@ -132,6 +132,11 @@ def trace_in_subprocess(
 class _Zygote:
     """The requester's side: starts the zygote when needed, hands it a child's sockets."""
 
+    #: The zygote's module: ``python -m MODULE --zygote FD`` serves on the socket FD, started
+    #: in ``cwd`` (None: this process's working directory).
+    module = "ml_platform.tracer"
+    cwd: Path | None = None
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -142,7 +147,8 @@ class _Zygote:
         ours, theirs = socket.socketpair()
         # Fixed argv: our own interpreter and module; requests travel as data on sockets.
         self._process = subprocess.Popen(  # nosec B603
-            [sys.executable, "-m", "ml_platform.tracer", "--zygote", str(theirs.fileno())],
+            [sys.executable, "-m", self.module, "--zygote", str(theirs.fileno())],
+            cwd=self.cwd,
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
