@@ -146,7 +146,6 @@ atexit.register(ZYGOTE.stop, 5.0)
 
 def _become(request: dict[str, Any], stdin: int, output: int) -> int:
     """In the forked child: become ``python -m ml_platform ARGS`` as the request describes it."""
-    signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the rest is as a fresh process has them
     os.dup2(stdin, 0)
     os.dup2(output, 1)
@@ -173,9 +172,13 @@ def _become(request: dict[str, Any], stdin: int, output: int) -> int:
     return code
 
 
-def _child(control: socket.socket, request: dict[str, Any], fds: list[int]) -> NoReturn:
+def _child(request: dict[str, Any], fds: list[int], zygotes: list[int]) -> NoReturn:
+    """``zygotes``: the zygote's own descriptors (its sockets, the other children's status
+    sockets), none of which the child may hold."""
+    signal.set_wakeup_fd(-1)  # before its descriptor is closed
     status, stdin, output = fds
-    control.close()
+    for fd in zygotes:
+        os.close(fd)
     os.close(status)  # the zygote reports; the child holds no copy
     code = 1
     try:
@@ -226,7 +229,8 @@ def serve(control_fd: int) -> int:
                     body += control.recv(length - len(body))
                 pid = os.fork()
                 if pid == 0:
-                    _child(control, json.loads(body), fds)
+                    own = [control.fileno(), wakeup_read.fileno(), wakeup_write.fileno()]
+                    _child(json.loads(body), fds, [*own, selector.fileno(), *children.values()])
                 children[pid] = fds[0]
                 for fd in fds[1:]:
                     os.close(fd)
