@@ -260,20 +260,21 @@ def short_steps_then_a_crash(marker: str, seconds: float = 60.0) -> None:
 
 
 @task
-def flush_on_sigterm(path: str) -> int:
-    """Registers a SIGTERM handler in its task process, as an experiment tracker does to flush."""
+def flush_on_sigterm(path: str, deaf: bool) -> int:
+    """Registers a SIGTERM handler in its task process, as an experiment tracker does to flush
+    (or, ``deaf``, ignores SIGTERM)."""
 
     def flush(number: int, frame: object) -> None:
         Path(path).write_text(f"flushed by {os.getpid()}")
         raise SystemExit(0)
 
-    signal.signal(signal.SIGTERM, flush)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if deaf else flush)
     return os.getpid()
 
 
 @workflow
-def flushing(path: str) -> None:
-    flush_on_sigterm(path)
+def flushing(path: str, deaf: bool = False) -> None:
+    flush_on_sigterm(path, deaf)
 
 
 @workflow

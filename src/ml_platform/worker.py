@@ -717,18 +717,9 @@ class Worker:
         runner = child.runner
         limit = self.platform.settings.max_tasks_per_process
         if runner.dead() or (limit and runner.ran >= limit) or self.draining:
-            self._retire(runner)
+            self._stop_process(runner)  # as a running one: the task's SIGTERM handler runs
         else:
             self.idle.append(runner)
-
-    def _retire(self, runner: _Runner) -> None:
-        """End an idle task process as a running one is ended: SIGTERM (the task's own handlers
-        run: a tracker flushes, a file is closed), SIGKILL after the grace (not waited for)."""
-        if runner.dead():
-            runner.close()
-        else:
-            runner.stop(self.platform.settings.kill_grace_seconds)
-            self.stopping.append(runner)
 
     def wait_for_replies(self, seconds: float) -> None:
         """Sleep up to ``seconds``, waking as soon as a running attempt's process answers."""
@@ -746,7 +737,7 @@ class Worker:
         Running attempts are stopped by their own paths (stop_all, hand_back).
         """
         while self.idle:
-            self._retire(self.idle.pop())
+            self._stop_process(self.idle.pop())
         while self.stopping:
             self._progress_stops()
             if self.stopping:
@@ -757,7 +748,8 @@ class Worker:
         return {runner.process.pid for runner in runners}
 
     def _stop_process(self, runner: _Runner) -> None:
-        """End an attempt's processes: SIGTERM now, SIGKILL after the grace (not waited for).
+        """End a task process (running an attempt, or idle) and all it started: SIGTERM now (the
+        task's own handlers run: a tracker flushes), SIGKILL after the grace (not waited for).
         What was sent ahead to the process will not begin there: it waits for a slot again."""
         runner.stop(self.platform.settings.kill_grace_seconds)
         self.stopping.append(runner)

@@ -218,20 +218,29 @@ def test_task_processes_are_reused_up_to_the_configured_limit(
     assert len(runtime.worker.idle) == (1 if limit == 0 else 0)
 
 
-def test_a_task_process_a_worker_retires_gets_sigterm_so_the_tasks_own_handler_runs(
-    sqlite_platform: Platform, tmp_path: Path
+@pytest.mark.parametrize("deaf", [False, True])
+def test_a_task_process_a_worker_retires_gets_sigterm_then_sigkill_after_the_grace(
+    sqlite_platform: Platform, tmp_path: Path, deaf: bool
 ) -> None:
     """Idle task processes end as running ones do: SIGTERM, SIGKILL only after the grace. What a
-    task registered for it (a tracker's flush, a file's close) runs when its worker stops."""
+    task registered for it (a tracker's flush) runs when its worker stops; a process deaf to
+    SIGTERM is killed once the grace is over, and the worker's close waits for no more."""
+    sqlite_platform.settings.kill_grace_seconds = 1.0
     marker = tmp_path / "flushed"
-    submitted = sqlite_platform.submit(workflows.flushing, {"path": str(marker)})
+    submitted = sqlite_platform.submit(workflows.flushing, {"path": str(marker), "deaf": deaf})
     runtime = _runtime(sqlite_platform, submitted.run_id)
     assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
     [runner] = runtime.worker.idle
-    assert not marker.exists()
+    began = time.monotonic()
     runtime.worker.close()
+    took = time.monotonic() - began
     assert runner.dead() and not runtime.worker.stopping
-    assert marker.read_text() == f"flushed by {runner.process.pid}"
+    if deaf:
+        assert runner.process.returncode == -signal.SIGKILL and not marker.exists()
+        assert 1.0 <= took < 5.0, took
+    else:
+        assert runner.process.returncode == 0 and took < 1.0, took
+        assert marker.read_text() == f"flushed by {runner.process.pid}"
 
 
 def _requests(*lines: dict[str, Any]) -> task_runner.Requests:
