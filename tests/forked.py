@@ -17,7 +17,6 @@ ml_platform``) is still started as a process by every other test that starts one
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib
 import json
 import os
@@ -32,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from ml_platform.tracer import _Zygote
+from ml_platform.tracer import _die_with_parent, _Zygote
 
 ROOT = Path(__file__).resolve().parents[1]
 _STATUS = struct.Struct("!q")
@@ -60,7 +59,7 @@ class Forked:
             if raising:
                 raise subprocess.TimeoutExpired(f"mlp (pid {self.pid})", timeout or 0.0) from None
             return None
-        if len(data) != _STATUS.size:  # the zygote died: the child died with it (PDEATHSIG)
+        if len(data) != _STATUS.size:  # the zygote died, and its children with it (_child)
             self.returncode = -signal.SIGKILL
         else:
             self.returncode = _STATUS.unpack(data)[0]
@@ -176,6 +175,10 @@ def _child(request: dict[str, Any], fds: list[int], zygotes: list[int]) -> NoRet
     """``zygotes``: the zygote's own descriptors (its sockets, the other children's status
     sockets), none of which the child may hold."""
     signal.set_wakeup_fd(-1)  # before its descriptor is closed
+    zygote = os.getppid()
+    _die_with_parent()  # a zygote that dies (its test process gone) takes its children along
+    if os.getppid() != zygote:
+        os._exit(1)
     status, stdin, output = fds
     for fd in zygotes:
         os.close(fd)
@@ -198,7 +201,7 @@ def _child(request: dict[str, Any], fds: list[int], zygotes: list[int]) -> NoRet
 
 def serve(control_fd: int) -> int:
     """Fork a child per request; report each child's exit code on its status socket."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _die_with_parent()
     # What a child would import first, paid once, here.
     import ml_platform.cli  # noqa: F401
     import ml_platform.server  # noqa: F401
