@@ -760,52 +760,17 @@ def _until_stopped(
         )
 
 
-@app.command()
-def worker(
-    concurrency: Concurrency = max(2, os.cpu_count() or 2),
-    queue: Annotated[
-        list[str] | None,
-        typer.Option("--queue", "-q", help="Queues (pools) to serve; the default queue if none."),
-    ] = None,
-) -> None:
-    """Run scheduled work until stopped: SIGTERM drains, a second SIGTERM hands work back.
+# Options and help are the worker's own (`mlp worker --help`): a worker process parses them
+# without typer, rich or pydantic (ml_platform/__main__.py sends it there first).
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def worker(ctx: typer.Context) -> None:
+    """Run scheduled work until stopped: SIGTERM drains, a second SIGTERM hands work back."""
+    from ml_platform.worker import main as run_worker
 
-    A drain lets running attempts finish for up to MLP_DRAIN_SECONDS (default 30), then hands
-    the rest back; handed-back attempts are retried elsewhere and charge no retry.
-
-    With REDIS_URL set, attempts arrive through Redis Streams; several workers may run, on
-    several machines, against one DATABASE_URL.
-    """
-    from ml_platform.dispatch import DEFAULT_QUEUE
-    from ml_platform.worker import (
-        Runtime,
-        Shutdown,
-        Worker,
-        make_dispatcher,
-        new_worker_id,
-        run_until_shutdown,
-    )
-
-    sys.path.insert(0, os.getcwd())
-    with _platform() as platform:
-        worker_id = new_worker_id()
-        dispatcher = make_dispatcher(platform, worker_id, queue or [DEFAULT_QUEUE])
-        the_worker = Worker(
-            platform,
-            dispatcher,
-            concurrency=concurrency,
-            worker_id=worker_id,
-            # A line per task event: plain print, as rich's rendering of each line cost
-            # ≈ 8 % of a busy worker's CPU; written out at the end of each pass (one write
-            # for a batch of tasks, not one per line: see run_until_shutdown).
-            on_event=print,
-        )
-        runtime = Runtime(platform, dispatcher, the_worker)
-        shutdown = Shutdown()
-        shutdown.install()  # signals only count, read between two passes: never mid-commit
-        console.print(f"worker {the_worker.worker_id} ready, concurrency {concurrency}")
-        verdict = run_until_shutdown(runtime, shutdown)
-        console.print(f"worker {the_worker.worker_id} stopped: {verdict}")
+    raise typer.Exit(run_worker(ctx.args))
 
 
 @app.command()
