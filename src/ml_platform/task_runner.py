@@ -76,6 +76,19 @@ def _watch_parent(worker_pid: int) -> NoReturn:
         time.sleep(0.5)
 
 
+#: What the warden runs once it is bound: a fresh interpreter without site (≈ 9 MiB), not the
+#: copy of the task process it was forked as (≈ 14 MiB; with a worker of 2 slots, 4 wardens).
+#: WARDEN_SIGNAL is blocked across the exec, so one sent meanwhile is pending, not lost.
+_WARDEN_CODE = (
+    "import os, signal, sys\n"
+    "signal.sigwait({int(sys.argv[1])})\n"
+    "try:\n"
+    "    os.killpg(int(sys.argv[2]), signal.SIGKILL)\n"
+    "except ProcessLookupError:\n"
+    "    pass\n"
+)
+
+
 def _start_warden() -> None:
     """Fork the warden, which kills this process group as soon as this process is gone."""
     group = os.getpgid(0)
@@ -94,11 +107,15 @@ def _start_warden() -> None:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(number, signal.SIG_IGN)
+            signal.signal(number, signal.SIG_IGN)  # ignored dispositions survive the exec
         signal.pthread_sigmask(signal.SIG_BLOCK, {WARDEN_SIGNAL})
-        _prctl(PR_SET_PDEATHSIG, WARDEN_SIGNAL)
+        _prctl(PR_SET_PDEATHSIG, WARDEN_SIGNAL)  # kept across the exec (not a set-uid binary)
         if os.getppid() == task_process:  # else it is gone already
-            signal.sigwait({WARDEN_SIGNAL})
+            argv = [sys.executable, "-S", "-I", "-c", _WARDEN_CODE]
+            try:  # its fixed code, this interpreter: no shell, no input
+                os.execv(sys.executable, [*argv, str(int(WARDEN_SIGNAL)), str(group)])  # nosec B606
+            except OSError:
+                signal.sigwait({WARDEN_SIGNAL})  # no interpreter to exec: wait as we are
         os.killpg(group, signal.SIGKILL)
     except ProcessLookupError:
         pass  # nothing was left in the group

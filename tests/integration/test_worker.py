@@ -186,6 +186,74 @@ def test_a_task_process_whose_worker_died_before_it_started_exits_at_once() -> N
         process.stdin.close()
 
 
+def _status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(name)
+        for name in os.listdir("/proc")
+        if name.isdigit() and is_running(int(name)) and _status(int(name), "PPid") == pid
+    ]
+
+
+def test_the_warden_is_a_fresh_small_interpreter_not_a_copy_of_the_task_process() -> None:
+    """Every task process has a warden: it runs `python -S -I` (≈ 9 MiB), not the task
+    process's interpreter with its imports that it was forked from (≈ 14 MiB)."""
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ml_platform.task_runner", str(write_end), str(os.getpid())],
+        stdin=subprocess.PIPE,
+        pass_fds=(write_end,),
+        start_new_session=True,  # as a worker starts it: the warden ends this group
+    )
+    os.close(write_end)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            wardens = _children(process.pid)
+            if wardens and b"-S" in Path(f"/proc/{wardens[0]}/cmdline").read_bytes():
+                break
+            assert time.monotonic() < deadline, "no warden exec'd"
+            time.sleep(0.01)
+        [warden] = wardens
+        assert os.getpgid(warden) == warden  # a group of its own: the task's kills spare it
+        task_kib, warden_kib = _status(process.pid, "VmRSS"), _status(warden, "VmRSS")
+        assert warden_kib < task_kib - 2048, (warden_kib, task_kib)
+        process.kill()  # the warden outlives it only to end its group
+        assert wait_until_dead([warden], timeout=5) == []
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+        os.close(read_end)
+        assert process.stdin is not None
+        process.stdin.close()
+
+
+def test_a_task_process_that_dies_while_its_warden_starts_still_has_its_group_ended(
+    tmp_path: Path,
+) -> None:
+    """The warden's signal, sent while it execs its interpreter, waits blocked for it."""
+    pids = tmp_path / "pids"
+    probe = (
+        "import os, subprocess, sys\n"
+        "from ml_platform import task_runner\n"
+        "child = subprocess.Popen(['sleep', '300'])\n"
+        f"open({str(pids)!r}, 'w').write(str(child.pid))\n"
+        "task_runner._start_warden()\n"
+        "os._exit(0)  # at once: the warden is still starting\n"
+    )
+    for _ in range(3):
+        leader = subprocess.Popen([sys.executable, "-c", probe], process_group=0)
+        assert leader.wait(timeout=30) == 0
+        [sleeper] = pids_in(pids)
+        assert wait_until_dead([sleeper], timeout=5) == []
+
+
 def test_draining_finishes_running_work_and_takes_no_more(
     sqlite_platform: Platform, tmp_path: Path
 ) -> None:
