@@ -19,7 +19,14 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, inspect, text, update
 
 from ml_platform.engine.states import AttemptState, RunState, TaskState
-from ml_platform.service import FencedOut, NotFound, Outcome, Platform, RetryError, planning
+from ml_platform.service import (
+    FencedOut,
+    NotFound,
+    Outcome,
+    Platform,
+    RetryError,
+    planning,
+)
 from ml_platform.store import db
 from ml_platform.store.db import (
     Database,
@@ -820,6 +827,56 @@ def test_a_chain_step_queues_the_next_from_that_task_run_alone(platform: Platfor
     assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
     results = {t.node_id: t.result for t in platform.task_runs(submitted.run_id)}
     assert results["double[5]"] == {"value": 64.0}
+
+
+@pytest.mark.parametrize("width", [5, 40])  # upstreams asked by name; a wide fan-in's others
+def test_a_join_whose_last_upstream_ends_is_queued_without_a_pass_over_the_run(
+    platform: Platform, width: int
+) -> None:
+    """The last upstream of a join to succeed queues it from the join's task run alone, as a
+    chain's step does, and the join, the run's last task, ends the run from its task states:
+    the pass over the run each took read every task run of a fan-out (a thousand, with
+    their JSON) for one decision. Earlier upstreams leave the join waiting."""
+    submitted = platform.submit(workflows.arithmetic, {"n": width})
+    *early, last = submitted.queued
+    for dispatch in early:
+        claimed = platform.claim(dispatch.attempt_id, "w")
+        assert claimed is not None
+        assert platform.finish(claimed, "w", execute(platform, claimed)) == []
+    claimed = platform.claim(last.attempt_id, "w")
+    assert claimed is not None
+    outcome = execute(platform, claimed)
+    with statements_sent(platform) as statements:
+        [join] = platform.finish(claimed, "w", outcome)
+    assert not any("ORDER BY task_runs.position" in s for s in statements), statements
+    assert _states(platform, submitted.run_id)["total"] == "queued"
+    assert platform.attempts(submitted.run_id)[-1].id == join.attempt_id
+    claimed = platform.claim(join.attempt_id, "w")
+    assert claimed is not None
+    outcome = execute(platform, claimed)
+    with statements_sent(platform) as statements:  # the sink: the run ends, as a pass ends it
+        assert platform.finish(claimed, "w", outcome) == []
+    assert not any("ORDER BY task_runs.position" in s for s in statements), statements
+    run, _ = platform.run(submitted.run_id)
+    assert run.state == RunState.SUCCEEDED and run.finished_at is not None
+    total = next(t for t in platform.task_runs(submitted.run_id) if t.node_id == "total")
+    assert total.result == {"value": float(width * (width - 1))}
+
+
+def test_a_sink_that_succeeds_last_ends_its_run_failed_if_a_branch_failed(
+    platform: Platform,
+) -> None:
+    """The run's outcome without a pass over it is the engine's: a failed branch fails it."""
+    submitted = platform.submit(workflows.failing_pipeline, {})
+    claims = {c.node_id: c for d in submitted.queued if (c := platform.claim(d.attempt_id, "w"))}
+    assert sorted(claims) == ["double", "explode"]
+    platform.finish(claims["explode"], "w", execute(platform, claims["explode"]))
+    assert _states(platform, submitted.run_id)["echo"] == "upstream_failed"
+    outcome = execute(platform, claims["double"])
+    with statements_sent(platform) as statements:
+        platform.finish(claims["double"], "w", outcome)
+    assert not any("ORDER BY task_runs.position" in s for s in statements), statements
+    assert platform.run(submitted.run_id)[0].state == RunState.FAILED
 
 
 def test_a_wide_run_is_stored_in_one_insert_per_table_that_does_not_grow_with_it(

@@ -32,8 +32,16 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ml_platform.dispatch import Dispatch, queue_of
+from ml_platform.engine.dag import run_outcome
 from ml_platform.engine.retry import RetryPolicy
-from ml_platform.engine.states import RUN_TERMINAL, TASK_TERMINAL, AttemptState, RunState, TaskState
+from ml_platform.engine.states import (
+    RUN_TERMINAL,
+    TASK_DONE_OK,
+    TASK_TERMINAL,
+    AttemptState,
+    RunState,
+    TaskState,
+)
 from ml_platform.inputs import references, resolve_inputs
 from ml_platform.service.core import (
     _MADE,
@@ -436,6 +444,27 @@ _OPEN_TASKS = (
     select(TaskRun.node_id)
     .where(TaskRun.run_id == bindparam("run_id"), TaskRun.state.in_(_OPEN_STATES))
     .limit(bindparam("limit"))
+)
+_NOT_OK_STATES = [state.value for state in TaskState if state not in TASK_DONE_OK]
+_NOT_OK_AMONG = select(TaskRun.node_id, TaskRun.state).where(
+    TaskRun.run_id == bindparam("run_id"),
+    TaskRun.node_id.in_(bindparam("node_ids", expanding=True)),
+    TaskRun.state.in_(_NOT_OK_STATES),
+)
+_NOT_OK = (
+    select(TaskRun.node_id, TaskRun.state)
+    .where(TaskRun.run_id == bindparam("run_id"), TaskRun.state.in_(_NOT_OK_STATES))
+    .limit(bindparam("limit"))
+)
+_TASK_STATES_OF_RUN = select(TaskRun.state).where(TaskRun.run_id == bindparam("run_id")).distinct()
+_END_RUN = (
+    update(Run)
+    .where(Run.id == bindparam("run_id"), Run.state.not_in([s.value for s in RUN_TERMINAL]))
+    .values(
+        state=bindparam("outcome"),
+        finished_at=bindparam("at"),
+        started_at=func.coalesce(Run.started_at, bindparam("at")),
+    )
 )
 _RESULTS_OF = select(TaskRun.node_id, TaskRun.result).where(
     TaskRun.run_id == bindparam("run_id"),
@@ -1056,28 +1085,48 @@ class Execution(Planning):
     def _next_steps(
         self, session: Session, run: Any, run_id: str, node_id: str, now: datetime
     ) -> list[Dispatch] | None:
-        """A chain's next steps, queued without a pass over the run: the tasks whose only
-        upstream is ``node_id``, which just succeeded, when nothing else bears on them (a
-        cancel, a run or group limit, a cache, a map, a pool). None: the full advance decides.
-        The engine's plan would say the same (a pending task whose upstreams all succeeded
-        is ready); this reads those task runs only, not the run's every one."""
+        """The next steps after ``node_id`` succeeded, decided without a pass over the run: the
+        tasks downstream of it whose upstreams have all succeeded (a chain's next step, a
+        join whose last upstream this was) are queued, when nothing else bears on them (a
+        cancel, a run or group limit, a cache, a map, a pool); a sink that was the run's last
+        open task ends the run. None: the full advance decides. The engine's plan would say
+        the same (a pending task whose upstreams all succeeded is ready, one still waiting for
+        an upstream is left, a run whose tasks all ended has its outcome); this reads those
+        task runs only, or the run's distinct task states, not every task run of the run --
+        a fan-out of 1,000 read them all, JSON and all, at its join and again at its end."""
         if run.cancel_requested or run.max_concurrency is not None:
             return None
         upstream, downstream, _ = self._dag(session, run_id, node_id)
         waiting = downstream.get(node_id, [])
-        if not waiting or any(set(upstream[node]) != {node_id} for node in waiting):
+        conn = session.connection()
+        if not waiting:  # a sink, and _may_decide found no task of its run open: the run ends
+            states = conn.execute(_TASK_STATES_OF_RUN, {"run_id": run_id}).scalars()
+            outcome = run_outcome(map(TaskState, states), cancel_requested=False)
+            conn.execute(_END_RUN, {"run_id": run_id, "outcome": outcome.value, "at": now})
+            return []
+        if len(waiting) > 8:
             return None
+        ready = []
+        for node in waiting:
+            deps = upstream[node]
+            done = all(dep == node_id for dep in deps) or self._all_succeeded(
+                conn, run_id, deps, len(upstream)
+            )
+            if done is None:
+                return None  # an upstream ended otherwise: failed, skipped, cancelled
+            if done:
+                ready.append(node)
+        if not ready:
+            return []
         # Core rows, not the ORM's objects: a chain reads one per step, and loading it was
         # a fifth of the step's transaction.
-        tasks = list(
-            session.connection().execute(_NEXT_STEPS, {"run_id": run_id, "node_ids": waiting})
-        )
+        tasks = list(conn.execute(_NEXT_STEPS, {"run_id": run_id, "node_ids": ready}))
         plain = all(
             task.state == TaskState.PENDING
             and queued_as_it_is(task.inputs, task.options, task.pool)
             for task in tasks
         )
-        if len(tasks) != len(waiting) or not plain:
+        if len(tasks) != len(ready) or not plain:
             return None
         starts: _Starts | None = session.info.get(_STARTS)
         # (Set only for a batch of successes on PostgreSQL, whose run rows carry run_state.)
@@ -1088,12 +1137,31 @@ class Execution(Planning):
         mine, others = tasks[: starts.left], tasks[starts.left :]
         lease = now + timedelta(seconds=self.settings.lease_seconds)
         params = {"now": now, "lease": lease, "worker_id": starts.worker_id, **_CLAIM_STATES}
-        conn = session.connection()
         for row in conn.execute(_START_NEXT, {"ids": [task.id for task in mine], **params}):
             claimed = self._claimed(conn, row.attempt_id, row, row.upstream_results or {})
             starts.started.append(claimed)
         starts.left -= len(mine)
         return self._new_attempts(session, others, now, delay=0.0)
+
+    @staticmethod
+    def _all_succeeded(conn: Connection, run_id: str, deps: list[str], nodes: int) -> bool | None:
+        """Whether the tasks ``deps`` of a run of ``nodes`` tasks all succeeded (or were cached
+        or reused): True; False while one is still open; None if one ended otherwise."""
+        if len(deps) <= 32:
+            rows = list(conn.execute(_NOT_OK_AMONG, {"run_id": run_id, "node_ids": deps}))
+        else:
+            # A wide fan-in: rather than a thousand ids, read the tasks that did not succeed,
+            # up to one more than the tasks that are not its upstreams. Fewer means the list
+            # is complete (pigeonhole); a join after a fan-out reads one row, itself.
+            others = nodes - len(deps)
+            rows = list(conn.execute(_NOT_OK, {"run_id": run_id, "limit": others + 1}))
+            if len(rows) > others:
+                return None  # not a complete list: a full pass decides
+            wanted = set(deps)
+            rows = [row for row in rows if row.node_id in wanted]
+        if any(row.state not in _OPEN_STATES for row in rows):
+            return None
+        return not rows
 
     def _retry_after(
         self, conn: Connection, run_id: str, task: Any, outcome: Outcome
