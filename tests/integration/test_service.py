@@ -25,6 +25,7 @@ from ml_platform.service import (
     Outcome,
     Platform,
     RetryError,
+    execution,
     planning,
 )
 from ml_platform.store import db
@@ -877,6 +878,29 @@ def test_a_sink_that_succeeds_last_ends_its_run_failed_if_a_branch_failed(
         platform.finish(claims["double"], "w", outcome)
     assert not any("ORDER BY task_runs.position" in s for s in statements), statements
     assert platform.run(submitted.run_id)[0].state == RunState.FAILED
+
+
+def test_the_shapes_kept_in_memory_are_bounded_by_tasks_and_dropped_when_a_run_ends(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker keeps each run's DAG shape for its finishes; a run that ended needs it no
+    more, and the shapes kept are bounded by their tasks, not by a count of runs (a worker
+    kept 256 fan-outs of 1,000, ≈ 1 MiB each). A shape let go is read again when needed."""
+    monkeypatch.setattr(execution, "DAG_CACHE_TASKS", 12)
+    first, second = (platform.submit(workflows.arithmetic, {"n": 5}) for _ in range(2))
+    for submitted in (first, second):  # a finish reads its run's shape: 6 tasks each
+        claimed = platform.claim(submitted.queued[0].attempt_id, "w")
+        assert claimed is not None
+        platform.finish(claimed, "w", execute(platform, claimed))
+    assert list(platform._dags) == [first.run_id, second.run_id]
+    third = platform.submit(workflows.arithmetic, {"n": 5})
+    claimed = platform.claim(third.queued[0].attempt_id, "w")
+    assert claimed is not None
+    platform.finish(claimed, "w", execute(platform, claimed))
+    assert list(platform._dags) == [second.run_id, third.run_id]  # the oldest went
+    for submitted in (first, second, third):
+        assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+        assert submitted.run_id not in platform._dags
 
 
 def test_a_wide_run_is_stored_in_one_insert_per_table_that_does_not_grow_with_it(

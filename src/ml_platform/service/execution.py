@@ -68,8 +68,10 @@ from ml_platform.store.models import (
 )
 
 TIMEOUT_ERROR = "builtins:TimeoutError"
-#: Runs whose DAG shape a Platform keeps in memory (see _dag).
-DAG_CACHE_SIZE = 256
+#: Tasks whose DAG shapes a Platform keeps in memory, over all its runs (see _dag): a fan-out
+#: of 10,000 fits; the shapes read longest ago go first, and a run's goes when it ends. (A
+#: count of runs let a worker keep 256 fan-outs of 1,000, ≈ 1 MiB each.)
+DAG_CACHE_TASKS = 20_000
 
 
 def timeout_outcome(options: Mapping[str, Any], *, reaped: bool = False) -> Outcome:
@@ -1103,6 +1105,7 @@ class Execution(Planning):
             states = conn.execute(_TASK_STATES_OF_RUN, {"run_id": run_id}).scalars()
             outcome = run_outcome(map(TaskState, states), cancel_requested=False)
             conn.execute(_END_RUN, {"run_id": run_id, "outcome": outcome.value, "at": now})
+            self._dags.pop(run_id, None)
             return []
         if len(waiting) > 8:
             return None
@@ -1280,10 +1283,11 @@ class Execution(Planning):
                 if options.get("map_concurrency"):
                     limited.add(node)
         self._dags.pop(run_id, None)
-        if len(self._dags) >= DAG_CACHE_SIZE:
-            self._dags.pop(next(iter(self._dags)))
-        self._dags[run_id] = (upstream, downstream, limited)
-        return self._dags[run_id]
+        self._dags[run_id] = shape = (upstream, downstream, limited)
+        kept = sum(len(known[0]) for known in self._dags.values())
+        while kept > DAG_CACHE_TASKS and len(self._dags) > 1:
+            kept -= len(self._dags.pop(next(iter(self._dags)))[0])
+        return shape
 
     @staticmethod
     def _record_outputs(

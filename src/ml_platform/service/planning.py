@@ -204,6 +204,7 @@ class Planning(Queries):
                 run.finished_at = now
                 if run.started_at is None:
                     run.started_at = now
+                self._dags.pop(run_id, None)  # nothing of it is decided any more
                 return queued
             session.flush()
             if not changed:
