@@ -63,6 +63,19 @@ def test_the_worker_and_its_settings_load_no_pydantic() -> None:
     assert result.stdout.strip() == "[]", result.stdout
 
 
+def test_the_worker_imports_neither_cron_nor_sqlite_until_it_needs_them() -> None:
+    """croniter (with dateutil) and sqlite3 are ≈ 3 MiB of a worker that serves PostgreSQL
+    and no schedule: they are imported where a schedule's tick or SQLite is used."""
+    probe = (
+        "import sys, ml_platform.worker; "
+        "print(sorted(m for m in ('croniter', 'dateutil', 'sqlite3') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
+
+
 def test_mlp_worker_runs_without_typer_rich_or_pydantic(tmp_path: Path) -> None:
     """A worker lives for days: `mlp worker` parses its own options (typer parses with
     pydantic since typer 0.2x; with rich, ≈ 12 MiB of every worker's memory)."""

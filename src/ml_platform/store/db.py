@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,6 +37,8 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
+    import sqlite3  # imported where SQLite is used: a worker on PostgreSQL has no use for it
+
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -59,6 +60,8 @@ def _to_wal(cursor: sqlite3.Cursor) -> None:
     """Put the database in WAL mode. SQLite answers "database is locked" at once, without
     waiting out the busy timeout, when another connection holds a lock while this one
     changes the journal mode (processes opening a new database together): try again."""
+    import sqlite3
+
     deadline = time.monotonic() + WAL_SWITCH_SECONDS
     pause = 0.001
     while True:
