@@ -830,6 +830,27 @@ def test_a_chain_step_queues_the_next_from_that_task_run_alone(platform: Platfor
     assert results["double[5]"] == {"value": 64.0}
 
 
+def test_a_fan_out_is_queued_from_its_task_runs_alone_when_its_one_upstream_ends(
+    platform: Platform,
+) -> None:
+    """However many tasks read only the one that just succeeded, they are queued without a
+    pass over the run (which read every task run, with its JSON, for a fan-out's first step),
+    in one INSERT for their attempts; the run then ends as the engine's plan would end it."""
+    submitted = platform.submit(workflows.spread, {"n": 30})
+    [first] = submitted.queued
+    claimed = platform.claim(first.attempt_id, "w")
+    assert claimed is not None
+    outcome = execute(platform, claimed)
+    with statements_sent(platform) as statements:
+        queued = platform.finish(claimed, "w", outcome)
+    assert len(queued) == 30
+    assert not any("ORDER BY task_runs.position" in s for s in statements), statements
+    assert len([s for s in statements if "INSERT INTO attempts" in s]) == 1, statements
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+    total = next(t for t in platform.task_runs(submitted.run_id) if t.node_id == "total")
+    assert total.result == {"value": 120.0}
+
+
 @pytest.mark.parametrize("width", [5, 40])  # upstreams asked by name; a wide fan-in's others
 def test_a_join_whose_last_upstream_ends_is_queued_without_a_pass_over_the_run(
     platform: Platform, width: int

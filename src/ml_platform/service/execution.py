@@ -72,6 +72,9 @@ TIMEOUT_ERROR = "builtins:TimeoutError"
 #: of 10,000 fits; the shapes read longest ago go first, and a run's goes when it ends. (A
 #: count of runs let a worker keep 256 fan-outs of 1,000, ≈ 1 MiB each.)
 DAG_CACHE_TASKS = 20_000
+#: Tasks a finish queues by name, without a pass over the run (see _next_steps): a wider
+#: fan-out takes the pass (SQLite binds 32,766 values to a statement at most).
+MAX_NEXT_STEPS = 10_000
 
 
 def timeout_outcome(options: Mapping[str, Any], *, reaped: bool = False) -> Outcome:
@@ -1107,8 +1110,8 @@ class Execution(Planning):
             conn.execute(_END_RUN, {"run_id": run_id, "outcome": outcome.value, "at": now})
             self._dags.pop(run_id, None)
             return []
-        if len(waiting) > 8:
-            return None
+        if sum(any(dep != node_id for dep in upstream[node]) for node in waiting) > 8:
+            return None  # one question each: too many (a fan-out's own tasks ask none)
         ready = []
         for node in waiting:
             deps = upstream[node]
@@ -1121,6 +1124,8 @@ class Execution(Planning):
                 ready.append(node)
         if not ready:
             return []
+        if len(ready) > MAX_NEXT_STEPS:
+            return None  # read by name in one statement: within what any driver binds
         # Core rows, not the ORM's objects: a chain reads one per step, and loading it was
         # a fifth of the step's transaction.
         tasks = list(conn.execute(_NEXT_STEPS, {"run_id": run_id, "node_ids": ready}))
