@@ -113,7 +113,7 @@ def _start_warden() -> None:
         if os.getppid() == task_process:  # else it is gone already
             argv = [sys.executable, "-S", "-I", "-c", _WARDEN_CODE]
             try:  # its fixed code, this interpreter: no shell, no input
-                os.execv(sys.executable, [*argv, str(int(WARDEN_SIGNAL)), str(group)])  # nosec B606
+                os.execv(sys.executable, [*argv, str(int(WARDEN_SIGNAL)), str(group)])
             except OSError:
                 signal.sigwait({WARDEN_SIGNAL})  # no interpreter to exec: wait as we are
         os.killpg(group, signal.SIGKILL)
