@@ -23,6 +23,8 @@ GOALS = {
     "chain": ("10-step chain, per step", 2.5, "ms"),
     "sleeps": ("1,000 × 10 ms, above the ideal", 0.5, "s"),
 }
+#: Peak RSS of the 2 workers with their task processes during the fan-out (MiB).
+RSS_GOAL = ("peak RSS of the workers and their task processes, fan-out", 200, "MiB")
 PERSISTENCE = {
     "ml_platform (distributed)": "every state change committed to PostgreSQL before it is "
     "acknowledged (runs, task runs, attempts, results, logs)",
@@ -146,6 +148,9 @@ def goal_rows(data: dict[str, Any]) -> list[tuple[str, float, float, str, bool]]
     for workload, (label, goal, unit) in GOALS.items():
         measured = statistics.median(_metric(data["samples"][OURS][workload], workload))
         rows.append((label, goal, measured, unit, measured <= goal))
+    label, goal, unit = RSS_GOAL
+    peak = statistics.median(r["peak_rss"] / 2**20 for r in data["samples"][OURS]["fanout"])
+    rows.append((label, goal, peak, unit, peak <= goal))
     return rows
 
 
