@@ -24,6 +24,7 @@ from typing import Any
 import redis
 from sqlalchemy.exc import DBAPIError
 
+from ml_platform.config import load_settings
 from ml_platform.dispatch import (
     DEFAULT_QUEUE,
     Delivery,
@@ -34,7 +35,17 @@ from ml_platform.dispatch import (
     queue_of,
 )
 from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState
-from ml_platform.service import ClaimedAttempt, FencedOut, Outcome, Platform, timeout_outcome
+from ml_platform.errors import SettingsError
+from ml_platform.sdk import WorkflowError
+from ml_platform.service import (
+    ClaimedAttempt,
+    FencedOut,
+    NotFound,
+    Outcome,
+    Platform,
+    timeout_outcome,
+)
+from ml_platform.store.db import DatabaseUnavailable
 
 MAX_LOG_BYTES = 1024 * 1024
 #: Scheduler passes between two full advances of every active run (see Platform.schedule).
@@ -1110,13 +1121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="A queue (pool) to serve; repeat for several; the default queue if none.",
     )
     options = parser.parse_args(argv)
-
-    from ml_platform.config import load_settings
-    from ml_platform.errors import SettingsError
-    from ml_platform.sdk import WorkflowError
-    from ml_platform.service import NotFound
-    from ml_platform.store.db import DatabaseUnavailable
-
     sys.path.insert(0, os.getcwd())  # the workflows' modules, as `mlp run` finds them
     try:
         platform = Platform(load_settings())
