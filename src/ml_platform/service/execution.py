@@ -1113,14 +1113,17 @@ class Execution(Planning):
             conn.execute(_END_RUN, {"run_id": run_id, "outcome": outcome.value, "at": now})
             self._dags.pop(run_id, None)
             return []
-        if sum(any(dep != node_id for dep in upstream[node]) for node in waiting) > 8:
-            return None  # one question each: too many (a fan-out's own tasks ask none)
         ready = []
+        asked = 0
         for node in waiting:
             deps = upstream[node]
-            done = all(dep == node_id for dep in deps) or self._all_succeeded(
-                conn, run_id, deps, len(upstream)
-            )
+            if all(dep == node_id for dep in deps):  # a chain's step, a fan-out's task
+                ready.append(node)
+                continue
+            asked += 1
+            if asked > 8:
+                return None  # a question each: too many
+            done = self._all_succeeded(conn, run_id, deps, len(upstream))
             if done is None:
                 return None  # an upstream ended otherwise: failed, skipped, cancelled
             if done:
@@ -1292,9 +1295,14 @@ class Execution(Planning):
                     limited.add(node)
         self._dags.pop(run_id, None)
         self._dags[run_id] = shape = (upstream, downstream, limited)
-        kept = sum(len(known[0]) for known in self._dags.values())
-        while kept > DAG_CACHE_TASKS and len(self._dags) > 1:
-            kept -= len(self._dags.pop(next(iter(self._dags)))[0])
+        # A copy to count on: an API thread may end a run, and drop its shape, meanwhile.
+        kept_shapes = list(self._dags.items())
+        kept = sum(len(known[0]) for _, known in kept_shapes)
+        for oldest, known in kept_shapes[:-1]:
+            if kept <= DAG_CACHE_TASKS:
+                break
+            self._dags.pop(oldest, None)
+            kept -= len(known[0])
         return shape
 
     @staticmethod
