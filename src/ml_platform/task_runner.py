@@ -111,9 +111,9 @@ def _start_warden() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {WARDEN_SIGNAL})
         _prctl(PR_SET_PDEATHSIG, WARDEN_SIGNAL)  # kept across the exec (not a set-uid binary)
         if os.getppid() == task_process:  # else it is gone already
-            argv = [sys.executable, "-S", "-I", "-c", _WARDEN_CODE]
+            argv = [sys.executable, "-S", "-I", "-c", _WARDEN_CODE, str(WARDEN_SIGNAL.value)]
             try:  # its fixed code, this interpreter: no shell, no input
-                os.execv(sys.executable, [*argv, str(int(WARDEN_SIGNAL)), str(group)])
+                os.execv(sys.executable, [*argv, str(group)])
             except OSError:
                 signal.sigwait({WARDEN_SIGNAL})  # no interpreter to exec: wait as we are
         os.killpg(group, signal.SIGKILL)

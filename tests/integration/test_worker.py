@@ -234,18 +234,27 @@ def test_the_warden_is_a_fresh_small_interpreter_not_a_copy_of_the_task_process(
         process.stdin.close()
 
 
-def test_a_task_process_that_dies_while_its_warden_starts_still_has_its_group_ended(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("interpreter", "dies"), [("its own", "at once"), ("its own", "later"), ("gone", "later")]
+)
+def test_a_task_process_that_dies_has_its_group_ended_by_its_warden(
+    tmp_path: Path, interpreter: str, dies: str
 ) -> None:
-    """The warden's signal, sent while it execs its interpreter, waits blocked for it."""
+    """At once: the warden is still starting (before or while it execs its interpreter; its
+    signal waits, blocked, across the exec). Later: it waits in the interpreter it exec'd,
+    or, when it could not exec one (the venv removed under it), as the copy it is."""
     pids = tmp_path / "pids"
+    gone = "sys.executable = '/nonexistent/python'\n" if interpreter == "gone" else ""
+    settle = "time.sleep(0.5)\n" if dies == "later" else ""
     probe = (
-        "import os, subprocess, sys\n"
+        "import os, subprocess, sys, time\n"
         "from ml_platform import task_runner\n"
         "child = subprocess.Popen(['sleep', '300'])\n"
         f"open({str(pids)!r}, 'w').write(str(child.pid))\n"
+        f"{gone}"
         "task_runner._start_warden()\n"
-        "os._exit(0)  # at once: the warden is still starting\n"
+        f"{settle}"
+        "os._exit(0)\n"
     )
     for _ in range(3):
         leader = subprocess.Popen([sys.executable, "-c", probe], process_group=0)
