@@ -801,7 +801,10 @@ def test_a_cancel_stops_a_claim_made_ahead_as_it_starts(
     sent to the busy task process): that attempt ends cancelled, its task never finishes, and
     the worker holds nothing of the run afterwards."""
     stamps = tmp_path / "ends"
-    params = {"path": str(stamps), "n": 6, "seconds": 0.2}
+    # Naps brief enough to be claimed ahead (< BRIEF_SECONDS), long enough that the worker's
+    # next look for cancels (every CANCEL_LOOK_SECONDS) comes before one ends, on a loaded
+    # machine too (at 0.2 s, one ended first once, with 4 test workers on 2 cores).
+    params = {"path": str(stamps), "n": 6, "seconds": 0.5}
     submitted = sqlite_platform.submit(workflows.stamped_naps, params)
     runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     reserved = _until_reserved(runtime)
