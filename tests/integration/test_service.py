@@ -1106,8 +1106,8 @@ def test_a_finish_continues_with_what_it_made_ready_in_the_same_transaction(
     assert total_.lease_expires_at is not None and total_.started_at is not None
     assert total_.lease_expires_at > total_.started_at
 
-    # A chain's step on PostgreSQL: the success (with the run's lock), the next task run's
-    # read, and its start (made running, claimed and given its input): three statements.
+    # A chain's step on PostgreSQL: the success, the run's lock, the next task run's start
+    # (made running, claimed and given its input) in one statement, committed on its own.
     relay = platform.submit(workflows.relay, {"n": 3})
     step = platform.claim(relay.queued[0].attempt_id, "worker-a")
     assert step is not None
@@ -1121,7 +1121,7 @@ def test_a_finish_continues_with_what_it_made_ready_in_the_same_transaction(
         )
     assert third is not None and third.inputs["args"][0]["stored"] == {"value": 4}
     if platform.db.engine.dialect.name == "postgresql":
-        assert len(statements) == 3, statements
+        assert len(statements) == 1, statements
 
     # A finish that makes more ready than the worker may take: it takes what it may, the
     # rest is queued for others.
@@ -1148,6 +1148,153 @@ def test_a_finish_continues_with_what_it_made_ready_in_the_same_transaction(
         assert claims == [] and queued[0] is not None
         assert [d.queue for d in queued[0]] == ["tests-pool"]
         assert platform.attempts(run.run_id)[-1].state == "queued"
+
+
+def _second_step_held(platform: Platform, worker: str = "w") -> tuple[Any, Outcome, str]:
+    """A chain's second step claimed by ``worker`` (its run's shape known to this process, as
+    a worker's is after the first finish), with its outcome, and the run's id."""
+    relay = platform.submit(workflows.relay, {"n": 3})
+    first = platform.claim(relay.queued[0].attempt_id, worker)
+    assert first is not None
+    _, [second] = platform.finish_and_claim([(first, execute(platform, first))], [], worker, take=1)
+    assert second is not None
+    return second, execute(platform, second), relay.run_id
+
+
+def _rows(platform: Platform, run_id: str) -> list[tuple[Any, ...]]:
+    with platform.db.engine.connect() as connection:
+        return [
+            tuple(row)
+            for row in connection.execute(
+                text(
+                    "SELECT t.node_id, t.state, t.current_attempt, t.result::text, a.number, "
+                    "a.state, a.worker_id, a.finished_at FROM task_runs t "
+                    "LEFT JOIN attempts a ON a.task_run_id = t.id WHERE t.run_id = :id "
+                    "ORDER BY t.position, a.number"
+                ),
+                {"id": run_id},
+            )
+        ]
+
+
+_DECLINED = {
+    "its run is being cancelled": "UPDATE runs SET cancel_requested = true WHERE id = :run",
+    "its run has a concurrency cap": "UPDATE runs SET max_concurrency = 1 WHERE id = :run",
+    "the next task is cached": "UPDATE task_runs SET options = CAST('{\"cache\": true}' AS json) "
+    "WHERE run_id = :run AND state = 'pending'",
+    "the next task is in a pool": "UPDATE task_runs SET pool = 'p' "
+    "WHERE run_id = :run AND state = 'pending'",
+    "its lease has expired": "UPDATE attempts SET lease_expires_at = '2000-01-01' "
+    "WHERE run_id = :run AND state = 'running'",
+    "it is not its task's current attempt": "UPDATE task_runs SET current_attempt = 2 "
+    "WHERE run_id = :run AND state = 'running'",
+}
+
+
+@pytest.mark.parametrize("case", list(_DECLINED))
+def test_a_chain_step_in_one_statement_keeps_nothing_when_anything_else_bears_on_it(
+    postgres_platform: Platform, case: str
+) -> None:
+    """The one-statement step (service.hot_path) is all or nothing: where a cancel, a cap, a
+    cache, a pool, a lost lease or a newer attempt bears on it, it changes nothing (the
+    transaction path then decides, as before). The last case is the statement's own guard:
+    its attempt would end while its task run did not."""
+    platform = postgres_platform
+    second, outcome, run_id = _second_step_held(platform)
+    with platform.db.engine.begin() as connection:
+        connection.execute(text(_DECLINED[case]), {"run": run_id})
+    before = _rows(platform, run_id)
+    assert platform._continue_at_once(second, outcome, "w", 1, lambda _q: True) is None
+    assert _rows(platform, run_id) == before
+
+
+def test_a_chain_step_in_one_statement_commits_the_success_with_the_next_start(
+    postgres_platform: Platform,
+) -> None:
+    """What the one statement keeps: the attempt and its task run ended with the result, the
+    next task run started, its attempt made running for this worker with a lease, and the
+    claim's input resolved from that result; visible to any other connection at once."""
+    platform = postgres_platform
+    second, outcome, run_id = _second_step_held(platform)
+    claims = platform._continue_at_once(second, outcome, "w", 1, lambda _q: True)
+    assert claims is not None
+    [third] = claims
+    assert third.inputs["args"][0]["stored"] == outcome.result == {"value": 4}
+    rows = {node: rest for node, *rest in _rows(platform, run_id)}
+    # task run state, its attempt number, result; the attempt's number, state, holder, end
+    assert rows["double[1]"][:6] == ["succeeded", 1, '{"value": 4}', 1, "succeeded", "w"]
+    assert rows["double[1]"][6] is not None
+    assert rows["double[2]"] == ["running", 1, None, 1, "running", "w", None]
+    held = platform.attempts(run_id)[-1]
+    assert held.id == third.attempt_id and held.lease_expires_at is not None
+    # A worker that does not hold the next one (another worker's claim) cannot end it.
+    with pytest.raises(FencedOut):
+        platform.finish(third, "another-worker", execute(platform, third))
+
+
+def test_a_cancel_committed_while_a_chain_step_waits_for_its_run_stops_the_chain(
+    postgres_platform: Platform,
+) -> None:
+    """A cancel that takes the run's lock first, while the one-statement step waits for it:
+    the step sees the cancel when it gets the lock (its snapshot is older) and starts
+    nothing; its success is kept by the transaction path and the run ends cancelled, with
+    no attempt left running."""
+    platform = postgres_platform
+    second, outcome, run_id = _second_step_held(platform)
+    holder = platform.db.engine.connect()
+    results: dict[str, Any] = {}
+    threads = [
+        threading.Thread(target=lambda: results.setdefault("cancel", platform.cancel(run_id))),
+        threading.Thread(
+            target=lambda: results.setdefault(
+                "finish",
+                platform.finish_and_claim([(second, outcome)], [], "w", take=1),
+            )
+        ),
+    ]
+
+    def waiting_for_locks() -> int:
+        with platform.db.engine.connect() as connection:
+            return int(
+                connection.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                ).scalar_one()
+            )
+
+    failed: list[str] = []
+    event.listen(
+        platform.db.engine,
+        "handle_error",
+        lambda context: failed.append(str(context.original_exception)),
+    )
+    try:
+        # Another transaction holds the run's row (as a finish deciding about it would).
+        holder.execute(text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": run_id})
+        for expected, thread in enumerate(threads, start=1):
+            thread.start()  # the cancel queues for the lock first, then the step
+            deadline = time.monotonic() + 10
+            while waiting_for_locks() < expected and thread.is_alive():
+                assert time.monotonic() < deadline, "never waited for the run's lock"
+                time.sleep(0.01)
+    finally:
+        holder.rollback()
+        holder.close()
+        for thread in threads:
+            thread.join(timeout=30)
+    # The step took the run's lock before anything else (not the key-share lock its new
+    # attempt's foreign key takes, after its task run's update, which deadlocked with the
+    # cancel's update of that task run: PostgreSQL broke it after a second).
+    assert failed == []
+    queued, claims = results["finish"]
+    assert claims == [] and queued == [[]]
+    assert results["cancel"] in (RunState.RUNNING, RunState.CANCELLED)
+    states = {node: (rest[0], rest[4]) for node, *rest in _rows(platform, run_id)}
+    assert states["double[1]"] == ("succeeded", "succeeded")  # the success was kept
+    assert states["double[2]"] == ("cancelled", None)  # never started
+    assert platform.run(run_id)[0].state == RunState.CANCELLED
 
 
 def test_a_retry_reruns_the_failed_step_and_what_follows_and_reuses_the_rest(

@@ -14,6 +14,8 @@ One module per use case, each a layer of ``Platform``:
 - ``runs``: register, submit, retry and cancel.
 - ``execution``: the hot path — claim, heartbeat, finish and continue, reap — and the
   scheduler's pass.
+- ``hot_path``: a chain's step (a success and its next task's start and claim) in one
+  statement, committed on its own; it locks the run first, as a decision does.
 - ``schedules``: cron.
 """
 

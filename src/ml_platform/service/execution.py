@@ -43,6 +43,7 @@ from ml_platform.engine.states import (
     TaskState,
 )
 from ml_platform.inputs import references, resolve_inputs
+from ml_platform.service import hot_path
 from ml_platform.service.core import (
     _MADE,
     ClaimedAttempt,
@@ -800,6 +801,10 @@ class Execution(Planning):
         step costs one transaction and no trip through the dispatcher. Their claims follow
         those of ``attempt_ids``; they are no longer among the attempts to publish.
         """
+        if not attempt_ids and take > 0 and len(finished) == 1:
+            continued = self._continue_at_once(*finished[0], worker_id, take, serves)
+            if continued is not None:
+                return [[]], list(continued)
         now = utcnow()
         guard = _held_by(worker_id)
         try:
@@ -841,6 +846,66 @@ class Execution(Planning):
             except FencedOut:
                 one_by_one.append(None)
         return one_by_one, [self.claim(a, worker_id) for a in attempt_ids]
+
+    def _continue_at_once(
+        self,
+        claimed: ClaimedAttempt,
+        outcome: Outcome,
+        worker_id: str,
+        take: int,
+        serves: Callable[[str], bool],
+    ) -> list[ClaimedAttempt] | None:
+        """A success whose next tasks wait for it alone, committed with their start and claim
+        for this worker in one statement (service.hot_path): the claims, or None where that
+        statement does not apply or declined (nothing was changed: the transaction decides)."""
+        if (
+            outcome.state != AttemptState.SUCCEEDED
+            or outcome.skipped
+            or outcome.metrics
+            or outcome.params
+            or outcome.artifacts
+            or not serves(queue_of(None))
+            or self.db.engine.dialect.name != "postgresql"
+        ):
+            return None
+        node_id = claimed.node_id
+        shape = self._dags.get(claimed.run_id)
+        if shape is None or node_id not in shape[0] or node_id in shape[2]:
+            return None  # not known here yet (the transaction loads it), or under a cap
+        upstream, downstream, _ = shape
+        waiting = downstream.get(node_id, [])
+        if not waiting or len(waiting) > take:
+            return None  # a sink ends its run; a wider fan-out queues the rest
+        if any(dep != node_id for node in waiting for dep in upstream[node]):
+            return None  # a join: its other upstreams are asked about in the transaction
+        now = utcnow()
+        params = {
+            "run_id": claimed.run_id,
+            "task_run_id": claimed.task_run_id,
+            "attempt_id": claimed.attempt_id,
+            "number": claimed.number,
+            "holder": worker_id,
+            "now": now,
+            "lease": now + timedelta(seconds=self.settings.lease_seconds),
+            "error": outcome.error,
+            "log": outcome.log,
+            "result": None if outcome.result is None else json.dumps(outcome.result),
+            "next_nodes": waiting,
+            **hot_path.STATES,
+        }
+        try:
+            with self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                rows = conn.execute(hot_path.FINISH_AND_CONTINUE, params).all()
+        except DBAPIError:
+            return None  # one statement: nothing of it was kept
+        if not rows[0].ended:
+            return None
+        results = {node_id: outcome.result}
+        return [
+            self._claimed(conn, row.attempt_id, row, results)
+            for row in rows
+            if row.attempt_id is not None
+        ]
 
     def _continue(
         self,
