@@ -1436,3 +1436,81 @@ def test_retry_latest_reruns_the_tasks_whose_code_changed_and_what_follows(
     assert [ran(t) for t in ("first", "second", "third", "side")] == [1, 2, 3, 1]
     tasks = {t.node_id: t for t in platform.task_runs(again.run_id)}
     assert tasks["third"].result == {"value": 300}
+
+
+def _blocked_on_a_lock(platform: Platform, thread: threading.Thread) -> None:
+    """Wait until ``thread``'s statement waits for a row lock (or the thread has ended)."""
+    deadline = time.monotonic() + 10
+    while thread.is_alive():
+        with platform.db.engine.connect() as connection:
+            waiting = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        if waiting:
+            return
+        assert time.monotonic() < deadline, "never waited for the lock"
+        time.sleep(0.01)
+
+
+def test_a_first_claim_waiting_for_another_start_of_its_run_claims_once_it_is_started(
+    postgres_platform: Platform,
+) -> None:
+    """Two workers take a new run's first two tasks at once: the first claim starts the run;
+    the second, whose snapshot still saw the run queued, waits for the run's row and reads it
+    as it is then (started): it claims too, instead of dropping its delivery."""
+    platform = postgres_platform
+    submitted = platform.submit(workflows.arithmetic, {"n": 2})  # two roots
+    first, second = submitted.queued
+    holder = platform.db.engine.connect()
+    claims: list[Any] = []
+    claimer = threading.Thread(target=lambda: claims.append(platform.claim(second.attempt_id, "b")))
+    try:
+        # The other worker's claim, in flight: the run started, not yet committed.
+        holder.execute(
+            text("UPDATE runs SET state = 'running', started_at = now() WHERE id = :id"),
+            {"id": submitted.run_id},
+        )
+        claimer.start()
+        _blocked_on_a_lock(platform, claimer)
+        holder.commit()
+    finally:
+        holder.close()
+        claimer.join(timeout=30)
+    [claimed] = claims
+    assert claimed is not None and claimed.attempt_id == second.attempt_id
+    assert platform.claim(first.attempt_id, "a") is not None
+    assert {a.state for a in platform.attempts(submitted.run_id)} == {"running"}
+
+
+def test_a_claim_whose_attempt_changes_under_it_keeps_nothing(
+    postgres_platform: Platform,
+) -> None:
+    """A claim in one statement, committed on its own: when its attempt changes after the
+    statement read it (here dead-lettered by another transaction), the task run it had
+    already claimed in the same statement is not kept either -- no task run left running
+    without a running attempt."""
+    platform = postgres_platform
+    submitted = platform.submit(workflows.arithmetic, {"n": 2})
+    first, target = submitted.queued
+    assert platform.claim(first.attempt_id, "x") is not None  # the run is started
+    holder = platform.db.engine.connect()
+    claims: list[Any] = []
+    claimer = threading.Thread(target=lambda: claims.append(platform.claim(target.attempt_id, "w")))
+    try:
+        holder.execute(
+            text("UPDATE attempts SET state = 'lost', error = 'dead-lettered' WHERE id = :id"),
+            {"id": target.attempt_id},
+        )
+        claimer.start()
+        _blocked_on_a_lock(platform, claimer)
+        holder.commit()
+    finally:
+        holder.close()
+        claimer.join(timeout=30)
+    assert claims == [None]
+    [attempt] = [a for a in platform.attempts(submitted.run_id) if a.id == target.attempt_id]
+    [task_run] = [t for t in platform.task_runs(submitted.run_id) if t.id == attempt.task_run_id]
+    assert (attempt.state, task_run.state) == ("lost", "queued")  # not left running alone

@@ -159,22 +159,48 @@ _CLAIM_STATES = {
     "task_running": TaskState.RUNNING,
     "attempt_queued": AttemptState.QUEUED,
     "attempt_running": AttemptState.RUNNING,
+    "run_queued": RunState.QUEUED,
     "run_running": RunState.RUNNING,
 }
 
-#: Whole claims in one round trip (PostgreSQL), of any number of attempts: the read of
-#: _CLAIM_READ; for those whose run is running and not being cancelled, _CLAIM_TASK_RUN's
-#: UPDATE and then _CLAIM_ATTEMPT's, the latter only where the former matched; and the
-#: results of each task's upstreams (committed before it was queued). A row comes back for
-#: every attempt found, with what each UPDATE matched: (true, true) claimed; (false, false)
-#: not claimable, nothing changed (or its run not started yet); (true, false) the attempt
-#: changed under us -- roll the task run's change back.
+#: Whole claims in one statement (PostgreSQL), of any number of attempts: the read of
+#: _CLAIM_READ; for those whose run is running (or queued: the first claims start it) and not
+#: being cancelled, and whose attempt is claimable, _CLAIM_TASK_RUN's UPDATE and then
+#: _CLAIM_ATTEMPT's, the latter only where the former matched; and the results of each
+#: task's upstreams (committed before it was queued). A row comes back for every attempt
+#: found, with what each UPDATE matched: (true, true) claimed; (false, false) not claimable,
+#: nothing changed. A task run claimed without its attempt (the attempt changed after the
+#: statement's snapshot) fails the whole statement (``guard``), so that it can run on its own
+#: as its own transaction (autocommit: one round trip).
+#:
+#: A queued run's row is locked first (``locked_run``: before any task run, as every
+#: decision about a run locks it, and in one order), and read as it is now: another worker's
+#: claim may have started it since the snapshot. A running run's row is not locked: a
+#: fan-out's claims would queue behind each other on it; the guarded UPDATEs decide, and
+#: cancel() turns queued task runs cancelled under the run's lock.
 _CLAIM_IN_ONE_STATEMENT = text("""
-    WITH target AS (
-        SELECT a.id AS attempt_id, a.run_id, a.task_run_id, a.number, r.state AS run_state,
-            r.cancel_requested, t.node_id, t.task_ref, t.inputs, t.options, t.code_version,
-            t.upstream
+    WITH locked_run AS MATERIALIZED (
+        SELECT r.id, r.state, r.cancel_requested FROM runs r
+        WHERE r.id IN (
+            SELECT q.run_id FROM attempts q JOIN runs s ON s.id = q.run_id
+            WHERE q.id = ANY(:attempt_ids) AND s.state = :run_queued
+        )
+        ORDER BY r.id FOR UPDATE
+    ), started_run AS (
+        UPDATE runs SET state = :run_running, started_at = :now
+        FROM locked_run
+        WHERE runs.id = locked_run.id AND locked_run.state = :run_queued
+            AND NOT locked_run.cancel_requested
+        RETURNING runs.id
+    ), target AS (
+        SELECT a.id AS attempt_id, a.run_id, a.task_run_id, a.number,
+            a.state = :attempt_queued AND a.not_before <= :now AS attempt_claimable,
+            coalesce(l.state, r.state) IN (:run_queued, :run_running)
+                AND NOT coalesce(l.cancel_requested, r.cancel_requested)
+                AND (l.id IS NOT NULL OR r.state = :run_running) AS run_open,
+            t.node_id, t.task_ref, t.inputs, t.options, t.code_version, t.upstream
         FROM attempts a JOIN runs r ON r.id = a.run_id JOIN task_runs t ON t.id = a.task_run_id
+            LEFT JOIN locked_run l ON l.id = a.run_id
         WHERE a.id = ANY(:attempt_ids)
     ), claimed_task_run AS (
         UPDATE task_runs
@@ -182,7 +208,7 @@ _CLAIM_IN_ONE_STATEMENT = text("""
         FROM target
         WHERE task_runs.id = target.task_run_id AND task_runs.state = :task_queued
             AND task_runs.current_attempt = target.number
-            AND target.run_state = :run_running AND NOT target.cancel_requested
+            AND target.run_open AND target.attempt_claimable
         RETURNING task_runs.id
     ), claimed_attempt AS (
         UPDATE attempts
@@ -193,18 +219,26 @@ _CLAIM_IN_ONE_STATEMENT = text("""
             AND attempts.not_before <= :now
             AND target.task_run_id IN (SELECT id FROM claimed_task_run)
         RETURNING attempts.id
+    ), claims AS (
+        SELECT target.*,
+            target.task_run_id IN (SELECT id FROM claimed_task_run) AS task_run_claimed,
+            target.attempt_id IN (SELECT id FROM claimed_attempt) AS attempt_claimed
+        FROM target
     )
-    SELECT target.*,
-        target.task_run_id IN (SELECT id FROM claimed_task_run) AS task_run_claimed,
-        target.attempt_id IN (SELECT id FROM claimed_attempt) AS attempt_claimed,
+    SELECT claims.*,
+        CASE WHEN claims.task_run_claimed AND NOT claims.attempt_claimed
+            -- of the rows, not of the parameters (the planner folds constants): raised
+            -- only when reached, failing the whole statement
+            THEN CAST('a task run claimed without its attempt ' || claims.attempt_id AS integer)
+        END AS guard,
         -- = ANY(ARRAY(...)): one probe of (run_id, node_id) per upstream. As IN (SELECT ...)
         -- it was planned as a hash join over every task run of the table, per claim: 1.5 ms
         -- each with 10,000 task runs, which made a fan-out's cost grow with its square.
         (SELECT json_object_agg(u.node_id, u.result) FROM task_runs u
-            WHERE u.run_id = target.run_id
-                AND u.node_id = ANY(ARRAY(SELECT json_array_elements_text(target.upstream)))
+            WHERE u.run_id = claims.run_id
+                AND u.node_id = ANY(ARRAY(SELECT json_array_elements_text(claims.upstream)))
         ) AS upstream_results
-    FROM target
+    FROM claims
     """).bindparams(
     bindparam("attempt_ids", type_=ARRAY(Integer)),
     bindparam("now", type_=UTCDateTime),
@@ -560,8 +594,18 @@ class Execution(Planning):
             return None
 
     def _claim(self, attempt_id: int, worker_id: str) -> ClaimedAttempt | None:
+        now = utcnow()
+        if self.db.engine.dialect.name == "postgresql":
+            # One statement, committed on its own: one round trip instead of three.
+            try:
+                with self.db.autocommit() as conn:
+                    return self._claim_in_one_statement(conn, attempt_id, worker_id, now)
+            except DBAPIError as exc:
+                if hot_path.guard_failed(exc):
+                    return None  # the attempt changed meanwhile: nothing was kept
+                raise
         with self.db.session() as session:
-            return self._claim_in(session, attempt_id, worker_id, utcnow())
+            return self._claim_in(session, attempt_id, worker_id, now)
 
     def _claim_all_in(
         self, session: Session, attempt_ids: list[int], worker_id: str, now: datetime
@@ -604,25 +648,14 @@ class Execution(Planning):
     def _claim_many(
         self, conn: Connection, attempt_ids: list[int], worker_id: str, now: datetime
     ) -> list[ClaimedAttempt | None]:
-        """Claims on PostgreSQL, one statement for all (_CLAIM_IN_ONE_STATEMENT), and again
-        for those whose run was not started yet, once their runs are (the run's row lock
-        comes first, as everywhere). A claim for each id, None where it is not claimable."""
+        """Claims on PostgreSQL, one statement for all (_CLAIM_IN_ONE_STATEMENT, which starts
+        the runs of first claims). A claim for each id, None where it is not claimable."""
         lease = now + timedelta(seconds=self.settings.lease_seconds)
         params = {"now": now, "worker_id": worker_id, "lease": lease, **_CLAIM_STATES}
         rows = {
             row.attempt_id: row
             for row in conn.execute(_CLAIM_IN_ONE_STATEMENT, {"attempt_ids": attempt_ids, **params})
         }
-        unstarted = sorted(
-            {row.run_id for row in rows.values() if row.run_state == RunState.QUEUED}
-            - {row.run_id for row in rows.values() if row.cancel_requested}
-        )
-        if unstarted:
-            for run_id in unstarted:  # in one order everywhere: two workers cannot deadlock
-                conn.execute(_START_RUN, {"run_id": run_id, "now": now})
-            again = [a for a, row in rows.items() if row.run_id in unstarted]
-            for row in conn.execute(_CLAIM_IN_ONE_STATEMENT, {"attempt_ids": again, **params}):
-                rows[row.attempt_id] = row
         claims: list[ClaimedAttempt | None] = []
         seen: set[int] = set()
         for attempt_id in attempt_ids:
@@ -630,10 +663,8 @@ class Execution(Planning):
             if attempt_id in seen:  # delivered twice (published again): one claim only
                 found = None
             seen.add(attempt_id)
-            if found is None or not found.task_run_claimed:
+            if found is None or not found.attempt_claimed:
                 claims.append(None)
-            elif not found.attempt_claimed:
-                raise _Abort  # undo the task run's change too
             else:
                 claims.append(self._claimed(conn, attempt_id, found, found.upstream_results or {}))
         return claims
@@ -868,16 +899,38 @@ class Execution(Planning):
             or self.db.engine.dialect.name != "postgresql"
         ):
             return None
+        try:
+            with self.db.autocommit() as conn:
+                rows = self._continue_in(conn, claimed, outcome, worker_id, take)
+        except DBAPIError:
+            return None  # one statement: nothing of it was kept
+        if not rows or not rows[0].ended:
+            return None
         node_id = claimed.node_id
-        shape = self._dags.get(claimed.run_id)
-        if shape is None or node_id not in shape[0] or node_id in shape[2]:
-            return None  # not known here yet (the transaction loads it), or under a cap
-        upstream, downstream, _ = shape
+        results = {node_id: outcome.result}
+        return [
+            self._claimed(conn, row.attempt_id, row, results)
+            for row in rows
+            if row.attempt_id is not None
+        ]
+
+    def _continue_in(
+        self,
+        conn: Connection,
+        claimed: ClaimedAttempt,
+        outcome: Outcome,
+        worker_id: str,
+        take: int,
+    ) -> list[Row[Any]]:
+        """The one statement on ``conn`` (autocommit), if the run's shape (read first if this
+        process does not know it yet: a run's first finish here) says it applies."""
+        node_id = claimed.node_id
+        upstream, downstream, limited = self._dag(conn, claimed.run_id, node_id)
         waiting = downstream.get(node_id, [])
-        if not waiting or len(waiting) > take:
-            return None  # a sink ends its run; a wider fan-out queues the rest
+        if node_id in limited or not waiting or len(waiting) > take:
+            return []  # under a cap; a sink ends its run; a wider fan-out queues the rest
         if any(dep != node_id for node in waiting for dep in upstream[node]):
-            return None  # a join: its other upstreams are asked about in the transaction
+            return []  # a join: its other upstreams are asked about in the transaction
         now = utcnow()
         params = {
             "run_id": claimed.run_id,
@@ -893,19 +946,7 @@ class Execution(Planning):
             "next_nodes": waiting,
             **hot_path.STATES,
         }
-        try:
-            with self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                rows = conn.execute(hot_path.FINISH_AND_CONTINUE, params).all()
-        except DBAPIError:
-            return None  # one statement: nothing of it was kept
-        if not rows[0].ended:
-            return None
-        results = {node_id: outcome.result}
-        return [
-            self._claimed(conn, row.attempt_id, row, results)
-            for row in rows
-            if row.attempt_id is not None
-        ]
+        return list(conn.execute(hot_path.FINISH_AND_CONTINUE, params))
 
     def _continue(
         self,
@@ -1331,7 +1372,7 @@ class Execution(Planning):
                 return True
         return False
 
-    def _dag(self, session: Session, run_id: str, node_id: str) -> _Shape:
+    def _dag(self, session: Session | Connection, run_id: str, node_id: str) -> _Shape:
         """A run's upstream and downstream maps, and its elements under a concurrency cap.
 
         Cached per run; a mapped task adds its elements when it expands, so a node the cache

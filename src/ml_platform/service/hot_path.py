@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from sqlalchemy import String, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DBAPIError
 
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.store.models import UTCDateTime
@@ -113,3 +114,16 @@ FINISH_AND_CONTINUE = text("""
     bindparam("now", type_=UTCDateTime),
     bindparam("lease", type_=UTCDateTime),
 )
+
+
+def guard_failed(error: DBAPIError) -> bool:
+    """Whether a statement failed on its own guard (execution._CLAIM_IN_ONE_STATEMENT's, or
+    FINISH_AND_CONTINUE's): a change made after its snapshot; nothing of it was kept."""
+    return getattr(error.orig, "sqlstate", None) == _GUARD_SQLSTATE and any(
+        words in str(error.orig) for words in _GUARD_WORDS
+    )
+
+
+#: invalid_text_representation: what the guards' CAST of their words to integer raises.
+_GUARD_SQLSTATE = "22P02"
+_GUARD_WORDS = ("a task run claimed without its attempt", "an attempt ended without its task run")

@@ -325,5 +325,11 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    def autocommit(self) -> Connection:
+        """A pooled connection on which each statement is its own transaction, committed as
+        it ends: one round trip for a statement that must be all or nothing on its own (no
+        BEGIN, no COMMIT). Use it in a ``with`` block."""
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
     def dispose(self) -> None:
         self.engine.dispose()
