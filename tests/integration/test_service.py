@@ -1514,3 +1514,89 @@ def test_a_claim_whose_attempt_changes_under_it_keeps_nothing(
     [attempt] = [a for a in platform.attempts(submitted.run_id) if a.id == target.attempt_id]
     [task_run] = [t for t in platform.task_runs(submitted.run_id) if t.id == attempt.task_run_id]
     assert (attempt.state, task_run.state) == ("lost", "queued")  # not left running alone
+
+
+def test_a_run_s_last_task_ends_it_in_one_statement_with_the_engine_s_outcome(
+    postgres_platform: Platform,
+) -> None:
+    """The success of a run's last open task, its task run and the run's end are one
+    statement, committed on its own; the run's outcome is the engine's (a failed branch
+    fails it)."""
+    platform = postgres_platform
+    submitted = platform.submit(workflows.failing_pipeline, {})
+    claims = {c.node_id: c for d in submitted.queued if (c := platform.claim(d.attempt_id, "w"))}
+    platform.finish(claims["explode"], "w", execute(platform, claims["explode"]))
+    outcome = execute(platform, claims["double"])
+    with statements_sent(platform) as statements:
+        queued, continued = platform.finish_and_claim(
+            [(claims["double"], outcome)], [], "w", take=1
+        )
+    assert (queued, continued) == ([[]], [])
+    assert len(statements) == 1, statements
+    assert platform.run(submitted.run_id)[0].state == RunState.FAILED
+    assert submitted.run_id not in platform._dags  # let go with its run
+
+    relay = platform.submit(workflows.relay, {"n": 2})
+    first = platform.claim(relay.queued[0].attempt_id, "w")
+    assert first is not None
+    _, [last] = platform.finish_and_claim([(first, execute(platform, first))], [], "w", take=1)
+    assert last is not None
+    with statements_sent(platform) as statements:
+        platform.finish_and_claim([(last, execute(platform, last))], [], "w", take=1)
+    assert len(statements) == 1, statements
+    run, _ = platform.run(relay.run_id)
+    assert run.state == RunState.SUCCEEDED and run.finished_at is not None
+
+
+def test_a_last_task_ends_its_run_only_when_no_other_task_is_open(
+    postgres_platform: Platform,
+) -> None:
+    """A sink whose run still has another task open changes nothing in one statement (the
+    transaction decides, after the run's lock); two last tasks ending together, each on its
+    own thread, end their run once, succeeded."""
+    platform = postgres_platform
+    submitted = platform.submit(workflows.short_and_long, {"short": 0.0, "long": 0.0})
+    one, two = (platform.claim(d.attempt_id, "w") for d in submitted.queued)
+    assert one is not None and two is not None
+    before = _rows(platform, submitted.run_id)
+    outcome = Outcome(AttemptState.SUCCEEDED, result={"value": 0})
+    assert platform._continue_at_once(one, outcome, "w", 1, lambda _q: True) is None
+    assert _rows(platform, submitted.run_id) == before
+    for _ in range(5):
+        run = platform.submit(workflows.short_and_long, {"short": 0.0, "long": 0.0})
+        claimed = [platform.claim(d.attempt_id, "w") for d in run.queued]
+        threads = [
+            threading.Thread(
+                target=platform.finish_and_claim, args=([(c, outcome)], [], "w"), kwargs={"take": 1}
+            )
+            for c in claimed
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert platform.run(run.run_id)[0].state == RunState.SUCCEEDED
+        assert set(_states(platform, run.run_id).values()) == {"succeeded"}
+
+
+def test_the_one_statement_outcome_of_a_run_is_the_engine_s(postgres_platform: Platform) -> None:
+    """hot_path.RUN_OUTCOME, in SQL, decides as engine.dag.run_outcome does, for every set of
+    terminal task states."""
+    from itertools import combinations
+
+    from ml_platform.engine.dag import run_outcome
+    from ml_platform.engine.states import TASK_TERMINAL
+    from ml_platform.service import hot_path
+
+    states = sorted(TASK_TERMINAL)
+    outcome = text(
+        "SELECT "
+        + hot_path.RUN_OUTCOME.format(states="(SELECT unnest(CAST(:states AS varchar[])) AS state)")
+    )
+    with postgres_platform.db.engine.connect() as connection:
+        for size in range(len(states) + 1):
+            for chosen in combinations(states, size):
+                decided = connection.execute(
+                    outcome, {"states": [s.value for s in chosen], **hot_path.STATES}
+                ).scalar_one()
+                assert decided == run_outcome(chosen, cancel_requested=False).value, chosen

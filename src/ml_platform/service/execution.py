@@ -906,8 +906,10 @@ class Execution(Planning):
             return None  # one statement: nothing of it was kept
         if not rows or not rows[0].ended:
             return None
-        node_id = claimed.node_id
-        results = {node_id: outcome.result}
+        if "run_state" in rows[0]._fields:  # the run's last task: it ended the run
+            self._dags.pop(claimed.run_id, None)
+            return []
+        results = {claimed.node_id: outcome.result}
         return [
             self._claimed(conn, row.attempt_id, row, results)
             for row in rows
@@ -927,8 +929,8 @@ class Execution(Planning):
         node_id = claimed.node_id
         upstream, downstream, limited = self._dag(conn, claimed.run_id, node_id)
         waiting = downstream.get(node_id, [])
-        if node_id in limited or not waiting or len(waiting) > take:
-            return []  # under a cap; a sink ends its run; a wider fan-out queues the rest
+        if node_id in limited or len(waiting) > take:
+            return []  # under a cap; a wider fan-out queues the rest
         if any(dep != node_id for node in waiting for dep in upstream[node]):
             return []  # a join: its other upstreams are asked about in the transaction
         now = utcnow()
@@ -943,10 +945,11 @@ class Execution(Planning):
             "error": outcome.error,
             "log": outcome.log,
             "result": None if outcome.result is None else json.dumps(outcome.result),
-            "next_nodes": waiting,
             **hot_path.STATES,
         }
-        return list(conn.execute(hot_path.FINISH_AND_CONTINUE, params))
+        if not waiting:  # a sink: it ends the run if it is the last task open
+            return list(conn.execute(hot_path.FINISH_AND_END, params))
+        return list(conn.execute(hot_path.FINISH_AND_CONTINUE, params | {"next_nodes": waiting}))
 
     def _continue(
         self,

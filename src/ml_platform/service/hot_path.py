@@ -1,30 +1,36 @@
-"""A chain's step in one round trip (PostgreSQL): one statement, committed on its own.
+"""A short task's success and what it decides, in one statement committed on its own
+(PostgreSQL): a chain's next step started and claimed for the same worker, or the run ended
+by its last task.
 
-A short task's success whose downstream tasks wait for it alone (a chain's next step, a small
-fan-out) is, through the transaction path of ``Execution.finish_and_claim``, five round trips
-to PostgreSQL (BEGIN, the success with its run's lock, the next steps' read, their start and
-claim, COMMIT): on this machine ≈ 0.7 ms of the server's time in ≈ 1.9 ms of the worker's, the
-rest waiting for replies. Here the same changes are one statement, executed in autocommit:
-the server runs it as its own transaction, so the worker waits for one reply.
+Through the transaction path of ``Execution.finish_and_claim``, a chain's step was five
+round trips to PostgreSQL (BEGIN, the success with its run's lock, the next steps' read,
+their start and claim, COMMIT; a run's last task: six): on this machine ≈ 0.7 ms of the
+server's time in ≈ 1.9 ms of the worker's, the rest waiting for replies. Here the same
+changes are one statement, executed in autocommit: the server runs it as its own
+transaction, so the worker waits for one reply (≈ 0.9 ms a step).
 
 One statement is all or nothing, which a transaction made of several needed to roll back:
 
 - ``gate`` locks the run (the lock every decision about a run takes, here first: see
   ml_platform.service's lock order) and yields it only if nothing else bears on the decision:
   the run is running, not being cancelled, has no concurrency cap; the finished task has no
-  pool; every next task is still pending and would be queued as it is (no map, no cache, no
-  pool). Otherwise the statement changes nothing, and the transaction path decides.
+  pool; and, for FINISH_AND_CONTINUE, every next task is still pending and would be queued as
+  it is (no map, no cache, no pool); for FINISH_AND_END, no other task of the run is open.
+  Otherwise the statement changes nothing, and the transaction path decides.
 - the attempt's and its task run's guarded UPDATEs (held by this worker, within its lease;
   still the current attempt), as in a finish;
-- the next tasks started, and their attempts made running, held by this worker (as
-  execution._START_NEXT does), only if the task run ended.
+- then the next tasks started, and their attempts made running, held by this worker (as
+  execution._START_NEXT does); or the run ended with the engine's outcome.
 
 The statement's snapshot is taken before it waits for the run's lock: what changed meanwhile
 is seen by the guarded UPDATEs, which PostgreSQL checks again against the newest row version
 (a next task queued or cancelled meanwhile is not started; an attempt reaped meanwhile is not
-ended, and then nothing else happens). An attempt that ended while its task run did not (not
-its current attempt: cannot happen while the attempt is held, checked all the same) fails the
-statement, so that nothing of it is kept.
+ended, and then nothing else happens), and by the run's row, read as it is once locked. The
+other tasks' states are read as they were then: enough, because an ended task stays ended
+(where one was open then, FINISH_AND_END declines). An attempt that ended while its task run
+did not (not its current attempt: cannot happen while the attempt is held, checked all the
+same) fails the statement, so that nothing of it is kept; the claim statement
+(execution._CLAIM_IN_ONE_STATEMENT) guards itself the same way (``guard_failed``).
 
 The next tasks' inputs are resolved from the outcome in hand: their only upstream is the task
 that just ended, whose result is the one committed here.
@@ -36,34 +42,50 @@ from sqlalchemy import String, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 
-from ml_platform.engine.states import AttemptState, RunState, TaskState
+from ml_platform.engine.dag import run_outcome
+from ml_platform.engine.states import TASK_TERMINAL, AttemptState, RunState, TaskState
 from ml_platform.store.models import UTCDateTime
 
-#: The states the statement compares and sets, bound like any value.
+#: The states the statements compare and set, bound like any value; and what decides a
+#: run's outcome (engine.dag.run_outcome: a cancelled task cancels it, else a failed one
+#: fails it), as lists of the task states that do.
 STATES = {
     "run_running": RunState.RUNNING,
+    "run_cancelled": RunState.CANCELLED,
+    "run_failed": RunState.FAILED,
+    "run_succeeded": RunState.SUCCEEDED,
     "task_pending": TaskState.PENDING,
     "task_running": TaskState.RUNNING,
     "task_succeeded": TaskState.SUCCEEDED,
     "attempt_running": AttemptState.RUNNING,
     "attempt_succeeded": AttemptState.SUCCEEDED,
+    "open_states": [state.value for state in TaskState if state not in TASK_TERMINAL],
+    "cancelling": [
+        s.value
+        for s in TASK_TERMINAL
+        if run_outcome([s], cancel_requested=False) is RunState.CANCELLED
+    ],
+    "failing": [
+        s.value
+        for s in TASK_TERMINAL
+        if run_outcome([s], cancel_requested=False) is RunState.FAILED
+    ],
 }
 
-FINISH_AND_CONTINUE = text("""
-    WITH gate AS MATERIALIZED (
+#: The run locked, if it is running and nothing else bears on the decision (continued by
+#: each statement's own conditions, then FOR UPDATE).
+_GATE = """
+    gate AS MATERIALIZED (
         SELECT r.id FROM runs r
         WHERE r.id = :run_id AND r.state = :run_running AND NOT r.cancel_requested
             AND r.max_concurrency IS NULL
             AND EXISTS (SELECT 1 FROM task_runs f WHERE f.id = :task_run_id AND f.pool IS NULL)
-            AND (SELECT count(*) FROM task_runs n
-                WHERE n.run_id = :run_id AND n.node_id = ANY(:next_nodes)
-                    AND n.state = :task_pending AND n.pool IS NULL
-                    AND n.inputs -> 'map' IS NULL
-                    AND coalesce(CAST(n.options -> 'cache' AS JSONB), 'null') IN ('null', 'false')
-                    AND coalesce(CAST(n.options -> 'map_of' AS JSONB), 'null') = 'null'
-            ) = cardinality(:next_nodes)
-        FOR UPDATE
-    ), ended_attempt AS (
+"""
+
+#: The success: the attempt's guarded UPDATE (held by this worker, within its lease), then its
+#: task run's (still its current attempt), only past the gate; and how many of each.
+_SUCCESS = """
+    ended_attempt AS (
         UPDATE attempts
         SET state = :attempt_succeeded, finished_at = :now, error = :error, log = :log
         FROM gate
@@ -77,7 +99,47 @@ FINISH_AND_CONTINUE = text("""
         FROM ended_attempt
         WHERE task_runs.id = ended_attempt.task_run_id AND task_runs.current_attempt = :number
         RETURNING task_runs.id
-    ), started AS (
+    ), counted AS (
+        SELECT (SELECT count(*) FROM ended_attempt) AS attempts,
+            (SELECT count(*) FROM ended_task_run) AS task_runs
+    )
+"""
+
+#: Whether the success was kept (0: declined, nothing changed), failing the whole statement
+#: if the attempt ended without its task run.
+_ENDED = """
+        CASE WHEN counted.attempts = counted.task_runs THEN counted.task_runs
+            -- of the rows, not of the parameters (the planner folds constants): raised
+            -- only when reached, failing the whole statement
+            ELSE CAST('an attempt ended without its task run: ' || counted.attempts || ' != '
+                || counted.task_runs AS integer)
+        END AS ended
+"""
+
+#: A run's outcome from the states of its task runs (``states``: a subquery with a ``state``
+#: column), as engine.dag.run_outcome decides it for a run not being cancelled.
+RUN_OUTCOME = """
+    CASE WHEN EXISTS (SELECT 1 FROM {states} AS s WHERE s.state = ANY(:cancelling))
+            THEN :run_cancelled
+        WHEN EXISTS (SELECT 1 FROM {states} AS s WHERE s.state = ANY(:failing)) THEN :run_failed
+        ELSE :run_succeeded
+    END
+"""
+
+_BINDS = (bindparam("now", type_=UTCDateTime),)
+
+#: A success whose downstream tasks wait for it alone: they start, claimed by this worker.
+FINISH_AND_CONTINUE = text(f"""
+    WITH {_GATE}
+            AND (SELECT count(*) FROM task_runs n
+                WHERE n.run_id = :run_id AND n.node_id = ANY(:next_nodes)
+                    AND n.state = :task_pending AND n.pool IS NULL
+                    AND n.inputs -> 'map' IS NULL
+                    AND coalesce(CAST(n.options -> 'cache' AS JSONB), 'null') IN ('null', 'false')
+                    AND coalesce(CAST(n.options -> 'map_of' AS JSONB), 'null') = 'null'
+            ) = cardinality(:next_nodes)
+        FOR UPDATE
+    ), {_SUCCESS}, started AS (
         UPDATE task_runs
         SET state = :task_running, current_attempt = current_attempt + 1,
             started_at = coalesce(started_at, :now)
@@ -94,25 +156,42 @@ FINISH_AND_CONTINUE = text("""
             CAST(options ->> 'timeout' AS DOUBLE PRECISION), :now, :holder, :now, :lease
         FROM started
         RETURNING id, task_run_id
-    ), counted AS (
-        SELECT (SELECT count(*) FROM ended_attempt) AS attempts,
-            (SELECT count(*) FROM ended_task_run) AS task_runs
     )
-    SELECT
-        CASE WHEN counted.attempts = counted.task_runs THEN counted.task_runs
-            -- of the rows, not of the parameters (the planner folds constants): raised
-            -- only when reached, failing the whole statement
-            ELSE CAST('an attempt ended without its task run: ' || counted.attempts || ' != '
-                || counted.task_runs AS integer)
-        END AS ended,
+    SELECT {_ENDED},
         made.id AS attempt_id, started.run_id, started.id AS task_run_id,
         started.current_attempt AS number, started.node_id, started.task_ref, started.inputs,
         started.options, started.code_version
     FROM counted LEFT JOIN (made JOIN started ON started.id = made.task_run_id) ON true
     """).bindparams(
-    bindparam("next_nodes", type_=ARRAY(String)),
-    bindparam("now", type_=UTCDateTime),
-    bindparam("lease", type_=UTCDateTime),
+    bindparam("next_nodes", type_=ARRAY(String)), bindparam("lease", type_=UTCDateTime), *_BINDS
+)
+
+_STATES_OF_RUN = "(SELECT state FROM task_runs WHERE run_id = :run_id)"
+
+#: A success of the run's last open task (a sink): the run ends with it. Every other task
+#: must have ended in the statement's snapshot (taken before it waits for the run's lock): an
+#: ended task stays ended, so they have ended now too, and their states are final; where one
+#: was open then, the statement declines and the transaction path, whose reads follow the
+#: lock, decides (the two last tasks of a run may end together: one of them ends the run).
+FINISH_AND_END = text(f"""
+    WITH {_GATE}
+            AND NOT EXISTS (SELECT 1 FROM task_runs o
+                WHERE o.run_id = :run_id AND o.id <> :task_run_id
+                    AND o.state = ANY(:open_states))
+        FOR UPDATE
+    ), {_SUCCESS}, ended_run AS (
+        UPDATE runs
+        SET state = {RUN_OUTCOME.format(states=_STATES_OF_RUN)},
+            finished_at = :now, started_at = coalesce(started_at, :now)
+        FROM ended_task_run
+        WHERE runs.id = :run_id
+        RETURNING runs.state
+    )
+    SELECT {_ENDED}, (SELECT state FROM ended_run) AS run_state
+    FROM counted
+    """).bindparams(
+    *(bindparam(name, type_=ARRAY(String)) for name in ("open_states", "cancelling", "failing")),
+    *_BINDS,
 )
 
 
