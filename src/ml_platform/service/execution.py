@@ -178,12 +178,12 @@ _CLAIM_STATES = {
 #: claim may have started it since the snapshot. A running run's row is not locked: a
 #: fan-out's claims would queue behind each other on it; the guarded UPDATEs decide, and
 #: cancel() turns queued task runs cancelled under the run's lock.
-_CLAIM_IN_ONE_STATEMENT = text("""
+_CLAIMS = """
     WITH locked_run AS MATERIALIZED (
         SELECT r.id, r.state, r.cancel_requested FROM runs r
         WHERE r.id IN (
             SELECT q.run_id FROM attempts q JOIN runs s ON s.id = q.run_id
-            WHERE q.id = ANY(:attempt_ids) AND s.state = :run_queued
+            WHERE q.id {ids} AND s.state = :run_queued
         )
         ORDER BY r.id FOR UPDATE
     ), started_run AS (
@@ -201,7 +201,7 @@ _CLAIM_IN_ONE_STATEMENT = text("""
             t.node_id, t.task_ref, t.inputs, t.options, t.code_version, t.upstream
         FROM attempts a JOIN runs r ON r.id = a.run_id JOIN task_runs t ON t.id = a.task_run_id
             LEFT JOIN locked_run l ON l.id = a.run_id
-        WHERE a.id = ANY(:attempt_ids)
+        WHERE a.id {ids}
     ), claimed_task_run AS (
         UPDATE task_runs
         SET state = :task_running, started_at = coalesce(task_runs.started_at, :now)
@@ -239,10 +239,15 @@ _CLAIM_IN_ONE_STATEMENT = text("""
                 AND u.node_id = ANY(ARRAY(SELECT json_array_elements_text(claims.upstream)))
         ) AS upstream_results
     FROM claims
-    """).bindparams(
-    bindparam("attempt_ids", type_=ARRAY(Integer)),
-    bindparam("now", type_=UTCDateTime),
-    bindparam("lease", type_=UTCDateTime),
+    """
+_CLAIM_TIMES = (bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime))
+_CLAIM_IN_ONE_STATEMENT = text(_CLAIMS.format(ids="= ANY(:attempt_ids)")).bindparams(
+    bindparam("attempt_ids", type_=ARRAY(Integer)), *_CLAIM_TIMES
+)
+#: The same for one attempt: its id a scalar, PostgreSQL plans it once for all claims (a
+#: generic plan); with an array of ids it plans every claim anew (≈ 0.7 ms of 1.7 here).
+_CLAIM_ONE = text(_CLAIMS.format(ids="= :attempt_id")).bindparams(
+    bindparam("attempt_id", type_=Integer), *_CLAIM_TIMES
 )
 
 
@@ -652,10 +657,11 @@ class Execution(Planning):
         the runs of first claims). A claim for each id, None where it is not claimable."""
         lease = now + timedelta(seconds=self.settings.lease_seconds)
         params = {"now": now, "worker_id": worker_id, "lease": lease, **_CLAIM_STATES}
-        rows = {
-            row.attempt_id: row
-            for row in conn.execute(_CLAIM_IN_ONE_STATEMENT, {"attempt_ids": attempt_ids, **params})
-        }
+        if len(attempt_ids) == 1:
+            result = conn.execute(_CLAIM_ONE, {"attempt_id": attempt_ids[0], **params})
+        else:
+            result = conn.execute(_CLAIM_IN_ONE_STATEMENT, {"attempt_ids": attempt_ids, **params})
+        rows = {row.attempt_id: row for row in result}
         claims: list[ClaimedAttempt | None] = []
         seen: set[int] = set()
         for attempt_id in attempt_ids:
