@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks.measure import summary
 from benchmarks.sizes import (
@@ -143,14 +143,46 @@ def _workloads_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def goal_rows(data: dict[str, Any]) -> list[tuple[str, float, float, str, bool]]:
+class GoalRow(NamedTuple):
+    label: str
+    goal: float
+    measured: float
+    unit: str
+    #: The peer with the best median on the same workload, and that median (None: the goal
+    #: is not against the peers, or none ran it).
+    best_peer: tuple[str, float] | None
+    met: bool
+
+    def target(self) -> str:
+        return f"≤ {self.goal} {self.unit}" + (" and below every peer" if self.best_peer else "")
+
+    def figure(self) -> str:
+        figure = f"{self.measured:.2f} {self.unit}"
+        if self.best_peer is not None:
+            peer, best = self.best_peer
+            figure += f" (best peer: {peer} {best:.2f})"
+        return figure
+
+
+def goal_rows(data: dict[str, Any]) -> list[GoalRow]:
+    """Each goal judged on the medians of one run: its bound, and for the workloads (the
+    issue's "faster than every peer"), the best peer's median on the same workload."""
     rows = []
+    samples = data["samples"]
+    peers = [system for system in samples if not system.startswith("ml_platform")]
     for workload, (label, goal, unit) in GOALS.items():
-        measured = statistics.median(_metric(data["samples"][OURS][workload], workload))
-        rows.append((label, goal, measured, unit, measured <= goal))
+        measured = statistics.median(_metric(samples[OURS][workload], workload))
+        medians = {
+            peer: statistics.median(_metric(samples[peer][workload], workload))
+            for peer in peers
+            if samples[peer].get(workload)
+        }
+        best = min(medians.items(), key=lambda item: item[1]) if medians else None
+        met = measured <= goal and (best is None or measured < best[1])
+        rows.append(GoalRow(label, goal, measured, unit, best, met))
     label, goal, unit = RSS_GOAL
-    peak = statistics.median(r["peak_rss"] / 2**20 for r in data["samples"][OURS]["fanout"])
-    rows.append((label, goal, peak, unit, peak <= goal))
+    peak = statistics.median(r["peak_rss"] / 2**20 for r in samples[OURS]["fanout"])
+    rows.append(GoalRow(label, goal, peak, unit, None, peak <= goal))
     return rows
 
 
@@ -514,12 +546,12 @@ def write(results: dict[str, Any], docs: Path) -> str:
             "| goal | target | measured (median) | |",
             "|---|---|---|---|",
         ]
-        for label, goal, measured, unit, met in goal_rows(results["workloads"]):
+        for row in goal_rows(results["workloads"]):
             lines.append(
-                f"| {label} | ≤ {goal} {unit} | {measured:.2f} {unit} | "
-                f"{'met' if met else '**not met**'} |"
+                f"| {row.label} | {row.target()} | {row.figure()} | "
+                f"{'met' if row.met else '**not met**'} |"
             )
-            verdicts.append(f"{label} {measured:.2f} {unit} ({'met' if met else 'not met'})")
+            verdicts.append(f"{row.label} {row.figure()} ({'met' if row.met else 'not met'})")
         lines.append("")
         lines += _workloads_section(results["workloads"])
         chart(results, docs / "benchmarks.png")
