@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 
@@ -315,6 +316,8 @@ class Worker:
         self._last_look = 0.0
         #: When the dispatcher last had nothing for a commit that claims (monotonic).
         self._quiet_since = -QUIET_SECONDS
+        #: Where the attempts' logs are written (see _request).
+        self._logs: Path | None = None
         self.on_event = on_event or (lambda _message: None)
 
     # One pass of the loop: finish what ended, enforce deadlines and leases, take new work.
@@ -632,8 +635,10 @@ class Worker:
     def _request(self, claimed: ClaimedAttempt) -> tuple[dict[str, Any], Path]:
         """What a task process is sent to run ``claimed``, and the log file it writes."""
         settings = self.platform.settings
-        fd, name = tempfile.mkstemp(prefix=f"mlp-attempt-{claimed.attempt_id}-", suffix=".log")
-        os.close(fd)
+        # Named, not made: the task process creates it as it points its output there (one
+        # file creation less on the worker's way between two tasks: mkstemp was an eighth of
+        # a worker's busy time in a fan-out). The directory is the worker's own (mode 0700).
+        name = str(self._log_dir() / f"attempt-{claimed.attempt_id}.log")
         request = {
             "attempt": claimed.attempt_id,
             "run_id": claimed.run_id,
@@ -648,6 +653,12 @@ class Worker:
             "log": name,
         }
         return request, Path(name)
+
+    def _log_dir(self) -> Path:
+        """The directory of this worker's attempt logs, made on first use."""
+        if self._logs is None:
+            self._logs = Path(tempfile.mkdtemp(prefix="mlp-logs-"))
+        return self._logs
 
     def _spawn(self, claimed: ClaimedAttempt, delivery: Delivery) -> None:
         request, log_path = self._request(claimed)
@@ -754,6 +765,10 @@ class Worker:
             self._progress_stops()
             if self.stopping:
                 time.sleep(0.02)
+        # The logs of ended attempts were read when they ended; none runs to write more.
+        if self._logs is not None and not self.children:
+            shutil.rmtree(self._logs, ignore_errors=True)
+            self._logs = None
 
     def _runner_pids(self) -> set[int]:
         runners = [c.runner for c in self.children.values()] + self.idle + self.stopping

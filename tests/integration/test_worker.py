@@ -823,3 +823,26 @@ def test_a_cancel_stops_a_claim_made_ahead_as_it_starts(
     )
     assert node not in _ended_at(stamps)  # it never finished
     assert sqlite_platform.run(submitted.run_id)[0].state == RunState.CANCELLED
+
+
+def test_attempt_logs_live_in_the_worker_s_own_directory_which_goes_with_it(
+    sqlite_platform: Platform,
+) -> None:
+    """A worker names each attempt's log in a directory of its own (mode 0700: no other user
+    can put a link where a task process will write) and leaves the file's creation to the
+    task process; the logs arrive as before, and the directory is removed when the worker
+    closes."""
+    submitted = sqlite_platform.submit(workflows.chatty_pipeline, {"seconds": 0.0})
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
+    worker = runtime.worker
+    while not worker.children:
+        runtime.tick()
+    [child] = worker.children.values()
+    folder = child.log_path.parent
+    assert folder.is_dir() and folder.stat().st_mode & 0o777 == 0o700
+    assert folder.name.startswith("mlp-logs-")
+    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+    [attempt] = sqlite_platform.attempts(submitted.run_id)
+    assert attempt.log is not None and "first line" in attempt.log and "second line" in attempt.log
+    worker.close()
+    assert not folder.exists()
