@@ -909,7 +909,10 @@ class Execution(Planning):
             with self.db.autocommit() as conn:
                 rows = self._continue_in(conn, claimed, outcome, worker_id, take)
         except DBAPIError:
-            return None  # one statement: nothing of it was kept
+            # One statement: PostgreSQL kept none of it -- or, if the connection broke after
+            # its commit, the transaction path finds the attempt ended and is fenced out (the
+            # next attempt, claimed for this worker unknown to it, is reaped with its lease).
+            return None
         if not rows or not rows[0].ended:
             return None
         if "run_state" in rows[0]._fields:  # the run's last task: it ended the run
