@@ -1455,6 +1455,25 @@ def _blocked_on_a_lock(platform: Platform, thread: threading.Thread) -> None:
         time.sleep(0.01)
 
 
+def _claim_behind(platform: Platform, attempt_id: int, change: str, row: object) -> Any:
+    """``platform.claim(attempt_id)`` while another transaction holds ``change`` (a statement
+    on ``row``, bound as :id) uncommitted: the claim waits for its lock, then the change
+    commits. What the claim returned."""
+    holder = platform.db.engine.connect()
+    claims: list[Any] = []
+    claimer = threading.Thread(target=lambda: claims.append(platform.claim(attempt_id, "w")))
+    try:
+        holder.execute(text(change), {"id": row})
+        claimer.start()
+        _blocked_on_a_lock(platform, claimer)
+        holder.commit()
+    finally:
+        holder.close()
+        claimer.join(timeout=30)
+    [claimed] = claims
+    return claimed
+
+
 def test_a_first_claim_waiting_for_another_start_of_its_run_claims_once_it_is_started(
     postgres_platform: Platform,
 ) -> None:
@@ -1464,22 +1483,9 @@ def test_a_first_claim_waiting_for_another_start_of_its_run_claims_once_it_is_st
     platform = postgres_platform
     submitted = platform.submit(workflows.arithmetic, {"n": 2})  # two roots
     first, second = submitted.queued
-    holder = platform.db.engine.connect()
-    claims: list[Any] = []
-    claimer = threading.Thread(target=lambda: claims.append(platform.claim(second.attempt_id, "b")))
-    try:
-        # The other worker's claim, in flight: the run started, not yet committed.
-        holder.execute(
-            text("UPDATE runs SET state = 'running', started_at = now() WHERE id = :id"),
-            {"id": submitted.run_id},
-        )
-        claimer.start()
-        _blocked_on_a_lock(platform, claimer)
-        holder.commit()
-    finally:
-        holder.close()
-        claimer.join(timeout=30)
-    [claimed] = claims
+    # The other worker's claim, in flight: the run started, not yet committed.
+    started = "UPDATE runs SET state = 'running', started_at = now() WHERE id = :id"
+    claimed = _claim_behind(platform, second.attempt_id, started, submitted.run_id)
     assert claimed is not None and claimed.attempt_id == second.attempt_id
     assert platform.claim(first.attempt_id, "a") is not None
     assert {a.state for a in platform.attempts(submitted.run_id)} == {"running"}
@@ -1496,21 +1502,8 @@ def test_a_claim_whose_attempt_changes_under_it_keeps_nothing(
     submitted = platform.submit(workflows.arithmetic, {"n": 2})
     first, target = submitted.queued
     assert platform.claim(first.attempt_id, "x") is not None  # the run is started
-    holder = platform.db.engine.connect()
-    claims: list[Any] = []
-    claimer = threading.Thread(target=lambda: claims.append(platform.claim(target.attempt_id, "w")))
-    try:
-        holder.execute(
-            text("UPDATE attempts SET state = 'lost', error = 'dead-lettered' WHERE id = :id"),
-            {"id": target.attempt_id},
-        )
-        claimer.start()
-        _blocked_on_a_lock(platform, claimer)
-        holder.commit()
-    finally:
-        holder.close()
-        claimer.join(timeout=30)
-    assert claims == [None]
+    lost = "UPDATE attempts SET state = 'lost', error = 'dead-lettered' WHERE id = :id"
+    assert _claim_behind(platform, target.attempt_id, lost, target.attempt_id) is None
     [attempt] = [a for a in platform.attempts(submitted.run_id) if a.id == target.attempt_id]
     [task_run] = [t for t in platform.task_runs(submitted.run_id) if t.id == attempt.task_run_id]
     assert (attempt.state, task_run.state) == ("lost", "queued")  # not left running alone

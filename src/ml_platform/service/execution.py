@@ -411,7 +411,7 @@ _CANCELLED_IN_ARRAY = _CANCELLED.where(Attempt.id == any_(bindparam("ids", type_
 #: A chain's next steps made and claimed at once, for the worker that finished the step before
 #: (PostgreSQL; see Execution._next_steps): their task runs start, their attempts are made
 #: running, held by :worker_id, and each comes back with what a claim returns.
-_START_NEXT = text("""
+_START_NEXT = text(f"""
     WITH started AS (
         UPDATE task_runs
         SET state = :task_running, current_attempt = current_attempt + 1,
@@ -419,14 +419,7 @@ _START_NEXT = text("""
         WHERE id = ANY(:ids)
         RETURNING id, run_id, current_attempt, pool, options, node_id, task_ref, inputs,
             code_version, upstream
-    ), made AS (
-        INSERT INTO attempts (task_run_id, run_id, number, state, pool, not_before,
-            timeout_seconds, created_at, worker_id, started_at, lease_expires_at)
-        SELECT id, run_id, current_attempt, :attempt_running, pool, :now,
-            CAST(options ->> 'timeout' AS DOUBLE PRECISION), :now, :worker_id, :now, :lease
-        FROM started
-        RETURNING id, task_run_id
-    )
+    ), {hot_path.MADE_RUNNING}
     SELECT made.id AS attempt_id, started.run_id, started.id AS task_run_id,
         started.current_attempt AS number, started.node_id, started.task_ref, started.inputs,
         started.options, started.code_version,
@@ -949,6 +942,7 @@ class Execution(Planning):
             "attempt_id": claimed.attempt_id,
             "number": claimed.number,
             "holder": worker_id,
+            "worker_id": worker_id,
             "now": now,
             "lease": now + timedelta(seconds=self.settings.lease_seconds),
             "error": outcome.error,

@@ -126,6 +126,19 @@ RUN_OUTCOME = """
     END
 """
 
+#: The attempts of the task runs just started (``started``: their columns), made running and
+#: held by :worker_id under a lease: as a claim leaves them (execution._START_NEXT too).
+MADE_RUNNING = """
+    made AS (
+        INSERT INTO attempts (task_run_id, run_id, number, state, pool, not_before,
+            timeout_seconds, created_at, worker_id, started_at, lease_expires_at)
+        SELECT id, run_id, current_attempt, :attempt_running, pool, :now,
+            CAST(options ->> 'timeout' AS DOUBLE PRECISION), :now, :worker_id, :now, :lease
+        FROM started
+        RETURNING id, task_run_id
+    )
+"""
+
 _BINDS = (bindparam("now", type_=UTCDateTime),)
 
 #: A success whose downstream tasks wait for it alone: they start, claimed by this worker.
@@ -149,14 +162,7 @@ FINISH_AND_CONTINUE = text(f"""
         RETURNING task_runs.id, task_runs.run_id, task_runs.current_attempt, task_runs.pool,
             task_runs.options, task_runs.node_id, task_runs.task_ref, task_runs.inputs,
             task_runs.code_version
-    ), made AS (
-        INSERT INTO attempts (task_run_id, run_id, number, state, pool, not_before,
-            timeout_seconds, created_at, worker_id, started_at, lease_expires_at)
-        SELECT id, run_id, current_attempt, :attempt_running, pool, :now,
-            CAST(options ->> 'timeout' AS DOUBLE PRECISION), :now, :holder, :now, :lease
-        FROM started
-        RETURNING id, task_run_id
-    )
+    ), {MADE_RUNNING}
     SELECT {_ENDED},
         made.id AS attempt_id, started.run_id, started.id AS task_run_id,
         started.current_attempt AS number, started.node_id, started.task_ref, started.inputs,
