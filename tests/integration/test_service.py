@@ -1253,17 +1253,6 @@ def test_a_cancel_committed_while_a_chain_step_waits_for_its_run_stops_the_chain
         ),
     ]
 
-    def waiting_for_locks() -> int:
-        with platform.db.engine.connect() as connection:
-            return int(
-                connection.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                ).scalar_one()
-            )
-
     failed: list[str] = []
     event.listen(
         platform.db.engine,
@@ -1273,12 +1262,9 @@ def test_a_cancel_committed_while_a_chain_step_waits_for_its_run_stops_the_chain
     try:
         # Another transaction holds the run's row (as a finish deciding about it would).
         holder.execute(text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": run_id})
-        for expected, thread in enumerate(threads, start=1):
+        for waiting, thread in enumerate(threads, start=1):
             thread.start()  # the cancel queues for the lock first, then the step
-            deadline = time.monotonic() + 10
-            while waiting_for_locks() < expected and thread.is_alive():
-                assert time.monotonic() < deadline, "never waited for the run's lock"
-                time.sleep(0.01)
+            _blocked_on_a_lock(platform, thread, waiting)
     finally:
         holder.rollback()
         holder.close()
@@ -1438,18 +1424,19 @@ def test_retry_latest_reruns_the_tasks_whose_code_changed_and_what_follows(
     assert tasks["third"].result == {"value": 300}
 
 
-def _blocked_on_a_lock(platform: Platform, thread: threading.Thread) -> None:
-    """Wait until ``thread``'s statement waits for a row lock (or the thread has ended)."""
+def _blocked_on_a_lock(platform: Platform, thread: threading.Thread, waiting: int = 1) -> None:
+    """Wait until ``waiting`` statements on the platform's database wait for a lock, the last
+    of them ``thread``'s (or until the thread has ended)."""
     deadline = time.monotonic() + 10
     while thread.is_alive():
         with platform.db.engine.connect() as connection:
-            waiting = connection.execute(
+            found = connection.execute(
                 text(
                     "SELECT count(*) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND wait_event_type = 'Lock'"
                 )
             ).scalar_one()
-        if waiting:
+        if found >= waiting:
             return
         assert time.monotonic() < deadline, "never waited for the lock"
         time.sleep(0.01)
