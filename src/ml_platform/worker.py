@@ -655,8 +655,9 @@ class Worker:
         return request, Path(name)
 
     def _log_dir(self) -> Path:
-        """The directory of this worker's attempt logs, made on first use."""
-        if self._logs is None:
+        """The directory of this worker's attempt logs, made on first use -- and again if it
+        went (a worker lives for days; a cleaner of /tmp may take an idle one's directory)."""
+        if self._logs is None or not self._logs.is_dir():
             self._logs = Path(tempfile.mkdtemp(prefix="mlp-logs-"))
         return self._logs
 

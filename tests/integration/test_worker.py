@@ -6,6 +6,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -844,5 +845,16 @@ def test_attempt_logs_live_in_the_worker_s_own_directory_which_goes_with_it(
     assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
     [attempt] = sqlite_platform.attempts(submitted.run_id)
     assert attempt.log is not None and "first line" in attempt.log and "second line" in attempt.log
+
+    # Taken from under the worker between two tasks (a cleaner of /tmp): the next attempt
+    # runs and logs all the same, in a directory made anew.
+    shutil.rmtree(folder)
+    again = sqlite_platform.submit(workflows.chatty_pipeline, {"seconds": 0.0})
+    runtime.only_run = again.run_id
+    assert runtime.drive(again.run_id, timeout=60) is RunState.SUCCEEDED
+    [attempt] = sqlite_platform.attempts(again.run_id)
+    assert attempt.state == "succeeded" and attempt.log and "second line" in attempt.log
+    assert worker._logs is not None and worker._logs != folder
+    folder = worker._logs
     worker.close()
     assert not folder.exists()
