@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, inspect, text, update
 
-from ml_platform.engine.states import AttemptState, RunState, TaskState
+from ml_platform.engine.dag import run_outcome
+from ml_platform.engine.states import TASK_TERMINAL, AttemptState, RunState, TaskState
 from ml_platform.service import (
     FencedOut,
     NotFound,
@@ -26,6 +28,7 @@ from ml_platform.service import (
     Platform,
     RetryError,
     execution,
+    hot_path,
     planning,
 )
 from ml_platform.store import db
@@ -1562,12 +1565,6 @@ def test_a_last_task_ends_its_run_only_when_no_other_task_is_open(
 def test_the_one_statement_outcome_of_a_run_is_the_engine_s(postgres_platform: Platform) -> None:
     """hot_path.RUN_OUTCOME, in SQL, decides as engine.dag.run_outcome does, for every set of
     terminal task states."""
-    from itertools import combinations
-
-    from ml_platform.engine.dag import run_outcome
-    from ml_platform.engine.states import TASK_TERMINAL
-    from ml_platform.service import hot_path
-
     states = sorted(TASK_TERMINAL)
     outcome = text(
         "SELECT "

@@ -900,7 +900,7 @@ class Execution(Planning):
             return None
         try:
             with self.db.autocommit() as conn:
-                rows = self._continue_in(conn, claimed, outcome, worker_id, take)
+                rows, ends_run = self._continue_in(conn, claimed, outcome, worker_id, take)
         except DBAPIError:
             # One statement: PostgreSQL kept none of it -- or, if the connection broke after
             # its commit, the transaction path finds the attempt ended and is fenced out (the
@@ -908,9 +908,10 @@ class Execution(Planning):
             return None
         if not rows or not rows[0].ended:
             return None
-        if "run_state" in rows[0]._fields:  # the run's last task: it ended the run
+        if ends_run:  # the run's last task: it ended the run
             self._dags.pop(claimed.run_id, None)
             return []
+        # Their one upstream's result is the one just committed: no read (nor connection).
         results = {claimed.node_id: outcome.result}
         return [
             self._claimed(conn, row.attempt_id, row, results)
@@ -925,16 +926,17 @@ class Execution(Planning):
         outcome: Outcome,
         worker_id: str,
         take: int,
-    ) -> list[Row[Any]]:
+    ) -> tuple[list[Row[Any]], bool]:
         """The one statement on ``conn`` (autocommit), if the run's shape (read first if this
-        process does not know it yet: a run's first finish here) says it applies."""
+        process does not know it yet: a run's first finish here) says it applies: its rows
+        (none: it does not), and whether it was the one that ends the run."""
         node_id = claimed.node_id
         upstream, downstream, limited = self._dag(conn, claimed.run_id, node_id)
         waiting = downstream.get(node_id, [])
         if node_id in limited or len(waiting) > take:
-            return []  # under a cap; a wider fan-out queues the rest
+            return [], False  # under a cap; a wider fan-out queues the rest
         if any(dep != node_id for node in waiting for dep in upstream[node]):
-            return []  # a join: its other upstreams are asked about in the transaction
+            return [], False  # a join: its other upstreams are asked about in the transaction
         now = utcnow()
         params = {
             "run_id": claimed.run_id,
@@ -951,8 +953,9 @@ class Execution(Planning):
             **hot_path.STATES,
         }
         if not waiting:  # a sink: it ends the run if it is the last task open
-            return list(conn.execute(hot_path.FINISH_AND_END, params))
-        return list(conn.execute(hot_path.FINISH_AND_CONTINUE, params | {"next_nodes": waiting}))
+            return list(conn.execute(hot_path.FINISH_AND_END, params)), True
+        started = conn.execute(hot_path.FINISH_AND_CONTINUE, params | {"next_nodes": waiting})
+        return list(started), False
 
     def _continue(
         self,
