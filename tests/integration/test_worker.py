@@ -609,7 +609,7 @@ def test_a_task_process_killed_with_a_claim_sent_ahead_to_it_runs_that_claim_els
     (and is retried), and the claim sent ahead, which never began there, runs once in a fresh
     process on the same claim."""
     stamps = tmp_path / "ends"
-    params = {"path": str(stamps), "n": 6, "seconds": 0.2}
+    params = {"path": str(stamps), "n": 4, "seconds": 0.5}  # see _until_reserved
     submitted = sqlite_platform.submit(workflows.stamped_naps, params)
     runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     ahead = _until_reserved(runtime)
@@ -698,6 +698,9 @@ def test_a_stale_task_process_loses_nothing_that_was_sent_ahead_to_it(
 
 
 def _until_reserved(runtime: Runtime) -> int:
+    """Run passes until the worker claims ahead; the tests then act while the running nap
+    still runs. Naps of 0.5 s: brief enough to be claimed ahead (< BRIEF_SECONDS), long enough
+    to outlast a few passes on a slow, loaded machine (at 0.2 s, the nap ended first once)."""
     deadline = time.monotonic() + 30
     while not runtime.worker.reserved:
         assert time.monotonic() < deadline, "the worker never claimed ahead"
@@ -728,7 +731,7 @@ def test_a_claim_made_ahead_is_handed_back_unrun_and_charges_nothing(
     running, retried at once, on no budget; the run still succeeds. One already sent to the
     busy task process is revoked there, and never begins."""
     stamps = tmp_path / "ends"
-    params = {"path": str(stamps), "n": 6, "seconds": 0.2}
+    params = {"path": str(stamps), "n": 4, "seconds": 0.5}  # see _until_reserved
     submitted = sqlite_platform.submit(workflows.stamped_naps, params)
     runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     reserved = _until_reserved(runtime)
@@ -775,7 +778,7 @@ def test_a_hand_back_with_the_database_away_leaves_claims_ahead_to_their_lease(
     """Shutting down while the database does not answer: the claim made ahead cannot be
     handed back; the worker says so and lets it go (its lease runs out, the reaper retries
     it) instead of failing the shutdown."""
-    params = {"path": str(tmp_path / "ends"), "n": 6, "seconds": 0.2}
+    params = {"path": str(tmp_path / "ends"), "n": 4, "seconds": 0.5}
     submitted = sqlite_platform.submit(workflows.stamped_naps, params)
     runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     events: list[str] = []
