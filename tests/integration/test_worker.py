@@ -829,6 +829,47 @@ def test_a_cancel_stops_a_claim_made_ahead_as_it_starts(
     assert sqlite_platform.run(submitted.run_id)[0].state == RunState.CANCELLED
 
 
+def test_a_step_whose_answer_is_lost_after_its_commit_is_fenced_out_and_the_next_reaped(
+    postgres_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chain's step is one statement (service.hot_path): it ends the attempt and starts and
+    claims the next step for this worker. Here PostgreSQL commits it and the connection breaks
+    before the answer arrives, so the worker cannot know it was kept. The transaction path
+    then finds the attempt ended and is fenced out: the step ran and was committed once. The
+    next step, claimed for this worker without its knowing, is reaped when its lease runs
+    out and retried; every step is committed once and the run succeeds."""
+    platform = postgres_platform
+    real = platform._continue_in
+    broken: list[str] = []
+
+    def committed_then_broken(conn: Any, claimed: Any, *args: Any) -> Any:
+        rows, ends_run = real(conn, claimed, *args)
+        if not broken and rows and rows[0].ended and not ends_run:
+            broken.append(claimed.node_id)
+            conn.invalidate()  # the connection is gone, after PostgreSQL's commit
+            raise OperationalError("FINISH_AND_CONTINUE", {}, ConnectionError("connection lost"))
+        return rows, ends_run
+
+    monkeypatch.setattr(platform, "_continue_in", committed_then_broken)
+    submitted = platform.submit(workflows.relay, {"n": 3})
+    runtime = _runtime(platform, submitted.run_id, concurrency=1)
+    events: list[str] = []
+    runtime.worker.on_event = events.append
+    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+    assert len(broken) == 1, "no step was continued in one statement"
+    tasks = sorted(platform.task_runs(submitted.run_id), key=lambda t: t.position)
+    attempts = platform.attempts(submitted.run_id)
+    states = [[a.state for a in attempts if a.task_run_id == t.id] for t in tasks]
+    after = [t.node_id for t in tasks].index(broken[0]) + 1
+    # The broken step: once. The next: lost with its lease (never begun), then run once.
+    assert states[after - 1] == ["succeeded"], states
+    assert states[after] == ["lost", "succeeded"], states
+    assert all(s == ["succeeded"] for i, s in enumerate(states) if i != after), states
+    assert tasks[after].lost_attempts == 1
+    assert [t.state for t in tasks] == ["succeeded"] * 3
+    assert any("fenced" in e or "no longer held" in e for e in events), events
+
+
 def test_attempt_logs_live_in_the_worker_s_own_directory_which_goes_with_it(
     sqlite_platform: Platform,
 ) -> None:
