@@ -59,6 +59,8 @@ BRIEF_SECONDS = 1.0
 #: A claim made ahead that waited longer than this for a slot is handed back (seconds; at most
 #: half MLP_TIMEOUT_GRACE_SECONDS, so that the reaper never counts its wait as run time).
 RESERVED_WAIT_SECONDS = 2.0
+#: A worker's attempt logs: in ``<tmp>/mlp-logs-<host>-<pid>-<random>`` (see Worker._log_dir).
+LOG_DIR_PREFIX = "mlp-logs-"
 #: Short attempts (briefer than a commit) are claimed ahead and committed in batches: as many
 #: per slot as run in BATCH_HOLD_SECONDS (counting PER_TASK_SECONDS of the worker's own work
 #: each), at most MAX_BATCH; an outcome waits at most BATCH_HOLD_SECONDS for its batch.
@@ -656,9 +658,13 @@ class Worker:
 
     def _log_dir(self) -> Path:
         """The directory of this worker's attempt logs, made on first use -- and again if it
-        went (a worker lives for days; a cleaner of /tmp may take an idle one's directory)."""
+        went (a worker lives for days; a cleaner of /tmp may take an idle one's directory).
+        Named by host and process, so that the next worker here removes it if this one is
+        killed (SIGKILL, the out-of-memory killer) before its close() could."""
         if self._logs is None or not self._logs.is_dir():
-            self._logs = Path(tempfile.mkdtemp(prefix="mlp-logs-"))
+            prefix = f"{LOG_DIR_PREFIX}{socket.gethostname()}-"
+            self._logs = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+            _remove_gone_workers_logs(self._logs.parent, prefix)
         return self._logs
 
     def _spawn(self, claimed: ClaimedAttempt, delivery: Delivery) -> None:
@@ -922,6 +928,40 @@ class Worker:
 def _handed_back(reason: str) -> Outcome:
     """A claim given back unrun: retried at once (elsewhere, likely), charging no budget."""
     return Outcome(AttemptState.LOST, error=f"handed back: {reason}", handed_back=True)
+
+
+def _remove_gone_workers_logs(folder: Path, prefix: str) -> None:
+    """Remove the attempt-log directories that workers of this host, this user's, left when
+    they were killed: those named ``prefix<pid>-…`` whose process is gone. (A live worker's
+    is kept; so is another host's, whose process numbers mean nothing here.)"""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        # <pid>-<mkdtemp's random part, which has no "-">: not another host's whose name
+        # goes on from this one's ("vm" and "vm-2").
+        pid, *rest = entry.name.removeprefix(prefix).split("-")
+        if not entry.name.startswith(prefix) or not pid.isdigit() or len(rest) != 1:
+            continue
+        if _alive(int(pid)):
+            continue
+        try:
+            owned = entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if owned:
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 class Runtime:

@@ -7,10 +7,13 @@ embedded SQLite, where the test is about the embedded server).
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +27,7 @@ from ml_platform.client import Client
 from ml_platform.config import Settings
 from ml_platform.service import Platform
 from ml_platform.task_runner import task_processes_of
+from ml_platform.worker import LOG_DIR_PREFIX
 from tests import workflows
 from tests.conftest import RedisTarget
 from tests.forked import ZYGOTE, Forked
@@ -120,13 +124,16 @@ def test_kill_9_of_busy_workers_fails_no_task_of_default_retries(
     def busy() -> list[int]:  # live workers running attempts (the dead keep theirs a while)
         return [pid for pid in running_on(platform, submitted.run_id) if pid in pool]
 
+    victims = []
     for kill in range(2):
         wait_for(busy, what="a busy worker")
         victim_pid = busy()[0]
         victim = pool.pop(victim_pid)
         victim.kill()
         victim.communicate()
+        victims.append(victim_pid)
         assert wait_until_dead(task_processes_of(victim_pid), timeout=2) == []
+        assert log_dirs_of(victim_pid)  # its attempts' logs: nothing of it could remove them
         if kill == 0:  # after the second kill, the survivor finishes alone
             fresh = spawn("worker", "-c", "2")
             pool[fresh.pid] = fresh
@@ -140,6 +147,20 @@ def test_kill_9_of_busy_workers_fails_no_task_of_default_retries(
     assert sum(t.lost_attempts for t in tasks) == len(lost)
     # Fencing: each task's result was committed once, by one attempt.
     assert sum(a.state == "succeeded" for a in attempts) == len(tasks)
+    # The next worker here removes the killed workers' log directories as it makes its own,
+    # and keeps those of the live ones.
+    spawn("worker", "-c", "1")
+    again = platform.submit(workflows.naps, {"n": 1, "seconds": 0.0})
+    wait_for(lambda: platform.run(again.run_id)[0].state == "succeeded")
+    assert not any(log_dirs_of(pid) for pid in victims)
+    ran = {worker_pid(a.worker_id) for a in platform.attempts(again.run_id) + attempts}
+    assert ran & pool.keys() and all(log_dirs_of(pid) for pid in ran & pool.keys())
+
+
+def log_dirs_of(worker_pid: int) -> list[str]:
+    """The attempt-log directories of the worker with that pid (Worker._log_dir)."""
+    name = f"{LOG_DIR_PREFIX}{socket.gethostname()}-{worker_pid}-*"
+    return glob.glob(os.path.join(tempfile.gettempdir(), name))
 
 
 def test_a_killed_workers_task_process_child_and_grandchild_all_end(

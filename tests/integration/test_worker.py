@@ -829,6 +829,28 @@ def test_a_cancel_stops_a_claim_made_ahead_as_it_starts(
     assert sqlite_platform.run(submitted.run_id)[0].state == RunState.CANCELLED
 
 
+def test_only_the_log_directories_of_this_host_s_gone_workers_are_removed(tmp_path: Path) -> None:
+    """What a worker removes as it makes its log directory (the kill itself:
+    test_process_faults.py): a directory of a process of this host that is gone; not a live
+    one's, not another host's whose name goes on from this one's, not a file."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is free now
+    prefix = "mlp-logs-vm-"
+    names = {
+        f"{prefix}{dead.pid}-abc_12": False,
+        f"{prefix}{os.getpid()}-def": True,  # alive
+        f"mlp-logs-vm-2-{dead.pid}-ghi": True,  # host "vm-2"
+        "elsewhere": True,
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / f"{prefix}{dead.pid}-file").write_text("")  # not a directory
+    worker_module._remove_gone_workers_logs(tmp_path, prefix)
+    assert {name for name, kept in names.items() if kept} | {f"{prefix}{dead.pid}-file"} == {
+        p.name for p in tmp_path.iterdir()
+    }
+
+
 def test_a_step_whose_answer_is_lost_after_its_commit_is_fenced_out_and_the_next_reaped(
     postgres_platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
