@@ -27,6 +27,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -154,6 +155,7 @@ def _become(request: dict[str, Any], stdin: int, output: int) -> int:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    tempfile.tempdir = None  # found again from the environment (TMPDIR), as a new process does
     # As tests/coverage_scope.py does for an `mlp` process: its task processes are not measured.
     os.environ.pop("COVERAGE_PROCESS_CONFIG", None)
     sys.path[0] = request["cwd"]

@@ -7,13 +7,11 @@ embedded SQLite, where the test is about the embedded server).
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -115,10 +113,13 @@ def running_on(platform: Platform, run_id: str) -> dict[int, list[str]]:
 
 
 def test_kill_9_of_busy_workers_fails_no_task_of_default_retries(
-    platform: Platform, spawn: Spawn
+    platform: Platform, spawn: Spawn, tmp_path: Path
 ) -> None:
     """Plain tasks (retries=0): every attempt a killed worker held is lost, then retried."""
-    pool = {p.pid: p for p in (spawn("worker", "-c", "2") for _ in range(2))}
+    # Their temporary directory of their own: no worker of another test removes their logs.
+    tmp = {"TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    pool = {p.pid: p for p in (spawn("worker", "-c", "2", extra=tmp) for _ in range(2))}
     submitted = platform.submit(workflows.naps, {"n": 8, "seconds": 1.0})
 
     def busy() -> list[int]:  # live workers running attempts (the dead keep theirs a while)
@@ -133,9 +134,9 @@ def test_kill_9_of_busy_workers_fails_no_task_of_default_retries(
         victim.communicate()
         victims.append(victim_pid)
         assert wait_until_dead(task_processes_of(victim_pid), timeout=2) == []
-        assert log_dirs_of(victim_pid)  # its attempts' logs: nothing of it could remove them
+        assert log_dirs_of(victim_pid, tmp_path / "tmp")  # its logs: nothing of it removed them
         if kill == 0:  # after the second kill, the survivor finishes alone
-            fresh = spawn("worker", "-c", "2")
+            fresh = spawn("worker", "-c", "2", extra=tmp)
             pool[fresh.pid] = fresh
     wait_for(lambda: platform.run(submitted.run_id)[0].state in ("succeeded", "failed"))
     assert platform.run(submitted.run_id)[0].state == "succeeded"
@@ -149,18 +150,18 @@ def test_kill_9_of_busy_workers_fails_no_task_of_default_retries(
     assert sum(a.state == "succeeded" for a in attempts) == len(tasks)
     # The next worker here removes the killed workers' log directories as it makes its own,
     # and keeps those of the live ones.
-    spawn("worker", "-c", "1")
+    spawn("worker", "-c", "1", extra=tmp)
     again = platform.submit(workflows.naps, {"n": 1, "seconds": 0.0})
     wait_for(lambda: platform.run(again.run_id)[0].state == "succeeded")
-    assert not any(log_dirs_of(pid) for pid in victims)
+    assert not any(log_dirs_of(pid, tmp_path / "tmp") for pid in victims)
     ran = {worker_pid(a.worker_id) for a in platform.attempts(again.run_id) + attempts}
-    assert ran & pool.keys() and all(log_dirs_of(pid) for pid in ran & pool.keys())
+    live = ran & pool.keys()
+    assert live and all(log_dirs_of(pid, tmp_path / "tmp") for pid in live)
 
 
-def log_dirs_of(worker_pid: int) -> list[str]:
+def log_dirs_of(worker_pid: int, folder: Path) -> list[Path]:
     """The attempt-log directories of the worker with that pid (Worker._log_dir)."""
-    name = f"{LOG_DIR_PREFIX}{socket.gethostname()}-{worker_pid}-*"
-    return glob.glob(os.path.join(tempfile.gettempdir(), name))
+    return list(folder.glob(f"{LOG_DIR_PREFIX}{socket.gethostname()}-{worker_pid}-*"))
 
 
 def test_a_killed_workers_task_process_child_and_grandchild_all_end(
