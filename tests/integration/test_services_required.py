@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_an_unreachable_given_postgresql_fails_with_the_url_and_what_to_do(tmp_path: Path) -> None:
     # Not measured: the pytest it starts covers nothing the suite's own processes do not.
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
-    env["DATABASE_URL"] = "postgresql://postgres:hunter2@127.0.0.1:1/test"
+    env["DATABASE_URL"] = (
+        "postgresql://postgres:hunter2@127.0.0.1:1/test"  # pragma: allowlist secret
+    )
     result = subprocess.run(
         [
             sys.executable,
