@@ -117,13 +117,15 @@ def test_kill_9_of_busy_workers_fails_no_task_of_default_retries(
 ) -> None:
     """Plain tasks (retries=0): every attempt a killed worker held is lost, then retried."""
     # Their temporary directory of their own: no worker of another test removes their logs.
-    tmp = {"TMPDIR": str(tmp_path / "tmp")}
-    (tmp_path / "tmp").mkdir()
+    logs = tmp_path / "tmp"
+    logs.mkdir()
+    tmp = {"TMPDIR": str(logs)}
     pool = {p.pid: p for p in (spawn("worker", "-c", "2", extra=tmp) for _ in range(2))}
     submitted = platform.submit(workflows.naps, {"n": 8, "seconds": 1.0})
 
     def busy() -> list[int]:  # live workers running attempts (the dead keep theirs a while)
-        return [pid for pid in running_on(platform, submitted.run_id) if pid in pool]
+        running = running_on(platform, submitted.run_id)
+        return [pid for pid in running if pid in pool and log_dirs_of(pid, logs)]
 
     victims = []
     for kill in range(2):
@@ -134,7 +136,6 @@ def test_kill_9_of_busy_workers_fails_no_task_of_default_retries(
         victim.communicate()
         victims.append(victim_pid)
         assert wait_until_dead(task_processes_of(victim_pid), timeout=2) == []
-        assert log_dirs_of(victim_pid, tmp_path / "tmp")  # its logs: nothing of it removed them
         if kill == 0:  # after the second kill, the survivor finishes alone
             fresh = spawn("worker", "-c", "2", extra=tmp)
             pool[fresh.pid] = fresh
@@ -148,15 +149,16 @@ def test_kill_9_of_busy_workers_fails_no_task_of_default_retries(
     assert sum(t.lost_attempts for t in tasks) == len(lost)
     # Fencing: each task's result was committed once, by one attempt.
     assert sum(a.state == "succeeded" for a in attempts) == len(tasks)
-    # The next worker here removes the killed workers' log directories as it makes its own,
-    # and keeps those of the live ones.
-    spawn("worker", "-c", "1", extra=tmp)
+    # Nothing of a killed worker removes its attempts' log directory: the next worker here
+    # does as it makes its own, and keeps a live worker's (its own).
+    for survivor in pool.values():
+        survivor.terminate()
+        survivor.communicate()
+    last = spawn("worker", "-c", "1", extra=tmp)
     again = platform.submit(workflows.naps, {"n": 1, "seconds": 0.0})
     wait_for(lambda: platform.run(again.run_id)[0].state == "succeeded")
-    assert not any(log_dirs_of(pid, tmp_path / "tmp") for pid in victims)
-    ran = {worker_pid(a.worker_id) for a in platform.attempts(again.run_id) + attempts}
-    live = ran & pool.keys()
-    assert live and all(log_dirs_of(pid, tmp_path / "tmp") for pid in live)
+    assert not any(log_dirs_of(pid, logs) for pid in victims)
+    assert log_dirs_of(last.pid, logs)
 
 
 def log_dirs_of(worker_pid: int, folder: Path) -> list[Path]:
