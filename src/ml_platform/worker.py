@@ -815,16 +815,32 @@ class Worker:
         outcome = child.outcome
         assert outcome is not None  # nosec B101 - set before any commit
         if queued is None:
-            self.on_event(
-                f"discarded {child.claimed.node_id}: attempt {child.claimed.number} is no "
-                f"longer held by {self.worker_id}"
-            )
+            self.on_event(self._fenced_out(child.claimed, outcome))
         else:
             self.dispatcher.publish(queued)
             verdict = "skipped" if outcome.skipped else outcome.state.value
             self.on_event(f"{verdict} {child.claimed.node_id} (attempt {child.claimed.number})")
         self.children.pop(child.claimed.attempt_id, None)
         child.cleanup()
+
+    def _fenced_out(self, claimed: ClaimedAttempt, outcome: Outcome) -> str:
+        """What to say of an outcome refused because the attempt is no longer this worker's:
+        another ended it (its lease ran out, a cancel, a hand-back) -- or this very outcome
+        was committed and only the commit's answer was lost (the connection broke after it),
+        in which case nothing was discarded."""
+        try:
+            ended = self.platform.attempt_end(claimed.attempt_id)
+        except (*TRANSIENT_ERRORS, DatabaseUnavailable):
+            ended = None
+        if ended == (outcome.state.value, self.worker_id):
+            return (
+                f"{outcome.state.value} {claimed.node_id} (attempt {claimed.number}; committed, "
+                "though the commit's answer was lost)"
+            )
+        return (
+            f"discarded {claimed.node_id}: attempt {claimed.number} is no longer held by "
+            f"{self.worker_id}"
+        )
 
     def _enforce_timeouts(self) -> bool:
         now = time.monotonic()

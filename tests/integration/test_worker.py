@@ -24,8 +24,8 @@ from ml_platform import task_runner
 from ml_platform import worker as worker_module
 from ml_platform.config import Settings
 from ml_platform.dispatch import InProcessDispatcher
-from ml_platform.engine.states import RunState
-from ml_platform.service import Platform
+from ml_platform.engine.states import AttemptState, RunState
+from ml_platform.service import Outcome, Platform
 from ml_platform.store.models import Attempt
 from ml_platform.task_runner import is_running
 from ml_platform.worker import Runtime, Worker
@@ -889,7 +889,46 @@ def test_a_step_whose_answer_is_lost_after_its_commit_is_fenced_out_and_the_next
     assert all(s == ["succeeded"] for i, s in enumerate(states) if i != after), states
     assert tasks[after].lost_attempts == 1
     assert [t.state for t in tasks] == ["succeeded"] * 3
-    assert any("fenced" in e or "no longer held" in e for e in events), events
+    # The worker says its outcome was kept, not discarded: it asked once it was fenced out.
+    assert f"succeeded {broken[0]} (attempt 1; committed, though the commit's answer was lost)" in (
+        events
+    ), events
+    assert not any(e.startswith("discarded") for e in events), events
+
+
+def test_a_fenced_out_outcome_is_said_to_be_discarded_unless_it_was_the_one_committed(
+    sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the worker says when its outcome is refused: discarded when another ended the
+    attempt (here a cancel); kept when the attempt ended as this very outcome, by this worker
+    (a commit whose answer was lost); discarded when the database cannot tell."""
+    platform = sqlite_platform
+    worker = Worker(platform, InProcessDispatcher(), concurrency=1, worker_id="w1")
+    _WORKERS.append(worker)
+    done = Outcome(AttemptState.SUCCEEDED, result={"value": 1})
+    first = platform.submit(workflows.echo_pipeline, {})
+    claimed = platform.claim(first.queued[0].attempt_id, "w1")
+    assert claimed is not None
+    platform.cancel(first.run_id)  # the attempt ends cancelled: not this worker's outcome
+    assert worker._fenced_out(claimed, done) == (
+        f"discarded {claimed.node_id}: attempt 1 is no longer held by w1"
+    )
+    second = platform.submit(workflows.echo_pipeline, {})
+    claimed = platform.claim(second.queued[0].attempt_id, "w1")
+    assert claimed is not None
+    platform.finish(claimed, "w1", done)
+    assert worker._fenced_out(claimed, done) == (
+        f"succeeded {claimed.node_id} (attempt 1; committed, though the commit's answer was lost)"
+    )
+    assert worker._fenced_out(claimed, Outcome(AttemptState.FAILED, error="x")).startswith(
+        "discarded"
+    )
+
+    def away(_attempt_id: int) -> None:
+        raise OperationalError("SELECT attempts", {}, Exception("the database went away"))
+
+    monkeypatch.setattr(platform, "attempt_end", away)  # the database away: it cannot tell
+    assert worker._fenced_out(claimed, done).startswith("discarded")
 
 
 def test_attempt_logs_live_in_the_worker_s_own_directory_which_goes_with_it(

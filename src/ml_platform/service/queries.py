@@ -289,6 +289,14 @@ class Queries(_Core):
                 )
             )
 
+    def attempt_end(self, attempt_id: int) -> tuple[str, str | None] | None:
+        """An attempt's state and the worker that holds or held it (None: no such attempt)."""
+        with self.db.session() as session:
+            row = session.execute(
+                select(Attempt.state, Attempt.worker_id).where(Attempt.id == attempt_id)
+            ).one_or_none()
+        return None if row is None else (row.state, row.worker_id)
+
     def attempts(self, run_id: str) -> list[Attempt]:
         with self.db.session() as session:
             return list(
