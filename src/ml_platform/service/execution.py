@@ -901,23 +901,23 @@ class Execution(Planning):
         try:
             with self.db.autocommit() as conn:
                 rows, ends_run = self._continue_in(conn, claimed, outcome, worker_id, take)
+                if not rows or not rows[0].ended:
+                    return None
+                if ends_run:  # the run's last task: it ended the run
+                    self._dags.pop(claimed.run_id, None)
+                    return []
+                # Their one upstream's result is the one just committed: no read.
+                results = {claimed.node_id: outcome.result}
+                return [
+                    self._claimed(conn, row.attempt_id, row, results)
+                    for row in rows
+                    if row.attempt_id is not None
+                ]
         except DBAPIError:
             # One statement: PostgreSQL kept none of it -- or, if the connection broke after
             # its commit, the transaction path finds the attempt ended and is fenced out (the
             # next attempt, claimed for this worker unknown to it, is reaped with its lease).
             return None
-        if not rows or not rows[0].ended:
-            return None
-        if ends_run:  # the run's last task: it ended the run
-            self._dags.pop(claimed.run_id, None)
-            return []
-        # Their one upstream's result is the one just committed: no read (nor connection).
-        results = {claimed.node_id: outcome.result}
-        return [
-            self._claimed(conn, row.attempt_id, row, results)
-            for row in rows
-            if row.attempt_id is not None
-        ]
 
     def _continue_in(
         self,
