@@ -93,7 +93,15 @@ def _start_warden() -> None:
     """Fork the warden, which kills this process group as soon as this process is gone."""
     group = os.getpgid(0)
     task_process = os.getpid()
-    if os.fork() != 0:
+    warden = os.fork()
+    if warden != 0:
+        # Out of our group before any task runs, as the shells do it: from both sides, whichever
+        # runs first (the child may not run for a while on a busy machine, and a task that ends
+        # meanwhile would kill it with what it left in the group).
+        try:
+            os.setpgid(warden, warden)
+        except OSError:
+            pass  # it exec'd already (EACCES), having left the group itself
         return
     try:  # the warden: holds no pipe or file of the task process, ignores terminal signals
         os.setpgid(0, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
@@ -262,6 +263,46 @@ def test_a_task_process_that_dies_has_its_group_ended_by_its_warden(
         assert leader.wait(timeout=30) == 0
         [sleeper] = pids_in(pids)
         assert wait_until_dead([sleeper], timeout=5) == []
+
+
+def test_a_warden_slow_to_run_is_out_of_the_group_before_a_task_can_end_it() -> None:
+    """On a busy machine the forked warden may not run for a while: a task that ends meanwhile
+    must not find it in its group, where the task's leftovers are killed (it once stopped "3
+    process(es)" of a task that left 2, the third its own warden). Here the warden's first
+    steps wait 1 s; the task process kills its leftovers at once, then dies: the warden is
+    spared, and still ends the group (a child left after the first kill)."""
+    probe = (
+        "import os, subprocess, sys, time\n"
+        "from ml_platform import task_runner\n"
+        "fork = os.fork\n"
+        "def slow_fork():\n"
+        "    pid = fork()\n"
+        "    if pid == 0:\n"
+        "        time.sleep(1.0)\n"
+        "    return pid\n"
+        "os.fork = slow_fork\n"
+        "task_runner._prctl(task_runner.PR_SET_CHILD_SUBREAPER, 1)\n"
+        "task_runner._GUARDED = True\n"
+        "task_runner._start_warden()\n"
+        "os.fork = fork\n"
+        "quiet = {'stdout': subprocess.DEVNULL, 'stderr': subprocess.DEVNULL}\n"
+        "left = subprocess.Popen(['sleep', '300'], **quiet)\n"
+        "killed = task_runner.end_leftovers()\n"
+        "late = subprocess.Popen(['sleep', '300'], **quiet)\n"
+        "print(killed, late.pid, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    leader = subprocess.run(
+        [sys.executable, "-c", probe], process_group=0, capture_output=True, text=True, timeout=30
+    )
+    assert leader.returncode == 0, leader.stderr
+    killed, late = map(int, leader.stdout.split())
+    try:
+        assert killed == 1  # the sleep, not the warden
+        assert wait_until_dead([late], timeout=5) == []  # the warden lived to end the group
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(late, signal.SIGKILL)
 
 
 def test_draining_finishes_running_work_and_takes_no_more(
