@@ -873,7 +873,8 @@ def test_a_cancel_stops_a_claim_made_ahead_as_it_starts(
 def test_only_the_log_directories_of_this_host_s_gone_workers_are_removed(tmp_path: Path) -> None:
     """What a worker removes as it makes its log directory (the kill itself:
     test_process_faults.py): a directory of a process of this host that is gone; not a live
-    one's, not another host's whose name goes on from this one's, not a file."""
+    one's, not another host's whose name goes on from this one's, not another user's (where
+    the tests run as root, which can make one), not a file."""
     dead = subprocess.Popen(["true"])
     dead.wait()  # its pid is free now
     prefix = "mlp-logs-vm-"
@@ -883,8 +884,13 @@ def test_only_the_log_directories_of_this_host_s_gone_workers_are_removed(tmp_pa
         f"mlp-logs-vm-2-{dead.pid}-ghi": True,  # host "vm-2"
         "elsewhere": True,
     }
+    others = f"{prefix}{dead.pid}-jkl"  # a gone worker of another user: not ours to remove
+    if os.getuid() == 0:
+        names[others] = True
     for name in names:
         (tmp_path / name).mkdir()
+    if others in names:
+        os.chown(tmp_path / others, 65534, 65534)
     (tmp_path / f"{prefix}{dead.pid}-file").write_text("")  # not a directory
     worker_module._remove_gone_workers_logs(tmp_path, prefix)
     assert {name for name, kept in names.items() if kept} | {f"{prefix}{dead.pid}-file"} == {
