@@ -337,7 +337,7 @@ def test_the_log_page_follows_a_running_task(browser: Browser, site: Site) -> No
         text = page.locator("pre.log").inner_text()
         if "first line" in text and page.locator("[data-follow]").count():
             break
-        assert time.monotonic() < deadline, text
+        assert time.monotonic() < deadline, f"the log page shows {text!r}\n{site.story(run_id)}"
         time.sleep(0.3)
     assert "second line" not in text
     # No reload: the script appends what follows and says how it ended.
