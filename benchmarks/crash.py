@@ -162,7 +162,7 @@ def _ends_after(folder: Path, pids: set[int], moment: float) -> set[int]:
 
 
 def storm(mode: Distributed, label: str, seed: int) -> Storm:
-    folder = Path(tempfile.mkdtemp(prefix="mlp-storm-"))
+    folder = Path(tempfile.mkdtemp(prefix="mlp-storm-", dir=mode.home))
     chooser = random.Random(seed)  # nosec B311 - when to kill, not a secret
     began = time.monotonic()
     submitted = mode.platform.submit(workloads.storm, {"folder": str(folder)})
@@ -206,7 +206,7 @@ def storm(mode: Distributed, label: str, seed: int) -> Storm:
 def startup_kills(mode: Distributed, rounds: int) -> dict[str, int]:
     """Kill a worker the moment it claimed an attempt: its task process is starting then."""
     orphans = during_startup = 0
-    folder = Path(tempfile.mkdtemp(prefix="mlp-startup-"))
+    folder = Path(tempfile.mkdtemp(prefix="mlp-startup-", dir=mode.home))
     for _ in range(rounds):
         submitted = mode.platform.submit(
             workloads.storm, {"folder": str(folder), "n": 1, "seconds": 1.0}
@@ -236,7 +236,7 @@ def run(
         mode = Distributed(database_url, redis_url)
         try:
             mode.start_workers()
-            folder = Path(tempfile.mkdtemp(prefix="mlp-crash-"))
+            folder = Path(tempfile.mkdtemp(prefix="mlp-crash-", dir=mode.home))
             for number in range(1, rounds + 1):
                 outcome = crash_round(mode, folder / f"round-{number}.txt")
                 results.append(outcome)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 # The bench starts our own CLI with fixed arguments, never a shell.
@@ -158,9 +159,14 @@ class Distributed:
         return figures
 
     def close(self) -> None:
-        self.stop_workers()
-        self.platform.close()
-        drop_database(self.database_url)
+        """Stop the workers, then remove what this mode made: its database and its home (the
+        crash section's marks are in it too)."""
+        try:
+            self.stop_workers()
+            self.platform.close()
+            drop_database(self.database_url)
+        finally:
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
 class Embedded:
@@ -202,8 +208,11 @@ class Embedded:
         return figures
 
     def close(self) -> None:
-        self.worker.close()
-        self.platform.close()
+        try:
+            self.worker.close()
+            self.platform.close()
+        finally:
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
 @contextmanager

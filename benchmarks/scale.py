@@ -10,6 +10,7 @@ their attempts), `/metrics`. Latency percentiles per request kind.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess  # nosec B404 - our own CLI with fixed arguments
 import sys
@@ -90,8 +91,17 @@ def _figures(spans: list[float]) -> dict[str, float]:
 
 
 def run(database_url: str, redis_url: str, progress: Callable[[str], None]) -> dict[str, Any]:
-    url = reset_database(database_url)
     home = Path(tempfile.mkdtemp(prefix="mlp-bench-scale-"))
+    try:
+        return _run(database_url, redis_url, progress, home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _run(
+    database_url: str, redis_url: str, progress: Callable[[str], None], home: Path
+) -> dict[str, Any]:
+    url = reset_database(database_url)
     settings = Settings(database_url_override=url, home=home)
     platform = Platform(settings).start()
     try:

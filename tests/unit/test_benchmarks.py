@@ -18,6 +18,7 @@ from benchmarks.measure import (
     settle,
     summary,
 )
+from benchmarks.ours import Embedded
 
 
 def test_percentiles_use_the_nearest_rank() -> None:
@@ -321,3 +322,13 @@ def test_the_transport_section_adds_up_each_way_of_dispatching_a_task() -> None:
     assert verdict == "dispatch per task: Redis 642 µs, LISTEN/NOTIFY 425 µs"
     assert "| Redis: XADD, XREADGROUP, XACK + XDEL of one entry | 378 |" in lines
     assert any("**642 µs**" in line and "**425 µs**" in line for line in lines)
+
+
+def test_a_bench_mode_removes_its_home_when_it_closes() -> None:
+    """A bench run makes a home per mode (and the crash section its marks in it): none is
+    left behind in the temporary directory."""
+    mode = Embedded()
+    home = mode.home
+    assert home.is_dir()
+    mode.close()
+    assert not home.exists()
