@@ -720,10 +720,16 @@ def test_a_stale_task_process_loses_nothing_that_was_sent_ahead_to_it(
         claimed = sqlite_platform.claim(delivery.attempt_id, worker.worker_id)
         assert claimed is not None
         worker.reserved.append(worker_module._Reserved(claimed, delivery, time.monotonic()))
-    worker._start_reserved()  # one starts in the warm process, the other is sent ahead to it
-    [child] = worker.children.values()
-    [ahead] = worker.reserved
-    assert child.runner is warm and ahead.runner is warm
+    # One starts in the warm process, the other is sent ahead to it. The process is held
+    # meanwhile: else it may find its copy stale and exit before the second is sent.
+    os.kill(warm.process.pid, signal.SIGSTOP)
+    try:
+        worker._start_reserved()
+        [child] = worker.children.values()
+        [ahead] = worker.reserved
+        assert child.runner is warm and ahead.runner is warm
+    finally:
+        os.kill(warm.process.pid, signal.SIGCONT)
 
     after = Runtime(sqlite_platform, runtime.dispatcher, worker, only_run=second.run_id)
     assert after.drive(second.run_id, timeout=60) is RunState.SUCCEEDED
