@@ -29,11 +29,17 @@ def _nox(*args: str) -> float:
     )
     elapsed = time.monotonic() - began
     if done.returncode != 0:
+        # The whole output, for the tracebacks: the message names the failures only.
+        kept = ROOT / "reports" / "bench-nox-failure.log"
+        kept.parent.mkdir(exist_ok=True)
+        kept.write_text(done.stdout + done.stderr)
         failures = [
             line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))
         ]
         raise RuntimeError(
-            f"nox {' '.join(args)} failed:\n" + "\n".join(failures) + done.stderr[-2000:]
+            f"nox {' '.join(args)} failed (its output: {kept.relative_to(ROOT)}):\n"
+            + "\n".join(failures)
+            + done.stderr[-2000:]
         )
     return elapsed
 

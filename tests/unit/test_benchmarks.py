@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import report
+from benchmarks import pipeline, report
 from benchmarks.crash import Round, _ends_after
 from benchmarks.measure import (
     cpu_seconds_of_tree,
@@ -332,3 +332,12 @@ def test_a_bench_mode_removes_its_home_when_it_closes() -> None:
     assert home.is_dir()
     mode.close()
     assert not home.exists()
+
+
+def test_a_failed_nox_session_in_the_pipeline_section_keeps_its_whole_output() -> None:
+    """The error names the failed tests; their tracebacks are kept in a file it names."""
+    kept = Path(pipeline.ROOT) / "reports" / "bench-nox-failure.log"
+    kept.unlink(missing_ok=True)
+    with pytest.raises(RuntimeError, match="its output: reports/bench-nox-failure.log"):
+        pipeline._nox("-s", "no_such_session")
+    assert "no_such_session" in kept.read_text()
