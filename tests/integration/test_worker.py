@@ -811,12 +811,14 @@ def test_a_claim_made_ahead_is_handed_back_unrun_and_charges_nothing(
     while runtime.worker.has_work:
         runtime.tick()
     assert not runtime.worker.reserved
-    assert (
-        _runtime(sqlite_platform, submitted.run_id, concurrency=1).drive(
-            submitted.run_id, timeout=60
-        )
-        is RunState.SUCCEEDED
+    ended = _runtime(sqlite_platform, submitted.run_id, concurrency=1).drive(
+        submitted.run_id, timeout=60
     )
+    story = [
+        (a.task_run_id, a.number, a.state, a.error)
+        for a in sqlite_platform.attempts(submitted.run_id)
+    ]
+    assert ended is RunState.SUCCEEDED, story
 
 
 def test_a_hand_back_with_the_database_away_leaves_claims_ahead_to_their_lease(
