@@ -815,7 +815,7 @@ def test_a_claim_made_ahead_is_handed_back_unrun_and_charges_nothing(
         submitted.run_id, timeout=60
     )
     story = [
-        (a.task_run_id, a.number, a.state, a.error)
+        (a.task_run_id, a.number, a.state, a.error, (a.log or "")[-1500:])
         for a in sqlite_platform.attempts(submitted.run_id)
     ]
     assert ended is RunState.SUCCEEDED, story
