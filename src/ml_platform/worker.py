@@ -659,10 +659,10 @@ class Worker:
     def _log_dir(self) -> Path:
         """The directory of this worker's attempt logs, made on first use -- and again if it
         went (a worker lives for days; a cleaner of /tmp may take an idle one's directory).
-        Named by host and process, so that the next worker here removes it if this one is
-        killed (SIGKILL, the out-of-memory killer) before its close() could."""
+        Named by host, PID namespace and process, so that the next worker here removes it if
+        this one is killed (SIGKILL, the out-of-memory killer) before its close() could."""
         if self._logs is None or not self._logs.is_dir():
-            prefix = f"{LOG_DIR_PREFIX}{socket.gethostname()}-"
+            prefix = log_dir_prefix()
             self._logs = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
             _remove_gone_workers_logs(self._logs.parent, prefix)
         return self._logs
@@ -946,10 +946,23 @@ def _handed_back(reason: str) -> Outcome:
     return Outcome(AttemptState.LOST, error=f"handed back: {reason}", handed_back=True)
 
 
+def log_dir_prefix() -> str:
+    """How the attempt-log directories of this host's workers in this PID namespace begin:
+    ``mlp-logs-<host>-<namespace>-``, then the worker's pid. A process number means something
+    only in its namespace: a worker in a container (its own PID namespace, as PID 1) that
+    shares /tmp with others must not take their live workers for gone ones."""
+    try:  # "pid:[4026531836]"
+        namespace = os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]")
+    except OSError:
+        namespace = ""
+    return f"{LOG_DIR_PREFIX}{socket.gethostname()}-{namespace or 'x'}-"
+
+
 def _remove_gone_workers_logs(folder: Path, prefix: str) -> None:
-    """Remove the attempt-log directories that workers of this host, this user's, left when
-    they were killed: those named ``prefix<pid>-…`` whose process is gone. (A live worker's
-    is kept; so is another host's, whose process numbers mean nothing here.)"""
+    """Remove the attempt-log directories that workers of this host and PID namespace, this
+    user's, left when they were killed: those named ``prefix<pid>-…`` whose process is gone.
+    (A live worker's is kept; so is another host's or another namespace's, whose process
+    numbers mean nothing here.)"""
     try:
         entries = list(os.scandir(folder))
     except OSError:

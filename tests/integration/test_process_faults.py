@@ -8,10 +8,11 @@ embedded SQLite, where the test is about the embedded server).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from ml_platform.client import Client
 from ml_platform.config import Settings
 from ml_platform.service import Platform
 from ml_platform.task_runner import task_processes_of
-from ml_platform.worker import LOG_DIR_PREFIX
+from ml_platform.worker import log_dir_prefix
 from tests import workflows
 from tests.conftest import RedisTarget
 from tests.forked import ZYGOTE, Forked
@@ -163,7 +164,7 @@ def test_kill_9_of_busy_workers_fails_no_task_of_default_retries(
 
 def log_dirs_of(worker_pid: int, folder: Path) -> list[Path]:
     """The attempt-log directories of the worker with that pid (Worker._log_dir)."""
-    return list(folder.glob(f"{LOG_DIR_PREFIX}{socket.gethostname()}-{worker_pid}-*"))
+    return list(folder.glob(f"{log_dir_prefix()}{worker_pid}-*"))
 
 
 def test_a_killed_workers_task_process_child_and_grandchild_all_end(
@@ -356,7 +357,10 @@ def _children_of(pid: int) -> list[tuple[int, str]]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a PID namespace of its own needs root")
 def test_as_a_containers_pid_1_the_worker_reaps_the_orphans_it_inherits(tmp_path: Path) -> None:
-    """In a container `mlp worker` is PID 1: every task process's warden ends as its orphan."""
+    """In a container `mlp worker` is PID 1: every task process's warden ends as its orphan.
+    And the process numbers outside its namespace mean nothing in it: it leaves alone the log
+    directory of a live worker outside (here: this test's process) in the /tmp it shares."""
+    outside = Path(tempfile.mkdtemp(prefix=f"{log_dir_prefix()}{os.getpid()}-"))
     home = tmp_path / "embedded"
     platform = Platform(Settings(home=home)).start()
     env = dict(
@@ -385,8 +389,10 @@ def test_as_a_containers_pid_1_the_worker_reaps_the_orphans_it_inherits(tmp_path
         assert zombies == []
         os.kill(init, signal.SIGTERM)
         assert namespace.wait(timeout=30) == 0
+        assert outside.is_dir()  # its worker is alive, if not in the namespace's eyes
     finally:
         if namespace.poll() is None:
             namespace.kill()
             namespace.wait()
         platform.close()
+        shutil.rmtree(outside, ignore_errors=True)
