@@ -340,7 +340,12 @@ def serve(requests: Requests, replies: BinaryIO) -> int:
             replies.write(b'{"revoked": true}\n')
             replies.flush()
             continue
-        _point_output_at(request["log"])
+        try:
+            _point_output_at(request["log"])
+        except OSError as exc:  # its directory gone (a cleaner of /tmp), the disk full
+            replies.write(json.dumps(_unlogged(request["log"], exc)).encode() + b"\n")
+            replies.flush()
+            continue
         if ran and _is_stale(request):
             replies.write(b'{"stale": true}\n')
             return 0
@@ -356,6 +361,20 @@ def serve(requests: Requests, replies: BinaryIO) -> int:
         replies.write(json.dumps(outcome).encode() + b"\n")
         replies.flush()
     return 0
+
+
+def _unlogged(log_path: str, exc: OSError) -> dict[str, Any]:
+    """The answer for an attempt whose log cannot be opened: not begun, and lost to the
+    infrastructure (retried on MLP_MAX_LOST, not on the task's retries), saying why -- the
+    output still goes to the attempt before's log, which nobody reads any more."""
+    return {
+        "state": "lost",
+        "error": f"the task process cannot write the attempt's log {log_path}: {exc.strerror}",
+        "seconds": 0.0,
+        "metrics": [],
+        "params": {},
+        "artifacts": [],
+    }
 
 
 def _is_stale(request: dict[str, Any]) -> bool:

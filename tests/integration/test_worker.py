@@ -403,6 +403,70 @@ def test_a_warm_process_with_an_older_copy_of_the_task_hands_it_to_a_fresh_one()
     assert stale == {"stale": True}
 
 
+def test_an_attempt_whose_log_cannot_be_opened_is_lost_saying_why_and_the_process_serves_on() -> (
+    None
+):
+    """The worker's log directory gone under a warm process (a cleaner of /tmp): the attempt
+    never begins and is answered as lost, with the reason, instead of the process dying with
+    its traceback in the attempt before's log; the next attempt runs."""
+    request = {
+        "run_id": "r",
+        "node_id": "a",
+        "number": 1,
+        "task_ref": "tests.workflows:double",
+        "code_version": workflows.double.code_version,
+        "inputs": {"args": [2], "kwargs": {}},
+        "options": {},
+        "artifacts_dir": "/nonexistent",
+        "inline_result_bytes": 1024,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        gone = str(Path(folder) / "gone" / "log.txt")
+        log = str(Path(folder) / "log.txt")
+        replies = io.BytesIO()
+        saved = os.dup(1), os.dup(2)
+        try:
+            requests = _requests({**request, "log": gone}, {**request, "log": log})
+            assert task_runner.serve(requests, replies) == 0
+            os.close(requests.fd)
+        finally:
+            for fd, saved_fd in ((1, saved[0]), (2, saved[1])):
+                os.dup2(saved_fd, fd)
+                os.close(saved_fd)
+    lost, done = [json.loads(line) for line in replies.getvalue().splitlines()]
+    assert lost["state"] == "lost" and gone in lost["error"] and "No such file" in lost["error"]
+    assert {"metrics", "params", "artifacts"} <= set(lost)  # what the worker reads of one
+    assert done["state"] == "succeeded" and done["result"] == {"value": 4}
+
+
+def test_a_worker_whose_log_directory_went_under_a_warm_process_loses_one_attempt_not_the_run(
+    sqlite_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second step's log is named in a directory that is gone by the time its warm
+    process opens it: that attempt is lost to the infrastructure, saying why, and retried;
+    the run succeeds."""
+    submitted = sqlite_platform.submit(workflows.three_steps, {})
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
+    real = runtime.worker._request
+    named: list[int] = []
+
+    def in_a_gone_directory(claimed: Any) -> tuple[dict[str, Any], Path]:
+        request, log_path = real(claimed)
+        named.append(claimed.attempt_id)
+        if len(named) == 2:
+            log_path = tmp_path / "gone" / log_path.name
+            request["log"] = str(log_path)
+        return request, log_path
+
+    monkeypatch.setattr(runtime.worker, "_request", in_a_gone_directory)
+    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+    attempts = sqlite_platform.attempts(submitted.run_id)
+    [lost] = [a for a in attempts if a.state == "lost"]
+    assert lost.id == named[1] and "cannot write the attempt's log" in (lost.error or "")
+    assert sorted(a.state for a in attempts) == ["lost"] + ["succeeded"] * 3
+    assert {t.lost_attempts for t in sqlite_platform.task_runs(submitted.run_id)} == {0, 1}
+
+
 def test_a_request_sent_ahead_runs_after_the_one_before_unless_taken_back_in_time() -> None:
     """The worker sends a claim ahead behind a running attempt; the process begins it as soon
     as it has answered, unless a revoke naming it came before that (answer: revoked, unrun).
