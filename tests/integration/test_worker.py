@@ -370,35 +370,41 @@ def _requests(*lines: dict[str, Any]) -> task_runner.Requests:
     return task_runner.Requests(read_end)
 
 
+def _serve(*lines: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run a task process's loop here on these requests (its output pointed at each one's log,
+    this process's given back afterwards); its answers."""
+    replies = io.BytesIO()
+    saved = os.dup(1), os.dup(2)
+    requests = _requests(*lines)
+    try:
+        assert task_runner.serve(requests, replies) == 0
+    finally:
+        os.close(requests.fd)
+        for fd, saved_fd in ((1, saved[0]), (2, saved[1])):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
+    return [json.loads(line) for line in replies.getvalue().splitlines()]
+
+
+#: A task process's request to run tests.workflows:double on 2 (a log path to be added).
+DOUBLE_TWO: dict[str, Any] = {
+    "run_id": "r",
+    "node_id": "a",
+    "number": 1,
+    "task_ref": "tests.workflows:double",
+    "code_version": workflows.double.code_version,
+    "inputs": {"args": [2], "kwargs": {}},
+    "options": {},
+    "artifacts_dir": "/nonexistent",
+    "inline_result_bytes": 1024,
+}
+
+
 def test_a_warm_process_with_an_older_copy_of_the_task_hands_it_to_a_fresh_one() -> None:
-    first = {
-        "run_id": "r",
-        "node_id": "a",
-        "number": 1,
-        "task_ref": "tests.workflows:double",
-        "code_version": workflows.double.code_version,
-        "inputs": {"args": [2], "kwargs": {}},
-        "options": {},
-        "artifacts_dir": "/nonexistent",
-        "inline_result_bytes": 1024,
-    }
-    changed = {**first, "node_id": "b", "code_version": "0" * 64}
+    changed = {**DOUBLE_TWO, "node_id": "b", "code_version": "0" * 64}
     with tempfile.TemporaryDirectory() as folder:
         log = str(Path(folder) / "log.txt")
-        replies = io.BytesIO()
-        saved = os.dup(1), os.dup(2)
-        try:
-            assert (
-                task_runner.serve(
-                    _requests(*({**r, "log": log} for r in (first, changed))), replies
-                )
-                == 0
-            )
-        finally:
-            for fd, saved_fd in ((1, saved[0]), (2, saved[1])):
-                os.dup2(saved_fd, fd)
-                os.close(saved_fd)
-    done, stale = [json.loads(line) for line in replies.getvalue().splitlines()]
+        done, stale = _serve(*({**r, "log": log} for r in (DOUBLE_TWO, changed)))
     assert done["state"] == "succeeded" and done["result"] == {"value": 4}
     assert stale == {"stale": True}
 
@@ -409,31 +415,10 @@ def test_an_attempt_whose_log_cannot_be_opened_is_lost_saying_why_and_the_proces
     """The worker's log directory gone under a warm process (a cleaner of /tmp): the attempt
     never begins and is answered as lost, with the reason, instead of the process dying with
     its traceback in the attempt before's log; the next attempt runs."""
-    request = {
-        "run_id": "r",
-        "node_id": "a",
-        "number": 1,
-        "task_ref": "tests.workflows:double",
-        "code_version": workflows.double.code_version,
-        "inputs": {"args": [2], "kwargs": {}},
-        "options": {},
-        "artifacts_dir": "/nonexistent",
-        "inline_result_bytes": 1024,
-    }
     with tempfile.TemporaryDirectory() as folder:
         gone = str(Path(folder) / "gone" / "log.txt")
         log = str(Path(folder) / "log.txt")
-        replies = io.BytesIO()
-        saved = os.dup(1), os.dup(2)
-        try:
-            requests = _requests({**request, "log": gone}, {**request, "log": log})
-            assert task_runner.serve(requests, replies) == 0
-            os.close(requests.fd)
-        finally:
-            for fd, saved_fd in ((1, saved[0]), (2, saved[1])):
-                os.dup2(saved_fd, fd)
-                os.close(saved_fd)
-    lost, done = [json.loads(line) for line in replies.getvalue().splitlines()]
+        lost, done = _serve({**DOUBLE_TWO, "log": gone}, {**DOUBLE_TWO, "log": log})
     assert lost["state"] == "lost" and gone in lost["error"] and "No such file" in lost["error"]
     assert {"metrics", "params", "artifacts"} <= set(lost)  # what the worker reads of one
     assert done["state"] == "succeeded" and done["result"] == {"value": 4}
@@ -489,24 +474,14 @@ def test_a_request_sent_ahead_runs_after_the_one_before_unless_taken_back_in_tim
 
     with tempfile.TemporaryDirectory() as folder:
         log = str(Path(folder) / "log.txt")
-        replies = io.BytesIO()
-        saved = os.dup(1), os.dup(2)
-        try:
-            requests = _requests(
-                request(1, 1, log),
-                request(2, 2, log),
-                {"revoke": 2},  # in time: 2 waits behind 1
-                request(3, 3, log),
-                request(4, 4, log),
-                {"revoke": 3},  # too late: 3 began once 1 (and 2) were answered
-            )
-            assert task_runner.serve(requests, replies) == 0
-            os.close(requests.fd)
-        finally:
-            for fd, saved_fd in ((1, saved[0]), (2, saved[1])):
-                os.dup2(saved_fd, fd)
-                os.close(saved_fd)
-    answers = [json.loads(line) for line in replies.getvalue().splitlines()]
+        answers = _serve(
+            request(1, 1, log),
+            request(2, 2, log),
+            {"revoke": 2},  # in time: 2 waits behind 1
+            request(3, 3, log),
+            request(4, 4, log),
+            {"revoke": 3},  # too late: 3 began once 1 (and 2) were answered
+        )
     assert [a.get("result", a) for a in answers] == [
         {"value": 2},
         {"revoked": True},
