@@ -19,6 +19,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 REPETITIONS = 2
+#: Where a failed session's whole output is kept (the error names only the failures).
+FAILURE_LOG = ROOT / "reports" / "bench-nox-failure.log"
 
 
 def _nox(*args: str) -> float:
@@ -29,15 +31,14 @@ def _nox(*args: str) -> float:
     )
     elapsed = time.monotonic() - began
     if done.returncode != 0:
-        # The whole output, for the tracebacks: the message names the failures only.
-        kept = ROOT / "reports" / "bench-nox-failure.log"
+        kept = FAILURE_LOG
         kept.parent.mkdir(exist_ok=True)
         kept.write_text(done.stdout + done.stderr)
         failures = [
             line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))
         ]
         raise RuntimeError(
-            f"nox {' '.join(args)} failed (its output: {kept.relative_to(ROOT)}):\n"
+            f"nox {' '.join(args)} failed (its output: {kept}):\n"
             + "\n".join(failures)
             + done.stderr[-2000:]
         )

@@ -59,7 +59,8 @@ BRIEF_SECONDS = 1.0
 #: A claim made ahead that waited longer than this for a slot is handed back (seconds; at most
 #: half MLP_TIMEOUT_GRACE_SECONDS, so that the reaper never counts its wait as run time).
 RESERVED_WAIT_SECONDS = 2.0
-#: A worker's attempt logs: in ``<tmp>/mlp-logs-<host>-<pid>-<random>`` (see Worker._log_dir).
+#: A worker's attempt logs: in ``<tmp>/mlp-logs-<host>-<pid namespace>-<pid>-<random>``
+#: (see log_dir_prefix).
 LOG_DIR_PREFIX = "mlp-logs-"
 #: Short attempts (briefer than a commit) are claimed ahead and committed in batches: as many
 #: per slot as run in BATCH_HOLD_SECONDS (counting PER_TASK_SECONDS of the worker's own work
