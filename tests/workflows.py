@@ -209,6 +209,15 @@ def pooled_pipeline() -> None:
 
 
 @workflow
+def every_column(note: str = "tab\there, nul\u0000 there") -> None:
+    """Every kind of thing a submission stores: two roots, one with a timeout and retries, and
+    tasks downstream of them, one in a pool (tests/integration/test_service.py)."""
+    echo(note)
+    overrun(0.0)
+    total([double(1.0), pooled(length(big(1)))])
+
+
+@workflow
 def spread(n: int = 4) -> None:
     """One task, then n tasks that read it (each its only upstream), then their total."""
     first = double(1)

@@ -18,7 +18,9 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, inspect, text, update
+from sqlalchemy.exc import IntegrityError
 
+from ml_platform.dispatch import queue_of
 from ml_platform.engine.dag import run_outcome
 from ml_platform.engine.states import TASK_TERMINAL, AttemptState, RunState, TaskState
 from ml_platform.service import (
@@ -927,14 +929,139 @@ def test_the_shapes_kept_in_memory_are_bounded_by_tasks_and_dropped_when_a_run_e
         assert submitted.run_id not in platform._dags
 
 
+def _stored(platform: Platform, run_id: str) -> dict[str, Any]:
+    """What a submission stored of a run, without what differs from one run to the next (ids,
+    times)."""
+    run, version = platform.run(run_id)
+    tasks = platform.task_runs(run_id)
+    node = {t.id: t.node_id for t in tasks}
+    skip = {"id", "run_id", "task_run_id", "created_at", "not_before"}
+
+    def columns(row: Any) -> dict[str, Any]:
+        return {c.key: getattr(row, c.key) for c in inspect(row).mapper.column_attrs} | {"id": None}
+
+    return {
+        "run": {k: v for k, v in columns(run).items() if k not in skip},
+        "version": version.version,
+        "tasks": {t.node_id: {k: v for k, v in columns(t).items() if k not in skip} for t in tasks},
+        "attempts": {
+            node[a.task_run_id]: {k: v for k, v in columns(a).items() if k not in skip}
+            for a in platform.attempts(run_id)
+        },
+    }
+
+
+def test_a_submission_on_postgresql_is_one_statement_storing_what_the_transaction_path_does(
+    postgres_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of a stored version is stored in one statement (hot_path.SUBMIT) as the
+    transaction path stores it: the run, every task run (roots queued on their first attempt,
+    the others pending; a NUL in an input, a pool downstream) and the roots' attempts (one
+    with its timeout); the dispatches name those attempts. A new version's first run goes the
+    transaction path, after a statement that stored nothing."""
+    platform = postgres_platform
+    params = {"note": "tab\there, nul\u0000 there"}
+    with statements_sent(platform) as first_sent:
+        first = platform.submit(workflows.every_column, params)
+    tried = [s for s in first_sent if "WITH version AS" in s]
+    assert len(tried) == 1 and first_sent[-1] != tried[0], first_sent
+    with statements_sent(platform) as sent:
+        fast = platform.submit(workflows.every_column, params)
+    assert len(sent) == 1 and "WITH version AS" in sent[0], sent
+    monkeypatch.setattr(type(platform), "_submit_in_one_statement", lambda *_: None)
+    with statements_sent(platform) as sent:
+        slow = platform.submit(workflows.every_column, params)
+    assert len(sent) > 1 and not [s for s in sent if "WITH version AS" in s], sent
+
+    stored = _stored(platform, fast.run_id)
+    assert stored == _stored(platform, slow.run_id) == _stored(platform, first.run_id)
+    assert fast.workflow_version == slow.workflow_version == stored["version"]
+    assert stored["run"]["state"] == RunState.QUEUED and stored["run"]["params"] == params
+    tasks = stored["tasks"]
+    assert {n: (t["state"], t["current_attempt"]) for n, t in tasks.items()} == {
+        "echo": (TaskState.QUEUED, 1),
+        "overrun": (TaskState.QUEUED, 1),
+        "double": (TaskState.QUEUED, 1),
+        "big": (TaskState.QUEUED, 1),
+        "length": (TaskState.PENDING, 0),
+        "pooled": (TaskState.PENDING, 0),
+        "total": (TaskState.PENDING, 0),
+    }, tasks
+    assert tasks["echo"]["inputs"] == {"args": [params["note"]], "kwargs": {}}
+    assert tasks["pooled"]["pool"] == "tests-pool" and tasks["total"]["upstream"] == [
+        "double",
+        "pooled",
+    ]
+    assert stored["attempts"]["overrun"]["timeout_seconds"] == 1.0
+    assert sorted(stored["attempts"]) == ["big", "double", "echo", "overrun"]
+    for submitted in (fast, slow):
+        attempts = {a.id for a in platform.attempts(submitted.run_id)}
+        assert {d.attempt_id for d in submitted.queued} == attempts
+        assert {d.queue for d in submitted.queued} == {queue_of(None)}
+
+
+@pytest.mark.parametrize(
+    ("wf", "params", "cap"),
+    [
+        (workflows.arithmetic, {"n": 2}, 1),  # a concurrency cap
+        (workflows.pooled_pipeline, {}, None),  # a root in a pool
+        (workflows.cached_squares, {"counter": "unused"}, None),  # a root that may be cached
+    ],
+    ids=["capped", "pooled root", "cached root"],
+)
+def test_a_run_the_plan_would_not_start_as_it_is_takes_the_transaction_path(
+    postgres_platform: Platform, wf: Any, params: dict[str, Any], cap: int | None
+) -> None:
+    platform = postgres_platform
+    platform.submit(wf, params, max_concurrency=cap)  # the version stored
+    with statements_sent(platform) as sent:
+        submitted = platform.submit(wf, params, max_concurrency=cap)
+    assert len(sent) > 1 and not [s for s in sent if "WITH version AS" in s], sent
+    assert _stored(platform, submitted.run_id)["run"]["max_concurrency"] == cap
+
+
+def test_a_second_run_for_a_schedules_tick_is_refused_and_stores_nothing(
+    postgres_platform: Platform,
+) -> None:
+    """The one statement keeps the database's one run per (schedule, tick): the second is
+    refused (IntegrityError, as fire_schedules expects) and leaves no task run or attempt."""
+    platform = postgres_platform
+    project = platform.default_project_id()
+    made = platform.create_schedule(
+        project, "hourly", "tests.workflows:arithmetic", "0 * * * *", {}
+    )
+    tick = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+    platform.submit(workflows.arithmetic, {}, schedule=(made.id, tick))  # the transaction path
+    platform.submit(workflows.arithmetic, {})  # version stored: one statement from here
+    counts = ", ".join(f"(SELECT count(*) FROM {t})" for t in ("runs", "task_runs", "attempts"))
+    counts = f"SELECT {counts}"
+    with platform.db.session() as session:
+        before = tuple(session.execute(text(counts)).one())
+    with statements_sent(platform) as sent, pytest.raises(IntegrityError):
+        platform.submit(workflows.arithmetic, {}, schedule=(made.id, tick))
+    assert len(sent) == 1 and "WITH version AS" in sent[0], sent
+    with platform.db.session() as session:
+        assert tuple(session.execute(text(counts)).one()) == before
+    later = platform.submit(workflows.arithmetic, {}, schedule=(made.id, tick + timedelta(hours=1)))
+    assert _stored(platform, later.run_id)["run"]["scheduled_for"] == tick + timedelta(hours=1)
+
+
 def test_a_wide_run_is_stored_in_one_insert_per_table_that_does_not_grow_with_it(
     platform: Platform,
 ) -> None:
     """A run of 500 tasks: its task runs go in in one INSERT and its first attempts in
-    another, and nothing of it is read back. On PostgreSQL every statement of the submission
-    has a fixed text (the rows travel as one JSON value, the ids as one array), not a VALUES or
-    IN list the driver must re-parse for every row, and the attempts' INSERT is the statement
-    that queues their task runs; what is stored is what was traced."""
+    another, and nothing of it is read back. On PostgreSQL the whole submission of a stored
+    version is one statement of fixed text (the rows travel as one JSON value), not a VALUES
+    list the driver must re-parse for every row; a new version's, through the transaction
+    path, queues the task runs in the attempts' INSERT. What is stored is what was traced."""
+    postgresql = platform.db.engine.dialect.name == "postgresql"
+    if postgresql:  # the version stored by a first run
+        with statements_sent(platform) as first:
+            platform.submit(workflows.arithmetic, {"n": 2})
+        # (after the one statement, which stored nothing: the version was new)
+        [queuing] = [s for s in first if "INSERT INTO attempts " in s and "version AS" not in s]
+        assert "UPDATE task_runs" in queuing, first  # queued and given attempts: one round trip
+        assert not [s for s in first if s.startswith("UPDATE task_runs")], first
     before = utcnow()
     with statements_sent(platform) as statements:
         submitted = platform.submit(workflows.arithmetic, {"n": 500})
@@ -945,11 +1072,8 @@ def test_a_wide_run_is_stored_in_one_insert_per_table_that_does_not_grow_with_it
     assert [len(found) for found in inserts.values()] == [1, 1], inserts
     # Its first steps are queued from what was stored: its task runs are not read back.
     assert not [s for s in statements if "FROM task_runs" in s.split("INSERT")[0]], statements
-    if platform.db.engine.dialect.name == "postgresql":  # not one statement grows with it
-        assert max(len(statement) for statement in statements) < 2_000, statements
-        [queuing] = inserts["attempts"]
-        assert "UPDATE task_runs" in queuing  # queued and given attempts: one round trip
-        assert not [s for s in statements if s.startswith("UPDATE task_runs")], statements
+    if postgresql:  # one statement, and it does not grow with the run
+        assert len(statements) == 1 and len(statements[0]) < 3_000, statements
     tasks = {t.node_id: t for t in platform.task_runs(submitted.run_id)}
     assert len(tasks) == 501 and tasks["total"].state == TaskState.PENDING
     assert sorted(tasks["total"].upstream) == sorted(f"double[{i}]" for i in range(500))

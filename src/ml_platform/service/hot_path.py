@@ -1,6 +1,6 @@
 """A short task's success and what it decides, in one statement committed on its own
 (PostgreSQL): a chain's next step started and claimed for the same worker, or the run ended
-by its last task.
+by its last task. And a run's submission, also one statement (SUBMIT, at the end).
 
 Through the transaction path of ``Execution.finish_and_claim``, a chain's step was five
 round trips to PostgreSQL (BEGIN, the success with its run's lock, the next steps' read,
@@ -50,13 +50,16 @@ from ml_platform.store.models import UTCDateTime
 #: run's outcome (engine.dag.run_outcome: a cancelled task cancels it, else a failed one
 #: fails it), as lists of the task states that do.
 STATES = {
+    "run_queued": RunState.QUEUED,
     "run_running": RunState.RUNNING,
     "run_cancelled": RunState.CANCELLED,
     "run_failed": RunState.FAILED,
     "run_succeeded": RunState.SUCCEEDED,
     "task_pending": TaskState.PENDING,
+    "task_queued": TaskState.QUEUED,
     "task_running": TaskState.RUNNING,
     "task_succeeded": TaskState.SUCCEEDED,
+    "attempt_queued": AttemptState.QUEUED,
     "attempt_running": AttemptState.RUNNING,
     "attempt_succeeded": AttemptState.SUCCEEDED,
     "open_states": [state.value for state in TaskState if state not in TASK_TERMINAL],
@@ -199,6 +202,55 @@ FINISH_AND_END = text(f"""
     *(bindparam(name, type_=ARRAY(String)) for name in ("open_states", "cancelling", "failing")),
     *_BINDS,
 )
+
+
+#: A new run of a stored workflow version, its task runs and its first attempts: what the
+#: transaction path (runs.Runs._store_run) stores, in one statement, one round trip, where it
+#: made six (BEGIN, the version's look-up, the run, its task runs, their first attempts,
+#: COMMIT): ≈ 1 ms instead of ≈ 2.5 for a 10-step chain. Only for a run the plan would start
+#: as it is — no concurrency cap, and every root queued as it is (planning.queued_as_it_is):
+#: the roots go in queued, on their first attempt, and get it in the same statement; the
+#: other tasks go in pending. No row when the version is not stored (nothing is then
+#: inserted: the caller registers it, then takes the transaction path); else one row per
+#: attempt made, each with the version's number.
+#:
+#: Rows inserted by one part of a statement are invisible to its other parts' reads, so
+#: nothing here reads what it made except through RETURNING. The task runs' JSON columns
+#: travel as strings of JSON inside the recordset's document (see store.db._recordset_insert:
+#: a ``\u0000`` in a task's inputs survives).
+SUBMIT = text("""
+    WITH version AS (
+        SELECT id, version FROM workflows
+        WHERE project_id = :project_id AND name = :name AND code_hash = :code_hash
+    ), run AS (
+        INSERT INTO runs (id, workflow_id, state, params, cancel_requested, schedule_id,
+            scheduled_for, created_at)
+        SELECT :run_id, version.id, :run_queued, CAST(:params AS JSON), false,
+            CAST(:schedule_id AS INTEGER), CAST(:scheduled_for AS TIMESTAMP), :now
+        FROM version
+        RETURNING id
+    ), stored AS (
+        INSERT INTO task_runs (run_id, node_id, position, task_ref, code_version, upstream,
+            inputs, options, pool, state, current_attempt, lost_attempts)
+        SELECT run.id, u.node_id, u.position, u.task_ref, u.code_version,
+            CAST(u.upstream AS JSON), CAST(u.inputs AS JSON), CAST(u.options AS JSON), u.pool,
+            u.state, u.current_attempt, 0
+        FROM run, json_to_recordset(CAST(:task_runs AS JSON)) AS u(node_id text,
+            position integer, task_ref text, code_version text, upstream text, inputs text,
+            options text, pool text, state text, current_attempt integer)
+        RETURNING id, run_id, state, current_attempt, options
+    ), queued AS (
+        INSERT INTO attempts (task_run_id, run_id, number, state, not_before,
+            timeout_seconds, created_at)
+        SELECT id, run_id, current_attempt, :attempt_queued, :now,
+            CAST(options ->> 'timeout' AS DOUBLE PRECISION), :now
+        FROM stored
+        WHERE state = :task_queued
+        RETURNING id
+    )
+    SELECT version.version, queued.id AS attempt_id
+    FROM version LEFT JOIN queued ON true
+    """).bindparams(bindparam("scheduled_for", type_=UTCDateTime), *_BINDS)
 
 
 def guard_failed(error: DBAPIError) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ml_platform.dispatch import Dispatch, queue_of
 from ml_platform.engine.dag import topological_order
 from ml_platform.engine.states import (
     RUN_TERMINAL,
@@ -24,8 +26,9 @@ from ml_platform.engine.states import (
     TaskState,
 )
 from ml_platform.sdk import NodeSpec, TracedWorkflow, Workflow, WorkflowError
+from ml_platform.service import hot_path
 from ml_platform.service.core import Submitted
-from ml_platform.service.planning import NewTaskRun, Planning, _task_run_row
+from ml_platform.service.planning import NewTaskRun, Planning, _task_run_row, queued_as_it_is
 from ml_platform.store.db import insert_rows
 from ml_platform.store.models import DEFAULT_PROJECT, Attempt, Project, Run, TaskRun
 from ml_platform.store.models import Workflow as WorkflowRow
@@ -227,6 +230,10 @@ class Runs(Planning):
         if values is None:
             raise WorkflowError(f"workflow {traced.name} was traced without params")
         project = project_id or self.default_project_id()
+        if self.db.engine.dialect.name == "postgresql":
+            made = self._submit_in_one_statement(traced, values, project, max_concurrency, schedule)
+            if made is not None:
+                return made
         store = functools.partial(
             self._store_run,
             traced=traced,
@@ -245,6 +252,55 @@ class Runs(Planning):
         registered = self.register(traced, project)
         with self.db.session() as session:
             return store(session, version=(registered.id, registered.version))
+
+    def _submit_in_one_statement(
+        self,
+        traced: TracedWorkflow,
+        values: dict[str, Any],
+        project: int,
+        max_concurrency: int | None,
+        schedule: tuple[int, datetime] | None,
+    ) -> Submitted | None:
+        """The run stored and its first tasks queued in one statement (hot_path.SUBMIT), if
+        the plan would start it as it is and its version is stored; None (nothing stored) if
+        not: the transaction path then decides."""
+        specs = traced.specs
+        roots = [spec for spec in specs if not spec.upstream]
+        if (
+            max_concurrency
+            or traced.max_concurrency
+            or not roots
+            or not all(queued_as_it_is(s.inputs, s.options, s.options.get("pool")) for s in roots)
+        ):
+            return None
+        order = topological_order({spec.node_id: spec.upstream for spec in specs})
+        position = {node_id: index for index, node_id in enumerate(order)}
+        run_id = uuid.uuid4().hex
+        rows = []
+        for spec in specs:
+            state = TaskState.PENDING if spec.upstream else TaskState.QUEUED
+            row = _columns_of(spec, run_id, position[spec.node_id], state)
+            for name in ("upstream", "inputs", "options"):  # see hot_path.SUBMIT
+                row[name] = json.dumps(row[name])
+            rows.append(row | {"current_attempt": 0 if spec.upstream else 1})
+        params = {
+            "project_id": project,
+            "name": traced.name,
+            "code_hash": traced.code_hash,
+            "run_id": run_id,
+            "params": json.dumps(values),
+            "schedule_id": schedule[0] if schedule else None,
+            "scheduled_for": schedule[1] if schedule else None,
+            "now": utcnow(),
+            "task_runs": json.dumps(rows),
+            **hot_path.STATES,
+        }
+        with self.db.autocommit() as conn:
+            made = conn.execute(hot_path.SUBMIT, params).all()
+        if not made:
+            return None  # a version not stored yet
+        queued = [Dispatch(row.attempt_id, queue_of(None)) for row in made]
+        return Submitted(run_id, made[0].version, queued)
 
     def _store_run(
         self,
