@@ -10,7 +10,6 @@ import signal
 import subprocess  # nosec B404
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,6 +86,17 @@ def _wait_for_end(platform: Platform, run_id: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def _wait_for_ready(worker: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    """Wait until a worker says it is ready. Its output (a line per task) goes to a file, as
+    the peers' goes to /dev/null: read through a pipe, every line would wake this process, on
+    the cores the workload runs on."""
+    deadline = time.monotonic() + timeout
+    while b"ready" not in log.read_bytes():
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the bench's worker did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+
+
 class Distributed:
     """Two ``mlp worker`` processes on PostgreSQL and Redis; this process submits."""
 
@@ -115,27 +125,24 @@ class Distributed:
     def start_workers(self, count: int = WORKERS) -> None:
         for _ in range(count):
             # Fixed argv: our own CLI through this interpreter.
-            worker = subprocess.Popen(  # nosec B603
-                [
-                    sys.executable,
-                    "-m",
-                    "ml_platform",
-                    "worker",
-                    "--concurrency",
-                    str(self.concurrency),
-                ],
-                env=self.env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            assert worker.stdout is not None  # nosec B101
-            for line in worker.stdout:
-                if b"ready" in line:
-                    break
-            # Drain its output (one line per task) so the pipe never fills and blocks it.
-            threading.Thread(target=worker.stdout.read, daemon=True).start()
+            log = self.home / f"worker-{len(self.workers)}.log"
+            with log.open("wb") as out:
+                worker = subprocess.Popen(  # nosec B603
+                    [
+                        sys.executable,
+                        "-m",
+                        "ml_platform",
+                        "worker",
+                        "--concurrency",
+                        str(self.concurrency),
+                    ],
+                    env=self.env,
+                    cwd=ROOT,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             self.workers.append(worker)
+            _wait_for_ready(worker, log)
 
     def stop_workers(self) -> None:
         for worker in self.workers:

@@ -18,7 +18,7 @@ from benchmarks.measure import (
     settle,
     summary,
 )
-from benchmarks.ours import Embedded
+from benchmarks.ours import Embedded, _wait_for_ready
 
 
 def test_percentiles_use_the_nearest_rank() -> None:
@@ -344,3 +344,24 @@ def test_a_failed_nox_session_in_the_pipeline_section_keeps_its_whole_output(
     with pytest.raises(RuntimeError, match=f"its output: {kept}"):
         pipeline._nox("-s", "no_such_session")
     assert "no_such_session" in kept.read_text()
+
+
+def test_a_bench_worker_is_waited_for_through_its_log_file_and_a_dead_one_says_why(
+    tmp_path: Path,
+) -> None:
+    """The bench's workers write to a file, not to a pipe the bench must drain: it waits
+    for their "ready" there, and a worker that exits first fails the bench with its output."""
+    log = tmp_path / "worker.log"
+    code = "import sys, time; time.sleep(0.3); print('worker w ready', flush=True); time.sleep(5)"
+    with log.open("wb") as out:
+        ready = subprocess.Popen([sys.executable, "-c", code], stdout=out)
+    try:
+        _wait_for_ready(ready, log)
+        assert ready.poll() is None and b"ready" in log.read_bytes()
+    finally:
+        ready.kill()
+        ready.wait()
+    with log.open("wb") as out:
+        dead = subprocess.Popen([sys.executable, "-c", "print('no database'); exit(2)"], stdout=out)
+    with pytest.raises(RuntimeError, match="did not start: no database"):
+        _wait_for_ready(dead, log)
