@@ -929,6 +929,15 @@ def test_the_shapes_kept_in_memory_are_bounded_by_tasks_and_dropped_when_a_run_e
         assert submitted.run_id not in platform._dags
 
 
+def test_a_postgresql_statement_is_prepared_on_its_first_use(postgres_platform: Platform) -> None:
+    """A fresh worker's first claims and steps skip parsing their statements (db.make_engine):
+    psycopg's default prepares a statement on its sixth execution on a connection."""
+    with postgres_platform.db.autocommit() as conn:
+        conn.execute(text("SELECT count(*) FROM runs WHERE state = :s"), {"s": "first use"})
+        prepared = conn.execute(text("SELECT statement FROM pg_prepared_statements")).scalars()
+        assert any("FROM runs WHERE state" in statement for statement in prepared)
+
+
 def _stored(platform: Platform, run_id: str) -> dict[str, Any]:
     """What a submission stored of a run, without what differs from one run to the next (ids,
     times)."""
