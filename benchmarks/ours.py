@@ -93,7 +93,8 @@ def _wait_for_ready(worker: subprocess.Popen[bytes], log: Path, timeout: float =
     deadline = time.monotonic() + timeout
     while b"ready" not in log.read_bytes():
         if worker.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the bench's worker did not start: {log.read_text()[-2000:]}")
+            output = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the bench's worker did not start: {output}")
         time.sleep(0.05)
 
 

@@ -66,6 +66,12 @@ def _columns_of(spec: NodeSpec, run_id: str, position: int, state: TaskState) ->
     }
 
 
+def _positions(specs: Iterable[NodeSpec]) -> dict[str, int]:
+    """Each traced node's position in the run's topological order."""
+    order = topological_order({spec.node_id: spec.upstream for spec in specs})
+    return {node_id: index for index, node_id in enumerate(order)}
+
+
 def _task_run_of(
     spec: NodeSpec, run_id: str, position: int, state: TaskState, **fields: Any
 ) -> TaskRun:
@@ -273,8 +279,7 @@ class Runs(Planning):
             or not all(queued_as_it_is(s.inputs, s.options, s.options.get("pool")) for s in roots)
         ):
             return None
-        order = topological_order({spec.node_id: spec.upstream for spec in specs})
-        position = {node_id: index for index, node_id in enumerate(order)}
+        position = _positions(specs)
         run_id = uuid.uuid4().hex
         rows = []
         for spec in specs:
@@ -316,8 +321,7 @@ class Runs(Planning):
         ``version`` (its row's id and number), and queue its first tasks."""
         workflow_id, workflow_version = version
         specs = traced.specs
-        order = topological_order({spec.node_id: spec.upstream for spec in specs})
-        position = {node_id: index for index, node_id in enumerate(order)}
+        position = _positions(specs)
         run_id = uuid.uuid4().hex
         run_limit = max_concurrency or traced.max_concurrency
         session.add(
