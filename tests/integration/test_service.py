@@ -938,29 +938,6 @@ def test_a_postgresql_statement_is_prepared_on_its_first_use(postgres_platform: 
         assert any("FROM runs WHERE state" in statement for statement in prepared)
 
 
-def test_reads_outside_a_session_keep_the_statements_prepared_on_their_connection(
-    postgres_platform: Platform,
-) -> None:
-    """psycopg drops every statement prepared on a connection when a transaction on it ends
-    with ROLLBACK (DEALLOCATE ALL). The reads a worker makes ten times a second (which of its
-    attempts' runs are being cancelled) and the readiness check end none (db.reading): the
-    claims and steps prepared on that connection stay prepared, and planned."""
-    platform = postgres_platform
-    platform.db.engine.dispose()  # from here on one connection, used in turn
-    marker = "SELECT count(*) FROM runs WHERE state = :s"
-    with platform.db.autocommit() as conn:
-        conn.execute(text(marker), {"s": "prepared before the reads"})
-    assert platform.cancelled_among([1, 2]) == set()
-    assert platform.schema_behind() is None
-    with platform.db.autocommit() as conn:
-        prepared = list(
-            conn.execute(text("SELECT statement FROM pg_prepared_statements")).scalars()
-        )
-    assert platform.db.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
-    assert any("FROM runs WHERE state" in statement for statement in prepared), prepared
-    assert any("cancel_requested" in statement for statement in prepared), prepared
-
-
 def _stored(platform: Platform, run_id: str) -> dict[str, Any]:
     """What a submission stored of a run, without what differs from one run to the next (ids,
     times)."""

@@ -787,7 +787,7 @@ class Execution(Planning):
         ids = list(attempt_ids)
         if not ids:
             return set()
-        with self.db.reading() as conn:
+        with self.db.engine.connect() as conn:
             if conn.dialect.name == "postgresql":
                 return set(conn.scalars(_CANCELLED_IN_ARRAY, {"ids": ids}))
             return set(conn.scalars(_CANCELLED_AMONG, {"ids": ids}))

@@ -152,7 +152,7 @@ class Queries(_Core):
     def schema_behind(self) -> str | None:
         """None when the database answers and its schema is at the newest migration, else
         where it is; the driver's error when it does not answer (for readiness checks)."""
-        with self.db.reading() as connection:
+        with self.db.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         at = current_revision(self.db.engine)
         return None if at == head_from_files() else f"at {at}, not head"

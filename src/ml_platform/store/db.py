@@ -266,23 +266,9 @@ def create_schema(engine: Engine) -> bool:
     return True
 
 
-def reading(engine: Engine) -> Connection:
-    """A connection for reads outside a session; on PostgreSQL outside any transaction too.
-
-    A read in a transaction of its own ends with ROLLBACK, and psycopg answers a ROLLBACK by
-    dropping every statement it had prepared on that connection (DEALLOCATE ALL): a worker
-    that read so ten times a second (Execution.cancelled_among) had its claims and steps
-    parsed and planned anew, over and over. In autocommit there is no transaction to end
-    (and no BEGIN and ROLLBACK: two round trips fewer). SQLite has nothing of the kind."""
-    connection = engine.connect()
-    if engine.dialect.name == "postgresql":
-        return connection.execution_options(isolation_level="AUTOCOMMIT")
-    return connection
-
-
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at (None before the first migration)."""
-    with reading(engine) as connection:
+    with engine.connect() as connection:
         try:
             return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
         except DBAPIError:  # no such table: an empty database
@@ -352,10 +338,6 @@ class Database:
         it ends: one round trip for a statement that must be all or nothing on its own (no
         BEGIN, no COMMIT). Use it in a ``with`` block."""
         return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-
-    def reading(self) -> Connection:
-        """A pooled connection for reads outside a session (see ``reading``)."""
-        return reading(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()
