@@ -1244,13 +1244,17 @@ def test_a_finish_continues_with_what_it_made_ready_in_the_same_transaction(
 
     # A chain's step on PostgreSQL: the success, the run's lock, the next task run's start
     # (made running, claimed and given its input) in one statement, committed on its own.
+    # The first step's too: the claim that started the run brought the run's shape with it.
     relay = platform.submit(workflows.relay, {"n": 3})
     step = platform.claim(relay.queued[0].attempt_id, "worker-a")
     assert step is not None
-    _, [second] = platform.finish_and_claim(
-        [(step, execute(platform, step))], [], "worker-a", take=1
-    )
+    with statements_sent(platform) as statements:
+        _, [second] = platform.finish_and_claim(
+            [(step, execute(platform, step))], [], "worker-a", take=1
+        )
     assert second is not None
+    if platform.db.engine.dialect.name == "postgresql":
+        assert len(statements) == 1, statements
     with statements_sent(platform) as statements:
         _, [third] = platform.finish_and_claim(
             [(second, execute(platform, second))], [], "worker-a", take=1

@@ -8,7 +8,7 @@ times.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -237,7 +237,14 @@ _CLAIMS = """
         (SELECT json_object_agg(u.node_id, u.result) FROM task_runs u
             WHERE u.run_id = claims.run_id
                 AND u.node_id = ANY(ARRAY(SELECT json_array_elements_text(claims.upstream)))
-        ) AS upstream_results
+        ) AS upstream_results,
+        -- The run's shape (Execution._dag), for the claim that starts it: the worker would
+        -- read it at this task's end otherwise, a round trip on a chain's first step.
+        CASE WHEN claims.run_id IN (SELECT id FROM started_run) THEN
+            (SELECT json_agg(json_build_array(s.node_id, s.upstream, s.options -> 'map_of',
+                    s.options -> 'map_concurrency'))
+                FROM task_runs s WHERE s.run_id = claims.run_id)
+        END AS shape
     FROM claims
     """
 _CLAIM_TIMES = (bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime))
@@ -507,6 +514,35 @@ _END_RUN = (
         started_at=func.coalesce(Run.started_at, bindparam("at")),
     )
 )
+#: A run's shape as _shape_of reads it: node, upstream nodes, and the options that bear on it
+#: (_CLAIMS reads the same for the claim that starts a run).
+_SHAPE_OF = select(
+    TaskRun.node_id,
+    TaskRun.upstream,
+    TaskRun.options["map_of"],
+    TaskRun.options["map_concurrency"],
+).where(TaskRun.run_id == bindparam("run_id"))
+
+
+def _shape_of(rows: Iterable[Sequence[Any]]) -> _Shape:
+    """A run's upstream and downstream maps, and its elements under a concurrency cap, from
+    its task runs' (node, upstream, map_of, map_concurrency). An element counts as an
+    upstream of its mapped task: that task ends when its elements have."""
+    upstream: dict[str, list[str]] = {}
+    downstream: dict[str, list[str]] = {}
+    limited: set[str] = set()
+    for node, deps, parent, map_concurrency in rows:
+        upstream.setdefault(node, []).extend(deps)
+        for dep in deps:
+            downstream.setdefault(dep, []).append(node)
+        if parent is not None:
+            upstream.setdefault(parent, []).append(node)
+            downstream.setdefault(node, []).append(parent)
+            if map_concurrency:
+                limited.add(node)
+    return upstream, downstream, limited
+
+
 _RESULTS_OF = select(TaskRun.node_id, TaskRun.result).where(
     TaskRun.run_id == bindparam("run_id"),
     TaskRun.node_id.in_(bindparam("node_ids", expanding=True)),
@@ -655,6 +691,9 @@ class Execution(Planning):
         else:
             result = conn.execute(_CLAIM_IN_ONE_STATEMENT, {"attempt_ids": attempt_ids, **params})
         rows = {row.attempt_id: row for row in result}
+        for row in rows.values():
+            if row.shape is not None and row.run_id not in self._dags:
+                self._keep_shape(row.run_id, _shape_of(row.shape))
         claims: list[ClaimedAttempt | None] = []
         seen: set[int] = set()
         for attempt_id in attempt_ids:
@@ -1391,25 +1430,13 @@ class Execution(Planning):
         known = self._dags.get(run_id)
         if known is not None and node_id in known[0]:
             return known
-        upstream: dict[str, list[str]] = {}
-        downstream: dict[str, list[str]] = {}
-        limited: set[str] = set()
-        for node, deps, options in session.execute(
-            select(TaskRun.node_id, TaskRun.upstream, TaskRun.options).where(
-                TaskRun.run_id == run_id
-            )
-        ):
-            upstream.setdefault(node, []).extend(deps)
-            for dep in deps:
-                downstream.setdefault(dep, []).append(node)
-            parent = options.get("map_of")
-            if parent is not None:
-                upstream.setdefault(parent, []).append(node)
-                downstream.setdefault(node, []).append(parent)
-                if options.get("map_concurrency"):
-                    limited.add(node)
+        rows = session.execute(_SHAPE_OF, {"run_id": run_id})
+        return self._keep_shape(run_id, _shape_of(rows))
+
+    def _keep_shape(self, run_id: str, shape: _Shape) -> _Shape:
+        """Cache a run's shape, the newest last; the oldest go past DAG_CACHE_TASKS tasks."""
         self._dags.pop(run_id, None)
-        self._dags[run_id] = shape = (upstream, downstream, limited)
+        self._dags[run_id] = shape
         # A copy to count on: an API thread may end a run, and drop its shape, meanwhile.
         kept_shapes = list(self._dags.items())
         kept = sum(len(known[0]) for _, known in kept_shapes)
