@@ -1421,12 +1421,9 @@ class Execution(Planning):
         return False
 
     def _dag(self, session: Session | Connection, run_id: str, node_id: str) -> _Shape:
-        """A run's upstream and downstream maps, and its elements under a concurrency cap.
-
-        Cached per run; a mapped task adds its elements when it expands, so a node the cache
-        does not know (expanded by another process) reloads it. An element counts as an
-        upstream of its mapped task: that task ends when its elements have.
-        """
+        """A run's shape (see _shape_of), cached per run: from the claim that started the run
+        here, else read now. A mapped task adds its elements when it expands, so a node the
+        cache does not know (expanded by another process) reloads it."""
         known = self._dags.get(run_id)
         if known is not None and node_id in known[0]:
             return known
