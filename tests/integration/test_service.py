@@ -578,6 +578,87 @@ def test_concurrent_workers_run_every_task_exactly_once(platform: Platform) -> N
     assert {t.state for t in platform.task_runs(submitted.run_id)} == {TaskState.SUCCEEDED}
 
 
+def _wait_blocked_by(platform: Platform, holder: Any) -> None:
+    """Until a backend of this database waits for a lock ``holder`` (a connection) holds."""
+    holder_pid = holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    with platform.db.engine.connect() as watcher:
+        for _ in range(500):
+            waiting = watcher.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND :pid = ANY(pg_blocking_pids(pid))"
+                ),
+                {"pid": holder_pid},
+            ).scalar_one()
+            if waiting:
+                return
+            watcher.rollback()
+            time.sleep(0.01)
+    raise AssertionError(f"nothing waited for backend {holder_pid}")
+
+
+def test_a_claim_that_waited_for_its_run_to_start_holds_no_lock_a_finish_waits_for(
+    platform: Platform,
+) -> None:
+    """A claim that finds its run queued locks the run before any task run. If another
+    claim starts the run meanwhile, the claim's view of the run's tasks is older than the
+    locks others now hold on them: a finish holding a task run, waiting for the run's row
+    (as every success locks its run last), would wait for this claim while it waits for the
+    task run -- a deadlock (PostgreSQL broke it after a second, failing one of them: seen in
+    the four-worker test above). The claim gives the run's lock up and tries again."""
+    if platform.db.engine.dialect.name != "postgresql":
+        pytest.skip("row locks are PostgreSQL's (SQLite has one writer)")
+    submitted = platform.submit(workflows.arithmetic, {"n": 2})
+    second = submitted.queued[1]
+    task_run_id = (
+        platform.db.engine.connect()
+        .execute(text("SELECT task_run_id FROM attempts WHERE id = :id"), {"id": second.attempt_id})
+        .scalar_one()
+    )
+    starter = platform.db.engine.connect()  # another worker's claim, starting the run
+    finisher = platform.db.engine.connect()  # a transaction holding the task run, then the run
+    claims: list[Any] = []
+    errors: list[BaseException] = []
+
+    def claim() -> None:
+        try:
+            claims.append(platform.claim(second.attempt_id, "b"))
+        except BaseException as exc:  # surfaced below, in the test's thread
+            errors.append(exc)
+
+    claimer = threading.Thread(target=claim)
+    try:
+        starter.execute(
+            text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": submitted.run_id}
+        )
+        claimer.start()
+        _wait_blocked_by(platform, starter)  # its snapshot saw the run queued
+        finisher.execute(
+            text("UPDATE task_runs SET state = state WHERE id = :id"), {"id": task_run_id}
+        )
+        starter.execute(
+            text("UPDATE runs SET state = 'running', started_at = now() WHERE id = :id"),
+            {"id": submitted.run_id},
+        )
+        starter.commit()
+        _wait_blocked_by(platform, finisher)  # the claim reached the task run
+        finisher.execute(
+            text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": submitted.run_id}
+        )
+        finisher.commit()
+    finally:
+        starter.rollback()
+        finisher.rollback()
+        if claimer.is_alive():
+            claimer.join(timeout=30)
+        starter.close()
+        finisher.close()
+    assert errors == []
+    [claimed] = claims
+    assert claimed is not None and claimed.attempt_id == second.attempt_id
+    assert _states(platform, submitted.run_id)[claimed.node_id] == "running"
+
+
 def test_concurrent_submissions_and_cancellations_neither_deadlock_nor_lose_updates(
     platform: Platform,
 ) -> None:

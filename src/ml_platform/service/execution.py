@@ -174,10 +174,14 @@ _CLAIM_STATES = {
 #: as its own transaction (autocommit: one round trip).
 #:
 #: A queued run's row is locked first (``locked_run``: before any task run, as every
-#: decision about a run locks it, and in one order), and read as it is now: another worker's
-#: claim may have started it since the snapshot. A running run's row is not locked: a
-#: fan-out's claims would queue behind each other on it; the guarded UPDATEs decide, and
-#: cancel() turns queued task runs cancelled under the run's lock.
+#: decision about a run locks it, and in one order), and read as it is now. If another
+#: worker's claim started it since the snapshot (``stale``: the lock waited for that claim),
+#: the statement changes nothing and says so: others may hold its task runs by now -- a
+#: finish holds its task run and then waits for the run's row, which this statement would
+#: hold while waiting for the task run (a deadlock) -- and the claim is made again by a new
+#: statement, which sees the run running. A running run's row is not locked: a fan-out's
+#: claims would queue behind each other on it; the guarded UPDATEs decide, and cancel()
+#: turns queued task runs cancelled under the run's lock.
 _CLAIMS = """
     WITH locked_run AS MATERIALIZED (
         SELECT r.id, r.state, r.cancel_requested FROM runs r
@@ -186,18 +190,21 @@ _CLAIMS = """
             WHERE q.id {ids} AND s.state = :run_queued
         )
         ORDER BY r.id FOR UPDATE
+    ), stale AS (
+        SELECT FROM locked_run WHERE locked_run.state <> :run_queued
     ), started_run AS (
         UPDATE runs SET state = :run_running, started_at = :now
         FROM locked_run
-        WHERE runs.id = locked_run.id AND locked_run.state = :run_queued
-            AND NOT locked_run.cancel_requested
+        WHERE runs.id = locked_run.id AND NOT locked_run.cancel_requested
+            AND NOT EXISTS (SELECT FROM stale)
         RETURNING runs.id
     ), target AS (
         SELECT a.id AS attempt_id, a.run_id, a.task_run_id, a.number,
             a.state = :attempt_queued AND a.not_before <= :now AS attempt_claimable,
-            coalesce(l.state, r.state) IN (:run_queued, :run_running)
-                AND NOT coalesce(l.cancel_requested, r.cancel_requested)
-                AND (l.id IS NOT NULL OR r.state = :run_running) AS run_open,
+            NOT EXISTS (SELECT FROM stale) AND CASE WHEN l.id IS NULL
+                THEN r.state = :run_running AND NOT r.cancel_requested
+                ELSE NOT l.cancel_requested  -- and queued (not stale)
+            END AS run_open,
             t.node_id, t.task_ref, t.inputs, t.options, t.code_version, t.upstream
         FROM attempts a JOIN runs r ON r.id = a.run_id JOIN task_runs t ON t.id = a.task_run_id
             LEFT JOIN locked_run l ON l.id = a.run_id
@@ -225,7 +232,7 @@ _CLAIMS = """
             target.attempt_id IN (SELECT id FROM claimed_attempt) AS attempt_claimed
         FROM target
     )
-    SELECT claims.*,
+    SELECT claims.*, EXISTS (SELECT FROM stale) AS stale,
         CASE WHEN claims.task_run_claimed AND NOT claims.attempt_claimed
             -- of the rows, not of the parameters (the planner folds constants): raised
             -- only when reached, failing the whole statement
@@ -247,6 +254,13 @@ _CLAIMS = """
         END AS shape
     FROM claims
     """
+
+
+class _RunStarted(_Abort):
+    """A claim statement found a run it had seen queued started by another (_CLAIMS): it
+    changed nothing; a new statement sees the run as it is."""
+
+
 _CLAIM_TIMES = (bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime))
 _CLAIM_IN_ONE_STATEMENT = text(_CLAIMS.format(ids="= ANY(:attempt_ids)")).bindparams(
     bindparam("attempt_ids", type_=ARRAY(Integer)), *_CLAIM_TIMES
@@ -630,14 +644,20 @@ class Execution(Planning):
     def _claim(self, attempt_id: int, worker_id: str) -> ClaimedAttempt | None:
         now = utcnow()
         if self.db.engine.dialect.name == "postgresql":
-            # One statement, committed on its own: one round trip instead of three.
-            try:
-                with self.db.autocommit() as conn:
-                    return self._claim_in_one_statement(conn, attempt_id, worker_id, now)
-            except DBAPIError as exc:
-                if hot_path.guard_failed(exc):
-                    return None  # the attempt changed meanwhile: nothing was kept
-                raise
+            # One statement, committed on its own: one round trip instead of three. Made
+            # again if its run started meanwhile (_RunStarted), which only a queued run's
+            # claim can find: the second sees the run running.
+            for _ in range(2):
+                try:
+                    with self.db.autocommit() as conn:
+                        return self._claim_in_one_statement(conn, attempt_id, worker_id, now)
+                except _RunStarted:
+                    continue
+                except DBAPIError as exc:
+                    if hot_path.guard_failed(exc):
+                        return None  # the attempt changed meanwhile: nothing was kept
+                    raise
+            raise _Abort  # a run that is no longer queued cannot be found queued again
         with self.db.session() as session:
             return self._claim_in(session, attempt_id, worker_id, now)
 
@@ -691,6 +711,8 @@ class Execution(Planning):
         else:
             result = conn.execute(_CLAIM_IN_ONE_STATEMENT, {"attempt_ids": attempt_ids, **params})
         rows = {row.attempt_id: row for row in result}
+        if any(row.stale for row in rows.values()):
+            raise _RunStarted  # nothing was changed: see _CLAIMS
         for row in rows.values():
             if row.shape is not None and row.run_id not in self._dags:
                 self._keep_shape(row.run_id, _shape_of(row.shape))
