@@ -597,6 +597,60 @@ def _wait_blocked_by(platform: Platform, holder: Any) -> None:
     raise AssertionError(f"nothing waited for backend {holder_pid}")
 
 
+def test_a_cancel_that_meets_a_worker_claiming_and_finishing_in_one_transaction_succeeds(
+    platform: Platform,
+) -> None:
+    """A worker's merged transaction (service.Execution.finish_and_claim) claims first -- a
+    running run's task runs, without the run's lock -- and then locks the run to finish.
+    cancel() locks the run and then cancels its queued task runs, so it can wait for a task
+    run that transaction holds while the transaction waits for the run. PostgreSQL breaks
+    that deadlock by failing one of them; the worker's side falls back on its own, and a
+    cancel it fails is done again: the user's cancel does not fail."""
+    if platform.db.engine.dialect.name != "postgresql":
+        pytest.skip("row locks are PostgreSQL's (SQLite has one writer)")
+    submitted = platform.submit(workflows.arithmetic, {"n": 2})
+    first, second = submitted.queued[:2]
+    assert platform.claim(first.attempt_id, "a") is not None  # the run is running
+    with platform.db.engine.connect() as reader:
+        task_run_id = reader.execute(
+            text("SELECT task_run_id FROM attempts WHERE id = :id"), {"id": second.attempt_id}
+        ).scalar_one()
+    worker = platform.db.engine.connect()
+    outcomes: list[Any] = []
+
+    def cancel() -> None:
+        try:
+            outcomes.append(platform.cancel(submitted.run_id))
+        except BaseException as exc:  # surfaced below, in the test's thread
+            outcomes.append(exc)
+
+    canceller = threading.Thread(target=cancel)
+    try:
+        # The worker's claim of the second root, in its transaction (the run is running: no
+        # lock on it), then its finish's lock of the run, once the cancel waits for it.
+        worker.execute(
+            text("UPDATE task_runs SET state = 'running' WHERE id = :id"), {"id": task_run_id}
+        )
+        canceller.start()
+        _wait_blocked_by(platform, worker)
+        # PostgreSQL fails the one whose deadlock_timeout ends first: the cancel, waiting
+        # longer (a worker's transaction it fails falls back: Execution.finish_and_claim).
+        time.sleep(0.2)
+        worker.execute(
+            text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": submitted.run_id}
+        )
+        worker.commit()
+    finally:
+        worker.rollback()
+        worker.close()
+        if canceller.is_alive():
+            canceller.join(timeout=30)
+    assert outcomes == [RunState.RUNNING]  # its running tasks end when their workers look
+    run, _ = platform.run(submitted.run_id)
+    assert run.cancel_requested
+    assert _states(platform, submitted.run_id)["total"] == "cancelled"
+
+
 def test_a_claim_that_waited_for_its_run_to_start_holds_no_lock_a_finish_waits_for(
     platform: Platform,
 ) -> None:

@@ -464,6 +464,11 @@ class Runs(Planning):
     def cancel(self, run_id: str) -> RunState:
         """Cancel a run: pending and queued tasks stop now, running ones when their worker next
         looks (``cancelled_among``: each second)."""
+        # It locks the run, then its queued task runs: a worker's transaction may hold one of
+        # those and wait for the run (Execution.finish_and_claim).
+        return self.db.retrying_deadlocks(lambda: self._cancel(run_id))
+
+    def _cancel(self, run_id: str) -> RunState:
         now = utcnow()
         with self.db.session() as session:
             run = self._lock_run(session, run_id)

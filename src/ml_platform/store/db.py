@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -46,6 +46,11 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA_LOCK = 0x6D6C705F736368  # "mlp_sch"
 #: A pooled PostgreSQL connection idle this long (seconds) is pinged before it is used.
 PING_IDLE_SECONDS = 1.0
+#: PostgreSQL's SQLSTATE for a transaction it rolled back to break a deadlock, and how many
+#: times Database.retrying_deadlocks does such a transaction again.
+DEADLOCK_DETECTED = "40P01"
+DEADLOCK_RETRIES = 3
+T = TypeVar("T")
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -332,6 +337,20 @@ class Database:
         """A short transaction: committed on success, rolled back on any error."""
         with self._sessions() as session, session.begin():
             yield session
+
+    def retrying_deadlocks(self, transaction: Callable[[], T]) -> T:
+        """``transaction()``, done again (up to DEADLOCK_RETRIES times) when PostgreSQL
+        chose it to break a deadlock: it was rolled back whole, and the others went on. For
+        a transaction that locks a run before its task runs while a worker may hold one of
+        them and wait for the run (see Execution.finish_and_claim), as cancel() does."""
+        retries = DEADLOCK_RETRIES
+        while True:
+            try:
+                return transaction()
+            except DBAPIError as exc:
+                if retries == 0 or getattr(exc.orig, "sqlstate", None) != DEADLOCK_DETECTED:
+                    raise
+                retries -= 1
 
     def autocommit(self) -> Connection:
         """A pooled connection on which each statement is its own transaction, committed as
