@@ -492,6 +492,51 @@ def test_cancel_stops_pending_work_and_signals_running_attempts(platform: Platfo
     assert platform.cancel(submitted.run_id) is RunState.CANCELLED  # idempotent
 
 
+def test_a_cancel_leaves_running_a_task_a_worker_claimed_while_it_waited(
+    platform: Platform,
+) -> None:
+    """cancel() reads the queued task runs, then turns them cancelled; a claim committed in
+    between (it waited for that claim's lock) started one of them. That task is running: it
+    stays so until its worker sees the cancel, instead of being shown cancelled while it runs."""
+    if platform.db.engine.dialect.name != "postgresql":
+        pytest.skip("row locks are PostgreSQL's (SQLite has one writer)")
+    submitted = platform.submit(workflows.arithmetic, {"n": 2})
+    first, second = submitted.queued[:2]
+    assert platform.claim(first.attempt_id, "worker-a") is not None  # the run is running
+    with platform.db.engine.connect() as reader:
+        task_run_id = reader.execute(
+            text("SELECT task_run_id FROM attempts WHERE id = :id"), {"id": second.attempt_id}
+        ).scalar_one()
+    claim = platform.db.engine.connect()  # worker-b's claim of the second root, not committed
+    outcomes: list[Any] = []
+    canceller = threading.Thread(target=lambda: outcomes.append(platform.cancel(submitted.run_id)))
+    try:
+        claim.execute(
+            text("UPDATE task_runs SET state = 'running' WHERE id = :id"), {"id": task_run_id}
+        )
+        claim.execute(
+            text(
+                "UPDATE attempts SET state = 'running', worker_id = 'worker-b', "
+                "started_at = now(), lease_expires_at = now() + interval '1 minute' "
+                "WHERE id = :id"
+            ),
+            {"id": second.attempt_id},
+        )
+        canceller.start()
+        _wait_blocked_by(platform, claim)
+        claim.commit()
+    finally:
+        claim.rollback()
+        claim.close()
+        if canceller.is_alive():
+            canceller.join(timeout=30)
+    assert outcomes == [RunState.RUNNING]
+    states = _states(platform, submitted.run_id)
+    assert sorted(states.values()) == ["cancelled", "running", "running"], states
+    beat = platform.heartbeat([second.attempt_id], "worker-b")
+    assert beat.cancelled == {second.attempt_id}  # its worker stops it when it next looks
+
+
 def test_per_run_concurrency_limit(platform: Platform) -> None:
     submitted = platform.submit(workflows.arithmetic, {"n": 5}, max_concurrency=2)
     assert len(submitted.queued) == 2

@@ -475,15 +475,15 @@ class Runs(Planning):
             if run.state in RUN_TERMINAL:
                 return RunState(run.state)
             run.cancel_requested = True
-            task_ids = select(TaskRun.id).where(
-                TaskRun.run_id == run_id,
-                TaskRun.state.in_([TaskState.PENDING, TaskState.QUEUED]),
-            )
+            not_started = TaskRun.state.in_([TaskState.PENDING, TaskState.QUEUED])
+            task_ids = select(TaskRun.id).where(TaskRun.run_id == run_id, not_started)
             queued_ids = list(session.scalars(task_ids))
             if queued_ids:
+                # Guarded again: a claim committed since the read (the update waited for
+                # it) started its task, which then runs until its worker sees the cancel.
                 session.execute(
                     update(TaskRun)
-                    .where(TaskRun.id.in_(queued_ids))
+                    .where(TaskRun.id.in_(queued_ids), not_started)
                     .values(state=TaskState.CANCELLED, finished_at=now, error="run cancelled")
                 )
                 session.execute(
