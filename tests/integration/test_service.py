@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event, inspect, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, event, inspect, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ml_platform.dispatch import queue_of
 from ml_platform.engine.dag import run_outcome
@@ -44,7 +44,7 @@ from ml_platform.store.db import (
     make_engine,
     upgrade,
 )
-from ml_platform.store.models import Attempt, Base, Run, TaskRun, utcnow
+from ml_platform.store.models import Attempt, Base, Run, TaskRun, UTCDateTime, utcnow
 from tests import workflows
 from tests.conftest import throwaway_database
 from tests.helpers import execute, run_inline
@@ -883,6 +883,43 @@ def test_a_pooled_connection_is_pinged_only_after_sitting_idle(
             admin.execute("SELECT pg_terminate_backend(%s)", (first,))
         with engine.connect() as conn:  # the dead one fails its ping; a fresh one serves
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != first
+    finally:
+        engine.dispose()
+
+
+def test_a_statement_on_the_driver_behaves_as_through_sqlalchemy(postgres_url: str) -> None:
+    """store.db.on_driver, the hot path's way to psycopg: the SQL SQLAlchemy would send, with
+    its listeners told; rows with attributes; aware datetimes stored as naive UTC (naive ones
+    refused); errors as SQLAlchemy's DBAPIError, a server-side one leaving the connection in
+    use, a lost connection invalidated so that the pool serves a fresh one next."""
+    engine = make_engine(postgres_url, lambda: float("inf"))  # never pinged before use
+    statement = text(
+        "SELECT CAST(:n AS integer) + 1 AS next, :at AS at, pg_backend_pid() AS pid"
+    ).bindparams(bindparam("at", type_=UTCDateTime))
+    at = datetime(2026, 12, 6, 1, 30, tzinfo=timezone(timedelta(hours=1)))
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
+    try:
+        with engine.connect() as conn:
+            [row] = db.on_driver(conn, statement, {"n": 41, "at": at})
+            assert (row.next, row.at) == (42, datetime(2026, 12, 6, 0, 30))
+            assert sent == [str(statement.compile(dialect=conn.dialect))]
+            with pytest.raises(ValueError, match="naive datetimes are ambiguous"):
+                db.on_driver(conn, statement, {"n": 1, "at": datetime(2026, 12, 6)})
+            with pytest.raises(DBAPIError) as refused:
+                db.on_driver(conn, statement, {"n": "forty-one", "at": at})
+            assert getattr(refused.value.orig, "sqlstate", None) == "22P02"
+            assert not refused.value.connection_invalidated
+            conn.rollback()
+            assert db.on_driver(conn, statement, {"n": 1, "at": at})[0].pid == row.pid
+        with psycopg.connect(libpq_url(postgres_url), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (row.pid,))
+        with engine.connect() as conn:
+            with pytest.raises(DBAPIError) as gone:
+                db.on_driver(conn, statement, {"n": 1, "at": at})
+            assert gone.value.connection_invalidated
+        with engine.connect() as conn:
+            assert db.on_driver(conn, statement, {"n": 1, "at": at})[0].pid != row.pid
     finally:
         engine.dispose()
 

@@ -57,6 +57,7 @@ from ml_platform.service.core import (
     storable_text,
 )
 from ml_platform.service.planning import Planning, queued_as_it_is
+from ml_platform.store.db import on_driver
 from ml_platform.store.models import (
     Artifact,
     Attempt,
@@ -707,9 +708,11 @@ class Execution(Planning):
         lease = now + timedelta(seconds=self.settings.lease_seconds)
         params = {"now": now, "worker_id": worker_id, "lease": lease, **_CLAIM_STATES}
         if len(attempt_ids) == 1:
-            result = conn.execute(_CLAIM_ONE, {"attempt_id": attempt_ids[0], **params})
+            result = on_driver(conn, _CLAIM_ONE, {"attempt_id": attempt_ids[0], **params})
         else:
-            result = conn.execute(_CLAIM_IN_ONE_STATEMENT, {"attempt_ids": attempt_ids, **params})
+            result = on_driver(
+                conn, _CLAIM_IN_ONE_STATEMENT, {"attempt_ids": attempt_ids, **params}
+            )
         rows = {row.attempt_id: row for row in result}
         if any(row.stale for row in rows.values()):
             raise _RunStarted  # nothing was changed: see _CLAIMS
@@ -1014,9 +1017,9 @@ class Execution(Planning):
             **hot_path.STATES,
         }
         if not waiting:  # a sink: it ends the run if it is the last task open
-            return list(conn.execute(hot_path.FINISH_AND_END, params)), True
-        started = conn.execute(hot_path.FINISH_AND_CONTINUE, params | {"next_nodes": waiting})
-        return list(started), False
+            return on_driver(conn, hot_path.FINISH_AND_END, params), True
+        next_nodes = {"next_nodes": waiting}
+        return on_driver(conn, hot_path.FINISH_AND_CONTINUE, params | next_nodes), False
 
     def _continue(
         self,

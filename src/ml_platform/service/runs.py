@@ -29,7 +29,7 @@ from ml_platform.sdk import NodeSpec, TracedWorkflow, Workflow, WorkflowError
 from ml_platform.service import hot_path
 from ml_platform.service.core import Submitted
 from ml_platform.service.planning import NewTaskRun, Planning, _task_run_row, queued_as_it_is
-from ml_platform.store.db import insert_rows
+from ml_platform.store.db import insert_rows, on_driver
 from ml_platform.store.models import DEFAULT_PROJECT, Attempt, Project, Run, TaskRun
 from ml_platform.store.models import Workflow as WorkflowRow
 from ml_platform.store.models import utcnow
@@ -301,7 +301,7 @@ class Runs(Planning):
             **hot_path.STATES,
         }
         with self.db.autocommit() as conn:
-            made = conn.execute(hot_path.SUBMIT, params).all()
+            made = on_driver(conn, hot_path.SUBMIT, params)
         if not made:
             return None  # a version not stored yet
         queued = [Dispatch(row.attempt_id, queue_of(None)) for row in made]
