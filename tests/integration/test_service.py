@@ -20,7 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import bindparam, event, inspect, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from ml_platform.dispatch import queue_of
+from ml_platform.dispatch import Dispatch, queue_of
 from ml_platform.engine.dag import run_outcome
 from ml_platform.engine.states import TASK_TERMINAL, AttemptState, RunState, TaskState
 from ml_platform.service import (
@@ -29,6 +29,7 @@ from ml_platform.service import (
     Outcome,
     Platform,
     RetryError,
+    Submitted,
     execution,
     hot_path,
     planning,
@@ -492,21 +493,34 @@ def test_cancel_stops_pending_work_and_signals_running_attempts(platform: Platfo
     assert platform.cancel(submitted.run_id) is RunState.CANCELLED  # idempotent
 
 
+def _lock_run_row(conn: Any, run_id: str) -> None:
+    """Lock a run's row in ``conn``'s transaction, as every decision about a run does."""
+    conn.execute(text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": run_id})
+
+
+def _second_root(platform: Platform, *, start_run: bool) -> tuple[Submitted, Dispatch, int]:
+    """PostgreSQL's row locks only: a run of two roots (the first claimed if ``start_run``,
+    which starts the run), the second root's dispatch and its task run's id."""
+    if platform.db.engine.dialect.name != "postgresql":
+        pytest.skip("row locks are PostgreSQL's (SQLite has one writer)")
+    submitted = platform.submit(workflows.arithmetic, {"n": 2})
+    first, second = submitted.queued[:2]
+    if start_run:
+        assert platform.claim(first.attempt_id, "worker-a") is not None
+    with platform.db.engine.connect() as reader:
+        task_run_id = reader.execute(
+            text("SELECT task_run_id FROM attempts WHERE id = :id"), {"id": second.attempt_id}
+        ).scalar_one()
+    return submitted, second, task_run_id
+
+
 def test_a_cancel_leaves_running_a_task_a_worker_claimed_while_it_waited(
     platform: Platform,
 ) -> None:
     """cancel() reads the queued task runs, then turns them cancelled; a claim committed in
     between (it waited for that claim's lock) started one of them. That task is running: it
     stays so until its worker sees the cancel, instead of being shown cancelled while it runs."""
-    if platform.db.engine.dialect.name != "postgresql":
-        pytest.skip("row locks are PostgreSQL's (SQLite has one writer)")
-    submitted = platform.submit(workflows.arithmetic, {"n": 2})
-    first, second = submitted.queued[:2]
-    assert platform.claim(first.attempt_id, "worker-a") is not None  # the run is running
-    with platform.db.engine.connect() as reader:
-        task_run_id = reader.execute(
-            text("SELECT task_run_id FROM attempts WHERE id = :id"), {"id": second.attempt_id}
-        ).scalar_one()
+    submitted, second, task_run_id = _second_root(platform, start_run=True)
     claim = platform.db.engine.connect()  # worker-b's claim of the second root, not committed
     outcomes: list[Any] = []
     canceller = threading.Thread(target=lambda: outcomes.append(platform.cancel(submitted.run_id)))
@@ -651,15 +665,7 @@ def test_a_cancel_that_meets_a_worker_claiming_and_finishing_in_one_transaction_
     run that transaction holds while the transaction waits for the run. PostgreSQL breaks
     that deadlock by failing one of them; the worker's side falls back on its own, and a
     cancel it fails is done again: the user's cancel does not fail."""
-    if platform.db.engine.dialect.name != "postgresql":
-        pytest.skip("row locks are PostgreSQL's (SQLite has one writer)")
-    submitted = platform.submit(workflows.arithmetic, {"n": 2})
-    first, second = submitted.queued[:2]
-    assert platform.claim(first.attempt_id, "a") is not None  # the run is running
-    with platform.db.engine.connect() as reader:
-        task_run_id = reader.execute(
-            text("SELECT task_run_id FROM attempts WHERE id = :id"), {"id": second.attempt_id}
-        ).scalar_one()
+    submitted, second, task_run_id = _second_root(platform, start_run=True)
     worker = platform.db.engine.connect()
     outcomes: list[Any] = []
 
@@ -681,9 +687,7 @@ def test_a_cancel_that_meets_a_worker_claiming_and_finishing_in_one_transaction_
         # PostgreSQL fails the one whose deadlock_timeout ends first: the cancel, waiting
         # longer (a worker's transaction it fails falls back: Execution.finish_and_claim).
         time.sleep(0.2)
-        worker.execute(
-            text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": submitted.run_id}
-        )
+        _lock_run_row(worker, submitted.run_id)
         worker.commit()
     finally:
         worker.rollback()
@@ -705,15 +709,7 @@ def test_a_claim_that_waited_for_its_run_to_start_holds_no_lock_a_finish_waits_f
     (as every success locks its run last), would wait for this claim while it waits for the
     task run -- a deadlock (PostgreSQL broke it after a second, failing one of them: seen in
     the four-worker test above). The claim gives the run's lock up and tries again."""
-    if platform.db.engine.dialect.name != "postgresql":
-        pytest.skip("row locks are PostgreSQL's (SQLite has one writer)")
-    submitted = platform.submit(workflows.arithmetic, {"n": 2})
-    second = submitted.queued[1]
-    task_run_id = (
-        platform.db.engine.connect()
-        .execute(text("SELECT task_run_id FROM attempts WHERE id = :id"), {"id": second.attempt_id})
-        .scalar_one()
-    )
+    submitted, second, task_run_id = _second_root(platform, start_run=False)
     starter = platform.db.engine.connect()  # another worker's claim, starting the run
     finisher = platform.db.engine.connect()  # a transaction holding the task run, then the run
     claims: list[Any] = []
@@ -727,9 +723,7 @@ def test_a_claim_that_waited_for_its_run_to_start_holds_no_lock_a_finish_waits_f
 
     claimer = threading.Thread(target=claim)
     try:
-        starter.execute(
-            text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": submitted.run_id}
-        )
+        _lock_run_row(starter, submitted.run_id)
         claimer.start()
         _wait_blocked_by(platform, starter)  # its snapshot saw the run queued
         finisher.execute(
@@ -741,9 +735,7 @@ def test_a_claim_that_waited_for_its_run_to_start_holds_no_lock_a_finish_waits_f
         )
         starter.commit()
         _wait_blocked_by(platform, finisher)  # the claim reached the task run
-        finisher.execute(
-            text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": submitted.run_id}
-        )
+        _lock_run_row(finisher, submitted.run_id)
         finisher.commit()
     finally:
         starter.rollback()
@@ -1017,7 +1009,7 @@ def test_a_full_pass_leaves_alone_a_run_whose_work_is_in_flight(platform: Platfo
     holder = platform.db.engine.connect()
     try:
         # Another transaction holds the busy run's row (as a long finish would).
-        holder.execute(text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": busy.run_id})
+        _lock_run_row(holder, busy.run_id)
         passed: list[list[Any]] = []
         scheduler = threading.Thread(target=lambda: passed.append(platform.schedule()))
         scheduler.start()
@@ -1618,7 +1610,7 @@ def test_a_cancel_committed_while_a_chain_step_waits_for_its_run_stops_the_chain
     )
     try:
         # Another transaction holds the run's row (as a finish deciding about it would).
-        holder.execute(text("SELECT 1 FROM runs WHERE id = :id FOR UPDATE"), {"id": run_id})
+        _lock_run_row(holder, run_id)
         for waiting, thread in enumerate(threads, start=1):
             thread.start()  # the cancel queues for the lock first, then the step
             _blocked_on_a_lock(platform, thread, waiting)

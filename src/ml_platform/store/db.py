@@ -37,6 +37,8 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import TextClause
 
+from ml_platform.store.models import stored_utc
+
 if TYPE_CHECKING:
     import sqlite3  # imported where SQLite is used: a worker on PostgreSQL has no use for it
 
@@ -318,7 +320,7 @@ def on_driver(conn: Connection, statement: TextClause, params: Mapping[str, Any]
     from psycopg.rows import namedtuple_row  # PostgreSQL only
 
     sql = _driver_sql(statement, conn.dialect)
-    bound = {key: _naive_utc_value(value) for key, value in params.items()}
+    bound = {k: stored_utc(v) if isinstance(v, datetime) else v for k, v in params.items()}
     if not conn.in_transaction():
         conn.begin()  # as SQLAlchemy's execute begins: its commit or rollback ends this
     driver: Any = conn.connection.driver_connection
@@ -349,14 +351,6 @@ def on_driver(conn: Connection, statement: TextClause, params: Mapping[str, Any]
 @lru_cache(maxsize=32)
 def _driver_sql(statement: TextClause, dialect: Dialect) -> str:
     return str(statement.compile(dialect=dialect))
-
-
-def _naive_utc_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
-        return value.astimezone(UTC).replace(tzinfo=None)
-    return value
 
 
 class Database:

@@ -35,6 +35,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def stored_utc(value: datetime) -> datetime:
+    """An aware datetime as stored: naive UTC (a naive one is refused: ambiguous)."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timestamps stored as naive UTC and read back as aware UTC, on SQLite and PostgreSQL."""
 
@@ -42,11 +49,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
-        return value.astimezone(UTC).replace(tzinfo=None)
+        return None if value is None else stored_utc(value)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
