@@ -685,10 +685,15 @@ def test_a_cancel_that_meets_a_worker_claiming_and_finishing_in_one_transaction_
         canceller.start()
         _wait_blocked_by(platform, worker)
         # PostgreSQL fails the one whose deadlock_timeout ends first: the cancel, waiting
-        # longer (a worker's transaction it fails falls back: Execution.finish_and_claim).
+        # longer. (Were it the worker's, the worker's side would fall back, as
+        # Execution.finish_and_claim does, and the cancel would go on.)
         time.sleep(0.2)
-        _lock_run_row(worker, submitted.run_id)
-        worker.commit()
+        try:
+            _lock_run_row(worker, submitted.run_id)
+            worker.commit()
+        except DBAPIError as exc:
+            assert getattr(exc.orig, "sqlstate", None) == db.DEADLOCK_DETECTED
+            worker.rollback()
     finally:
         worker.rollback()
         worker.close()
