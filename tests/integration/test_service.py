@@ -537,7 +537,7 @@ def test_a_cancel_leaves_running_a_task_a_worker_claimed_while_it_waited(
             {"id": second.attempt_id},
         )
         canceller.start()
-        _wait_blocked_by(platform, claim)
+        _blocked_on_a_lock(platform, canceller, holder=claim)
         claim.commit()
     finally:
         claim.rollback()
@@ -637,25 +637,6 @@ def test_concurrent_workers_run_every_task_exactly_once(platform: Platform) -> N
     assert {t.state for t in platform.task_runs(submitted.run_id)} == {TaskState.SUCCEEDED}
 
 
-def _wait_blocked_by(platform: Platform, holder: Any) -> None:
-    """Until a backend of this database waits for a lock ``holder`` (a connection) holds."""
-    holder_pid = holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
-    with platform.db.engine.connect() as watcher:
-        for _ in range(500):
-            waiting = watcher.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND :pid = ANY(pg_blocking_pids(pid))"
-                ),
-                {"pid": holder_pid},
-            ).scalar_one()
-            if waiting:
-                return
-            watcher.rollback()
-            time.sleep(0.01)
-    raise AssertionError(f"nothing waited for backend {holder_pid}")
-
-
 def test_a_cancel_that_meets_a_worker_claiming_and_finishing_in_one_transaction_succeeds(
     platform: Platform,
 ) -> None:
@@ -683,7 +664,7 @@ def test_a_cancel_that_meets_a_worker_claiming_and_finishing_in_one_transaction_
             text("UPDATE task_runs SET state = 'running' WHERE id = :id"), {"id": task_run_id}
         )
         canceller.start()
-        _wait_blocked_by(platform, worker)
+        _blocked_on_a_lock(platform, canceller, holder=worker)
         # PostgreSQL fails the one whose deadlock_timeout ends first: the cancel, waiting
         # longer. (Were it the worker's, the worker's side would fall back, as
         # Execution.finish_and_claim does, and the cancel would go on.)
@@ -730,7 +711,7 @@ def test_a_claim_that_waited_for_its_run_to_start_holds_no_lock_a_finish_waits_f
     try:
         _lock_run_row(starter, submitted.run_id)
         claimer.start()
-        _wait_blocked_by(platform, starter)  # its snapshot saw the run queued
+        _blocked_on_a_lock(platform, claimer, holder=starter)  # its snapshot saw the run queued
         finisher.execute(
             text("UPDATE task_runs SET state = state WHERE id = :id"), {"id": task_run_id}
         )
@@ -739,7 +720,7 @@ def test_a_claim_that_waited_for_its_run_to_start_holds_no_lock_a_finish_waits_f
             {"id": submitted.run_id},
         )
         starter.commit()
-        _wait_blocked_by(platform, finisher)  # the claim reached the task run
+        _blocked_on_a_lock(platform, claimer, holder=finisher)  # the claim reached the task run
         _lock_run_row(finisher, submitted.run_id)
         finisher.commit()
     finally:
@@ -1778,17 +1759,26 @@ def test_retry_latest_reruns_the_tasks_whose_code_changed_and_what_follows(
     assert tasks["third"].result == {"value": 300}
 
 
-def _blocked_on_a_lock(platform: Platform, thread: threading.Thread, waiting: int = 1) -> None:
-    """Wait until ``waiting`` statements on the platform's database wait for a lock, the last
-    of them ``thread``'s (or until the thread has ended)."""
+def _blocked_on_a_lock(
+    platform: Platform, thread: threading.Thread, waiting: int = 1, holder: Any = None
+) -> None:
+    """Wait until ``waiting`` statements on the platform's database wait for a lock (one that
+    the connection ``holder`` holds, if given), the last of them ``thread``'s (or until the
+    thread has ended)."""
+    blocked_by = "wait_event_type = 'Lock'"
+    params: dict[str, Any] = {}
+    if holder is not None:
+        blocked_by = ":pid = ANY(pg_blocking_pids(pid))"
+        params["pid"] = holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
     deadline = time.monotonic() + 10
     while thread.is_alive():
         with platform.db.engine.connect() as connection:
             found = connection.execute(
                 text(
                     "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
+                    f"WHERE datname = current_database() AND {blocked_by}"  # nosec B608
+                ),
+                params,
             ).scalar_one()
         if found >= waiting:
             return

@@ -645,22 +645,24 @@ class Execution(Planning):
     def _claim(self, attempt_id: int, worker_id: str) -> ClaimedAttempt | None:
         now = utcnow()
         if self.db.engine.dialect.name == "postgresql":
-            # One statement, committed on its own: one round trip instead of three. Made
-            # again if its run started meanwhile (_RunStarted), which only a queued run's
-            # claim can find: the second sees the run running.
-            for _ in range(2):
-                try:
-                    with self.db.autocommit() as conn:
-                        return self._claim_in_one_statement(conn, attempt_id, worker_id, now)
-                except _RunStarted:
-                    continue
-                except DBAPIError as exc:
-                    if hot_path.guard_failed(exc):
-                        return None  # the attempt changed meanwhile: nothing was kept
-                    raise
-            raise _Abort  # a run that is no longer queued cannot be found queued again
+            try:
+                return self._claim_on_its_own(attempt_id, worker_id, now)
+            except _RunStarted:  # only a queued run's claim finds it: the second sees it running
+                return self._claim_on_its_own(attempt_id, worker_id, now)
         with self.db.session() as session:
             return self._claim_in(session, attempt_id, worker_id, now)
+
+    def _claim_on_its_own(
+        self, attempt_id: int, worker_id: str, now: datetime
+    ) -> ClaimedAttempt | None:
+        """One statement, committed on its own: one round trip instead of three."""
+        try:
+            with self.db.autocommit() as conn:
+                return self._claim_in_one_statement(conn, attempt_id, worker_id, now)
+        except DBAPIError as exc:
+            if hot_path.guard_failed(exc):
+                return None  # the attempt changed meanwhile: nothing was kept
+            raise
 
     def _claim_all_in(
         self, session: Session, attempt_ids: list[int], worker_id: str, now: datetime
