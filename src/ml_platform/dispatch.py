@@ -90,6 +90,21 @@ class InProcessDispatcher:
         return len(self._queue)
 
 
+#: How many attempts one call of the publishing script takes (a larger batch is split: each
+#: call holds Redis, ≈ 9 ms for 1,000 here).
+PUBLISH_BATCH = 1000
+
+#: KEYS: each attempt's marker, then its stream; ARGV: the markers' lifetime (ms), then the
+#: attempts' ids. An attempt whose marker is live (published lately) is skipped.
+_PUBLISH = """
+for i = 1, #KEYS, 2 do
+    if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
+        redis.call('XADD', KEYS[i + 1], '*', 'attempt', ARGV[(i + 1) / 2 + 1])
+    end
+end
+"""
+
+
 class RedisDispatcher:
     """Redis Streams: one stream and consumer group per queue.
 
@@ -133,6 +148,8 @@ class RedisDispatcher:
         # every receive.
         self._reclaim_every = claim_idle_seconds / 4
         self._next_reclaim = 0.0
+        # EVALSHA, and the script sent again if Redis has lost it (a restart).
+        self._publish = client.register_script(_PUBLISH)
 
     def stream(self, queue: str) -> str:
         return f"{self.prefix}:attempts:{queue}"
@@ -157,17 +174,19 @@ class RedisDispatcher:
         self._groups_ready.add(stream)
 
     def publish(self, items: Iterable[Dispatch]) -> None:
+        """One round trip per PUBLISH_BATCH attempts (a script Redis runs as a whole: no
+        publisher that dies midway leaves a marker without its message, which would hold the
+        attempt back until the marker expired)."""
         batch = list(items)
-        if not batch:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for item in batch:
-            pipe.set(self._marker(item.attempt_id), 1, nx=True, px=self.republish_ms)
-        fresh = [item for item, new in zip(batch, pipe.execute(), strict=True) if new]
-        for item in fresh:
-            self._ensure_group(self.stream(item.queue))
-            pipe.xadd(self.stream(item.queue), {"attempt": item.attempt_id})
-        pipe.execute()
+        for stream in {self.stream(item.queue) for item in batch}:
+            self._ensure_group(stream)
+        for start in range(0, len(batch), PUBLISH_BATCH):
+            keys: list[str] = []
+            args: list[int] = [self.republish_ms]
+            for item in batch[start : start + PUBLISH_BATCH]:
+                keys += (self._marker(item.attempt_id), self.stream(item.queue))
+                args.append(item.attempt_id)
+            self._publish(keys=keys, args=args)
 
     def receive(self, limit: int, block_seconds: float = 0.0) -> list[Delivery]:
         import redis

@@ -80,6 +80,33 @@ def test_a_batch_of_deliveries_is_acknowledged_in_one_round_trip(
     assert one.receive(20, block_seconds=0.05) == []
 
 
+def test_a_batch_is_published_in_one_round_trip_and_a_live_one_not_again(
+    redis_client: redis.Redis, redis_target: RedisTarget
+) -> None:
+    """A fan-out's attempts, over two queues, reach Redis in one round trip (markers and
+    messages together); published again while their markers live, they add nothing."""
+    one = _dispatcher(redis_client, redis_target, "one", claim_idle_seconds=60)
+    one.publish([Dispatch(0, "default"), Dispatch(-1, "gpu")])  # the groups made once
+    batch = [Dispatch(i, "gpu" if i % 3 == 0 else "default") for i in range(1, 301)]
+    trips: list[bytes] = []
+    send: Any = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(connection: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        trips.append(command)
+        return send(connection, command, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+        one.publish(batch)
+        assert len(trips) == 1
+        one.publish(batch)  # the scheduler's next pass, within republish_seconds
+        assert len(trips) == 2
+    lengths = [redis_client.xlen(one.stream(queue)) for queue in ("default", "gpu")]
+    assert lengths == [201, 101]  # with the two published first
+    taken = one.receive(400, block_seconds=0.1)
+    assert sorted(d.attempt_id for d in taken) == list(range(-1, 301))
+
+
 def test_deliveries_of_a_dead_consumer_are_taken_over(
     redis_client: redis.Redis, redis_target: RedisTarget
 ) -> None:
