@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
 from ml_platform.artifacts import ArtifactStore
-from ml_platform.engine.cache import UnserializableInput, canonical_json
+from ml_platform.engine.cache import UnserializableInput, check_json
 from ml_platform.engine.dag import DagError, topological_order
 from ml_platform.engine.retry import RetryPolicy
 from ml_platform.inputs import REF_KEY
@@ -316,7 +316,7 @@ def _template(value: Any, ids: list[str], where: str) -> Any:
         if clash:
             raise UnserializableInput(f"{where} uses the reserved key {sorted(clash)[0]!r}")
         return {k: _template(v, ids, f"{where}[{k!r}]") for k, v in value.items()}
-    canonical_json(value, where)
+    check_json(value, where)
     return value
 
 
@@ -582,12 +582,12 @@ class TaskContext:
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
         """Record a metric (e.g. ``accuracy``) for this task run."""
         number = float(value)
-        canonical_json(number, f"metric {name!r}")
+        check_json(number, f"metric {name!r}")
         self.metrics.append({"name": name, "value": number, "step": step})
 
     def log_param(self, name: str, value: Any) -> None:
         """Record a parameter the task chose (JSON-serializable)."""
-        canonical_json(value, f"param {name!r}")
+        check_json(value, f"param {name!r}")
         self.params[name] = value
 
     def save_artifact(self, name: str, obj: Any) -> str:

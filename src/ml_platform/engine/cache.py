@@ -12,7 +12,8 @@ class UnserializableInput(TypeError):
     """A value that cannot be stored as JSON; the message says where it was found."""
 
 
-def _check(value: Any, path: str) -> None:
+def check_json(value: Any, path: str = "value") -> None:
+    """Raise UnserializableInput, saying where, unless ``value`` can be stored as JSON."""
     if value is None or isinstance(value, (bool, int, str)):
         return
     if isinstance(value, float):
@@ -21,7 +22,7 @@ def _check(value: Any, path: str) -> None:
         return
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _check(item, f"{path}[{index}]")
+            check_json(item, f"{path}[{index}]")
         return
     if isinstance(value, dict):
         for key, item in value.items():
@@ -29,7 +30,7 @@ def _check(value: Any, path: str) -> None:
                 raise UnserializableInput(
                     f"{path} has a key of type {type(key).__name__}; JSON keys must be strings"
                 )
-            _check(item, f"{path}[{key!r}]")
+            check_json(item, f"{path}[{key!r}]")
         return
     raise UnserializableInput(
         f"{path} is a {type(value).__module__}.{type(value).__qualname__}, which is not "
@@ -39,7 +40,7 @@ def _check(value: Any, path: str) -> None:
 
 def canonical_json(value: Any, path: str = "value") -> str:
     """Serialize ``value`` to one canonical JSON text, or raise UnserializableInput."""
-    _check(value, path)
+    check_json(value, path)
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
