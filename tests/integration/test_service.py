@@ -17,7 +17,15 @@ import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import bindparam, event, inspect, text, update
+from sqlalchemy import (
+    PrimaryKeyConstraint,
+    UniqueConstraint,
+    bindparam,
+    event,
+    inspect,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ml_platform.dispatch import Dispatch, queue_of
@@ -93,6 +101,24 @@ def _schema_and_contents(url: str) -> tuple[list[Any], str | None, list[Any]]:
         return diff, current_revision(engine), [tuple(row) for row in projects]
     finally:
         engine.dispose()
+
+
+def test_no_index_is_the_leading_part_of_another() -> None:
+    """Every index earns its writes: none indexes what another index (or a unique
+    constraint, or the primary key) of its table already leads with."""
+    for table in Base.metadata.sorted_tables:
+        keys = [tuple(c.name for c in index.columns) for index in table.indexes]
+        keys += [
+            tuple(c.name for c in constraint.columns)
+            for constraint in table.constraints
+            if isinstance(constraint, (UniqueConstraint, PrimaryKeyConstraint))
+        ]
+        for index in table.indexes:
+            columns = tuple(c.name for c in index.columns)
+            wider = [
+                key for key in keys if len(key) > len(columns) and key[: len(columns)] == columns
+            ]
+            assert not wider, f"{table.name}: {index.name} {columns} leads {wider}"
 
 
 def test_replayed_migrations_and_a_fresh_schema_are_the_models_schema(

@@ -91,7 +91,8 @@ class Membership(Base):
     __table_args__ = (UniqueConstraint("user_id", "project_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    #: Indexed as the first column of (user_id, project_id).
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
     role: Mapped[str] = mapped_column(String(16))
 
@@ -121,7 +122,8 @@ class Workflow(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    #: Indexed as the first column of (project_id, name, version).
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     name: Mapped[str] = mapped_column(String(400))
     version: Mapped[int] = mapped_column(Integer)
     code_hash: Mapped[str] = mapped_column(String(64))
@@ -167,7 +169,8 @@ class TaskRun(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    #: Indexed as the first column of (run_id, state) and of (run_id, node_id).
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
     node_id: Mapped[str] = mapped_column(String(200))
     #: Position in the run's topological order.
     position: Mapped[int] = mapped_column(Integer)
@@ -202,7 +205,8 @@ class Attempt(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"), index=True)
+    #: Indexed as the first column of (task_run_id, number).
+    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"))
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     number: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16))
@@ -276,7 +280,8 @@ class Schedule(Base):
     __table_args__ = (UniqueConstraint("project_id", "name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    #: Indexed as the first column of (project_id, name).
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     name: Mapped[str] = mapped_column(String(100))
     workflow_ref: Mapped[str] = mapped_column(String(400))
     cron: Mapped[str] = mapped_column(String(100))
