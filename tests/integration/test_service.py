@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from psycopg.pq import TransactionStatus
 from sqlalchemy import (
     PrimaryKeyConstraint,
     UniqueConstraint,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ml_platform.dispatch import Dispatch, queue_of
@@ -51,6 +53,7 @@ from ml_platform.store.db import (
     head_revision,
     insert_rows,
     make_engine,
+    reading,
     upgrade,
 )
 from ml_platform.store.models import Attempt, Base, Run, TaskRun, UTCDateTime, utcnow
@@ -887,6 +890,47 @@ def test_a_pooled_connection_is_pinged_only_after_sitting_idle(
             admin.execute("SELECT pg_terminate_backend(%s)", (first,))
         with engine.connect() as conn:  # the dead one fails its ping; a fresh one serves
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != first
+    finally:
+        engine.dispose()
+
+
+def test_reads_end_no_transaction_so_the_statements_prepared_stay_prepared(
+    postgres_platform: Platform,
+) -> None:
+    """psycopg forgets every statement it prepared on a connection when a transaction there
+    rolls back. A worker's frequent look for cancelled runs and a readiness probe's look at
+    the schema end none (store.db.reading): what was prepared before them still is after."""
+    platform = postgres_platform
+    ids = [item.attempt_id for item in platform.submit(workflows.arithmetic, {"n": 2}).queued]
+    rollbacks: list[object] = []
+
+    def rolled_back(conn: Connection) -> None:  # one that sends ROLLBACK (not in autocommit)
+        driver: Any = conn.connection.driver_connection
+        if driver.info.transaction_status != TransactionStatus.IDLE:
+            rollbacks.append(conn)
+
+    event.listen(platform.db.engine, "rollback", rolled_back)
+    assert platform.cancelled_among(ids) == set()
+    assert platform.schema_behind() is None
+    assert rollbacks == []
+    engine = make_engine(platform.db.url)  # one connection: each checkout gets it back
+
+    def prepared() -> tuple[int, set[str]]:
+        with reading(engine) as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            statements = conn.scalars(text("SELECT statement FROM pg_prepared_statements"))
+            return pid, set(statements)
+
+    try:
+        pid, before = prepared()
+        assert current_revision(engine) == head_revision()
+        again, after = prepared()
+        assert again == pid and before < after
+        assert any("alembic_version" in statement for statement in after)
+        with engine.connect() as conn:  # a read that rolls back, as these did before
+            conn.execute(text("SELECT 1"))
+        again, dropped = prepared()
+        assert again == pid and not any("alembic_version" in statement for statement in dropped)
     finally:
         engine.dispose()
 

@@ -57,7 +57,7 @@ from ml_platform.service.core import (
     storable_text,
 )
 from ml_platform.service.planning import Planning, queued_as_it_is
-from ml_platform.store.db import on_driver
+from ml_platform.store.db import on_driver, reading
 from ml_platform.store.models import (
     Artifact,
     Attempt,
@@ -853,7 +853,7 @@ class Execution(Planning):
         ids = list(attempt_ids)
         if not ids:
             return set()
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             if conn.dialect.name == "postgresql":
                 return set(conn.scalars(_CANCELLED_IN_ARRAY, {"ids": ids}))
             return set(conn.scalars(_CANCELLED_AMONG, {"ids": ids}))

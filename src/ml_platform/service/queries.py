@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from ml_platform.config import Settings
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.service.core import NotFound, _Core
-from ml_platform.store.db import current_revision, head_from_files
+from ml_platform.store.db import current_revision, head_from_files, reading
 from ml_platform.store.models import Artifact, Attempt, Metric, Param, Run, TaskRun
 from ml_platform.store.models import Workflow as WorkflowRow
 from ml_platform.store.models import utcnow
@@ -152,7 +152,7 @@ class Queries(_Core):
     def schema_behind(self) -> str | None:
         """None when the database answers and its schema is at the newest migration, else
         where it is; the driver's error when it does not answer (for readiness checks)."""
-        with self.db.engine.connect() as connection:
+        with reading(self.db.engine) as connection:
             connection.execute(text("SELECT 1"))
         at = current_revision(self.db.engine)
         return None if at == head_from_files() else f"at {at}, not head"

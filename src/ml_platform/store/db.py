@@ -274,9 +274,22 @@ def create_schema(engine: Engine) -> bool:
     return True
 
 
+def reading(engine: Engine) -> Connection:
+    """A pooled connection for reads that need no transaction of their own, in a ``with``
+    block. On PostgreSQL in autocommit: no BEGIN, and no ROLLBACK at the end -- after which
+    psycopg forgets every statement it prepared on the connection (a rolled-back transaction
+    may have changed the schema), so that the hot path's were parsed and planned again, five
+    times each before PostgreSQL settles on a generic plan. On SQLite as any connection: its
+    reads take its lock as its writes do (see make_engine)."""
+    connection = engine.connect()
+    if engine.dialect.name == "postgresql":
+        connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+    return connection
+
+
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at (None before the first migration)."""
-    with engine.connect() as connection:
+    with reading(engine) as connection:
         try:
             return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
         except DBAPIError:  # no such table: an empty database
