@@ -223,8 +223,11 @@ _CLAIMS = """
         SET state = :attempt_running, worker_id = :worker_id, started_at = :now,
             lease_expires_at = :lease
         FROM target
-        WHERE attempts.id = target.attempt_id AND attempts.state = :attempt_queued
-            AND attempts.not_before <= :now
+        WHERE attempts.id {ids} AND attempts.id = target.attempt_id
+            -- IS TRUE: a condition no index serves, so that the attempts are looked up by
+            -- their key; with a new table's statistics the plan went by their state instead,
+            -- reading every queued attempt on each claim
+            AND (attempts.state = :attempt_queued AND attempts.not_before <= :now) IS TRUE
             AND target.task_run_id IN (SELECT id FROM claimed_task_run)
         RETURNING attempts.id
     ), claims AS (
@@ -242,10 +245,12 @@ _CLAIMS = """
         -- = ANY(ARRAY(...)): one probe of (run_id, node_id) per upstream. As IN (SELECT ...)
         -- it was planned as a hash join over every task run of the table, per claim: 1.5 ms
         -- each with 10,000 task runs, which made a fan-out's cost grow with its square.
-        (SELECT json_object_agg(u.node_id, u.result) FROM task_runs u
-            WHERE u.run_id = claims.run_id
-                AND u.node_id = ANY(ARRAY(SELECT json_array_elements_text(claims.upstream)))
-        ) AS upstream_results,
+        CASE WHEN json_array_length(claims.upstream) > 0 THEN
+            (SELECT json_object_agg(u.node_id, u.result) FROM task_runs u
+                WHERE u.run_id = claims.run_id
+                    AND u.node_id = ANY(ARRAY(SELECT json_array_elements_text(claims.upstream)))
+            )
+        END AS upstream_results,
         -- The run's shape (Execution._dag), for the claim that starts it: the worker would
         -- read it at this task's end otherwise, a round trip on a chain's first step.
         CASE WHEN claims.run_id IN (SELECT id FROM started_run) THEN
@@ -398,8 +403,10 @@ _END_SUCCESSES = text("""
         SET state = :attempt_succeeded, finished_at = :now, error = given.error,
             log = given.log
         FROM given
-        WHERE attempts.id = given.attempt_id AND attempts.state = :attempt_running
-            AND attempts.worker_id = :holder AND attempts.lease_expires_at >= :now
+        WHERE attempts.id = given.attempt_id
+            -- IS TRUE: looked up by key, not by state (see _CLAIMS)
+            AND (attempts.state = :attempt_running AND attempts.worker_id = :holder
+                AND attempts.lease_expires_at >= :now) IS TRUE
         RETURNING attempts.id AS attempt_id, attempts.task_run_id
     ), ended_task_run AS (
         UPDATE task_runs

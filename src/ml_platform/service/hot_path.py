@@ -92,8 +92,10 @@ _SUCCESS = """
         UPDATE attempts
         SET state = :attempt_succeeded, finished_at = :now, error = :error, log = :log
         FROM gate
-        WHERE attempts.id = :attempt_id AND attempts.state = :attempt_running
-            AND attempts.worker_id = :holder AND attempts.lease_expires_at >= :now
+        WHERE attempts.id = :attempt_id
+            -- IS TRUE: looked up by key, not by state (see execution._CLAIMS)
+            AND (attempts.state = :attempt_running AND attempts.worker_id = :holder
+                AND attempts.lease_expires_at >= :now) IS TRUE
         RETURNING attempts.task_run_id
     ), ended_task_run AS (
         UPDATE task_runs
