@@ -102,7 +102,10 @@ _SUCCESS = """
         SET state = :task_succeeded, result = CAST(:result AS JSON), error = NULL,
             finished_at = :now
         FROM ended_attempt
-        WHERE task_runs.id = ended_attempt.task_run_id AND task_runs.current_attempt = :number
+        -- the key said, not only joined: with a new table's statistics the plan joined a
+        -- scan of every task run of the table instead
+        WHERE task_runs.id = :task_run_id AND task_runs.id = ended_attempt.task_run_id
+            AND task_runs.current_attempt = :number
         RETURNING task_runs.id
     ), counted AS (
         SELECT (SELECT count(*) FROM ended_attempt) AS attempts,
