@@ -943,9 +943,9 @@ class _GenericPlans:
     PostgreSQL settles on after five runs, made when first run -- on a connection of their
     own; each run in a transaction rolled back."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, mode: str = "force_generic_plan") -> None:
         self.conn = psycopg.connect(libpq_url(url))
-        self.conn.execute("SET plan_cache_mode = force_generic_plan")
+        self.conn.execute(psql.SQL("SET plan_cache_mode = {}").format(psql.Identifier(mode)))
         self.conn.commit()
         self.names: dict[str, list[str]] = {}
 
@@ -972,6 +972,19 @@ class _GenericPlans:
         self.conn.commit()
         self.names[name] = order
         self._run(name, params)
+
+    def plans_made(self, name: str, params: dict[str, Any], runs: int) -> tuple[int, int]:
+        """Run ``name`` ``runs`` times more: how many runs PostgreSQL planned once (on its
+        generic plan), and how many it planned anew (custom plans)."""
+        for _ in range(runs):
+            self._run(name, params)
+        made = self.conn.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = %s",
+            [name],
+        ).fetchone()
+        self.conn.rollback()
+        assert made is not None
+        return made[0], made[1]
 
     def widest(self, name: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """How many rows the plan node that went through the most went through, and it."""
@@ -1037,6 +1050,38 @@ def test_a_claim_and_a_chains_step_read_their_own_rows_not_the_tables(home: Path
     assert reads.keys() == statements.keys()
     for rows, widest in reads.values():  # at most the chain's own three task runs
         assert rows <= 3, {k: v for k, v in widest.items() if k != "Plans"}
+
+
+def test_a_chains_step_is_planned_once_not_at_every_step(home: Path) -> None:
+    """PostgreSQL plans a prepared statement once (a generic plan) when that plan looks no
+    costlier than one made for each run's values, else it plans every run. With statistics
+    gathered, a chain's step (one next task) was planned at every step -- its next tasks an
+    array, of ten values to PostgreSQL's guess: ≈ 0.7 ms of a 1.1 ms step here."""
+    with throwaway_database() as url:
+        platform = Platform(Settings(home=home, database_url_override=url)).start()
+        plans = _GenericPlans(url, "auto")
+        made: list[tuple[int, int]] = []
+
+        def seen(*args: Any) -> None:  # a step's statement: run as a worker runs it
+            if "ended_attempt" in args[2] and not made:
+                plans.prepare("step", args[2], dict(args[3]))
+                made.append(plans.plans_made("step", dict(args[3]), 9))
+
+        try:
+            platform.submit(workflows.arithmetic, {"n": 1000})
+            with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+                conn.execute("ANALYZE")
+            step = platform.claim(
+                platform.submit(workflows.relay, {"n": 3}).queued[0].attempt_id, "w"
+            )
+            assert step is not None
+            event.listen(platform.db.engine, "before_cursor_execute", seen)
+            platform.finish_and_claim([(step, execute(platform, step))], [], "w", take=1)
+        finally:
+            plans.conn.close()
+            platform.close()
+    generic, custom = made[0]
+    assert (generic, custom) == (5, 5)  # five custom plans to compare, then the generic one
 
 
 def test_a_statement_on_the_driver_behaves_as_through_sqlalchemy(postgres_url: str) -> None:

@@ -1027,8 +1027,9 @@ class Execution(Planning):
         }
         if not waiting:  # a sink: it ends the run if it is the last task open
             return on_driver(conn, hot_path.FINISH_AND_END, params), True
-        next_nodes = {"next_nodes": waiting}
-        return on_driver(conn, hot_path.FINISH_AND_CONTINUE, params | next_nodes), False
+        many = len(waiting) > 1
+        next_nodes = {"next_nodes": waiting} if many else {"next_node": waiting[0]}
+        return on_driver(conn, hot_path.FINISH_AND_CONTINUE[many], params | next_nodes), False
 
     def _continue(
         self,
