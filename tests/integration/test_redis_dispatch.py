@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis
 
+from ml_platform import dispatch
 from ml_platform.dispatch import Dispatch, RedisDispatcher
 from tests.conftest import RedisTarget
 
@@ -105,6 +106,20 @@ def test_a_batch_is_published_in_one_round_trip_and_a_live_one_not_again(
     assert lengths == [201, 101]  # with the two published first
     taken = one.receive(400, block_seconds=0.1)
     assert sorted(d.attempt_id for d in taken) == list(range(-1, 301))
+
+
+def test_publishing_survives_redis_losing_its_script_and_splits_a_large_batch(
+    redis_client: redis.Redis, redis_target: RedisTarget
+) -> None:
+    """After a restart Redis no longer has the publishing script: the next publish sends it
+    again and publishes. A batch larger than PUBLISH_BATCH goes in several calls, none lost."""
+    one = _dispatcher(redis_client, redis_target, "one", claim_idle_seconds=60)
+    one.publish([Dispatch(1, "default")])
+    redis_client.script_flush()  # what a restart leaves: no scripts
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dispatch, "PUBLISH_BATCH", 7)
+        one.publish([Dispatch(i, "default") for i in range(2, 31)])  # 29: five calls
+    assert sorted(d.attempt_id for d in one.receive(50, block_seconds=0.1)) == list(range(1, 31))
 
 
 def test_deliveries_of_a_dead_consumer_are_taken_over(
