@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ml_platform.config import Settings
@@ -895,6 +896,41 @@ def test_a_pooled_connection_is_pinged_only_after_sitting_idle(
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != first
     finally:
         engine.dispose()
+
+
+def test_each_connection_names_the_process_that_opened_it(postgres_url: str) -> None:
+    """pg_stat_activity says which process holds a connection: its name carries the pid of
+    the process that opened it — a process forked after the engine was made names itself,
+    not its parent — and a name the URL gives is kept."""
+    engine = make_engine(postgres_url)
+    try:
+        with engine.connect() as conn:
+            name = conn.execute(text("SHOW application_name")).scalar_one()
+        assert name == f"ml-platform pid {os.getpid()}"
+        engine.dispose()
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                with engine.connect() as conn:
+                    os.write(
+                        write, conn.execute(text("SHOW application_name")).scalar_one().encode()
+                    )
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(child, 0)
+        with os.fdopen(read) as answer:
+            assert answer.read() == f"ml-platform pid {child}"
+    finally:
+        engine.dispose()
+    given = make_url(postgres_url).update_query_dict({"application_name": "nightly-etl"})
+    named = make_engine(given.render_as_string(hide_password=False))
+    try:
+        with named.connect() as conn:
+            assert conn.execute(text("SHOW application_name")).scalar_one() == "nightly-etl"
+    finally:
+        named.dispose()
 
 
 def test_reads_end_no_transaction_so_the_statements_prepared_stay_prepared(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -62,6 +63,8 @@ class DatabaseUnavailable(RuntimeError):
 
 #: After how many executions psycopg prepares a statement on a PostgreSQL connection.
 PREPARE_THRESHOLD = 0
+#: What a PostgreSQL connection is called, before the pid of the process that opened it.
+APPLICATION_NAME = "ml-platform"
 #: How long a new SQLite connection keeps trying to switch the database to WAL.
 WAL_SWITCH_SECONDS = 30.0
 
@@ -118,6 +121,15 @@ def make_engine(url: str, ping_after: Callable[[], float] = lambda: PING_IDLE_SE
     engine = create_engine(
         url, pool_size=5, max_overflow=5, connect_args={"prepare_threshold": PREPARE_THRESHOLD}
     )
+
+    @event.listens_for(engine, "do_connect")
+    def _name_the_process(
+        _dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]
+    ) -> None:
+        # pg_stat_activity then says which process holds each connection (a lock, a long
+        # statement, a backend still running for a process that died); taken at each connect,
+        # so a forked process's connections carry its own pid. A URL's own name wins.
+        cparams.setdefault("application_name", f"{APPLICATION_NAME} pid {os.getpid()}")
 
     @event.listens_for(engine, "checkin")
     def _idle_from(_dbapi_conn: Any, record: Any) -> None:
