@@ -819,6 +819,8 @@ class Worker:
             self.on_event(self._fenced_out(child.claimed, outcome))
         else:
             self.dispatcher.publish(queued)
+            # A fan-out just queued: the planner is told how large the tables have grown.
+            self.platform.db.refresh_statistics({"task_runs": len(queued), "attempts": len(queued)})
             verdict = "skipped" if outcome.skipped else outcome.state.value
             self.on_event(f"{verdict} {child.claimed.node_id} (attempt {child.claimed.number})")
         self.children.pop(child.claimed.attempt_id, None)

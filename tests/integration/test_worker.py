@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from ml_platform import task_runner
@@ -27,10 +28,12 @@ from ml_platform.config import Settings
 from ml_platform.dispatch import InProcessDispatcher
 from ml_platform.engine.states import AttemptState, RunState
 from ml_platform.service import Outcome, Platform
+from ml_platform.store.db import reading
 from ml_platform.store.models import Attempt
 from ml_platform.task_runner import is_running
 from ml_platform.worker import Runtime, Worker
 from tests import workflows
+from tests.conftest import throwaway_database
 from tests.helpers import pids_in, wait_until_dead
 
 pytestmark = pytest.mark.integration
@@ -1057,3 +1060,29 @@ def test_attempt_logs_live_in_the_worker_s_own_directory_which_goes_with_it(
     folder = worker._logs
     worker.close()
     assert not folder.exists()
+
+
+def test_a_fan_out_a_worker_queues_has_the_tables_it_grew_analyzed(home: Path) -> None:
+    """A task that fans out (here `task.map` over 60 elements, made when it ends) grows the
+    tables in the worker's commit, not at the submission: the worker has them analyzed once
+    it has published the fan-out (Database.refresh_statistics), so that the claims of its
+    tasks are planned on what the tables hold."""
+    with throwaway_database() as url:
+        platform = Platform(Settings(home=home, database_url_override=url)).start()
+        try:
+            submitted = platform.submit(workflows.mapped_naps, {"n": 60, "seconds": 0.0})
+            dispatcher = InProcessDispatcher()
+            worker = Worker(platform, dispatcher, concurrency=2)
+            _WORKERS.append(worker)
+            dispatcher.publish(submitted.queued)
+            runtime = Runtime(platform, dispatcher, worker, only_run=submitted.run_id)
+            assert runtime.drive(submitted.run_id, timeout=120) is RunState.SUCCEEDED
+            with reading(platform.db.engine) as conn:
+                analyzed = conn.execute(
+                    text("SELECT relname, reltuples FROM pg_class WHERE relname = ANY(:names)"),
+                    {"names": ["task_runs", "attempts"]},
+                ).all()
+        finally:
+            platform.close()
+    # 3 task runs submitted (too few to analyze), 60 made and queued by the worker's commit.
+    assert {name: rows >= 60 for name, rows in analyzed} == {"task_runs": True, "attempts": True}

@@ -80,8 +80,10 @@ STATES = {
 _GATE = """
     gate AS MATERIALIZED (
         SELECT r.id FROM runs r
-        WHERE r.id = :run_id AND r.state = :run_running AND NOT r.cancel_requested
-            AND r.max_concurrency IS NULL
+        -- IS TRUE: the run looked up by its key; without statistics the plan went by the
+        -- (state, created_at) index, reading every running run at each step
+        WHERE r.id = :run_id AND (r.state = :run_running AND NOT r.cancel_requested
+            AND r.max_concurrency IS NULL) IS TRUE
             AND EXISTS (SELECT 1 FROM task_runs f WHERE f.id = :task_run_id AND f.pool IS NULL)
 """
 

@@ -232,6 +232,20 @@ class Runs(Planning):
         (IntegrityError).
         """
         traced = wf if isinstance(wf, TracedWorkflow) else wf.trace(params or {})
+        submitted = self._submit(traced, max_concurrency, project_id, schedule)
+        # A wide run: the planner is told how large the tables have grown (Database docs).
+        self.db.refresh_statistics(
+            {"task_runs": len(traced.specs), "attempts": len(submitted.queued)}
+        )
+        return submitted
+
+    def _submit(
+        self,
+        traced: TracedWorkflow,
+        max_concurrency: int | None,
+        project_id: int | None,
+        schedule: tuple[int, datetime] | None,
+    ) -> Submitted:
         values = traced.params
         if values is None:
             raise WorkflowError(f"workflow {traced.name} was traced without params")
