@@ -8,6 +8,7 @@ times.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -269,15 +270,27 @@ class _RunStarted(_Abort):
 
 
 _CLAIM_TIMES = (bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime))
-_CLAIMS_UPSTREAM = _UPSTREAM_RESULTS.format(row="claims")
-_CLAIM_IN_ONE_STATEMENT = text(
-    _CLAIMS.format(ids="= ANY(:attempt_ids)", upstream_results=_CLAIMS_UPSTREAM)
-).bindparams(bindparam("attempt_ids", type_=ARRAY(Integer)), *_CLAIM_TIMES)
+
+
+def _claims(ids: str) -> str:
+    """_CLAIMS for ``ids`` (the attempts' condition), its states written as their values:
+    with statistics, PostgreSQL estimated ``state = $n`` in a generic plan by the average
+    state and in a custom plan by the one given (a queued run is rare), found the generic
+    plan costlier, and planned every claim anew (≈ 1.3 ms each)."""
+    sql = _CLAIMS.format(ids=ids, upstream_results=_UPSTREAM_RESULTS.format(row="claims"))
+    for name, state in _CLAIM_STATES.items():  # our enums' values, never a caller's
+        sql = re.sub(rf":{name}\b", f"'{state.value}'", sql)
+    return sql
+
+
+_CLAIM_IN_ONE_STATEMENT = text(_claims("= ANY(:attempt_ids)")).bindparams(
+    bindparam("attempt_ids", type_=ARRAY(Integer)), *_CLAIM_TIMES
+)
 #: The same for one attempt: its id a scalar, PostgreSQL plans it once for all claims (a
 #: generic plan); with an array of ids it plans every claim anew (≈ 0.7 ms of 1.7 here).
-_CLAIM_ONE = text(
-    _CLAIMS.format(ids="= :attempt_id", upstream_results=_CLAIMS_UPSTREAM)
-).bindparams(bindparam("attempt_id", type_=Integer), *_CLAIM_TIMES)
+_CLAIM_ONE = text(_claims("= :attempt_id")).bindparams(
+    bindparam("attempt_id", type_=Integer), *_CLAIM_TIMES
+)
 
 
 # Ending an attempt: guarded by the state it expects and by who may end it (see _Guard).

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     JSON,
     Boolean,
     DateTime,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -290,3 +292,21 @@ class Schedule(Base):
     #: The next tick to fire; advanced by whichever scheduler creates that tick's run.
     next_fire_at: Mapped[datetime]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+#: What PostgreSQL is to take the number of runs for, as a share of a table's rows (its
+#: ``n_distinct`` for the ``run_id`` columns, in place of ANALYZE's estimate): about twenty
+#: rows a run. ANALYZE estimates it from the runs the table holds, and on a young database --
+#: one run of a thousand tasks and a few small ones -- took every run for half the table:
+#: reading a run's task runs became a scan of the whole table (0.66 ms of a chain's first
+#: claim, against 0.01 by the index). Migration 0008 sets it on existing databases.
+RUN_ID_DISTINCT = -0.05
+RUN_ID_TABLES = ("task_runs", "attempts")
+for _table in RUN_ID_TABLES:
+    event.listen(
+        Base.metadata.tables[_table],
+        "after_create",
+        DDL(  # type: ignore[no-untyped-call]
+            f"ALTER TABLE {_table} ALTER COLUMN run_id SET (n_distinct = {RUN_ID_DISTINCT})"
+        ).execute_if(dialect="postgresql"),
+    )
