@@ -8,7 +8,6 @@ times.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -273,14 +272,8 @@ _CLAIM_TIMES = (bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UT
 
 
 def _claims(ids: str) -> str:
-    """_CLAIMS for ``ids`` (the attempts' condition), its states written as their values:
-    with statistics, PostgreSQL estimated ``state = $n`` in a generic plan by the average
-    state and in a custom plan by the one given (a queued run is rare), found the generic
-    plan costlier, and planned every claim anew (≈ 1.3 ms each)."""
-    sql = _CLAIMS.format(ids=ids, upstream_results=_UPSTREAM_RESULTS.format(row="claims"))
-    for name, state in _CLAIM_STATES.items():  # our enums' values, never a caller's
-        sql = re.sub(rf":{name}\b", f"'{state.value}'", sql)
-    return sql
+    """_CLAIMS for ``ids``, the attempts' condition."""
+    return _CLAIMS.format(ids=ids, upstream_results=_UPSTREAM_RESULTS.format(row="claims"))
 
 
 _CLAIM_IN_ONE_STATEMENT = text(_claims("= ANY(:attempt_ids)")).bindparams(
