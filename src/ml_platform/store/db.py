@@ -392,9 +392,13 @@ def _driver_sql(statement: TextClause, dialect: Dialect) -> str:
 #: ANALYZE_BASE_ROWS plus ANALYZE_SCALE of its rows at its last ANALYZE (autovacuum's defaults).
 ANALYZE_BASE_ROWS = 50
 ANALYZE_SCALE = 0.1
-#: The tables the hot path changes in bulk (plain names: ANALYZE and regclass take them as
-#: they are; only these reach the statement).
-_TABLES = ("runs", "task_runs", "attempts")
+#: The tables the hot path changes in bulk, and the statement that analyzes each (one that
+#: another is analyzing is skipped: its statistics are on their way).
+_ANALYZE = {
+    "runs": text("ANALYZE (SKIP_LOCKED) runs"),
+    "task_runs": text("ANALYZE (SKIP_LOCKED) task_runs"),
+    "attempts": text("ANALYZE (SKIP_LOCKED) attempts"),
+}
 _RELTUPLES = text(
     "SELECT relname, reltuples FROM pg_class WHERE oid = ANY(CAST(:names AS regclass[]))"
 )
@@ -465,7 +469,7 @@ class Database:
         returns the tables analyzed. Never raises: a failure is logged, the caller goes on."""
         if self.engine.dialect.name != "postgresql":
             return []
-        bulky = {t: n for t, n in changed.items() if n > ANALYZE_BASE_ROWS and t in _TABLES}
+        bulky = {t: n for t, n in changed.items() if n > ANALYZE_BASE_ROWS and t in _ANALYZE}
         if not bulky:
             return []
         try:
@@ -478,8 +482,8 @@ class Database:
                     for table, rows in bulky.items()
                     if rows > ANALYZE_BASE_ROWS + ANALYZE_SCALE * max(known.get(table, 0.0), 0.0)
                 ]
-                if stale:  # names from _TABLES only: nothing of a caller's reaches the statement
-                    conn.exec_driver_sql(f"ANALYZE (SKIP_LOCKED) {', '.join(stale)}")
+                for table in stale:
+                    conn.execute(_ANALYZE[table])
             return stale
         except SQLAlchemyError as exc:
             log.warning("could not refresh the statistics of %s: %s", ", ".join(bulky), exc)

@@ -16,8 +16,6 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from ml_platform.store.models import RUN_ID_DISTINCT, RUN_ID_TABLES
-
 revision: str = "0008"
 down_revision: str | Sequence[str] | None = "0007"
 branch_labels: str | Sequence[str] | None = None
@@ -27,12 +25,12 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
-    for table in RUN_ID_TABLES:
-        op.execute(f"ALTER TABLE {table} ALTER COLUMN run_id SET (n_distinct = {RUN_ID_DISTINCT})")
+    op.execute("ALTER TABLE task_runs ALTER COLUMN run_id SET (n_distinct = -0.05)")
+    op.execute("ALTER TABLE attempts ALTER COLUMN run_id SET (n_distinct = -0.05)")
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
-    for table in RUN_ID_TABLES:
-        op.execute(f"ALTER TABLE {table} ALTER COLUMN run_id RESET (n_distinct)")
+    op.execute("ALTER TABLE attempts ALTER COLUMN run_id RESET (n_distinct)")
+    op.execute("ALTER TABLE task_runs ALTER COLUMN run_id RESET (n_distinct)")
