@@ -339,16 +339,13 @@ def on_driver(
     conn: Connection,
     statement: TextClause,
     params: Mapping[str, Any],
-    *,
-    prepare: bool | None = None,
 ) -> list[Any]:
     """The rows of ``statement`` (PostgreSQL), executed straight on psycopg: for the hot
     path's few statements (a claim, a chain's step, a submission), where SQLAlchemy's
     execution -- its bind and result processing, its result objects -- was 0.15-0.25 ms of
     each here. The SQL is the one SQLAlchemy sends, prepared as its own are
-    (PREPARE_THRESHOLD; ``prepare=False``: planned for its values at each run); the rows are
-    named tuples (attributes, as SQLAlchemy's rows have); aware datetimes are bound as naive
-    UTC, as UTCDateTime stores them. What stays
+    (PREPARE_THRESHOLD); the rows are named tuples (attributes, as SQLAlchemy's rows have);
+    aware datetimes are bound as naive UTC, as UTCDateTime stores them. What stays
     SQLAlchemy's: the connection (its pool; its transaction, begun here as its execute
     begins one, or autocommit), the listeners of ``before_cursor_execute``, and the errors: a
     DBAPIError, the connection invalidated when the error says it is gone."""
@@ -364,7 +361,7 @@ def on_driver(
         for listener in conn.dispatch.before_cursor_execute:
             listener(conn, cursor, sql, bound, None, False)
     try:
-        cursor.execute(sql, bound, prepare=prepare)
+        cursor.execute(sql, bound)
         rows: list[Any] = cursor.fetchall()
         return rows
     except conn.dialect.loaded_dbapi.Error as exc:
