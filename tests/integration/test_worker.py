@@ -1071,11 +1071,7 @@ def test_a_fan_out_a_worker_queues_has_the_tables_it_grew_analyzed(home: Path) -
         platform = Platform(Settings(home=home, database_url_override=url)).start()
         try:
             submitted = platform.submit(workflows.mapped_naps, {"n": 60, "seconds": 0.0})
-            dispatcher = InProcessDispatcher()
-            worker = Worker(platform, dispatcher, concurrency=2)
-            _WORKERS.append(worker)
-            dispatcher.publish(submitted.queued)
-            runtime = Runtime(platform, dispatcher, worker, only_run=submitted.run_id)
+            runtime = _runtime(platform, submitted.run_id)
             assert runtime.drive(submitted.run_id, timeout=120) is RunState.SUCCEEDED
             with reading(platform.db.engine) as conn:
                 analyzed = conn.execute(
