@@ -1181,6 +1181,40 @@ def test_a_bulk_change_has_the_tables_it_outgrew_analyzed_at_once(
     embedded.dispose()
 
 
+def test_whether_a_run_has_an_open_task_is_read_from_the_index_not_past_its_ended_tasks(
+    home: Path,
+) -> None:
+    """A sink's finish asks whether its run has an open task left. The statistics taken at
+    the run's submission say every task of it is open, so PostgreSQL took ``LIMIT 1`` of a
+    scan for free -- and the scan went through the pages of every ended task first, more at
+    each finish (0.3 ms of each finish of 1,000 tasks of 10 ms). Running tasks are few:
+    asked first, the index answers."""
+    with throwaway_database() as url:
+        platform = Platform(Settings(home=home, database_url_override=url)).start()
+        try:
+            submitted = platform.submit(workflows.arithmetic, {"n": 600})  # analyzed
+            queued = submitted.queued
+            for dispatch in queued[:550]:
+                claimed = platform.claim(dispatch.attempt_id, "w")
+                assert claimed is not None
+                platform.finish(claimed, "w", execute(platform, claimed))
+            assert platform.claim(queued[550].attempt_id, "w") is not None  # one running
+            question = execution._ANY_OPEN.params(run_id=submitted.run_id).compile(
+                platform.db.engine, compile_kwargs={"literal_binds": True}
+            )
+            with reading(platform.db.engine) as conn:
+                [[plan]] = conn.exec_driver_sql(
+                    f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {question}"
+                ).all()
+        finally:
+            platform.close()
+    top = plan[0]["Plan"]
+    assert top["Actual Rows"] == 1
+    # A few pages of the index (the ended tasks' entries it passes are marked dead as it goes),
+    # not the table's: 7 here, against 29 when asked as one.
+    assert top["Shared Hit Blocks"] + top["Shared Read Blocks"] <= 12, plan
+
+
 def test_a_chains_step_is_planned_once_not_at_every_step(home: Path) -> None:
     """PostgreSQL plans a prepared statement once (a generic plan) when that plan looks no
     costlier than one made for each run's values, else it plans every run. With statistics

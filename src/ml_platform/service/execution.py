@@ -25,6 +25,7 @@ from sqlalchemy import (
     func,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -501,11 +502,26 @@ _NEXT_STEPS = select(
 )
 
 _OPEN_STATES = [state.value for state in TaskState if state not in TASK_TERMINAL]
-_ANY_OPEN = (
-    select(TaskRun.id)
-    .where(TaskRun.run_id == bindparam("run_id"), TaskRun.state.in_(_OPEN_STATES))
-    .limit(1)
-)
+#: Whether a run has an open task: a running one first, then a queued or pending one (the
+#: second query runs only if the first found none). Asked as one, a run's statistics taken at
+#: its submission -- every task open -- made a ``LIMIT 1`` look free by a scan of the table,
+#: which passed the ended tasks first, more at every finish: 0.3 ms of each finish of a
+#: 1,000-task run. Tasks running are few (the workers' slots), to any statistics: the
+#: ``(run_id, state)`` index answers.
+_ANY_OPEN = union_all(
+    *(
+        select(
+            select(TaskRun.id)
+            .where(TaskRun.run_id == bindparam("run_id"), state)
+            .limit(1)
+            .subquery()
+        )
+        for state in (
+            TaskRun.state == TaskState.RUNNING,
+            TaskRun.state.in_([s for s in _OPEN_STATES if s != TaskState.RUNNING]),
+        )
+    )
+).limit(1)
 _OPEN_AMONG = (
     select(TaskRun.id)
     .where(
