@@ -1208,11 +1208,15 @@ def test_whether_a_run_has_an_open_task_is_read_from_the_index_not_past_its_ende
                 ).all()
         finally:
             platform.close()
-    top = plan[0]["Plan"]
-    assert top["Actual Rows"] == 1
-    # A few pages of the index (the ended tasks' entries it passes are marked dead as it goes),
-    # not the table's: 7 here, against 29 when asked as one.
-    assert top["Shared Hit Blocks"] + top["Shared Read Blocks"] <= 12, plan
+    assert plan[0]["Plan"]["Actual Rows"] == 1
+    nodes = [plan[0]["Plan"]]
+    for node in nodes:
+        nodes += node.get("Plans", [])
+    ran = [node for node in nodes if node["Actual Loops"] > 0]
+    # Asked as one: a Seq Scan (29 pages read here, against 7 through the index alone; with
+    # other transactions open the index's entries of ended tasks cost pages too, till vacuum).
+    assert not [node for node in ran if node["Node Type"] == "Seq Scan"], plan
+    assert any(node.get("Index Name") == "ix_task_runs_run_state" for node in ran), plan
 
 
 def test_a_chains_step_is_planned_once_not_at_every_step(home: Path) -> None:
