@@ -335,11 +335,7 @@ def head_from_files() -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
-def on_driver(
-    conn: Connection,
-    statement: TextClause,
-    params: Mapping[str, Any],
-) -> list[Any]:
+def on_driver(conn: Connection, statement: TextClause, params: Mapping[str, Any]) -> list[Any]:
     """The rows of ``statement`` (PostgreSQL), executed straight on psycopg: for the hot
     path's few statements (a claim, a chain's step, a submission), where SQLAlchemy's
     execution -- its bind and result processing, its result objects -- was 0.15-0.25 ms of
@@ -392,7 +388,6 @@ ANALYZE_SCALE = 0.1
 #: The tables the hot path changes in bulk, and the statement that analyzes each (one that
 #: another is analyzing is skipped: its statistics are on their way).
 _ANALYZE = {
-    "runs": text("ANALYZE (SKIP_LOCKED) runs"),
     "task_runs": text("ANALYZE (SKIP_LOCKED) task_runs"),
     "attempts": text("ANALYZE (SKIP_LOCKED) attempts"),
 }

@@ -303,7 +303,7 @@ class Schedule(Base):
 RUN_ID_DISTINCT = -0.05
 RUN_ID_TABLES = ("task_runs", "attempts")
 _RUN_ID_DISTINCT = DDL(  # type: ignore[no-untyped-call]
-    "ALTER TABLE %(table)s ALTER COLUMN run_id SET (n_distinct = -0.05)"  # RUN_ID_DISTINCT
+    f"ALTER TABLE %(table)s ALTER COLUMN run_id SET (n_distinct = {RUN_ID_DISTINCT})"
 ).execute_if(dialect="postgresql")
 for _table in RUN_ID_TABLES:
     event.listen(Base.metadata.tables[_table], "after_create", _RUN_ID_DISTINCT)
