@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -130,18 +131,56 @@ def postgres_clean(postgres_url: str) -> Iterator[str]:
     """The session's PostgreSQL database, emptied after the test (schema kept)."""
     yield postgres_url
     with psycopg.connect(services.libpq_url(postgres_url), autocommit=True) as conn:
-        tables = conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-            "AND tablename <> 'alembic_version'"
-        ).fetchall()
-        if tables:
-            names = sql.SQL(", ").join(sql.Identifier(name) for (name,) in tables)
-            conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(names))
-            # Put back what the migrations seed, as a fresh database would have it.
-            conn.execute(
-                "INSERT INTO projects (name, created_at) "
-                "VALUES ('default', now() at time zone 'utc')"
-            )
+        empty_database(conn)
+
+
+#: Above this many rows deleted from a table, it is vacuumed too: autovacuum may be off.
+VACUUM_AFTER_ROWS = 2000
+
+
+def empty_database(conn: psycopg.Connection[Any]) -> None:
+    """Delete every row of the public tables but ``alembic_version``, start the sequences
+    again and put back what the migrations seed, as a fresh database has it.
+
+    DELETE, not TRUNCATE: a TRUNCATE of the schema's tables makes a new file for each table
+    and index and waits for them at its commit (≈ 140 ms here, against ≈ 1 ms for deleting
+    a test's few rows), after each of the few hundred tests that use the database."""
+    references = conn.execute(
+        "SELECT c.conrelid::regclass::text, c.confrelid::regclass::text FROM pg_constraint c"
+        " JOIN pg_namespace n ON n.oid = c.connamespace"
+        " WHERE c.contype = 'f' AND n.nspname = 'public' AND c.conrelid <> c.confrelid"
+    ).fetchall()
+    tables = [
+        name
+        for (name,) in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename <> 'alembic_version' ORDER BY tablename"
+        )
+    ]
+    if not tables:
+        return  # no schema made yet: nothing to empty, nothing to seed
+    # Rows that refer to others go first: each table after every table that refers to it.
+    referrers = {table: {a for a, b in references if b == table} for table in tables}
+    ordered: list[str] = []
+    while len(ordered) < len(tables):
+        ready = [t for t in tables if t not in ordered and referrers[t] <= set(ordered)]
+        assert ready, f"foreign keys in a cycle among {sorted(set(tables) - set(ordered))}"
+        ordered += ready
+    grown = []
+    with conn.transaction():
+        for table in ordered:
+            deleted = conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+            if deleted.rowcount > VACUUM_AFTER_ROWS:
+                grown.append(table)
+        for (sequence,) in conn.execute(
+            "SELECT quote_ident(sequencename) FROM pg_sequences WHERE schemaname = 'public'"
+        ).fetchall():
+            conn.execute("SELECT setval(%s, 1, false)", (sequence,))
+        conn.execute(
+            "INSERT INTO projects (name, created_at) VALUES ('default', now() at time zone 'utc')"
+        )
+    for table in grown:
+        conn.execute(sql.SQL("VACUUM {}").format(sql.Identifier(table)))
 
 
 @dataclass(frozen=True)
