@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,11 +58,14 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    # This process's tracer zygote ends now, not when an xdist worker is torn down without
-    # its exit handlers: its coverage is then saved before the controller combines it.
+    # This process's zygotes end now, not when an xdist worker is torn down without its exit
+    # handlers: their coverage is then saved before the controller combines it.
     from ml_platform import tracer
 
     tracer._ZYGOTE.stop(5.0)
+    forked = sys.modules.get("tests.forked")  # imported by the tests that fork mlp processes
+    if forked is not None:
+        forked.ZYGOTE.stop(5.0)
     provisioned = config.stash.get(_PROVISIONED, None)
     if provisioned is not None:
         provisioned.close()
