@@ -11,8 +11,11 @@ import psycopg
 import pytest
 import redis
 
+from ml_platform.config import Settings
+from ml_platform.service import Platform
 from ml_platform.task_runner import is_running
-from tests import services
+from tests import services, workflows
+from tests.conftest import empty_database
 
 pytestmark = pytest.mark.integration
 NOWHERE_PG = "postgresql://postgres@127.0.0.1:1/test"
@@ -89,3 +92,29 @@ def test_as_root_binaries_the_server_user_cannot_reach_are_copied_where_it_can(
         assert server.dir in server.bin.parents  # ran from its own copy
     finally:
         server.remove()
+
+
+def test_the_test_database_is_emptied_as_new_and_a_session_holding_it_is_named(
+    postgres_clean: str, tmp_path: Path
+) -> None:
+    """What `postgres_clean` leaves after a test: no rows but the seeded default project, ids
+    from 1 again; and a row another session still holds fails the teardown with that
+    session's name instead of hanging it."""
+    platform = Platform(Settings(home=tmp_path, database_url_override=postgres_clean)).start()
+    try:
+        platform.submit(workflows.arithmetic, {"n": 2})
+    finally:
+        platform.close()
+    url = services.libpq_url(postgres_clean)
+    with psycopg.connect(url, autocommit=True) as conn:
+        empty_database(conn)
+        assert conn.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM task_runs").fetchone() == (0,)
+        assert conn.execute("SELECT id, name FROM projects").fetchall() == [(1, "default")]
+        with psycopg.connect(url, application_name="a leftover test process") as holder:
+            holder.execute("SELECT * FROM projects FOR UPDATE")  # a transaction left open
+            with pytest.raises(AssertionError, match="a leftover test process"):
+                empty_database(conn, lock_timeout="200ms")
+        # Once it is gone the database empties as before.
+        empty_database(conn)
+        assert conn.execute("SELECT id, name FROM projects").fetchall() == [(1, "default")]
