@@ -140,11 +140,22 @@ def test_the_tables_list_ours_first_whatever_order_the_results_file_keeps() -> N
     assert systems[:3] == ["system", "ml_platform (distributed)", "celery"], systems
 
 
+#: Busy for 2.5 s at a fifth of a core or more (20 ms of CPU, then 80 ms asleep), well
+#: above what settle() calls quiet (5 %), without taking a whole core from the other tests.
+BUSY_FOR_A_WHILE = """
+import time
+began = time.time()
+while time.time() - began < 2.5:
+    spun = time.process_time()
+    while time.process_time() - spun < 0.02:
+        pass
+    time.sleep(0.08)
+"""
+
+
 def test_settling_waits_for_a_busy_process_tree_to_go_quiet() -> None:
     assert cpu_seconds_of_tree(os.getpid()) > 0
-    busy = subprocess.Popen(
-        [sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<2.5: pass"]
-    )
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_FOR_A_WHILE])
     try:
         waited = settle(busy.pid, timeout=10)
         assert 2.0 <= waited <= 6.0  # busy for 2.5 s, then gone (or idle)
