@@ -76,6 +76,10 @@ CANCEL_LOOK_SECONDS = 0.1
 #: many seconds do not ask it again (a chain's steps continue on the worker itself: asking
 #: before each was a Redis round trip for nothing); idle workers are asked at once meanwhile.
 QUIET_SECONDS = 0.02
+#: While attempts run and a slot is free, the worker looks for new work this soon after
+#: anything happened, then twice as late after each look that found nothing, up to a fifth of
+#: its poll: a long task beside a free slot costs a few looks a second, not two hundred.
+LOOK_AGAIN_SECONDS = 0.005
 
 
 def make_dispatcher(
@@ -1017,6 +1021,8 @@ class Runtime:
         #: pass began (UTC, as attempts' not_before): see _tick.
         self._last_republish = 0.0
         self._last_pass: datetime | None = None
+        #: Looks for new work in a row that found nothing while attempts ran (see _tick).
+        self._empty_looks = 0
 
     def tick(self) -> None:
         """One pass; survives the database or Redis being away (it retries next pass)."""
@@ -1052,12 +1058,19 @@ class Runtime:
         # Block on the dispatcher only when nothing runs: a reply must never wait behind it.
         block = self.dispatcher.blocking and worker.accepting and not worker.children
         if worker.step(idle_wait if block else 0.0) or block:
+            self._empty_looks = 0
             return
         if worker.children:
-            # Woken by the first reply; with free slots, look for new work again soon, and
-            # with outcomes held for their batch, commit them within their hold.
-            soon = worker.accepting or worker.ended
-            worker.wait_for_replies(min(0.005, BATCH_HOLD_SECONDS) if soon else idle_wait)
+            # Woken by the first reply; with outcomes held for their batch, commit them within
+            # their hold; with free slots, look for new work again soon, later while none came.
+            if worker.ended:
+                wait = min(LOOK_AGAIN_SECONDS, BATCH_HOLD_SECONDS)
+            elif worker.accepting:
+                wait = min(idle_wait, LOOK_AGAIN_SECONDS * 2 ** min(self._empty_looks, 16))
+                self._empty_looks += 1
+            else:
+                wait = idle_wait
+            worker.wait_for_replies(wait)
         else:
             time.sleep(idle_wait)
 

@@ -1082,3 +1082,53 @@ def test_a_fan_out_a_worker_queues_has_the_tables_it_grew_analyzed(home: Path) -
             platform.close()
     # 3 task runs submitted (too few to analyze), 60 made and queued by the worker's commit.
     assert {name: rows >= 60 for name, rows in analyzed} == {"task_runs": True, "attempts": True}
+
+
+class _CountingDispatcher(InProcessDispatcher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+
+    def receive(self, limit: int, block_seconds: float = 0.0) -> list[Any]:
+        self.looks += 1
+        return super().receive(limit, block_seconds)
+
+
+def test_a_long_task_beside_a_free_slot_keeps_the_worker_looking_a_few_times_a_second(
+    home: Path, tmp_path: Path
+) -> None:
+    """With an attempt running and a slot free, the worker looks for new work again 5 ms
+    after anything happened and twice as late after each empty look, up to a fifth of its
+    poll (0.1 s here): about a dozen looks in a second, not two hundred; new work still
+    starts within that."""
+    platform = Platform(Settings(home=home, poll_seconds=0.5)).start()
+    dispatcher = _CountingDispatcher()
+    worker = Worker(platform, dispatcher, concurrency=2)
+    runtime = Runtime(platform, dispatcher, worker)
+    try:
+        marker = tmp_path / "running"
+        long_run = platform.submit(workflows.long_pipeline, {"marker": str(marker)})
+        dispatcher.publish(long_run.queued)
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the long task did not start"
+            runtime.tick()
+        dispatcher.looks = 0
+        began = time.monotonic()
+        while time.monotonic() - began < 1.0:
+            runtime.tick()
+        assert 1 <= dispatcher.looks <= 30, dispatcher.looks  # one every 5 ms: ≈ 200
+
+        short = platform.submit(workflows.arithmetic, {"n": 1})
+        dispatcher.publish(short.queued)
+        published = time.monotonic()
+        while not platform.attempts(short.run_id) or not any(
+            a.started_at for a in platform.attempts(short.run_id)
+        ):
+            assert time.monotonic() - published < 5, "new work waited for the long task"
+            runtime.tick()
+        assert worker.children  # the long task still runs beside it
+    finally:
+        worker.stop_all("the test is over")
+        worker.close()
+        platform.close()
