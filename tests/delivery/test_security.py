@@ -97,6 +97,23 @@ def test_pip_audit_offline_report_means_nothing_was_checked() -> None:
     }
     [finding] = parsers.pip_audit(json.dumps(online))
     assert finding.severity is Severity.HIGH and finding.remediation == "upgrade to 3.1.4"
+    # Some audited, one skipped (as pip-audit writes it for a package its service lacks):
+    # the skipped one is a finding, not a silent pass.
+    online["dependencies"].append(
+        {
+            "name": "in-house-utils",
+            "skip_reason": "Dependency not found on PyPI and could not be audited: "
+            "in-house-utils (0.3.0)",
+        }
+    )
+    vulnerable, unaudited = parsers.pip_audit(json.dumps(online))
+    assert vulnerable.rule == "GHSA-h75v-3vvj-5mfj"
+    assert (unaudited.rule, unaudited.severity, unaudited.path) == (
+        "not-audited",
+        Severity.MEDIUM,
+        "in-house-utils",
+    )
+    assert "not found on PyPI" in unaudited.message
 
 
 @pytest.mark.unit

@@ -81,7 +81,10 @@ def pip_audit(text: str) -> list[Finding]:
     """pip-audit's JSON. Raises NothingChecked when every dependency was skipped.
 
     Offline, its default service answers "not found" for each package, and pip-audit then
-    says "No known vulnerabilities found" and exits 0: the skips are the only trace.
+    says "No known vulnerabilities found" and exits 0: the skips are the only trace. When only
+    some were skipped (a package its service does not know, a service that failed midway),
+    each of those is a MEDIUM finding of its own, ``not-audited``: never a silent pass for
+    what was not checked; one that cannot be audited is excepted in the policy, with a reason.
     """
     report = _json(text)
     dependencies = report.get("dependencies", [])
@@ -107,6 +110,19 @@ def pip_audit(text: str) -> list[Finding]:
                     remediation=f"upgrade to {', '.join(fixes)}" if fixes else None,
                 )
             )
+    findings += [
+        Finding(
+            tool="pip-audit",
+            rule="not-audited",
+            severity=Severity.MEDIUM,
+            # pip-audit names a skipped dependency's version only in its reason.
+            path=dep["name"],
+            line=None,
+            message=f"not audited: {dep['skip_reason']}",
+            remediation="audit it another way, or except it in security/policy.toml",
+        )
+        for dep in skipped
+    ]
     return findings
 
 
