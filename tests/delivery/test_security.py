@@ -99,13 +99,9 @@ def test_pip_audit_offline_report_means_nothing_was_checked() -> None:
     assert finding.severity is Severity.HIGH and finding.remediation == "upgrade to 3.1.4"
     # Some audited, one skipped (as pip-audit writes it for a package its service lacks):
     # the skipped one is a finding, not a silent pass.
-    online["dependencies"].append(
-        {
-            "name": "in-house-utils",
-            "skip_reason": "Dependency not found on PyPI and could not be audited: "
-            "in-house-utils (0.3.0)",
-        }
-    )
+    lacking = "Dependency not found on PyPI and could not be audited: in-house-utils ({})"
+    skipped = {"name": "in-house-utils", "skip_reason": lacking.format("0.3.0")}
+    online["dependencies"].append(skipped)
     vulnerable, unaudited = parsers.pip_audit(json.dumps(online))
     assert vulnerable.rule == "GHSA-h75v-3vvj-5mfj"
     assert (unaudited.rule, unaudited.severity, unaudited.path) == (
@@ -114,6 +110,10 @@ def test_pip_audit_offline_report_means_nothing_was_checked() -> None:
         "in-house-utils",
     )
     assert "not found on PyPI" in unaudited.message
+    # Its next version is the same finding: the SLA keeps counting from its first sight.
+    skipped["skip_reason"] = lacking.format("0.4.0")
+    [_, bumped] = parsers.pip_audit(json.dumps(online))
+    assert bumped.fingerprint == unaudited.fingerprint and "0.4.0" in bumped.message
 
 
 @pytest.mark.unit

@@ -120,6 +120,9 @@ def pip_audit(text: str) -> list[Finding]:
             line=None,
             message=f"not audited: {dep['skip_reason']}",
             remediation="audit it another way, or except it in security/policy.toml",
+            # Not from the reason, which names the version: a new version of the same package
+            # is the same finding, its SLA counted from when it was first seen.
+            fingerprint=fingerprint("pip-audit", "not-audited", dep["name"], ""),
         )
         for dep in skipped
     ]
