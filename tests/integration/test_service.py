@@ -535,6 +535,39 @@ def test_the_reaper_fails_attempts_past_their_timeout(platform: Platform) -> Non
     assert retry.state == "queued"
 
 
+def test_the_reaper_reads_only_the_attempts_it_may_end(postgres_platform: Platform) -> None:
+    """Every worker's pass (twice a second) reaps: it reads the running attempts whose lease
+    has expired or whose timeout has passed, not every running attempt of the cluster."""
+    platform = postgres_platform
+    platform.settings.lease_seconds = 60
+    naps = platform.submit(workflows.naps, {"n": 100, "seconds": 1.0})
+    for attempt_id, _ in naps.queued:
+        assert platform.claim(attempt_id, "worker-a") is not None
+    overrun = platform.submit(workflows.overrun_pipeline, {"seconds": 0.0})
+    assert platform.claim(overrun.queued[0].attempt_id, "worker-b") is not None  # 1 s timeout
+    lost = platform.submit(workflows.arithmetic, {"n": 1})
+    platform.settings.lease_seconds = 0.05  # then its worker dies
+    assert platform.claim(lost.queued[0].attempt_id, "worker-c") is not None
+    time.sleep(0.06)
+    read: list[int] = []
+
+    def rows(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if "attempts.lease_expires_at" in statement and "task_runs.options" in statement:
+            read.append(cursor.rowcount)
+
+    event.listen(platform.db.engine, "after_cursor_execute", rows)
+    try:
+        assert platform.reap() == 1  # the expired lease; the overrun is within its timeout
+        platform.settings.timeout_grace_seconds = 0.1
+        assert platform.reap(utcnow() + timedelta(seconds=1.5)) == 1  # now past it
+    finally:
+        event.remove(platform.db.engine, "after_cursor_execute", rows)
+    assert read == [1, 1], read  # of 102 running attempts
+    states = {a.state for a in platform.attempts(overrun.run_id)}
+    assert states == {"failed", "queued"}  # timed out, and its retry queued
+    assert {a.state for a in platform.attempts(lost.run_id)} >= {"lost"}
+
+
 def test_cancel_stops_pending_work_and_signals_running_attempts(platform: Platform) -> None:
     submitted = platform.submit(workflows.arithmetic, {"n": 2})
     other = platform.submit(workflows.arithmetic, {"n": 1})

@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Integer,
     Row,
@@ -23,6 +24,8 @@ from sqlalchemy import (
     any_,
     bindparam,
     func,
+    literal_column,
+    or_,
     select,
     text,
     union_all,
@@ -89,6 +92,20 @@ def timeout_outcome(options: Mapping[str, Any], *, reaped: bool = False) -> Outc
         error=f"TimeoutError: task exceeded its {options['timeout']:g} s timeout{by}",
         retryable=retry_on is None or TIMEOUT_ERROR in retry_on,
     )
+
+
+def _reapable(overdue_before: datetime, now: datetime, dialect: str) -> ColumnElement[bool]:
+    """Which running attempts the reaper reads (the loop in ``reap`` decides): lease expired,
+    or, with a timeout, started before ``overdue_before`` minus the timeout (PostgreSQL; on
+    SQLite every running attempt with a timeout). Every running attempt of the cluster,
+    read by every worker at every pass (0.5 s), made a pass cost ≈ 7 ms with 1,100 attempts
+    running and ≈ 40 ms with 6,100 (2026-12-06, here), where the attempts to end are few."""
+    lease_expired = Attempt.lease_expires_at < now
+    if dialect != "postgresql":
+        return or_(lease_expired, Attempt.timeout_seconds.is_not(None))
+    cutoff = bindparam("overdue_before", overdue_before, type_=UTCDateTime)
+    timeout: ColumnElement[Any] = literal_column("interval '1 second'") * Attempt.timeout_seconds
+    return or_(lease_expired, Attempt.started_at < cutoff - timeout)
 
 
 def _lost_policy(base_delay: float) -> RetryPolicy:
@@ -642,7 +659,10 @@ class Execution(Planning):
                     TaskRun.options,
                 )
                 .join(TaskRun, TaskRun.id == Attempt.task_run_id)
-                .where(Attempt.state == AttemptState.RUNNING)
+                .where(
+                    Attempt.state == AttemptState.RUNNING,
+                    _reapable(now - grace, now, self.db.engine.dialect.name),
+                )
             ).all()
         reaped = 0
         for attempt_id, run_id, number, lease, started, options in running:
