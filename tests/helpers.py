@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,22 @@ def run_inline(
         if not progressed:
             time.sleep(0.02)  # a retry may be waiting for its backoff delay
     raise AssertionError(f"run {run_id} did not end in {rounds} rounds")
+
+
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float = 60.0,
+    *,
+    what: str = "",
+    interval: float = 0.05,
+) -> None:
+    """Poll ``condition`` every ``interval`` s until it is true; fail after ``timeout`` s,
+    naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not in {timeout} s: {what or 'condition'}")
+        time.sleep(interval)
 
 
 def wait_until_ready(url: str, timeout: float = 60.0) -> None:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from ml_platform.config import load_settings
 from ml_platform.service import Platform
 from tests import workflows
 from tests.forked import ZYGOTE, Forked
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,14 +54,6 @@ def run_id_of(output: str) -> str:
     match = re.search(r"run ([0-9a-f]{8}) ", output)
     assert match, output
     return match.group(1)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def spawn(*args: str) -> Forked:

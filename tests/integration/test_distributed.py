@@ -23,6 +23,7 @@ from ml_platform.worker import make_dispatcher
 from tests import workflows
 from tests.conftest import RedisTarget
 from tests.forked import ZYGOTE, Forked
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,14 +77,6 @@ def workers(env: dict[str, str]) -> Iterator[Callable[[int], list[Forked]]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
 
 
 def test_two_workers_share_a_fan_out_and_run_each_task_once(

@@ -22,6 +22,7 @@ from ml_platform.worker import make_dispatcher
 from tests import workflows
 from tests.conftest import RedisTarget
 from tests.forked import ZYGOTE
+from tests.helpers import wait_for
 from tests.services import ThrowawayPostgres, ThrowawayRedis
 
 pytestmark = pytest.mark.integration
@@ -37,14 +38,6 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
         yield server
     finally:
         server.remove()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 def _settings_and_env(

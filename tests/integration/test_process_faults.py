@@ -30,21 +30,13 @@ from ml_platform.worker import log_dir_prefix
 from tests import workflows
 from tests.conftest import RedisTarget
 from tests.forked import ZYGOTE, Forked
-from tests.helpers import pids_in, wait_until_dead, wait_until_ready
+from tests.helpers import pids_in, wait_for, wait_until_dead, wait_until_ready
 from tests.integration.test_server import PASSWORD
 from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 Spawn = Callable[..., subprocess.Popen[str]]
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not in {timeout} s: {what or 'condition'}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
