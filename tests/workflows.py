@@ -329,6 +329,18 @@ def spawning_past_timeout(pids: str, seconds: float = 300.0) -> None:
     spawner_with_timeout(pids, seconds)
 
 
+@task(timeout=0.5)
+def printing_past_timeout() -> None:
+    """Prints a NUL (PostgreSQL's text holds none), then runs past its timeout."""
+    print("before\x00after", flush=True)
+    time.sleep(60)
+
+
+@workflow
+def printed_then_timed_out() -> None:
+    printing_past_timeout()
+
+
 @workflow
 def short_and_long(short: float = 1.0, long: float = 5.0) -> None:
     """Two independent naps: one ends within a drain, the other is handed back."""
@@ -348,6 +360,22 @@ def chatty(seconds: float) -> str:
 @workflow
 def chatty_pipeline(seconds: float = 3.0) -> None:
     chatty(seconds)
+
+
+@task
+def numbered(lines: int, seconds: float) -> int:
+    """Prints ``lines`` numbered lines of 80 characters (and their ends) over ``seconds``:
+    more than a log keeps, followed while it is written."""
+    for i in range(lines):
+        print(f"line {i:08d} " + "x" * 66, flush=i % 500 == 499)
+        if i % 500 == 499:
+            time.sleep(seconds * 500 / lines)
+    return lines
+
+
+@workflow
+def numbered_lines(lines: int = 100, seconds: float = 1.0) -> None:
+    numbered(lines, seconds)
 
 
 @task

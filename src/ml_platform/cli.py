@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -609,29 +609,25 @@ def logs(
         full_id = platform.resolve_run_id(run_id)
 
         def read(offset: int) -> dict[str, Any]:
-            row = platform.log(full_id, task, attempt)
-            text = row.log or ""
-            start = offset if offset <= len(text) else 0
-            return {
-                "attempt": row.number,
-                "state": row.state,
-                "log": text[start:],
-                "offset": start,
-                "next_offset": len(text),
-                "running": row.state in ("queued", "running"),
-            }
+            part = platform.log_part(full_id, task, attempt, offset)
+            return {**asdict(part), "log": part.text}
 
         _print_log(read, task, follow)
 
 
 def _print_log(read: Callable[[int], dict[str, Any]], task: str, follow: bool) -> None:
-    """Print a log; following, poll for more until the attempt ends (Ctrl-C stops)."""
-    body = read(0)
+    """Print a log; following, poll for more until the attempt ends (Ctrl-C stops). Says so
+    where output was not kept: before the kept part, or cut away between two looks."""
+    offset = 0
+    body = read(offset)
     console.print(f"[dim]{task} attempt {body['attempt']} ({body['state']})[/]")
     number = body["attempt"]
     while True:
-        if body["offset"] == 0 and body.get("restarted"):
-            console.print("[dim]… (the log was cut to its last part)[/]")
+        missed = body["offset"] - offset
+        if missed > 0:
+            console.print(
+                f"[dim]… ({missed:,} characters of output not kept: a log keeps its last MiB)[/]"
+            )
         sys.stdout.write(body["log"])
         sys.stdout.flush()
         if not follow or not body.get("running"):
@@ -642,7 +638,6 @@ def _print_log(read: Callable[[int], dict[str, Any]], task: str, follow: bool) -
             return
         offset = body["next_offset"]
         body = read(offset)
-        body["restarted"] = body["offset"] != offset
         if body["attempt"] != number:
             break
     if follow:

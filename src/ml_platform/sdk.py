@@ -13,6 +13,7 @@ import functools
 import hashlib
 import inspect
 import json
+import operator
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -564,6 +565,21 @@ def workflow(
     return lambda inner: Workflow(inner, **options)
 
 
+#: Longest name of a metric, param or artifact (the database's column).
+MAX_NAME_CHARS = 200
+
+
+def _check_name(kind: str, name: Any) -> None:
+    """A metric's, param's or artifact's name as the database keeps it: text of 1 to
+    MAX_NAME_CHARS characters, without NUL. Checked in the task, which fails with the reason;
+    its worker would otherwise be the first to learn of it, at the commit."""
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS or "\x00" in name:
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+        raise ValueError(
+            f"{kind} name {shown}: must be text of 1 to {MAX_NAME_CHARS} characters, no NUL"
+        )
+
+
 @dataclass
 class TaskContext:
     """What a running task can do besides returning its result."""
@@ -580,24 +596,35 @@ class TaskContext:
         return ArtifactStore(self.artifacts_dir)
 
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
-        """Record a metric (e.g. ``accuracy``) for this task run."""
+        """Record a metric (e.g. ``accuracy``) for this task run, at ``step`` if given."""
+        _check_name("metric", name)
         number = float(value)
         check_json(number, f"metric {name!r}")
+        if step is not None:
+            try:  # an int, or what stands for one (numpy's integers, say); not a bool
+                step = None if isinstance(step, bool) else operator.index(step)
+            except TypeError:
+                step = None
+            if step is None or not -(2**31) <= step < 2**31:
+                raise ValueError(f"metric {name!r}: step must be a whole number below 2**31")
         self.metrics.append({"name": name, "value": number, "step": step})
 
     def log_param(self, name: str, value: Any) -> None:
         """Record a parameter the task chose (JSON-serializable)."""
+        _check_name("param", name)
         check_json(value, f"param {name!r}")
         self.params[name] = value
 
     def save_artifact(self, name: str, obj: Any) -> str:
         """Pickle ``obj`` into the artifact store under ``name``; return its sha256."""
+        _check_name("artifact", name)
         digest, size = self._store().put_object(obj)
         self.artifacts.append({"name": name, "sha256": digest, "size": size, "kind": "pickle"})
         return digest
 
     def save_file(self, name: str, path: str | Path) -> str:
         """Copy a file into the artifact store under ``name``; return its sha256."""
+        _check_name("artifact", name)
         source = Path(path)
         digest = self._store().put_file(source)
         size = source.stat().st_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import select
@@ -48,7 +49,11 @@ from ml_platform.service import (
 )
 from ml_platform.store.db import DatabaseUnavailable
 
-MAX_LOG_BYTES = 1024 * 1024
+#: An attempt's log keeps the last this many characters of its output (the earlier ones are
+#: counted, not kept: offsets into a log count from the start of the whole output).
+MAX_LOG_CHARS = 1024 * 1024
+#: A cut moves forward to the next line's start when one begins within this many characters.
+LOG_CUT_LINE_CHARS = 4096
 #: Scheduler passes between two full advances of every active run (see Platform.schedule).
 ADVANCE_EVERY_POLLS = 4
 #: Errors of a service that is away for a while (restart, network): retried, not fatal.
@@ -238,6 +243,49 @@ class _Runner:
         os.close(self.replies)
 
 
+class LogTail:
+    """The end of an attempt's log file as text, read as it grows: each read decodes only
+    what was written since the last (a character split between two reads is decoded whole),
+    keeps the last MAX_LOG_CHARS characters and counts those it let go in ``start``. A
+    burst larger than that between two reads is skipped unread (counted as characters)."""
+
+    __slots__ = ("_decoder", "_read", "start", "text")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.start = 0
+        self._read = 0
+        self._decoder: codecs.IncrementalDecoder | None = None
+
+    def read(self, path: Path, final: bool = False) -> str:
+        try:
+            with path.open("rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                if size - self._read > 4 * MAX_LOG_CHARS:  # at most 4 bytes a character
+                    skipped = size - self._read - 4 * MAX_LOG_CHARS
+                    self.start += len(self.text) + skipped
+                    self.text, self._read, self._decoder = "", self._read + skipped, None
+                handle.seek(self._read)
+                data = handle.read(size - self._read)
+        except FileNotFoundError:
+            data = b""
+        if not data and (not final or self._decoder is None):
+            return self.text
+        if self._decoder is None:
+            self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._read += len(data)
+        # PostgreSQL's text holds no NUL: as storable_text does, one character for one.
+        text = self.text + self._decoder.decode(data, final=final).replace("\x00", "\ufffd")
+        if len(text) > MAX_LOG_CHARS:
+            cut = len(text) - MAX_LOG_CHARS
+            line = text.find("\n", cut, cut + LOG_CUT_LINE_CHARS)
+            cut = cut if line < 0 else line + 1
+            self.start += cut
+            text = text[cut:]
+        self.text = text
+        return text
+
+
 @dataclass
 class _Reserved:
     """An attempt claimed ahead (committed: leased to this worker), waiting for a slot; or
@@ -273,15 +321,16 @@ class _Child:
     ended_at: float = 0.0
     #: Size of the log file when it was last shipped to the database (live logs).
     shipped: int = 0
+    log: LogTail = field(default_factory=LogTail)
 
     def read_log(self) -> str:
-        try:
-            with self.log_path.open("rb") as handle:
-                size = handle.seek(0, os.SEEK_END)
-                handle.seek(max(0, size - MAX_LOG_BYTES))
-                return handle.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """What the attempt printed so far: the last MAX_LOG_CHARS characters (``log.start``
+        says how many came before)."""
+        return self.log.read(self.log_path)
+
+    def ended_log(self) -> dict[str, Any]:
+        """The log of an attempt whose process has ended or was stopped, for its Outcome."""
+        return {"log": self.log.read(self.log_path, final=True), "log_start": self.log.start}
 
     def cleanup(self) -> None:
         self.log_path.unlink(missing_ok=True)
@@ -727,21 +776,21 @@ class Worker:
         return collected
 
     def _outcome(self, child: _Child, data: dict[str, Any] | None) -> Outcome:
-        log = child.read_log()
+        log = child.ended_log()
         if data is None:
             code = child.runner.process.wait()
             if code < 0:
                 reason = f"killed by signal {signal.Signals(-code).name}"
             else:
                 reason = f"exited with code {code} before reporting a result"
-            return Outcome(AttemptState.FAILED, error=f"task process {reason}", log=log)
+            return Outcome(AttemptState.FAILED, error=f"task process {reason}", **log)
         return Outcome(
             state=AttemptState(data["state"]),
             result=data.get("result"),
             error=data.get("error"),
             retryable=data.get("retryable", True),
             skipped=data.get("skipped", False),
-            log=log,
+            **log,
             metrics=data["metrics"],
             params=data["params"],
             artifacts=data["artifacts"],
@@ -854,8 +903,7 @@ class Worker:
         late = [c for c in self.children.values() if c.deadline is not None and now > c.deadline]
         for child in late:
             self._stop_process(child.runner)
-            outcome = timeout_outcome(child.claimed.options)
-            outcome.log = child.read_log()
+            outcome = timeout_outcome(child.claimed.options, **child.ended_log())
             self._finish(child, outcome)
         return bool(late)
 
@@ -871,7 +919,8 @@ class Worker:
                 continue
             if size != child.shipped:
                 child.shipped = size
-                grown[attempt_id] = child.read_log()
+                text = child.read_log()
+                grown[attempt_id] = (child.log.start, text)
         if grown:
             self.platform.ship_logs(grown, self.worker_id)
 
@@ -907,7 +956,7 @@ class Worker:
         if child is None:
             return
         self._stop_process(child.runner)
-        self._finish(child, Outcome(AttemptState.CANCELLED, error=reason, log=child.read_log()))
+        self._finish(child, Outcome(AttemptState.CANCELLED, error=reason, **child.ended_log()))
 
     def stop_all(self, reason: str) -> None:
         self._commit_ended()
@@ -939,7 +988,7 @@ class Worker:
                 AttemptState.LOST,
                 error=f"handed back: {reason}",
                 handed_back=True,
-                log=child.read_log(),
+                **child.ended_log(),
             )
             try:
                 self._finish(child, outcome)

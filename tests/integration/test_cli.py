@@ -244,6 +244,38 @@ def test_logs_follow_shows_what_a_task_prints_while_it_runs(
                 process.wait(timeout=30)
 
 
+def test_logs_follow_a_task_printing_more_than_a_log_keeps_without_a_gap(
+    cli_env: dict[str, str], platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task prints 2.4 MB (a log keeps its last MiB): `mlp logs -f`, following it from its
+    first line, prints every line once and in order; `mlp logs` afterwards says how much of
+    the output was not kept and begins at a whole line."""
+    monkeypatch.setenv("MLP_LOG_SHIP_SECONDS", "0.2")  # the worker below inherits it
+    lines = 30_000
+    submitted = platform.submit(workflows.numbered_lines, {"lines": lines, "seconds": 2.5})
+    worker = spawn("worker", "--concurrency", "1")
+    try:
+        wait_for(
+            lambda: "line 00000000" in (platform.log(submitted.run_id, "numbered").log or ""),
+            what="the task's first lines in the database",
+        )
+        follower = spawn("logs", submitted.run_id[:8], "numbered", "-f")
+        followed, _ = follower.communicate(timeout=60)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    assert follower.returncode == 0 and "numbered attempt 1 ended: succeeded" in followed
+    numbers = [int(n) for n in re.findall(r"^line (\d{8}) x{66}$", followed, re.MULTILINE)]
+    assert numbers == list(range(lines)), "not every line once, in order"
+    assert "not kept" not in followed
+    code, shown = mlp("logs", submitted.run_id[:8], "numbered")
+    assert code == 0
+    kept = [int(n) for n in re.findall(r"^line (\d{8}) x{66}$", shown, re.MULTILINE)]
+    assert kept == list(range(lines - len(kept), lines)) and 12_900 < len(kept) <= 12_945
+    dropped = (lines - len(kept)) * 81  # a line: 80 characters and its end
+    assert f"({dropped:,} characters of output not kept: a log keeps its last MiB)" in shown
+
+
 def test_mlp_retry_reruns_only_what_did_not_succeed(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -459,6 +459,39 @@ def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
     assert task_run.lost_attempts == 1
 
 
+def test_an_outcome_the_database_refuses_fails_its_attempt_saying_why(
+    postgres_platform: Platform,
+) -> None:
+    """A metric name too long for its column (a task that bypassed the SDK's check): the
+    commit of that outcome is refused, so the attempt fails with the database's reason and
+    its log, not retried; the outcome committed beside it in the worker's batch is kept.
+    Before, the refusal went back to the worker as "database unavailable" at every pass: the
+    run never ended."""
+    platform = postgres_platform
+    submitted = platform.submit(workflows.short_and_long, {"short": 0.1, "long": 0.1})
+    first, second = (platform.claim(q.attempt_id, "worker-a") for q in submitted.queued)
+    assert first is not None and second is not None
+    bad = Outcome(
+        AttemptState.SUCCEEDED,
+        result={"value": 1},
+        metrics=[{"name": "m" * 201, "value": 1.0, "step": None}],
+        log="printed\n",
+        log_start=7,
+    )
+    good = Outcome(AttemptState.SUCCEEDED, result={"value": 2})
+    queued, claims = platform.finish_and_claim([(first, bad), (second, good)], [], "worker-a")
+    assert queued == [[], []] and claims == []
+    ended = {a.id: a for a in platform.attempts(submitted.run_id)}
+    refused, kept = ended[first.attempt_id], ended[second.attempt_id]
+    assert refused.state == "failed" and (refused.log, refused.log_start) == ("printed\n", 7)
+    assert refused.error == (
+        "the task's outcome could not be stored: value too long for type character varying(200)"
+    )
+    assert kept.state == "succeeded"
+    run, _ = platform.run(submitted.run_id)
+    assert run.state == RunState.FAILED  # not retried: the same outcome would be refused
+
+
 def test_lost_attempts_have_a_budget_of_their_own(platform: Platform) -> None:
     """A plain task (retries=0) survives MLP_MAX_LOST losses and fails, saying so, after more."""
     platform.settings.max_lost = 2

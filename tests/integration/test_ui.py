@@ -289,3 +289,22 @@ def test_a_run_page_read_while_a_map_expands_shows_what_it_read(
     assert "shard_work[0]" not in page.text  # not read yet: on the next refresh
     monkeypatch.undo()
     assert "shard_work[0]" in client.get(f"/ui/p/default/runs/{run_id}").text
+
+
+def test_the_log_page_says_what_was_not_kept_and_follows_from_the_whole_outputs_offsets(
+    client: TestClient, sqlite_platform: Platform
+) -> None:
+    submitted = sqlite_platform.submit(workflows.chatty_pipeline, {"seconds": 1.0})
+    attempt_id = submitted.queued[0].attempt_id
+    assert sqlite_platform.claim(attempt_id, "worker-x") is not None
+    sqlite_platform.ship_logs({attempt_id: (2_000_000, "kept line\n")}, "worker-x")
+    sign_in(client, "alice")
+    base = f"/ui/p/default/runs/{submitted.run_id}/tasks/chatty/log"
+    page = client.get(base)
+    assert "The first 2,000,000 characters of this output were not kept" in page.text
+    assert 'data-offset="2000010"' in page.text  # where the script asks from
+    sqlite_platform.ship_logs({attempt_id: (2_000_000, "kept line\nnext\n")}, "worker-x")
+    part = client.get(f"{base}.json?attempt=1&offset=2000010").json()
+    assert (part["text"], part["offset"], part["next_offset"]) == ("next\n", 2_000_010, 2_000_015)
+    cut = client.get(f"{base}.json?attempt=1&offset=10").json()  # what it had was cut away
+    assert (cut["text"], cut["offset"]) == ("kept line\nnext\n", 2_000_000)

@@ -117,6 +117,20 @@ def test_a_timeout_ends_the_task_its_child_and_its_grandchild(
     assert "timeout" in (attempt.error or "")
 
 
+def test_a_timed_out_task_keeps_what_it_printed_and_fails_as_timed_out(
+    platform: Platform,
+) -> None:
+    """Its log (with a NUL, which PostgreSQL's text cannot hold) is stored with the timeout's
+    failure; on PostgreSQL the NUL once failed the commit, and the attempt ended as "killed by
+    signal SIGTERM" instead, the timeout's retry rule unapplied."""
+    submitted = platform.submit(workflows.printed_then_timed_out, {})
+    runtime = _runtime(platform, submitted.run_id)
+    assert runtime.drive(submitted.run_id, timeout=30) is RunState.FAILED
+    [attempt] = platform.attempts(submitted.run_id)
+    assert (attempt.error or "").startswith("TimeoutError: task exceeded its 0.5 s timeout")
+    assert attempt.log == "before\ufffdafter\n"
+
+
 def test_cancel_ends_the_task_its_child_and_its_grandchild(
     sqlite_platform: Platform, tmp_path: Path
 ) -> None:

@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 
 from ml_platform.inputs import REF_KEY
-from ml_platform.sdk import Backoff, ParamError, WorkflowError, context, task, workflow
+from ml_platform.sdk import (
+    Backoff,
+    ParamError,
+    TaskContext,
+    WorkflowError,
+    context,
+    task,
+    workflow,
+)
 from tests import workflows
 
 pytestmark = pytest.mark.unit
@@ -183,3 +191,38 @@ def test_map_outside_a_workflow_is_a_loop_and_bad_uses_say_what_is_wrong(tmp_pat
         wrong_fixed.build({})
     with pytest.raises(ValueError, match="max_concurrency must be >= 1"):
         workflows.double.map([1], max_concurrency=0)
+
+
+def test_a_metric_param_or_artifact_the_database_cannot_keep_fails_in_the_task(
+    tmp_path: Path,
+) -> None:
+    """Names of 1 to 200 characters without NUL, steps that fit the column: checked where the
+    task can still fail with the reason (on PostgreSQL the worker's commit was refused, again
+    and again, and the run never ended)."""
+    ctx = TaskContext("run", "task", 1, tmp_path)
+    for bad in ("m" * 201, "a\x00b", "", 7):
+        with pytest.raises(ValueError, match="must be text of 1 to 200 characters, no NUL"):
+            ctx.log_metric(bad, 1.0)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="param .* must be text"):
+            ctx.log_param(bad, 1)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="artifact .* must be text"):
+            ctx.save_artifact(bad, b"x")  # type: ignore[arg-type]
+    for step in (2**31, -(2**31) - 1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="step must be a whole number below 2"):
+            ctx.log_metric("loss", 0.5, step=step)  # type: ignore[arg-type]
+    ctx.log_metric("m" * 200, 1.0, step=2**31 - 1)
+    ctx.log_metric("loss", 0.25, step=_Index(7))  # type: ignore[arg-type]
+    ctx.log_param("lr", 0.1)
+    assert ctx.metrics[-1] == {"name": "loss", "value": 0.25, "step": 7}
+    assert type(ctx.metrics[-1]["step"]) is int and ctx.params == {"lr": 0.1}
+    assert ctx.artifacts == []
+
+
+class _Index:
+    """An integer of another library (numpy's int64, say): it has __index__."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value

@@ -47,7 +47,7 @@ from ml_platform.api.schemas import (
     errors,
 )
 from ml_platform.artifacts import ArtifactNotFound
-from ml_platform.engine.states import AttemptState, RunState
+from ml_platform.engine.states import RunState
 from ml_platform.security import AuthError
 from ml_platform.service import RetryError, RunRow, ScheduleRow, WorkflowRow
 
@@ -327,17 +327,16 @@ def task_logs(
 ) -> LogOut:
     """An attempt's output (the latest attempt by default), also while it runs: its worker
     stores what it printed every MLP_LOG_SHIP_SECONDS. Follow it with ``offset``."""
-    row = svc.platform.log(_run_id(svc, access, run_id), task, attempt)
-    text = row.log or ""
-    start = offset if offset <= len(text) else 0
+    part = svc.platform.log_part(_run_id(svc, access, run_id), task, attempt, offset)
     return LogOut(
         task=task,
-        attempt=row.number,
-        state=row.state,
-        log=text[start:],
-        offset=start,
-        next_offset=len(text),
-        running=row.state in (AttemptState.QUEUED, AttemptState.RUNNING),
+        attempt=part.attempt,
+        state=part.state,
+        log=part.text,
+        offset=part.offset,
+        next_offset=part.next_offset,
+        kept_from=part.kept_from,
+        running=part.running,
     )
 
 

@@ -179,7 +179,9 @@ class ArtifactOut(BaseModel):
 
 class LogOut(BaseModel):
     """An attempt's output from ``offset`` on; ask again from ``next_offset`` for more while
-    ``running``. An offset past what is kept (a log cut to its last MiB) starts over at 0."""
+    ``running``. Offsets count characters from the start of the whole output; the log keeps
+    its last MiB, from ``kept_from``. An offset outside what is kept (cut away since, or past
+    the end) answers from ``kept_from``: ``offset`` says where ``log`` begins."""
 
     task: str
     attempt: int
@@ -187,6 +189,7 @@ class LogOut(BaseModel):
     log: str
     offset: int = 0
     next_offset: int = 0
+    kept_from: int = 0
     running: bool = False
 
 

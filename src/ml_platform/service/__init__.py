@@ -30,7 +30,7 @@ from ml_platform.service.core import (
     Submitted,
 )
 from ml_platform.service.execution import Execution, timeout_outcome
-from ml_platform.service.queries import DURATION_BUCKETS, RunProgress, Stats
+from ml_platform.service.queries import DURATION_BUCKETS, LogPart, RunProgress, Stats
 from ml_platform.service.runs import RetryError
 from ml_platform.service.schedules import ScheduleError, Schedules, latest_tick, next_tick
 
@@ -44,6 +44,7 @@ __all__ = [
     "ClaimedAttempt",
     "FencedOut",
     "Heartbeat",
+    "LogPart",
     "NotFound",
     "Outcome",
     "Platform",

@@ -75,6 +75,8 @@ class Outcome:
     #: neither the task's retries nor its lost budget.
     handed_back: bool = False
     log: str | None = None
+    #: Characters the attempt printed before ``log`` (which keeps the last part of it).
+    log_start: int = 0
     metrics: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     artifacts: list[dict[str, Any]] = field(default_factory=list)

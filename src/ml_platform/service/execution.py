@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from sqlalchemy import (
@@ -32,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm import Session
 
 from ml_platform.dispatch import Dispatch, queue_of
@@ -83,14 +83,30 @@ DAG_CACHE_TASKS = 20_000
 MAX_NEXT_STEPS = 10_000
 
 
-def timeout_outcome(options: Mapping[str, Any], *, reaped: bool = False) -> Outcome:
-    """A failed attempt for a task that ran past its timeout."""
+def timeout_outcome(
+    options: Mapping[str, Any], *, reaped: bool = False, log: str | None = None, log_start: int = 0
+) -> Outcome:
+    """A failed attempt for a task that ran past its timeout (with what it printed)."""
     retry_on = options.get("retry_on")
     by = " (stopped by the lease reaper)" if reaped else ""
     return Outcome(
         AttemptState.FAILED,
         error=f"TimeoutError: task exceeded its {options['timeout']:g} s timeout{by}",
         retryable=retry_on is None or TIMEOUT_ERROR in retry_on,
+        log=log,
+        log_start=log_start,
+    )
+
+
+def unstorable(outcome: Outcome, exc: DataError) -> Outcome:
+    """The failure that stands for an outcome the database refused (keeping its log)."""
+    reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else repr(exc)
+    return Outcome(
+        AttemptState.FAILED,
+        error=f"the task's outcome could not be stored: {reason}",
+        retryable=False,
+        log=outcome.log,
+        log_start=outcome.log_start,
     )
 
 
@@ -314,6 +330,7 @@ _END_ATTEMPT = (
         finished_at=bindparam("now"),
         error=bindparam("error"),
         log=bindparam("log"),
+        log_start=bindparam("log_start"),
     )
     .returning(Attempt.task_run_id)
 )
@@ -382,6 +399,7 @@ def _ending(
         "now": now,
         "error": outcome.error,
         "log": outcome.log,
+        "log_start": outcome.log_start,
         **guarded_by,
     }
 
@@ -424,11 +442,11 @@ _END_SUCCESSES = text("""
     WITH given AS (
         SELECT * FROM json_to_recordset(CAST(:outcomes AS JSON)) AS g(
             attempt_id integer, number integer, task_state varchar, result text,
-            task_error text, error text, log text)
+            task_error text, error text, log text, log_start bigint)
     ), ended_attempt AS (
         UPDATE attempts
         SET state = :attempt_succeeded, finished_at = :now, error = given.error,
-            log = given.log
+            log = given.log, log_start = given.log_start
         FROM given
         WHERE attempts.id = given.attempt_id
             -- IS TRUE: looked up by key, not by state (see _CLAIMS)
@@ -850,9 +868,10 @@ class Execution(Planning):
             row.run_id, attempt_id, row.number, outcome, utcnow(), _UNGUARDED, AttemptState.QUEUED
         )
 
-    def ship_logs(self, logs: Mapping[int, str], worker_id: str) -> None:
+    def ship_logs(self, logs: Mapping[int, tuple[int, str]], worker_id: str) -> None:
         """Store what running attempts printed so far (each attempt's log as a whole: the
-        tail its worker keeps), only while the attempt is still this worker's and running."""
+        tail its worker keeps, and where it begins in the whole output), only while the
+        attempt is still this worker's and running."""
         with self.db.session() as session:
             session.connection().execute(
                 update(Attempt)
@@ -861,8 +880,11 @@ class Execution(Planning):
                     Attempt.worker_id == worker_id,
                     Attempt.state == AttemptState.RUNNING,
                 )
-                .values(log=bindparam("text")),
-                [{"attempt_id": key, "text": storable_text(text)} for key, text in logs.items()],
+                .values(log=bindparam("text"), log_start=bindparam("start")),
+                [
+                    {"attempt_id": key, "start": start, "text": storable_text(text)}
+                    for key, (start, text) in logs.items()
+                ],
             )
 
     def heartbeat(self, attempt_ids: Iterable[int], worker_id: str) -> Heartbeat:
@@ -919,9 +941,14 @@ class Execution(Planning):
         """
         now = utcnow()
         guard = _held_by(worker_id)
-        queued = self._end_attempt(
-            claimed.run_id, claimed.attempt_id, claimed.number, outcome, now, guard
-        )
+        end = partial(self._end_attempt, claimed.run_id, claimed.attempt_id, claimed.number)
+        try:
+            queued = end(outcome, now, guard)
+        except DataError as exc:
+            # The database refused a value of the outcome (one its columns cannot hold, that
+            # the task did not check): the attempt fails saying so, rather than its outcome
+            # being refused again at every pass and its run never ending.
+            queued = end(unstorable(outcome, exc), now, guard)
         if queued is None:
             raise FencedOut(
                 f"attempt {claimed.number} of {claimed.node_id} is no longer held by {worker_id}"
@@ -1068,6 +1095,7 @@ class Execution(Planning):
             "lease": now + timedelta(seconds=self.settings.lease_seconds),
             "error": outcome.error,
             "log": outcome.log,
+            "log_start": outcome.log_start,
             "result": None if outcome.result is None else json.dumps(outcome.result),
             **hot_path.STATES,
         }
@@ -1261,6 +1289,7 @@ class Execution(Planning):
                     "number": claimed.number,
                     "error": outcome.error,
                     "log": outcome.log,
+                    "log_start": outcome.log_start,
                     **_success_end(outcome),
                 }
                 for claimed, outcome in finished

@@ -92,7 +92,8 @@ _GATE = """
 _SUCCESS = """
     ended_attempt AS (
         UPDATE attempts
-        SET state = :attempt_succeeded, finished_at = :now, error = :error, log = :log
+        SET state = :attempt_succeeded, finished_at = :now, error = :error, log = :log,
+            log_start = :log_start
         FROM gate
         WHERE attempts.id = :attempt_id
             -- IS TRUE: looked up by key, not by state (see execution._CLAIMS)

@@ -34,6 +34,22 @@ class RunProgress:
         return sum(self.counts.values())
 
 
+@dataclass(frozen=True)
+class LogPart:
+    """What an attempt printed from ``offset`` on (see Platform.log_part). Offsets count
+    characters from the start of the attempt's whole output; the log keeps its last part,
+    from ``kept_from``. An offset outside what is kept (cut away since, or past the end)
+    answers from ``kept_from``: ``offset`` says where ``text`` begins."""
+
+    attempt: int
+    state: str
+    text: str
+    offset: int
+    next_offset: int
+    kept_from: int
+    running: bool
+
+
 #: The upper bounds (seconds) of the attempt-duration histogram's buckets.
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 #: Attempts created longer ago than this are committed, if they ever will be (see _Durations).
@@ -362,6 +378,26 @@ class Queries(_Core):
                     .order_by(Artifact.id)
                 )
             ]
+
+    def log_part(
+        self, run_id: str, node_id: str, number: int | None = None, offset: int = 0
+    ) -> LogPart:
+        """What the attempt (latest by default) of a task printed from ``offset`` on: every
+        face's way to show a log and to follow it while the attempt runs."""
+        attempt = self.log(run_id, node_id, number)
+        text = attempt.log or ""
+        kept_from = attempt.log_start
+        end = kept_from + len(text)
+        start = offset if kept_from <= offset <= end else kept_from
+        return LogPart(
+            attempt=attempt.number,
+            state=attempt.state,
+            text=text[start - kept_from :],
+            offset=start,
+            next_offset=end,
+            kept_from=kept_from,
+            running=attempt.state in (AttemptState.QUEUED, AttemptState.RUNNING),
+        )
 
     def log(self, run_id: str, node_id: str, number: int | None = None) -> Attempt:
         """The attempt (latest by default) of a task whose log is asked for."""

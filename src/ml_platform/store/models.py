@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     DDL,
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -222,6 +224,9 @@ class Attempt(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     log: Mapped[str | None] = mapped_column(Text, default=None)
+    #: Characters of the attempt's output before ``log`` (which keeps its last part): offsets
+    #: into a log count from the start of the whole output.
+    log_start: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
 class Metric(Base):

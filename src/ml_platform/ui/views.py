@@ -449,18 +449,16 @@ def task_log_part(
     scope = _scope(request, project)
     run, _ = _run_of(request, scope, run_id)
     try:
-        row = _services(request).platform.log(run.id, task, attempt)
+        part = _services(request).platform.log_part(run.id, task, attempt, offset)
     except NotFound as exc:
         raise PageError(404, str(exc)) from None
-    text = row.log or ""
-    start = offset if offset <= len(text) else 0
     return JSONResponse(
         {
-            "state": row.state,
-            "text": text[start:],
-            "offset": start,
-            "next_offset": len(text),
-            "running": row.state in ("queued", "running"),
+            "state": part.state,
+            "text": part.text,
+            "offset": part.offset,
+            "next_offset": part.next_offset,
+            "running": part.running,
         }
     )
 

@@ -61,8 +61,9 @@
       .then(function (response) { return response.json(); })
       .then(function (part) {
         recovered(element);
-        if (part.offset === 0 && element.getAttribute("data-offset") !== "0") {
-          element.textContent = "";  // cut to its last part on the server: start over
+        if (String(part.offset) !== element.getAttribute("data-offset")) {
+          // output cut away on the server before this page saw it: start over from what is kept
+          element.textContent = "… (output not kept: a log keeps its last MiB)\n";
         }
         element.appendChild(document.createTextNode(part.text));
         element.setAttribute("data-offset", String(part.next_offset));
