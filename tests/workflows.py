@@ -236,6 +236,7 @@ def relay(n: int = 5) -> None:
 def slow_first_attempt(marker: str, seconds: float) -> int:
     """Sleeps on its first attempt only, so a retry after a crash ends quickly."""
     attempt = context().attempt
+    print(f"attempt {attempt} began", flush=True)
     with Path(marker).open("a") as handle:
         handle.write(f"started {attempt}\n")
     if attempt == 1:

@@ -177,12 +177,18 @@ def test_mlp_cancel_stops_a_long_run(
 
 
 def test_a_killed_worker_loses_its_attempt_and_another_worker_retries_it(
-    cli_env: dict[str, str], platform: Platform, tmp_path: Path
+    cli_env: dict[str, str], platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """What the lost attempt printed before its worker died stays with it (it says why, often)."""
+    monkeypatch.setenv("MLP_LOG_SHIP_SECONDS", "0.2")  # the workers below inherit it
     marker = tmp_path / "marker"
     submitted = platform.submit(workflows.crash_pipeline, {"marker": str(marker)})
     first = spawn("worker", "--concurrency", "1")
-    wait_for(lambda: marker.exists())
+    wait_for(
+        lambda: "attempt 1 began"
+        in (platform.log(submitted.run_id, "slow_first_attempt").log or ""),
+        what="the first attempt's output in the database",
+    )
     first.kill()  # SIGKILL: no chance to clean up
     first.communicate(timeout=10)
     second = spawn("worker", "--concurrency", "1")
@@ -195,6 +201,7 @@ def test_a_killed_worker_loses_its_attempt_and_another_worker_retries_it(
     attempts = platform.attempts(submitted.run_id)
     assert [a.state for a in attempts] == ["lost", "succeeded"]
     assert "lease expired" in (attempts[0].error or "")
+    assert attempts[0].log == "attempt 1 began\n" and attempts[1].log == "attempt 2 began\n"
     code, shown = mlp("show", submitted.run_id[:8])
     assert "slow_first_attempt attempt 1 (lost): lease expired" in shown, shown
     # The first attempt's process died with its worker: it never finished.

@@ -441,10 +441,13 @@ def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
     claimed = platform.claim(submitted.queued[0].attempt_id, "worker-a")
     assert claimed is not None
     assert platform.heartbeat([claimed.attempt_id], "worker-a").lost == set()
+    platform.ship_logs({claimed.attempt_id: (5, "what it printed\n")}, "worker-a")
     assert platform.reap() == 0
     # The worker stops heartbeating; the reaper runs after the lease has expired.
     time.sleep(1.1)
     assert platform.reap() == 1
+    lost = platform.log(submitted.run_id, "flaky", 1)
+    assert (lost.state, lost.log, lost.log_start) == ("lost", "what it printed\n", 5)
     assert platform.heartbeat([claimed.attempt_id], "worker-a").lost == {claimed.attempt_id}
     with pytest.raises(FencedOut):
         platform.finish(claimed, "worker-a", Outcome(AttemptState.SUCCEEDED, result={"value": 1}))

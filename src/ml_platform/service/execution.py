@@ -15,11 +15,13 @@ from functools import lru_cache, partial
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Connection,
     Integer,
     Row,
     String,
+    Text,
     Update,
     any_,
     bindparam,
@@ -322,6 +324,7 @@ _CLAIM_ONE = text(_claims("= :attempt_id")).bindparams(
 
 
 # Ending an attempt: guarded by the state it expects and by who may end it (see _Guard).
+# An outcome without a log (the reaper's, say) keeps what the worker shipped while it ran.
 _END_ATTEMPT = (
     update(Attempt)
     .where(Attempt.id == bindparam("attempt_id"), Attempt.state == bindparam("from_state"))
@@ -329,8 +332,8 @@ _END_ATTEMPT = (
         state=bindparam("state"),
         finished_at=bindparam("now"),
         error=bindparam("error"),
-        log=bindparam("log"),
-        log_start=bindparam("log_start"),
+        log=func.coalesce(bindparam("log", type_=Text), Attempt.log),
+        log_start=func.coalesce(bindparam("log_start", type_=BigInteger), Attempt.log_start),
     )
     .returning(Attempt.task_run_id)
 )
@@ -399,7 +402,7 @@ def _ending(
         "now": now,
         "error": outcome.error,
         "log": outcome.log,
-        "log_start": outcome.log_start,
+        "log_start": None if outcome.log is None else outcome.log_start,
         **guarded_by,
     }
 
