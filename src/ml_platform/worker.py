@@ -42,6 +42,7 @@ from ml_platform.sdk import WorkflowError
 from ml_platform.service import (
     ClaimedAttempt,
     FencedOut,
+    LogPiece,
     NotFound,
     Outcome,
     Platform,
@@ -319,8 +320,10 @@ class _Child:
     ran_seconds: float | None = None
     #: When its outcome was collected (monotonic): a short one waits for its batch.
     ended_at: float = 0.0
-    #: Size of the log file when it was last shipped to the database (live logs).
+    #: Size of the log file when it was last shipped to the database (live logs), and how
+    #: much of its output (characters) has been shipped.
     shipped: int = 0
+    shipped_to: int = 0
     log: LogTail = field(default_factory=LogTail)
 
     def read_log(self) -> str:
@@ -878,6 +881,11 @@ class Worker:
             self.on_event(f"{verdict} {child.claimed.node_id} (attempt {child.claimed.number})")
         self.children.pop(child.claimed.attempt_id, None)
         child.cleanup()
+        if child.shipped_to:  # its whole log is committed: the pieces shipped are not needed
+            try:
+                self.platform.sweep_log_parts()
+            except (*TRANSIENT_ERRORS, DatabaseUnavailable):
+                pass  # the next scheduler pass's sweep removes them
 
     def _fenced_out(self, claimed: ClaimedAttempt, outcome: Outcome) -> str:
         """What to say of an outcome refused because the attempt is no longer this worker's:
@@ -911,18 +919,23 @@ class Worker:
         """What running attempts printed since the last time, into the database, so that
         `mlp logs -f`, the API and the UI show it while they run (one statement for all)."""
         self._last_ship = time.monotonic()
-        grown = {}
+        grown: dict[int, tuple[_Child, int, LogPiece]] = {}
         for attempt_id, child in self.children.items():
             try:
                 size = child.log_path.stat().st_size
             except FileNotFoundError:
                 continue
             if size != child.shipped:
-                child.shipped = size
-                text = child.read_log()
-                grown[attempt_id] = (child.log.start, text)
+                text, kept_from = child.read_log(), child.log.start
+                start = max(child.shipped_to, kept_from)  # what it printed since, if kept
+                piece = LogPiece(start, text[start - kept_from :], kept_from)
+                grown[attempt_id] = (child, size, piece)
         if grown:
-            self.platform.ship_logs(grown, self.worker_id)
+            self.platform.ship_logs(
+                {a: piece for a, (_, _, piece) in grown.items()}, self.worker_id
+            )
+            for child, size, piece in grown.values():  # shipped: not again
+                child.shipped, child.shipped_to = size, piece.start + len(piece.text)
 
     def _stop_cancelled(self) -> None:
         """Stop the running attempts whose runs were cancelled since the last look."""

@@ -23,7 +23,7 @@ from ml_platform.config import Settings
 from ml_platform.dispatch import RedisDispatcher
 from ml_platform.engine.states import RunState
 from ml_platform.security import ConfigurationError, TokenSigner, resolve_secret_key
-from ml_platform.service import Platform
+from ml_platform.service import LogPiece, Platform
 from ml_platform.store.db import head_from_files
 from tests import workflows as workflows_module
 from tests.conftest import RedisTarget
@@ -525,23 +525,25 @@ def test_a_running_attempts_log_is_served_in_parts(api: Api) -> None:
     assert claimed is not None
     logs = f"/api/v1/projects/vision/runs/{run_id}/tasks/chatty/logs"
     assert api.client.get(logs, headers=carol).json()["log"] == ""
-    api.platform.ship_logs({attempt.id: (0, "first line\n")}, "worker-x")
-    api.platform.ship_logs({attempt.id: (0, "stolen\n")}, "worker-y")  # not its attempt
+    api.platform.ship_logs({attempt.id: LogPiece(0, "first line\n")}, "worker-x")
+    api.platform.ship_logs({attempt.id: LogPiece(0, "stolen\n")}, "worker-y")  # not its own
     part = api.client.get(logs, headers=carol).json()
     assert part["log"] == "first line\n" and part["running"] and part["next_offset"] == 11
-    api.platform.ship_logs({attempt.id: (0, "first line\nsecond line\n")}, "worker-x")
+    api.platform.ship_logs({attempt.id: LogPiece(11, "second line\n")}, "worker-x")
     more = api.client.get(f"{logs}?offset=11", headers=carol).json()
     assert more["log"] == "second line\n" and more["offset"] == 11
     beyond = api.client.get(f"{logs}?offset=999", headers=carol).json()
-    assert beyond["offset"] == 0 and beyond["log"].startswith("first line")  # start over
-    # Longer than what is kept: the log's first 11 characters are let go. Offsets still count
-    # from the start of the whole output: a follower at 23 gets exactly what came after.
-    api.platform.ship_logs({attempt.id: (11, "second line\nthird line\n")}, "worker-x")
+    assert beyond["offset"] == 0 and beyond["log"] == "first line\nsecond line\n"  # from 0
+    # Longer than what is kept: the worker lets the first 11 characters go. Offsets still
+    # count from the start of the whole output: a follower at 23 gets what came after.
+    api.platform.ship_logs({attempt.id: LogPiece(23, "third line\n", kept_from=11)}, "worker-x")
     after = api.client.get(f"{logs}?offset=23", headers=carol).json()
     assert (after["log"], after["offset"], after["next_offset"]) == ("third line\n", 23, 34)
     assert after["kept_from"] == 11
     cut = api.client.get(f"{logs}?offset=5", headers=carol).json()  # cut away since
     assert (cut["log"], cut["offset"]) == ("second line\nthird line\n", 11)
+    within = api.client.get(f"{logs}?offset=18", headers=carol).json()  # inside a piece
+    assert (within["log"], within["offset"]) == ("line\nthird line\n", 18)
 
 
 def test_retry_through_the_api_reuses_and_is_for_editors(api: Api, tmp_path: Path) -> None:

@@ -185,8 +185,7 @@ def test_a_killed_worker_loses_its_attempt_and_another_worker_retries_it(
     submitted = platform.submit(workflows.crash_pipeline, {"marker": str(marker)})
     first = spawn("worker", "--concurrency", "1")
     wait_for(
-        lambda: "attempt 1 began"
-        in (platform.log(submitted.run_id, "slow_first_attempt").log or ""),
+        lambda: "attempt 1 began" in platform.log_part(submitted.run_id, "slow_first_attempt").text,
         what="the first attempt's output in the database",
     )
     first.kill()  # SIGKILL: no chance to clean up
@@ -263,7 +262,7 @@ def test_logs_follow_a_task_printing_more_than_a_log_keeps_without_a_gap(
     worker = spawn("worker", "--concurrency", "1")
     try:
         wait_for(
-            lambda: "line 00000000" in (platform.log(submitted.run_id, "numbered").log or ""),
+            lambda: "line 00000000" in platform.log_part(submitted.run_id, "numbered").text,
             what="the task's first lines in the database",
         )
         follower = spawn("logs", submitted.run_id[:8], "numbered", "-f")

@@ -26,7 +26,9 @@ from sqlalchemy import (
     UniqueConstraint,
     bindparam,
     event,
+    func,
     inspect,
+    select,
     text,
     update,
 )
@@ -39,6 +41,7 @@ from ml_platform.engine.dag import run_outcome
 from ml_platform.engine.states import TASK_TERMINAL, AttemptState, RunState, TaskState
 from ml_platform.service import (
     FencedOut,
+    LogPiece,
     NotFound,
     Outcome,
     Platform,
@@ -65,6 +68,7 @@ from ml_platform.store.models import (
     RUN_ID_TABLES,
     Attempt,
     Base,
+    LogPart,
     Run,
     TaskRun,
     UTCDateTime,
@@ -441,7 +445,8 @@ def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
     claimed = platform.claim(submitted.queued[0].attempt_id, "worker-a")
     assert claimed is not None
     assert platform.heartbeat([claimed.attempt_id], "worker-a").lost == set()
-    platform.ship_logs({claimed.attempt_id: (5, "what it printed\n")}, "worker-a")
+    platform.ship_logs({claimed.attempt_id: LogPiece(5, "what it ", kept_from=5)}, "worker-a")
+    platform.ship_logs({claimed.attempt_id: LogPiece(13, "printed\n", kept_from=5)}, "worker-a")
     assert platform.reap() == 0
     # The worker stops heartbeating; the reaper runs after the lease has expired.
     time.sleep(1.1)
@@ -460,6 +465,50 @@ def test_an_expired_lease_makes_the_attempt_lost_and_fences_out_its_worker(
     assert states == ["lost", "failed", "failed", "succeeded"]
     [task_run] = platform.task_runs(submitted.run_id)
     assert task_run.lost_attempts == 1
+
+
+def test_a_running_attempts_log_is_shipped_in_pieces_each_written_once(
+    platform: Platform,
+) -> None:
+    """Each ship stores only what was printed since the last one (the attempt's row is not
+    written: once a log was 1 MiB, every ship rewrote the whole MiB); the pieces before what
+    the worker keeps are let go; once the attempt has ended, its log is in attempts.log and
+    the pieces are swept."""
+    submitted = platform.submit(workflows.chatty_pipeline, {"seconds": 1.0})
+    claimed = platform.claim(submitted.queued[0].attempt_id, "worker-a")
+    assert claimed is not None
+    attempt_id = claimed.attempt_id
+    big = "x" * 99 + "\n"
+    platform.ship_logs({attempt_id: LogPiece(0, big * 10_000)}, "worker-a")  # 1,000,000
+    for i in range(20):
+        kept_from = 0 if i < 10 else 1_000_000
+        piece = LogPiece(1_000_000 + 10 * i, f"step {i:04d}\n", kept_from)
+        platform.ship_logs({attempt_id: piece}, "worker-a")
+
+    def stored() -> tuple[str | None, list[tuple[int, int]]]:
+        with platform.db.session() as session:
+            log = session.scalar(select(Attempt.log).where(Attempt.id == attempt_id))
+            pieces = session.execute(
+                select(LogPart.start, func.length(LogPart.text))
+                .where(LogPart.attempt_id == attempt_id)
+                .order_by(LogPart.start)
+            ).all()
+        return log, [tuple(row) for row in pieces]
+
+    log, pieces = stored()
+    assert log is None  # the attempt's row: not written by a ship
+    assert pieces == [(1_000_000 + 10 * i, 10) for i in range(20)]  # the big one let go
+    part = platform.log_part(submitted.run_id, "chatty", offset=1_000_190)
+    assert (part.text, part.kept_from, part.next_offset) == ("step 0019\n", 1_000_000, 1_000_200)
+    whole = "".join(f"step {i:04d}\n" for i in range(20))
+    platform.finish(
+        claimed,
+        "worker-a",
+        Outcome(AttemptState.SUCCEEDED, result={"value": 1}, log=whole, log_start=1_000_000),
+    )
+    assert platform.log_part(submitted.run_id, "chatty", offset=1_000_190).text == "step 0019\n"
+    platform.schedule()  # a full pass sweeps the pieces of ended attempts
+    assert stored() == (whole, [])
 
 
 def test_an_outcome_the_database_refuses_fails_its_attempt_saying_why(

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from ml_platform.accounts import Accounts, Role
 from ml_platform.api import create_app
-from ml_platform.service import Platform
+from ml_platform.service import LogPiece, Platform
 from tests import workflows
 from tests.helpers import run_inline
 
@@ -297,13 +297,15 @@ def test_the_log_page_says_what_was_not_kept_and_follows_from_the_whole_outputs_
     submitted = sqlite_platform.submit(workflows.chatty_pipeline, {"seconds": 1.0})
     attempt_id = submitted.queued[0].attempt_id
     assert sqlite_platform.claim(attempt_id, "worker-x") is not None
-    sqlite_platform.ship_logs({attempt_id: (2_000_000, "kept line\n")}, "worker-x")
+    sqlite_platform.ship_logs(
+        {attempt_id: LogPiece(2_000_000, "kept line\n", kept_from=2_000_000)}, "worker-x"
+    )
     sign_in(client, "alice")
     base = f"/ui/p/default/runs/{submitted.run_id}/tasks/chatty/log"
     page = client.get(base)
     assert "The first 2,000,000 characters of this output were not kept" in page.text
     assert 'data-offset="2000010"' in page.text  # where the script asks from
-    sqlite_platform.ship_logs({attempt_id: (2_000_000, "kept line\nnext\n")}, "worker-x")
+    sqlite_platform.ship_logs({attempt_id: LogPiece(2_000_010, "next\n")}, "worker-x")
     part = client.get(f"{base}.json?attempt=1&offset=2000010").json()
     assert (part["text"], part["offset"], part["next_offset"]) == ("next\n", 2_000_010, 2_000_015)
     cut = client.get(f"{base}.json?attempt=1&offset=10").json()  # what it had was cut away

@@ -86,6 +86,17 @@ class Outcome:
         self.log = storable_text(self.log)
 
 
+@dataclass(frozen=True)
+class LogPiece:
+    """What a running attempt printed since its worker last shipped its log."""
+
+    #: Characters of the attempt's output before this piece.
+    start: int
+    text: str
+    #: Where the output its worker keeps begins: the pieces wholly before it are let go.
+    kept_from: int = 0
+
+
 def storable_text(text: str | None) -> str | None:
     """Text as a database column can hold it: PostgreSQL's text has no NUL character, which a
     task may well print or put in an error; each becomes U+FFFD, as undecodable bytes do."""

@@ -55,6 +55,7 @@ from ml_platform.service.core import (
     ClaimedAttempt,
     FencedOut,
     Heartbeat,
+    LogPiece,
     NotFound,
     Outcome,
     _Abort,
@@ -322,6 +323,25 @@ _CLAIM_ONE = text(_claims("= :attempt_id")).bindparams(
     bindparam("attempt_id", type_=Integer), *_CLAIM_TIMES
 )
 
+
+# A running attempt's output, in the pieces its worker ships (store.models.LogPart).
+_SHIP_PIECE = text("""
+    INSERT INTO log_parts (attempt_id, start, text)
+    SELECT :attempt_id, :start, :text
+    WHERE EXISTS (SELECT 1 FROM attempts WHERE id = :attempt_id AND worker_id = :worker_id
+        AND state = :running)
+    ON CONFLICT (attempt_id, start) DO NOTHING
+""")
+_LET_GO = text("""
+    DELETE FROM log_parts
+    WHERE attempt_id = :attempt_id AND start + length(text) <= :kept_from
+""")
+_SHIPPED = text("SELECT start, text FROM log_parts WHERE attempt_id = :attempt_id ORDER BY start")
+_SWEEP_LOG_PARTS = text("""
+    DELETE FROM log_parts WHERE attempt_id IN (
+        SELECT p.attempt_id FROM log_parts p JOIN attempts a ON a.id = p.attempt_id
+        WHERE a.state <> :running)
+""")
 
 # Ending an attempt: guarded by the state it expects and by who may end it (see _Guard).
 # An outcome without a log (the reaper's, say) keeps what the worker shipped while it ran.
@@ -654,6 +674,7 @@ class Execution(Planning):
         self.reap(now)
         if advance:
             self._advance_all(now)
+            self.sweep_log_parts()
         due = select(Attempt.id, Attempt.pool).where(
             Attempt.state == AttemptState.QUEUED, Attempt.not_before <= now
         )
@@ -701,9 +722,22 @@ class Execution(Planning):
                 guard = _UNGUARDED
             else:
                 continue
+            # What its worker shipped while it ran becomes its log (its worker is away).
+            with self.db.session() as session:
+                pieces = session.execute(_SHIPPED, {"attempt_id": attempt_id}).all()
+            if pieces:
+                outcome.log = "".join(piece for _, piece in pieces)
+                outcome.log_start = pieces[0].start
             if self._end_attempt(run_id, attempt_id, number, outcome, now, guard) is not None:
                 reaped += 1
         return reaped
+
+    def sweep_log_parts(self) -> None:
+        """Remove the shipped pieces of attempts that have ended (their whole log is in
+        ``attempts.log`` now): one statement, on a table of running attempts' pieces. At
+        every full scheduler pass, and by a worker when an attempt that shipped has ended."""
+        with self.db.session() as session:
+            session.execute(_SWEEP_LOG_PARTS, {"running": AttemptState.RUNNING})
 
     def claim(self, attempt_id: int, worker_id: str) -> ClaimedAttempt | None:
         """Start an attempt for this worker, or None if it is not (or no longer) claimable."""
@@ -871,24 +905,32 @@ class Execution(Planning):
             row.run_id, attempt_id, row.number, outcome, utcnow(), _UNGUARDED, AttemptState.QUEUED
         )
 
-    def ship_logs(self, logs: Mapping[int, tuple[int, str]], worker_id: str) -> None:
-        """Store what running attempts printed so far (each attempt's log as a whole: the
-        tail its worker keeps, and where it begins in the whole output), only while the
-        attempt is still this worker's and running."""
+    def ship_logs(self, pieces: Mapping[int, LogPiece], worker_id: str) -> None:
+        """Store what running attempts printed since the last time (a piece each, only while
+        the attempt is still this worker's and running), and let go of the pieces wholly
+        before what each worker keeps: one transaction for all of them. A piece already
+        stored (the answer to its commit was lost) is not stored twice."""
+        if not pieces:
+            return
         with self.db.session() as session:
-            session.connection().execute(
-                update(Attempt)
-                .where(
-                    Attempt.id == bindparam("attempt_id"),
-                    Attempt.worker_id == worker_id,
-                    Attempt.state == AttemptState.RUNNING,
-                )
-                .values(log=bindparam("text"), log_start=bindparam("start")),
-                [
-                    {"attempt_id": key, "start": start, "text": storable_text(text)}
-                    for key, (start, text) in logs.items()
-                ],
-            )
+            conn = session.connection()
+            rows = [
+                {
+                    "attempt_id": attempt_id,
+                    "start": piece.start,
+                    "text": storable_text(piece.text),
+                    "kept_from": piece.kept_from,
+                    "worker_id": worker_id,
+                    "running": AttemptState.RUNNING,
+                }
+                for attempt_id, piece in pieces.items()
+            ]
+            for statement, given in (
+                (_SHIP_PIECE, [row for row in rows if row["text"]]),
+                (_LET_GO, [row for row in rows if row["kept_from"]]),
+            ):
+                if given:
+                    conn.execute(statement, given)
 
     def heartbeat(self, attempt_ids: Iterable[int], worker_id: str) -> Heartbeat:
         """Extend the leases of a worker's running attempts; say which must stop."""

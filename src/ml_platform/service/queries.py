@@ -50,6 +50,17 @@ class LogPart:
     running: bool
 
 
+#: An attempt and, while it runs, the pieces of its log its worker shipped (one statement:
+#: one snapshot, whether it ends meanwhile or not), with the text of those past ``offset``.
+_LOG_NOW = text("""
+    SELECT a.number, a.state, a.log, a.log_start, p.start, length(p.text) AS size,
+        CASE WHEN p.start + length(p.text) > :offset THEN p.text END AS text
+    FROM attempts a
+    LEFT JOIN log_parts p ON p.attempt_id = a.id AND a.state = :running
+    WHERE a.id = :attempt_id
+    ORDER BY p.start
+""")
+
 #: The upper bounds (seconds) of the attempt-duration histogram's buckets.
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 #: Attempts created longer ago than this are committed, if they ever will be (see _Durations).
@@ -384,19 +395,37 @@ class Queries(_Core):
     ) -> LogPart:
         """What the attempt (latest by default) of a task printed from ``offset`` on: every
         face's way to show a log and to follow it while the attempt runs."""
-        attempt = self.log(run_id, node_id, number)
-        text = attempt.log or ""
-        kept_from = attempt.log_start
-        end = kept_from + len(text)
-        start = offset if kept_from <= offset <= end else kept_from
+        attempt_id = self.log(run_id, node_id, number).id
+        with self.db.session() as session:
+            rows = session.execute(
+                _LOG_NOW,
+                {"attempt_id": attempt_id, "offset": offset, "running": AttemptState.RUNNING},
+            ).all()
+            if rows[0].start is not None and offset > rows[-1].start + rows[-1].size:
+                # past the end (not an offset of this output): everything, from the start
+                rows = session.execute(
+                    _LOG_NOW,
+                    {"attempt_id": attempt_id, "offset": -1, "running": AttemptState.RUNNING},
+                ).all()
+        row = rows[0]
+        if row.start is None:  # ended (its whole log is in attempts.log), or nothing shipped
+            text, kept_from = row.log or "", row.log_start
+            end = kept_from + len(text)
+            start = offset if kept_from <= offset <= end else kept_from
+            text = text[start - kept_from :]
+        else:  # running: the pieces its worker shipped
+            kept_from, end = row.start, rows[-1].start + rows[-1].size
+            start = offset if kept_from <= offset <= end else kept_from
+            read = [r for r in rows if r.text is not None]
+            text = "".join(r.text for r in read)[start - read[0].start :] if read else ""
         return LogPart(
-            attempt=attempt.number,
-            state=attempt.state,
-            text=text[start - kept_from :],
+            attempt=row.number,
+            state=row.state,
+            text=text,
             offset=start,
             next_offset=end,
             kept_from=kept_from,
-            running=attempt.state in (AttemptState.QUEUED, AttemptState.RUNNING),
+            running=row.state in (AttemptState.QUEUED, AttemptState.RUNNING),
         )
 
     def log(self, run_id: str, node_id: str, number: int | None = None) -> Attempt:

@@ -229,6 +229,21 @@ class Attempt(Base):
     log_start: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
+class LogPart(Base):
+    """A piece of a running attempt's output, as its worker shipped it: the pieces of one
+    attempt are contiguous from the first kept one (each starts where the last ended; the
+    worker deletes those wholly before what it keeps). Written once, never updated, so that
+    following a log costs what was printed, not the whole log again; removed once the
+    attempt has ended and its whole log is in ``attempts.log``."""
+
+    __tablename__ = "log_parts"
+
+    attempt_id: Mapped[int] = mapped_column(ForeignKey("attempts.id"), primary_key=True)
+    #: Characters of the attempt's output before this piece.
+    start: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    text: Mapped[str] = mapped_column(Text)
+
+
 class Metric(Base):
     __tablename__ = "metrics"
     __table_args__ = (Index("ix_metrics_name_run", "name", "run_id"),)

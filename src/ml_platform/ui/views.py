@@ -429,11 +429,10 @@ def task_log(
     scope = _scope(request, project)
     run, _ = _run_of(request, scope, run_id)
     try:
-        row = _services(request).platform.log(run.id, task, attempt)
+        part = _services(request).platform.log_part(run.id, task, attempt)
     except NotFound as exc:
         raise PageError(404, str(exc)) from None
-    running = row.state in ("queued", "running")
-    return _page(request, scope, "log.html", run=run, task=task, attempt=row, running=running)
+    return _page(request, scope, "log.html", run=run, task=task, log=part)
 
 
 @router.get("/p/{project}/runs/{run_id}/tasks/{task}/log.json")
