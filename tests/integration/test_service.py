@@ -511,6 +511,19 @@ def test_a_running_attempts_log_is_shipped_in_pieces_each_written_once(
     assert stored() == (whole, [])
 
 
+def test_an_artifact_past_2_gib_is_recorded(platform: Platform) -> None:
+    """A model checkpoint of 3 GiB: its size once overflowed a 32-bit column on PostgreSQL."""
+    submitted = platform.submit(workflows.chatty_pipeline, {"seconds": 1.0})
+    claimed = platform.claim(submitted.queued[0].attempt_id, "worker-a")
+    assert claimed is not None
+    saved = {"name": "model", "sha256": "ab" * 32, "size": 3 * 2**30, "kind": "file"}
+    platform.finish(
+        claimed, "worker-a", Outcome(AttemptState.SUCCEEDED, result={"v": 1}, artifacts=[saved])
+    )
+    [(node_id, artifact)] = platform.artifacts_of(submitted.run_id)
+    assert (node_id, artifact.name, artifact.size) == ("chatty", "model", 3 * 2**30)
+
+
 def test_an_outcome_the_database_refuses_fails_its_attempt_saying_why(
     postgres_platform: Platform,
 ) -> None:

@@ -281,7 +281,7 @@ class Artifact(Base):
     task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"))
     name: Mapped[str] = mapped_column(String(200))
     sha256: Mapped[str] = mapped_column(String(64))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)  # bytes: a model may well be past 2 GiB
     kind: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
