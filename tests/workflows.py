@@ -451,3 +451,18 @@ def mapped_naps(n: int = 8, seconds: float = 0.3) -> None:
 def into_a_pool() -> None:
     """A default-queue task whose downstream runs in the pool "tests-pool"."""
     pooled(process_id())
+
+
+@task
+def learning_curve(steps: int) -> int:
+    """Logs a point per training step, as a training loop does, and one final score."""
+    ctx = context()
+    for i in range(steps):
+        ctx.log_metric("loss", 1.0 / (i + 1), step=i)
+    ctx.log_metric("accuracy", 0.75)
+    return steps
+
+
+@workflow
+def curve(steps: int = 3) -> None:
+    learning_curve(steps)

@@ -149,8 +149,8 @@ def _local_tasks(platform: Platform, run_id: str) -> list[TaskView]:
     for attempt in platform.attempts(run_id):
         attempts.setdefault(attempt.task_run_id, []).append(attempt.state)
     metrics: dict[str, list[str]] = {}
-    for node_id, metric in platform.metrics(run_id):
-        metrics.setdefault(node_id, []).append(f"{metric.name}={metric.value:.4g}")
+    for summary in platform.metric_summaries([run_id])[run_id]:
+        metrics.setdefault(summary.task, []).append(_metric(asdict(summary)))
     tasks = platform.task_runs(run_id)
     elements = _element_counts(
         [(t.node_id, "map" in t.inputs, t.options.get("map_of")) for t in tasks]
@@ -171,8 +171,8 @@ def _local_tasks(platform: Platform, run_id: str) -> list[TaskView]:
 
 def _remote_tasks(client: Client, run_id: str) -> list[TaskView]:
     metrics: dict[str, list[str]] = {}
-    for metric in client.metrics(run_id):
-        metrics.setdefault(metric["task"], []).append(f"{metric['name']}={metric['value']:.4g}")
+    for summary in client.metric_summaries(run_id):
+        metrics.setdefault(summary["task"], []).append(_metric(summary))
     tasks = client.tasks(run_id)
     elements = _element_counts(
         [(t["node_id"], t.get("mapped", False), t.get("element_of")) for t in tasks]
@@ -189,6 +189,13 @@ def _remote_tasks(client: Client, run_id: str) -> list[TaskView]:
         )
         for t in tasks
     ]
+
+
+def _metric(summary: dict[str, Any]) -> str:
+    """A task's metric of one name: its last value, and how many points if more than one."""
+    shown = f"{summary['name']}={summary['last']:.4g}"
+    points = summary["points"]
+    return shown if points == 1 else f"{shown} (last of {points:,})"
 
 
 def _when(text: str | None) -> datetime | None:

@@ -137,9 +137,10 @@ class Client:
         result: list[dict[str, Any]] = self._request("GET", self._project(f"/runs/{run_id}/tasks"))
         return result
 
-    def metrics(self, run_id: str) -> list[dict[str, Any]]:
+    def metric_summaries(self, run_id: str) -> list[dict[str, Any]]:
+        """Each task's metrics, one line per name (last value, points, range)."""
         result: list[dict[str, Any]] = self._request(
-            "GET", self._project(f"/runs/{run_id}/metrics")
+            "GET", self._project(f"/runs/{run_id}/metrics/summary")
         )
         return result
 

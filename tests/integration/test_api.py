@@ -266,6 +266,43 @@ def test_a_run_through_the_api_with_its_tasks_logs_metrics_and_artifacts(api: Ap
     assert api.client.get(f"{base}/metrics", headers=carol).json() == []
 
 
+def test_a_task_with_a_point_per_step_is_summed_up_and_its_points_come_in_pages(
+    api: Api,
+) -> None:
+    """A training loop's 3,000 loss points: one line per task and name (the last value, how
+    many, their range); the points themselves come a page at a time."""
+    carol = api.login("carol")
+    run_id = submit(api, carol, "tests.workflows:curve", steps=3000)
+    assert run_inline(api.platform, run_id) is RunState.SUCCEEDED
+    base = f"/api/v1/projects/vision/runs/{run_id}"
+    summary = api.client.get(f"{base}/metrics/summary", headers=carol).json()
+    assert summary == [
+        {
+            "task": "learning_curve",
+            "name": "loss",
+            "last": 1 / 3000,
+            "points": 3000,
+            "low": 1 / 3000,
+            "high": 1.0,
+        },
+        {
+            "task": "learning_curve",
+            "name": "accuracy",
+            "last": 0.75,
+            "points": 1,
+            "low": 0.75,
+            "high": 0.75,
+        },
+    ]
+    first = api.client.get(f"{base}/metrics?name=loss&limit=1000", headers=carol).json()
+    assert [m["step"] for m in first] == list(range(1000))
+    last = api.client.get(f"{base}/metrics?limit=1000&offset=2500", headers=carol).json()
+    assert [m["step"] for m in last] == [*range(2500, 3000), None]
+    everything = api.client.get(f"{base}/metrics", headers=carol).json()
+    assert len(everything) == 3001  # a page of at most 10,000 by default
+    assert api.client.get(f"{base}/metrics?limit=100001", headers=carol).status_code == 422
+
+
 def test_run_lists_filter_and_paginate(api: Api) -> None:
     carol = api.login("carol")
     ids = [submit(api, carol, "tests.workflows:arithmetic", n=1) for _ in range(3)]

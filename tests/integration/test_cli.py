@@ -207,6 +207,15 @@ def test_a_killed_worker_loses_its_attempt_and_another_worker_retries_it(
     assert marker.read_text().splitlines() == ["started 1", "started 2", "finished 2"]
 
 
+def test_a_task_with_a_point_per_step_shows_one_line_per_metric(cli_env: dict[str, str]) -> None:
+    """3,000 loss points: the run's table says the last and how many, not 3,000 values."""
+    code, output = mlp("run", "tests.workflows:curve", "-p", "steps=3000")
+    assert code == 0, output
+    assert "loss=0.0003333 (last of 3,000) accuracy=0.75" in output, output
+    code, shown = mlp("show", run_id_of(output))
+    assert code == 0 and shown.count("loss=") == 1, shown
+
+
 def test_the_demo_runs_and_a_second_run_reuses_the_cache(cli_env: dict[str, str]) -> None:
     code, output = mlp("demo", "-c", "1")  # one task process: scikit-learn imported once
     assert code == 0, output

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from ml_platform.accounts import Accounts, Role
 from ml_platform.api import create_app
+from ml_platform.engine.states import RunState
 from ml_platform.service import LogPiece, Platform
 from tests import workflows
 from tests.helpers import run_inline
@@ -310,3 +311,14 @@ def test_the_log_page_says_what_was_not_kept_and_follows_from_the_whole_outputs_
     assert (part["text"], part["offset"], part["next_offset"]) == ("next\n", 2_000_010, 2_000_015)
     cut = client.get(f"{base}.json?attempt=1&offset=10").json()  # what it had was cut away
     assert (cut["text"], cut["offset"]) == ("kept line\nnext\n", 2_000_000)
+
+
+def test_a_task_with_a_point_per_step_is_one_row_of_the_run_pages_metrics(
+    client: TestClient, sqlite_platform: Platform
+) -> None:
+    submitted = sqlite_platform.submit(workflows.curve, {"steps": 3000})
+    assert run_inline(sqlite_platform, submitted.run_id) is RunState.SUCCEEDED
+    sign_in(client, "alice")
+    page = client.get(f"/ui/p/default/runs/{submitted.run_id}").text
+    metrics = page[page.index('id="metrics"') :].split("</table>")[0]
+    assert metrics.count("<tr>") == 2 and "last of 3,000, 0.0003333 to 1" in metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -27,6 +28,7 @@ from ml_platform.api.schemas import (
     LogoutRequest,
     MemberSet,
     MetricOut,
+    MetricSummaryOut,
     ProgressOut,
     ProgressTaskOut,
     ProjectCreate,
@@ -341,10 +343,35 @@ def task_logs(
 
 
 @router.get("/projects/{project}/runs/{run_id}/metrics", tags=["runs"])
-def run_metrics(run_id: str, access: Viewer, svc: ServicesDep) -> list[MetricOut]:
+def run_metrics(
+    run_id: str,
+    access: Viewer,
+    svc: ServicesDep,
+    task: Annotated[str | None, Query(max_length=200)] = None,
+    name: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+) -> list[MetricOut]:
+    """The points the run's tasks logged (of one task or name, if given), in the order they
+    were logged, at most ``limit`` from ``offset``: while a page is full, ask from
+    ``offset + limit`` for more. A line per task and name: ``…/metrics/summary``."""
+    found = svc.platform.metrics(
+        _run_id(svc, access, run_id), task=task, name=name, limit=limit, offset=offset
+    )
     return [
         MetricOut(task=node, name=m.name, value=m.value, step=m.step, attempt=m.attempt)
-        for node, m in svc.platform.metrics(_run_id(svc, access, run_id))
+        for node, m in found
+    ]
+
+
+@router.get("/projects/{project}/runs/{run_id}/metrics/summary", tags=["runs"])
+def run_metric_summaries(run_id: str, access: Viewer, svc: ServicesDep) -> list[MetricSummaryOut]:
+    """Each task's metrics, one line per name: the value logged last, how many points, and
+    their range."""
+    full_id = _run_id(svc, access, run_id)
+    return [
+        MetricSummaryOut(**asdict(summary))
+        for summary in svc.platform.metric_summaries([full_id])[full_id]
     ]
 
 

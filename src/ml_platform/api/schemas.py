@@ -169,6 +169,18 @@ class MetricOut(BaseModel):
     attempt: int
 
 
+class MetricSummaryOut(BaseModel):
+    """A task's metric of one name: the value logged last, how many were logged, and the
+    least and greatest of them."""
+
+    task: str
+    name: str
+    last: float
+    points: int
+    low: float
+    high: float
+
+
 class ArtifactOut(BaseModel):
     task: str
     name: str

@@ -31,7 +31,13 @@ from ml_platform.service.core import (
     Submitted,
 )
 from ml_platform.service.execution import Execution, timeout_outcome
-from ml_platform.service.queries import DURATION_BUCKETS, LogPart, RunProgress, Stats
+from ml_platform.service.queries import (
+    DURATION_BUCKETS,
+    LogPart,
+    MetricSummary,
+    RunProgress,
+    Stats,
+)
 from ml_platform.service.runs import RetryError
 from ml_platform.service.schedules import ScheduleError, Schedules, latest_tick, next_tick
 
@@ -47,6 +53,7 @@ __all__ = [
     "Heartbeat",
     "LogPart",
     "LogPiece",
+    "MetricSummary",
     "NotFound",
     "Outcome",
     "Platform",

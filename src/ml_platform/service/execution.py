@@ -64,7 +64,7 @@ from ml_platform.service.core import (
     storable_text,
 )
 from ml_platform.service.planning import Planning, queued_as_it_is
-from ml_platform.store.db import on_driver, reading
+from ml_platform.store.db import insert_rows, on_driver, reading
 from ml_platform.store.models import (
     Artifact,
     Attempt,
@@ -1603,17 +1603,25 @@ class Execution(Planning):
     def _record_outputs(
         session: Session, run_id: str, task_run_id: int, number: int, outcome: Outcome
     ) -> None:
-        for metric in outcome.metrics:
-            session.add(
-                Metric(
-                    run_id=run_id,
-                    task_run_id=task_run_id,
-                    attempt=number,
-                    name=metric["name"],
-                    value=metric["value"],
-                    step=metric.get("step"),
-                )
-            )
+        # One statement for them all: a training loop logs a point per step (200,000 as ORM
+        # objects were 11 s and 700 MB of a worker).
+        now = utcnow()
+        insert_rows(
+            session.connection(),
+            Metric,
+            [
+                {
+                    "run_id": run_id,
+                    "task_run_id": task_run_id,
+                    "attempt": number,
+                    "name": metric["name"],
+                    "value": metric["value"],
+                    "step": metric.get("step"),
+                    "created_at": now,
+                }
+                for metric in outcome.metrics
+            ],
+        )
         for name, value in outcome.params.items():
             existing = session.scalar(
                 select(Param).where(Param.task_run_id == task_run_id, Param.name == name)

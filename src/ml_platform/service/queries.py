@@ -50,6 +50,19 @@ class LogPart:
     running: bool
 
 
+@dataclass(frozen=True)
+class MetricSummary:
+    """A task's metric of one name (see Platform.metric_summaries)."""
+
+    task: str
+    name: str
+    #: The value logged last, how many were logged, and the least and greatest of them.
+    last: float
+    points: int
+    low: float
+    high: float
+
+
 #: An attempt and, while it runs, the pieces of its log its worker shipped (one statement:
 #: one snapshot, whether it ends meanwhile or not), with the text of those past ``offset``.
 _LOG_NOW = text("""
@@ -334,17 +347,67 @@ class Queries(_Core):
                 )
             )
 
-    def metrics(self, run_id: str) -> list[tuple[str, Metric]]:
+    def metric_summaries(self, run_ids: Iterable[str]) -> dict[str, list[MetricSummary]]:
+        """Each task's metrics, one line per name (the last value logged, how many points,
+        their range), by run: counted in SQL, so that a task that logged a point per
+        training step (a hundred thousand, say) costs its faces a line, not a line a point."""
+        ids = list(run_ids)
+        found: dict[str, list[MetricSummary]] = {run_id: [] for run_id in ids}
+        if not ids:
+            return found
+        groups = (
+            select(
+                Metric.run_id,
+                TaskRun.node_id,
+                TaskRun.position,
+                Metric.name,
+                func.count().label("points"),
+                func.min(Metric.value).label("low"),
+                func.max(Metric.value).label("high"),
+                func.min(Metric.id).label("first_id"),
+                func.max(Metric.id).label("last_id"),
+            )
+            .join(TaskRun, TaskRun.id == Metric.task_run_id)
+            .where(Metric.run_id.in_(ids))
+            .group_by(Metric.run_id, TaskRun.node_id, TaskRun.position, Metric.name)
+            .subquery()
+        )
+        last = Metric.__table__.alias("last")
         with self.db.session() as session:
-            return [
-                (node_id, metric)
-                for node_id, metric in session.execute(
-                    select(TaskRun.node_id, Metric)
-                    .join(Metric, Metric.task_run_id == TaskRun.id)
-                    .where(Metric.run_id == run_id)
-                    .order_by(TaskRun.position, Metric.id)
-                )
-            ]
+            rows = session.execute(
+                select(groups, last.c.value)
+                .join(last, last.c.id == groups.c.last_id)
+                .order_by(groups.c.position, groups.c.first_id)
+            ).all()
+        for row in rows:
+            found[row.run_id].append(
+                MetricSummary(row.node_id, row.name, row.value, row.points, row.low, row.high)
+            )
+        return found
+
+    def metrics(
+        self,
+        run_id: str,
+        *,
+        task: str | None = None,
+        name: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[tuple[str, Metric]]:
+        """The points a run's tasks logged (of one task or name, if given), task by task in
+        the order they were logged; ``limit`` of them from ``offset``."""
+        query = (
+            select(TaskRun.node_id, Metric)
+            .join(Metric, Metric.task_run_id == TaskRun.id)
+            .where(Metric.run_id == run_id)
+        )
+        if task is not None:
+            query = query.where(TaskRun.node_id == task)
+        if name is not None:
+            query = query.where(Metric.name == name)
+        query = query.order_by(TaskRun.position, Metric.id).offset(offset).limit(limit)
+        with self.db.session() as session:
+            return [(node_id, metric) for node_id, metric in session.execute(query)]
 
     def task_params(self, run_ids: Iterable[str]) -> dict[tuple[str, str], dict[str, Any]]:
         """The params tasks logged, by (run id, task)."""

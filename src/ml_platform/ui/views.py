@@ -401,7 +401,7 @@ def run_page(request: Request, project: str, run_id: str, fragment: bool = False
         attempts_of=attempts_of,
         dag=dag,
         timeline=timeline,
-        metrics=platform.metrics(run.id),
+        metrics=platform.metric_summaries([run.id])[run.id],
         artifacts=platform.artifacts_of(run.id),
         live=run.state not in RUN_TERMINAL,
     )
@@ -552,14 +552,13 @@ def compare(
                 )
             )
         )
-    metrics_of = {run.id: platform.metrics(run.id) for run, _ in runs_}
-    metric_names = sorted({m.name for found in metrics_of.values() for _, m in found})
+    metrics_of = platform.metric_summaries(run.id for run, _ in runs_)
+    metric_names = sorted({m.name for found in metrics_of.values() for m in found})
     if metric not in metric_names:
         preferred = [n for n in metric_names if "auc" in n] + metric_names
         metric = preferred[0] if preferred else None
     table = [
-        (run, {node: m.value for node, m in metrics_of[run.id] if m.name == metric})
-        for run, _ in runs_
+        (run, {m.task: m.last for m in metrics_of[run.id] if m.name == metric}) for run, _ in runs_
     ]
     columns = sorted({node for _, row in table for node in row})
     # Series named by the task and the params it logged that differ between the tasks.
