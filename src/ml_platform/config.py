@@ -83,6 +83,11 @@ _KINDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+#: The database URLs the platform can use, by scheme (``postgres://`` as Heroku and others
+#: spell it; SQLAlchemy's own ``postgresql+psycopg://``).
+DATABASE_SCHEMES = frozenset({"sqlite", "postgresql", "postgres", "postgresql+psycopg"})
+
+
 @dataclass(init=False)
 class Settings:
     """Where the platform keeps its state and how its workers behave."""
@@ -157,6 +162,13 @@ class Settings:
                 setattr(self, setting.name, _read(setting, given))
             except ValueError as exc:
                 problems.append(str(exc))
+        scheme = (self.database_url_override or "sqlite:").split(":", 1)[0]
+        if scheme not in DATABASE_SCHEMES:  # only the scheme: the URL may hold a password
+            problems.append(
+                f"database_url (DATABASE_URL): a {scheme!r} URL, but the platform keeps its"
+                " state in PostgreSQL (postgresql://USER@HOST:PORT/DB) or SQLite"
+                " (sqlite:///PATH)"
+            )
         if problems:
             raise SettingsError(f"invalid settings in the environment: {'; '.join(problems)}")
 

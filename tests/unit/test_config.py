@@ -87,6 +87,18 @@ def test_every_wrong_setting_is_named_with_its_variable_at_once(
         Settings(lease_seconds=0)
 
 
+def test_a_database_url_of_another_kind_is_refused_without_showing_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "mysql://admin:hunter2@db.example/platform")
+    with pytest.raises(SettingsError, match="a 'mysql' URL, but the platform keeps") as raised:
+        load_settings()
+    assert "hunter2" not in str(raised.value)
+    for good in ("postgres://u@h/db", "postgresql+psycopg://u@h/db", "sqlite:////tmp/x.db"):
+        monkeypatch.setenv("DATABASE_URL", good)
+        assert load_settings().database_url.startswith(("postgresql+psycopg://", "sqlite:"))
+
+
 def test_a_setting_that_does_not_exist_is_refused_and_a_copy_keeps_every_value() -> None:
     with pytest.raises(TypeError, match="lease_second"):
         Settings(lease_second=3)
