@@ -31,11 +31,14 @@ class Client:
     project: str = "default"
     timeout: float = 30.0
     on_tokens: Any = None  # called with (access, refresh) after a login or a refresh
-    #: How long a read waits out a server whose database or Redis is away for a moment (503
-    #: with Retry-After: a restart, a failover), asking again when told, before it fails.
+    #: How long a read waits out a server that is away for a moment -- restarting (it cannot
+    #: be reached, though it answered this client before: asked again after 0.5, 1, 2, 4, 5,
+    #: 5 … s) or without its database or Redis (503 with Retry-After: asked again when told)
+    #: -- before it fails. A server never reached (a wrong address) fails at once.
     unavailable_wait: float = 60.0
     on_wait: Any = None  # called with a line saying why, before each such wait
     _http: httpx.Client = field(init=False, repr=False)
+    _reached: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -47,14 +50,25 @@ class Client:
     def _request(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         deadline = time.monotonic() + self.unavailable_wait
+        # A read is asked again (it changes nothing); a write is not: it fails, and the caller
+        # decides (a 503 means it was not done, but a retry is the caller's call).
+        read = method in ("GET", "HEAD")
+        unreachable = 0
         while True:
             try:
                 response = self._http.request(method, path, headers=headers, **kwargs)
-            except httpx.HTTPError as exc:
-                raise ApiClientError(0, "unreachable", f"cannot reach {self.url}: {exc}") from None
-            # A read is asked again (it changes nothing); a write is not: it fails, and the
-            # caller decides (a 503 means it was not done, but a retry is the caller's call).
-            pause = _retry_after(response) if method in ("GET", "HEAD") else None
+            except httpx.TransportError as exc:
+                why = f"cannot reach {self.url}: {exc}"
+                pause = min(0.5 * 2**unreachable, 5.0)
+                unreachable += 1
+                if not (read and self._reached) or time.monotonic() + pause > deadline:
+                    raise ApiClientError(0, "unreachable", why) from None
+                if self.on_wait is not None:
+                    self.on_wait(f"{why}: asking again in {pause:g} s")
+                time.sleep(pause)
+                continue
+            self._reached = True
+            pause = _retry_after(response) if read else None
             if pause is None or time.monotonic() + pause > deadline:
                 break
             if self.on_wait is not None:

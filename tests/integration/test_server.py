@@ -8,7 +8,9 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,7 @@ from typer.testing import CliRunner
 from ml_platform import cli
 from ml_platform.cli import app
 from tests.conftest import RedisTarget
-from tests.forked import ZYGOTE
+from tests.forked import ZYGOTE, Forked
 from tests.helpers import wait_until_ready
 from tests.services import free_port
 
@@ -39,6 +41,25 @@ def mlp(
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, error)
 
 
+@dataclass
+class Cluster:
+    """A server and two one-slot workers (``processes``, the server first)."""
+
+    url: str
+    env: dict[str, str]
+    processes: list[Forked]
+
+    def restart_server(self, down_for: float) -> None:
+        """SIGTERM the server, wait for it to end, start a new one on the same port
+        ``down_for`` seconds later."""
+        self.processes[0].terminate()
+        self.processes[0].wait(timeout=30)
+        time.sleep(down_for)  # the outage, as long as a slow restart's
+        port = self.url.rsplit(":", 1)[1]
+        with open(os.devnull, "w") as devnull:
+            self.processes[0] = ZYGOTE.spawn(["server", "--port", port], self.env, output=devnull)
+
+
 @pytest.fixture
 def cluster(
     postgres_clean: str,
@@ -46,7 +67,7 @@ def cluster(
     redis_client: redis.Redis,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[tuple[str, dict[str, str]]]:
+) -> Iterator[Cluster]:
     # The CLI's console fixed its width when this process imported it: as wide as COLUMNS.
     monkeypatch.setattr(cli.console, "width", 200)
     env = dict(
@@ -80,7 +101,7 @@ def cluster(
         ]
     try:
         wait_until_ready(url)
-        yield url, env
+        yield Cluster(url, env, processes)
     finally:
         for process in processes:
             process.terminate()
@@ -93,9 +114,9 @@ def cluster(
 
 
 def test_the_demo_runs_through_the_api_on_two_workers(
-    cluster: tuple[str, dict[str, str]], redis_target: RedisTarget, redis_client: redis.Redis
+    cluster: Cluster, redis_target: RedisTarget, redis_client: redis.Redis
 ) -> None:
-    url, env = cluster
+    url, env = cluster.url, cluster.env
     refused = mlp(env, "runs", "--server", url)
     assert refused.returncode == 2 and "not logged in" in refused.stdout
     bad = mlp(env, "login", "--server", url, "-u", "alice", "--password-stdin", stdin="wrong")
@@ -169,6 +190,7 @@ def test_the_demo_runs_through_the_api_on_two_workers(
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
     assert "5 passed" in smoke.stdout
     _logs_follow_a_running_task_through_the_server(url, env, token)
+    _a_watch_outlives_a_restart_of_the_server(cluster)
     _logout_ends_the_sign_in_on_the_server_and_proxies_are_not_believed(
         url, env, redis_target, redis_client
     )
@@ -206,6 +228,30 @@ def _logs_follow_a_running_task_through_the_server(
         if follower.poll() is None:
             follower.kill()
             follower.wait()
+
+
+def _a_watch_outlives_a_restart_of_the_server(cluster: Cluster) -> None:
+    """`mlp run --server` watching a run while the server restarts (a deploy): it cannot
+    reach the server for a moment, says so, asks again, and reports the run's end, exit 0.
+    (It used to stop at once, exit 1, as if the run had failed.)"""
+    watcher = ZYGOTE.spawn(
+        ["run", "tests.workflows:naps", "-p", "n=2", "-p", "seconds=3", "--server", cluster.url],
+        cluster.env,
+    )
+    try:
+        assert watcher.stdout is not None
+        seen = [next(watcher.stdout)]
+        assert "submitted to" in seen[0], seen  # it watches from now on, twice a second
+        cluster.restart_server(down_for=1.5)
+        rest, _ = watcher.communicate(timeout=60)
+        output = "".join(seen) + rest
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, output
+    assert "cannot reach" in output and "asking again in" in output, output
+    assert re.search(r"run [0-9a-f]{8} of tests.workflows:naps succeeded", output), output
 
 
 def _logout_ends_the_sign_in_on_the_server_and_proxies_are_not_believed(

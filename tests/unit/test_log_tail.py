@@ -9,6 +9,8 @@ import pytest
 from ml_platform import worker
 from ml_platform.worker import LogTail
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def small(monkeypatch: pytest.MonkeyPatch) -> None:
