@@ -13,6 +13,7 @@ import functools
 import hashlib
 import inspect
 import json
+import numbers
 import operator
 import sys
 from collections.abc import Callable, Mapping
@@ -565,6 +566,25 @@ def workflow(
     return lambda inner: Workflow(inner, **options)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with the numbers of other libraries (numpy's int64, float32 …, registered as
+    numbers) made Python's own, in lists, tuples and dicts too; anything else as it is."""
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) == ():  # numpy's bool_, a 0-d array
+        return _plain(item())
+    return value
+
+
 #: Longest name of a metric, param or artifact (the database's column).
 MAX_NAME_CHARS = 200
 
@@ -610,8 +630,10 @@ class TaskContext:
         self.metrics.append({"name": name, "value": number, "step": step})
 
     def log_param(self, name: str, value: Any) -> None:
-        """Record a parameter the task chose (JSON-serializable)."""
+        """Record a parameter the task chose (JSON-serializable; numbers of other libraries,
+        numpy's say, are taken as the int or float they stand for, in lists and dicts too)."""
         _check_name("param", name)
+        value = _plain(value)
         check_json(value, f"param {name!r}")
         self.params[name] = value
 

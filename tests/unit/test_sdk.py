@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from ml_platform.engine.cache import UnserializableInput
 from ml_platform.inputs import REF_KEY
 from ml_platform.sdk import (
     Backoff,
@@ -226,3 +227,29 @@ class _Index:
 
     def __index__(self) -> int:
         return self.value
+
+
+def test_numbers_of_other_libraries_are_logged_as_the_numbers_they_stand_for(
+    tmp_path: Path,
+) -> None:
+    """A training script's params come from numpy as often as not (np.int64 from an array
+    of choices): they were refused as not JSON-serializable, failing the task."""
+    np = pytest.importorskip("numpy")
+    ctx = TaskContext("run", "task", 1, tmp_path)
+    ctx.log_param("n_estimators", np.int64(200))
+    ctx.log_param("layers", [np.int32(64), np.int32(32)])
+    ctx.log_param("search", {"lr": np.float32(0.5), "shuffle": np.bool_(True)})
+    ctx.log_param("threshold", np.array(0.25))
+    ctx.log_metric("loss", np.float32(0.125), step=np.int64(3))
+    assert ctx.params == {
+        "n_estimators": 200,
+        "layers": [64, 32],
+        "search": {"lr": 0.5, "shuffle": True},
+        "threshold": 0.25,
+    }
+    assert [type(v) for v in ctx.params["search"].values()] == [float, bool]
+    assert ctx.metrics == [{"name": "loss", "value": 0.125, "step": 3}]
+    with pytest.raises(UnserializableInput, match="nan.*which JSON cannot represent"):
+        ctx.log_param("bad", np.float64("nan"))
+    with pytest.raises(UnserializableInput, match="ndarray"):
+        ctx.log_param("weights", np.zeros(3))  # a result's job, not a param's
