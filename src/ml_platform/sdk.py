@@ -318,6 +318,7 @@ def _template(value: Any, ids: list[str], where: str) -> Any:
         if clash:
             raise UnserializableInput(f"{where} uses the reserved key {sorted(clash)[0]!r}")
         return {k: _template(v, ids, f"{where}[{k!r}]") for k, v in value.items()}
+    value = _plain(value)  # a grid from numpy: np.arange(2, 6) gives numpy's integers
     check_json(value, where)
     return value
 

@@ -253,3 +253,15 @@ def test_numbers_of_other_libraries_are_logged_as_the_numbers_they_stand_for(
         ctx.log_param("bad", np.float64("nan"))
     with pytest.raises(UnserializableInput, match="ndarray"):
         ctx.log_param("weights", np.zeros(3))  # a result's job, not a param's
+
+
+def test_a_grid_made_with_numpy_is_traced_as_plain_numbers() -> None:
+    np = pytest.importorskip("numpy")
+
+    @workflow
+    def grid() -> None:
+        workflows.total([workflows.double(n) for n in np.arange(2, 4)])
+
+    specs = {spec.node_id: spec for spec in grid.build({})}
+    assert specs["double[0]"].inputs == {"args": [2], "kwargs": {}}
+    assert type(specs["double[1]"].inputs["args"][0]) is int
