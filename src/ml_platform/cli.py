@@ -502,7 +502,7 @@ def run(
 
 @app.command()
 def runs(
-    state: Annotated[str | None, typer.Option(help="Only runs in this state.")] = None,
+    state: Annotated[RunState | None, typer.Option(help="Only runs in this state.")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 20,
     server: Server = None,
     project: ProjectName = "default",

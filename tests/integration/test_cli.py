@@ -216,6 +216,13 @@ def test_a_task_with_a_point_per_step_shows_one_line_per_metric(cli_env: dict[st
     assert code == 0 and shown.count("loss=") == 1, shown
 
 
+def test_runs_in_a_state_that_does_not_exist_is_refused_naming_the_states(
+    cli_env: dict[str, str],
+) -> None:
+    code, output = mlp("runs", "--state", "sucess")
+    assert code == 2 and "'sucess' is not one of 'queued', 'running', 'succeeded'" in output
+
+
 def test_the_demo_runs_and_a_second_run_reuses_the_cache(cli_env: dict[str, str]) -> None:
     code, output = mlp("demo", "-c", "1")  # one task process: scikit-learn imported once
     assert code == 0, output
