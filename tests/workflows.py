@@ -7,9 +7,11 @@ import signal
 
 # A task that starts processes, for the tests that check they end with their attempt.
 import subprocess  # nosec B404
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ml_platform.sdk import Backoff, Skip, context, task, workflow
 
@@ -466,3 +468,30 @@ def learning_curve(steps: int) -> int:
 @workflow
 def curve(steps: int = 3) -> None:
     learning_curve(steps)
+
+
+@task
+def wanders(folder: str) -> dict[str, Any]:
+    """Changes what a process has: its directory (then removes it), environment, sys.path."""
+    os.makedirs(folder)
+    os.chdir(folder)
+    os.rmdir(folder)
+    os.environ["CUDA_VISIBLE_DEVICES"] = "7"
+    sys.path.insert(0, folder)
+    return {"pid": os.getpid(), "folder": folder}
+
+
+@task
+def looks_around(before: dict[str, Any]) -> dict[str, Any]:
+    """What the next attempt in the same process finds."""
+    return {
+        "same process": os.getpid() == before["pid"],
+        "cwd": os.getcwd(),
+        "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "path": before["folder"] in sys.path,
+    }
+
+
+@workflow
+def wander_then_look(folder: str) -> None:
+    looks_around(wanders(folder))

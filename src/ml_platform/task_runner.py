@@ -332,6 +332,8 @@ def serve(requests: Requests, replies: BinaryIO) -> int:
     the previous one is answered; until then it may take it back (``{"revoke": attempt}``),
     and the answer is ``{"revoked": true}``."""
     ran = 0
+    # What an attempt may change of its process and the next one must not inherit.
+    home = os.getcwd(), dict(os.environ), list(sys.path)
     while (line := requests.line()) is not None:
         request = json.loads(line)
         if "revoke" in request:
@@ -358,9 +360,28 @@ def serve(requests: Requests, replies: BinaryIO) -> int:
         killed = end_leftovers()
         if killed:
             print(f"[ml_platform] stopped {killed} process(es) the task left running", flush=True)
+        _restore(*home)
         replies.write(json.dumps(outcome).encode() + b"\n")
         replies.flush()
     return 0
+
+
+def _restore(cwd: str, environ: dict[str, str], path: list[str]) -> None:
+    """Put back the working directory, the environment and ``sys.path`` an attempt changed:
+    the next attempt in this warm process starts where a fresh process would (a task that
+    did ``os.chdir`` into a directory it then removed failed the next one's relative paths;
+    a CUDA_VISIBLE_DEVICES it set chose the next one's GPU). Compared first: ≈ 10 µs."""
+    try:
+        moved = os.getcwd() != cwd
+    except FileNotFoundError:  # it removed the directory it was in
+        moved = True
+    if moved:
+        os.chdir(cwd)
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    if sys.path != path:
+        sys.path[:] = path
 
 
 def _unlogged(log_path: str, exc: OSError) -> dict[str, Any]:

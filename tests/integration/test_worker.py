@@ -131,6 +131,23 @@ def test_a_timed_out_task_keeps_what_it_printed_and_fails_as_timed_out(
     assert attempt.log == "before\ufffdafter\n"
 
 
+def test_the_next_attempt_in_a_warm_process_starts_where_a_fresh_one_would(
+    sqlite_platform: Platform, tmp_path: Path
+) -> None:
+    """An attempt chdirs into a directory it removes, sets CUDA_VISIBLE_DEVICES and adds to
+    sys.path; the next attempt in the same task process finds none of it."""
+    folder = str(tmp_path / "scratch")
+    submitted = sqlite_platform.submit(workflows.wander_then_look, {"folder": folder})
+    runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
+    assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+    looked = next(
+        t for t in sqlite_platform.task_runs(submitted.run_id) if t.node_id == "looks_around"
+    )
+    assert looked.result == {
+        "value": {"same process": True, "cwd": os.getcwd(), "gpu": None, "path": False}
+    }
+
+
 def test_cancel_ends_the_task_its_child_and_its_grandchild(
     sqlite_platform: Platform, tmp_path: Path
 ) -> None:
