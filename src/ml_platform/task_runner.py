@@ -333,7 +333,7 @@ def serve(requests: Requests, replies: BinaryIO) -> int:
     and the answer is ``{"revoked": true}``."""
     ran = 0
     # What an attempt may change of its process and the next one must not inherit.
-    home = os.getcwd(), dict(os.environ), list(sys.path)
+    home = os.getcwd(), dict(os.environ._data), list(sys.path)  # type: ignore[attr-defined]
     while (line := requests.line()) is not None:
         request = json.loads(line)
         if "revoke" in request:
@@ -366,20 +366,21 @@ def serve(requests: Requests, replies: BinaryIO) -> int:
     return 0
 
 
-def _restore(cwd: str, environ: dict[str, str], path: list[str]) -> None:
+def _restore(cwd: str, environ: dict[bytes, bytes], path: list[str]) -> None:
     """Put back the working directory, the environment and ``sys.path`` an attempt changed:
     the next attempt in this warm process starts where a fresh process would (a task that
     did ``os.chdir`` into a directory it then removed failed the next one's relative paths;
-    a CUDA_VISIBLE_DEVICES it set chose the next one's GPU). Compared first: ≈ 10 µs."""
+    a CUDA_VISIBLE_DEVICES it set chose the next one's GPU). Compared first, the environment
+    as the bytes ``os.environ`` keeps (``_data``): ≈ 2 µs, against ≈ 20 decoding it."""
     try:
         moved = os.getcwd() != cwd
     except FileNotFoundError:  # it removed the directory it was in
         moved = True
     if moved:
         os.chdir(cwd)
-    if os.environ != environ:
-        os.environ.clear()
-        os.environ.update(environ)
+    if os.environ._data != environ:  # type: ignore[attr-defined]
+        os.environb.clear()
+        os.environb.update(environ)
     if sys.path != path:
         sys.path[:] = path
 
