@@ -63,13 +63,21 @@ class MetricSummary:
     high: float
 
 
-#: An attempt and, while it runs, the pieces of its log its worker shipped (one statement:
-#: one snapshot, whether it ends meanwhile or not), with the text of those past ``offset``.
+#: An attempt and, while it runs, the pieces of its log its worker shipped from the one that
+#: holds ``offset`` on, with where the pieces begin and end (one statement: one snapshot,
+#: whether the attempt ends meanwhile or not; the pieces looked up by the key (attempt_id,
+#: start), and by the attempt as a parameter, not a correlation (which PostgreSQL evaluated
+#: again for each piece): a follower at the end reads one piece, not all ten thousand).
 _LOG_NOW = text("""
-    SELECT a.number, a.state, a.log, a.log_start, p.start, length(p.text) AS size,
-        CASE WHEN p.start + length(p.text) > :offset THEN p.text END AS text
+    SELECT a.number, a.state, a.log, a.log_start,
+        (SELECT min(f.start) FROM log_parts f WHERE f.attempt_id = :attempt_id) AS first_start,
+        (SELECT l.start + length(l.text) FROM log_parts l WHERE l.attempt_id = :attempt_id
+            ORDER BY l.start DESC LIMIT 1) AS end_at,
+        p.start, p.text
     FROM attempts a
     LEFT JOIN log_parts p ON p.attempt_id = a.id AND a.state = :running
+        AND p.start >= COALESCE((SELECT max(b.start) FROM log_parts b
+            WHERE b.attempt_id = :attempt_id AND b.start <= :offset), -1)
     WHERE a.id = :attempt_id
     ORDER BY p.start
 """)
@@ -459,28 +467,26 @@ class Queries(_Core):
         """What the attempt (latest by default) of a task printed from ``offset`` on: every
         face's way to show a log and to follow it while the attempt runs."""
         attempt_id = self.log(run_id, node_id, number).id
+        given = {"attempt_id": attempt_id, "offset": offset, "running": AttemptState.RUNNING}
         with self.db.session() as session:
-            rows = session.execute(
-                _LOG_NOW,
-                {"attempt_id": attempt_id, "offset": offset, "running": AttemptState.RUNNING},
-            ).all()
-            if rows[0].start is not None and offset > rows[-1].start + rows[-1].size:
-                # past the end (not an offset of this output): everything, from the start
-                rows = session.execute(
-                    _LOG_NOW,
-                    {"attempt_id": attempt_id, "offset": -1, "running": AttemptState.RUNNING},
-                ).all()
-        row = rows[0]
-        if row.start is None:  # ended (its whole log is in attempts.log), or nothing shipped
+            rows = session.execute(_LOG_NOW, given).all()
+            row = rows[0]
+            live = row.state == AttemptState.RUNNING and row.first_start is not None
+            if live and not row.first_start <= offset <= row.end_at:
+                # cut away since, or past the end: what is kept, from its start
+                rows = session.execute(_LOG_NOW, given | {"offset": -1}).all()
+                row = rows[0]
+                live = row.state == AttemptState.RUNNING and row.first_start is not None
+        if not live:  # ended (its whole log is in attempts.log), or nothing shipped yet
             text, kept_from = row.log or "", row.log_start
             end = kept_from + len(text)
             start = offset if kept_from <= offset <= end else kept_from
             text = text[start - kept_from :]
         else:  # running: the pieces its worker shipped
-            kept_from, end = row.start, rows[-1].start + rows[-1].size
+            kept_from, end = row.first_start, row.end_at
             start = offset if kept_from <= offset <= end else kept_from
-            read = [r for r in rows if r.text is not None]
-            text = "".join(r.text for r in read)[start - read[0].start :] if read else ""
+            pieces = [r for r in rows if r.start is not None]
+            text = "".join(r.text for r in pieces)[start - pieces[0].start :] if pieces else ""
         return LogPart(
             attempt=row.number,
             state=row.state,
