@@ -332,9 +332,11 @@ _SHIP_PIECE = text("""
         AND state = :running)
     ON CONFLICT (attempt_id, start) DO NOTHING
 """)
+#: (``start <`` first: a range of the key, the few pieces before the kept part, not all.)
 _LET_GO = text("""
     DELETE FROM log_parts
-    WHERE attempt_id = :attempt_id AND start + length(text) <= :kept_from
+    WHERE attempt_id = :attempt_id AND start < :kept_from
+        AND start + length(text) <= :kept_from
 """)
 _SHIPPED = text("SELECT start, text FROM log_parts WHERE attempt_id = :attempt_id ORDER BY start")
 _SWEEP_LOG_PARTS = text("""
