@@ -267,7 +267,7 @@ class LogTail:
                     self.start += len(self.text) + skipped
                     self.text, self._read, self._decoder = "", self._read + skipped, None
                 handle.seek(self._read)
-                data = handle.read(size - self._read)
+                data = handle.read(max(0, size - self._read))  # (cut shorter: nothing new)
         except FileNotFoundError:
             data = b""
         if not data and (not final or self._decoder is None):

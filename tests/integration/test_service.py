@@ -495,11 +495,19 @@ def test_a_running_attempts_log_is_shipped_in_pieces_each_written_once(
             ).all()
         return log, [tuple(row) for row in pieces]
 
+    # The answer to a ship's commit lost: the worker sends the piece again, with what was
+    # printed since; it replaces the one stored from the same start.
+    platform.ship_logs({attempt_id: LogPiece(1_000_200, "late")}, "worker-a")
+    platform.ship_logs({attempt_id: LogPiece(1_000_200, "later\n", 1_000_000)}, "worker-a")
     log, pieces = stored()
     assert log is None  # the attempt's row: not written by a ship
-    assert pieces == [(1_000_000 + 10 * i, 10) for i in range(20)]  # the big one let go
+    assert pieces == [*((1_000_000 + 10 * i, 10) for i in range(20)), (1_000_200, 6)]
     part = platform.log_part(submitted.run_id, "chatty", offset=1_000_190)
-    assert (part.text, part.kept_from, part.next_offset) == ("step 0019\n", 1_000_000, 1_000_200)
+    assert (part.text, part.kept_from, part.next_offset) == (
+        "step 0019\nlater\n",
+        1_000_000,
+        1_000_206,
+    )
     whole = "".join(f"step {i:04d}\n" for i in range(20))
     platform.finish(
         claimed,
@@ -507,6 +515,7 @@ def test_a_running_attempts_log_is_shipped_in_pieces_each_written_once(
         Outcome(AttemptState.SUCCEEDED, result={"value": 1}, log=whole, log_start=1_000_000),
     )
     assert platform.log_part(submitted.run_id, "chatty", offset=1_000_190).text == "step 0019\n"
+    # (the finish's whole log is the worker's: its pieces only served while it ran)
     platform.schedule()  # a full pass sweeps the pieces of ended attempts
     assert stored() == (whole, [])
 

@@ -55,3 +55,15 @@ def test_a_burst_larger_than_what_is_kept_is_skipped_unread(tmp_path: Path) -> N
     log.write_text("a" * 50 + "b" * 1_000 + "c" * 20)  # more than 4 bytes a kept character
     text = tail.read(log)
     assert text == "b" * 80 + "c" * 20 and tail.start == 970
+
+
+def test_a_file_cut_shorter_under_the_reader_gives_nothing_new(tmp_path: Path) -> None:
+    """A task that truncates its own output file: the reader neither fails nor reads it all
+    again (it reads on from where it was, once the file has grown past that)."""
+    log, tail = tmp_path / "attempt.log", LogTail()
+    log.write_text("first part\n")
+    assert tail.read(log) == "first part\n"
+    log.write_text("cut\n")
+    assert tail.read(log) == "first part\n" and tail.start == 0
+    log.write_text("cut\n" + "x" * 7 + "then\n")
+    assert tail.read(log, final=True) == "first part\nthen\n"

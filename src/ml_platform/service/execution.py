@@ -330,7 +330,7 @@ _SHIP_PIECE = text("""
     SELECT :attempt_id, :start, :text
     WHERE EXISTS (SELECT 1 FROM attempts WHERE id = :attempt_id AND worker_id = :worker_id
         AND state = :running)
-    ON CONFLICT (attempt_id, start) DO NOTHING
+    ON CONFLICT (attempt_id, start) DO UPDATE SET text = excluded.text
 """)
 #: (``start <`` first: a range of the key, the few pieces before the kept part, not all.)
 _LET_GO = text("""
@@ -910,8 +910,9 @@ class Execution(Planning):
     def ship_logs(self, pieces: Mapping[int, LogPiece], worker_id: str) -> None:
         """Store what running attempts printed since the last time (a piece each, only while
         the attempt is still this worker's and running), and let go of the pieces wholly
-        before what each worker keeps: one transaction for all of them. A piece already
-        stored (the answer to its commit was lost) is not stored twice."""
+        before what each worker keeps: one transaction for all of them. A piece sent again
+        (the answer to its commit was lost, and the worker sends it with what was printed
+        since) replaces the one stored from the same start."""
         if not pieces:
             return
         with self.db.session() as session:
