@@ -235,7 +235,7 @@ def _a_watch_outlives_a_restart_of_the_server(cluster: Cluster) -> None:
     reach the server for a moment, says so, asks again, and reports the run's end, exit 0.
     (It used to stop at once, exit 1, as if the run had failed.)"""
     watcher = ZYGOTE.spawn(
-        ["run", "tests.workflows:naps", "-p", "n=2", "-p", "seconds=3", "--server", cluster.url],
+        ["run", "tests.workflows:naps", "-p", "n=2", "-p", "seconds=2", "--server", cluster.url],
         cluster.env,
     )
     try:
