@@ -72,9 +72,9 @@ def check_allowed(reference: str, prefixes: list[str], root: Path) -> None:
     )
     if not (in_project or listed):
         raise WorkflowError(
-            f"module {module_name!r} is not one this server loads workflows from: the project's "
-            f"own modules in {root} and {', '.join(prefixes) or 'no others'} "
-            "(MLP_WORKFLOW_MODULES)"
+            f"module {module_name!r} is not among those workflows are loaded from: the "
+            f"project's own modules in {root} (no {top}.py or {top}/__init__.py there) and "
+            f"{', '.join(prefixes) or 'no others'} (MLP_WORKFLOW_MODULES)"
         )
 
 
