@@ -533,6 +533,22 @@ def test_an_artifact_past_2_gib_is_recorded(platform: Platform) -> None:
     assert (node_id, artifact.name, artifact.size) == ("chatty", "model", 3 * 2**30)
 
 
+def test_metric_ids_go_past_2_to_the_31(postgres_platform: Platform) -> None:
+    """A busy platform's per-step metrics reach 2**31 ids: the next ones are stored."""
+    platform = postgres_platform
+    with platform.db.session() as session:
+        session.execute(text("ALTER SEQUENCE metrics_id_seq RESTART WITH 2147483646"))
+    submitted = platform.submit(workflows.chatty_pipeline, {"seconds": 1.0})
+    claimed = platform.claim(submitted.queued[0].attempt_id, "worker-a")
+    assert claimed is not None
+    points = [{"name": "loss", "value": 1 / (i + 1), "step": i} for i in range(3)]
+    platform.finish(
+        claimed, "worker-a", Outcome(AttemptState.SUCCEEDED, result={"v": 1}, metrics=points)
+    )
+    stored = [(m.id, m.step) for _, m in platform.metrics(submitted.run_id)]
+    assert stored == [(2**31 - 2, 0), (2**31 - 1, 1), (2**31, 2)]
+
+
 def test_an_outcome_the_database_refuses_fails_its_attempt_saying_why(
     postgres_platform: Platform,
 ) -> None:

@@ -248,7 +248,9 @@ class Metric(Base):
     __tablename__ = "metrics"
     __table_args__ = (Index("ix_metrics_name_run", "name", "run_id"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: 64-bit on PostgreSQL: a point per training step, 200,000 a task, counts past 2**31 in
+    #: ten thousand such tasks. (SQLite's INTEGER PRIMARY KEY is 64-bit already.)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"))
     attempt: Mapped[int] = mapped_column(Integer)
