@@ -8,7 +8,18 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Integer, Row, bindparam, func, or_, select, text, update
+from sqlalchemy import (
+    Integer,
+    Row,
+    bindparam,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -31,6 +42,7 @@ from ml_platform.store.models import (
     Run,
     TaskRun,
     UTCDateTime,
+    utcnow,
 )
 
 #: Ids bound in one statement: below SQLite's and PostgreSQL's limits on bound parameters.
@@ -308,18 +320,27 @@ class Planning(Queries):
 
     @staticmethod
     def _copy_outputs(session: Session, source: TaskRun, target: TaskRun) -> None:
-        """A cached task shows the metrics, params and artifacts of the run it reuses."""
-        for metric in session.scalars(select(Metric).where(Metric.task_run_id == source.id)):
-            session.add(
-                Metric(
-                    run_id=target.run_id,
-                    task_run_id=target.id,
-                    attempt=0,
-                    name=metric.name,
-                    value=metric.value,
-                    step=metric.step,
+        """A cached task shows the metrics, params and artifacts of the run it reuses.
+
+        The metrics in one statement, in the database: a task that logged a point per
+        training step had its 200,000 points copied as ORM objects (12 s and 370 MB of the
+        process that planned the run, under the run's lock)."""
+        session.execute(
+            insert(Metric).from_select(
+                ["run_id", "task_run_id", "attempt", "name", "value", "step", "created_at"],
+                select(
+                    literal(target.run_id),
+                    literal(target.id),
+                    literal(0),
+                    Metric.name,
+                    Metric.value,
+                    Metric.step,
+                    literal(utcnow(), Metric.__table__.c.created_at.type),
                 )
+                .where(Metric.task_run_id == source.id)
+                .order_by(Metric.id),
             )
+        )
         for param in session.scalars(select(Param).where(Param.task_run_id == source.id)):
             session.add(
                 Param(
