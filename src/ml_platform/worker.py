@@ -917,7 +917,7 @@ class Worker:
 
     def _ship_logs(self) -> None:
         """What running attempts printed since the last time, into the database, so that
-        `mlp logs -f`, the API and the UI show it while they run (one statement for all)."""
+        `mlp logs -f`, the API and the UI show it while they run (one transaction for all)."""
         self._last_ship = time.monotonic()
         grown: dict[int, tuple[_Child, int, LogPiece]] = {}
         for attempt_id, child in self.children.items():
