@@ -89,6 +89,12 @@ def load_workflow(reference: str) -> Workflow:
         raise WorkflowError(
             f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
         ) from None
+    except SystemExit as exc:  # a script's top level: argparse, sys.exit()
+        raise WorkflowError(
+            f"cannot import module {module_name!r}: it exited while being imported"
+            f" (SystemExit: {exc.code}); code that runs it as a script belongs under"
+            " `if __name__ == '__main__':`"
+        ) from None
     obj: Any = module
     for part in attr_path.split("."):
         if not hasattr(obj, part):

@@ -111,6 +111,8 @@ def test_a_task_past_its_timeout_is_killed_and_retried(cli_env: dict[str, str]) 
     ("args", "message"),
     [
         (["run", "no_such_module:wf"], "cannot import module 'no_such_module'"),
+        # a module that runs as a script at import (argparse, sys.exit): not a silent exit 3
+        (["run", "tests.exiting_module:wf"], "it exited while being imported (SystemExit: 3)"),
         (["run", "tests.workflows:nope"], "has no attribute 'nope'"),
         (["run", "tests.workflows:not_a_workflow"], "is a Task, not a workflow"),
         (["run", "tests.workflows"], "must look like 'package.module:workflow_name'"),
