@@ -495,3 +495,22 @@ def looks_around(before: dict[str, Any]) -> dict[str, Any]:
 @workflow
 def wander_then_look(folder: str) -> None:
     looks_around(wanders(folder))
+
+
+@task(cache=True, retries=1, retry_backoff=FAST_RETRY)
+def curve_then_retry(counter: str) -> int:
+    """Logs a few loss points per attempt; the first attempt then fails."""
+    path = Path(counter)
+    calls = len(path.read_text().splitlines()) if path.exists() else 0
+    with path.open("a") as handle:
+        handle.write("call\n")
+    for step in range(3):
+        context().log_metric("loss", (calls + 1) * 10 + step, step=step)
+    if calls == 0:
+        raise RuntimeError("first attempt fails after logging")
+    return calls
+
+
+@workflow
+def curve_retried(counter: str) -> None:
+    curve_then_retry(counter)

@@ -533,6 +533,28 @@ def test_an_artifact_past_2_gib_is_recorded(platform: Platform) -> None:
     assert (node_id, artifact.name, artifact.size) == ("chatty", "model", 3 * 2**30)
 
 
+def test_a_metric_series_sums_up_every_attempts_points_and_a_cache_hit_copies_it(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """The summaries the faces show are kept by the finishes (metric_series): they equal
+    what the points themselves say, across a failed attempt and its retry, and on a run
+    that reuses the task from the cache."""
+    params = {"counter": str(tmp_path / "calls")}
+    first = platform.submit(workflows.curve_retried, params)
+    assert run_inline(platform, first.run_id) is RunState.SUCCEEDED
+    again = platform.submit(workflows.curve_retried, params)
+    assert run_inline(platform, again.run_id) is RunState.SUCCEEDED
+    summaries = platform.metric_summaries([first.run_id, again.run_id])
+    for run_id in (first.run_id, again.run_id):
+        values = [m.value for _, m in platform.metrics(run_id)]
+        assert values == [10, 11, 12, 20, 21, 22]  # both attempts' points, in order
+        [series] = summaries[run_id]
+        assert (series.task, series.name, series.points) == ("curve_then_retry", "loss", 6)
+        assert (series.low, series.high, series.last) == (10, 22, 22)
+    [task_run] = platform.task_runs(again.run_id)
+    assert task_run.state == "cached"
+
+
 def test_metric_ids_go_past_2_to_the_31(postgres_platform: Platform) -> None:
     """A busy platform's per-step metrics reach 2**31 ids: the next ones are stored."""
     platform = postgres_platform

@@ -37,6 +37,7 @@ from ml_platform.store.models import (
     Artifact,
     Attempt,
     Metric,
+    MetricSeries,
     Param,
     Pool,
     Run,
@@ -339,6 +340,22 @@ class Planning(Queries):
                 )
                 .where(Metric.task_run_id == source.id)
                 .order_by(Metric.id),
+            )
+        )
+        series = MetricSeries.__table__.c
+        session.execute(
+            insert(MetricSeries).from_select(
+                ["task_run_id", "name", "run_id", "points", "low", "high", "last", "first_id"],
+                select(
+                    literal(target.id),
+                    series.name,
+                    literal(target.run_id),
+                    series.points,
+                    series.low,
+                    series.high,
+                    series.last,
+                    series.first_id,
+                ).where(series.task_run_id == source.id),
             )
         )
         for param in session.scalars(select(Param).where(Param.task_run_id == source.id)):

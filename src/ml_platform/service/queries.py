@@ -15,7 +15,15 @@ from ml_platform.config import Settings
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.service.core import NotFound, _Core
 from ml_platform.store.db import current_revision, head_from_files, reading
-from ml_platform.store.models import Artifact, Attempt, Metric, Param, Run, TaskRun
+from ml_platform.store.models import (
+    Artifact,
+    Attempt,
+    Metric,
+    MetricSeries,
+    Param,
+    Run,
+    TaskRun,
+)
 from ml_platform.store.models import Workflow as WorkflowRow
 from ml_platform.store.models import utcnow
 
@@ -357,40 +365,30 @@ class Queries(_Core):
 
     def metric_summaries(self, run_ids: Iterable[str]) -> dict[str, list[MetricSummary]]:
         """Each task's metrics, one line per name (the last value logged, how many points,
-        their range), by run: counted in SQL, so that a task that logged a point per
-        training step (a hundred thousand, say) costs its faces a line, not a line a point."""
+        their range), by run: kept by the finishes that store the points (metric_series),
+        so that a task that logged a point per training step costs its faces a row."""
         ids = list(run_ids)
         found: dict[str, list[MetricSummary]] = {run_id: [] for run_id in ids}
         if not ids:
             return found
-        groups = (
-            select(
-                Metric.run_id,
-                TaskRun.node_id,
-                TaskRun.position,
-                Metric.name,
-                func.count().label("points"),
-                func.min(Metric.value).label("low"),
-                func.max(Metric.value).label("high"),
-                func.min(Metric.id).label("first_id"),
-                func.max(Metric.id).label("last_id"),
-            )
-            .join(TaskRun, TaskRun.id == Metric.task_run_id)
-            .where(Metric.run_id.in_(ids))
-            .group_by(Metric.run_id, TaskRun.node_id, TaskRun.position, Metric.name)
-            .subquery()
-        )
-        last = Metric.__table__.alias("last")
+        series = MetricSeries.__table__.c
         with self.db.session() as session:
             rows = session.execute(
-                select(groups, last.c.value)
-                .join(last, last.c.id == groups.c.last_id)
-                .order_by(groups.c.position, groups.c.first_id)
+                select(
+                    series.run_id,
+                    TaskRun.node_id,
+                    series.name,
+                    series.last,
+                    series.points,
+                    series.low,
+                    series.high,
+                )
+                .join(TaskRun, TaskRun.id == series.task_run_id)
+                .where(series.run_id.in_(ids))
+                .order_by(TaskRun.position, series.first_id)
             ).all()
-        for row in rows:
-            found[row.run_id].append(
-                MetricSummary(row.node_id, row.name, row.value, row.points, row.low, row.high)
-            )
+        for run_id, *summary in rows:
+            found[run_id].append(MetricSummary(*summary))
         return found
 
     def metrics(

@@ -260,6 +260,24 @@ class Metric(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class MetricSeries(Base):
+    """A task run's metric of one name, summed up as its points are stored (the finish that
+    stores them updates it in the same transaction): what the CLI, the run page and compare
+    show, a row per task and name however many points a training loop logged."""
+
+    __tablename__ = "metric_series"
+
+    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    points: Mapped[int] = mapped_column(BigInteger)
+    low: Mapped[float] = mapped_column(Float)
+    high: Mapped[float] = mapped_column(Float)
+    #: The value logged last, and the id of the series' first point (the order they came in).
+    last: Mapped[float] = mapped_column(Float)
+    first_id: Mapped[int] = mapped_column(BigInteger)
+
+
 class Param(Base):
     """A parameter a task logged with ``ctx.log_param``."""
 
