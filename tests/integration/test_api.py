@@ -16,6 +16,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy import text as sql_text
+from sqlalchemy import update
 
 from ml_platform.accounts import Accounts, Role
 from ml_platform.api import create_app
@@ -25,6 +26,7 @@ from ml_platform.engine.states import RunState
 from ml_platform.security import ConfigurationError, TokenSigner, resolve_secret_key
 from ml_platform.service import LogPiece, Platform
 from ml_platform.store.db import head_from_files
+from ml_platform.store.models import Schedule
 from tests import workflows as workflows_module
 from tests.conftest import RedisTarget
 from tests.helpers import run_inline
@@ -411,6 +413,37 @@ def test_a_cron_tick_makes_one_run_whatever_the_number_of_schedulers(api: Api) -
     assert sum(made) == 1 and len(runs) == 1
     [schedule] = api.client.get("/api/v1/projects/vision/schedules", headers=carol).json()
     assert datetime.fromisoformat(schedule["next_fire_at"]) > later
+    assert schedule["last_error"] is None
+
+
+def test_a_tick_that_makes_no_run_says_why_until_one_does(api: Api) -> None:
+    """The schedule's params no longer fit its workflow (it changed since): the tick makes
+    no run, and the API says why (it was only in the scheduler's log), until a tick does."""
+    carol = api.login("carol")
+    registered = api.client.post(
+        "/api/v1/projects/vision/workflows",
+        json={"reference": "tests.workflows:arithmetic"},
+        headers=carol,
+    )
+    assert registered.status_code == 201, registered.text
+    body = {"name": "hourly", "workflow": "tests.workflows:arithmetic", "cron": "0 * * * *"}
+    created = api.client.post("/api/v1/projects/vision/schedules", json=body, headers=carol)
+    assert created.status_code == 201, created.text
+    later = datetime.fromisoformat(created.json()["next_fire_at"]) + timedelta(minutes=1)
+    with api.platform.db.session() as session:
+        session.execute(update(Schedule).values(params={"n": "two"}))
+    assert api.platform.fire_schedules(later) == []
+    [schedule] = api.client.get("/api/v1/projects/vision/schedules", headers=carol).json()
+    assert "parameter 'n': Input should be a valid integer" in schedule["last_error"]
+    sign = api.client.post("/ui/login", data={"username": "carol", "password": PASSWORD})
+    assert sign.status_code == 200
+    page = api.client.get("/ui/p/vision/workflows").text
+    assert "its last tick made no run:" in page and "parameter &#39;n&#39;" in page
+    with api.platform.db.session() as session:
+        session.execute(update(Schedule).values(params={"n": 2}))
+    assert len(api.platform.fire_schedules(later + timedelta(hours=1))) == 1
+    [schedule] = api.client.get("/api/v1/projects/vision/schedules", headers=carol).json()
+    assert schedule["last_error"] is None
 
 
 def test_health_and_metrics_tell_the_truth(api: Api) -> None:
@@ -499,8 +532,6 @@ def test_the_duration_histogram_counts_each_attempt_once_however_it_is_scraped(
     platform: Platform,
 ) -> None:
     """Settled attempts are counted once and kept; newer ones afresh at every scrape."""
-    from sqlalchemy import update
-
     from ml_platform.api.metrics import PlatformCollector
     from ml_platform.service import DURATION_BUCKETS
     from ml_platform.store.models import Attempt

@@ -426,4 +426,5 @@ def _schedule_out(row: ScheduleRow) -> ScheduleOut:
         params=row.params,
         enabled=row.enabled,
         next_fire_at=row.next_fire_at,
+        last_error=row.last_error,
     )

@@ -219,6 +219,8 @@ class ScheduleOut(BaseModel):
     params: dict[str, Any]
     enabled: bool
     next_fire_at: datetime
+    #: Why its last tick made no run; null once a tick makes one.
+    last_error: str | None = None
 
 
 _MEANING = {

@@ -99,6 +99,7 @@ class Schedules(Runs):
         submitted: list[Submitted] = []
         for schedule in due:
             tick = latest_tick(schedule.cron, schedule.next_fire_at, now)
+            error = None
             try:
                 traced = self.trace(schedule.workflow_ref, schedule.params)
                 submitted.append(
@@ -114,12 +115,14 @@ class Schedules(Runs):
                 log.error(
                     "schedule %s cannot submit %s: %s", schedule.name, schedule.workflow_ref, exc
                 )
+                # Said where its owners look (the API, the workflows page), not only here.
+                error = f"{tick:%Y-%m-%d %H:%M} UTC: {exc}"
             with self.db.session() as session:
                 session.execute(
                     update(Schedule)
                     .where(
                         Schedule.id == schedule.id, Schedule.next_fire_at == schedule.next_fire_at
                     )
-                    .values(next_fire_at=next_tick(schedule.cron, now))
+                    .values(next_fire_at=next_tick(schedule.cron, now), last_error=error)
                 )
         return submitted

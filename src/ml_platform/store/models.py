@@ -332,6 +332,9 @@ class Schedule(Base):
     #: The next tick to fire; advanced by whichever scheduler creates that tick's run.
     next_fire_at: Mapped[datetime]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Why its last tick made no run (the workflow gone, its params no longer accepted);
+    #: None once a tick makes one.
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 #: What PostgreSQL is to take the number of runs for, as a share of a table's rows (its
