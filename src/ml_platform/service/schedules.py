@@ -55,7 +55,11 @@ class Schedules(Runs):
             next_tick(cron, utcnow())
         except (CroniterBadDateError, ValueError):
             raise ScheduleError(f"{cron!r} never fires (no such date)") from None
-        values = self.trace(reference, params).params
+        traced = self.trace(reference, params)
+        values = traced.params
+        # Registered now: the workflows page lists a workflow's schedules under it, and a
+        # schedule of a workflow never run was on no page until its first tick.
+        self.register(traced, project_id)
         now = utcnow()
         try:
             with self.db.session() as session:
