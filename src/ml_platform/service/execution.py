@@ -104,8 +104,9 @@ def timeout_outcome(
 #: Each name's points added to its series (store.models.MetricSeries); SQLite's two-argument
 #: min() and max() are PostgreSQL's LEAST and GREATEST.
 _SUM_UP = """
-    INSERT INTO metric_series (task_run_id, name, run_id, points, low, high, last, first_id)
-    VALUES (:task_run_id, :name, :run_id, :points, :low, :high, :last, :first_id)
+    INSERT INTO metric_series
+        (task_run_id, name, run_id, points, low, high, last, logged_order)
+    VALUES (:task_run_id, :name, :run_id, :points, :low, :high, :last, :logged_order)
     ON CONFLICT (task_run_id, name) DO UPDATE SET
         points = metric_series.points + excluded.points,
         low = {least}(metric_series.low, excluded.low),
@@ -118,35 +119,25 @@ _SUM_UP_BY_DIALECT = {
 }
 
 
-def _sum_up(
-    conn: Connection,
-    run_id: str,
-    task_run_id: int,
-    metrics: list[dict[str, Any]],
-    stored: Sequence[Row[Any]],
-) -> None:
+def _sum_up(conn: Connection, run_id: str, task_run_id: int, metrics: list[dict[str, Any]]) -> None:
     """Add an outcome's points to their series: one row per name, in one statement."""
     series: dict[str, dict[str, Any]] = {}
     for metric in metrics:  # in the order they were logged: the last one is the last
         value = metric["value"]
-        found = series.setdefault(
-            metric["name"],
-            {
+        found = series.get(metric["name"])
+        if found is None:
+            found = series[metric["name"]] = {
                 "task_run_id": task_run_id,
                 "run_id": run_id,
                 "name": metric["name"],
                 "points": 0,
                 "low": value,
                 "high": value,
-                "first_id": None,
-            },
-        )
+                "logged_order": len(series),
+            }
         found["points"] += 1
         found["low"], found["high"] = min(found["low"], value), max(found["high"], value)
         found["last"] = value
-    for row in stored:  # the ids, in no promised order: the least is the first
-        found = series[row.name]
-        found["first_id"] = row.id if found["first_id"] is None else min(found["first_id"], row.id)
     conn.execute(_SUM_UP_BY_DIALECT[conn.dialect.name], list(series.values()))
 
 
@@ -1659,7 +1650,7 @@ class Execution(Planning):
         # objects were 11 s and 700 MB of a worker).
         now = utcnow()
         conn = session.connection()
-        stored = insert_rows(
+        insert_rows(
             conn,
             Metric,
             [
@@ -1674,10 +1665,9 @@ class Execution(Planning):
                 }
                 for metric in outcome.metrics
             ],
-            returning=("id", "name"),
         )
-        if stored:
-            _sum_up(conn, run_id, task_run_id, outcome.metrics, stored)
+        if outcome.metrics:
+            _sum_up(conn, run_id, task_run_id, outcome.metrics)
         for name, value in outcome.params.items():
             existing = session.scalar(
                 select(Param).where(Param.task_run_id == task_run_id, Param.name == name)

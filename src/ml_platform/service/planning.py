@@ -345,7 +345,7 @@ class Planning(Queries):
         series = MetricSeries.__table__.c
         session.execute(
             insert(MetricSeries).from_select(
-                ["task_run_id", "name", "run_id", "points", "low", "high", "last", "first_id"],
+                ["task_run_id", "name", "run_id", "points", "low", "high", "last", "logged_order"],
                 select(
                     literal(target.id),
                     series.name,
@@ -354,7 +354,7 @@ class Planning(Queries):
                     series.low,
                     series.high,
                     series.last,
-                    series.first_id,
+                    series.logged_order,
                 ).where(series.task_run_id == source.id),
             )
         )

@@ -385,7 +385,7 @@ class Queries(_Core):
                 )
                 .join(TaskRun, TaskRun.id == series.task_run_id)
                 .where(series.run_id.in_(ids))
-                .order_by(TaskRun.position, series.first_id)
+                .order_by(TaskRun.position, series.logged_order, series.name)
             ).all()
         for run_id, *summary in rows:
             found[run_id].append(MetricSummary(*summary))

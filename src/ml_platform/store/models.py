@@ -273,9 +273,9 @@ class MetricSeries(Base):
     points: Mapped[int] = mapped_column(BigInteger)
     low: Mapped[float] = mapped_column(Float)
     high: Mapped[float] = mapped_column(Float)
-    #: The value logged last, and the id of the series' first point (the order they came in).
+    #: The value logged last; the order in which the task first logged each of its names.
     last: Mapped[float] = mapped_column(Float)
-    first_id: Mapped[int] = mapped_column(BigInteger)
+    logged_order: Mapped[int] = mapped_column(BigInteger)
 
 
 class Param(Base):
