@@ -514,3 +514,15 @@ def curve_then_retry(counter: str) -> int:
 @workflow
 def curve_retried(counter: str) -> None:
     curve_then_retry(counter)
+
+
+@task
+def hostile_output() -> None:
+    """Prints a colour, then what a terminal would obey: write the clipboard (OSC 52) and
+    clear the screen."""
+    print("\x1b[31mred\x1b[0m then \x1b]52;c;cm0gLXJmIH4=\x07 and \x1b[2J")
+
+
+@workflow
+def hostile() -> None:
+    hostile_output()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -622,9 +623,37 @@ def logs(
         _print_log(read, task, follow)
 
 
+#: In a task's output shown on a terminal: colours and styles (SGR) pass; any other escape
+#: sequence or control character is shown, not obeyed.
+_SGR = re.compile(r"\x1b\[[0-9;]*m")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` as a terminal may be given it: a task's output is anyone's, and escape
+    sequences other than colours can retitle the window, write the clipboard (OSC 52: a
+    command to paste) or move the cursor over what was printed. Each ESC that does not start
+    a colour becomes "␛", every other control character but newline, carriage return and
+    tab "�"."""
+    kept: list[str] = []
+    end = 0
+    for match in _SGR.finditer(text):
+        kept.append(_CONTROL.sub(_shown, text[end : match.start()]))
+        kept.append(match.group())
+        end = match.end()
+    kept.append(_CONTROL.sub(_shown, text[end:]))
+    return "".join(kept)
+
+
+def _shown(match: re.Match[str]) -> str:
+    return "␛" if match.group() == "\x1b" else "\ufffd"
+
+
 def _print_log(read: Callable[[int], dict[str, Any]], task: str, follow: bool) -> None:
     """Print a log; following, poll for more until the attempt ends (Ctrl-C stops). Says so
-    where output was not kept: before the kept part, or cut away between two looks."""
+    where output was not kept: before the kept part, or cut away between two looks. On a
+    terminal, as ``terminal_safe`` makes it; into a pipe or a file, as it was printed."""
+    safe = terminal_safe if sys.stdout.isatty() else str
     offset = 0
     body = read(offset)
     console.print(f"[dim]{task} attempt {body['attempt']} ({body['state']})[/]")
@@ -635,7 +664,7 @@ def _print_log(read: Callable[[int], dict[str, Any]], task: str, follow: bool) -
             console.print(
                 f"[dim]… ({missed:,} characters of output not kept: a log keeps its last MiB)[/]"
             )
-        sys.stdout.write(body["log"])
+        sys.stdout.write(safe(body["log"]))
         sys.stdout.flush()
         if not follow or not body.get("running"):
             break

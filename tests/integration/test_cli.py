@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -216,6 +217,49 @@ def test_a_task_with_a_point_per_step_shows_one_line_per_metric(cli_env: dict[st
     assert "loss=0.0003333 (last of 3,000) accuracy=0.75" in output, output
     code, shown = mlp("show", run_id_of(output))
     assert code == 0 and shown.count("loss=") == 1, shown
+
+
+def test_a_tasks_output_on_a_terminal_keeps_its_colours_and_obeys_nothing_else(
+    cli_env: dict[str, str], platform: Platform
+) -> None:
+    """`mlp logs` on a terminal (a pty here): a task's escape sequences other than colours
+    (the clipboard's OSC 52, a screen clear) are shown, not sent to the terminal as they
+    are; into a pipe the output is as printed."""
+    code, output = mlp("run", "tests.workflows:hostile")
+    assert code == 0, output
+    run_id = run_id_of(output)
+    primary, secondary = pty.openpty()
+    try:
+        shown = subprocess.run(
+            [sys.executable, "-m", "ml_platform", "logs", run_id, "hostile_output"],
+            stdout=secondary,
+            stderr=subprocess.STDOUT,
+            env=cli_env,
+            timeout=60,
+        )
+        os.close(secondary)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the other end closed: all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(primary)
+    text = seen.decode()
+    assert shown.returncode == 0, text
+    assert "\x1b[31mred\x1b[0m then ␛]52;c;cm0gLXJmIH4=\ufffd and ␛[2J" in text, repr(text)
+    assert "\x1b]52" not in text and "\x1b[2J" not in text
+    piped = subprocess.run(
+        [sys.executable, "-m", "ml_platform", "logs", run_id, "hostile_output"],
+        capture_output=True,
+        env=cli_env,
+        timeout=60,
+    )
+    assert b"\x1b]52;c;cm0gLXJmIH4=\x07" in piped.stdout
 
 
 def test_runs_in_a_state_that_does_not_exist_is_refused_naming_the_states(
