@@ -151,6 +151,24 @@ class Client:
         result: list[dict[str, Any]] = self._request("GET", self._project(f"/runs/{run_id}/tasks"))
         return result
 
+    def metrics(
+        self,
+        run_id: str,
+        *,
+        task: str | None = None,
+        name: str | None = None,
+        limit: int = 10_000,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """The points the run's tasks logged (of one task or name), ``limit`` from ``offset``:
+        while a page comes back full, ask again from ``offset + limit``."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        params |= {key: value for key, value in (("task", task), ("name", name)) if value}
+        result: list[dict[str, Any]] = self._request(
+            "GET", self._project(f"/runs/{run_id}/metrics"), params=params
+        )
+        return result
+
     def metric_summaries(self, run_id: str) -> list[dict[str, Any]]:
         """Each task's metrics, one line per name (last value, points, range)."""
         result: list[dict[str, Any]] = self._request(

@@ -20,6 +20,7 @@ from sqlalchemy import update
 
 from ml_platform.accounts import Accounts, Role
 from ml_platform.api import create_app
+from ml_platform.client import Client
 from ml_platform.config import Settings
 from ml_platform.dispatch import RedisDispatcher
 from ml_platform.engine.states import RunState
@@ -303,6 +304,14 @@ def test_a_task_with_a_point_per_step_is_summed_up_and_its_points_come_in_pages(
     everything = api.client.get(f"{base}/metrics", headers=carol).json()
     assert len(everything) == 3001  # a page of at most 10,000 by default
     assert api.client.get(f"{base}/metrics?limit=100001", headers=carol).status_code == 422
+    # The Python client pages the same way, and reads the summary.
+    client = Client(str(api.client.base_url), project="vision")
+    client._http = api.client  # the real application, in this process
+    client.login("carol", PASSWORD)
+    pages = [client.metrics(run_id, name="loss", limit=1000, offset=k) for k in (0, 1000, 2000)]
+    assert [len(page) for page in pages] == [1000, 1000, 1000]
+    assert pages[2][-1]["step"] == 2999 and client.metrics(run_id, task="nope") == []
+    assert client.metric_summaries(run_id) == summary
 
 
 def test_run_lists_filter_and_paginate(api: Api) -> None:
