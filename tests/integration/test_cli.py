@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from ml_platform import cli
 from ml_platform.cli import app
 from ml_platform.config import load_settings
 from ml_platform.service import Platform
+from ml_platform.store.models import LogPart
 from tests import workflows
 from tests.forked import ZYGOTE, Forked
 from tests.helpers import wait_for
@@ -196,6 +198,9 @@ def test_a_killed_worker_loses_its_attempt_and_another_worker_retries_it(
     second = spawn("worker", "--concurrency", "1")
     try:
         wait_for(lambda: platform.run(submitted.run_id)[0].state == "succeeded", timeout=60)
+        # The pieces the killed worker shipped: made the lost attempt's log, then swept by a
+        # scheduler pass of the live worker; nothing of that output is left behind.
+        wait_for(lambda: _log_parts_left(platform) == 0, what="the shipped pieces swept")
     finally:
         second.send_signal(signal.SIGTERM)
         output, _ = second.communicate(timeout=30)
@@ -267,6 +272,11 @@ def test_runs_in_a_state_that_does_not_exist_is_refused_naming_the_states(
 ) -> None:
     code, output = mlp("runs", "--state", "sucess")
     assert code == 2 and "'sucess' is not one of 'queued', 'running', 'succeeded'" in output
+
+
+def _log_parts_left(platform: Platform) -> int:
+    with platform.db.session() as session:
+        return int(session.scalar(select(func.count()).select_from(LogPart)) or 0)
 
 
 def test_the_demo_runs_and_a_second_run_reuses_the_cache(cli_env: dict[str, str]) -> None:

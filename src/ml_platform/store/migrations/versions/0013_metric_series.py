@@ -4,7 +4,8 @@ The faces summed up the points at every read (GROUP BY over the run's metrics): 
 a run with 200,000 per-step points, at every refresh of its page, and the compare page reads
 fifty runs. The finish now keeps one row per task run and name (points, least, greatest,
 last value, the order the task first logged each name); this migration makes those rows
-for the metrics already stored.
+for the metrics already stored: one GROUP BY over the whole table (here: `mlp db upgrade`
+≈ 2 s for 1,000,000 points on PostgreSQL, 1.25 s for 800,000 on SQLite).
 
 Revision ID: 0013
 Revises: 0012
