@@ -50,6 +50,12 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True, rich_markup_
 app.add_typer(db_app, name="db")
 users_app = typer.Typer(help="Users of the API.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(users_app, name="users")
+schedules_app = typer.Typer(
+    help="Cron schedules (UTC): make, list, pause, resume, delete. `mlp server` fires them.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(schedules_app, name="schedules")
 
 
 def _print_version(asked: bool) -> None:
@@ -430,14 +436,20 @@ def _watch_remote(client: Client, run_id: str) -> str:
         console.line()  # after the live table's last render: the verdict starts a new line
 
 
-def _remote_run(client: Client, workflow: str, params: dict[str, str]) -> None:
+def _json_values(params: dict[str, str]) -> dict[str, object]:
+    """``key=value`` strings as a workflow that is not imported here takes them: JSON where
+    it parses (the receiving side checks them against the workflow's signature)."""
     values: dict[str, object] = {}
     for key, text in params.items():
         try:
             values[key] = json.loads(text)
         except json.JSONDecodeError:
             values[key] = text
-    run = client.submit(workflow, values)
+    return values
+
+
+def _remote_run(client: Client, workflow: str, params: dict[str, str]) -> None:
+    run = client.submit(workflow, _json_values(params))
     console.print(
         f"run [bold]{run['id'][:8]}[/] of {run['workflow']} v{run['workflow_version']} "
         f"submitted to {client.url} (project {client.project})"
@@ -916,6 +928,129 @@ def users_create(
             + (" (admin)" if user.is_admin else "")
             + f" in {safe_url(platform.settings.database_url)}"
         )
+
+
+def _schedules_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("schedule", "workflow", "cron (UTC)", "state", "next tick"):
+        table.add_column(column, no_wrap=column != "workflow")
+    failed = any(row["last_error"] for row in rows)
+    if failed:
+        table.add_column("last tick")
+    for row in rows:
+        table.add_row(
+            escape(row["name"]),
+            escape(row["workflow"]),
+            escape(row["cron"]),
+            "[green]active[/]" if row["enabled"] else "[yellow]paused[/]",
+            f"{row['next_fire_at']:%Y-%m-%d %H:%M}" if row["enabled"] else "-",
+            *([escape(f"made no run: {row['last_error']}") if row["last_error"] else ""] * failed),
+        )
+    return table
+
+
+def _schedule_fields(row: Any) -> dict[str, Any]:
+    """A schedule row of the embedded database as the API shows it."""
+    return {
+        "name": row.name,
+        "workflow": row.workflow_ref,
+        "cron": row.cron,
+        "enabled": row.enabled,
+        "next_fire_at": row.next_fire_at,
+        "last_error": row.last_error,
+    }
+
+
+def _from_api(row: dict[str, Any]) -> dict[str, Any]:
+    return row | {"next_fire_at": datetime.fromisoformat(row["next_fire_at"])}
+
+
+ScheduleName = Annotated[str, typer.Argument(help="The schedule's name.")]
+
+
+@schedules_app.command("list")
+def schedules_list(server: Server = None, project: ProjectName = "default") -> None:
+    """The schedules, with their next tick and why the last one made no run, if it did not."""
+    if server:
+        with _client(server, project) as client:
+            rows = [_from_api(row) for row in client.schedules()]
+    else:
+        with _platform() as platform:
+            rows = [_schedule_fields(r) for r in platform.schedules(platform.default_project_id())]
+    if not rows:
+        console.print("no schedules")
+        return
+    console.print(_schedules_table(rows))
+
+
+@schedules_app.command("create")
+def schedules_create(
+    name: ScheduleName,
+    workflow: Annotated[str, typer.Argument(help="package.module:workflow_name")],
+    cron: Annotated[str, typer.Argument(help="Five-field cron, UTC, e.g. '0 2 * * *'.")],
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="A run parameter, key=value.")
+    ] = None,
+    server: Server = None,
+    project: ProjectName = "default",
+) -> None:
+    """Run WORKFLOW with these params at every tick of CRON (checked now, as a run would be)."""
+    params = _json_values(_parse_pairs(param or []))
+    if server:
+        with _client(server, project) as client:
+            row = _from_api(client.create_schedule(name, workflow, cron, params))
+    else:
+        with _platform() as platform:
+            made = platform.create_schedule(
+                platform.default_project_id(), name, workflow, cron, params
+            )
+            row = _schedule_fields(made)
+    console.print(
+        f"schedule {escape(name)} made: next tick {row['next_fire_at']:%Y-%m-%d %H:%M} UTC"
+    )
+
+
+def _change_schedule(name: str, server: str | None, project: str, **change: Any) -> dict[str, Any]:
+    if server:
+        with _client(server, project) as client:
+            return _from_api(client.change_schedule(name, **change))
+    with _platform() as platform:
+        changed = platform.change_schedule(platform.default_project_id(), name, **change)
+        return _schedule_fields(changed)
+
+
+@schedules_app.command("pause")
+def schedules_pause(
+    name: ScheduleName, server: Server = None, project: ProjectName = "default"
+) -> None:
+    """Stop a schedule's ticks: once this returns, it makes no run until resumed."""
+    _change_schedule(name, server, project, enabled=False)
+    console.print(f"schedule {escape(name)} paused")
+
+
+@schedules_app.command("resume")
+def schedules_resume(
+    name: ScheduleName, server: Server = None, project: ProjectName = "default"
+) -> None:
+    """Start a paused schedule again, from its next tick (missed ticks are not made up)."""
+    row = _change_schedule(name, server, project, enabled=True)
+    console.print(
+        f"schedule {escape(name)} resumed: next tick {row['next_fire_at']:%Y-%m-%d %H:%M} UTC"
+    )
+
+
+@schedules_app.command("delete")
+def schedules_delete(
+    name: ScheduleName, server: Server = None, project: ProjectName = "default"
+) -> None:
+    """Delete a schedule; the runs it made stay."""
+    if server:
+        with _client(server, project) as client:
+            client.delete_schedule(name)
+    else:
+        with _platform() as platform:
+            platform.delete_schedule(platform.default_project_id(), name)
+    console.print(f"schedule {escape(name)} deleted")
 
 
 @db_app.command("upgrade")

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -190,6 +191,27 @@ class Client:
             "POST", self._project(f"/runs/{run_id}/retry"), json=body
         )
         return result
+
+    def schedules(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request("GET", self._project("/schedules"))
+        return result
+
+    def create_schedule(
+        self, name: str, workflow: str, cron: str, params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        body = {"name": name, "workflow": workflow, "cron": cron, "params": params or {}}
+        result: dict[str, Any] = self._request("POST", self._project("/schedules"), json=body)
+        return result
+
+    def change_schedule(self, name: str, **change: Any) -> dict[str, Any]:
+        """``enabled``, ``cron`` and/or ``params``, as the API's PATCH takes them."""
+        result: dict[str, Any] = self._request(
+            "PATCH", self._project(f"/schedules/{quote(name, safe='')}"), json=change
+        )
+        return result
+
+    def delete_schedule(self, name: str) -> None:
+        self._request("DELETE", self._project(f"/schedules/{quote(name, safe='')}"))
 
     def logs(
         self, run_id: str, task: str, attempt: int | None = None, offset: int = 0

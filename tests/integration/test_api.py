@@ -450,6 +450,74 @@ def test_a_tick_that_makes_no_run_says_why_until_one_does(api: Api) -> None:
     assert schedule["last_error"] is None
 
 
+def test_a_schedule_is_paused_resumed_changed_and_deleted_without_a_stale_tick(
+    api: Api,
+) -> None:
+    """A schedule had no off switch: once made it fired forever. Editors now pause it (no
+    tick makes a run), resume it (from its next tick: the ones it missed are not made up),
+    change its cron or params (checked as at creation) and delete it (its runs stay, with
+    the tick they were made for); viewers only look; another project's answers 404."""
+    carol, bob = api.login("carol"), api.login("bob")
+    base = "/api/v1/projects/vision/schedules"
+    body = {"name": "nightly", "workflow": "tests.workflows:arithmetic", "cron": "0 2 * * *"}
+    slash = api.client.post(base, json=body | {"name": "a/b"}, headers=carol)
+    assert slash.status_code == 422  # its name is a path segment of its own
+    assert api.client.post(base, json=body, headers=carol).status_code == 201
+    first = api.client.get(f"{base}/nightly", headers=bob).json()
+    tick = datetime.fromisoformat(first["next_fire_at"])
+    assert first["enabled"] is True and (tick.hour, tick.minute) == (2, 0)
+
+    assert (
+        api.client.patch(f"{base}/nightly", json={"enabled": False}, headers=bob).status_code == 403
+    )
+    assert api.client.delete(f"{base}/nightly", headers=bob).status_code == 403
+    assert api.client.patch(f"{base}/nightly", json={}, headers=carol).status_code == 422
+    alice = api.login("alice")
+    elsewhere = api.client.patch(
+        "/api/v1/projects/secret/schedules/nightly", json={"enabled": False}, headers=alice
+    )
+    assert elsewhere.status_code == 404 and elsewhere.json()["error"]["code"] == "not_found"
+
+    paused = api.client.patch(f"{base}/nightly", json={"enabled": False}, headers=carol)
+    assert paused.status_code == 200 and paused.json()["enabled"] is False
+    assert api.platform.fire_schedules(tick + timedelta(days=2)) == []  # two ticks missed
+
+    resumed = api.client.patch(f"{base}/nightly", json={"enabled": True}, headers=carol).json()
+    next_fire = datetime.fromisoformat(resumed["next_fire_at"])
+    assert resumed["enabled"] is True and next_fire > datetime.now(UTC) - timedelta(
+        seconds=5
+    ), "a resumed schedule fires next from now, not at a tick it missed"
+    assert api.platform.fire_schedules(next_fire - timedelta(seconds=1)) == []
+    [made] = api.platform.fire_schedules(next_fire + timedelta(minutes=1))
+    before = api.client.get(f"{base}/nightly", headers=bob).json()
+
+    bad = api.client.patch(f"{base}/nightly", json={"params": {"n": "two"}}, headers=carol)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_params"
+    never = api.client.patch(f"{base}/nightly", json={"cron": "0 0 30 2 *"}, headers=carol)
+    assert never.status_code == 422 and never.json()["error"]["code"] == "invalid_schedule"
+    assert api.client.get(f"{base}/nightly", headers=bob).json() == before  # unchanged
+    changed = api.client.patch(
+        f"{base}/nightly", json={"cron": "30 * * * *", "params": {"n": 5}}, headers=carol
+    ).json()
+    assert changed["cron"] == "30 * * * *" and changed["params"] == {"n": 5}
+    assert datetime.fromisoformat(changed["next_fire_at"]).minute == 30
+
+    runs = api.client.get("/api/v1/projects/vision/runs?schedule=nightly", headers=bob).json()
+    assert [r["id"] for r in runs["items"]] == [made.run_id]
+    assert datetime.fromisoformat(runs["items"][0]["scheduled_for"]) == next_fire
+
+    assert api.client.delete(f"{base}/nightly", headers=carol).status_code == 204
+    assert api.client.get(f"{base}/nightly", headers=bob).status_code == 404
+    assert api.client.get(base, headers=bob).json() == []
+    gone = api.client.get("/api/v1/projects/vision/runs?schedule=nightly", headers=bob)
+    assert gone.status_code == 404
+    assert api.platform.fire_schedules(next_fire + timedelta(days=3)) == []
+    kept = api.client.get(f"/api/v1/projects/vision/runs/{made.run_id}", headers=bob).json()
+    assert datetime.fromisoformat(kept["scheduled_for"]) == next_fire
+    again = api.client.post(base, json=body, headers=carol)  # its name is free again
+    assert again.status_code == 201, again.text
+
+
 def test_health_and_metrics_tell_the_truth(api: Api) -> None:
     assert api.client.get("/livez").json() == {"status": "alive"}
     ready = api.client.get("/readyz")

@@ -64,6 +64,32 @@ def spawn(*args: str) -> Forked:
     return ZYGOTE.spawn(list(args), dict(os.environ))
 
 
+def test_schedules_are_made_listed_paused_resumed_and_deleted_from_the_cli(
+    cli_env: dict[str, str],
+) -> None:
+    code, output = mlp("schedules", "list")
+    assert code == 0 and "no schedules" in output
+    code, output = mlp(
+        "schedules", "create", "nightly", "tests.workflows:arithmetic", "0 2 * * *", "-p", "n=4"
+    )
+    assert code == 0 and re.search(r"next tick \d{4}-\d\d-\d\d 02:00 UTC", output), output
+    code, output = mlp("schedules", "create", "x", "tests.workflows:arithmetic", "every day")
+    assert code == 2 and "not a valid five-field cron expression" in output
+    code, output = mlp("schedules", "create", "[b]x", "tests.workflows:arithmetic", "0 2 * * *")
+    assert code == 2 and "schedule name '[b]x'" in output
+    code, output = mlp("schedules", "create", "bad", "tests.workflows:arithmetic", "0 2 * * *",
+                       "-p", "n=four")  # fmt: skip
+    assert code == 2 and "parameter 'n'" in output
+    assert mlp("schedules", "pause", "nightly") == (0, "schedule nightly paused\n")
+    code, output = mlp("schedules", "list")
+    assert re.search(r"nightly .*│ 0 2 \* \* \* .*│ paused", output), output
+    code, output = mlp("schedules", "resume", "nightly")
+    assert code == 0 and "resumed: next tick" in output
+    assert mlp("schedules", "delete", "nightly") == (0, "schedule nightly deleted\n")
+    code, output = mlp("schedules", "pause", "nightly")
+    assert code == 2 and "no schedule named 'nightly'" in output
+
+
 def test_a_task_that_fails_twice_then_succeeds_shows_three_attempts(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 import redis
 from typer.testing import CliRunner
@@ -22,8 +23,8 @@ from ml_platform import cli
 from ml_platform.cli import app
 from tests.conftest import RedisTarget
 from tests.forked import ZYGOTE, Forked
-from tests.helpers import wait_until_ready
-from tests.services import free_port
+from tests.helpers import wait_for, wait_until_ready
+from tests.services import free_port, libpq_url
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,6 +162,32 @@ def test_the_demo_runs_through_the_api_on_two_workers(
     assert "Traceback" in log.stdout and "RuntimeError: boom" in log.stdout, log.stdout
     missing = mlp(env, "show", "ffffffff", "--server", url)
     assert missing.returncode == 2 and "no run with id" in missing.stdout
+
+    # Schedules from the CLI: the server fires an active one; a paused one makes no run.
+    for name in ("kept", "paused"):
+        made = mlp(env, "schedules", "create", name, "tests.workflows:arithmetic", "0 3 * * *",
+                   "-p", "n=2", "--server", url)  # fmt: skip
+        assert made.returncode == 0 and "next tick" in made.stdout, made.stdout
+    assert mlp(env, "schedules", "pause", "paused", "--server", url).returncode == 0
+    table = mlp(env, "schedules", "list", "--server", url).stdout
+    assert re.search(r"kept .*│ active", table) and re.search(r"paused .*│ paused", table)
+    with psycopg.connect(libpq_url(cluster.env["DATABASE_URL"]), autocommit=True) as conn:
+        conn.execute("UPDATE schedules SET next_fire_at = timezone('utc', now())")  # both due
+
+    def made_by(name: str) -> list[object]:
+        runs = httpx.get(
+            f"{url}/api/v1/projects/default/runs",
+            params={"schedule": name},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        items: list[object] = runs.json()["items"]
+        return items
+
+    wait_for(lambda: made_by("kept"), timeout=30, what="the server to fire the due schedule")
+    assert made_by("paused") == []  # the same look at due schedules passed it over
+    assert mlp(env, "schedules", "delete", "paused", "--server", url).returncode == 0
+    gone = mlp(env, "schedules", "pause", "paused", "--server", url)
+    assert gone.returncode == 2 and "no schedule named 'paused'" in gone.stdout
 
     # The deployment smoke suite, for real, against this server (authenticated checks too).
     smoke = subprocess.run(

@@ -47,9 +47,11 @@ from ml_platform.service import (
     Platform,
     RetryError,
     Submitted,
+    Tick,
     execution,
     hot_path,
     planning,
+    runs,
 )
 from ml_platform.store import db
 from ml_platform.store.db import (
@@ -1789,27 +1791,119 @@ def test_a_run_the_plan_would_not_start_as_it_is_takes_the_transaction_path(
 def test_a_second_run_for_a_schedules_tick_is_refused_and_stores_nothing(
     postgres_platform: Platform,
 ) -> None:
-    """The one statement keeps the database's one run per (schedule, tick): the second is
-    refused (IntegrityError, as fire_schedules expects) and leaves no task run or attempt."""
+    """A tick's run takes the transaction path, which checks the schedule under a share lock
+    (not the one statement, even for a stored version); the database keeps one run per
+    (schedule, tick): the second is refused (IntegrityError, as fire_schedules expects) and
+    leaves no task run or attempt."""
     platform = postgres_platform
     project = platform.default_project_id()
     made = platform.create_schedule(
         project, "hourly", "tests.workflows:arithmetic", "0 * * * *", {}
     )
     tick = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
-    platform.submit(workflows.arithmetic, {}, schedule=(made.id, tick))  # the transaction path
-    platform.submit(workflows.arithmetic, {})  # version stored: one statement from here
+    platform.submit(workflows.arithmetic, {})  # the version stored
+    with statements_sent(platform) as sent:
+        platform.submit(workflows.arithmetic, {}, schedule=Tick(made.id, tick, made.next_fire_at))
+    assert not [s for s in sent if "WITH version AS" in s], sent
+    assert [s for s in sent if "FROM schedules" in s and "FOR SHARE" in s], sent
     counts = ", ".join(f"(SELECT count(*) FROM {t})" for t in ("runs", "task_runs", "attempts"))
     counts = f"SELECT {counts}"
     with platform.db.session() as session:
         before = tuple(session.execute(text(counts)).one())
-    with statements_sent(platform) as sent, pytest.raises(IntegrityError):
-        platform.submit(workflows.arithmetic, {}, schedule=(made.id, tick))
-    assert len(sent) == 1 and "WITH version AS" in sent[0], sent
+    with pytest.raises(IntegrityError):
+        platform.submit(workflows.arithmetic, {}, schedule=Tick(made.id, tick, made.next_fire_at))
     with platform.db.session() as session:
         assert tuple(session.execute(text(counts)).one()) == before
-    later = platform.submit(workflows.arithmetic, {}, schedule=(made.id, tick + timedelta(hours=1)))
+    next_hour = Tick(made.id, tick + timedelta(hours=1), made.next_fire_at)
+    later = platform.submit(workflows.arithmetic, {}, schedule=next_hour)
     assert _stored(platform, later.run_id)["run"]["scheduled_for"] == tick + timedelta(hours=1)
+
+
+def _runs_of_schedules(platform: Platform) -> int:
+    with platform.db.session() as session:
+        return int(
+            session.scalar(text("SELECT count(*) FROM runs WHERE scheduled_for IS NOT NULL"))
+        )
+
+
+@pytest.mark.parametrize("change", ["pause", "delete", "new cron"])
+def test_a_schedule_changed_while_a_scheduler_fires_it_makes_no_run_after(
+    platform: Platform, change: str
+) -> None:
+    """A scheduler has read a due schedule and is tracing its workflow when an editor pauses,
+    deletes or re-times it: once that has returned, the tick makes no run (it made one
+    after the pause, and a deleted schedule's run failed on its foreign key)."""
+    project = platform.default_project_id()
+    made = platform.create_schedule(
+        project, "hourly", "tests.workflows:arithmetic", "0 * * * *", {}
+    )
+    read, go = threading.Event(), threading.Event()
+    trace = platform.trace
+
+    def slow_trace(reference: str, params: Any = None) -> Any:
+        read.set()
+        assert go.wait(10)
+        return trace(reference, params)
+
+    platform.trace = slow_trace  # type: ignore[method-assign]
+    fired: list[Any] = []
+    scheduler = threading.Thread(
+        target=lambda: fired.extend(
+            platform.fire_schedules(made.next_fire_at + timedelta(minutes=1))
+        )
+    )
+    scheduler.start()
+    assert read.wait(10)
+    if change == "pause":
+        platform.change_schedule(project, "hourly", enabled=False)
+    elif change == "delete":
+        platform.delete_schedule(project, "hourly")
+    else:
+        platform.change_schedule(project, "hourly", cron="30 * * * *")
+    go.set()
+    scheduler.join(10)
+    assert fired == [] and _runs_of_schedules(platform) == 0
+    if change == "pause":
+        assert not platform.find_schedule(project, "hourly").enabled
+    elif change == "new cron":
+        assert platform.find_schedule(project, "hourly").next_fire_at.minute == 30
+
+
+def test_a_pause_waits_for_the_run_of_a_tick_being_stored(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: a tick's run is being stored (its check made, not committed) when an
+    editor pauses: the pause waits for that commit, so that the run it returns after is
+    there, and none comes later."""
+    project = platform.default_project_id()
+    made = platform.create_schedule(
+        project, "hourly", "tests.workflows:arithmetic", "0 * * * *", {}
+    )
+    checked, go = threading.Event(), threading.Event()
+
+    def held(session: Any, tick: Tick) -> None:
+        runs.schedule_unchanged.__wrapped__(session, tick)  # type: ignore[attr-defined]
+        checked.set()
+        assert go.wait(10)
+
+    held.__wrapped__ = runs.schedule_unchanged  # type: ignore[attr-defined]
+    monkeypatch.setattr(runs, "schedule_unchanged", held)
+    scheduler = threading.Thread(
+        target=platform.fire_schedules, args=(made.next_fire_at + timedelta(minutes=1),)
+    )
+    scheduler.start()
+    assert checked.wait(10)
+    paused = threading.Thread(
+        target=platform.change_schedule, args=(project, "hourly"), kwargs={"enabled": False}
+    )
+    paused.start()
+    paused.join(0.5)
+    assert paused.is_alive(), "the pause returned while a tick's run was being stored"
+    go.set()
+    scheduler.join(10)
+    paused.join(10)
+    assert not paused.is_alive() and _runs_of_schedules(platform) == 1
+    assert not platform.find_schedule(project, "hourly").enabled
 
 
 def test_a_wide_run_is_stored_in_one_insert_per_table_that_does_not_grow_with_it(

@@ -112,6 +112,32 @@ def test_a_viewer_gets_no_buttons_and_is_refused(
     assert sqlite_platform.run(run_id)[0].state == "queued"
 
 
+def test_an_editor_pauses_and_resumes_a_schedule_from_the_workflows_page(
+    client: TestClient, sqlite_platform: Platform
+) -> None:
+    project = sqlite_platform.default_project_id()
+    sqlite_platform.create_schedule(
+        project, "nightly", "tests.workflows:arithmetic", "0 2 * * *", {}
+    )
+    viewer = sign_in(client, "bob")
+    page = client.get("/ui/p/default/workflows").text
+    assert "nightly" in page and "/schedules/nightly/pause" not in page  # no button to look at
+    refused = client.post("/ui/p/default/schedules/nightly/pause", data={"csrf": viewer})
+    assert refused.status_code == 403 and sqlite_platform.find_schedule(project, "nightly").enabled
+    csrf = sign_in(client, "alice")
+    forged = client.post("/ui/p/default/schedules/nightly/pause", data={"csrf": "guess"})
+    assert forged.status_code == 403 and sqlite_platform.find_schedule(project, "nightly").enabled
+    paused = client.post("/ui/p/default/schedules/nightly/pause", data={"csrf": csrf})
+    assert paused.status_code == 200 and "paused" in paused.text  # back on the workflows page
+    assert "/schedules/nightly/resume" in paused.text
+    assert not sqlite_platform.find_schedule(project, "nightly").enabled
+    resumed = client.post("/ui/p/default/schedules/nightly/resume", data={"csrf": csrf})
+    assert "/schedules/nightly/pause" in resumed.text
+    assert sqlite_platform.find_schedule(project, "nightly").enabled
+    missing = client.post("/ui/p/default/schedules/nope/pause", data={"csrf": csrf})
+    assert missing.status_code == 404 and "no such schedule" in missing.text
+
+
 def test_another_projects_runs_are_invisible_even_by_url(
     client: TestClient, sqlite_platform: Platform, accounts: Accounts
 ) -> None:

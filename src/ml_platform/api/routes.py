@@ -38,6 +38,7 @@ from ml_platform.api.schemas import (
     RunCreate,
     RunOut,
     RunPage,
+    ScheduleChange,
     ScheduleCreate,
     ScheduleOut,
     TaskRunOut,
@@ -187,6 +188,7 @@ def _run_out(run: RunRow, wf: WorkflowRow) -> RunOut:
         started_at=run.started_at,
         finished_at=run.finished_at,
         retry_of=run.retry_of,
+        scheduled_for=run.scheduled_for,
     )
 
 
@@ -218,11 +220,21 @@ def list_runs(
     svc: ServicesDep,
     state: Annotated[RunState | None, Query()] = None,
     workflow: Annotated[str | None, Query(max_length=400)] = None,
+    schedule: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> RunPage:
+    """Runs, newest first; ``schedule``: only the runs that schedule made (404 if none is
+    so named)."""
     rows = svc.platform.runs(
-        limit, state, project_id=access.project_id, workflow=workflow, offset=offset
+        limit,
+        state,
+        project_id=access.project_id,
+        workflow=workflow,
+        offset=offset,
+        schedule_id=(
+            svc.platform.find_schedule(access.project_id, schedule).id if schedule else None
+        ),
     )
     return RunPage(items=[_run_out(r, w) for r, w in rows], limit=limit, offset=offset)
 
@@ -416,6 +428,34 @@ def create_schedule(body: ScheduleCreate, access: Editor, svc: ServicesDep) -> S
 @router.get("/projects/{project}/schedules", tags=["schedules"])
 def list_schedules(access: Viewer, svc: ServicesDep) -> list[ScheduleOut]:
     return [_schedule_out(row) for row in svc.platform.schedules(access.project_id)]
+
+
+@router.get("/projects/{project}/schedules/{name}", tags=["schedules"])
+def get_schedule(name: str, access: Viewer, svc: ServicesDep) -> ScheduleOut:
+    return _schedule_out(svc.platform.find_schedule(access.project_id, name))
+
+
+@router.patch("/projects/{project}/schedules/{name}", tags=["schedules"])
+def change_schedule(
+    name: str, body: ScheduleChange, access: Editor, svc: ServicesDep
+) -> ScheduleOut:
+    """Pause (``enabled: false``) or resume a schedule, or change its cron or params. Once
+    answered, no run of the schedule as it was is made; ticks missed while paused are not
+    made up."""
+    if body.params is not None:
+        _check_params(svc, body.params)
+    return _schedule_out(
+        svc.platform.change_schedule(
+            access.project_id, name, enabled=body.enabled, cron=body.cron, params=body.params
+        )
+    )
+
+
+@router.delete("/projects/{project}/schedules/{name}", status_code=204, tags=["schedules"])
+def delete_schedule(name: str, access: Editor, svc: ServicesDep) -> Response:
+    """Delete a schedule; the runs it made stay (with ``scheduled_for``)."""
+    svc.platform.delete_schedule(access.project_id, name)
+    return Response(status_code=204)
 
 
 def _schedule_out(row: ScheduleRow) -> ScheduleOut:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: Largest integer a request may carry (the database stores 32-bit integers).
 MAX_INT = 2**31 - 1
@@ -105,6 +105,8 @@ class RunOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     retry_of: str | None = None
+    #: The cron tick a schedule made this run for (null for a run submitted by hand).
+    scheduled_for: datetime | None = None
 
 
 class RetryRequest(Body):
@@ -206,10 +208,28 @@ class LogOut(BaseModel):
 
 
 class ScheduleCreate(Body):
-    name: str = Field(min_length=1, max_length=100)
+    #: A path segment of its own (/schedules/{name}): letters, digits, ``.``, ``_``, ``-``.
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     workflow: str = Field(min_length=3, max_length=400)
     cron: str = Field(min_length=9, max_length=100, description="five-field cron, UTC")
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleChange(Body):
+    """Pause (``enabled: false``) or resume a schedule, or give it a new cron or params. A
+    resumed schedule, or one with a new cron, fires next at its next tick from now."""
+
+    enabled: bool | None = None
+    cron: str | None = Field(
+        default=None, min_length=9, max_length=100, description="five-field cron, UTC"
+    )
+    params: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> ScheduleChange:
+        if self.enabled is None and self.cron is None and self.params is None:
+            raise ValueError("give at least one of enabled, cron, params")
+        return self
 
 
 class ScheduleOut(BaseModel):

@@ -38,7 +38,7 @@ from ml_platform.service.queries import (
     RunProgress,
     Stats,
 )
-from ml_platform.service.runs import RetryError
+from ml_platform.service.runs import RetryError, ScheduleChanged, Tick
 from ml_platform.service.schedules import ScheduleError, Schedules, latest_tick, next_tick
 
 # The rows the queries return, as the faces name them (they need not reach into the store).
@@ -60,10 +60,12 @@ __all__ = [
     "RetryError",
     "RunProgress",
     "RunRow",
+    "ScheduleChanged",
     "ScheduleError",
     "ScheduleRow",
     "Stats",
     "Submitted",
+    "Tick",
     "WorkflowRow",
     "latest_tick",
     "next_tick",

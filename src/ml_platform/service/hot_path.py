@@ -252,10 +252,8 @@ SUBMIT = text("""
         SELECT id, version FROM workflows
         WHERE project_id = :project_id AND name = :name AND code_hash = :code_hash
     ), run AS (
-        INSERT INTO runs (id, workflow_id, state, params, cancel_requested, schedule_id,
-            scheduled_for, created_at)
-        SELECT :run_id, version.id, :run_queued, CAST(:params AS JSON), false,
-            CAST(:schedule_id AS INTEGER), CAST(:scheduled_for AS TIMESTAMP), :now
+        INSERT INTO runs (id, workflow_id, state, params, cancel_requested, created_at)
+        SELECT :run_id, version.id, :run_queued, CAST(:params AS JSON), false, :now
         FROM version
         RETURNING id
     ), stored AS (
@@ -279,7 +277,7 @@ SUBMIT = text("""
     )
     SELECT version.version, queued.id AS attempt_id
     FROM version LEFT JOIN queued ON true
-    """).bindparams(bindparam("scheduled_for", type_=UTCDateTime), *_BINDS)
+    """).bindparams(*_BINDS)
 
 
 def guard_failed(error: DBAPIError) -> bool:

@@ -255,8 +255,10 @@ class Queries(_Core):
         offset: int = 0,
         created_from: datetime | None = None,
         created_before: datetime | None = None,
+        schedule_id: int | None = None,
     ) -> list[tuple[Run, WorkflowRow]]:
-        """Runs, newest first, filtered by state, project, workflow name and creation time."""
+        """Runs, newest first, filtered by state, project, workflow name, creation time and
+        the schedule that made them."""
         query = (
             select(Run, WorkflowRow)
             .join(WorkflowRow, WorkflowRow.id == Run.workflow_id)
@@ -274,6 +276,8 @@ class Queries(_Core):
             query = query.where(Run.created_at >= created_from)
         if created_before is not None:
             query = query.where(Run.created_at < created_before)
+        if schedule_id is not None:
+            query = query.where(Run.schedule_id == schedule_id)
         with self.db.session() as session:
             return [(r, w) for r, w in session.execute(query)]
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -30,7 +30,7 @@ from ml_platform.service import hot_path
 from ml_platform.service.core import Submitted
 from ml_platform.service.planning import NewTaskRun, Planning, _task_run_row, queued_as_it_is
 from ml_platform.store.db import insert_rows, on_driver
-from ml_platform.store.models import DEFAULT_PROJECT, Attempt, Project, Run, TaskRun
+from ml_platform.store.models import DEFAULT_PROJECT, Attempt, Project, Run, Schedule, TaskRun
 from ml_platform.store.models import Workflow as WorkflowRow
 from ml_platform.store.models import utcnow
 from ml_platform.tracer import check_allowed, trace_in_subprocess
@@ -38,6 +38,38 @@ from ml_platform.tracer import check_allowed, trace_in_subprocess
 
 class RetryError(ValueError):
     """The run cannot be retried (yet); the message says why."""
+
+
+class ScheduleChanged(RuntimeError):
+    """The schedule was paused, changed or deleted after the scheduler read it: its tick
+    makes no run now (the next pass decides on the schedule as it is)."""
+
+
+class Tick(NamedTuple):
+    """A cron schedule's tick that a run is made for."""
+
+    schedule_id: int
+    at: datetime
+    #: The schedule's ``next_fire_at`` as the scheduler read it: the run is stored only while
+    #: the schedule is still so, and enabled (schedule_unchanged).
+    due: datetime
+
+
+def schedule_unchanged(session: Session, tick: Tick) -> None:
+    """In a tick's run transaction, before the run is stored: the schedule still exists,
+    enabled, due as the scheduler read it -- locked for share until the commit, so that a
+    pause, a change or a delete waits for the run or finds it made; else ScheduleChanged."""
+    still = session.execute(
+        select(Schedule.id)
+        .where(
+            Schedule.id == tick.schedule_id,
+            Schedule.enabled.is_(True),
+            Schedule.next_fire_at == tick.due,
+        )
+        .with_for_update(read=True)
+    ).first()
+    if still is None:
+        raise ScheduleChanged(f"schedule {tick.schedule_id} changed before its tick's run")
 
 
 @dataclass(frozen=True)
@@ -222,14 +254,14 @@ class Runs(Planning):
         *,
         max_concurrency: int | None = None,
         project_id: int | None = None,
-        schedule: tuple[int, datetime] | None = None,
+        schedule: Tick | None = None,
     ) -> Submitted:
         """Validate the params, trace the DAG and store a queued run with its first tasks.
 
         ``wf`` is a workflow imported here (traced now with ``params``) or one already traced
-        with its params (``Platform.trace``). ``schedule`` (schedule id, tick) marks a run
-        made by a cron schedule; the database refuses a second run for the same tick
-        (IntegrityError).
+        with its params (``Platform.trace``). ``schedule`` marks a run made by a cron
+        schedule's tick: the database refuses a second run for the same tick
+        (IntegrityError), and none at all once the schedule changed (ScheduleChanged).
         """
         traced = wf if isinstance(wf, TracedWorkflow) else wf.trace(params or {})
         submitted = self._submit(traced, max_concurrency, project_id, schedule)
@@ -244,14 +276,14 @@ class Runs(Planning):
         traced: TracedWorkflow,
         max_concurrency: int | None,
         project_id: int | None,
-        schedule: tuple[int, datetime] | None,
+        schedule: Tick | None,
     ) -> Submitted:
         values = traced.params
         if values is None:
             raise WorkflowError(f"workflow {traced.name} was traced without params")
         project = project_id or self.default_project_id()
-        if self.db.engine.dialect.name == "postgresql":
-            made = self._submit_in_one_statement(traced, values, project, max_concurrency, schedule)
+        if self.db.engine.dialect.name == "postgresql" and schedule is None:
+            made = self._submit_in_one_statement(traced, values, project, max_concurrency)
             if made is not None:
                 return made
         store = functools.partial(
@@ -279,7 +311,6 @@ class Runs(Planning):
         values: dict[str, Any],
         project: int,
         max_concurrency: int | None,
-        schedule: tuple[int, datetime] | None,
     ) -> Submitted | None:
         """The run stored and its first tasks queued in one statement (hot_path.SUBMIT), if
         the plan would start it as it is and its version is stored; None (nothing stored) if
@@ -308,8 +339,6 @@ class Runs(Planning):
             "code_hash": traced.code_hash,
             "run_id": run_id,
             "params": json.dumps(values),
-            "schedule_id": schedule[0] if schedule else None,
-            "scheduled_for": schedule[1] if schedule else None,
             "now": utcnow(),
             "task_runs": json.dumps(rows),
             **hot_path.STATES,
@@ -329,11 +358,13 @@ class Runs(Planning):
         values: dict[str, Any],
         version: tuple[int, int],
         max_concurrency: int | None,
-        schedule: tuple[int, datetime] | None,
+        schedule: Tick | None,
     ) -> Submitted:
         """Store a queued run of ``traced`` with its params ``values``, of the workflow
         ``version`` (its row's id and number), and queue its first tasks."""
         workflow_id, workflow_version = version
+        if schedule is not None:
+            schedule_unchanged(session, schedule)
         specs = traced.specs
         position = _positions(specs)
         run_id = uuid.uuid4().hex
@@ -345,8 +376,8 @@ class Runs(Planning):
                 state=RunState.QUEUED,
                 params=values,
                 max_concurrency=run_limit,
-                schedule_id=schedule[0] if schedule else None,
-                scheduled_for=schedule[1] if schedule else None,
+                schedule_id=schedule.schedule_id if schedule else None,
+                scheduled_for=schedule.at if schedule else None,
             )
         )
         session.flush()

@@ -1,21 +1,26 @@
-"""Cron schedules: create them, list them, and fire the ones that are due (once each, however
-many schedulers ask).
+"""Cron schedules: create, change (pause, resume, a new cron or params), delete and list them,
+and fire the ones that are due (once each, however many schedulers ask).
+
+A tick's run is stored only while the schedule is, at that moment, as the scheduler read it
+(`runs.schedule_unchanged`, locked for share in the run's transaction): a pause, a change or a
+delete that has returned is never followed by a run of the schedule as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ml_platform.sdk import WorkflowError
-from ml_platform.service.core import Submitted
-from ml_platform.service.runs import Runs
-from ml_platform.store.models import Schedule, utcnow
+from ml_platform.service.core import NotFound, Submitted
+from ml_platform.service.runs import Runs, ScheduleChanged, Tick
+from ml_platform.store.models import Run, Schedule, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,21 @@ class ScheduleError(ValueError):
     """A schedule's cron, name, workflow or params are not acceptable."""
 
 
+#: A schedule's name is a path segment of its own (/schedules/{name}).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _check_cron(cron: str) -> None:
+    from croniter import CroniterBadDateError, croniter
+
+    if not croniter.is_valid(cron):
+        raise ScheduleError(f"{cron!r} is not a valid five-field cron expression")
+    try:
+        next_tick(cron, utcnow())
+    except (CroniterBadDateError, ValueError):
+        raise ScheduleError(f"{cron!r} never fires (no such date)") from None
+
+
 class Schedules(Runs):
     """Cron schedules that submit runs."""
 
@@ -47,14 +67,12 @@ class Schedules(Runs):
         self, project_id: int, name: str, reference: str, cron: str, params: Mapping[str, Any]
     ) -> Schedule:
         """A schedule that submits ``reference`` with ``params`` at every cron tick (UTC)."""
-        from croniter import CroniterBadDateError, croniter
-
-        if not croniter.is_valid(cron):
-            raise ScheduleError(f"{cron!r} is not a valid five-field cron expression")
-        try:
-            next_tick(cron, utcnow())
-        except (CroniterBadDateError, ValueError):
-            raise ScheduleError(f"{cron!r} never fires (no such date)") from None
+        if not NAME.fullmatch(name):
+            raise ScheduleError(
+                f"schedule name {name!r}: 1-100 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        _check_cron(cron)
         traced = self.trace(reference, params)
         values = traced.params
         # Registered now: the workflows page lists a workflow's schedules under it, and a
@@ -76,6 +94,77 @@ class Schedules(Runs):
                 return schedule
         except IntegrityError:
             raise ScheduleError(f"a schedule named {name!r} already exists") from None
+
+    def find_schedule(self, project_id: int, name: str) -> Schedule:
+        with self.db.session() as session:
+            found = session.scalar(
+                select(Schedule).where(Schedule.project_id == project_id, Schedule.name == name)
+            )
+        if found is None:
+            raise NotFound(f"no schedule named {name!r}")
+        return found
+
+    def change_schedule(
+        self,
+        project_id: int,
+        name: str,
+        *,
+        enabled: bool | None = None,
+        cron: str | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Schedule:
+        """Pause (``enabled=False``) or resume a schedule, or give it a new cron or params
+        (checked as at creation). A resumed schedule, or one with a new cron, fires at its
+        next tick from now: the ticks it missed while paused are not made up. Once this
+        returns, no run of the schedule as it was is stored (see the module's docs)."""
+        if cron is not None:
+            _check_cron(cron)
+        current = self.find_schedule(project_id, name)
+        values = None
+        if params is not None:
+            traced = self.trace(current.workflow_ref, params)
+            values = traced.params
+            self.register(traced, project_id)
+        with self.db.session() as session:
+            row = session.scalar(
+                select(Schedule)
+                .where(Schedule.project_id == project_id, Schedule.name == name)
+                .with_for_update()
+            )
+            if row is None:
+                raise NotFound(f"no schedule named {name!r}")
+            resumed = enabled is True and not row.enabled
+            if enabled is not None:
+                row.enabled = enabled
+            if values is not None:
+                row.params = values
+                row.last_error = None
+            if cron is not None and cron != row.cron:
+                row.cron = cron
+                resumed = True
+            if resumed:
+                row.next_fire_at = next_tick(row.cron, utcnow())
+                row.last_error = None
+            session.flush()
+            return row
+
+    def delete_schedule(self, project_id: int, name: str) -> None:
+        """Delete a schedule: it makes no run once this returns. The runs it made stay, with
+        the tick they were made for (``scheduled_for``), no longer linked to a schedule."""
+        with self.db.session() as session:
+            schedule_id = session.scalar(
+                select(Schedule.id)
+                .where(Schedule.project_id == project_id, Schedule.name == name)
+                .with_for_update()
+            )
+            if schedule_id is None:
+                raise NotFound(f"no schedule named {name!r}")
+            # Locked first: a tick's run being stored has committed (and is unlinked here), or
+            # waits and then finds the schedule gone.
+            session.execute(
+                update(Run).where(Run.schedule_id == schedule_id).values(schedule_id=None)
+            )
+            session.execute(delete(Schedule).where(Schedule.id == schedule_id))
 
     def schedules(self, project_id: int) -> list[Schedule]:
         with self.db.session() as session:
@@ -110,11 +199,13 @@ class Schedules(Runs):
                     self.submit(
                         traced,
                         project_id=schedule.project_id,
-                        schedule=(schedule.id, tick),
+                        schedule=Tick(schedule.id, tick, due=schedule.next_fire_at),
                     )
                 )
             except IntegrityError:
                 pass  # another scheduler made this tick's run
+            except ScheduleChanged:
+                continue  # paused, changed or deleted meanwhile: not moved on from here
             except (WorkflowError, ValueError) as exc:
                 log.error(
                     "schedule %s cannot submit %s: %s", schedule.name, schedule.workflow_ref, exc

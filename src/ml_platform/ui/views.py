@@ -490,6 +490,30 @@ def cancel(
     return RedirectResponse(f"/ui/p/{quote(scope.project)}/runs/{run.id}", status_code=303)
 
 
+@router.post("/p/{project}/schedules/{name}/pause")
+def pause_schedule(
+    request: Request, project: str, name: str, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    return _set_schedule(request, project, name, csrf, enabled=False)
+
+
+@router.post("/p/{project}/schedules/{name}/resume")
+def resume_schedule(
+    request: Request, project: str, name: str, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    return _set_schedule(request, project, name, csrf, enabled=True)
+
+
+def _set_schedule(request: Request, project: str, name: str, csrf: str, enabled: bool) -> Response:
+    scope = _scope(request, project, Role.EDITOR)
+    _check_csrf(request, scope, csrf)
+    try:
+        _services(request).platform.change_schedule(scope.project_id, name, enabled=enabled)
+    except NotFound:
+        raise PageError(404, "This project has no such schedule.") from None
+    return RedirectResponse(f"/ui/p/{quote(scope.project)}/workflows", status_code=303)
+
+
 @router.post("/p/{project}/runs/{run_id}/rerun")
 def rerun(
     request: Request, project: str, run_id: str, csrf: Annotated[str, Form()] = ""
