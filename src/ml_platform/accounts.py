@@ -11,8 +11,9 @@ from enum import IntEnum
 from typing import Protocol
 
 import redis
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from ml_platform.security import (
     AccessClaims,
@@ -177,6 +178,8 @@ class Accounts:
             or not username.replace("-", "").replace("_", "").replace(".", "").isalnum()
         ):
             raise ValueError("username must be 1-100 letters, digits, '.', '-' or '_'")
+        if username.lower() == "me":
+            raise ValueError("'me' is not a username: /users/me names whoever asks")
         problem = password_problem(username, password)
         if problem:
             raise ValueError(problem)
@@ -190,6 +193,72 @@ class Accounts:
                 return Identity(user.id, user.username, user.is_admin)
         except IntegrityError:
             raise Conflict(f"user {username!r} already exists") from None
+
+    def users(self) -> list[User]:
+        with self.db.session() as session:
+            return list(session.scalars(select(User).order_by(User.username)))
+
+    def change_user(
+        self,
+        username: str,
+        *,
+        disabled: bool | None = None,
+        is_admin: bool | None = None,
+        password: str | None = None,
+        by: Identity | None = None,
+    ) -> User:
+        """Disable or enable a user, make or unmake a platform admin, set a new password.
+
+        Disabling a user, or setting their password, ends every sign-in they have: their
+        refresh tokens are revoked, and with them the access tokens of those sign-ins (an
+        enabled-again user signs in afresh). ``by``, the admin asking, may not disable or
+        unmake themselves (another admin can): an API that locks out its last admin is one
+        only the database can repair.
+        """
+        if by is not None and by.username == username and (disabled or is_admin is False):
+            raise ValueError("you cannot disable yourself or take your own admin role")
+        if password is not None:
+            problem = password_problem(username, password)
+            if problem:
+                raise ValueError(problem)
+        with self.db.session() as session:
+            user = session.scalar(select(User).where(User.username == username).with_for_update())
+            if user is None:
+                raise LookupError(f"no user {username!r}")
+            if disabled is not None:
+                user.disabled = disabled
+            if is_admin is not None:
+                user.is_admin = is_admin
+            if password is not None:
+                user.password_hash = hash_password(password)
+            if disabled or password is not None:
+                _end_sign_ins(session, user.id)
+            session.flush()
+            return user
+
+    def change_own_password(
+        self,
+        limiter: LoginLimiter,
+        claims: AccessClaims,
+        identity: Identity,
+        passwords: tuple[str, str],
+        address: str | None,
+    ) -> None:
+        """A user sets a new password (``passwords``: the current one, then the new one): the
+        current one is checked under the login limits (a stolen access token is no way to
+        guess it), and every other sign-in of theirs ends (the one asking goes on)."""
+        current, new = passwords
+        self.login(limiter, identity.username, current, address)
+        problem = password_problem(identity.username, new)
+        if problem:
+            raise ValueError(problem)
+        with self.db.session() as session:
+            session.execute(
+                update(User)
+                .where(User.id == identity.user_id)
+                .values(password_hash=hash_password(new))
+            )
+            _end_sign_ins(session, identity.user_id, keep=claims.family)
 
     def identity(self, user_id: int) -> Identity | None:
         with self.db.session() as session:
@@ -225,6 +294,28 @@ class Accounts:
                 session.add(Membership(user_id=user.id, project_id=project_id, role=role.label))
             else:
                 membership.role = role.label
+
+    def members(self, project_id: int) -> list[tuple[str, Role]]:
+        with self.db.session() as session:
+            rows = session.execute(
+                select(User.username, Membership.role)
+                .join(Membership, Membership.user_id == User.id)
+                .where(Membership.project_id == project_id)
+                .order_by(User.username)
+            )
+            return [(name, Role.parse(role)) for name, role in rows]
+
+    def remove_member(self, project_id: int, username: str) -> None:
+        """Take a user's role in a project away (platform admins keep seeing every project)."""
+        with self.db.session() as session:
+            removed = session.execute(
+                delete(Membership).where(
+                    Membership.project_id == project_id,
+                    Membership.user_id.in_(select(User.id).where(User.username == username)),
+                )
+            )
+            if not getattr(removed, "rowcount", 0):
+                raise LookupError(f"{username!r} is not a member of this project")
 
     def role_in(self, identity: Identity, project_name: str) -> tuple[Project, Role] | None:
         """The project and the user's role in it, or None when the user may not see it."""
@@ -374,6 +465,17 @@ class Accounts:
         if identity is None:
             raise AuthError("token_invalid", "the user no longer exists or is disabled")
         return self.issue_refresh(identity, family)
+
+
+def _end_sign_ins(session: Session, user_id: int, keep: str | None = None) -> None:
+    """Revoke every refresh token of the user but the sign-in ``keep`` (a family): those
+    sign-ins' access tokens stop working too (Accounts.revoked)."""
+    ending = update(RefreshToken).where(
+        RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None)
+    )
+    if keep is not None:
+        ending = ending.where(RefreshToken.family != keep)
+    session.execute(ending.values(revoked_at=utcnow()))
 
 
 def login_keys(username: str, client_address: str | None) -> list[str]:

@@ -27,6 +27,7 @@ from ml_platform.engine.states import RUN_TERMINAL, RunState
 # Deferred to the commands that use them: `mlp --help` must not pay for SQLAlchemy, Alembic,
 # Redis, FastAPI or pydantic (see tests/unit/test_cli_imports.py).
 if TYPE_CHECKING:
+    from ml_platform.accounts import Accounts
     from ml_platform.client import Client
     from ml_platform.dispatch import Dispatch
     from ml_platform.service import Platform, Submitted
@@ -911,10 +912,7 @@ def users_create(
     """Create a user (the way to bootstrap the first admin: there are no default credentials)."""
     from ml_platform.accounts import Accounts
 
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    password = _read_password(password_stdin)
     with _platform() as platform:
         accounts = Accounts(platform.db, timedelta(days=platform.settings.refresh_token_days))
         try:
@@ -928,6 +926,74 @@ def users_create(
             + (" (admin)" if user.is_admin else "")
             + f" in {safe_url(platform.settings.database_url)}"
         )
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return str(typer.prompt("password", hide_input=True, confirmation_prompt=True))
+
+
+@contextmanager
+def _accounts() -> Iterator[Accounts]:
+    from ml_platform.accounts import Accounts
+
+    with _platform() as platform:
+        try:
+            yield Accounts(platform.db, timedelta(days=platform.settings.refresh_token_days))
+        except (LookupError, ValueError) as exc:
+            _fail(str(exc))
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Every user of the database DATABASE_URL names, admins and disabled ones marked."""
+    with _accounts() as accounts:
+        users = accounts.users()
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("user", "platform admin", "state", "created"):
+        table.add_column(column)
+    for user in users:
+        table.add_row(
+            escape(user.username),
+            "yes" if user.is_admin else "",
+            "[red]disabled[/]" if user.disabled else "active",
+            f"{user.created_at:%Y-%m-%d %H:%M}",
+        )
+    console.print(table if users else "no users")
+
+
+Username = Annotated[str, typer.Argument(help="Login name.")]
+
+
+@users_app.command("disable")
+def users_disable(username: Username) -> None:
+    """Disable a user: they cannot sign in, and every sign-in they have ends now."""
+    with _accounts() as accounts:
+        accounts.change_user(username, disabled=True)
+    console.print(f"user {escape(username)} disabled; their sign-ins have ended")
+
+
+@users_app.command("enable")
+def users_enable(username: Username) -> None:
+    """Enable a disabled user again (they sign in afresh)."""
+    with _accounts() as accounts:
+        accounts.change_user(username, disabled=False)
+    console.print(f"user {escape(username)} enabled")
+
+
+@users_app.command("password")
+def users_password(
+    username: Username,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Set a user's password (a forgotten one, a leaked one): their sign-ins end."""
+    password = _read_password(password_stdin)
+    with _accounts() as accounts:
+        accounts.change_user(username, password=password)
+    console.print(f"password of {escape(username)} set; their sign-ins have ended")
 
 
 def _schedules_table(rows: list[dict[str, Any]]) -> Table:

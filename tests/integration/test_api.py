@@ -382,6 +382,121 @@ def test_users_are_created_by_admins_only(api: Api) -> None:
     assert again.status_code == 409
 
 
+def _sign_in(api: Api, username: str, password: str = PASSWORD) -> tuple[dict[str, str], str]:
+    """An access token's header and the refresh token of a new sign-in."""
+    body = {"username": username, "password": password}
+    tokens = api.client.post("/api/v1/auth/token", json=body).json()
+    return {"Authorization": f"Bearer {tokens['access_token']}"}, tokens["refresh_token"]
+
+
+def _refreshes(api: Api, refresh_token: str) -> int:
+    answer = api.client.post("/api/v1/auth/refresh", json={"refresh_token": refresh_token})
+    return int(answer.status_code)
+
+
+def test_an_admin_disables_a_user_and_every_sign_in_of_theirs_ends_at_once(api: Api) -> None:
+    """Someone leaves, or their laptop is stolen: a platform admin disables them. Their access
+    token stops on its next request (not at its expiry), their refresh token is revoked and
+    stays so after they are enabled again; they sign in afresh."""
+    alice = api.login("alice")
+    bob, bob_refresh = _sign_in(api, "bob")
+    assert api.client.get("/api/v1/projects/vision/runs", headers=bob).status_code == 200
+    users = "/api/v1/users"
+    assert api.client.patch(f"{users}/bob", json={"disabled": True}, headers=bob).status_code == 403
+    assert api.client.get(users, headers=bob).status_code == 403
+    assert (
+        api.client.patch(f"{users}/nobody", json={"disabled": True}, headers=alice).status_code
+        == 404
+    )
+    assert api.client.patch(f"{users}/bob", json={}, headers=alice).status_code == 422
+    myself = api.client.patch(f"{users}/alice", json={"disabled": True}, headers=alice)
+    assert myself.status_code == 422 and "cannot disable yourself" in myself.text
+    unmade = api.client.patch(f"{users}/alice", json={"is_admin": False}, headers=alice)
+    assert unmade.status_code == 422
+    # /users/me is whoever asks: it is no user's name, and has no PATCH.
+    assert (
+        api.client.patch(f"{users}/me", json={"disabled": True}, headers=alice).status_code == 405
+    )
+    named_me = {"username": "me", "password": PASSWORD}
+    assert api.client.post(users, json=named_me, headers=alice).status_code == 422
+
+    disabled = api.client.patch(f"{users}/bob", json={"disabled": True}, headers=alice)
+    assert disabled.status_code == 200 and disabled.json()["disabled"] is True
+    assert api.client.get("/api/v1/projects/vision/runs", headers=bob).status_code == 401
+    assert _refreshes(api, bob_refresh) == 401
+    refused = api.client.post("/api/v1/auth/token", json={"username": "bob", "password": PASSWORD})
+    assert refused.status_code == 401
+    listed = {u["username"]: u["disabled"] for u in api.client.get(users, headers=alice).json()}
+    assert listed == {"alice": False, "bob": True, "carol": False}
+
+    assert (
+        api.client.patch(f"{users}/bob", json={"disabled": False}, headers=alice).status_code == 200
+    )
+    assert _refreshes(api, bob_refresh) == 401  # the old sign-in stays ended
+    again, _ = _sign_in(api, "bob")
+    assert api.client.get("/api/v1/projects/vision/runs", headers=again).status_code == 200
+
+
+def test_a_password_set_by_an_admin_or_changed_by_its_owner_ends_the_other_sign_ins(
+    api: Api,
+) -> None:
+    laptop, laptop_refresh = _sign_in(api, "carol")
+    phone, phone_refresh = _sign_in(api, "carol")
+    mine = "/api/v1/users/me/password"
+    weak = api.client.post(
+        mine, json={"current_password": PASSWORD, "new_password": "short"}, headers=laptop
+    )
+    assert weak.status_code == 422 and "at least 12 characters" in weak.text
+    new = "lantern orbit velvet quarry"  # pragma: allowlist secret
+    wrong = {"current_password": "not mine", "new_password": new}  # pragma: allowlist secret
+    assert api.client.post(mine, json=wrong, headers=laptop).status_code == 403
+    changed = api.client.post(
+        mine, json={"current_password": PASSWORD, "new_password": new}, headers=laptop
+    )
+    assert changed.status_code == 204, changed.text
+    # The sign-in that asked goes on; the other one has ended, access and refresh alike.
+    assert api.client.get("/api/v1/users/me", headers=laptop).status_code == 200
+    assert api.client.get("/api/v1/users/me", headers=phone).status_code == 401
+    assert _refreshes(api, phone_refresh) == 401 and _refreshes(api, laptop_refresh) == 200
+    old = api.client.post("/api/v1/auth/token", json={"username": "carol", "password": PASSWORD})
+    assert old.status_code == 401
+    fresh, _ = _sign_in(api, "carol", new)
+
+    alice = api.login("alice")
+    reset = "copper meadow lighthouse fable"  # pragma: allowlist secret
+    set_ = api.client.patch("/api/v1/users/carol", json={"password": reset}, headers=alice)
+    assert set_.status_code == 200
+    assert api.client.get("/api/v1/users/me", headers=fresh).status_code == 401
+    assert api.client.get("/api/v1/users/me", headers=laptop).status_code == 401
+    last, _ = _sign_in(api, "carol", reset)
+
+    # A stolen access token is no way to guess the password: the sign-in limits count it
+    # (3 failures in the window here, those above among them).
+    answers = [api.client.post(mine, json=wrong, headers=last) for _ in range(3)]
+    assert [a.status_code for a in answers][-1] == 429 and "retry-after" in answers[-1].headers
+    right = {"current_password": reset, "new_password": new}
+    assert api.client.post(mine, json=right, headers=last).status_code == 429
+
+
+def test_a_project_admin_lists_and_removes_members(api: Api) -> None:
+    alice, bob, carol = api.login("alice"), api.login("bob"), api.login("carol")
+    members = "/api/v1/projects/vision/members"
+    listed = api.client.get(members, headers=bob).json()
+    assert listed == [
+        {"username": "alice", "role": "admin"},
+        {"username": "bob", "role": "viewer"},
+        {"username": "carol", "role": "editor"},
+    ]
+    assert api.client.delete(f"{members}/bob", headers=carol).status_code == 403
+    assert api.client.delete(f"{members}/bob", headers=alice).status_code == 204
+    assert api.client.get("/api/v1/projects/vision/runs", headers=bob).status_code == 404
+    assert api.client.get("/api/v1/projects", headers=bob).json() == []
+    again = api.client.delete(f"{members}/bob", headers=alice)
+    assert again.status_code == 404 and "not a member" in again.text
+    elsewhere = api.client.delete("/api/v1/projects/secret/members/carol", headers=carol)
+    assert elsewhere.status_code == 404
+
+
 def test_a_cron_tick_makes_one_run_whatever_the_number_of_schedulers(api: Api) -> None:
     carol = api.login("carol")
     bad = api.client.post(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,42 @@ def run_id_of(output: str) -> str:
 def spawn(*args: str) -> Forked:
     """`mlp ARGS` with this process's environment, forked from a warm copy (tests/forked.py)."""
     return ZYGOTE.spawn(list(args), dict(os.environ))
+
+
+def test_an_operator_disables_enables_and_resets_a_user_from_the_cli(
+    cli_env: dict[str, str],
+) -> None:
+    """The CLI is how the first admin is made, and how an operator with the database reaches
+    an account when no admin can sign in."""
+    from ml_platform.accounts import Accounts
+    from ml_platform.security import AuthError
+
+    password = "correct horse battery"  # pragma: allowlist secret
+    result = CliRunner().invoke(app, ["users", "create", "bob", "--password-stdin"], input=password)
+    assert result.exit_code == 0, result.output
+    assert mlp("users", "disable", "bob") == (0, "user bob disabled; their sign-ins have ended\n")
+    code, output = mlp("users", "list")
+    assert code == 0 and re.search(r"bob .*│ disabled", output), output
+    platform = Platform(load_settings()).start()
+    accounts = Accounts(platform.db, timedelta(days=1))
+    try:
+        with pytest.raises(AuthError):
+            accounts.authenticate("bob", password)
+        assert mlp("users", "enable", "bob")[0] == 0
+        accounts.authenticate("bob", password)
+        reset = "velvet harbour quantum lemon"  # pragma: allowlist secret
+        result = CliRunner().invoke(
+            app, ["users", "password", "bob", "--password-stdin"], input=reset
+        )
+        assert result.exit_code == 0 and "their sign-ins have ended" in result.output
+        accounts.authenticate("bob", reset)
+        weak = CliRunner().invoke(
+            app, ["users", "password", "bob", "--password-stdin"], input="bob"
+        )
+        assert weak.exit_code == 2 and "at least 12 characters" in weak.output
+    finally:
+        platform.close()
+    assert mlp("users", "disable", "nobody") == (2, "error: no user 'nobody'\n")
 
 
 def test_schedules_are_made_listed_paused_resumed_and_deleted_from_the_cli(

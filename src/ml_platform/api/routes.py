@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from ml_platform.accounts import Conflict, LoginBlocked, Role, TokenPair
 from ml_platform.api.deps import (
@@ -26,9 +27,11 @@ from ml_platform.api.schemas import (
     LoginRequest,
     LogOut,
     LogoutRequest,
+    MemberOut,
     MemberSet,
     MetricOut,
     MetricSummaryOut,
+    PasswordChange,
     ProgressOut,
     ProgressTaskOut,
     ProjectCreate,
@@ -43,6 +46,7 @@ from ml_platform.api.schemas import (
     ScheduleOut,
     TaskRunOut,
     TokenResponse,
+    UserChange,
     UserCreate,
     UserOut,
     WorkflowOut,
@@ -116,6 +120,78 @@ def create_user(body: UserCreate, identity: IdentityDep, svc: ServicesDep) -> Us
     return UserOut(id=user.user_id, username=user.username, is_admin=user.is_admin)
 
 
+@router.post("/users/me/password", status_code=204, tags=["users"])
+def change_password(
+    body: PasswordChange, request: Request, sign_in: SignInDep, svc: ServicesDep
+) -> Response:
+    """Set a new password, giving the current one (under the sign-in limits); every other
+    sign-in of yours ends."""
+    try:
+        svc.accounts.change_own_password(
+            svc.limiter,
+            sign_in.claims,
+            sign_in.identity,
+            (body.current_password, body.new_password),
+            request.client.host if request.client else None,
+        )
+    except LoginBlocked as exc:
+        raise ApiError(429, exc.code, exc.message, {"Retry-After": str(exc.wait)}) from None
+    except AuthError:
+        raise ApiError(403, "wrong_password", "the current password is wrong") from None
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+    return Response(status_code=204)
+
+
+def _admin(identity: IdentityDep) -> None:
+    if not identity.is_admin:
+        raise ApiError(403, "forbidden", "only platform admins manage users")
+
+
+@router.get("/users", tags=["users"])
+def list_users(identity: IdentityDep, svc: ServicesDep) -> list[UserOut]:
+    """Every user (platform admins only)."""
+    _admin(identity)
+    return [
+        UserOut(id=u.id, username=u.username, is_admin=u.is_admin, disabled=u.disabled)
+        for u in svc.accounts.users()
+    ]
+
+
+class _OtherUser(StringConvertor):
+    """A username in a path, never ``me``: /users/me is the caller's own (and no user may be
+    named so), so that each path has one set of methods."""
+
+    regex = "(?!me$)[^/]+"
+
+
+register_url_convertor("other_user", _OtherUser())
+
+
+@router.patch("/users/{username:other_user}", tags=["users"])
+def change_user(
+    username: str, body: UserChange, identity: IdentityDep, svc: ServicesDep
+) -> UserOut:
+    """Disable or enable a user, make or unmake a platform admin, set their password
+    (platform admins only). Disabling a user or setting their password ends their sign-ins."""
+    _admin(identity)
+    try:
+        user = svc.accounts.change_user(
+            username,
+            disabled=body.disabled,
+            is_admin=body.is_admin,
+            password=body.password,
+            by=identity,
+        )
+    except LookupError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+    return UserOut(
+        id=user.id, username=user.username, is_admin=user.is_admin, disabled=user.disabled
+    )
+
+
 @router.get("/projects", tags=["projects"])
 def list_projects(identity: IdentityDep, svc: ServicesDep) -> list[ProjectOut]:
     return [ProjectOut(name=p.name, role=r.label) for p, r in svc.accounts.projects_of(identity)]
@@ -136,6 +212,24 @@ def set_member(body: MemberSet, access: ProjectAdmin, svc: ServicesDep) -> Respo
     """Give a user a role in the project (project admins only)."""
     try:
         svc.accounts.set_member(access.project_id, body.username, Role.parse(body.role))
+    except LookupError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    return Response(status_code=204)
+
+
+@router.get("/projects/{project}/members", tags=["projects"])
+def list_members(access: Viewer, svc: ServicesDep) -> list[MemberOut]:
+    return [
+        MemberOut(username=name, role=role.label)
+        for name, role in svc.accounts.members(access.project_id)
+    ]
+
+
+@router.delete("/projects/{project}/members/{username}", status_code=204, tags=["projects"])
+def remove_member(username: str, access: ProjectAdmin, svc: ServicesDep) -> Response:
+    """Take a user's role in the project away (project admins only)."""
+    try:
+        svc.accounts.remove_member(access.project_id, username)
     except LookupError as exc:
         raise ApiError(404, "not_found", str(exc)) from None
     return Response(status_code=204)

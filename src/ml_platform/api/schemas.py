@@ -59,6 +59,33 @@ class UserOut(BaseModel):
     id: int
     username: str
     is_admin: bool
+    #: A disabled user cannot sign in; their sign-ins ended when they were disabled.
+    disabled: bool = False
+
+
+class UserChange(Body):
+    """What a platform admin changes about a user: disabling one (or setting a password)
+    ends every sign-in they have."""
+
+    disabled: bool | None = None
+    is_admin: bool | None = None
+    password: str | None = Field(default=None, min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _something(self) -> UserChange:
+        if self.disabled is None and self.is_admin is None and self.password is None:
+            raise ValueError("give at least one of disabled, is_admin, password")
+        return self
+
+
+class PasswordChange(Body):
+    current_password: str = Field(min_length=1, max_length=1000)
+    new_password: str = Field(min_length=1, max_length=1000)
+
+
+class MemberOut(BaseModel):
+    username: str
+    role: str
 
 
 class ProjectCreate(Body):
