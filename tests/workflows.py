@@ -197,6 +197,19 @@ def big_pipeline(n: int = 50_000) -> None:
     length(big(n))
 
 
+@task
+def fit(seed: int) -> int:
+    context().save_artifact("model", {"seed": seed, "weights": list(range(seed * 1000))})
+    return seed
+
+
+@workflow
+def two_models() -> None:
+    """Two tasks that each save an artifact named "model", with different bytes."""
+    fit(1)
+    fit(2)
+
+
 not_a_workflow = double
 
 

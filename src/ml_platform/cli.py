@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -926,6 +927,135 @@ def users_create(
             + (" (admin)" if user.is_admin else "")
             + f" in {safe_url(platform.settings.database_url)}"
         )
+
+
+def _artifact_rows(
+    run_id: str, server: str | None, project: str
+) -> tuple[str, list[dict[str, Any]]]:
+    """The run's full id and its artifacts (task, name, sha256, size, kind)."""
+    if server:
+        with _client(server, project) as client:
+            full_id = client.run(run_id)["id"]
+            return full_id, client.artifacts(full_id)
+    with _platform() as platform:
+        full_id = platform.resolve_run_id(run_id)
+        return full_id, [
+            {"task": node, "name": a.name, "sha256": a.sha256, "size": a.size, "kind": a.kind}
+            for node, a in platform.artifacts_of(full_id)
+        ]
+
+
+def _chosen(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The artifact named ``name`` (or ``task/name``), or whose sha256 starts with it."""
+    found = [
+        row
+        for row in rows
+        if name in (row["name"], f"{row['task']}/{row['name']}")
+        or (len(name) >= 6 and row["sha256"].startswith(name))
+    ]
+    if len({row["sha256"] for row in found}) > 1:
+        options = ", ".join(f"{r['task']}/{r['name']} ({r['sha256'][:12]})" for r in found)
+        _fail(f"{len(found)} artifacts match {name!r}: {options}; give one of these")
+    if not found:
+        known = ", ".join(f"{r['task']}/{r['name']}" for r in rows) or "none"
+        _fail(f"the run has no artifact {name!r} (it has: {known})")
+    return found[0]
+
+
+@app.command()
+def artifacts(
+    run_id: Annotated[str, typer.Argument(help="The run (its first 4+ characters).")],
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Download this one: its name, TASK/NAME or a sha256 prefix."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write it (default NAME-SHA12).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    server: Server = None,
+    project: ProjectName = "default",
+) -> None:
+    """List a run's artifacts, or download one: its bytes as stored (a value a task saved
+    with save_artifact is a pickle; load it with pickle.load), checked against its sha256."""
+    full_id, rows = _artifact_rows(run_id, server, project)
+    if name is None:
+        if not rows:
+            console.print(f"run {full_id[:8]} has no artifacts")
+            return
+        table = Table(show_edge=False, header_style="bold")
+        for column in ("task", "artifact", "kind", "bytes", "sha256"):
+            table.add_column(column, no_wrap=True)
+        for row in rows:
+            table.add_row(
+                escape(row["task"]),
+                escape(row["name"]),
+                row["kind"],
+                f"{row['size']:,}",
+                row["sha256"][:12],
+            )
+        console.print(table)
+        return
+    row = _chosen(rows, name)
+    sha256 = row["sha256"]
+    target = output or Path(f"{row['name']}-{sha256[:12]}".replace(os.sep, "_"))
+    if target.exists() and not force:
+        _fail(f"{target} exists; give another --output, or --force to replace it")
+    _download(full_id, sha256, target, server, project)
+    what = escape(f"{row['task']}/{row['name']}")
+    console.print(
+        f"artifact {what} ({row['size']:,} bytes, sha256 {sha256[:12]}) written to "
+        + escape(str(target))
+    )
+
+
+def _download(run_id: str, sha256: str, target: Path, server: str | None, project: str) -> None:
+    """Write the artifact to a file beside ``target`` while hashing it, then move it there:
+    an interrupted or corrupted download leaves nothing at ``target``."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    directory = target.resolve().parent
+    if not directory.is_dir():
+        _fail(f"{directory} is not a directory")
+    hasher = hashlib.sha256()
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+
+            def write(chunk: bytes) -> None:
+                hasher.update(chunk)
+                out.write(chunk)
+
+            if server:
+                with _client(server, project) as client:
+                    client.download_artifact(run_id, sha256, write)
+            else:
+                with _platform() as platform:
+                    try:
+                        source = platform.artifacts.path(sha256).open("rb")
+                    except FileNotFoundError:
+                        _fail(f"artifact {sha256} is recorded but gone from the artifact store")
+                    with source:
+                        shutil.copyfileobj(source, _Writer(write), 1 << 20)
+        if hasher.hexdigest() != sha256:
+            got = hasher.hexdigest()[:12]
+            _fail(f"artifact {sha256[:12]} arrived changed (sha256 {got}); nothing written")
+        umask = os.umask(0)  # a file as any other the user makes (mkstemp's is 0600)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+class _Writer:
+    """A file-like ``write`` for shutil.copyfileobj."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self.write = write
 
 
 def _read_password(password_stdin: bool) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,34 @@ class Client:
             "POST", self._project(f"/runs/{run_id}/retry"), json=body
         )
         return result
+
+    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request(
+            "GET", self._project(f"/runs/{run_id}/artifacts")
+        )
+        return result
+
+    def download_artifact(self, run_id: str, sha256: str, write: Callable[[bytes], object]) -> None:
+        """Stream the artifact's bytes to ``write``, a chunk at a time (a model may not fit in
+        memory). An expired access token is renewed once, as for any other request."""
+        path = self._project(f"/runs/{run_id}/artifacts/{sha256}")
+        for renewed in (False, True):
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            try:
+                with self._http.stream("GET", path, headers=headers) as response:
+                    if response.status_code < 400:
+                        for chunk in response.iter_bytes(1 << 20):
+                            write(chunk)
+                        return
+                    response.read()
+            except httpx.TransportError as exc:
+                raise ApiClientError(0, "unreachable", f"cannot reach {self.url}: {exc}") from None
+            code, message = _error_of(response)
+            if not (response.status_code == 401 and code == "token_expired") or renewed:
+                raise ApiClientError(response.status_code, code, message)
+            if not self.refresh_token:
+                raise ApiClientError(response.status_code, code, message)
+            self.refresh()
 
     def schedules(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._request("GET", self._project("/schedules"))

@@ -20,7 +20,7 @@ from sqlalchemy import update
 
 from ml_platform.accounts import Accounts, Role
 from ml_platform.api import create_app
-from ml_platform.client import Client
+from ml_platform.client import ApiClientError, Client
 from ml_platform.config import Settings
 from ml_platform.dispatch import RedisDispatcher
 from ml_platform.engine.states import RunState
@@ -267,6 +267,20 @@ def test_a_run_through_the_api_with_its_tasks_logs_metrics_and_artifacts(api: Ap
     missing = api.client.get(f"{base}/artifacts/{'0' * 64}", headers=carol)
     assert missing.status_code == 404
     assert api.client.get(f"{base}/metrics", headers=carol).json() == []
+
+    # The Python client streams it, renewing an access token that expired meanwhile.
+    client = Client(str(api.client.base_url), project="vision")
+    client._http = api.client  # the real application, in this process
+    client.login("carol", PASSWORD)
+    signer = api.client.app.state.services.signer  # type: ignore[attr-defined]
+    me = api.client.get("/api/v1/users/me", headers=carol).json()
+    expired = client.token = signer.issue(me["id"], now=datetime.now(UTC) - timedelta(hours=1))
+    chunks: list[bytes] = []
+    client.download_artifact(run_id, artifact["sha256"], chunks.append)
+    assert pickle.loads(b"".join(chunks)) == list(range(10)) and client.token != expired
+    with pytest.raises(ApiClientError) as gone:
+        client.download_artifact(run_id, "0" * 64, chunks.append)
+    assert gone.value.status == 404
 
 
 def test_a_task_with_a_point_per_step_is_summed_up_and_its_points_come_in_pages(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import pty
 import re
 import signal
@@ -63,6 +64,44 @@ def run_id_of(output: str) -> str:
 def spawn(*args: str) -> Forked:
     """`mlp ARGS` with this process's environment, forked from a warm copy (tests/forked.py)."""
     return ZYGOTE.spawn(list(args), dict(os.environ))
+
+
+def test_a_runs_artifacts_are_listed_and_downloaded_checked_against_their_digest(
+    cli_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registered model was only a sha256 in `mlp show`: the CLI gives it to its owner,
+    whole or not at all."""
+    code, output = mlp("run", "tests.workflows:two_models")
+    assert code == 0, output
+    run_id = run_id_of(output)
+    code, listed = mlp("artifacts", run_id)
+    assert code == 0 and len(re.findall(r"fit\[\d\] +│ model +│ pickle", listed)) == 2, listed
+    code, output = mlp("artifacts", run_id, "model")
+    assert code == 2 and "2 artifacts match 'model'" in output, output
+    platform = Platform(load_settings()).start()
+    try:
+        [(first, one), (second, two)] = platform.artifacts_of(platform.resolve_run_id(run_id))
+        store = platform.artifacts.path(two.sha256)
+    finally:
+        platform.close()
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    monkeypatch.chdir(downloads)
+    code, output = mlp("artifacts", run_id, f"{first}/model")
+    written = downloads / f"model-{one.sha256[:12]}"
+    assert code == 0 and pickle.loads(written.read_bytes())["seed"] == 1, output
+    code, output = mlp("artifacts", run_id, f"{first}/model")
+    assert code == 2 and "exists; give another --output, or --force" in output
+    assert mlp("artifacts", run_id, two.sha256[:8], "-o", "m.pkl")[0] == 0
+    assert pickle.loads((downloads / "m.pkl").read_bytes())["seed"] == 2
+    code, output = mlp("artifacts", run_id, "weights")
+    assert code == 2 and f"it has: {first}/model, {second}/model" in output
+
+    # A blob changed in the store is refused, and leaves nothing behind.
+    store.write_bytes(store.read_bytes()[:-1] + b"!")
+    code, output = mlp("artifacts", run_id, two.sha256, "-o", "changed.pkl", "--force")
+    assert code == 2 and "arrived changed" in output
+    assert sorted(p.name for p in downloads.iterdir()) == ["m.pkl", written.name]
 
 
 def test_an_operator_disables_enables_and_resets_a_user_from_the_cli(

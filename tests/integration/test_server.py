@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shlex
 import subprocess
@@ -115,7 +116,7 @@ def cluster(
 
 
 def test_the_demo_runs_through_the_api_on_two_workers(
-    cluster: Cluster, redis_target: RedisTarget, redis_client: redis.Redis
+    cluster: Cluster, redis_target: RedisTarget, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     url, env = cluster.url, cluster.env
     refused = mlp(env, "runs", "--server", url)
@@ -162,6 +163,17 @@ def test_the_demo_runs_through_the_api_on_two_workers(
     assert "Traceback" in log.stdout and "RuntimeError: boom" in log.stdout, log.stdout
     missing = mlp(env, "show", "ffffffff", "--server", url)
     assert missing.returncode == 2 and "no run with id" in missing.stdout
+
+    # A run's artifact, downloaded from the server and checked against its digest.
+    models = mlp(env, "run", "tests.workflows:two_models", "--server", url)
+    models_id = re.search(r"run ([0-9a-f]{8}) ", models.stdout)
+    assert models.returncode == 0 and models_id is not None, models.stdout
+    saved = tmp_path / "model.pkl"
+    got = mlp(
+        env, "artifacts", models_id.group(1), "fit[1]/model", "-o", str(saved), "--server", url
+    )
+    assert got.returncode == 0, got.stdout
+    assert pickle.loads(saved.read_bytes())["seed"] == 2
 
     # Schedules from the CLI: the server fires an active one; a paused one makes no run.
     for name in ("kept", "paused"):
