@@ -190,20 +190,19 @@ def rollback(c: Context, env: str, to_revision: int = 0) -> None:
 
 @task(help={"env": "staging or production"})
 def status(c: Context, env: str) -> None:
-    """Rollout state, pods and recent events (the spec's troubleshooting commands)."""
-    _, kube = _env_and_kube(c, env)
-    for name in deploying.DEPLOYMENTS:
-        print(kube.run("rollout", "status", f"deployment/{name}", "--timeout=5s", check=False))
-    print(kube.run("get", "pods", "-o", "wide"))
-    print(kube.run("get", "events", "--sort-by=.lastTimestamp"))
+    """Rollout state, pods and recent events (the spec's troubleshooting commands); exits 1
+    unless every deployment has rolled out."""
+    environment, kube = _env_and_kube(c, env)
+    if not deploying.report_status(environment, kube, print):
+        raise Exit(code=1)
 
 
 @task(help={"env": "staging or production"})
 def history(c: Context, env: str) -> None:
     """The rollout history of each deployment."""
-    _, kube = _env_and_kube(c, env)
-    for name in deploying.DEPLOYMENTS:
-        print(kube.history(name))
+    environment, kube = _env_and_kube(c, env)
+    if not deploying.report_history(environment, kube, print):
+        raise Exit(code=1)
 
 
 @task(help={"env": "staging or production (its URL)", "url": "or any URL"})

@@ -473,3 +473,58 @@ __all__ = [
     "restore",
     "rollback",
 ]
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
+def report_status(environment: Environment, kube: Kubectl, echo: Callable[[str], None]) -> bool:
+    """The spec's troubleshooting reads, each under its heading: every Deployment's rollout
+    state, the pods, the events. A read that fails says why and the others go on. Ends with a
+    one-line verdict; True when every Deployment has rolled out and everything could be read."""
+    reads = [
+        *(
+            (f"deployment/{n}", ("rollout", "status", f"deployment/{n}", "--timeout=5s"))
+            for n in DEPLOYMENTS
+        ),
+        ("pods", ("get", "pods", "-o", "wide")),
+        ("events", ("get", "events", "--sort-by=.lastTimestamp")),
+    ]
+    return _report(
+        environment, kube, echo, reads, f"every deployment rolled out ({', '.join(DEPLOYMENTS)})"
+    )
+
+
+def report_history(environment: Environment, kube: Kubectl, echo: Callable[[str], None]) -> bool:
+    """Each Deployment's rollout history under its heading, and a verdict; False if one could
+    not be read."""
+    reads: list[tuple[str, tuple[str, ...]]] = [
+        (f"deployment/{n}", ("rollout", "history", f"deployment/{n}")) for n in DEPLOYMENTS
+    ]
+    return _report(environment, kube, echo, reads, "history read")
+
+
+def _report(
+    environment: Environment,
+    kube: Kubectl,
+    echo: Callable[[str], None],
+    reads: list[tuple[str, tuple[str, ...]]],
+    fine: str,
+) -> bool:
+    failed: dict[str, str] = {}
+    for what, args in reads:
+        ok, text = kube.read(*args)
+        echo(f"== {what}\n{text or 'nothing'}")
+        if not ok:
+            failed[what] = _last_line(text)
+    if not failed:
+        echo(f"{environment.name}: {fine}")
+    elif len(failed) == len(reads) and len(set(failed.values())) == 1:
+        echo(f"{environment.name}: the cluster could not be read: {next(iter(failed.values()))}")
+    else:
+        echo(
+            f"{environment.name}: NOT healthy: " + "; ".join(f"{w}: {r}" for w, r in failed.items())
+        )
+    return not failed

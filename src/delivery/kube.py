@@ -62,13 +62,29 @@ class Kubectl:
         if self.dry_run:
             self.echo("would run: " + " ".join(argv) + (" < rendered manifests" if stdin else ""))
             return ""
-        result = subprocess.run(  # nosec B603 - kubectl with arguments built here
-            argv, input=stdin, capture_output=True, text=True, check=False
-        )
+        try:
+            result = subprocess.run(  # nosec B603 - kubectl with arguments built here
+                argv, input=stdin, capture_output=True, text=True, check=False
+            )
+        except OSError as exc:  # not installed, not executable
+            raise KubeError(f"kubectl could not be run: {exc}") from None
         if check and result.returncode != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()
             raise KubeError(f"{' '.join(argv[:6])} …: {detail[-1] if detail else 'failed'}")
         return result.stdout
+
+    def read(self, *args: str) -> tuple[bool, str]:
+        """Run a kubectl command that only reads, for what it says either way: whether it
+        succeeded, and its output with its errors (stderr after stdout)."""
+        argv = self._argv(args)
+        self.commands.append(argv)
+        try:
+            result = subprocess.run(  # nosec B603 - kubectl with arguments built here
+                argv, capture_output=True, text=True, check=False
+            )
+        except OSError as exc:
+            return False, f"kubectl could not be run: {exc}"
+        return result.returncode == 0, (result.stdout + result.stderr).strip()
 
     # -- deployments ------------------------------------------------------------------------
 
@@ -147,9 +163,6 @@ class Kubectl:
         if to_revision is not None:
             args.append(f"--to-revision={to_revision}")
         self.run(*args)
-
-    def history(self, deployment: str) -> str:
-        return self.run("rollout", "history", f"deployment/{deployment}")
 
     def run_job(self, manifest: str, name: str, timeout: int) -> bool:
         self.run("delete", f"job/{name}", "--ignore-not-found")

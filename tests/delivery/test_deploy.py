@@ -27,6 +27,8 @@ from delivery.deploy import (
     DeployError,
     check_allowed,
     deploy,
+    report_history,
+    report_status,
     rollback,
     worst_case_seconds,
 )
@@ -206,6 +208,36 @@ def test_production_needs_main_and_an_approval_before_any_change(cluster: Cluste
         check_allowed(production, "main", approved=False)
     check_allowed(production, "main", approved=True)
     assert not cluster.state_file.exists()  # nothing reached the cluster
+
+
+def test_status_and_history_read_what_they_can_and_end_with_a_verdict(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`invoke status` and `invoke history` printed a traceback when a read failed (no such
+    deployment, no cluster, no kubectl) and exited 0 on an unhealthy environment."""
+    staging = load_environment(CONFIG, "staging")
+    printed: list[str] = []
+    assert not report_status(staging, kube(), printed.append)  # nothing deployed yet
+    assert printed[-1].startswith("staging: NOT healthy: deployment/ml-platform: Error from server")
+    assert "== pods\npods of staging" in printed  # the other reads went on
+
+    assert staging_deploy("main-1111111").succeeded
+    printed.clear()
+    assert report_status(staging, kube(), printed.append)
+    assert printed[-1] == "staging: every deployment rolled out (ml-platform, ml-platform-worker)"
+    printed.clear()
+    assert report_history(staging, kube(), printed.append)
+    assert printed[0].startswith("== deployment/ml-platform\nREVISION")
+    assert printed[-1] == "staging: history read"
+
+    missing = Kubectl("staging", executable=str(tmp_path / "kubectl"))
+    printed.clear()
+    assert not report_status(staging, missing, printed.append)
+    assert printed[-1].startswith(
+        "staging: the cluster could not be read: kubectl could not be run:"
+    )
+    with pytest.raises(KubeError, match="kubectl could not be run"):
+        missing.run("get", "pods")
 
 
 def test_a_dry_run_prints_the_plan_and_changes_nothing(cluster: Cluster) -> None:
