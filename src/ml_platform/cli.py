@@ -58,6 +58,12 @@ schedules_app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(schedules_app, name="schedules")
+pools_app = typer.Typer(
+    help="Pools: how many attempts of tasks with @task(pool=NAME) run at once, across runs.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(pools_app, name="pools")
 
 
 def _print_version(asked: bool) -> None:
@@ -1056,6 +1062,58 @@ class _Writer:
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self.write = write
+
+
+@pools_app.command("list")
+def pools_list(server: Server = None, project: ProjectName = "default") -> None:
+    """Pools with a limit or with work: their slots and how many hold one now."""
+    if server:
+        with _client(server, project) as client:
+            rows = [(p["name"], p["slots"], p["busy"]) for p in client.pools()]
+    else:
+        with _platform() as platform:
+            rows = platform.pools()
+    if not rows:
+        console.print("no pools have a limit or work")
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("pool", "slots", "queued or running"):
+        table.add_column(column)
+    for name, slots, busy in rows:
+        table.add_row(escape(name), "no limit" if slots is None else str(slots), str(busy))
+    console.print(table)
+
+
+PoolName = Annotated[str, typer.Argument(help="The pool's name, as in @task(pool=NAME).")]
+
+
+@pools_app.command("set")
+def pools_set(
+    name: PoolName,
+    slots: Annotated[int, typer.Argument(min=1, help="Attempts of the pool that may run at once.")],
+    server: Server = None,
+    project: ProjectName = "default",
+) -> None:
+    """Limit a pool (a larger limit starts waiting tasks at the scheduler's next full pass)."""
+    if server:
+        with _client(server, project) as client:
+            client.set_pool(name, slots)
+    else:
+        with _platform() as platform:
+            platform.set_pool(name, slots)
+    console.print(f"pool {escape(name)}: at most {slots} at once")
+
+
+@pools_app.command("delete")
+def pools_delete(name: PoolName, server: Server = None, project: ProjectName = "default") -> None:
+    """Take a pool's limit away."""
+    if server:
+        with _client(server, project) as client:
+            client.remove_pool(name)
+    else:
+        with _platform() as platform:
+            platform.remove_pool(name)
+    console.print(f"pool {escape(name)}: no limit")
 
 
 def _read_password(password_stdin: bool) -> str:

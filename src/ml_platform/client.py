@@ -221,6 +221,19 @@ class Client:
                 raise ApiClientError(response.status_code, code, message)
             self.refresh()
 
+    def pools(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request("GET", "/api/v1/pools")
+        return result
+
+    def set_pool(self, name: str, slots: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(
+            "PUT", f"/api/v1/pools/{quote(name, safe='')}", json={"slots": slots}
+        )
+        return result
+
+    def remove_pool(self, name: str) -> None:
+        self._request("DELETE", f"/api/v1/pools/{quote(name, safe='')}")
+
     def schedules(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._request("GET", self._project("/schedules"))
         return result

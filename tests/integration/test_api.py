@@ -492,6 +492,31 @@ def test_a_password_set_by_an_admin_or_changed_by_its_owner_ends_the_other_sign_
     assert api.client.post(mine, json=right, headers=last).status_code == 429
 
 
+def test_a_platform_admin_sizes_a_pool_and_waiting_tasks_start_when_it_grows(api: Api) -> None:
+    """Pool limits existed only as a Python call: no face set one. Admins now do, for every
+    project (pools are the cluster's); anyone signed in sees their slots and use."""
+    alice, carol = api.login("alice"), api.login("carol")
+    pool = "/api/v1/pools/tests-pool"
+    assert api.client.put(pool, json={"slots": 1}, headers=carol).status_code == 403
+    assert api.client.put(pool, json={"slots": 0}, headers=alice).status_code == 422
+    made = api.client.put(pool, json={"slots": 1}, headers=alice)
+    assert made.status_code == 200 and made.json() == {"name": "tests-pool", "slots": 1, "busy": 0}
+    first = submit(api, carol, "tests.workflows:pooled_pipeline")
+    second = submit(api, carol, "tests.workflows:pooled_pipeline")
+    assert api.client.get("/api/v1/pools", headers=carol).json() == [
+        {"name": "tests-pool", "slots": 1, "busy": 1}  # the second run's task waits
+    ]
+    assert api.client.put(pool, json={"slots": 2}, headers=alice).json()["busy"] == 1
+    api.platform.schedule()  # the scheduler's full pass admits it
+    assert api.client.get("/api/v1/pools", headers=carol).json()[0]["busy"] == 2
+    assert run_inline(api.platform, first).value == run_inline(api.platform, second).value
+    assert api.client.delete(pool, headers=carol).status_code == 403
+    assert api.client.delete(pool, headers=alice).status_code == 204
+    again = api.client.delete(pool, headers=alice)
+    assert again.status_code == 404 and "has a limit" in again.text
+    assert api.client.get("/api/v1/pools", headers=carol).json() == []
+
+
 def test_a_project_admin_lists_and_removes_members(api: Api) -> None:
     alice, bob, carol = api.login("alice"), api.login("bob"), api.login("carol")
     members = "/api/v1/projects/vision/members"

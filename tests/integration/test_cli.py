@@ -140,6 +140,18 @@ def test_an_operator_disables_enables_and_resets_a_user_from_the_cli(
     assert mlp("users", "disable", "nobody") == (2, "error: no user 'nobody'\n")
 
 
+def test_pools_are_limited_listed_and_freed_from_the_cli(cli_env: dict[str, str]) -> None:
+    assert mlp("pools", "list") == (0, "no pools have a limit or work\n")
+    assert mlp("pools", "set", "gpu", "2") == (0, "pool gpu: at most 2 at once\n")
+    code, output = mlp("pools", "set", "gpu", "0")
+    assert code == 2 and "greater than or equal to 1" in output
+    code, output = mlp("pools", "list")
+    assert code == 0 and re.search(r"gpu +│ 2 +│ 0", output), output
+    assert mlp("pools", "delete", "gpu") == (0, "pool gpu: no limit\n")
+    code, output = mlp("pools", "delete", "gpu")
+    assert code == 2 and "no pool named 'gpu' has a limit" in output
+
+
 def test_schedules_are_made_listed_paused_resumed_and_deleted_from_the_cli(
     cli_env: dict[str, str],
 ) -> None:

@@ -32,6 +32,8 @@ from ml_platform.api.schemas import (
     MetricOut,
     MetricSummaryOut,
     PasswordChange,
+    PoolOut,
+    PoolSet,
     ProgressOut,
     ProgressTaskOut,
     ProjectCreate,
@@ -190,6 +192,35 @@ def change_user(
     return UserOut(
         id=user.id, username=user.username, is_admin=user.is_admin, disabled=user.disabled
     )
+
+
+@router.get("/pools", tags=["pools"])
+def list_pools(_identity: IdentityDep, svc: ServicesDep) -> list[PoolOut]:
+    """Every pool with a limit or with work queued or running: its slots and how many are busy."""
+    return [PoolOut(name=n, slots=s, busy=b) for n, s, b in svc.platform.pools()]
+
+
+@router.put("/pools/{name}", tags=["pools"])
+def set_pool(name: str, body: PoolSet, identity: IdentityDep, svc: ServicesDep) -> PoolOut:
+    """Limit how many attempts of a pool run at once, across every project (platform admins
+    only): pools are the cluster's, like the workers that serve them."""
+    if not identity.is_admin:
+        raise ApiError(403, "forbidden", "only platform admins set pools")
+    try:
+        svc.platform.set_pool(name, body.slots)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+    [pool] = [PoolOut(name=n, slots=s, busy=b) for n, s, b in svc.platform.pools() if n == name]
+    return pool
+
+
+@router.delete("/pools/{name}", status_code=204, tags=["pools"])
+def remove_pool(name: str, identity: IdentityDep, svc: ServicesDep) -> Response:
+    """Take a pool's limit away (platform admins only)."""
+    if not identity.is_admin:
+        raise ApiError(403, "forbidden", "only platform admins set pools")
+    svc.platform.remove_pool(name)
+    return Response(status_code=204)
 
 
 @router.get("/projects", tags=["projects"])

@@ -242,6 +242,18 @@ class ScheduleCreate(Body):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class PoolSet(Body):
+    slots: int = Field(ge=1, le=1_000_000, description="attempts of the pool that may run at once")
+
+
+class PoolOut(BaseModel):
+    name: str
+    #: At most this many of its attempts run at once; null: no limit (its workers' slots).
+    slots: int | None
+    #: Its attempts queued or running now.
+    busy: int
+
+
 class ScheduleChange(Body):
     """Pause (``enabled: false``) or resume a schedule, or give it a new cron or params. A
     resumed schedule, or one with a new cron, fires next at its next tick from now."""

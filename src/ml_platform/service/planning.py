@@ -12,6 +12,7 @@ from sqlalchemy import (
     Integer,
     Row,
     bindparam,
+    delete,
     func,
     insert,
     literal,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -30,7 +32,7 @@ from ml_platform.engine.cache import cache_key
 from ml_platform.engine.dag import group_outcome, plan
 from ml_platform.engine.states import RUN_TERMINAL, TASK_DONE_OK, AttemptState, RunState, TaskState
 from ml_platform.inputs import REF_KEY, resolve_inputs
-from ml_platform.service.core import _MADE, _Claimable
+from ml_platform.service.core import _MADE, NotFound, _Claimable
 from ml_platform.service.queries import Queries
 from ml_platform.store.db import insert_rows
 from ml_platform.store.models import (
@@ -485,15 +487,53 @@ class Planning(Queries):
         return queued
 
     def set_pool(self, name: str, slots: int) -> None:
-        """Create or resize a pool; at most ``slots`` of its attempts run at once."""
+        """Create or resize a pool; at most ``slots`` of its attempts run at once. Tasks
+        waiting for a slot of a pool made larger start at the scheduler's next full pass."""
         if slots < 1:
             raise ValueError(f"a pool needs at least 1 slot, got {slots}")
+        if not 1 <= len(name) <= 100:
+            raise ValueError("a pool's name has 1 to 100 characters")
+        for _ in range(2):  # a first insert may lose to another's: then it is an update
+            try:
+                with self.db.session() as session:
+                    pool = session.get(Pool, name, with_for_update=True)
+                    if pool is None:
+                        session.add(Pool(name=name, slots=slots))
+                    else:
+                        pool.slots = slots
+                return
+            except IntegrityError:
+                continue
+
+    def remove_pool(self, name: str) -> None:
+        """Take a pool's limit away: its tasks run as its workers' slots allow."""
         with self.db.session() as session:
-            pool = session.get(Pool, name)
-            if pool is None:
-                session.add(Pool(name=name, slots=slots))
-            else:
-                pool.slots = slots
+            removed = session.execute(delete(Pool).where(Pool.name == name))
+            if not getattr(removed, "rowcount", 0):
+                raise NotFound(f"no pool named {name!r} has a limit")
+
+    def pools(self) -> list[tuple[str, int | None, int]]:
+        """Every pool with a limit, and every pool with attempts queued or running: its name,
+        its slots (None: no limit) and how many of its attempts hold one now."""
+        with self.db.session() as session:
+            limits: dict[str, int] = {
+                n: k for n, k in session.execute(select(Pool.name, Pool.slots))
+            }
+            busy: dict[str | None, int] = {
+                n: k
+                for n, k in session.execute(
+                    select(Attempt.pool, func.count())
+                    .where(
+                        Attempt.pool.is_not(None),
+                        Attempt.state.in_([AttemptState.QUEUED, AttemptState.RUNNING]),
+                    )
+                    .group_by(Attempt.pool)
+                )
+            }
+        return [
+            (name, limits.get(name), int(busy.get(name, 0)))
+            for name in sorted({*limits, *(n for n in busy if n is not None)})
+        ]
 
     def _advance_all(self, now: datetime) -> None:
         """Advance the active runs that nothing in flight will advance: those with no queued
