@@ -224,6 +224,12 @@ def pooled_pipeline() -> None:
 
 
 @workflow
+def pooled_after_a_step(x: int = 1) -> None:
+    """A pooled task that becomes ready when its upstream finishes."""
+    pooled(nap(x, 0.0))
+
+
+@workflow
 def every_column(note: str = "tab\there, nul\u0000 there") -> None:
     """Every kind of thing a submission stores: two roots, one with a timeout and retries, and
     tasks downstream of them, one in a pool (tests/integration/test_service.py)."""

@@ -813,6 +813,52 @@ def test_pool_slots_limit_attempts_across_runs(platform: Platform) -> None:
     assert run_inline(platform, second.run_id) is RunState.SUCCEEDED
 
 
+def test_two_runs_made_ready_at_once_never_take_more_than_a_pools_slots(
+    postgres_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers finish the upstreams of two runs' pooled tasks at the same moment: each
+    counted the pool's attempts before the other committed, saw a free slot, and queued its
+    task -- two attempts in a pool of one. Admissions to a pool are now taken one at a time;
+    one that finds another under way leaves its task waiting for the scheduler's full pass."""
+    platform = postgres_platform
+    platform.set_pool("tests-pool", 1)
+    runs = [platform.submit(workflows.pooled_after_a_step, {"x": x}) for x in (1, 2)]
+    claimed = [platform.claim(r.queued[0].attempt_id, f"w{i}") for i, r in enumerate(runs)]
+    both_counted = threading.Barrier(2, timeout=2)
+    has_slot = planning.Planning._pool_has_slot
+
+    def counted_together(self: Any, session: Any, pool: str) -> bool:
+        free = has_slot(self, session, pool)
+        try:
+            both_counted.wait()  # the other transaction counts before this one commits
+        except threading.BrokenBarrierError:
+            pass  # it could not count meanwhile: it waited for this one
+        return free
+
+    monkeypatch.setattr(planning.Planning, "_pool_has_slot", counted_together)
+
+    def finish(i: int) -> None:
+        attempt = claimed[i]
+        assert attempt is not None
+        platform.finish(attempt, f"w{i}", execute(platform, attempt))
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    with platform.db.session() as session:
+        pooled = session.scalar(
+            select(func.count())
+            .select_from(Attempt)
+            .where(Attempt.pool == "tests-pool", Attempt.state == AttemptState.QUEUED)
+        )
+    assert pooled == 1, f"{pooled} attempts admitted to a pool of 1 slot"
+    monkeypatch.undo()
+    for submitted in runs:  # the one left waiting runs once the slot is free
+        assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+
+
 def test_cached_tasks_are_reused_across_runs(platform: Platform, tmp_path: Path) -> None:
     counter = tmp_path / "squares"
     params = {"counter": str(counter), "n": 2}

@@ -126,6 +126,10 @@ class NewTaskRun(NamedTuple):
     current_attempt: int = 0
 
 
+#: The advisory locks of pool admissions: (POOL_LOCKS, hashtext(pool name)).
+POOL_LOCKS = 0x6D6C70
+
+
 class Planning(Queries):
     """A run's next steps, decided under its lock."""
 
@@ -386,9 +390,22 @@ class Planning(Queries):
         return True
 
     def _pool_has_slot(self, session: Session, pool: str) -> bool:
+        """Whether one more attempt of ``pool`` may be queued now, counting those queued or
+        running -- this transaction's own among them.
+
+        On PostgreSQL two runs' transactions could each count before the other committed and
+        both take the last slot. An admission therefore holds the pool's advisory lock to its
+        commit, and one that finds it held does not wait (it may hold other runs' locks,
+        which the holder may want next): its task stays pending, and the scheduler's full
+        pass admits it once a slot is free. SQLite has one writer at a time."""
         slots = session.scalar(select(Pool.slots).where(Pool.name == pool))
         if slots is None:
             return True
+        if session.get_bind().dialect.name == "postgresql" and not session.scalar(
+            text("SELECT pg_try_advisory_xact_lock(:space, hashtext(:pool))"),
+            {"space": POOL_LOCKS, "pool": pool},
+        ):
+            return False
         busy = session.scalar(
             select(func.count())
             .select_from(Attempt)
