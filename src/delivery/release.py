@@ -5,18 +5,26 @@ or chore; the scope is optional. ``!`` after the type/scope, or a ``BREAKING CHA
 marks a breaking change.
 
 Bumps: breaking → major (minor while the major is 0), feat → minor, anything else → patch.
+
+The gate (`check`, the `commits` session on a pull request's range) takes the spec's six
+types only. A release reads the history as it is: Conventional Commits' other types that it
+already holds (perf, style, ci, build, revert) go to their changelog sections and are
+counted aloud; a message that does not parse at all still stops a release.
 """
 
 from __future__ import annotations
 
 import re
 import subprocess  # nosec B404
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 TYPES = ("feat", "fix", "docs", "test", "refactor", "chore")
+#: Conventional Commits' other types, read from history by a release (never let in by `check`).
+HISTORY_TYPES = ("perf", "style", "ci", "build", "revert")
 HEADER = re.compile(
     r"^(?P<type>[a-z]+)(?:\((?P<scope>[a-z0-9][a-z0-9._/-]*)\))?(?P<breaking>!)?"
     r": (?P<subject>\S.*)$"
@@ -24,10 +32,15 @@ HEADER = re.compile(
 SECTIONS = {
     "feat": "Features",
     "fix": "Bug fixes",
+    "perf": "Performance",
     "refactor": "Refactoring",
+    "revert": "Reverts",
     "docs": "Documentation",
     "test": "Tests",
     "chore": "Maintenance",
+    "style": "Maintenance",
+    "ci": "Maintenance",
+    "build": "Maintenance",
 }
 VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
@@ -45,26 +58,26 @@ class Commit:
     breaking: bool
 
 
-def parse(sha: str, message: str) -> Commit:
+def parse(sha: str, message: str, types: Sequence[str] = TYPES) -> Commit:
     """Parse one commit message, or raise ValueError saying what is wrong with it."""
     header = message.splitlines()[0] if message else ""
     match = HEADER.match(header)
     if match is None:
         raise ValueError(f"{sha[:7]}: {header!r} does not follow <type>(<scope>): <subject>")
-    if match["type"] not in TYPES:
+    if match["type"] not in types:
         raise ValueError(f"{sha[:7]}: type {match['type']!r} is not one of {', '.join(TYPES)}")
     breaking = bool(match["breaking"]) or "BREAKING CHANGE:" in message
     return Commit(sha, match["type"], match["scope"], match["subject"], breaking)
 
 
-def check(commits: Iterable[tuple[str, str]]) -> list[str]:
+def check(commits: Iterable[tuple[str, str]], types: Sequence[str] = TYPES) -> list[str]:
     """Every problem with these (sha, message) pairs; empty when all follow the format."""
     problems = []
     for sha, message in commits:
         if message.startswith(("Merge ", 'Revert "')):
             continue  # made by git itself
         try:
-            parse(sha, message)
+            parse(sha, message, types)
         except ValueError as exc:
             problems.append(str(exc))
     return problems
@@ -91,8 +104,8 @@ def changelog_section(version: str, commits: Sequence[Commit], day: date) -> str
     if breaking:
         lines += ["### Breaking changes", ""]
         lines += [f"- {_entry(c)}" for c in breaking] + [""]
-    for type_, title in SECTIONS.items():
-        entries = [c for c in commits if c.type == type_]
+    for title in dict.fromkeys(SECTIONS.values()):  # in order, each title once
+        entries = [c for c in commits if SECTIONS[c.type] == title]
         if entries:
             lines += [f"### {title}", ""] + [f"- {_entry(c)}" for c in entries] + [""]
     return "\n".join(lines)
@@ -157,10 +170,13 @@ def plan(root: Path, today: date) -> Plan | None:
     tag = last_tag(root)
     rev_range = f"{tag}..HEAD" if tag else "HEAD"
     raw = commits_in(rev_range, root)
-    problems = check(raw)
+    readable = (*TYPES, *HISTORY_TYPES)
+    problems = check(raw, readable)
     if problems:
         raise ReleaseError("commits do not follow the format: " + "; ".join(problems))
-    commits = [parse(sha, msg) for sha, msg in raw if not msg.startswith(("Merge ", 'Revert "'))]
+    commits = [
+        parse(sha, msg, readable) for sha, msg in raw if not msg.startswith(("Merge ", 'Revert "'))
+    ]
     current = tag.removeprefix("v") if tag else project_version(root / "pyproject.toml")
     version = next_version(current, commits) if tag else current
     if version is None:
@@ -217,6 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         print(f"release {release.current} -> {release.version} ({len(release.commits)} commits)")
         print(release.changelog)
+        others = Counter(c.type for c in release.commits if c.type not in TYPES)
+        if others:
+            counted = ", ".join(f"{t} {n}" for t, n in sorted(others.items()))
+            print(
+                f"note: {sum(others.values())} commits use types outside the spec's ({counted}); "
+                "the changelog files them, and `nox -s commits` refuses such types in new "
+                "pull requests"
+            )
         if args.apply:
             apply(root, release)
             print(f"tagged {release.tag}; push with: git push origin main {release.tag}")

@@ -152,3 +152,29 @@ def test_release_refuses_a_dirty_tree_another_branch_and_bad_commits(tmp_path: P
     subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "wip"], cwd=repo, check=True)
     with pytest.raises(ReleaseError, match="'wip' does not follow"):
         plan(repo, date(2026, 11, 26))
+
+
+def test_a_release_files_conventional_types_the_history_holds_and_the_gate_still_refuses_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """This repository's history holds perf, style, ci and revert commits: the release
+    refused them all, so no release could ever be planned. It files them now; the gate on a
+    pull request's commits (`check`) still takes the spec's six types only."""
+    repo = _repo(tmp_path)
+    for message in ("perf(engine): batch the claims", "ci: cache uv", "style: black"):
+        (repo / "f.txt").write_text(message)
+        subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+        subprocess.run(["git", "commit", "-q", "-m", message], cwd=repo, check=True)
+    release = plan(repo, date(2026, 12, 6))
+    assert release is not None and release.version == "1.5.0"
+    assert "### Performance\n\n- **engine**: batch the claims" in release.changelog
+    maintenance = release.changelog.split("### Maintenance\n\n")[1]
+    assert maintenance.startswith("- cache uv") and "- black" in maintenance
+    assert release.changelog.count("### Maintenance") == 1
+    monkeypatch.chdir(repo)
+    assert main(["plan"]) == 0
+    assert "note: 3 commits use types outside the spec's (ci 1, perf 1, style 1)" in (
+        capsys.readouterr().out
+    )
+    assert main(["check", "v1.4.0..HEAD"]) == 1
+    assert "type 'perf' is not one of feat, fix" in capsys.readouterr().out
