@@ -231,7 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if release is None:
             print("nothing to release: no commits since the last tag")
             return 0
-        print(f"release {release.current} -> {release.version} ({len(release.commits)} commits)")
+        moved = (
+            f"{release.current} -> {release.version}"
+            if release.current != release.version
+            else f"{release.version}, the first (no v* tag yet)"
+        )
+        print(f"release {moved} ({len(release.commits)} commits)")
         print(release.changelog)
         others = Counter(c.type for c in release.commits if c.type not in TYPES)
         if others:
