@@ -178,3 +178,13 @@ def test_a_release_files_conventional_types_the_history_holds_and_the_gate_still
     )
     assert main(["check", "v1.4.0..HEAD"]) == 1
     assert "type 'perf' is not one of feat, fix" in capsys.readouterr().out
+
+
+def test_the_first_release_is_the_projects_version_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = _repo(tmp_path)
+    subprocess.run(["git", "tag", "-d", "v1.4.0"], cwd=repo, check=True, capture_output=True)
+    monkeypatch.chdir(repo)
+    assert main(["plan"]) == 0
+    assert "release 1.4.0, the first (no v* tag yet) (4 commits)" in capsys.readouterr().out
