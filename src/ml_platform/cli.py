@@ -524,6 +524,10 @@ def run(
 @app.command()
 def runs(
     state: Annotated[RunState | None, typer.Option(help="Only runs in this state.")] = None,
+    workflow: Annotated[
+        str | None, typer.Option(help="Only runs of this workflow (module:function).")
+    ] = None,
+    schedule: Annotated[str | None, typer.Option(help="Only runs this schedule made.")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 20,
     server: Server = None,
     project: ProjectName = "default",
@@ -546,7 +550,7 @@ def runs(
 
     if server:
         with _client(server, project) as client:
-            for item in client.runs(state=state, limit=limit):
+            for item in client.runs(state=state, limit=limit, workflow=workflow, schedule=schedule):
                 row(
                     item["id"],
                     f"{item['workflow']} v{item['workflow_version']}",
@@ -557,7 +561,12 @@ def runs(
                 )
     else:
         with _platform() as platform:
-            for run_row, wf in platform.runs(limit=limit, state=state):
+            schedule_id = None
+            if schedule is not None:
+                schedule_id = platform.find_schedule(platform.default_project_id(), schedule).id
+            for run_row, wf in platform.runs(
+                limit=limit, state=state, workflow=workflow, schedule_id=schedule_id
+            ):
                 row(
                     run_row.id,
                     f"{wf.name} v{wf.version}",

@@ -134,11 +134,18 @@ class Client:
         return result
 
     def runs(
-        self, state: str | None = None, limit: int = 20, offset: int = 0
+        self,
+        state: str | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        *,
+        workflow: str | None = None,
+        schedule: str | None = None,
     ) -> list[dict[str, Any]]:
+        """Runs, newest first; of one state, workflow (module:function) or schedule."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
-        if state:
-            params["state"] = state
+        filters = (("state", state), ("workflow", workflow), ("schedule", schedule))
+        params |= {key: value for key, value in filters if value}
         page = self._request("GET", self._project("/runs"), params=params)
         items: list[dict[str, Any]] = page["items"]
         return items

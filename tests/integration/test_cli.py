@@ -173,6 +173,19 @@ def test_schedules_are_made_listed_paused_resumed_and_deleted_from_the_cli(
     assert re.search(r"nightly .*│ 0 2 \* \* \* .*│ paused", output), output
     code, output = mlp("schedules", "resume", "nightly")
     assert code == 0 and "resumed: next tick" in output
+    code, output = mlp("run", "tests.workflows:arithmetic", "-p", "n=4")  # by hand
+    assert code == 0, output
+    platform = Platform(load_settings()).start()
+    try:
+        due = platform.find_schedule(platform.default_project_id(), "nightly").next_fire_at
+        [made] = platform.fire_schedules(due + timedelta(minutes=1))
+    finally:
+        platform.close()
+    code, output = mlp("runs", "--schedule", "nightly")
+    assert code == 0 and made.run_id[:8] in output and len(re.findall(r"queued", output)) == 1
+    code, output = mlp("runs", "--workflow", "tests.workflows:arithmetic")
+    assert len(re.findall(r"tests\.workflows:arithmetic v1", output)) == 2, output
+    assert "tests.workflows" not in mlp("runs", "--workflow", "tests.workflows:nope")[1]
     assert mlp("schedules", "delete", "nightly") == (0, "schedule nightly deleted\n")
     code, output = mlp("schedules", "pause", "nightly")
     assert code == 2 and "no schedule named 'nightly'" in output
