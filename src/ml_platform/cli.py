@@ -985,7 +985,8 @@ def artifacts(
         typer.Argument(help="Download this one: its name, TASK/NAME or a sha256 prefix."),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Where to write it (default NAME-SHA12).")
+        Path | None,
+        typer.Option("--output", "-o", help="A file or directory to write it to (NAME-SHA12)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     server: Server = None,
@@ -1013,7 +1014,10 @@ def artifacts(
         return
     row = _chosen(rows, name)
     sha256 = row["sha256"]
-    target = output or Path(f"{row['name']}-{sha256[:12]}".replace(os.sep, "_"))
+    default = f"{row['name']}-{sha256[:12]}".replace(os.sep, "_")
+    target = output or Path(default)
+    if target.is_dir():  # -o DIRECTORY: the default name in it
+        target = target / default
     if target.exists() and not force:
         _fail(f"{target} exists; give another --output, or --force to replace it")
     _download(full_id, sha256, target, server, project)

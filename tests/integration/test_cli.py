@@ -92,6 +92,8 @@ def test_a_runs_artifacts_are_listed_and_downloaded_checked_against_their_digest
     assert code == 0 and pickle.loads(written.read_bytes())["seed"] == 1, output
     code, output = mlp("artifacts", run_id, f"{first}/model")
     assert code == 2 and "exists; give another --output, or --force" in output
+    assert mlp("artifacts", run_id, f"{second}/model", "-o", str(tmp_path))[0] == 0
+    assert (tmp_path / f"model-{two.sha256[:12]}").exists()  # -o DIRECTORY
     assert mlp("artifacts", run_id, two.sha256[:8], "-o", "m.pkl")[0] == 0
     assert pickle.loads((downloads / "m.pkl").read_bytes())["seed"] == 2
     code, output = mlp("artifacts", run_id, "weights")
