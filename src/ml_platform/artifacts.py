@@ -47,6 +47,7 @@ class ArtifactStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             tmp.unlink()
+            _touch(target)
         else:
             os.replace(tmp, target)
         return digest
@@ -60,7 +61,7 @@ class ArtifactStore:
     def put_bytes(self, data: bytes) -> str:
         """Store ``data``; return its sha256. Storing the same bytes twice keeps one copy."""
         digest = hashlib.sha256(data).hexdigest()
-        if self.path(digest).exists():
+        if self.path(digest).exists() and _touch(self.path(digest)):
             return digest
         tmp = self._tempfile()
         tmp.write_bytes(data)
@@ -100,6 +101,16 @@ class ArtifactStore:
         if hashlib.sha256(data).hexdigest() != digest:
             raise ArtifactCorrupted(f"artifact {digest} in {self.root} does not match its digest")
         return pickle.loads(data)  # nosec B301
+
+
+def _touch(path: Path) -> bool:
+    """Mark a blob as written now (saved again: `mlp prune` sweeps only blobs nothing names
+    that were last written before its cut-off). False if it vanished meanwhile."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def encode_value(value: Any, store: ArtifactStore, inline_limit: int) -> dict[str, Any]:

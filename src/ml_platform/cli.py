@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -1318,6 +1318,41 @@ def schedules_delete(
         with _platform() as platform:
             platform.delete_schedule(platform.default_project_id(), name)
     console.print(f"schedule {escape(name)} deleted")
+
+
+_AGE = re.compile(r"(\d+)([wdhm])")
+_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60}
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="An age: 90d, 12w, 36h (at least 1h).")
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would go; remove nothing.")
+    ] = False,
+) -> None:
+    """Remove the runs that ended more than an age ago (their tasks, attempts, logs, metrics
+    and artifact rows) and the artifact files nothing refers to any more. Runs not ended,
+    workflows, schedules and users stay."""
+    match = _AGE.fullmatch(older_than.strip())
+    seconds = int(match[1]) * _UNITS[match[2]] if match else 0
+    if seconds < 3600:
+        _fail(f"--older-than {older_than!r}: give an age of at least 1h, such as 90d or 12w")
+    before = datetime.now(UTC) - timedelta(seconds=seconds)
+    with _platform() as platform:
+        done = platform.prune(before, dry_run=dry_run)
+    order = ("task_runs", "attempts", "log_parts", "metrics", "metric_series", "params")
+    rows = ", ".join(
+        f"{table} {done.rows[table]:,}" for table in (*order, "artifacts") if done.rows.get(table)
+    )
+    verb = "would remove" if dry_run else "removed"
+    console.print(
+        f"{verb} {done.runs:,} runs that ended before {before:%Y-%m-%d %H:%M} UTC"
+        + (f" ({rows})" if rows else "")
+        + f" and {done.blobs:,} artifact files nothing refers to ({done.blob_bytes:,} bytes)"
+    )
 
 
 @db_app.command("upgrade")

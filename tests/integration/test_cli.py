@@ -15,14 +15,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 from ml_platform import cli
 from ml_platform.cli import app
 from ml_platform.config import load_settings
 from ml_platform.service import Platform
-from ml_platform.store.models import LogPart
+from ml_platform.store.models import LogPart, Run, utcnow
 from tests import workflows
 from tests.forked import ZYGOTE, Forked
 from tests.helpers import wait_for
@@ -140,6 +140,25 @@ def test_an_operator_disables_enables_and_resets_a_user_from_the_cli(
     finally:
         platform.close()
     assert mlp("users", "disable", "nobody") == (2, "error: no user 'nobody'\n")
+
+
+def test_prune_removes_what_ended_before_an_age(cli_env: dict[str, str]) -> None:
+    code, output = mlp("run", "tests.workflows:arithmetic", "-p", "n=2")
+    assert code == 0, output
+    code, output = mlp("prune", "--older-than", "30m")
+    assert code == 2 and "give an age of at least 1h" in output
+    assert "would remove 0 runs" in mlp("prune", "--older-than", "1h", "--dry-run")[1]
+    platform = Platform(load_settings()).start()
+    try:
+        with platform.db.session() as session:
+            session.execute(update(Run).values(finished_at=utcnow() - timedelta(days=40)))
+    finally:
+        platform.close()
+    code, output = mlp("prune", "--older-than", "4w", "--dry-run")
+    assert code == 0 and re.search(r"would remove 1 runs .*\(task_runs 3, attempts 3", output)
+    code, output = mlp("prune", "--older-than", "4w")
+    assert code == 0 and output.startswith("removed 1 runs"), output
+    assert "arithmetic" not in mlp("runs")[1]
 
 
 def test_pools_are_limited_listed_and_freed_from_the_cli(cli_env: dict[str, str]) -> None:

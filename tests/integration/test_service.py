@@ -35,6 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from ml_platform.artifacts import decode_value
 from ml_platform.config import Settings
 from ml_platform.dispatch import Dispatch, queue_of
 from ml_platform.engine.dag import run_outcome
@@ -51,6 +52,7 @@ from ml_platform.service import (
     execution,
     hot_path,
     planning,
+    retention,
     runs,
 )
 from ml_platform.store import db
@@ -857,6 +859,101 @@ def test_two_runs_made_ready_at_once_never_take_more_than_a_pools_slots(
     monkeypatch.undo()
     for submitted in runs:  # the one left waiting runs once the slot is free
         assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+
+
+def _aged(platform: Platform, days: int, *run_ids: str) -> datetime:
+    """Make these runs (and every blob stored so far) look ``days`` old."""
+    then = utcnow() - timedelta(days=days)
+    with platform.db.session() as session:
+        session.execute(
+            update(Run).where(Run.id.in_(run_ids)).values(created_at=then, finished_at=then)
+        )
+    for blob in platform.artifacts.root.rglob("*"):
+        if blob.is_file():
+            os.utime(blob, (then.timestamp(), then.timestamp()))
+    return then
+
+
+def _counts(platform: Platform) -> dict[str, int]:
+    tables = ("runs", "task_runs", "attempts", "metrics", "params", "artifacts")
+    with platform.db.session() as session:
+        return {t: int(session.scalar(text(f"SELECT count(*) FROM {t}"))) for t in tables}
+
+
+def test_prune_removes_old_ended_runs_whole_and_only_the_blobs_nothing_names(
+    platform: Platform,
+) -> None:
+    """Retention: the database and the artifact store grew without end. Runs that ended
+    before the cut-off go with all they alone hold; what newer runs reuse from them (a cache
+    hit, a retry's reused result) stays, and so does a blob a running task just saved."""
+    old_big = platform.submit(workflows.big_pipeline, {"n": 50_000}).run_id
+    old_cached = platform.submit(workflows.cached_big, {}).run_id
+    for run_id in (old_big, old_cached):
+        assert run_inline(platform, run_id) is RunState.SUCCEEDED
+    old_queued = platform.submit(workflows.arithmetic, {"n": 2}).run_id  # never ended
+    _aged(platform, 100, old_big, old_cached, old_queued)
+    hit = platform.submit(workflows.cached_big, {}).run_id  # a cache hit of old_cached's task
+    assert run_inline(platform, hit) is RunState.SUCCEEDED
+    retried = platform.retry(old_big, from_task="length").run_id  # reuses big's result blob
+    assert run_inline(platform, retried) is RunState.SUCCEEDED
+    store = platform.artifacts
+    forgotten = store.put_bytes(b"a blob no row names")
+    os.utime(store.path(forgotten), (0, 0))
+    just_saved = store.put_bytes(b"a running task's artifact, its outcome not committed yet")
+    kept_runs = {run.id for run, _ in platform.runs(limit=100)} - {old_big, old_cached}
+
+    cut_off = utcnow() - timedelta(days=90)
+    before = _counts(platform)
+    counted = platform.prune(cut_off, dry_run=True)
+    assert _counts(platform) == before and store.path(forgotten).exists()
+    done = platform.prune(cut_off)
+    assert (
+        (done.runs, done.rows, done.blobs)
+        == (2, counted.rows, 1)
+        == (counted.runs, done.rows, counted.blobs)
+    )
+    after = _counts(platform)
+    assert before["runs"] - after["runs"] == 2
+    assert done.rows["task_runs"] == before["task_runs"] - after["task_runs"] == 3
+    assert {run.id for run, _ in platform.runs(limit=100)} == kept_runs
+    for gone in (old_big, old_cached):
+        with pytest.raises(NotFound):
+            platform.run(gone)
+    assert not store.path(forgotten).exists() and store.path(just_saved).exists()
+    # What newer runs reuse is whole: the retry lost only its link.
+    assert platform.run(retried)[0].retry_of is None
+    [big] = [t for t in platform.task_runs(retried) if t.node_id == "big"]
+    assert big.result is not None and len(decode_value(big.result, store)) == 50_000
+    [(_, artifact)] = platform.artifacts_of(hit)
+    assert store.get_object(artifact.sha256) == list(range(10))
+    assert platform.run(old_queued)[0].state == RunState.QUEUED  # not ended: kept
+
+
+def test_a_prune_that_dies_between_batches_leaves_whole_runs(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = [platform.submit(workflows.arithmetic, {"n": 3}).run_id for _ in range(2)]
+    for run_id in runs:
+        assert run_inline(platform, run_id) is RunState.SUCCEEDED
+    _aged(platform, 10, *runs)
+    monkeypatch.setattr(retention, "BATCH", 1)
+    remove, calls = platform._remove, []
+
+    def dies_in_the_second(session: Any, ids: list[str], pruned: Any) -> None:
+        calls.append(ids)
+        remove(session, ids, pruned)
+        if len(calls) == 2:
+            raise OSError("killed")  # after its deletes, before its commit
+
+    monkeypatch.setattr(platform, "_remove", dies_in_the_second)
+    with pytest.raises(OSError, match="killed"):
+        platform.prune(utcnow() - timedelta(days=1))
+    [first], [second] = calls
+    with pytest.raises(NotFound):
+        platform.run(first)
+    assert len(platform.task_runs(second)) == 4 and platform.run(second)[0].state == "succeeded"
+    monkeypatch.undo()
+    assert platform.prune(utcnow() - timedelta(days=1)).runs == 1
 
 
 def test_cached_tasks_are_reused_across_runs(platform: Platform, tmp_path: Path) -> None:

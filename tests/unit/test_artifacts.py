@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from pathlib import Path
 
@@ -87,3 +88,17 @@ def test_a_list_result_knows_its_length_and_gives_single_elements(tmp_path: Path
     assert length_of(grouped) == 3
     assert decode_value(grouped, store) == [[1, 2, 3], None, ["object", "object", b"x" * 10]]
     assert element_of(grouped, 1) == {"value": None}
+
+
+def test_saving_a_blob_again_marks_it_written_now(tmp_path: Path) -> None:
+    """`mlp prune` sweeps only blobs last written before its cut-off: one a task saves again
+    (the same bytes as an old run's) is fresh, though its file is not rewritten."""
+    store = ArtifactStore(tmp_path)
+    digest = store.put_bytes(b"model")
+    source = tmp_path / "model.bin"
+    source.write_bytes(b"weights")
+    copied = store.put_file(source)
+    for blob in (digest, copied):
+        os.utime(store.path(blob), (0, 0))
+    assert store.put_bytes(b"model") == digest and store.put_file(source) == copied
+    assert all(store.path(blob).stat().st_mtime > 1e9 for blob in (digest, copied))

@@ -17,6 +17,7 @@ One module per use case, each a layer of ``Platform``:
 - ``hot_path``: a chain's step (a success and its next task's start and claim) in one
   statement, committed on its own; it locks the run first, as a decision does.
 - ``schedules``: cron.
+- ``retention``: removing ended runs older than an age, and the blobs nothing names.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ml_platform.service.queries import (
     RunProgress,
     Stats,
 )
+from ml_platform.service.retention import Pruned, Retention
 from ml_platform.service.runs import RetryError, ScheduleChanged, Tick
 from ml_platform.service.schedules import ScheduleError, Schedules, latest_tick, next_tick
 
@@ -57,6 +59,7 @@ __all__ = [
     "NotFound",
     "Outcome",
     "Platform",
+    "Pruned",
     "RetryError",
     "RunProgress",
     "RunRow",
@@ -73,5 +76,5 @@ __all__ = [
 ]
 
 
-class Platform(Schedules, Execution):
+class Platform(Schedules, Execution, Retention):
     """The platform's use cases over one database and one artifact store."""

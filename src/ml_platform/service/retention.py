@@ -1,0 +1,171 @@
+"""Retention: remove ended runs older than an age, with everything they alone hold, and the
+artifact blobs nothing refers to any more (`mlp prune --older-than 90d`).
+
+What stays: every run not ended, or ended after the cut-off; workflows, schedules, users. A
+kept run that retried a removed one loses only that link (``retry_of``); a kept task that was
+a cache hit or a retry's reuse of a removed one keeps its own copy of the result, metrics,
+params and artifact rows. Once removed, an old task's result is no longer a cache entry.
+
+Runs go in batches, each batch one transaction: a crash between two leaves whole runs, never
+half of one. Blobs are marked and swept after: a blob is deleted only when no artifact row,
+task result or task input names it *and* it was last written before the cut-off too, so that
+a blob a running task just saved (its outcome not committed yet), or saved again (``put``
+refreshes an existing blob's time), is never taken.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+
+from ml_platform.artifacts import ARTIFACT_KEY
+from ml_platform.engine.states import RUN_TERMINAL
+from ml_platform.service.queries import Queries
+from ml_platform.store.models import (
+    Artifact,
+    Attempt,
+    LogPart,
+    Metric,
+    MetricSeries,
+    Param,
+    Run,
+    TaskRun,
+)
+
+#: Runs removed per transaction (each with its task runs, attempts, logs and metrics).
+BATCH = 50
+
+
+@dataclass
+class Pruned:
+    """What a prune removed (or, in a dry run, would remove)."""
+
+    runs: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    blobs: int = 0
+    blob_bytes: int = 0
+
+    def add(self, table: str, count: int) -> None:
+        self.rows[table] = self.rows.get(table, 0) + count
+
+
+def artifact_digests(value: Any) -> Iterator[str]:
+    """Every blob a stored result or input names, however deep (a mapped task's elements,
+    an element's slice of its list)."""
+    if isinstance(value, dict):
+        digest = value.get(ARTIFACT_KEY)
+        if isinstance(digest, str):
+            yield digest
+        for item in value.values():
+            yield from artifact_digests(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from artifact_digests(item)
+
+
+class Retention(Queries):
+    """Remove what is older than an age: ended runs, then blobs nothing names."""
+
+    def prune(self, before: datetime, *, dry_run: bool = False) -> Pruned:
+        """Remove the runs that ended before ``before`` and the blobs nothing refers to that
+        were last written before it too; with ``dry_run``, only count them."""
+        pruned = Pruned()
+        ended = select(Run.id).where(Run.state.in_(RUN_TERMINAL), Run.finished_at < before)
+        if dry_run:
+            with self.db.session() as session:
+                ids = list(session.scalars(ended))
+                pruned.runs = len(ids)
+                for table, rows in self._dependents(ids):
+                    pruned.add(table, session.scalar(select(func.count()).select_from(rows)) or 0)
+        else:
+            while True:
+                with self.db.session() as session:
+                    ids = list(session.scalars(ended.order_by(Run.finished_at).limit(BATCH)))
+                    if not ids:
+                        break
+                    self._remove(session, ids, pruned)
+        self._sweep(before, pruned, dry_run)
+        return pruned
+
+    @staticmethod
+    def _dependents(ids: list[str]) -> list[tuple[str, Any]]:
+        """(table, the rows of it that belong to these runs), children before parents."""
+        attempts = select(Attempt.id).where(Attempt.run_id.in_(ids))
+        return [
+            ("log_parts", select(LogPart).where(LogPart.attempt_id.in_(attempts)).subquery()),
+            ("metric_series", select(MetricSeries).where(MetricSeries.run_id.in_(ids)).subquery()),
+            ("metrics", select(Metric).where(Metric.run_id.in_(ids)).subquery()),
+            ("params", select(Param).where(Param.run_id.in_(ids)).subquery()),
+            ("artifacts", select(Artifact).where(Artifact.run_id.in_(ids)).subquery()),
+            ("attempts", select(Attempt).where(Attempt.run_id.in_(ids)).subquery()),
+            ("task_runs", select(TaskRun).where(TaskRun.run_id.in_(ids)).subquery()),
+        ]
+
+    def _remove(self, session: Any, ids: list[str], pruned: Pruned) -> None:
+        attempts = select(Attempt.id).where(Attempt.run_id.in_(ids))
+        statements = [
+            ("log_parts", delete(LogPart).where(LogPart.attempt_id.in_(attempts))),
+            ("metric_series", delete(MetricSeries).where(MetricSeries.run_id.in_(ids))),
+            ("metrics", delete(Metric).where(Metric.run_id.in_(ids))),
+            ("params", delete(Param).where(Param.run_id.in_(ids))),
+            ("artifacts", delete(Artifact).where(Artifact.run_id.in_(ids))),
+            ("attempts", delete(Attempt).where(Attempt.run_id.in_(ids))),
+            ("task_runs", delete(TaskRun).where(TaskRun.run_id.in_(ids))),
+        ]
+        for table, statement in statements:
+            pruned.add(table, session.execute(statement).rowcount)
+        # A kept run that retried one of these keeps everything of its own; only the link goes.
+        session.execute(
+            update(Run).where(Run.retry_of.in_(ids), Run.id.not_in(ids)).values(retry_of=None)
+        )
+        pruned.runs += session.execute(delete(Run).where(Run.id.in_(ids))).rowcount
+
+    def _sweep(self, before: datetime, pruned: Pruned, dry_run: bool) -> None:
+        """Delete the blobs no row names any more that were last written before ``before``
+        (and leftovers of interrupted writes as old)."""
+        root = self.artifacts.root
+        if not root.is_dir():
+            return
+        named: set[str] = set()
+        with self.db.session() as session:
+            named.update(session.scalars(select(Artifact.sha256).distinct()))
+            rows = session.execute(
+                select(TaskRun.result, TaskRun.inputs).execution_options(yield_per=1000)
+            )
+            for result, inputs in rows:
+                named.update(artifact_digests(result))
+                named.update(artifact_digests(inputs))
+        cutoff = before.timestamp()
+        for folder in root.iterdir():
+            if not folder.is_dir():
+                continue
+            for blob in folder.iterdir():
+                if blob.name in named:
+                    continue
+                try:
+                    stat = blob.stat()
+                except FileNotFoundError:
+                    continue
+                if stat.st_mtime >= cutoff:
+                    continue
+                pruned.blobs += 1
+                pruned.blob_bytes += stat.st_size
+                if not dry_run:
+                    blob.unlink(missing_ok=True)
+        if not dry_run:
+            self._sweep_incoming(cutoff)
+
+    def _sweep_incoming(self, cutoff: float) -> None:
+        """Temporary files of writes that never finished (their process died), as old."""
+        for leftover in self.artifacts.root.glob(".incoming-*"):
+            try:
+                if leftover.stat().st_mtime < min(cutoff, time.time() - 86400):
+                    os.unlink(leftover)
+            except FileNotFoundError:
+                continue
