@@ -380,6 +380,27 @@ def _drive_and_report(platform: Platform, submitted: Submitted, concurrency: int
     return submitted.run_id
 
 
+def _reference(text: str) -> str:
+    """A workflow reference as workers import it (``package.module:function``), also from a
+    module's path as people write it (``pipes/train.py:pipeline`` -> ``pipes.train:pipeline``)
+    when that file is under the current directory, whose modules workers import."""
+    module, sep, attr = text.partition(":")
+    if not sep or not (module.endswith(".py") or "/" in module or os.sep in module):
+        return text
+    path = Path(module)
+    if not path.is_file():
+        _fail(f"{module} is not a file; give package.module:workflow_name")
+    here = Path.cwd().resolve()
+    try:
+        relative = path.resolve().relative_to(here)
+    except ValueError:
+        _fail(
+            f"{module} is not under the current directory ({here}), from which workflows are "
+            "imported: run from the directory that holds it"
+        )
+    return f"{'.'.join(relative.with_suffix('').parts)}:{attr}"
+
+
 def _parse_pairs(pairs: list[str]) -> dict[str, str]:
     values: dict[str, str] = {}
     for pair in pairs:
@@ -499,7 +520,10 @@ def demo(concurrency: Concurrency = max(2, os.cpu_count() or 2)) -> None:
 
 @app.command()
 def run(
-    workflow: Annotated[str, typer.Argument(help="package.module:workflow_name")],
+    workflow: Annotated[
+        str,
+        typer.Argument(help="package.module:workflow_name (or path/to/module.py:workflow_name)"),
+    ],
     param: Annotated[
         list[str] | None, typer.Option("--param", "-p", help="A run parameter, key=value.")
     ] = None,
@@ -511,6 +535,7 @@ def run(
 
     Without --server the run executes here (embedded); with it, on the server's workers.
     """
+    workflow = _reference(workflow)
     params = _parse_pairs(param or [])
     if server:
         with _client(server, project) as client:
@@ -1262,6 +1287,7 @@ def schedules_create(
     project: ProjectName = "default",
 ) -> None:
     """Run WORKFLOW with these params at every tick of CRON (checked now, as a run would be)."""
+    workflow = _reference(workflow)
     params = _json_values(_parse_pairs(param or []))
     if server:
         with _client(server, project) as client:

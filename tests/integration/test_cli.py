@@ -142,6 +142,21 @@ def test_an_operator_disables_enables_and_resets_a_user_from_the_cli(
     assert mlp("users", "disable", "nobody") == (2, "error: no user 'nobody'\n")
 
 
+def test_a_workflow_is_also_named_by_its_modules_path(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`mlp run pipes/train.py:pipeline` was refused ("must look like package.module:…"):
+    a path under the current directory is the module workers import."""
+    code, output = mlp("run", "tests/workflows.py:arithmetic", "-p", "n=2")
+    assert code == 0 and "of tests.workflows:arithmetic v1 succeeded" in output, output
+    outside = tmp_path / "train.py"
+    outside.write_text("")
+    code, output = mlp("run", f"{outside}:pipeline")
+    assert code == 2 and "is not under the current directory" in output
+    code, output = mlp("run", "tests/nope.py:pipeline")
+    assert code == 2 and "tests/nope.py is not a file" in output
+
+
 def test_prune_removes_what_ended_before_an_age(cli_env: dict[str, str]) -> None:
     code, output = mlp("run", "tests.workflows:arithmetic", "-p", "n=2")
     assert code == 0, output
