@@ -166,6 +166,11 @@ def picky_pipeline() -> None:
 
 
 @workflow
+def failing_with(message: str = "boom") -> None:
+    explode(message)
+
+
+@workflow
 def failing_pipeline() -> None:
     """One branch fails; the other still runs; the failed branch's downstream never does."""
     echo(explode("boom"))

@@ -228,11 +228,11 @@ def _tasks_table(views: list[TaskView]) -> Table:
         else:
             tried = " ".join(_styled(s) for s in tries) if len(tries) > 1 else str(len(tries))
         table.add_row(
-            view.node_id,
+            escape(view.node_id),
             _styled(view.state),
             tried,
             _seconds(view.started_at, view.finished_at),
-            " ".join(view.metrics),
+            escape(" ".join(view.metrics)),  # names the task's author chose: text, not markup
         )
     return table
 
@@ -375,7 +375,9 @@ def _drive_and_report(platform: Platform, submitted: Submitted, concurrency: int
     if state is not RunState.SUCCEEDED:
         for task_run in platform.task_runs(submitted.run_id):
             if task_run.state == "failed":
-                console.print(f"  [red]{task_run.node_id}[/]: {task_run.error}")
+                console.print(
+                    f"  [red]{escape(task_run.node_id)}[/]: {escape(task_run.error or '')}"
+                )
         raise typer.Exit(EXIT_FAILED)
     return submitted.run_id
 
@@ -493,7 +495,7 @@ def _remote_run(client: Client, workflow: str, params: dict[str, str]) -> None:
     if state != RunState.SUCCEEDED:
         for task in client.tasks(run["id"]):
             if task["state"] == "failed":
-                console.print(f"  [red]{task['node_id']}[/]: {task['error']}")
+                console.print(f"  [red]{escape(task['node_id'])}[/]: {escape(task['error'])}")
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -613,16 +615,22 @@ def show(
     if server:
         with _client(server, project) as client:
             run_ = client.run(run_id)
-            console.print(f"params: {run_['params']}")
+            console.print(f"params: {escape(str(run_['params']))}")
+            _provenance(run_["retry_of"], _when(run_.get("scheduled_for")))
             views = _remote_tasks(client, run_["id"])
             console.print(_tasks_table(views))
             for task in client.tasks(run_["id"]):
                 for attempt in task["attempts"]:
                     if attempt["error"]:
                         console.print(
-                            f"  {task['node_id']} attempt {attempt['number']} "
-                            f"({attempt['state']}): {attempt['error']}"
+                            f"  {escape(task['node_id'])} attempt {attempt['number']} "
+                            f"({_styled(attempt['state'])}): {escape(attempt['error'])}"
                         )
+            for kept in client.artifacts(run_["id"]):
+                console.print(
+                    f"  artifact {escape(kept['name'])} from {escape(kept['task'])}: "
+                    f"{kept['kind']}, {kept['size']} bytes, sha256 {kept['sha256']}"
+                )
             console.print(
                 f"run {run_['id'][:8]} of {run_['workflow']} v{run_['workflow_version']} "
                 f"{_styled(run_['state'])}: {_summary(views)}"
@@ -631,7 +639,8 @@ def show(
     with _platform() as platform:
         full_id = platform.resolve_run_id(run_id)
         run_row, _ = platform.run(full_id)
-        console.print(f"params: {run_row.params}")
+        console.print(f"params: {escape(str(run_row.params))}")
+        _provenance(run_row.retry_of, run_row.scheduled_for)
         console.print(_tasks_table(_local_tasks(platform, full_id)))
         node_of = {t.id: t.node_id for t in platform.task_runs(full_id)}
         for attempt in platform.attempts(full_id):
@@ -643,10 +652,18 @@ def show(
                 )
         for node_id, artifact in platform.artifacts_of(full_id):
             console.print(
-                f"  artifact {artifact.name} from {node_id}: {artifact.kind}, "
+                f"  artifact {escape(artifact.name)} from {escape(node_id)}: {artifact.kind}, "
                 f"{artifact.size} bytes, sha256 {artifact.sha256}"
             )
         console.print(_verdict(platform, full_id))
+
+
+def _provenance(retry_of: str | None, scheduled_for: datetime | None) -> None:
+    """Where a run came from, when not from a person's submission."""
+    if retry_of:
+        console.print(f"retries run {retry_of[:8]}")
+    if scheduled_for is not None:
+        console.print(f"made by a schedule for its tick of {scheduled_for:%Y-%m-%d %H:%M} UTC")
 
 
 @app.command()

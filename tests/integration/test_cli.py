@@ -142,6 +142,17 @@ def test_an_operator_disables_enables_and_resets_a_user_from_the_cli(
     assert mlp("users", "disable", "nobody") == (2, "error: no user 'nobody'\n")
 
 
+def test_show_prints_what_tasks_wrote_as_text_never_as_markup(cli_env: dict[str, str]) -> None:
+    """A task's error is the task author's text: `mlp show` printed it through rich's markup
+    on --server (a `[link=…]` or a style swallowed or changed what the reader saw)."""
+    code, output = mlp(
+        "run", "tests.workflows:failing_with", "-p", "message=[bold]not markup[/bold]"
+    )
+    assert code == 1 and "explode: RuntimeError: [bold]not markup[/bold]" in output, output
+    code, shown = mlp("show", run_id_of(output))
+    assert "RuntimeError: [bold]not markup[/bold]" in shown, shown
+
+
 def test_a_workflow_is_also_named_by_its_modules_path(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -174,6 +174,15 @@ def test_the_demo_runs_through_the_api_on_two_workers(
     )
     assert got.returncode == 0, got.stdout
     assert pickle.loads(saved.read_bytes())["seed"] == 2
+    shown_models = mlp(env, "show", models_id.group(1), "--server", url).stdout
+    assert "artifact model from fit[1]: pickle" in shown_models, shown_models
+    marked = mlp(env, "run", "tests.workflows:failing_with", "-p", "message=[bold]x[/bold]",
+                 "--server", url)  # fmt: skip
+    marked_id = re.search(r"run ([0-9a-f]{8}) ", marked.stdout)
+    assert marked.returncode == 1 and marked_id is not None, marked.stdout
+    assert "explode: RuntimeError: [bold]x[/bold]" in marked.stdout, marked.stdout
+    shown_error = mlp(env, "show", marked_id.group(1), "--server", url).stdout
+    assert "RuntimeError: [bold]x[/bold]" in shown_error, shown_error
 
     # Schedules from the CLI: the server fires an active one; a paused one makes no run.
     for name in ("kept", "paused"):
