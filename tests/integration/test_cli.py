@@ -230,6 +230,8 @@ def test_schedules_are_made_listed_paused_resumed_and_deleted_from_the_cli(
         platform.close()
     code, output = mlp("runs", "--schedule", "nightly")
     assert code == 0 and made.run_id[:8] in output and len(re.findall(r"queued", output)) == 1
+    tick = f"{due:%Y-%m-%d %H:%M}"
+    assert f"made by a schedule for its tick of {tick} UTC" in mlp("show", made.run_id)[1]
     code, output = mlp("runs", "--workflow", "tests.workflows:arithmetic")
     assert len(re.findall(r"tests\.workflows:arithmetic v1", output)) == 2, output
     assert "tests.workflows" not in mlp("runs", "--workflow", "tests.workflows:nope")[1]
@@ -543,6 +545,7 @@ def test_mlp_retry_reruns_only_what_did_not_succeed(
     assert f"retries {failed}: 2 task(s) reused" in output and "2 reused" in output
     retried = re.search(r"run ([0-9a-f]{8}) retries", output)
     assert retried, output
+    assert f"retries run {failed}" in mlp("show", retried.group(1))[1]
     assert sorted(p.name.split("-")[0] for p in marks.iterdir()) == [
         "step1",
         "step2",
