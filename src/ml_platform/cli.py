@@ -1388,7 +1388,9 @@ def prune(
         done = platform.prune(before, dry_run=dry_run)
     order = ("task_runs", "attempts", "log_parts", "metrics", "metric_series", "params")
     rows = ", ".join(
-        f"{table} {done.rows[table]:,}" for table in (*order, "artifacts") if done.rows.get(table)
+        f"{table} {done.rows[table]:,}"
+        for table in (*order, "artifacts", "refresh_tokens")
+        if done.rows.get(table)
     )
     verb = "would remove" if dry_run else "removed"
     console.print(

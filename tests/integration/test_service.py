@@ -35,11 +35,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from ml_platform.accounts import Accounts
 from ml_platform.artifacts import decode_value
 from ml_platform.config import Settings
 from ml_platform.dispatch import Dispatch, queue_of
 from ml_platform.engine.dag import run_outcome
 from ml_platform.engine.states import TASK_TERMINAL, AttemptState, RunState, TaskState
+from ml_platform.security import AuthError
 from ml_platform.service import (
     FencedOut,
     LogPiece,
@@ -73,6 +75,7 @@ from ml_platform.store.models import (
     Attempt,
     Base,
     LogPart,
+    RefreshToken,
     Run,
     TaskRun,
     UTCDateTime,
@@ -904,6 +907,15 @@ def test_prune_removes_old_ended_runs_whole_and_only_the_blobs_nothing_names(
     os.utime(store.path(forgotten), (0, 0))
     just_saved = store.put_bytes(b"a running task's artifact, its outcome not committed yet")
     kept_runs = {run.id for run, _ in platform.runs(limit=100)} - {old_big, old_cached}
+    accounts = Accounts(platform.db, timedelta(days=14))
+    ann = accounts.create_user("ann", "correct horse battery")  # pragma: allowlist secret
+    stale, fresh = accounts.issue_refresh(ann), accounts.issue_refresh(ann)
+    with platform.db.session() as session:
+        session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.family == stale.family)
+            .values(expires_at=utcnow() - timedelta(days=95))
+        )
 
     cut_off = utcnow() - timedelta(days=90)
     before = _counts(platform)
@@ -930,6 +942,10 @@ def test_prune_removes_old_ended_runs_whole_and_only_the_blobs_nothing_names(
     [(_, artifact)] = platform.artifacts_of(hit)
     assert store.get_object(artifact.sha256) == list(range(10))
     assert platform.run(old_queued)[0].state == RunState.QUEUED  # not ended: kept
+    assert done.rows["refresh_tokens"] == 1  # the one that expired before the cut-off
+    with pytest.raises(AuthError, match="unknown refresh token"):
+        accounts.rotate(stale.refresh_token)
+    accounts.rotate(fresh.refresh_token)
 
 
 def test_a_prune_that_dies_between_batches_leaves_whole_runs(

@@ -1,7 +1,8 @@
 """Retention: remove ended runs older than an age, with everything they alone hold, and the
 artifact blobs nothing refers to any more (`mlp prune --older-than 90d`).
 
-What stays: every run not ended, or ended after the cut-off; workflows, schedules, users. A
+Refresh tokens that expired before the cut-off go too (each sign-in and each renewal adds
+one). What stays: every run not ended, or ended after the cut-off; workflows, schedules, users. A
 kept run that retried a removed one loses only that link (``retry_of``); a kept task that was
 a cache hit or a retry's reuse of a removed one keeps its own copy of the result, metrics,
 params and artifact rows. Once removed, an old task's result is no longer a cache entry.
@@ -34,6 +35,7 @@ from ml_platform.store.models import (
     Metric,
     MetricSeries,
     Param,
+    RefreshToken,
     Run,
     TaskRun,
 )
@@ -90,6 +92,13 @@ class Retention(Queries):
                     if not ids:
                         break
                     self._remove(session, ids, pruned)
+        expired = RefreshToken.expires_at < before  # sign-ins over long before the cut-off
+        with self.db.session() as session:
+            if dry_run:
+                count = session.scalar(select(func.count()).where(expired))
+            else:
+                count = getattr(session.execute(delete(RefreshToken).where(expired)), "rowcount", 0)
+        pruned.add("refresh_tokens", count or 0)
         self._sweep(before, pruned, dry_run)
         return pruned
 
