@@ -13,7 +13,8 @@ from ml_platform.service import DURATION_BUCKETS, Platform
 
 
 class PlatformCollector(Collector):
-    """Runs by state, attempt durations, queue depth, lease expiries and redeliveries."""
+    """Runs by state, attempt durations, queue depth, lease expiries, redeliveries and each
+    pool's slots and use."""
 
     def __init__(
         self, platform: Platform, redis_client: redis.Redis | None = None, prefix: str = "mlp"
@@ -59,3 +60,16 @@ class PlatformCollector(Collector):
             count = float(value) if value is not None else 0.0
         redelivered.add_metric([], count)
         yield redelivered
+
+        slots = GaugeMetricFamily(
+            "mlp_pool_slots", "A pool's limit on attempts running at once.", labels=["pool"]
+        )
+        busy = GaugeMetricFamily(
+            "mlp_pool_busy", "A pool's attempts queued or running.", labels=["pool"]
+        )
+        for name, limit, used in self.platform.pools():
+            if limit is not None:
+                slots.add_metric([name], float(limit))
+            busy.add_metric([name], float(used))
+        yield slots
+        yield busy
