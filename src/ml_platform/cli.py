@@ -420,6 +420,9 @@ Server = Annotated[
 ProjectName = Annotated[
     str, typer.Option("--project", envvar="MLP_PROJECT", help="Project on the server.")
 ]
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+]
 
 
 @contextmanager
@@ -902,9 +905,7 @@ def server(
 def login(
     server: Annotated[str, typer.Option("--server", envvar="MLP_SERVER", help="API server URL.")],
     username: Annotated[str, typer.Option("--username", "-u")],
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
-    ] = False,
+    password_stdin: PasswordStdin = False,
 ) -> None:
     """Log in to a server; the tokens are kept in $ML_PLATFORM_HOME/credentials.json (0600)."""
     from ml_platform.client import ApiClientError, Client, Credentials
@@ -963,9 +964,7 @@ def logout(
 def users_create(
     username: Annotated[str, typer.Argument(help="Login name.")],
     admin: Annotated[bool, typer.Option("--admin", help="A platform admin.")] = False,
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
-    ] = False,
+    password_stdin: PasswordStdin = False,
 ) -> None:
     """Create a user (the way to bootstrap the first admin: there are no default credentials)."""
     from ml_platform.accounts import Accounts
@@ -1228,9 +1227,7 @@ def users_enable(username: Username) -> None:
 @users_app.command("password")
 def users_password(
     username: Username,
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
-    ] = False,
+    password_stdin: PasswordStdin = False,
 ) -> None:
     """Set a user's password (a forgotten one, a leaked one): their sign-ins end."""
     password = _read_password(password_stdin)

@@ -63,19 +63,24 @@ class UserOut(BaseModel):
     disabled: bool = False
 
 
-class UserChange(Body):
+class Change(Body):
+    """A PATCH's body: the fields to change, at least one of them."""
+
+    @model_validator(mode="after")
+    def _something(self) -> Change:
+        fields = type(self).model_fields
+        if all(getattr(self, name) is None for name in fields):
+            raise ValueError("give at least one of " + ", ".join(fields))
+        return self
+
+
+class UserChange(Change):
     """What a platform admin changes about a user: disabling one (or setting a password)
     ends every sign-in they have."""
 
     disabled: bool | None = None
     is_admin: bool | None = None
     password: str | None = Field(default=None, min_length=1, max_length=1000)
-
-    @model_validator(mode="after")
-    def _something(self) -> UserChange:
-        if self.disabled is None and self.is_admin is None and self.password is None:
-            raise ValueError("give at least one of disabled, is_admin, password")
-        return self
 
 
 class PasswordChange(Body):
@@ -254,7 +259,7 @@ class PoolOut(BaseModel):
     busy: int
 
 
-class ScheduleChange(Body):
+class ScheduleChange(Change):
     """Pause (``enabled: false``) or resume a schedule, or give it a new cron or params. A
     resumed schedule, or one with a new cron, fires next at its next tick from now."""
 
@@ -263,12 +268,6 @@ class ScheduleChange(Body):
         default=None, min_length=9, max_length=100, description="five-field cron, UTC"
     )
     params: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _something(self) -> ScheduleChange:
-        if self.enabled is None and self.cron is None and self.params is None:
-            raise ValueError("give at least one of enabled, cron, params")
-        return self
 
 
 class ScheduleOut(BaseModel):
