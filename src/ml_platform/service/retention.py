@@ -79,16 +79,18 @@ class Retention(Queries):
         were last written before it too; with ``dry_run``, only count them."""
         pruned = Pruned()
         ended = select(Run.id).where(Run.state.in_(RUN_TERMINAL), Run.finished_at < before)
-        if dry_run:
+        if dry_run:  # counted in SQL: an IN list of every old run's id would not fit a statement
             with self.db.session() as session:
-                ids = list(session.scalars(ended))
-                pruned.runs = len(ids)
-                for table, rows in self._dependents(ids):
-                    pruned.add(table, session.scalar(select(func.count()).select_from(rows)) or 0)
+                pruned.runs = (
+                    session.scalar(select(func.count()).select_from(ended.subquery())) or 0
+                )
+                for table, model, owned in self._owned(ended):
+                    counted = select(func.count()).select_from(model).where(owned)
+                    pruned.add(table, session.scalar(counted) or 0)
         else:
             while True:
                 with self.db.session() as session:
-                    ids = list(session.scalars(ended.order_by(Run.finished_at).limit(BATCH)))
+                    ids = list(session.scalars(ended.limit(BATCH)))
                     if not ids:
                         break
                     self._remove(session, ids, pruned)
@@ -103,32 +105,23 @@ class Retention(Queries):
         return pruned
 
     @staticmethod
-    def _dependents(ids: list[str]) -> list[tuple[str, Any]]:
-        """(table, the rows of it that belong to these runs), children before parents."""
+    def _owned(ids: Any) -> list[tuple[str, Any, Any]]:
+        """(table, model, condition) for the rows that belong to the runs ``ids`` names (a
+        list, or a select of them), children before parents."""
         attempts = select(Attempt.id).where(Attempt.run_id.in_(ids))
         return [
-            ("log_parts", select(LogPart).where(LogPart.attempt_id.in_(attempts)).subquery()),
-            ("metric_series", select(MetricSeries).where(MetricSeries.run_id.in_(ids)).subquery()),
-            ("metrics", select(Metric).where(Metric.run_id.in_(ids)).subquery()),
-            ("params", select(Param).where(Param.run_id.in_(ids)).subquery()),
-            ("artifacts", select(Artifact).where(Artifact.run_id.in_(ids)).subquery()),
-            ("attempts", select(Attempt).where(Attempt.run_id.in_(ids)).subquery()),
-            ("task_runs", select(TaskRun).where(TaskRun.run_id.in_(ids)).subquery()),
+            ("log_parts", LogPart, LogPart.attempt_id.in_(attempts)),
+            ("metric_series", MetricSeries, MetricSeries.run_id.in_(ids)),
+            ("metrics", Metric, Metric.run_id.in_(ids)),
+            ("params", Param, Param.run_id.in_(ids)),
+            ("artifacts", Artifact, Artifact.run_id.in_(ids)),
+            ("attempts", Attempt, Attempt.run_id.in_(ids)),
+            ("task_runs", TaskRun, TaskRun.run_id.in_(ids)),
         ]
 
     def _remove(self, session: Any, ids: list[str], pruned: Pruned) -> None:
-        attempts = select(Attempt.id).where(Attempt.run_id.in_(ids))
-        statements = [
-            ("log_parts", delete(LogPart).where(LogPart.attempt_id.in_(attempts))),
-            ("metric_series", delete(MetricSeries).where(MetricSeries.run_id.in_(ids))),
-            ("metrics", delete(Metric).where(Metric.run_id.in_(ids))),
-            ("params", delete(Param).where(Param.run_id.in_(ids))),
-            ("artifacts", delete(Artifact).where(Artifact.run_id.in_(ids))),
-            ("attempts", delete(Attempt).where(Attempt.run_id.in_(ids))),
-            ("task_runs", delete(TaskRun).where(TaskRun.run_id.in_(ids))),
-        ]
-        for table, statement in statements:
-            pruned.add(table, session.execute(statement).rowcount)
+        for table, model, owned in self._owned(ids):
+            pruned.add(table, session.execute(delete(model).where(owned)).rowcount)
         # A kept run that retried one of these keeps everything of its own; only the link goes.
         session.execute(
             update(Run).where(Run.retry_of.in_(ids), Run.id.not_in(ids)).values(retry_of=None)
