@@ -1312,8 +1312,9 @@ def schedules_create(
                 platform.default_project_id(), name, workflow, cron, params
             )
             row = _schedule_fields(made)
+    where = "" if server else " (an `mlp server` on this database fires it)"
     console.print(
-        f"schedule {escape(name)} made: next tick {row['next_fire_at']:%Y-%m-%d %H:%M} UTC"
+        f"schedule {escape(name)} made: next tick {row['next_fire_at']:%Y-%m-%d %H:%M} UTC{where}"
     )
 
 

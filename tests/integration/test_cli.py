@@ -208,6 +208,7 @@ def test_schedules_are_made_listed_paused_resumed_and_deleted_from_the_cli(
         "schedules", "create", "nightly", "tests.workflows:arithmetic", "0 2 * * *", "-p", "n=4"
     )
     assert code == 0 and re.search(r"next tick \d{4}-\d\d-\d\d 02:00 UTC", output), output
+    assert "an `mlp server` on this database fires it" in output
     code, output = mlp("schedules", "create", "x", "tests.workflows:arithmetic", "every day")
     assert code == 2 and "not a valid five-field cron expression" in output
     code, output = mlp("schedules", "create", "[b]x", "tests.workflows:arithmetic", "0 2 * * *")
