@@ -136,6 +136,10 @@ def test_an_editor_pauses_and_resumes_a_schedule_from_the_workflows_page(
     assert sqlite_platform.find_schedule(project, "nightly").enabled
     missing = client.post("/ui/p/default/schedules/nope/pause", data={"csrf": csrf})
     assert missing.status_code == 404 and "no such schedule" in missing.text
+    due = sqlite_platform.find_schedule(project, "nightly").next_fire_at
+    [made] = sqlite_platform.fire_schedules(due + timedelta(minutes=1))
+    run_page = client.get(f"/ui/p/default/runs/{made.run_id}").text
+    assert "made by a schedule for its tick of" in run_page
 
 
 def test_another_projects_runs_are_invisible_even_by_url(
