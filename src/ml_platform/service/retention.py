@@ -42,6 +42,8 @@ from ml_platform.store.models import (
 
 #: Runs removed per transaction (each with its task runs, attempts, logs and metrics).
 BATCH = 50
+#: Task runs read per transaction while marking the blobs that are named.
+MARK_BATCH = 5000
 
 
 @dataclass
@@ -137,12 +139,24 @@ class Retention(Queries):
         named: set[str] = set()
         with self.db.session() as session:
             named.update(session.scalars(select(Artifact.sha256).distinct()))
-            rows = session.execute(
-                select(TaskRun.result, TaskRun.inputs).execution_options(yield_per=1000)
-            )
-            for result, inputs in rows:
+        # In short transactions by id (SQLite's reads hold its one lock): a task run made
+        # meanwhile has a higher id and is read in a later one; one that takes a result of
+        # another (a cache hit) names a blob that other, still kept, row names too.
+        after = 0
+        while True:
+            with self.db.session() as session:
+                rows = session.execute(
+                    select(TaskRun.id, TaskRun.result, TaskRun.inputs)
+                    .where(TaskRun.id > after)
+                    .order_by(TaskRun.id)
+                    .limit(MARK_BATCH)
+                ).all()
+            for _, result, inputs in rows:
                 named.update(artifact_digests(result))
                 named.update(artifact_digests(inputs))
+            if len(rows) < MARK_BATCH:
+                break
+            after = rows[-1].id
         cutoff = before.timestamp()
         for folder in root.iterdir():
             if not folder.is_dir():
