@@ -840,6 +840,25 @@ def cancel(
         _until_stopped(full_id, local, wait, timeout)
 
 
+@app.command()
+def delete(
+    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    server: Server = None,
+    project: ProjectName = "default",
+) -> None:
+    """Delete an ended run with its tasks, logs, metrics and artifact rows (`mlp prune`
+    removes the files nothing else names)."""
+    if server:
+        with _client(server, project) as client:
+            full_id = client.run(run_id)["id"]
+            client.delete_run(full_id)
+    else:
+        with _platform() as platform:
+            full_id = platform.resolve_run_id(run_id)
+            platform.delete_run(full_id)
+    console.print(f"run {full_id[:8]} deleted")
+
+
 def _until_stopped(
     run_id: str, read: Callable[[], tuple[str, list[str]]], wait: bool, timeout: float
 ) -> None:

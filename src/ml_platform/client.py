@@ -185,6 +185,9 @@ class Client:
         )
         return result
 
+    def delete_run(self, run_id: str) -> None:
+        self._request("DELETE", self._project(f"/runs/{run_id}"))
+
     def cancel(self, run_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._request("POST", self._project(f"/runs/{run_id}/cancel"))
         return result

@@ -520,6 +520,28 @@ def test_a_platform_admin_sizes_a_pool_and_waiting_tasks_start_when_it_grows(api
     assert api.client.get("/api/v1/pools", headers=carol).json() == []
 
 
+def test_an_editor_deletes_an_ended_run_and_only_that(api: Api) -> None:
+    bob, carol = api.login("bob"), api.login("carol")
+    ended = submit(api, carol, "tests.workflows:big_pipeline", n=10)
+    assert run_inline(api.platform, ended).value == "succeeded"
+    queued = submit(api, carol, "tests.workflows:arithmetic", n=2)
+    base = "/api/v1/projects/vision/runs"
+    retried = api.client.post(f"{base}/{ended}/retry", headers=carol, json={"from_task": "length"})
+    assert retried.status_code == 201, retried.text
+    assert api.client.delete(f"{base}/{ended}", headers=bob).status_code == 403
+    running = api.client.delete(f"{base}/{queued}", headers=carol)
+    assert running.status_code == 409 and running.json()["error"]["code"] == "run_not_ended"
+    assert api.client.delete(f"{base}/{ended[:8]}", headers=carol).status_code == 204
+    assert api.client.get(f"{base}/{ended}", headers=carol).status_code == 404
+    assert api.client.get(f"{base}/{ended}/artifacts", headers=carol).status_code == 404
+    kept = api.client.get(f"{base}/{retried.json()['id']}", headers=carol).json()
+    assert kept["retry_of"] is None and kept["state"] in ("queued", "running")
+    assert api.client.get(f"{base}/{queued}", headers=carol).status_code == 200
+    alice = api.login("alice")
+    elsewhere = api.client.delete(f"/api/v1/projects/secret/runs/{queued}", headers=alice)
+    assert elsewhere.status_code == 404
+
+
 def test_a_project_admin_lists_and_removes_members(api: Api) -> None:
     alice, bob, carol = api.login("alice"), api.login("bob"), api.login("carol")
     members = "/api/v1/projects/vision/members"

@@ -187,6 +187,11 @@ def test_prune_removes_what_ended_before_an_age(cli_env: dict[str, str]) -> None
     assert code == 0 and re.search(r"would remove 1 runs .*\(task_runs 3, attempts 3", output)
     code, output = mlp("prune", "--older-than", "4w")
     assert code == 0 and output.startswith("removed 1 runs"), output
+    code, output = mlp("run", "tests.workflows:arithmetic", "-p", "n=2")
+    made = run_id_of(output)
+    assert mlp("delete", made) == (0, f"run {made} deleted\n")
+    code, output = mlp("delete", made)
+    assert code == 2 and f"no run with id {made}" in output
     assert "arithmetic" not in mlp("runs")[1]
 
 

@@ -58,7 +58,7 @@ from ml_platform.api.schemas import (
 from ml_platform.artifacts import ArtifactNotFound
 from ml_platform.engine.states import RunState
 from ml_platform.security import AuthError
-from ml_platform.service import RetryError, RunRow, ScheduleRow, WorkflowRow
+from ml_platform.service import RetryError, RunNotEnded, RunRow, ScheduleRow, WorkflowRow
 
 # Every answer the API may give, declared once (the OpenAPI document is a contract: fuzzers
 # and clients check responses against it).
@@ -379,6 +379,17 @@ def cancel_run(run_id: str, access: Editor, svc: ServicesDep) -> RunOut:
     full_id = _run_id(svc, access, run_id)
     svc.platform.cancel(full_id)
     return _run_out(*svc.platform.run(full_id))
+
+
+@router.delete("/projects/{project}/runs/{run_id}", status_code=204, tags=["runs"])
+def delete_run(run_id: str, access: Editor, svc: ServicesDep) -> Response:
+    """Delete an ended run: its tasks, attempts, logs, metrics and artifact rows (the files go
+    at the next `mlp prune` unless another run names them); 409 while it runs."""
+    try:
+        svc.platform.delete_run(_run_id(svc, access, run_id))
+    except RunNotEnded as exc:
+        raise ApiError(409, "run_not_ended", str(exc)) from None
+    return Response(status_code=204)
 
 
 @router.post("/projects/{project}/runs/{run_id}/retry", status_code=201, tags=["runs"])

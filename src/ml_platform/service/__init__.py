@@ -39,7 +39,7 @@ from ml_platform.service.queries import (
     RunProgress,
     Stats,
 )
-from ml_platform.service.retention import Pruned, Retention
+from ml_platform.service.retention import Pruned, Retention, RunNotEnded
 from ml_platform.service.runs import RetryError, ScheduleChanged, Tick
 from ml_platform.service.schedules import ScheduleError, Schedules, latest_tick, next_tick
 
@@ -61,6 +61,7 @@ __all__ = [
     "Platform",
     "Pruned",
     "RetryError",
+    "RunNotEnded",
     "RunProgress",
     "RunRow",
     "ScheduleChanged",

@@ -27,6 +27,7 @@ from sqlalchemy import delete, func, select, update
 
 from ml_platform.artifacts import ARTIFACT_KEY
 from ml_platform.engine.states import RUN_TERMINAL
+from ml_platform.service.core import NotFound
 from ml_platform.service.queries import Queries
 from ml_platform.store.models import (
     Artifact,
@@ -39,6 +40,11 @@ from ml_platform.store.models import (
     Run,
     TaskRun,
 )
+
+
+class RunNotEnded(ValueError):
+    """A run still queued or running cannot be deleted."""
+
 
 #: Runs removed per transaction (each with its task runs, attempts, logs and metrics).
 BATCH = 50
@@ -104,6 +110,19 @@ class Retention(Queries):
                 count = getattr(session.execute(delete(RefreshToken).where(expired)), "rowcount", 0)
         pruned.add("refresh_tokens", count or 0)
         self._sweep(before, pruned, dry_run)
+        return pruned
+
+    def delete_run(self, run_id: str) -> Pruned:
+        """Remove one ended run with what it alone holds, as a prune would (its blobs go at the
+        next prune's sweep); RunNotEnded if it has not ended (cancel it first)."""
+        pruned = Pruned()
+        with self.db.session() as session:
+            state = session.scalar(select(Run.state).where(Run.id == run_id).with_for_update())
+            if state is None:
+                raise NotFound(f"no run with id {run_id}")
+            if state not in RUN_TERMINAL:
+                raise RunNotEnded(f"run {run_id[:8]} is {state}: cancel it, then delete it")
+            self._remove(session, [run_id], pruned)
         return pruned
 
     @staticmethod
