@@ -949,6 +949,40 @@ def test_prune_removes_old_ended_runs_whole_and_only_the_blobs_nothing_names(
     accounts.rotate(fresh.refresh_token)
 
 
+def test_a_retry_racing_the_delete_of_its_original_is_a_not_found_not_a_broken_key(
+    postgres_platform: Platform,
+) -> None:
+    """A retry read its original while a delete of it was under way: it then inserted a run
+    whose `retry_of` named a row the delete removed, and failed on the foreign key (a 500).
+    The retry now holds its original for share: it waits for the delete, and finds it gone."""
+    platform = postgres_platform
+    original = platform.submit(workflows.arithmetic, {"n": 2}).run_id
+    assert run_inline(platform, original) is RunState.SUCCEEDED
+    deleting = platform.db._sessions()
+    try:
+        deleting.begin()
+        deleting.execute(select(Run.id).where(Run.id == original).with_for_update())
+        platform._remove(deleting, [original], retention.Pruned())  # not committed yet
+        outcome: list[BaseException | str] = []
+
+        def retry() -> None:
+            try:
+                outcome.append(platform.retry(original).run_id)
+            except BaseException as exc:  # noqa: BLE001 - what it raised is the check
+                outcome.append(exc)
+
+        racer = threading.Thread(target=retry)
+        racer.start()
+        racer.join(0.5)
+        assert racer.is_alive(), f"the retry did not wait for the delete: {outcome}"
+        deleting.commit()
+        racer.join(30)
+    finally:
+        deleting.close()
+    [raised] = outcome
+    assert isinstance(raised, NotFound), raised
+
+
 def test_a_prune_that_dies_between_batches_leaves_whole_runs(
     platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,7 +27,7 @@ from ml_platform.engine.states import (
 )
 from ml_platform.sdk import NodeSpec, TracedWorkflow, Workflow, WorkflowError
 from ml_platform.service import hot_path
-from ml_platform.service.core import Submitted
+from ml_platform.service.core import NotFound, Submitted
 from ml_platform.service.planning import NewTaskRun, Planning, _task_run_row, queued_as_it_is
 from ml_platform.store.db import insert_rows, on_driver
 from ml_platform.store.models import DEFAULT_PROJECT, Attempt, Project, Run, Schedule, TaskRun
@@ -442,6 +442,14 @@ class Runs(Planning):
             traced = self.trace(version.name, original.params)
             version = self.register(traced, project_id)
         with self.db.session() as session:
+            # Held to the commit: a delete or a prune of the original waits for this retry
+            # (and then unlinks it), or has removed it and this is a NotFound, not a failed
+            # foreign key.
+            if (
+                session.scalar(select(Run.id).where(Run.id == run_id).with_for_update(read=True))
+                is None
+            ):
+                raise NotFound(f"no run with id {run_id}")
             tasks = list(
                 session.scalars(
                     select(TaskRun).where(TaskRun.run_id == run_id).order_by(TaskRun.position)
