@@ -983,6 +983,38 @@ def test_a_retry_racing_the_delete_of_its_original_is_a_not_found_not_a_broken_k
     assert isinstance(raised, NotFound), raised
 
 
+def test_a_prune_passes_over_a_run_being_retried_and_takes_it_next_time(
+    postgres_platform: Platform,
+) -> None:
+    """A retry holds its original for share while it copies what it reuses: a prune leaves
+    that run for its next pass instead of waiting for the retry -- and then, its unlinking of
+    retries done before the retry committed, failing on the foreign key."""
+    platform = postgres_platform
+    runs = [platform.submit(workflows.arithmetic, {"n": 2}).run_id for _ in range(2)]
+    for run_id in runs:
+        assert run_inline(platform, run_id) is RunState.SUCCEEDED
+    _aged(platform, 10, *runs)
+    retrying = platform.db._sessions()
+    try:
+        retrying.begin()
+        retrying.execute(select(Run.id).where(Run.id == runs[0]).with_for_update(read=True))
+        done: list[Any] = []
+        pruner = threading.Thread(
+            target=lambda: done.append(platform.prune(utcnow() - timedelta(days=1)))
+        )
+        pruner.start()
+        pruner.join(10)
+        assert not pruner.is_alive(), "the prune waited for a retry of a run it removes"
+        assert done[0].runs == 1 and platform.run(runs[0])[0].state == "succeeded"
+    finally:
+        retrying.rollback()
+        retrying.close()
+    pruner.join(30)
+    assert platform.prune(utcnow() - timedelta(days=1)).runs == 1
+    with pytest.raises(NotFound):
+        platform.run(runs[0])
+
+
 def test_a_prune_that_dies_between_batches_leaves_whole_runs(
     platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:

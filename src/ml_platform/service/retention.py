@@ -98,7 +98,11 @@ class Retention(Queries):
         else:
             while True:
                 with self.db.session() as session:
-                    ids = list(session.scalars(ended.limit(BATCH)))
+                    # Locked first: a retry of one of them (which holds it for share) either
+                    # committed before -- and is unlinked below -- or waits and finds it gone.
+                    # One being retried now is left for the next prune.
+                    batch = ended.limit(BATCH).with_for_update(skip_locked=True)
+                    ids = list(session.scalars(batch))
                     if not ids:
                         break
                     self._remove(session, ids, pruned)
