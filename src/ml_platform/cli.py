@@ -420,6 +420,7 @@ Server = Annotated[
 ProjectName = Annotated[
     str, typer.Option("--project", envvar="MLP_PROJECT", help="Project on the server.")
 ]
+RunId = Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")]
 PasswordStdin = Annotated[
     bool, typer.Option("--password-stdin", help="Read the password from standard input.")
 ]
@@ -591,11 +592,8 @@ def runs(
                 )
     else:
         with _platform() as platform:
-            schedule_id = None
-            if schedule is not None:
-                schedule_id = platform.find_schedule(platform.default_project_id(), schedule).id
             for run_row, wf in platform.runs(
-                limit=limit, state=state, workflow=workflow, schedule_id=schedule_id
+                limit=limit, state=state, workflow=workflow, schedule=schedule
             ):
                 row(
                     run_row.id,
@@ -610,7 +608,7 @@ def runs(
 
 @app.command()
 def show(
-    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    run_id: RunId,
     server: Server = None,
     project: ProjectName = "default",
 ) -> None:
@@ -671,7 +669,7 @@ def _provenance(retry_of: str | None, scheduled_for: datetime | None) -> None:
 
 @app.command()
 def logs(
-    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    run_id: RunId,
     task: Annotated[str, typer.Argument(help="Task id, as `mlp show` lists it.")],
     attempt: Annotated[
         int | None, typer.Option(help="Attempt number; the latest by default.")
@@ -756,7 +754,7 @@ def _print_log(read: Callable[[int], dict[str, Any]], task: str, follow: bool) -
 
 @app.command()
 def retry(
-    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    run_id: RunId,
     from_task: Annotated[
         str | None,
         typer.Option("--from", help="Also rerun this task and everything downstream of it."),
@@ -800,7 +798,7 @@ def retry(
 
 @app.command()
 def cancel(
-    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    run_id: RunId,
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Wait until the run has stopped.")
     ] = True,
@@ -842,7 +840,7 @@ def cancel(
 
 @app.command()
 def delete(
-    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    run_id: RunId,
     server: Server = None,
     project: ProjectName = "default",
 ) -> None:
@@ -1092,7 +1090,6 @@ def _download(run_id: str, sha256: str, target: Path, server: str | None, projec
     """Write the artifact to a file beside ``target`` while hashing it, then move it there:
     an interrupted or corrupted download leaves nothing at ``target``."""
     import hashlib
-    import shutil
     import tempfile
 
     directory = target.resolve().parent
@@ -1117,7 +1114,8 @@ def _download(run_id: str, sha256: str, target: Path, server: str | None, projec
                     except FileNotFoundError:
                         _fail(f"artifact {sha256} is recorded but gone from the artifact store")
                     with source:
-                        shutil.copyfileobj(source, _Writer(write), 1 << 20)
+                        while chunk := source.read(1 << 20):
+                            write(chunk)
         if hasher.hexdigest() != sha256:
             got = hasher.hexdigest()[:12]
             _fail(f"artifact {sha256[:12]} arrived changed (sha256 {got}); nothing written")
@@ -1128,13 +1126,6 @@ def _download(run_id: str, sha256: str, target: Path, server: str | None, projec
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
-
-
-class _Writer:
-    """A file-like ``write`` for shutil.copyfileobj."""
-
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self.write = write
 
 
 @pools_app.command("list")

@@ -73,6 +73,11 @@ def _tokens(svc: ServicesDep, pair: TokenPair) -> TokenResponse:
     )
 
 
+def _admin(identity: IdentityDep, does: str) -> None:
+    if not identity.is_admin:
+        raise ApiError(403, "forbidden", f"only platform admins {does}")
+
+
 @router.post("/auth/token", tags=["auth"])
 def login(body: LoginRequest, request: Request, svc: ServicesDep) -> TokenResponse:
     """Exchange a username and password for an access token and a refresh token."""
@@ -111,8 +116,7 @@ def me(identity: IdentityDep) -> UserOut:
 @router.post("/users", status_code=201, tags=["users"])
 def create_user(body: UserCreate, identity: IdentityDep, svc: ServicesDep) -> UserOut:
     """Create a user (platform admins only)."""
-    if not identity.is_admin:
-        raise ApiError(403, "forbidden", "only platform admins create users")
+    _admin(identity, "create users")
     try:
         user = svc.accounts.create_user(body.username, body.password, is_admin=body.is_admin)
     except Conflict as exc:
@@ -145,15 +149,10 @@ def change_password(
     return Response(status_code=204)
 
 
-def _admin(identity: IdentityDep) -> None:
-    if not identity.is_admin:
-        raise ApiError(403, "forbidden", "only platform admins manage users")
-
-
 @router.get("/users", tags=["users"])
 def list_users(identity: IdentityDep, svc: ServicesDep) -> list[UserOut]:
     """Every user (platform admins only)."""
-    _admin(identity)
+    _admin(identity, "list users")
     return [
         UserOut(id=u.id, username=u.username, is_admin=u.is_admin, disabled=u.disabled)
         for u in svc.accounts.users()
@@ -176,7 +175,7 @@ def change_user(
 ) -> UserOut:
     """Disable or enable a user, make or unmake a platform admin, set their password
     (platform admins only). Disabling a user or setting their password ends their sign-ins."""
-    _admin(identity)
+    _admin(identity, "change users")
     try:
         user = svc.accounts.change_user(
             username,
@@ -204,8 +203,7 @@ def list_pools(_identity: IdentityDep, svc: ServicesDep) -> list[PoolOut]:
 def set_pool(name: str, body: PoolSet, identity: IdentityDep, svc: ServicesDep) -> PoolOut:
     """Limit how many attempts of a pool run at once, across every project (platform admins
     only): pools are the cluster's, like the workers that serve them."""
-    if not identity.is_admin:
-        raise ApiError(403, "forbidden", "only platform admins set pools")
+    _admin(identity, "set pools")
     try:
         svc.platform.set_pool(name, body.slots)
     except ValueError as exc:
@@ -217,8 +215,7 @@ def set_pool(name: str, body: PoolSet, identity: IdentityDep, svc: ServicesDep) 
 @router.delete("/pools/{name}", status_code=204, tags=["pools"])
 def remove_pool(name: str, identity: IdentityDep, svc: ServicesDep) -> Response:
     """Take a pool's limit away (platform admins only)."""
-    if not identity.is_admin:
-        raise ApiError(403, "forbidden", "only platform admins set pools")
+    _admin(identity, "set pools")
     svc.platform.remove_pool(name)
     return Response(status_code=204)
 
@@ -357,9 +354,7 @@ def list_runs(
         project_id=access.project_id,
         workflow=workflow,
         offset=offset,
-        schedule_id=(
-            svc.platform.find_schedule(access.project_id, schedule).id if schedule else None
-        ),
+        schedule=schedule,
     )
     return RunPage(items=[_run_out(r, w) for r, w in rows], limit=limit, offset=offset)
 

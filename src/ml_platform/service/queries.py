@@ -22,6 +22,7 @@ from ml_platform.store.models import (
     MetricSeries,
     Param,
     Run,
+    Schedule,
     TaskRun,
 )
 from ml_platform.store.models import Workflow as WorkflowRow
@@ -255,10 +256,10 @@ class Queries(_Core):
         offset: int = 0,
         created_from: datetime | None = None,
         created_before: datetime | None = None,
-        schedule_id: int | None = None,
+        schedule: str | None = None,
     ) -> list[tuple[Run, WorkflowRow]]:
         """Runs, newest first, filtered by state, project, workflow name, creation time and
-        the schedule that made them."""
+        the schedule (by name; NotFound if the project has none so named) that made them."""
         query = (
             select(Run, WorkflowRow)
             .join(WorkflowRow, WorkflowRow.id == Run.workflow_id)
@@ -276,9 +277,14 @@ class Queries(_Core):
             query = query.where(Run.created_at >= created_from)
         if created_before is not None:
             query = query.where(Run.created_at < created_before)
-        if schedule_id is not None:
-            query = query.where(Run.schedule_id == schedule_id)
         with self.db.session() as session:
+            if schedule is not None:
+                named = select(Schedule.id).where(Schedule.name == schedule)
+                if project_id is not None:
+                    named = named.where(Schedule.project_id == project_id)
+                if not session.scalars(named).first():
+                    raise NotFound(f"no schedule named {schedule!r}")
+                query = query.where(Run.schedule_id.in_(named))
             return [(r, w) for r, w in session.execute(query)]
 
     def workflows(self, project_id: int) -> list[WorkflowRow]:
