@@ -510,7 +510,7 @@ class Planning(Queries):
             raise ValueError(f"a pool needs at least 1 slot, got {slots}")
         if not 1 <= len(name) <= 100:
             raise ValueError("a pool's name has 1 to 100 characters")
-        for _ in range(2):  # a first insert may lose to another's: then it is an update
+        for last in (False, True):  # a first insert may lose to another's: then it is an update
             try:
                 with self.db.session() as session:
                     pool = session.get(Pool, name, with_for_update=True)
@@ -520,7 +520,8 @@ class Planning(Queries):
                         pool.slots = slots
                 return
             except IntegrityError:
-                continue
+                if last:
+                    raise
 
     def remove_pool(self, name: str) -> None:
         """Take a pool's limit away: its tasks run as its workers' slots allow."""
@@ -536,20 +537,17 @@ class Planning(Queries):
             limits: dict[str, int] = {
                 n: k for n, k in session.execute(select(Pool.name, Pool.slots))
             }
-            busy: dict[str | None, int] = {
+            busy: dict[str, int] = {
                 n: k
                 for n, k in session.execute(
                     select(Attempt.pool, func.count())
-                    .where(
-                        Attempt.pool.is_not(None),
-                        Attempt.state.in_([AttemptState.QUEUED, AttemptState.RUNNING]),
-                    )
+                    .where(Attempt.state.in_([AttemptState.QUEUED, AttemptState.RUNNING]))
                     .group_by(Attempt.pool)
                 )
+                if n is not None
             }
         return [
-            (name, limits.get(name), int(busy.get(name, 0)))
-            for name in sorted({*limits, *(n for n in busy if n is not None)})
+            (name, limits.get(name), int(busy.get(name, 0))) for name in sorted({*limits, *busy})
         ]
 
     def _advance_all(self, now: datetime) -> None:
