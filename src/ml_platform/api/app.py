@@ -22,7 +22,7 @@ from starlette.routing import Match
 
 from ml_platform import __version__, ui
 from ml_platform.accounts import Accounts, LoginLimiter, MemoryLoginLimiter, RedisLoginLimiter
-from ml_platform.api.deps import ApiError, Services
+from ml_platform.api.deps import ApiError, Services, add_routes
 from ml_platform.api.edge import Edge
 from ml_platform.api.metrics import PlatformCollector
 from ml_platform.api.routes import router
@@ -172,7 +172,7 @@ def create_app(
     from ml_platform.ui.views import CSP as UI_CSP
 
     app.state.services = services
-    app.include_router(router)
+    add_routes(app, router)
     ui.install(app)
     app.add_middleware(
         Edge,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import redis
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ml_platform.accounts import Accounts, Identity, LoginLimiter, Role, TokenPair
@@ -81,6 +81,16 @@ class Services:
     def access_token(self, pair: TokenPair) -> str:
         """A new access token of the sign-in that ``pair`` belongs to."""
         return self.signer.issue(pair.user.user_id, pair.family)
+
+
+def add_routes(app: FastAPI, router: APIRouter) -> None:
+    """Add ``router``'s routes to ``app`` as they were built, once per process, when the
+    module declaring them was imported. ``app.include_router`` would wrap the router and build
+    every route of it again for this app at its first request (≈ 0.1 s of a core, 0.27 s
+    under coverage: the test suite builds apps by the hundred) only to add nothing: no
+    prefix, tag, dependency or response is added here, and ours declare no low-priority
+    routes (which ``router.routes`` would not hold)."""
+    app.router.routes.extend(router.routes)
 
 
 def services(request: Request) -> Services:

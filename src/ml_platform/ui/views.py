@@ -26,7 +26,7 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from ml_platform.accounts import Identity, LoginBlocked, Role
-from ml_platform.api.deps import Services
+from ml_platform.api.deps import Services, add_routes
 from ml_platform.artifacts import ArtifactNotFound
 from ml_platform.engine.states import RUN_TERMINAL, RunState
 from ml_platform.sdk import WorkflowError
@@ -627,7 +627,7 @@ def workflows(request: Request, project: str) -> HTMLResponse:
 
 def install(app: FastAPI) -> None:
     """Add the UI's pages, static files and error pages to ``app`` (headers: api/edge.py)."""
-    app.include_router(router)
+    add_routes(app, router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
 
     def no_such_page(rest: str) -> Response:
