@@ -550,3 +550,20 @@ def hostile_output() -> None:
 @workflow
 def hostile() -> None:
     hostile_output()
+
+
+@task(cache=True)
+def recorded(x: int) -> int:
+    """A row of every kind a task makes: its output, a param, metric points, an artifact."""
+    print(f"recording {x}")
+    ctx = context()
+    ctx.log_param("x", x)
+    for step in range(3):
+        ctx.log_metric("loss", 1.0 / (x + step + 1), step=step)
+    ctx.save_artifact("model", {"x": x})
+    return x
+
+
+@workflow
+def recorded_fan(n: int = 4) -> None:
+    total([recorded(x) for x in range(n)])

@@ -142,6 +142,22 @@ def _schema_and_contents(url: str) -> tuple[list[Any], str | None, list[Any]]:
                     if option.startswith("n_distinct=")
                 }
                 diff += [("column options", sorted(found ^ expected))] if found != expected else []
+                # A serial column's sequence as wide as the column: an integer sequence stops
+                # a bigint column at 2**31 - 1 all the same.
+                narrower = connection.execute(
+                    text(
+                        "SELECT c.relname, a.attname, format_type(a.atttypid, NULL),"
+                        " s.data_type::text FROM pg_depend d"
+                        " JOIN pg_sequences s"
+                        "  ON d.objid = (s.schemaname || '.' || s.sequencename)::regclass"
+                        " JOIN pg_class c ON c.oid = d.refobjid"
+                        " JOIN pg_attribute a"
+                        "  ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid"
+                        " WHERE d.classid = 'pg_class'::regclass AND d.deptype = 'a'"
+                        "  AND format_type(a.atttypid, NULL) <> s.data_type::text"
+                    )
+                ).all()
+                diff += [("sequences narrower", sorted(map(tuple, narrower)))] if narrower else []
             projects = connection.execute(text("SELECT id, name FROM projects")).all()
         return diff, current_revision(engine), [tuple(row) for row in projects]
     finally:

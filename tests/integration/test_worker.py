@@ -28,7 +28,7 @@ from ml_platform.config import Settings
 from ml_platform.dispatch import InProcessDispatcher
 from ml_platform.engine.states import AttemptState, RunState
 from ml_platform.service import Outcome, Platform
-from ml_platform.store.db import reading
+from ml_platform.store.db import make_engine, reading, upgrade
 from ml_platform.store.models import Attempt
 from ml_platform.task_runner import is_running
 from ml_platform.worker import Runtime, Worker
@@ -54,6 +54,58 @@ def _runtime(platform: Platform, run_id: str, concurrency: int = 2) -> Runtime:
     worker = Worker(platform, dispatcher, concurrency=concurrency)
     _WORKERS.append(worker)
     return Runtime(platform, dispatcher, worker, only_run=run_id)
+
+
+#: The last id PostgreSQL's 32-bit integer holds.
+INT4_MAX = 2**31 - 1
+ID_SEQUENCES = ["task_runs_id_seq", "attempts_id_seq", "params_id_seq", "artifacts_id_seq"]
+
+
+def test_ids_past_2_to_the_31_keep_a_migrated_installation_running(home: Path) -> None:
+    """An installation made before migration 0015, migrated, whose task runs, attempts,
+    params and artifacts have used up PostgreSQL's 32-bit ids: a fan-out that writes every
+    kind of row (output, params, metric points, artifacts, a cached copy) still runs through
+    the worker and reads back. Before, every submission failed ("nextval: reached maximum
+    value of sequence") and the batched finish's recordset ("out of range for type integer")."""
+    with throwaway_database() as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine, "0014")
+            upgrade(engine)
+            with engine.begin() as connection:
+                for sequence in ID_SEQUENCES:
+                    connection.execute(text(f"SELECT setval('{sequence}', {INT4_MAX - 2})"))
+        finally:
+            engine.dispose()
+        settings = Settings(home=home, database_url_override=url, lease_seconds=2.0)
+        platform = Platform(settings).start()
+        try:
+            runs = []
+            for _ in range(2):  # the second reuses the first's results: cached_from
+                submitted = platform.submit(workflows.recorded_fan, {"n": 4})
+                runtime = _runtime(platform, submitted.run_id)
+                assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
+                runs.append(submitted.run_id)
+            first, second = runs
+            attempts = platform.attempts(first)
+            assert len(attempts) == 5 and max(a.id for a in attempts) > INT4_MAX  # across it
+            assert max(t.id for t in platform.task_runs(first)) > INT4_MAX
+            reused = [t for t in platform.task_runs(second) if t.cached_from is not None]
+            assert len(reused) == 4 and max(t.cached_from or 0 for t in reused) > INT4_MAX
+            artifacts = platform.artifacts_of(first)
+            assert len(artifacts) == 4 and max(a.id for _, a in artifacts) > INT4_MAX
+            assert platform.task_params([first])[(first, "recorded[2]")] == {"x": 2}
+            summaries = platform.metric_summaries([first])[first]
+            [loss] = [m for m in summaries if m.task == "recorded[3]"]
+            assert loss.points == 3
+            assert "recording 1" in (platform.log(first, "recorded[1]").log or "")
+            with platform.db.engine.begin() as connection:  # a part of a log still being shipped
+                connection.execute(
+                    text("INSERT INTO log_parts (attempt_id, start, text) VALUES (:a, 0, 'x')"),
+                    {"a": max(a.id for a in attempts)},
+                )
+        finally:
+            platform.close()
 
 
 def test_a_task_process_killed_mid_task_fails_the_attempt_and_is_retried(

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    Integer,
+    BigInteger,
     Row,
     bindparam,
     delete,
@@ -72,7 +72,7 @@ _QUEUE_WITH_ATTEMPTS = text("""
     FROM queued
     RETURNING id, task_run_id
     """).bindparams(
-    bindparam("ids", type_=ARRAY(Integer)),
+    bindparam("ids", type_=ARRAY(BigInteger)),
     bindparam("not_before", type_=UTCDateTime),
     bindparam("now", type_=UTCDateTime),
 )

@@ -59,6 +59,12 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
+#: A task run's, an attempt's, a param's or an artifact's id, and every column referring to
+#: one: 64-bit on PostgreSQL (a busy platform takes 2**31 attempt ids within a year; migration
+#: 0015). SQLite's INTEGER is 64-bit already, and a primary key must be INTEGER to be its rowid.
+ID = BigInteger().with_variant(Integer, "sqlite")
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, Any: JSON}
@@ -172,7 +178,7 @@ class TaskRun(Base):
         Index("ix_task_runs_run_state", "run_id", "state"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
     #: Indexed as the first column of (run_id, state) and of (run_id, node_id).
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
     node_id: Mapped[str] = mapped_column(String(200))
@@ -188,7 +194,7 @@ class TaskRun(Base):
     pool: Mapped[str | None] = mapped_column(String(100), default=None)
     state: Mapped[str] = mapped_column(String(16))
     cache_key: Mapped[str | None] = mapped_column(String(64), default=None)
-    cached_from: Mapped[int | None] = mapped_column(Integer, default=None)
+    cached_from: Mapped[int | None] = mapped_column(ID, default=None)
     #: Number of the current attempt: the fencing token. 0 before the first attempt.
     current_attempt: Mapped[int] = mapped_column(Integer, default=0)
     #: Attempts lost to the infrastructure (dead worker, expired lease, dead-lettered
@@ -208,9 +214,9 @@ class Attempt(Base):
         Index("ix_attempts_state_not_before", "state", "not_before"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
     #: Indexed as the first column of (task_run_id, number).
-    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"))
+    task_run_id: Mapped[int] = mapped_column(ID, ForeignKey("task_runs.id"))
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     number: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16))
@@ -238,7 +244,7 @@ class LogPart(Base):
 
     __tablename__ = "log_parts"
 
-    attempt_id: Mapped[int] = mapped_column(ForeignKey("attempts.id"), primary_key=True)
+    attempt_id: Mapped[int] = mapped_column(ID, ForeignKey("attempts.id"), primary_key=True)
     #: Characters of the attempt's output before this piece.
     start: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     text: Mapped[str] = mapped_column(Text)
@@ -250,9 +256,9 @@ class Metric(Base):
 
     #: 64-bit on PostgreSQL: a point per training step, 200,000 a task, counts past 2**31 in
     #: ten thousand such tasks. (SQLite's INTEGER PRIMARY KEY is 64-bit already.)
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
-    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"))
+    task_run_id: Mapped[int] = mapped_column(ID, ForeignKey("task_runs.id"))
     attempt: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(200))
     value: Mapped[float] = mapped_column(Float)
@@ -267,7 +273,7 @@ class MetricSeries(Base):
 
     __tablename__ = "metric_series"
 
-    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"), primary_key=True)
+    task_run_id: Mapped[int] = mapped_column(ID, ForeignKey("task_runs.id"), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     points: Mapped[int] = mapped_column(BigInteger)
@@ -284,9 +290,9 @@ class Param(Base):
     __tablename__ = "params"
     __table_args__ = (UniqueConstraint("task_run_id", "name"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
-    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"))
+    task_run_id: Mapped[int] = mapped_column(ID, ForeignKey("task_runs.id"))
     name: Mapped[str] = mapped_column(String(200))
     value: Mapped[Any] = mapped_column(JSON)
 
@@ -296,9 +302,9 @@ class Artifact(Base):
 
     __tablename__ = "artifacts"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(ID, primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
-    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id"))
+    task_run_id: Mapped[int] = mapped_column(ID, ForeignKey("task_runs.id"))
     name: Mapped[str] = mapped_column(String(200))
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)  # bytes: a model may well be past 2 GiB
