@@ -965,6 +965,33 @@ def test_prune_removes_old_ended_runs_whole_and_only_the_blobs_nothing_names(
     accounts.rotate(fresh.refresh_token)
 
 
+def test_a_prune_lowers_no_counter_a_running_server_exposes(platform: Platform) -> None:
+    """/metrics counted lost attempts afresh at each scrape: a prune removing old runs
+    lowered mlp_lease_expiries_total, and Prometheus takes a counter that falls for a restart
+    (a rate over it jumps by its whole value; an alert on lost attempts fires). What is final
+    is now counted once and kept, as the duration histogram was."""
+    submitted = platform.submit(workflows.echo_pipeline, {})
+    [(attempt_id, _)] = platform.schedule(submitted.run_id)
+    assert platform.claim(attempt_id, "worker-a") is not None
+    with platform.db.session() as session:  # its worker died: the lease ran out
+        session.execute(update(Attempt).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert platform.reap() == 1
+    assert run_inline(platform, submitted.run_id) is RunState.SUCCEEDED
+    with platform.db.session() as session:  # settled: made long before this scrape
+        session.execute(update(Attempt).values(created_at=utcnow() - timedelta(hours=1)))
+    before = platform.stats()
+    assert before.lost_attempts == 1 and before.duration_count == 1
+    _aged(platform, 100, submitted.run_id)
+    assert platform.prune(utcnow() - timedelta(days=90)).runs == 1
+    after = platform.stats()
+    assert (after.lost_attempts, after.duration_count, after.duration_buckets) == (
+        1,
+        1,
+        before.duration_buckets,
+    )
+    assert (after.runs_by_state.get("succeeded", 0), after.due) == (0, 0)  # gauges: as they are
+
+
 def test_a_retry_racing_the_delete_of_its_original_is_a_not_found_not_a_broken_key(
     postgres_platform: Platform,
 ) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, case, func, select, text
+from sqlalchemy import ColumnElement, Row, and_, case, func, select, text
 from sqlalchemy.orm import Session
 
 from ml_platform.config import Settings
@@ -93,7 +93,7 @@ _LOG_NOW = text("""
 
 #: The upper bounds (seconds) of the attempt-duration histogram's buckets.
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
-#: Attempts created longer ago than this are committed, if they ever will be (see _Durations).
+#: Attempts created longer ago than this are committed, if they ever will be (see _Counted).
 SETTLED = timedelta(minutes=1)
 
 
@@ -111,20 +111,24 @@ class Stats:
     delayed: int
 
 
-class _Durations:
-    """The histogram of succeeded attempts' durations, bucketed in SQL and kept incrementally.
+class _Counted:
+    """What /metrics counts of attempts -- the histogram of succeeded attempts' durations and
+    the lost attempts -- counted in SQL and kept incrementally.
 
     Attempts only ever become final, and a final attempt never changes: everything below the
     oldest attempt still queued or running is counted once and kept; each scrape adds what
     became final since and counts the few newer rows afresh. A scrape costs what changed, not
-    the history (a full count of a million attempts took 5–7 s in Python before).
+    the history (a full count of a million attempts took 5–7 s in Python before); and a
+    counter does not fall when a prune removes the rows it counted (Prometheus takes a counter
+    that falls for a restart of its process, and a rate over it then jumps by its whole value).
     """
 
     def __init__(self) -> None:
         self.final_upto = 0  # every attempt with an id up to this one is final, and counted
-        self.final = [0.0] * (len(DURATION_BUCKETS) + 2)  # buckets…, count, sum
+        self.final = [0.0] * (len(DURATION_BUCKETS) + 3)  # buckets…, count, sum, lost
 
-    def histogram(self, session: Session) -> tuple[list[float], float, float]:
+    def counts(self, session: Session) -> list[float]:
+        """The histogram's buckets, its count and sum, and the lost attempts (_counted)."""
         pending = session.scalar(
             select(func.min(Attempt.id)).where(
                 Attempt.state.in_([AttemptState.QUEUED, AttemptState.RUNNING])
@@ -137,36 +141,37 @@ class _Durations:
         )
         upto = min(settled or 0, pending - 1 if pending is not None else settled or 0)
         if upto > self.final_upto:
-            added = _bucketed(session, Attempt.id > self.final_upto, Attempt.id <= upto)
+            added = _counted(session, Attempt.id > self.final_upto, Attempt.id <= upto)
             self.final = [a + b for a, b in zip(self.final, added, strict=True)]
             self.final_upto = upto
-        live = _bucketed(session, Attempt.id > self.final_upto)
-        total = [a + b for a, b in zip(self.final, live, strict=True)]
-        return total[:-2], total[-2], total[-1]
+        live = _counted(session, Attempt.id > self.final_upto)
+        return [a + b for a, b in zip(self.final, live, strict=True)]
 
 
-def _bucketed(session: Session, *where: ColumnElement[bool]) -> list[float]:
-    """Per bucket, the succeeded attempts at most that long; then their count and sum."""
+def _counted(session: Session, *where: ColumnElement[bool]) -> list[float]:
+    """Per bucket, the succeeded attempts at most that long; their count and sum; then the
+    lost attempts."""
     if session.get_bind().dialect.name == "postgresql":
         seconds: ColumnElement[Any] = func.extract(
             "epoch", Attempt.finished_at - Attempt.started_at
         )
     else:  # SQLite keeps timestamps as text
         seconds = (func.julianday(Attempt.finished_at) - func.julianday(Attempt.started_at)) * 86400
+    timed = and_(
+        Attempt.state == AttemptState.SUCCEEDED,
+        Attempt.started_at.is_not(None),
+        Attempt.finished_at.is_not(None),
+    )
     row = session.execute(
         select(
             *(
-                func.coalesce(func.sum(case((seconds <= bound, 1), else_=0)), 0)
+                func.coalesce(func.sum(case((and_(timed, seconds <= bound), 1), else_=0)), 0)
                 for bound in DURATION_BUCKETS
             ),
-            func.count(),
-            func.coalesce(func.sum(seconds), 0),
-        ).where(
-            Attempt.state == AttemptState.SUCCEEDED,
-            Attempt.started_at.is_not(None),
-            Attempt.finished_at.is_not(None),
-            *where,
-        )
+            func.coalesce(func.sum(case((timed, 1), else_=0)), 0),
+            func.coalesce(func.sum(case((timed, seconds), else_=0)), 0),
+            func.coalesce(func.sum(case((Attempt.state == AttemptState.LOST, 1), else_=0)), 0),
+        ).where(Attempt.state.in_([AttemptState.SUCCEEDED, AttemptState.LOST]), *where)
     ).one()
     return [float(value) for value in row]
 
@@ -176,7 +181,7 @@ class Queries(_Core):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self._durations = _Durations()
+        self._counted = _Counted()
 
     def stats(self) -> Stats:
         """Runs by state, lost attempts, the duration histogram and the queue, in one
@@ -188,8 +193,7 @@ class Queries(_Core):
                 # million rows) where the value itself says "the last few".
                 session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
             by_state = session.execute(select(Run.state, func.count()).group_by(Run.state)).all()
-            lost = session.scalar(select(func.count()).where(Attempt.state == AttemptState.LOST))
-            buckets, count, total = self._durations.histogram(session)
+            *buckets, count, total, lost = self._counted.counts(session)
             due = session.scalar(select(func.count()).where(Attempt.state == AttemptState.QUEUED))
             delayed = session.scalar(
                 select(func.sum(case((Attempt.not_before > utcnow(), 1), else_=0))).where(
@@ -198,7 +202,7 @@ class Queries(_Core):
             )
         return Stats(
             runs_by_state={state: n for state, n in by_state},
-            lost_attempts=lost or 0,
+            lost_attempts=int(lost),
             duration_buckets=buckets,
             duration_count=count,
             duration_sum=total,
