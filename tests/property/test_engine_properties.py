@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import croniter
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from ml_platform.engine.cache import cache_key, canonical_json
 from ml_platform.engine.dag import group_outcome, plan, topological_order
 from ml_platform.engine.retry import RetryPolicy
 from ml_platform.engine.states import TASK_TERMINAL, RunState, TaskState
+from ml_platform.service import latest_tick, next_tick
 
 pytestmark = pytest.mark.property
 
@@ -201,3 +204,54 @@ def test_mapped_tasks_wait_for_all_their_elements_and_every_run_ends_consistentl
                 assert ended_at[task] > ended_at[parent], f"{task} ran before {parent} ended"
     any_failed = any(s is TaskState.FAILED for s in states.values())
     assert (outcome is RunState.FAILED) == any_failed
+
+
+CRONS = [
+    "* * * * *",
+    "*/7 * * * *",
+    "0 3 * * *",
+    "15 */2 * * 1-5",
+    "0 0 1 * *",
+    "5 4 * * sun",
+    "0 12 13 * 5",  # the 13th or any Friday: cron's or-rule for the two day fields
+    "30 4 29 2 *",  # leap days only
+]
+
+
+def _walked(cron: str, first_due: datetime, now: datetime) -> datetime:
+    """The latest tick by now, tick after tick from the first due one."""
+    tick = first_due
+    while (following := next_tick(cron, tick)) <= now:
+        tick = following
+    return tick
+
+
+@given(
+    cron=st.sampled_from(CRONS),
+    base=st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2030, 1, 1)),
+    late=st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=1)),
+)
+def test_the_latest_due_tick_is_the_last_one_walked_to(
+    cron: str, base: datetime, late: timedelta
+) -> None:
+    """A schedule due since ``first_due`` fires for its latest tick by now."""
+    first_due = next_tick(cron, base.replace(tzinfo=UTC))
+    now = first_due + late
+    assert latest_tick(cron, first_due, now) == _walked(cron, first_due, now)
+
+
+def test_a_month_of_missed_ticks_is_not_walked_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler back after a month found an every-minute schedule's latest tick by walking
+    43,200 ticks (13 s of its pass, in which it did nothing else); now by one step back."""
+    made = []
+
+    class Counted(croniter.croniter):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(croniter, "croniter", Counted)
+    now = datetime(2026, 12, 6, 16, 43, 21, 5, tzinfo=UTC)
+    first_due = datetime(2026, 11, 6, 16, 44, tzinfo=UTC)
+    assert latest_tick("* * * * *", first_due, now) == datetime(2026, 12, 6, 16, 43, tzinfo=UTC)
+    assert len(made) <= 2

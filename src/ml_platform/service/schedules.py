@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -34,11 +34,16 @@ def next_tick(cron: str, after: datetime) -> datetime:
 
 
 def latest_tick(cron: str, first_due: datetime, now: datetime) -> datetime:
-    """The latest tick in ``[first_due, now]`` (``first_due`` is itself a tick)."""
-    tick = first_due
-    while (following := next_tick(cron, tick)) <= now:
-        tick = following
-    return tick
+    """The latest tick in ``[first_due, now]`` (``first_due`` is itself a tick, at most
+    ``now``): found backwards from ``now``, not walked to from ``first_due`` -- a month of
+    missed minutes, a scheduler's pass of 43,200 steps (13 s here) that held up everything
+    else it does."""
+    from croniter import croniter
+
+    # Ticks fall on whole minutes: the last one before the next minute is the last one by now.
+    start = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    previous: datetime = croniter(cron, start).get_prev(datetime).astimezone(UTC)
+    return max(first_due, previous)
 
 
 class ScheduleError(ValueError):
