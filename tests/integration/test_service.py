@@ -199,6 +199,52 @@ def test_replayed_migrations_and_a_fresh_schema_are_the_models_schema(
     assert _schema_and_contents(fresh) == expected
 
 
+def test_a_migration_gives_way_to_a_transaction_holding_its_table_and_says_whose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A migration that rewrites a table waited for a transaction left open on it, and every
+    statement after it on that table waited behind it: one forgotten session stopped the
+    platform for as long as it stayed open. The migration now gives way after a moment, tries
+    again, and at last says which transactions held it; the platform goes on meanwhile, and
+    the next try after they end migrates."""
+    monkeypatch.setattr(db, "MIGRATION_LOCK_TIMEOUT_SECONDS", 0.2)
+    monkeypatch.setattr(db, "MIGRATION_TRIES", 3)
+    monkeypatch.setattr(db, "MIGRATION_PAUSE_SECONDS", 0.2)
+    with throwaway_database() as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine, "0014")
+            with psycopg.connect(libpq_url(url), application_name="forgotten session") as holder:
+                holder.execute("SELECT count(*) FROM attempts")  # its transaction stays open
+                outcome: list[BaseException | None] = []
+
+                def migrate() -> None:
+                    try:
+                        upgrade(engine)  # 0015 rewrites attempts
+                        outcome.append(None)
+                    except BaseException as exc:  # noqa: BLE001 - what it raised is the check
+                        outcome.append(exc)
+
+                migrator = threading.Thread(target=migrate)
+                migrator.start()
+                # The platform's statements on that table still answer, within the moments
+                # the migration waits: none waits for the forgotten session to end.
+                with psycopg.connect(libpq_url(url), autocommit=True) as platform_side:
+                    platform_side.execute("SET statement_timeout = '3s'")
+                    for _ in range(5):
+                        platform_side.execute("SELECT count(*) FROM attempts")
+                        time.sleep(0.1)
+                migrator.join(30)
+                [raised] = outcome
+                assert isinstance(raised, db.MigrationBlocked), raised
+                assert "gave way 3 times" in str(raised) and "forgotten session" in str(raised)
+                assert current_revision(engine) == "0014"  # rolled back whole
+            upgrade(engine)  # the session ended: nothing holds the tables
+            assert current_revision(engine) == head_from_files()
+        finally:
+            engine.dispose()
+
+
 KILLED_WHILE_CREATING = """
 import sys, time
 from pathlib import Path

@@ -251,15 +251,80 @@ def _one_at_a_time(connection: Connection) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
 
 
+#: How long a migration's statement waits for a lock on a table it changes before it gives
+#: way (PostgreSQL). Waiting, it would queue every later statement on that table behind it:
+#: one transaction left open elsewhere (a long read, a session idle in transaction) would stop
+#: every worker and request until it ended. Given way, the migration is rolled back whole and
+#: tried again after a pause in which the platform goes on, MIGRATION_TRIES times in all.
+MIGRATION_LOCK_TIMEOUT_SECONDS = 5.0
+MIGRATION_TRIES = 6
+#: The pause after the first try that gave way; doubled after each.
+MIGRATION_PAUSE_SECONDS = 2.0
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+class MigrationBlocked(DatabaseUnavailable):
+    """A migration gave way, each time it was tried, to transactions holding its tables."""
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply the migrations up to ``revision`` on the engine's database."""
+    """Apply the migrations up to ``revision`` on the engine's database, in one transaction;
+    on PostgreSQL giving way to other transactions' locks (MIGRATION_LOCK_TIMEOUT_SECONDS),
+    and tried again, or MigrationBlocked saying who held them."""
     from alembic import command
 
     config = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
-        _one_at_a_time(connection)
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+    pause = MIGRATION_PAUSE_SECONDS
+    for tried in range(1, MIGRATION_TRIES + 1):
+        try:
+            with engine.begin() as connection:
+                _one_at_a_time(connection)  # other migrators: waited for, without a limit
+                if connection.dialect.name == "postgresql":
+                    limit = f"{int(MIGRATION_LOCK_TIMEOUT_SECONDS * 1000)}ms"
+                    connection.execute(text(f"SET LOCAL lock_timeout = '{limit}'"))
+                config.attributes["connection"] = connection
+                command.upgrade(config, revision)
+            return
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+            holders = _long_transactions(engine)
+            if tried == MIGRATION_TRIES:
+                raise MigrationBlocked(
+                    f"the migration gave way {tried} times to transactions holding a table it "
+                    f"changes (it waits {MIGRATION_LOCK_TIMEOUT_SECONDS:g} s for a lock, then "
+                    "lets the platform go on): end them or wait for them, then run "
+                    f"`mlp db upgrade` again. Open longest: {holders or 'none now'}"
+                ) from None
+            log.warning(
+                "migration: a table is locked (%s); trying again in %g s (try %d of %d)",
+                holders or "by a transaction since ended",
+                pause,
+                tried + 1,
+                MIGRATION_TRIES,
+            )
+            time.sleep(pause)
+            pause *= 2
+
+
+def _long_transactions(engine: Engine) -> str:
+    """The transactions open longest on the database, but this process's, as a line."""
+    try:
+        with reading(engine) as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT pid, application_name, state, now() - xact_start AS open_for"
+                    " FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND xact_start IS NOT NULL AND pid <> pg_backend_pid()"
+                    " ORDER BY xact_start LIMIT 3"
+                )
+            ).all()
+    except SQLAlchemyError:
+        return ""
+    return "; ".join(
+        f"pid {pid} ({name or 'unnamed'}, {state}, open {open_for.total_seconds():.0f} s)"
+        for pid, name, state, open_for in rows
+    )
 
 
 def create_schema(engine: Engine) -> bool:
