@@ -279,9 +279,11 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         try:
             with engine.begin() as connection:
                 _one_at_a_time(connection)  # other migrators: waited for, without a limit
-                if connection.dialect.name == "postgresql":
-                    limit = f"{int(MIGRATION_LOCK_TIMEOUT_SECONDS * 1000)}ms"
-                    connection.execute(text(f"SET LOCAL lock_timeout = '{limit}'"))
+                if connection.dialect.name == "postgresql":  # SET LOCAL, with a parameter
+                    connection.execute(
+                        text("SELECT set_config('lock_timeout', :limit, true)"),
+                        {"limit": f"{int(MIGRATION_LOCK_TIMEOUT_SECONDS * 1000)}ms"},
+                    )
                 config.attributes["connection"] = connection
                 command.upgrade(config, revision)
             return

@@ -27,32 +27,31 @@ down_revision: str | Sequence[str] | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-#: Each table's columns that hold such an id (its own, and those referring to one).
-COLUMNS = {
-    "task_runs": ["id", "cached_from"],
-    "attempts": ["id", "task_run_id"],
-    "log_parts": ["attempt_id"],
-    "metrics": ["task_run_id"],
-    "metric_series": ["task_run_id"],
-    "params": ["id", "task_run_id"],
-    "artifacts": ["id", "task_run_id"],
-}
-SEQUENCES = ["task_runs_id_seq", "attempts_id_seq", "params_id_seq", "artifacts_id_seq"]
-
-
-def _retype(kind: str) -> None:
-    for table, columns in COLUMNS.items():
-        changes = ", ".join(f"ALTER COLUMN {column} TYPE {kind}" for column in columns)
-        op.execute(f"ALTER TABLE {table} {changes}")
-    for sequence in SEQUENCES:
-        op.execute(f"ALTER SEQUENCE {sequence} AS {kind}")
+#: Each table's columns that hold such an id (its own, and those referring to one), then the
+#: sequences of those ids: one statement per table (one rewrite each).
+TO_BIGINT = [
+    "ALTER TABLE task_runs ALTER COLUMN id TYPE BIGINT, ALTER COLUMN cached_from TYPE BIGINT",
+    "ALTER TABLE attempts ALTER COLUMN id TYPE BIGINT, ALTER COLUMN task_run_id TYPE BIGINT",
+    "ALTER TABLE log_parts ALTER COLUMN attempt_id TYPE BIGINT",
+    "ALTER TABLE metrics ALTER COLUMN task_run_id TYPE BIGINT",
+    "ALTER TABLE metric_series ALTER COLUMN task_run_id TYPE BIGINT",
+    "ALTER TABLE params ALTER COLUMN id TYPE BIGINT, ALTER COLUMN task_run_id TYPE BIGINT",
+    "ALTER TABLE artifacts ALTER COLUMN id TYPE BIGINT, ALTER COLUMN task_run_id TYPE BIGINT",
+    "ALTER SEQUENCE task_runs_id_seq AS BIGINT",
+    "ALTER SEQUENCE attempts_id_seq AS BIGINT",
+    "ALTER SEQUENCE params_id_seq AS BIGINT",
+    "ALTER SEQUENCE artifacts_id_seq AS BIGINT",
+]
 
 
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        _retype("BIGINT")
+        for statement in TO_BIGINT:
+            op.execute(statement)
 
 
 def downgrade() -> None:
+    # Fails where an id is past 2**31 - 1 already: as it should.
     if op.get_bind().dialect.name == "postgresql":
-        _retype("INTEGER")  # fails where an id is past 2**31 - 1 already: as it should
+        for statement in reversed(TO_BIGINT):
+            op.execute(statement.replace("BIGINT", "INTEGER"))
