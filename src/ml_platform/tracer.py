@@ -65,17 +65,53 @@ def check_allowed(reference: str, prefixes: list[str], root: Path) -> None:
     parts = module_name.split(".")
     if any(part.startswith("_") for part in parts + attr_path.split(".")):
         raise WorkflowError(f"workflow reference {reference!r} names a private or main module")
-    top = parts[0]
-    in_project = (root / f"{top}.py").is_file() or (root / top / "__init__.py").is_file()
     listed = any(
         module_name == prefix or module_name.startswith(prefix + ".") for prefix in prefixes
     )
-    if not (in_project or listed):
+    outside = None if listed else _outside(parts, root)
+    if outside is not None:
         raise WorkflowError(
             f"module {module_name!r} is not among those workflows are loaded from: the "
-            f"project's own modules in {root} (no {top}.py or {top}/__init__.py there) and "
+            f"project's own modules in {root} ({outside}) and "
             f"{', '.join(prefixes) or 'no others'} (MLP_WORKFLOW_MODULES)"
         )
+
+
+def _outside(parts: list[str], root: Path) -> str | None:
+    """Why importing the module ``parts`` names, with ``root`` first on the path as the
+    tracer and the workers have it, would not take every module and package on its way from
+    ``root``; None when it would. A directory without ``__init__.py`` is a package too (a
+    namespace package, as `mlp run` takes it), but the import may take part of such a name
+    from elsewhere: a module of the same namespace in another directory on the path, or a
+    regular package of that name anywhere on it, which Python prefers to a namespace
+    directory. So the import's own finder is asked, level by level: it looks at files only,
+    and runs nothing."""
+    from importlib.machinery import PathFinder
+
+    root = root.resolve()
+    if parts[0] in sys.builtin_module_names:
+        return f"{parts[0]} is built into Python"
+    PathFinder.invalidate_caches()  # a module written a moment ago is seen, as the tracer sees it
+    search: list[str] = [str(root), *(p for p in sys.path if p and Path(p) != root)]
+    for depth, part in enumerate(parts, 1):
+        name = ".".join(parts[:depth])
+        if not search:
+            return f"{'.'.join(parts[: depth - 1])} is a module, not a package"
+        # Asked by its last part alone: the finder looks only at the names in ``search``, and
+        # a dotted name would have it look for the parent among the modules imported here.
+        spec = PathFinder.find_spec(part, search)
+        if spec is None:
+            top = parts[0]
+            return (
+                f"no {top}.py, {top}/__init__.py or {top}/ there"
+                if depth == 1
+                else (f"no module {name} there")
+            )
+        if spec.has_location and spec.origin is not None:  # a module or a regular package
+            if not Path(spec.origin).resolve().is_relative_to(root):
+                return f"{name} would be imported from outside it"
+        search = list(spec.submodule_search_locations or [])
+    return None
 
 
 def load_workflow(reference: str) -> Workflow:

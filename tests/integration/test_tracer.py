@@ -251,3 +251,39 @@ def test_a_forked_copy_of_the_requester_lets_the_parents_zygote_end_with_the_par
     assert seen["returncode"] == 0  # it ended by itself (killed would be -9) ...
     assert seen["stopped_in"] < 2.5  # ... at once, while the copy still lived
     assert seen["status"] == 0 and seen["served_by"] not in (0, seen["parents"])
+
+
+def test_a_namespace_package_of_the_project_is_loaded_and_nothing_from_elsewhere(
+    project: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory without __init__.py is a package too (a namespace package), and `mlp run`
+    takes its modules: the server refused them ("no flows.py or flows/__init__.py there").
+    It takes them now, and only what the import would take from the project: not a module of
+    the same namespace in another directory on the path, nor a regular package elsewhere
+    that Python prefers to the project's directory of that name. Nothing of those is run."""
+    for module in ("flows/train.py", "flows/deep/nested.py", "shadow/train.py"):
+        (project / module).parent.mkdir(parents=True, exist_ok=True)
+        (project / module).write_text(WORKFLOW)
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    marker = elsewhere / "imported"
+    planted = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n{WORKFLOW}"
+    for module in ("flows/planted.py", "shadow/__init__.py", "shadow/train.py"):
+        (elsewhere / module).parent.mkdir(parents=True, exist_ok=True)
+        (elsewhere / module).write_text(planted)
+    monkeypatch.syspath_prepend(str(elsewhere))  # e.g. site-packages: on the path, after cwd
+    for allowed in ("flows.train:flow", "flows.deep.nested:flow"):
+        tracer.check_allowed(allowed, [], project)
+        traced = trace_in_subprocess(allowed, {}, timeout=30)
+        assert [spec.node_id for spec in traced.specs] == ["step"]
+    for refused, why in [
+        ("flows.planted:flow", "flows.planted would be imported from outside it"),
+        ("shadow.train:flow", "shadow would be imported from outside it"),
+        ("flows.missing:flow", "no module flows.missing there"),
+        ("flows.train.step:flow", "flows.train is a module, not a package"),
+        ("nowhere.train:flow", "no nowhere.py, nowhere/__init__.py or nowhere/ there"),
+        ("sys:exit", "sys is built into Python"),
+    ]:
+        with pytest.raises(WorkflowError, match="not among those workflows") as refusal:
+            tracer.check_allowed(refused, [], project)
+        assert f"({why})" in str(refusal.value)
+    assert not marker.exists()
