@@ -1104,30 +1104,65 @@ def test_a_prune_passes_over_a_run_being_retried_and_takes_it_next_time(
         platform.run(runs[0])
 
 
-def test_a_prune_that_dies_between_batches_leaves_whole_runs(
-    platform: Platform, monkeypatch: pytest.MonkeyPatch
+KILLED_WHILE_PRUNING = """
+import sys, time
+from datetime import timedelta
+from pathlib import Path
+from sqlalchemy import event
+from ml_platform.config import Settings
+from ml_platform.service import Platform, retention
+from ml_platform.store.models import utcnow
+
+retention.BATCH = 1  # a run to a transaction
+home, url, ready = sys.argv[1:]
+platform = Platform(Settings(home=Path(home), database_url_override=url or None)).start()
+removed = []
+
+@event.listens_for(platform.db.engine, "after_cursor_execute")
+def _stall(conn, cursor, statement, *args):
+    if statement.lstrip().upper().startswith("DELETE FROM RUNS"):
+        removed.append(statement)
+        if len(removed) == 2:  # the second batch deleted, not committed: kill me here
+            Path(ready).touch()
+            time.sleep(60)
+
+platform.prune(utcnow() - timedelta(days=1))
+"""
+
+
+def test_a_prune_killed_between_batches_leaves_whole_runs(
+    platform: Platform, tmp_path: Path
 ) -> None:
+    """`mlp prune` killed with SIGKILL in its second batch, its deletes sent and not
+    committed: the first batch's run is gone whole, the second's is whole, and the next
+    prune removes it."""
     runs = [platform.submit(workflows.arithmetic, {"n": 3}).run_id for _ in range(2)]
     for run_id in runs:
         assert run_inline(platform, run_id) is RunState.SUCCEEDED
     _aged(platform, 10, *runs)
-    monkeypatch.setattr(retention, "BATCH", 1)
-    remove, calls = platform._remove, []
-
-    def dies_in_the_second(session: Any, ids: list[str], pruned: Any) -> None:
-        calls.append(ids)
-        remove(session, ids, pruned)
-        if len(calls) == 2:
-            raise OSError("killed")  # after its deletes, before its commit
-
-    monkeypatch.setattr(platform, "_remove", dies_in_the_second)
-    with pytest.raises(OSError, match="killed"):
-        platform.prune(utcnow() - timedelta(days=1))
-    [first], [second] = calls
-    with pytest.raises(NotFound):
-        platform.run(first)
+    url = platform.settings.database_url if platform.db.engine.dialect.name != "sqlite" else ""
+    ready = tmp_path / "ready"
+    pruner = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WHILE_PRUNING, str(platform.settings.home), url, str(ready)]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert pruner.poll() is None and time.monotonic() < deadline, "it never got there"
+            time.sleep(0.02)
+    finally:
+        pruner.kill()
+        pruner.wait()
+    left = []
+    for run_id in runs:
+        try:
+            platform.run(run_id)
+            left.append(run_id)
+        except NotFound:
+            pass
+    [second] = left  # the first batch's run went whole, with its commit
     assert len(platform.task_runs(second)) == 4 and platform.run(second)[0].state == "succeeded"
-    monkeypatch.undo()
+    assert len(platform.attempts(second)) == 4
     assert platform.prune(utcnow() - timedelta(days=1)).runs == 1
 
 
