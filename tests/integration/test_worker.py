@@ -282,11 +282,16 @@ def _status(pid: int, field: str) -> int:
 
 
 def _children(pid: int) -> list[int]:
-    return [
-        int(name)
-        for name in os.listdir("/proc")
-        if name.isdigit() and is_running(int(name)) and _status(int(name), "PPid") == pid
-    ]
+    children = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or not is_running(int(name)):
+            continue
+        try:
+            if _status(int(name), "PPid") == pid:
+                children.append(int(name))
+        except OSError:  # it ended since the listing (another test's process, say)
+            continue
+    return children
 
 
 def test_the_warden_is_a_fresh_small_interpreter_not_a_copy_of_the_task_process() -> None:
