@@ -6,6 +6,7 @@ import functools
 import hashlib
 import os
 import secrets
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,13 @@ WEAK_SECRETS = frozenset(
 STRICT_ENVIRONMENTS = frozenset({"staging", "production"})
 
 _hasher = PasswordHasher()
+#: At most this many password hashes and checks at once in a process. Each takes argon2's
+#: 64 MiB and a core for ≈ 0.1 s: a burst of sign-ins (a fleet of CI jobs, a password spray
+#: across many users) waits its turn instead of taking the memory of the API's pod (its 40
+#: request threads at once: 2.5 GiB, over its limit of 1 GiB; the out-of-memory killer then
+#: ends every request it serves).
+HASHES_AT_ONCE = 4
+_hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
 
 
 class ConfigurationError(RuntimeError):
@@ -44,7 +52,8 @@ class AuthError(Exception):
 
 
 def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+    with _hashing:
+        return _hasher.hash(password)
 
 
 @functools.cache
@@ -82,7 +91,8 @@ def password_problem(username: str, password: str) -> str | None:
 
 def verify_password(password_hash: str, password: str) -> bool:
     try:
-        return _hasher.verify(password_hash, password)
+        with _hashing:
+            return _hasher.verify(password_hash, password)
     except (VerificationError, InvalidHashError):
         return False
 
