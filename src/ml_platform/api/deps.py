@@ -89,7 +89,9 @@ def add_routes(app: FastAPI, router: APIRouter) -> None:
     every route of it again for this app at its first request (≈ 0.1 s of a core, 0.27 s
     under coverage: the test suite builds apps by the hundred) only to add nothing: no
     prefix, tag, dependency or response is added here, and ours declare no low-priority
-    routes (which ``router.routes`` would not hold)."""
+    routes (which ``router.routes`` would not hold). One thing an include would give and this
+    does not: an app's ``dependency_overrides`` do not reach these routes (nothing of ours
+    sets any; a test that wants other services gives the app other ``Services``)."""
     app.router.routes.extend(router.routes)
 
 
