@@ -15,13 +15,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, text, update
 from typer.testing import CliRunner
 
 from ml_platform import cli
+from ml_platform.api import create_app
 from ml_platform.cli import app
 from ml_platform.config import load_settings
 from ml_platform.service import Platform
+from ml_platform.store.db import head_from_files
 from ml_platform.store.models import LogPart, Run, utcnow
 from tests import workflows
 from tests.forked import ZYGOTE, Forked
@@ -477,6 +480,35 @@ def test_the_demo_runs_and_a_second_run_reuses_the_cache(cli_env: dict[str, str]
     assert code == 0 and "artifact model from register_model: pickle" in shown
     code, upgraded = mlp("db", "upgrade")
     assert code == 0 and "latest schema" in upgraded
+
+
+def test_a_release_runs_on_a_database_a_newer_release_migrated(
+    cli_env: dict[str, str], home: Path
+) -> None:
+    """After a deploy whose migration ran, the release before still runs on the newer
+    schema: the rolling update's old pods until they are replaced, and every pod after a
+    rollback (a rollback does not undo migrations). It refused: a server or worker failed to
+    start ("Can't locate revision") and /readyz said 503 ("not head") -- a rollback past a
+    migration took the whole platform down. It starts, is ready, and says where it is."""
+    code, output = mlp("db", "upgrade")
+    assert code == 0 and "latest schema" in output, output
+    newer = "0099"  # a migration of a release after this one: no file here names it
+    with Platform(load_settings()).db.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": newer})
+    code, output = mlp("db", "upgrade")
+    assert code == 0, output
+    assert f"is at migration {newer}, newer than this release's {head_from_files()}" in output
+    code, output = mlp("run", "tests.workflows:arithmetic", "-p", "n=2")
+    assert code == 0 and "succeeded" in output, output
+    platform = Platform(load_settings()).start()
+    try:
+        assert platform.schema_behind() is None
+        platform.settings.secret_key = "k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6"
+        with TestClient(create_app(platform.settings, platform=platform)) as client:
+            ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"]["migrations"] == "ok"
+    finally:
+        platform.close()
 
 
 def test_logs_follow_shows_what_a_task_prints_while_it_runs(

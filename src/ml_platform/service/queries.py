@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from ml_platform.config import Settings
 from ml_platform.engine.states import AttemptState, RunState, TaskState
 from ml_platform.service.core import NotFound, _Core
-from ml_platform.store.db import current_revision, head_from_files, reading
+from ml_platform.store.db import current_revision, head_from_files, newer_than_files, reading
 from ml_platform.store.models import (
     Artifact,
     Attempt,
@@ -211,12 +211,16 @@ class Queries(_Core):
         )
 
     def schema_behind(self) -> str | None:
-        """None when the database answers and its schema is at the newest migration, else
-        where it is; the driver's error when it does not answer (for readiness checks)."""
+        """None when the database answers and its schema is at this release's newest
+        migration or past it (a newer release migrated it: a rolling update's old pods and a
+        rollback run on it), else where it is; the driver's error when it does not answer
+        (for readiness checks)."""
         with reading(self.db.engine) as connection:
             connection.execute(text("SELECT 1"))
         at = current_revision(self.db.engine)
-        return None if at == head_from_files() else f"at {at}, not head"
+        if at == head_from_files() or newer_than_files(at):
+            return None
+        return f"at {at}, not head"
 
     def resolve_run_id(self, prefix: str, project_id: int | None = None) -> str:
         """The full id of the one run whose id starts with ``prefix``."""

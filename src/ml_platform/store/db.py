@@ -391,6 +391,21 @@ _DOWN = re.compile(r'^down_revision: [^=]+= "([^"]+)"', re.M)
 
 def head_from_files() -> str | None:
     """The newest migration, read from the files without importing Alembic (start-up cost)."""
+    revisions, parents = _revisions_in_files()
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def newer_than_files(revision: str | None) -> bool:
+    """Whether a database at ``revision`` was migrated by a newer release than this one: a
+    revision none of this release's migrations names. (After a deploy whose migration ran,
+    the release before still runs -- the rolling update's old pods, or a rollback -- on the
+    newer schema: migrations only add to what a release before uses.)"""
+    return revision is not None and revision not in _revisions_in_files()[0]
+
+
+def _revisions_in_files() -> tuple[set[str], set[str]]:
+    """The migrations' revisions and the revisions they follow, read from their files."""
     revisions, parents = set(), set()
     for path in (MIGRATIONS / "versions").glob("*.py"):
         source = path.read_text()
@@ -398,8 +413,7 @@ def head_from_files() -> str | None:
             revisions.add(found.group(1))
         if down := _DOWN.search(source):
             parents.add(down.group(1))
-    heads = revisions - parents
-    return heads.pop() if len(heads) == 1 else None
+    return revisions, parents
 
 
 def on_driver(conn: Connection, statement: TextClause, params: Mapping[str, Any]) -> list[Any]:
@@ -480,6 +494,14 @@ class Database:
             if current is None and create_schema(self.engine):
                 return
             current = current or current_revision(self.engine)
+            if newer_than_files(current):
+                log.warning(
+                    "the database is at migration %s, newer than this release knows (%s): a "
+                    "newer release migrated it; this one runs on it as it is",
+                    current,
+                    head_from_files(),
+                )
+                return
             # Alembic is imported only when the database is behind (or the files are unclear).
             if current is None or current != head_from_files():
                 if current != head_revision():
