@@ -32,6 +32,7 @@ from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+SECRET = "k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6"  # pragma: allowlist secret
 
 
 @pytest.fixture
@@ -503,7 +504,7 @@ def test_a_release_runs_on_a_database_a_newer_release_migrated(
     platform = Platform(load_settings()).start()
     try:
         assert platform.schema_behind() is None
-        platform.settings.secret_key = "k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6"
+        platform.settings.secret_key = SECRET
         with TestClient(create_app(platform.settings, platform=platform)) as client:
             ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["checks"]["migrations"] == "ok"
