@@ -34,7 +34,7 @@ from ml_platform.task_runner import is_running
 from ml_platform.worker import Runtime, Worker
 from tests import workflows
 from tests.conftest import throwaway_database
-from tests.helpers import pids_in, wait_until_dead
+from tests.helpers import pids_in, wait_for, wait_until_dead
 
 pytestmark = pytest.mark.integration
 
@@ -759,15 +759,19 @@ def test_a_claim_sent_ahead_begins_when_the_task_before_ends_without_waiting_for
     begins the moment that one is answered, even while the worker is busy elsewhere (here: not
     stepping at all), instead of after the worker's next pass."""
     stamps = tmp_path / "ends"
-    params = {"path": str(stamps), "n": 6, "seconds": 0.2}
+    params = {"path": str(stamps), "n": 6, "seconds": 0.5}  # see _until_reserved
     submitted = sqlite_platform.submit(workflows.stamped_naps, params)
     runtime = _runtime(sqlite_platform, submitted.run_id, concurrency=1)
     _until_reserved(runtime)
     _send_ahead(runtime)
     [ahead] = runtime.worker.reserved
-    assert ahead.claimed.node_id not in (_ended_at(stamps) if stamps.exists() else {})
-    time.sleep(1.0)  # the worker does nothing: the running nap ends, the one sent ahead runs
-    assert ahead.claimed.node_id in _ended_at(stamps)
+
+    def ended() -> bool:
+        return ahead.claimed.node_id in (_ended_at(stamps) if stamps.exists() else {})
+
+    assert not ended()
+    # The worker does nothing: the running nap ends, and the one sent ahead runs and ends.
+    wait_for(ended, timeout=15, what="the nap sent ahead to run while the worker waits")
     assert runtime.drive(submitted.run_id, timeout=60) is RunState.SUCCEEDED
     attempts = sqlite_platform.attempts(submitted.run_id)
     assert sorted(a.state for a in attempts) == ["succeeded"] * 7  # each once: 6 naps, 1 join
