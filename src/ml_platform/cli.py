@@ -1412,19 +1412,17 @@ def prune(
 def db_upgrade() -> None:
     """Apply the database migrations (the embedded database is upgraded on first use too)."""
     from ml_platform.config import load_settings
-    from ml_platform.store.db import current_revision, head_from_files, newer_than_files, safe_url
+    from ml_platform.store.db import safe_url
 
     settings = load_settings()
     with _platform() as platform:
-        at = current_revision(platform.db.engine)
-        if newer_than_files(at):
+        where = safe_url(settings.database_url)
+        if ahead := platform.schema_ahead():
             console.print(
-                f"database at {safe_url(settings.database_url)} is at migration {at}, newer "
-                f"than this release's {head_from_files()}: a newer release migrated it; "
-                "nothing to do"
+                f"database at {where} is {ahead}: a newer release migrated it; nothing to do"
             )
         else:
-            console.print(f"database at {safe_url(settings.database_url)} is at the latest schema")
+            console.print(f"database at {where} is at the latest schema")
 
 
 def main() -> None:

@@ -222,6 +222,13 @@ class Queries(_Core):
             return None
         return f"at {at}, not head"
 
+    def schema_ahead(self) -> str | None:
+        """Where the database is when a newer release migrated it past this one, else None."""
+        at = current_revision(self.db.engine)
+        if not newer_than_files(at):
+            return None
+        return f"at migration {at}, newer than this release's {head_from_files()}"
+
     def resolve_run_id(self, prefix: str, project_id: int | None = None) -> str:
         """The full id of the one run whose id starts with ``prefix``."""
         if len(prefix) < 4:
