@@ -263,21 +263,28 @@ db.create_schema(engine)
 """
 
 
+def _killed_once_there(script: str, *args: str) -> None:
+    """Run ``script`` in a process of its own and kill it (SIGKILL) once it has touched its
+    last argument, a marker file: the moment it chose to stall at."""
+    ready = Path(args[-1])
+    process = subprocess.Popen([sys.executable, "-c", script, *args])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "it never got there"
+            time.sleep(0.02)
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_a_process_killed_while_it_makes_the_schema_leaves_nothing_half_made(
     empty_databases: list[str], tmp_path: Path
 ) -> None:
     """kill -9 between the first CREATE TABLE and the commit: the database is as empty as
     before (no table, no stamp, no lock held), and the next start makes the whole schema."""
     url, ready = empty_databases[0], tmp_path / "ready"
-    maker = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_CREATING, url, str(ready)])
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert maker.poll() is None and time.monotonic() < deadline, "it never got there"
-            time.sleep(0.02)
-    finally:
-        maker.kill()
-        maker.wait()
+    _killed_once_there(KILLED_WHILE_CREATING, url, str(ready))
     engine = make_engine(url)
     try:
         assert inspect(engine).get_table_names() == []
@@ -1142,17 +1149,7 @@ def test_a_prune_killed_between_batches_leaves_whole_runs(
     _aged(platform, 10, *runs)
     url = platform.settings.database_url if platform.db.engine.dialect.name != "sqlite" else ""
     ready = tmp_path / "ready"
-    pruner = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WHILE_PRUNING, str(platform.settings.home), url, str(ready)]
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert pruner.poll() is None and time.monotonic() < deadline, "it never got there"
-            time.sleep(0.02)
-    finally:
-        pruner.kill()
-        pruner.wait()
+    _killed_once_there(KILLED_WHILE_PRUNING, str(platform.settings.home), url, str(ready))
     left = []
     for run_id in runs:
         try:
