@@ -422,6 +422,40 @@ def _image_section(data: dict[str, Any]) -> tuple[list[str], bool]:
     return [*lines, ""], met
 
 
+#: The tests session's goals (issue 15), cold and warm, in seconds of wall time.
+TESTS_GOALS = {"cold": 120.0, "warm": 90.0}
+
+
+def _tests_rows(data: dict[str, Any]) -> list[str]:
+    """The tests session's rows of the pipeline table: wall seconds cold and warm against
+    their goals, then (where measured) the CPU seconds of its processes and the warm run
+    without coverage, with the least wall time that CPU allows on the machine's cores."""
+    tests = data["tests"]
+    when = data.get("tests_measured", data["measured"])
+    verdicts = {
+        kind: "met" if summary(tests[kind])[0] <= goal else "**not met**"
+        for kind, goal in TESTS_GOALS.items()
+    }
+    lines = [
+        f"| `nox -s tests` (measured {when}) | {_fmt(tests['cold'], digits=0)} (goal ≤ "
+        f"{TESTS_GOALS['cold']:.0f}: {verdicts['cold']}) | {_fmt(tests['warm'], digits=0)} "
+        f"(goal ≤ {TESTS_GOALS['warm']:.0f}: {verdicts['warm']}) |"
+    ]
+    if "warm_cpu" not in tests:
+        return lines
+    cores = (data.get("machine") or {}).get("cores") or 1
+    floor = summary(tests["warm_cpu"])[0] / cores
+    bare_floor = summary(tests["warm_no_coverage_cpu"])[0] / cores
+    lines += [
+        f"| — CPU of its processes, s | {_fmt(tests['cold_cpu'], digits=0)} | "
+        f"{_fmt(tests['warm_cpu'], digits=0)} (over {cores} cores: ≥ {floor:.0f} s of wall) |",
+        f"| — warm without coverage (`-- --no-cov`): wall s, CPU s | | "
+        f"{_fmt(tests['warm_no_coverage'], digits=0)}, "
+        f"{_fmt(tests['warm_no_coverage_cpu'], digits=0)} (≥ {bare_floor:.0f} s of wall) |",
+    ]
+    return lines
+
+
 def _pipeline_section(data: dict[str, Any]) -> list[str]:
     lines = [
         f"## The pipeline's speed (measured {data['measured']}; medians, min–max)",
@@ -432,11 +466,7 @@ def _pipeline_section(data: dict[str, Any]) -> list[str]:
         f"{_fmt(data['quality']['warm'], digits=1)} |",
     ]
     if "tests" in data:
-        when = data.get("tests_measured", data["measured"])
-        lines.append(
-            f"| `nox -s tests` (measured {when}) | {_fmt(data['tests']['cold'], digits=0)} | "
-            f"{_fmt(data['tests']['warm'], digits=0)} |"
-        )
+        lines += _tests_rows(data)
     else:
         lines.append("| `nox -s tests` | not measured: `nox -s bench -- pipeline-tests` | |")
     if "cli" in data:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -376,3 +377,45 @@ def test_a_bench_worker_is_waited_for_through_its_log_file_and_a_dead_one_says_w
         dead = subprocess.Popen([sys.executable, "-c", "print('no database'); exit(2)"], stdout=out)
     with pytest.raises(RuntimeError, match="did not start: no database"):
         _wait_for_ready(dead, log)
+
+
+def test_the_tests_rows_judge_the_goals_and_say_what_the_cpu_allows() -> None:
+    from benchmarks.report import _pipeline_section
+
+    tests = {
+        "cold": [130.0],
+        "warm": [88.0],
+        "cold_cpu": [300.0],
+        "warm_cpu": [170.0],
+        "warm_no_coverage": [60.0],
+        "warm_no_coverage_cpu": [110.0],
+    }
+    data: dict[str, Any] = {
+        "measured": "2026-12-06 19:00 UTC",
+        "tests_measured": "2026-12-06 19:10 UTC",
+        "machine": {"cores": 2},
+        "quality": {"cold": [20.0], "warm": [10.0]},
+        "create_uv": [1.0],
+        "create_virtualenv": [5.0],
+        "tests": tests,
+    }
+    text = "\n".join(_pipeline_section(data))
+    assert (
+        "| `nox -s tests` (measured 2026-12-06 19:10 UTC) | 130 (130–130) (goal ≤ 120:"
+        " **not met**) | 88 (88–88) (goal ≤ 90: met) |" in text
+    )
+    assert "| 170 (170–170) (over 2 cores: ≥ 85 s of wall) |" in text
+    assert "| 60 (60–60), 110 (110–110) (≥ 55 s of wall) |" in text
+    # A measurement from before the CPU was recorded: its wall times only.
+    del tests["warm_cpu"]
+    text = "\n".join(_pipeline_section(data))
+    assert "goal ≤ 90: met" in text and "CPU" not in text
+
+
+def test_the_cpu_of_a_session_counts_the_processes_its_processes_started() -> None:
+    """The tests session's CPU is mostly its workers' children: a grandchild's is counted."""
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
+    before = pipeline.children_cpu()
+    subprocess.run([sys.executable, "-c", parent], check=True)
+    assert pipeline.children_cpu() - before >= 0.3
