@@ -874,6 +874,9 @@ class Worker:
         if queued is None:
             self.on_event(self._fenced_out(child.claimed, outcome))
         else:
+            pool = child.claimed.options.get("pool")
+            if pool:
+                queued = [*queued, *self._admit_waiting(pool)]
             self.dispatcher.publish(queued)
             # A fan-out just queued: the planner is told how large the tables have grown.
             self.platform.db.refresh_statistics({"task_runs": len(queued), "attempts": len(queued)})
@@ -886,6 +889,16 @@ class Worker:
                 self.platform.sweep_log_parts()
             except (*TRANSIENT_ERRORS, DatabaseUnavailable):
                 pass  # the next scheduler pass's sweep removes them
+
+    def _admit_waiting(self, pool: str) -> list[Dispatch]:
+        """The slot this attempt held in ``pool`` is free: another run's task waiting for it
+        is admitted now (Planning.admit_waiting). If the database is away, the scheduler's
+        full pass admits it later, as before."""
+        try:
+            return self.platform.admit_waiting(pool)
+        except (*TRANSIENT_ERRORS, DatabaseUnavailable) as exc:
+            self.on_event(f"pool {pool}: its waiting tasks wait for the next full pass ({exc})")
+            return []
 
     def _fenced_out(self, claimed: ClaimedAttempt, outcome: Outcome) -> str:
         """What to say of an outcome refused because the attempt is no longer this worker's:

@@ -26,7 +26,7 @@ from ml_platform import task_runner
 from ml_platform import worker as worker_module
 from ml_platform.config import Settings
 from ml_platform.dispatch import InProcessDispatcher
-from ml_platform.engine.states import AttemptState, RunState
+from ml_platform.engine.states import RUN_TERMINAL, AttemptState, RunState
 from ml_platform.service import Outcome, Platform
 from ml_platform.store.db import make_engine, reading, upgrade
 from ml_platform.store.models import Attempt
@@ -1224,3 +1224,27 @@ def test_a_long_task_beside_a_free_slot_keeps_the_worker_looking_a_few_times_a_s
         worker.stop_all("the test is over")
         worker.close()
         platform.close()
+
+
+def test_a_pool_slot_freed_by_one_run_starts_another_runs_waiting_task(platform: Platform) -> None:
+    """Two runs share a pool of one slot. When the first run's task ends, the worker that
+    finished it admits the second run's waiting task and dispatches it at once. Before, it
+    waited for a scheduler's full pass (every 2 s by default), which this test never runs."""
+    platform.set_pool("tests-pool", 1)
+    first = platform.submit(workflows.pooled_pipeline, {})
+    second = platform.submit(workflows.pooled_pipeline, {})
+    assert len(first.queued) == 1 and second.queued == []  # the slot is the first run's
+    dispatcher = InProcessDispatcher()
+    worker = Worker(platform, dispatcher, concurrency=1)
+    _WORKERS.append(worker)
+    dispatcher.publish(first.queued)
+    deadline = time.monotonic() + 30
+    while RunState(platform.run(second.run_id)[0].state) not in RUN_TERMINAL:
+        assert time.monotonic() < deadline, [a.state for a in platform.attempts(second.run_id)]
+        if not worker.step():
+            worker.wait_for_replies(0.05)
+    assert (
+        platform.run(first.run_id)[0].state
+        == platform.run(second.run_id)[0].state
+        == (RunState.SUCCEEDED)
+    )

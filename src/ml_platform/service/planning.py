@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
+    ColumnElement,
+    Exists,
     Row,
     bindparam,
     delete,
@@ -128,6 +130,30 @@ class NewTaskRun(NamedTuple):
 
 #: The advisory locks of pool admissions: (POOL_LOCKS, hashtext(pool name)).
 POOL_LOCKS = 0x6D6C70
+#: How many runs waiting for a pool one finish looks at (the oldest); the full pass the rest.
+ADMIT_RUNS_AT_ONCE = 10
+
+
+def _waits_for_a_pool(which: ColumnElement[bool]) -> Exists:
+    """Whether the run (``Run.id``) has a task pending in a pool ``which`` says."""
+    return (
+        select(TaskRun.id)
+        .where(TaskRun.run_id == Run.id, TaskRun.state == TaskState.PENDING, which)
+        .exists()
+    )
+
+
+def _pool_busy(session: Session, pool: str) -> int:
+    """How many attempts of ``pool`` are queued or running."""
+    busy = session.scalar(
+        select(func.count())
+        .select_from(Attempt)
+        .where(
+            Attempt.pool == pool,
+            Attempt.state.in_([AttemptState.QUEUED, AttemptState.RUNNING]),
+        )
+    )
+    return busy or 0
 
 
 class Planning(Queries):
@@ -406,15 +432,7 @@ class Planning(Queries):
             {"space": POOL_LOCKS, "pool": pool},
         ):
             return False
-        busy = session.scalar(
-            select(func.count())
-            .select_from(Attempt)
-            .where(
-                Attempt.pool == pool,
-                Attempt.state.in_([AttemptState.QUEUED, AttemptState.RUNNING]),
-            )
-        )
-        return (busy or 0) < slots
+        return _pool_busy(session, pool) < slots
 
     def _start_new_run(
         self,
@@ -564,15 +582,7 @@ class Planning(Queries):
             )
             .exists()
         )
-        waits_for_a_pool = (
-            select(TaskRun.id)
-            .where(
-                TaskRun.run_id == Run.id,
-                TaskRun.state == TaskState.PENDING,
-                TaskRun.pool.is_not(None),
-            )
-            .exists()
-        )
+        waits_for_a_pool = _waits_for_a_pool(TaskRun.pool.is_not(None))
         with self.db.session() as session:
             active = list(
                 session.scalars(
@@ -585,3 +595,37 @@ class Planning(Queries):
         for active_id in active:
             with self.db.session() as session:
                 self._advance(session, active_id, now)
+
+    def admit_waiting(self, pool: str) -> list[Dispatch]:
+        """Admit tasks of other runs waiting for a slot of ``pool`` now that a finish freed
+        one, rather than at the scheduler's next full pass (up to 2 s later with the default
+        poll, worker.ADVANCE_EVERY_POLLS: a GPU left idle that long between two runs' tasks).
+        The active runs with a task of the pool pending are advanced oldest first, each in
+        its own transaction (one run's lock at a time, as the full pass takes them), while
+        the pool has a free slot; each admission takes it as any other does
+        (_pool_has_slot). Returns the attempts queued, for the dispatcher."""
+        waits = _waits_for_a_pool(TaskRun.pool == pool)
+        with self.db.session() as session:
+            slots = session.scalar(select(Pool.slots).where(Pool.name == pool))
+            waiting = list(
+                session.scalars(
+                    select(Run.id)
+                    .where(Run.state.in_([RunState.QUEUED, RunState.RUNNING]), waits)
+                    .order_by(Run.created_at, Run.id)
+                    .limit(ADMIT_RUNS_AT_ONCE)
+                )
+            )
+        queued: list[Dispatch] = []
+        now = utcnow()
+        for run_id in waiting:
+            if slots is not None and not self._pool_is_open(pool, slots):
+                break
+            with self.db.session() as session:
+                queued += self._advance(session, run_id, now)
+        return queued
+
+    def _pool_is_open(self, pool: str, slots: int) -> bool:
+        """Whether fewer than ``slots`` attempts of ``pool`` are queued or running (a look,
+        not an admission: that is _pool_has_slot's, in the transaction that admits)."""
+        with self.db.session() as session:
+            return _pool_busy(session, pool) < slots
