@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from ml_platform.config import Settings
 from ml_platform.service import Platform
-from tests import services
+from tests import coverage_scope, services
 
 pytest_plugins = ["tests.balance"]
 
@@ -50,6 +50,20 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"cannot provide the test services: {exc}") from None
     provisioned.export()
     config.stash[_PROVISIONED] = provisioned
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection(session: pytest.Session) -> Iterator[None]:
+    """Every xdist worker imports the same modules as it collects: all but the first import
+    them without coverage's tracer (tests/coverage_scope.py), the first measures them."""
+    untraced = os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" and sys.gettrace() is not None
+    if untraced:
+        coverage_scope._untraced_module_bodies()
+    try:
+        yield
+    finally:
+        if untraced:
+            coverage_scope.traced_module_bodies()
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:

@@ -14,7 +14,10 @@ that matter here it changes two things, each to spare a core what measures nothi
   tests' own processes import the same modules, traced, so their bodies are measured there;
   what the process then does — every function it calls — is measured as before.
 
-Anything else (pytest, its xdist workers, the tools the tests run) is left as it is.
+Anything else (pytest, the tools the tests run) is left as it is, except the xdist workers
+while they collect (tests/conftest.py): each of them imports every test module, and with them
+the same modules of ours, so one worker (gw0) measures those module bodies and the others
+import them untraced (≈ 4 s of a core each); what any worker imports later is measured.
 """
 
 from __future__ import annotations
@@ -30,18 +33,26 @@ def _runs_module(name: str) -> bool:
     return ("-m", name) in zip(argv, argv[1:])
 
 
+#: The loader's own exec_module, which _untraced_module_bodies replaces and traced() restores.
+_EXEC_MODULE = SourceFileLoader.exec_module
+
+
+def _exec_untraced(self: Any, module: Any) -> None:
+    tracer = sys.gettrace()
+    sys.settrace(None)
+    try:
+        _EXEC_MODULE(self, module)
+    finally:
+        sys.settrace(tracer)
+
+
 def _untraced_module_bodies() -> None:
-    exec_module = SourceFileLoader.exec_module
+    SourceFileLoader.exec_module = _exec_untraced  # type: ignore[method-assign]
 
-    def exec_untraced(self: Any, module: Any) -> None:
-        tracer = sys.gettrace()
-        sys.settrace(None)
-        try:
-            exec_module(self, module)
-        finally:
-            sys.settrace(tracer)
 
-    SourceFileLoader.exec_module = exec_untraced  # type: ignore[method-assign]
+def traced_module_bodies() -> None:
+    """Undo _untraced_module_bodies: modules imported from now on are measured whole."""
+    SourceFileLoader.exec_module = _EXEC_MODULE  # type: ignore[method-assign]
 
 
 def install() -> None:
