@@ -29,7 +29,13 @@ def _env_and_kube(c: Context, env: str, dry_run: bool = False) -> tuple[Environm
         environment = load_environment(dict(c.config), env)
     except EnvironmentError_ as exc:
         raise Exit(f"error: {exc}", code=2) from None
-    return environment, Kubectl(environment.namespace, environment.cluster, dry_run=dry_run)
+    kube = Kubectl(
+        environment.namespace,
+        environment.cluster,
+        dry_run=dry_run,
+        timeout=environment.kubectl_timeout,
+    )
+    return environment, kube
 
 
 @task(

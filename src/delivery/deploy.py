@@ -207,11 +207,19 @@ def change_seconds(env: Environment) -> int:
     return env.rollout_timeout * (1 + len(DEPLOYMENTS)) + env.smoke_timeout + env.watch_seconds
 
 
+#: The most kubectl calls a restore makes that wait for nothing (each may go unanswered for
+#: the environment's kubectl_timeout): every template put back and scaled or removed, every
+#: selector, what is read back, and the lock released.
+RESTORE_CALLS = 3 * len(DEPLOYMENTS) + 2 * len(SERVICES) + 1
+
+
 def worst_case_seconds(env: Environment) -> int:
-    """The longest a deploy can take: its changes, then a restore of every Deployment, plus
-    two minutes for rendering, kubectl calls and notifications. A CI job's timeout must
+    """The longest a deploy can take: its changes, then a restore of every Deployment (each
+    rollout's wait and each call's kubectl_timeout, as when the API server stalls), plus two
+    minutes for rendering, the other kubectl calls and notifications. A CI job's timeout must
     exceed it, or the runner could kill a deploy in the middle of its restore."""
-    return change_seconds(env) + env.rollout_timeout * len(DEPLOYMENTS) + 120
+    rollouts = (env.rollout_timeout + env.kubectl_timeout) * len(DEPLOYMENTS)
+    return change_seconds(env) + rollouts + RESTORE_CALLS * env.kubectl_timeout + 120
 
 
 def check_allowed(env: Environment, branch: str | None, approved: bool) -> None:

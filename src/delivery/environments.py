@@ -25,6 +25,8 @@ class Environment:
     overlay: Path
     rollout_timeout: int
     smoke_timeout: int = 300
+    #: How long one kubectl call may go unanswered (beyond the wait it asks for, if any).
+    kubectl_timeout: int = 30
     #: The watch window after the smoke tests (0: none), and what breaches it.
     watch_seconds: int = 0
     watch_interval: int = 10
@@ -55,9 +57,9 @@ def load_environment(config: Mapping[str, Any], name: str) -> Environment:
     if not (overlay / "kustomization.yaml").exists():
         raise EnvironmentError_(f"environments.{name}.overlay {overlay} has no kustomization.yaml")
     seconds = {}
-    for key in ("rollout_timeout", "smoke_timeout"):
+    for key, default in (("rollout_timeout", 300), ("smoke_timeout", 300), ("kubectl_timeout", 30)):
         try:
-            seconds[key] = int(raw.get(key, 300))
+            seconds[key] = int(raw.get(key, default))
         except (TypeError, ValueError):
             raise EnvironmentError_(f"environments.{name}.{key} must be seconds") from None
         if seconds[key] <= 0:
@@ -95,6 +97,7 @@ def load_environment(config: Mapping[str, Any], name: str) -> Environment:
         overlay=overlay,
         rollout_timeout=seconds["rollout_timeout"],
         smoke_timeout=seconds["smoke_timeout"],
+        kubectl_timeout=seconds["kubectl_timeout"],
         watch_seconds=seconds["watch_seconds"],
         watch_interval=seconds["watch_interval"],
         max_5xx_ratio=ratio,

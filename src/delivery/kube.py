@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import shutil
 import subprocess  # nosec B404
 import tempfile
@@ -48,6 +49,11 @@ class Kubectl:
     echo: Callable[[str], None] = print
     executable: str = "kubectl"
     commands: list[list[str]] = field(default_factory=list)
+    #: How long a call may go unanswered beyond the wait it asks for (rollout status, wait):
+    #: then it is killed and fails. An API server that takes the connection and never
+    #: answers would otherwise hang the deploy until the CI job's timeout killed it, with
+    #: nothing restored and no one told.
+    timeout: float = 30.0
 
     def _argv(self, args: Sequence[str]) -> list[str]:
         argv = [self.executable]
@@ -55,23 +61,22 @@ class Kubectl:
             argv += ["--context", self.context]
         return [*argv, "--namespace", self.namespace, *args]
 
-    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
-        """Run kubectl; in a dry run, print the command instead (no cluster is contacted)."""
+    def run(
+        self, *args: str, stdin: str | None = None, check: bool = True, waits: float = 0.0
+    ) -> str:
+        """Run kubectl; in a dry run, print the command instead (no cluster is contacted).
+        ``waits``: the seconds the command itself waits (its ``--timeout``), on top of which
+        it has ``timeout`` to answer."""
         argv = self._argv(args)
         self.commands.append(argv)
         if self.dry_run:
             self.echo("would run: " + " ".join(argv) + (" < rendered manifests" if stdin else ""))
             return ""
-        try:
-            result = subprocess.run(  # nosec B603 - kubectl with arguments built here
-                argv, input=stdin, capture_output=True, text=True, check=False
-            )
-        except OSError as exc:  # not installed, not executable
-            raise KubeError(f"kubectl could not be run: {exc}") from None
-        if check and result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip().splitlines()
+        ok, out, err = self._call(argv, stdin, waits)
+        if check and not ok:
+            detail = (err or out).strip().splitlines()
             raise KubeError(f"{' '.join(argv[:6])} …: {detail[-1] if detail else 'failed'}")
-        return result.stdout
+        return out
 
     def read(self, *args: str) -> tuple[bool, str]:
         """Run a kubectl command that only reads, for what it says either way: whether it
@@ -79,12 +84,27 @@ class Kubectl:
         argv = self._argv(args)
         self.commands.append(argv)
         try:
+            ok, out, err = self._call(argv, None, 0.0)
+        except KubeError as exc:
+            return False, str(exc)
+        return ok, (out + err).strip()
+
+    def _call(self, argv: list[str], stdin: str | None, waits: float) -> tuple[bool, str, str]:
+        """kubectl's success, stdout and stderr; KubeError if it cannot be run or does not
+        answer within ``waits`` + ``timeout`` seconds (it is killed then)."""
+        limit = waits + self.timeout
+        try:
             result = subprocess.run(  # nosec B603 - kubectl with arguments built here
-                argv, capture_output=True, text=True, check=False
+                argv, input=stdin, capture_output=True, text=True, check=False, timeout=limit
             )
-        except OSError as exc:
-            return False, f"kubectl could not be run: {exc}"
-        return result.returncode == 0, (result.stdout + result.stderr).strip()
+        except OSError as exc:  # not installed, not executable
+            raise KubeError(f"kubectl could not be run: {exc}") from None
+        except subprocess.TimeoutExpired:
+            raise KubeError(
+                f"{' '.join(argv[:6])} …: no answer within {limit:.0f} s (the cluster's API"
+                " server is unreachable or stalled); kubectl was killed"
+            ) from None
+        return result.returncode == 0, result.stdout, result.stderr
 
     # -- deployments ------------------------------------------------------------------------
 
@@ -154,7 +174,12 @@ class Kubectl:
 
     def rollout_status(self, deployment: str, timeout: int) -> bool:
         out = self.run(
-            "rollout", "status", f"deployment/{deployment}", f"--timeout={timeout}s", check=False
+            "rollout",
+            "status",
+            f"deployment/{deployment}",
+            f"--timeout={timeout}s",
+            check=False,
+            waits=timeout,
         )
         return self.dry_run or "successfully rolled out" in out
 
@@ -168,7 +193,12 @@ class Kubectl:
         self.run("delete", f"job/{name}", "--ignore-not-found")
         self.apply(manifest)
         out = self.run(
-            "wait", "--for=condition=complete", f"job/{name}", f"--timeout={timeout}s", check=False
+            "wait",
+            "--for=condition=complete",
+            f"job/{name}",
+            f"--timeout={timeout}s",
+            check=False,
+            waits=timeout,
         )
         return self.dry_run or "condition met" in out
 
@@ -184,8 +214,16 @@ class Kubectl:
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         try:
-            if process.stdout is not None:  # always, with PIPE
-                process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8000"
+            # "Forwarding from 127.0.0.1:PORT -> 8000", within the time any call has.
+            if (
+                process.stdout is None
+                or not select.select([process.stdout], [], [], self.timeout)[0]
+            ):
+                raise KubeError(
+                    f"kubectl port-forward service/{service}: no answer within"
+                    f" {self.timeout:.0f} s (the cluster's API server is unreachable or stalled)"
+                )
+            process.stdout.readline()
             yield f"http://127.0.0.1:{port}"
         finally:
             process.terminate()

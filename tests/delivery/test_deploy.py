@@ -627,15 +627,23 @@ def test_email_goes_through_starttls_or_not_at_all(tmp_path: Path) -> None:
     assert len(received) == 1
 
 
-def invoke_task(cluster: Cluster, receiver: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
+def invoke_task(
+    cluster: Cluster,
+    receiver: str,
+    *args: str,
+    extra_env: dict[str, str] | None = None,
+    **popen: Any,
+) -> subprocess.Popen[str]:
     """`invoke ARGS` as CI runs it: against the kubectl double, notifying the local receiver."""
     env = {
+        **(extra_env or {}),
         **os.environ,
         "SLACK_WEBHOOK": f"{receiver}/slack",
         "PAGERDUTY_TOKEN": "routing-key",
         "PAGERDUTY_EVENTS_URL": f"{receiver}/pagerduty",
         "INVOKE_ENVIRONMENTS_STAGING_ROLLOUT_TIMEOUT": "30",
         "INVOKE_ENVIRONMENTS_STAGING_SMOKE_TIMEOUT": "30",
+        **(extra_env or {}),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "invoke", *args],
@@ -680,6 +688,33 @@ def test_a_restore_that_fails_pages_says_what_is_live_and_exits_1(
     assert "did not roll back" in page["payload"]["summary"]
     assert "restore-failed on staging" in dict(_Receiver.received)["/slack"]["text"]
     assert unlocked(cluster)  # the lock is released, last
+
+
+def test_a_stalled_api_server_fails_the_deploy_in_time_and_what_was_live_stays(
+    cluster: Cluster, receiver: str
+) -> None:
+    """The cluster's API server takes kubectl's connections and stops answering when the
+    deploy applies: the call gives up after the environment's kubectl_timeout (killed), the
+    deploy fails, what was live stays live, the lock is released and people are told. Before,
+    the deploy waited as long as the API server did, and a CI job's timeout would have
+    killed it there: nothing restored, no one told, the lock held."""
+    staging_deploy("main-1111111")
+    cluster.behave(slow={"apply": 40})
+    task = invoke_task(
+        cluster,
+        receiver,
+        *("deploy", "--env", "staging", "--image-tag", "main-2222222"),
+        extra_env={"INVOKE_ENVIRONMENTS_STAGING_KUBECTL_TIMEOUT": "2"},
+    )
+    try:
+        out, _ = task.communicate(timeout=30)
+    finally:
+        task.kill()
+    assert task.returncode == 1, out
+    assert "no answer within 2 s" in out and "kubectl was killed" in out, out
+    assert cluster.image() == cluster.image("ml-platform-worker") == f"{IMAGE}:main-1111111"
+    assert unlocked(cluster)
+    assert "no answer within 2 s" in dict(_Receiver.received)["/slack"]["text"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
