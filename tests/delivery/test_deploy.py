@@ -535,6 +535,32 @@ def test_blue_green_never_moves_live_traffic_before_promote(cluster: Cluster) ->
     assert unlocked(cluster)
 
 
+def test_a_preview_whose_port_forward_never_answers_fails_in_time(cluster: Cluster) -> None:
+    """`kubectl port-forward` to the preview that never says it forwards (a stalled API
+    server) fails after kubectl_timeout: the blue-green deploy restores and the lock is
+    released, instead of waiting on the port-forward's first line for good."""
+    from delivery import bluegreen
+
+    staging_deploy("main-1111111")
+    client = kube()
+    client.timeout = 2
+    cluster.behave(slow={"port-forward": 40})
+    began = time.monotonic()
+    outcome = bluegreen.deploy_idle(
+        load_environment(CONFIG, "staging"),
+        client,
+        image=IMAGE,
+        tag="main-2222222",
+        owner="tester",
+        preview_smoke=lambda url: True,
+        say=lambda _m: None,
+    )
+    assert time.monotonic() - began < 30
+    assert not outcome.succeeded and outcome.rolled_back, outcome.message
+    assert "port-forward service/ml-platform-preview: no answer within 2 s" in outcome.message
+    assert _live_images(client) == {f"{IMAGE}:main-1111111"} and unlocked(cluster)
+
+
 def test_a_first_blue_green_release_goes_live_only_after_its_preview(cluster: Cluster) -> None:
     from delivery import bluegreen
 
