@@ -1158,7 +1158,7 @@ def pools_set(
     server: Server = None,
     project: ProjectName = "default",
 ) -> None:
-    """Limit a pool (a larger limit starts waiting tasks at the scheduler's next full pass)."""
+    """Limit a pool (a larger limit admits the tasks waiting for it at once)."""
     if server:
         with _client(server, project) as client:
             client.set_pool(name, slots)

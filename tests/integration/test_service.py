@@ -885,6 +885,15 @@ def test_pool_slots_limit_attempts_across_runs(platform: Platform) -> None:
     assert len(first.queued) == 1 and second.queued == []
     assert run_inline(platform, first.run_id) is RunState.SUCCEEDED
     assert run_inline(platform, second.run_id) is RunState.SUCCEEDED
+    # A pool made larger, or without a limit, admits its waiting tasks at once.
+    third, fourth, fifth = (platform.submit(workflows.pooled_pipeline, {}) for _ in range(3))
+    assert [len(r.queued) for r in (third, fourth, fifth)] == [1, 0, 0]
+    assert [d.attempt_id for d in platform.set_pool("tests-pool", 2)] == [
+        a.id for a in platform.attempts(fourth.run_id)
+    ]
+    assert [d.attempt_id for d in platform.remove_pool("tests-pool")] == [
+        a.id for a in platform.attempts(fifth.run_id)
+    ]
 
 
 def test_two_runs_made_ready_at_once_never_take_more_than_a_pools_slots(

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ml_platform.accounts import Accounts, Identity, LoginLimiter, Role, TokenPair
-from ml_platform.dispatch import Dispatcher
+from ml_platform.dispatch import Dispatch, Dispatcher
 from ml_platform.security import AccessClaims, AuthError, TokenSigner
 from ml_platform.service import Platform, Submitted
 
@@ -66,17 +66,22 @@ class Services:
         The run is stored already. If Redis does not answer, the request still succeeds (an
         error would have the client submit the run again): the scheduler publishes every due
         attempt again once per lease, and these with them."""
-        if self.dispatcher is not None:
+        self.publish_queued(submitted.queued, f"run {submitted.run_id[:8]} stored")
+        return submitted.run_id
+
+    def publish_queued(self, queued: list[Dispatch], done: str) -> None:
+        """Hand attempts just queued (``done`` says by what) to the workers; if Redis does not
+        answer, the scheduler publishes them within a lease (see publish)."""
+        if self.dispatcher is not None and queued:
             try:
-                self.dispatcher.publish(submitted.queued)
+                self.dispatcher.publish(queued)
             except redis.RedisError as exc:
                 log.warning(
-                    "run %s stored; Redis did not take its first tasks (%s): the scheduler "
-                    "publishes them within a lease",
-                    submitted.run_id[:8],
+                    "%s; Redis did not take its tasks (%s): the scheduler publishes them"
+                    " within a lease",
+                    done,
                     exc,
                 )
-        return submitted.run_id
 
     def access_token(self, pair: TokenPair) -> str:
         """A new access token of the sign-in that ``pair`` belongs to."""

@@ -205,9 +205,10 @@ def set_pool(name: str, body: PoolSet, identity: IdentityDep, svc: ServicesDep) 
     only): pools are the cluster's, like the workers that serve them."""
     _admin(identity, "set pools")
     try:
-        svc.platform.set_pool(name, body.slots)
+        admitted = svc.platform.set_pool(name, body.slots)
     except ValueError as exc:
         raise ApiError(422, "invalid_request", str(exc)) from None
+    svc.publish_queued(admitted, f"pool {name} set")
     [pool] = [PoolOut(name=n, slots=s, busy=b) for n, s, b in svc.platform.pools() if n == name]
     return pool
 
@@ -216,7 +217,7 @@ def set_pool(name: str, body: PoolSet, identity: IdentityDep, svc: ServicesDep) 
 def remove_pool(name: str, identity: IdentityDep, svc: ServicesDep) -> Response:
     """Take a pool's limit away (platform admins only)."""
     _admin(identity, "set pools")
-    svc.platform.remove_pool(name)
+    svc.publish_queued(svc.platform.remove_pool(name), f"pool {name} removed")
     return Response(status_code=204)
 
 

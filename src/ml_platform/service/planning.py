@@ -521,9 +521,10 @@ class Planning(Queries):
             queued.append(Dispatch(attempt_id, queue_of(task_run.pool)))
         return queued
 
-    def set_pool(self, name: str, slots: int) -> None:
+    def set_pool(self, name: str, slots: int) -> list[Dispatch]:
         """Create or resize a pool; at most ``slots`` of its attempts run at once. Tasks
-        waiting for a slot of a pool made larger start at the scheduler's next full pass."""
+        waiting for a slot of a pool made larger are admitted at once: the attempts queued,
+        for the dispatcher (unpublished, the scheduler's next pass publishes them)."""
         if slots < 1:
             raise ValueError(f"a pool needs at least 1 slot, got {slots}")
         if not 1 <= len(name) <= 100:
@@ -536,17 +537,20 @@ class Planning(Queries):
                         session.add(Pool(name=name, slots=slots))
                     else:
                         pool.slots = slots
-                return
+                break
             except IntegrityError:
                 if last:
                     raise
+        return self.admit_waiting(name)
 
-    def remove_pool(self, name: str) -> None:
-        """Take a pool's limit away: its tasks run as its workers' slots allow."""
+    def remove_pool(self, name: str) -> list[Dispatch]:
+        """Take a pool's limit away: its tasks run as its workers' slots allow, those waiting
+        admitted at once (returned, as set_pool returns them)."""
         with self.db.session() as session:
             removed = session.execute(delete(Pool).where(Pool.name == name))
             if not getattr(removed, "rowcount", 0):
                 raise NotFound(f"no pool named {name!r} has a limit")
+        return self.admit_waiting(name)
 
     def pools(self) -> list[tuple[str, int | None, int]]:
         """Every pool with a limit, and every pool with attempts queued or running: its name,
