@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -18,6 +20,8 @@ from ml_platform.api import create_app
 from ml_platform.client import ApiClientError, Client
 from ml_platform.config import Settings
 from ml_platform.service import Platform
+from ml_platform.store import db
+from ml_platform.store.db import DatabaseUnavailable
 from ml_platform.worker import make_dispatcher
 from tests import workflows
 from tests.conftest import RedisTarget
@@ -262,3 +266,59 @@ def test_redis_restarted_under_a_busy_worker(postgres_clean: str, tmp_path: Path
     finally:
         platform.close()
         server.remove()
+
+
+def test_a_database_address_that_takes_no_connection_fails_the_start_in_seconds(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An address where PostgreSQL takes no connection (a host gone, the old address of a
+    failed-over primary): here a listener whose queue is full, so that the kernel drops the
+    connection's SYNs. The start fails after the connect timeout, naming the database, and
+    the caller (a worker's or server's start, a CLI command) can say so and retry; before,
+    psycopg waited 130 s (its own default) on every connect."""
+    monkeypatch.setitem(db.CONNECTION_DEFAULTS, "connect_timeout", 2)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued = [socket.socket() for _ in range(4)]
+        try:
+            for waiting in queued:  # the queue fills; later connections get no answer
+                waiting.setblocking(False)
+                waiting.connect_ex(("127.0.0.1", port))
+            time.sleep(0.2)
+            url = f"postgresql://postgres@127.0.0.1:{port}/test"
+            began = time.monotonic()
+            with pytest.raises(DatabaseUnavailable, match=f"127.0.0.1:{port}/test.*timeout"):
+                Platform(Settings(home=home, database_url_override=url)).start()
+            assert time.monotonic() - began < 20
+        finally:
+            for waiting in queued:
+                waiting.close()
+
+
+def test_connections_ask_for_keepalives_and_a_timeout_on_unacknowledged_data(
+    postgres_clean: str, home: Path
+) -> None:
+    """A connection whose server is gone mid-statement (a partition, a host powered off) is
+    found by TCP keepalives and tcp_user_timeout in about half a minute, not after the
+    kernel's 15 minutes of retransmissions: libpq is given them on every connection, and a
+    URL's own value wins."""
+    platform = Platform(Settings(home=home, database_url_override=postgres_clean)).start()
+    try:
+        with platform.db.engine.connect() as connection:
+            driver: Any = connection.connection.driver_connection
+            given = driver.info.get_parameters()
+    finally:
+        platform.close()
+    assert {name: given.get(name) for name in db.CONNECTION_DEFAULTS} == {
+        name: str(value) for name, value in db.CONNECTION_DEFAULTS.items()
+    }
+    own = db.make_engine(f"{postgres_clean}?keepalives_idle=5")
+    try:
+        with own.connect() as connection:
+            own_driver: Any = connection.connection.driver_connection
+            params = own_driver.info.get_parameters()
+        assert params["keepalives_idle"] == "5" and params["tcp_user_timeout"] == "30000"
+    finally:
+        own.dispose()

@@ -68,6 +68,20 @@ class DatabaseUnavailable(RuntimeError):
 PREPARE_THRESHOLD = 0
 #: What a PostgreSQL connection is called, before the pid of the process that opened it.
 APPLICATION_NAME = "ml-platform"
+#: libpq's connection settings where the URL gives none. A server that takes no connection
+#: (a host gone, the old address of a failed-over primary) fails a connect after
+#: connect_timeout seconds, not psycopg's 130; a connection whose server is gone is found by
+#: TCP keepalives (idle) and tcp_user_timeout (sent data unacknowledged, ms) in about half a
+#: minute, not the kernel's 15 minutes of retransmissions, so the statement fails and the
+#: caller's retry gets a fresh connection.
+CONNECTION_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 #: How long a new SQLite connection keeps trying to switch the database to WAL.
 WAL_SWITCH_SECONDS = 30.0
 
@@ -131,8 +145,11 @@ def make_engine(url: str, ping_after: Callable[[], float] = lambda: PING_IDLE_SE
     ) -> None:
         # pg_stat_activity then says which process holds each connection (a lock, a long
         # statement, a backend still running for a process that died); taken at each connect,
-        # so a forked process's connections carry its own pid. A URL's own name wins.
+        # so a forked process's connections carry its own pid. A URL's own name wins, and its
+        # own timeouts (CONNECTION_DEFAULTS).
         cparams.setdefault("application_name", f"{APPLICATION_NAME} pid {os.getpid()}")
+        for name, value in CONNECTION_DEFAULTS.items():
+            cparams.setdefault(name, value)
 
     @event.listens_for(engine, "checkin")
     def _idle_from(_dbapi_conn: Any, record: Any) -> None:
