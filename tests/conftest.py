@@ -58,7 +58,7 @@ def pytest_collection(session: pytest.Session) -> Iterator[None]:
     them without coverage's tracer (tests/coverage_scope.py), the first measures them."""
     untraced = os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" and sys.gettrace() is not None
     if untraced:
-        coverage_scope._untraced_module_bodies()
+        coverage_scope.untraced_module_bodies()
     try:
         yield
     finally:

@@ -33,7 +33,8 @@ def _runs_module(name: str) -> bool:
     return ("-m", name) in zip(argv, argv[1:])
 
 
-#: The loader's own exec_module, which _untraced_module_bodies replaces and traced() restores.
+#: The loader's own exec_module, which untraced_module_bodies replaces and
+#: traced_module_bodies restores.
 _EXEC_MODULE = SourceFileLoader.exec_module
 
 
@@ -46,12 +47,12 @@ def _exec_untraced(self: Any, module: Any) -> None:
         sys.settrace(tracer)
 
 
-def _untraced_module_bodies() -> None:
+def untraced_module_bodies() -> None:
     SourceFileLoader.exec_module = _exec_untraced  # type: ignore[method-assign]
 
 
 def traced_module_bodies() -> None:
-    """Undo _untraced_module_bodies: modules imported from now on are measured whole."""
+    """Undo untraced_module_bodies: modules imported from now on are measured whole."""
     SourceFileLoader.exec_module = _EXEC_MODULE  # type: ignore[method-assign]
 
 
@@ -61,4 +62,4 @@ def install() -> None:
     elif not _runs_module("ml_platform.task_runner"):
         return
     if sys.gettrace() is not None:  # measured
-        _untraced_module_bodies()
+        untraced_module_bodies()

@@ -105,7 +105,7 @@ def _outside(parts: list[str], root: Path) -> str | None:
             return (
                 f"no {top}.py, {top}/__init__.py or {top}/ there"
                 if depth == 1
-                else (f"no module {name} there")
+                else f"no module {name} there"
             )
         if spec.has_location and spec.origin is not None:  # a module or a regular package
             if not Path(spec.origin).resolve().is_relative_to(root):

@@ -523,8 +523,8 @@ class Planning(Queries):
 
     def set_pool(self, name: str, slots: int) -> list[Dispatch]:
         """Create or resize a pool; at most ``slots`` of its attempts run at once. Tasks
-        waiting for a slot of a pool made larger are admitted at once: the attempts queued,
-        for the dispatcher (unpublished, the scheduler's next pass publishes them)."""
+        waiting for a slot of a pool made larger are admitted at once; the attempts queued
+        are returned for the caller to publish (if it does not, a scheduler's next pass does)."""
         if slots < 1:
             raise ValueError(f"a pool needs at least 1 slot, got {slots}")
         if not 1 <= len(name) <= 100:
