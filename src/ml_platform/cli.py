@@ -1086,17 +1086,49 @@ def artifacts(
     )
 
 
+def _partial_prefix(target: Path) -> str:
+    """How the partial files of downloads to ``target`` by processes of this host and PID
+    namespace are named, before the downloading process's pid: ``.NAME.<host>-<ns>.``."""
+    from ml_platform.worker import pid_space
+
+    return f".{target.name}.{pid_space()}."
+
+
+def _remove_abandoned(directory: Path, target: Path) -> None:
+    """Remove the partial files that downloads to ``target`` left when they were killed (a
+    SIGKILL, a machine that stopped): those of this host and PID namespace whose process is
+    gone, this user's. A download still running keeps its own."""
+    from ml_platform.worker import alive
+
+    prefix = _partial_prefix(target)
+    for entry in directory.iterdir():
+        # <pid>.<mkstemp's eight characters>
+        pid, dot, rest = entry.name.removeprefix(prefix).partition(".")
+        if not entry.name.startswith(prefix) or not pid.isdigit() or not dot or "." in rest:
+            continue
+        try:
+            mine = entry.is_file() and not entry.is_symlink() and entry.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and not alive(int(pid)):
+            entry.unlink(missing_ok=True)
+
+
 def _download(run_id: str, sha256: str, target: Path, server: str | None, project: str) -> None:
     """Write the artifact to a file beside ``target`` while hashing it, then move it there:
-    an interrupted or corrupted download leaves nothing at ``target``."""
+    an interrupted or corrupted download leaves nothing at ``target``, and what a killed one
+    left beside it is removed by the next download to ``target``."""
     import hashlib
     import tempfile
 
     directory = target.resolve().parent
     if not directory.is_dir():
         _fail(f"{directory} is not a directory")
+    _remove_abandoned(directory, target)
     hasher = hashlib.sha256()
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.")
+    fd, temporary = tempfile.mkstemp(
+        dir=directory, prefix=f"{_partial_prefix(target)}{os.getpid()}."
+    )
     try:
         with os.fdopen(fd, "wb") as out:
 

@@ -1028,16 +1028,22 @@ def _handed_back(reason: str) -> Outcome:
     return Outcome(AttemptState.LOST, error=f"handed back: {reason}", handed_back=True)
 
 
-def log_dir_prefix() -> str:
-    """How the attempt-log directories of this host's workers in this PID namespace begin:
-    ``mlp-logs-<host>-<namespace>-``, then the worker's pid. A process number means something
-    only in its namespace: a worker in a container (its own PID namespace, as PID 1) that
-    shares /tmp with others must not take their live workers for gone ones."""
+def pid_space() -> str:
+    """``<host>-<namespace>``: where this process's number means something. A process number
+    names a process only on its host and in its PID namespace: a process in a container (its
+    own namespace) that shares a folder with others must not take their live processes for
+    gone ones."""
     try:  # "pid:[4026531836]"
         namespace = os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]")
     except OSError:
         namespace = ""
-    return f"{LOG_DIR_PREFIX}{socket.gethostname()}-{namespace or 'x'}-"
+    return f"{socket.gethostname()}-{namespace or 'x'}"
+
+
+def log_dir_prefix() -> str:
+    """How the attempt-log directories of this host's workers in this PID namespace begin:
+    ``mlp-logs-<host>-<namespace>-``, then the worker's pid."""
+    return f"{LOG_DIR_PREFIX}{pid_space()}-"
 
 
 def _remove_gone_workers_logs(folder: Path, prefix: str) -> None:
@@ -1055,7 +1061,7 @@ def _remove_gone_workers_logs(folder: Path, prefix: str) -> None:
         pid, *rest = entry.name.removeprefix(prefix).split("-")
         if not entry.name.startswith(prefix) or not pid.isdigit() or len(rest) != 1:
             continue
-        if _alive(int(pid)):
+        if alive(int(pid)):
             continue
         try:
             owned = entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid()
@@ -1065,7 +1071,8 @@ def _remove_gone_workers_logs(folder: Path, prefix: str) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process numbered ``pid`` exists here (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -113,6 +113,66 @@ def test_a_runs_artifacts_are_listed_and_downloaded_checked_against_their_digest
     assert sorted(p.name for p in downloads.iterdir()) == ["m.pkl", written.name]
 
 
+def _feed_when_read(fifo: Path, reader: Forked, timeout: float = 30.0) -> int:
+    """Open ``fifo`` for writing once ``reader`` has opened it to read (never blocking: if
+    the reader died first, fail instead of waiting for ever); the write end's descriptor."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody reads it yet
+            assert reader.poll() is None, "the download ended before it read the artifact"
+            assert time.monotonic() < deadline, "the download never read the artifact"
+            time.sleep(0.02)
+
+
+def test_a_download_killed_midway_leaves_a_partial_file_the_next_download_removes(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A SIGKILL gives `mlp artifacts` no chance to clean up: its partial file stays beside the
+    target, hidden, until the next download to that target removes it. A partial file whose
+    download still runs is left alone."""
+    from ml_platform.worker import pid_space
+
+    code, output = mlp("run", "tests.workflows:two_models")
+    assert code == 0, output
+    run_id = run_id_of(output)
+    platform = Platform(load_settings()).start()
+    try:
+        artifact = platform.artifacts_of(platform.resolve_run_id(run_id))[0][1]
+        blob = platform.artifacts.path(artifact.sha256)
+    finally:
+        platform.close()
+    kept = blob.read_bytes()
+    # The store's file becomes a pipe that this test feeds: the download stalls in it.
+    blob.unlink()
+    os.mkfifo(blob)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    target = downloads / "model.pkl"
+    stalled = spawn("artifacts", run_id, artifact.sha256, "-o", str(target))
+    try:
+        feed = _feed_when_read(blob, stalled)
+        os.write(feed, kept[:16])
+        stalled.kill()
+        assert stalled.wait(timeout=30) == -signal.SIGKILL
+        os.close(feed)
+    finally:
+        stalled.kill()
+    [partial] = [p.name for p in downloads.iterdir()]
+    assert partial.startswith(f".model.pkl.{pid_space()}.{stalled.pid}."), partial
+    # Another download to the same target, still running (this process stands for it).
+    running = downloads / f".model.pkl.{pid_space()}.{os.getpid()}.k3ptlive"
+    running.write_bytes(b"half")
+    blob.unlink()
+    blob.write_bytes(kept)
+
+    code, output = mlp("artifacts", run_id, artifact.sha256, "-o", str(target))
+
+    assert code == 0 and target.read_bytes() == kept, output
+    assert sorted(p.name for p in downloads.iterdir()) == sorted([running.name, "model.pkl"])
+
+
 def test_an_operator_disables_enables_and_resets_a_user_from_the_cli(
     cli_env: dict[str, str],
 ) -> None:
