@@ -214,7 +214,13 @@ def test_a_migration_gives_way_to_a_transaction_holding_its_table_and_says_whose
         engine = make_engine(url)
         try:
             upgrade(engine, "0014")
-            with psycopg.connect(libpq_url(url), application_name="forgotten session") as holder:
+            with (
+                psycopg.connect(libpq_url(url), application_name="bystander") as bystander,
+                psycopg.connect(libpq_url(url), application_name="forgotten session") as holder,
+            ):
+                # Open longer, but on none of the platform's tables: not what holds the migration.
+                bystander.execute("SELECT now()")
+                time.sleep(0.05)
                 holder.execute("SELECT count(*) FROM attempts")  # its transaction stays open
                 outcome: list[BaseException | None] = []
 
@@ -238,6 +244,7 @@ def test_a_migration_gives_way_to_a_transaction_holding_its_table_and_says_whose
                 [raised] = outcome
                 assert isinstance(raised, db.MigrationBlocked), raised
                 assert "gave way 3 times" in str(raised) and "forgotten session" in str(raised)
+                assert "bystander" not in str(raised), raised
                 assert current_revision(engine) == "0014"  # rolled back whole
             upgrade(engine)  # the session ended: nothing holds the tables
             assert current_revision(engine) == head_from_files()

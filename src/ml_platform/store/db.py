@@ -307,13 +307,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         except DBAPIError as exc:
             if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
                 raise
-            holders = _long_transactions(engine)
+            holders = _lock_holders(engine)
             if tried == MIGRATION_TRIES:
                 raise MigrationBlocked(
                     f"the migration gave way {tried} times to transactions holding a table it "
                     f"changes (it waits {MIGRATION_LOCK_TIMEOUT_SECONDS:g} s for a lock, then "
                     "lets the platform go on): end them or wait for them, then run "
-                    f"`mlp db upgrade` again. Open longest: {holders or 'none now'}"
+                    "`mlp db upgrade` again. Holding its tables, open longest: "
+                    f"{holders or 'none now'}"
                 ) from None
             log.warning(
                 "migration: a table is locked (%s); trying again in %g s (try %d of %d)",
@@ -326,18 +327,29 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             pause *= 2
 
 
-def _long_transactions(engine: Engine) -> str:
-    """The transactions open longest on the database, but this process's, as a line."""
+#: The transactions holding a lock on a table (or index) of the platform's schema, oldest
+#: first: a migration waits for exactly these. A transaction merely open elsewhere in the
+#: database (one that read nothing of ours) holds nothing a migration needs.
+_LOCK_HOLDERS = text("""
+    SELECT a.pid, a.application_name, a.state, now() - a.xact_start AS open_for
+    FROM pg_stat_activity a
+    WHERE a.datname = current_database() AND a.xact_start IS NOT NULL
+        AND a.pid <> pg_backend_pid()
+        AND EXISTS (
+            SELECT FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+            WHERE l.pid = a.pid AND l.granted
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND c.relnamespace = current_schema()::regnamespace
+        )
+    ORDER BY a.xact_start LIMIT 3
+    """)
+
+
+def _lock_holders(engine: Engine) -> str:
+    """The transactions holding the platform's tables, open longest first, as a line."""
     try:
         with reading(engine) as connection:
-            rows = connection.execute(
-                text(
-                    "SELECT pid, application_name, state, now() - xact_start AS open_for"
-                    " FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND xact_start IS NOT NULL AND pid <> pg_backend_pid()"
-                    " ORDER BY xact_start LIMIT 3"
-                )
-            ).all()
+            rows = connection.execute(_LOCK_HOLDERS).all()
     except SQLAlchemyError:
         return ""
     return "; ".join(
