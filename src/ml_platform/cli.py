@@ -1076,6 +1076,10 @@ def artifacts(
     target = output or Path(default)
     if target.is_dir():  # -o DIRECTORY: the default name in it
         target = target / default
+    if target.exists() and not target.is_file():
+        # A device, a pipe, a socket: --force would put a file in its place (as root,
+        # /dev/null's own), which no one asking for a download means.
+        _fail(f"{target} is not a regular file; nothing written. Give a file's path")
     if target.exists() and not force:
         _fail(f"{target} exists; give another --output, or --force to replace it")
     _download(full_id, sha256, target, server, project)
@@ -1101,7 +1105,11 @@ def _remove_abandoned(directory: Path, target: Path) -> None:
     from ml_platform.worker import alive
 
     prefix = _partial_prefix(target)
-    for entry in directory.iterdir():
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return  # not listable: the download's own file will fail with a clear error
+    for entry in entries:
         # <pid>.<mkstemp's eight characters>
         pid, dot, rest = entry.name.removeprefix(prefix).partition(".")
         if not entry.name.startswith(prefix) or not pid.isdigit() or not dot or "." in rest:
@@ -1126,9 +1134,12 @@ def _download(run_id: str, sha256: str, target: Path, server: str | None, projec
         _fail(f"{directory} is not a directory")
     _remove_abandoned(directory, target)
     hasher = hashlib.sha256()
-    fd, temporary = tempfile.mkstemp(
-        dir=directory, prefix=f"{_partial_prefix(target)}{os.getpid()}."
-    )
+    try:
+        fd, temporary = tempfile.mkstemp(
+            dir=directory, prefix=f"{_partial_prefix(target)}{os.getpid()}."
+        )
+    except OSError as exc:  # read-only, full, or no place for files (/proc)
+        _fail(f"cannot write a file in {directory}: {exc.strerror}; nothing written")
     try:
         with os.fdopen(fd, "wb") as out:
 

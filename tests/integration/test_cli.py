@@ -173,6 +173,27 @@ def test_a_download_killed_midway_leaves_a_partial_file_the_next_download_remove
     assert sorted(p.name for p in downloads.iterdir()) == sorted([running.name, "model.pkl"])
 
 
+def test_a_download_never_puts_a_file_in_place_of_a_pipe_or_a_device(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`--force` replaces a file the user names. A pipe (or a device: as root, `-o /dev/null
+    --force` replaced /dev/null's own node with the pickle) is refused and left as it is; a
+    folder where no file can be made is a clear error, not a traceback."""
+    code, output = mlp("run", "tests.workflows:two_models")
+    assert code == 0, output
+    run_id = run_id_of(output)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+
+    code, output = mlp("artifacts", run_id, "fit[0]/model", "-o", str(pipe), "--force")
+
+    assert code == 2 and "is not a regular file; nothing written" in output, output
+    assert pipe.is_fifo()
+    assert [p.name for p in tmp_path.iterdir() if p.name != "home"] == ["pipe"]
+    code, output = mlp("artifacts", run_id, "fit[0]/model", "-o", "/proc/self/model.pkl")
+    assert code == 2 and "cannot write a file in /proc/" in output, output
+
+
 def test_an_operator_disables_enables_and_resets_a_user_from_the_cli(
     cli_env: dict[str, str],
 ) -> None:
