@@ -1166,6 +1166,8 @@ def _download(run_id: str, sha256: str, target: Path, server: str | None, projec
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, target)
+    except OSError as exc:  # a disk that filled up, a store that failed to read
+        _fail(f"the download to {target} failed: {exc.strerror or exc}; nothing written")
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)

@@ -194,6 +194,40 @@ def test_a_download_never_puts_a_file_in_place_of_a_pipe_or_a_device(
     assert code == 2 and "cannot write a file in /proc/" in output, output
 
 
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a file system of one 4 KiB page (a tmpfs mounted for the test: root only)."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_download_to_a_disk_that_fills_up_is_a_clear_error_and_leaves_nothing(
+    cli_env: dict[str, str], full_disk: Path
+) -> None:
+    """A model larger than the room left: an error naming the cause, not a traceback, and no
+    partial file taking what room there was."""
+    code, output = mlp("run", "tests.workflows:two_models")
+    assert code == 0, output
+    target = full_disk / "model.pkl"
+
+    code, output = mlp("artifacts", run_id_of(output), "fit[1]/model", "-o", str(target))
+
+    assert code == 2, output
+    assert f"the download to {target} failed: No space left on device" in output, output
+    assert list(full_disk.iterdir()) == []
+
+
 def test_an_operator_disables_enables_and_resets_a_user_from_the_cli(
     cli_env: dict[str, str],
 ) -> None:
