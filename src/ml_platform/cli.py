@@ -1044,7 +1044,11 @@ def artifacts(
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="A file or directory to write it to (NAME-SHA12)."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="A file or directory to write it to (NAME-SHA12); - for standard output.",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     server: Server = None,
@@ -1072,6 +1076,9 @@ def artifacts(
         return
     row = _chosen(rows, name)
     sha256 = row["sha256"]
+    if output is not None and str(output) == "-":
+        _to_stdout(full_id, sha256, server, project)
+        return
     default = f"{row['name']}-{sha256[:12]}".replace(os.sep, "_")
     target = output or Path(default)
     if target.is_dir():  # -o DIRECTORY: the default name in it
@@ -1126,14 +1133,12 @@ def _download(run_id: str, sha256: str, target: Path, server: str | None, projec
     """Write the artifact to a file beside ``target`` while hashing it, then move it there:
     an interrupted or corrupted download leaves nothing at ``target``, and what a killed one
     left beside it is removed by the next download to ``target``."""
-    import hashlib
     import tempfile
 
     directory = target.resolve().parent
     if not directory.is_dir():
         _fail(f"{directory} is not a directory")
     _remove_abandoned(directory, target)
-    hasher = hashlib.sha256()
     try:
         fd, temporary = tempfile.mkstemp(
             dir=directory, prefix=f"{_partial_prefix(target)}{os.getpid()}."
@@ -1142,35 +1147,80 @@ def _download(run_id: str, sha256: str, target: Path, server: str | None, projec
         _fail(f"cannot write a file in {directory}: {exc.strerror}; nothing written")
     try:
         with os.fdopen(fd, "wb") as out:
-
-            def write(chunk: bytes) -> None:
-                hasher.update(chunk)
-                out.write(chunk)
-
-            if server:
-                with _client(server, project) as client:
-                    client.download_artifact(run_id, sha256, write)
-            else:
-                with _platform() as platform:
-                    try:
-                        source = platform.artifacts.path(sha256).open("rb")
-                    except FileNotFoundError:
-                        _fail(f"artifact {sha256} is recorded but gone from the artifact store")
-                    with source:
-                        while chunk := source.read(1 << 20):
-                            write(chunk)
-        if hasher.hexdigest() != sha256:
-            got = hasher.hexdigest()[:12]
-            _fail(f"artifact {sha256[:12]} arrived changed (sha256 {got}); nothing written")
+            digest = _fetch(run_id, sha256, server, project, out.write)
+        if digest != sha256:
+            _fail(f"artifact {sha256[:12]} arrived changed (sha256 {digest[:12]}); nothing written")
         umask = os.umask(0)  # a file as any other the user makes (mkstemp's is 0600)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, target)
+    except _ArtifactGone as exc:
+        _fail(str(exc))
     except OSError as exc:  # a disk that filled up, a store that failed to read
         _fail(f"the download to {target} failed: {exc.strerror or exc}; nothing written")
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+class _ArtifactGone(Exception):
+    """An artifact the database records whose bytes the artifact store no longer has."""
+
+
+def _fetch(
+    run_id: str, sha256: str, server: str | None, project: str, write: Callable[[bytes], object]
+) -> str:
+    """Give the artifact's bytes to ``write``, a chunk at a time; the sha256 of what came."""
+    import hashlib
+
+    hasher = hashlib.sha256()
+
+    def both(chunk: bytes) -> None:
+        hasher.update(chunk)
+        write(chunk)
+
+    if server:
+        with _client(server, project) as client:
+            client.download_artifact(run_id, sha256, both)
+        return hasher.hexdigest()
+    with _platform() as platform:
+        try:
+            source = platform.artifacts.path(sha256).open("rb")
+        except FileNotFoundError:
+            raise _ArtifactGone(
+                f"artifact {sha256} is recorded but gone from the artifact store"
+            ) from None
+        with source:
+            while chunk := source.read(1 << 20):
+                both(chunk)
+    return hasher.hexdigest()
+
+
+def _to_stdout(run_id: str, sha256: str, server: str | None, project: str) -> None:
+    """``-o -``: the artifact's bytes to standard output, for the program it is piped to. They
+    are checked as they go, so a changed artifact is known only once written: the command
+    then says so on standard error and exits 2, as curl does -- the reader checks the exit
+    status (``set -o pipefail``)."""
+    errors = Console(stderr=True, highlight=False)
+    if sys.stdout.isatty():
+        errors.print("[red]error:[/red] standard output is a terminal: pipe it, or give -o FILE")
+        raise typer.Exit(EXIT_USAGE)
+    out = sys.stdout.buffer
+    try:
+        digest = _fetch(run_id, sha256, server, project, out.write)
+        out.flush()
+    except _ArtifactGone as exc:
+        errors.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except BrokenPipeError:  # the reader stopped (`| head`): no traceback; not all was written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_USAGE) from None
+    if digest != sha256:
+        errors.print(
+            f"[red]error:[/red] artifact {sha256[:12]} arrived changed (sha256 {digest[:12]}): "
+            "the bytes written are not the artifact"
+        )
+        raise typer.Exit(EXIT_USAGE)
 
 
 @pools_app.command("list")

@@ -194,6 +194,32 @@ def test_a_download_never_puts_a_file_in_place_of_a_pipe_or_a_device(
     assert code == 2 and "cannot write a file in /proc/" in output, output
 
 
+def test_a_download_to_standard_output_is_the_artifact_for_the_next_program(
+    cli_env: dict[str, str],
+) -> None:
+    """`-o -` pipes a model into the program that loads it: only its bytes on standard output.
+    A changed one is told on standard error, with exit 2, once its bytes are out."""
+    code, output = mlp("run", "tests.workflows:two_models")
+    assert code == 0, output
+    run_id = run_id_of(output)
+    platform = Platform(load_settings()).start()
+    try:
+        artifact = platform.artifacts_of(platform.resolve_run_id(run_id))[0][1]
+        blob = platform.artifacts.path(artifact.sha256)
+    finally:
+        platform.close()
+
+    piped = CliRunner().invoke(app, ["artifacts", run_id, artifact.sha256, "-o", "-"])
+
+    assert piped.exit_code == 0 and piped.stderr == "", piped.output
+    assert piped.stdout_bytes == blob.read_bytes()
+    assert pickle.loads(piped.stdout_bytes)["seed"] in (1, 2)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"!")
+    changed = CliRunner().invoke(app, ["artifacts", run_id, artifact.sha256, "-o", "-"])
+    assert changed.exit_code == 2 and "arrived changed" in changed.stderr, changed.output
+    assert "arrived changed" not in changed.stdout
+
+
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A folder on a file system of one 4 KiB page (a tmpfs mounted for the test: root only)."""
