@@ -1200,7 +1200,8 @@ def _to_stdout(run_id: str, sha256: str, server: str | None, project: str) -> No
     """``-o -``: the artifact's bytes to standard output, for the program it is piped to. They
     are checked as they go, so a changed artifact is known only once written: the command
     then says so on standard error and exits 2, as curl does -- the reader checks the exit
-    status (``set -o pipefail``)."""
+    status (``set -o pipefail``). A reader that stops early (``| head``) is Click's to
+    handle: exit 1, no traceback."""
     errors = Console(stderr=True, highlight=False)
     if sys.stdout.isatty():
         errors.print("[red]error:[/red] standard output is a terminal: pipe it, or give -o FILE")
@@ -1211,9 +1212,6 @@ def _to_stdout(run_id: str, sha256: str, server: str | None, project: str) -> No
         out.flush()
     except _ArtifactGone as exc:
         errors.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(EXIT_USAGE) from None
-    except BrokenPipeError:  # the reader stopped (`| head`): no traceback; not all was written
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(EXIT_USAGE) from None
     if digest != sha256:
         errors.print(

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -113,6 +114,20 @@ def test_a_runs_artifacts_are_listed_and_downloaded_checked_against_their_digest
     assert sorted(p.name for p in downloads.iterdir()) == ["m.pkl", written.name]
 
 
+def _a_stored_artifact() -> tuple[str, Any, Path]:
+    """A run of two_models made by `mlp run`: its id, its first artifact and that artifact's
+    file in the store."""
+    code, output = mlp("run", "tests.workflows:two_models")
+    assert code == 0, output
+    run_id = run_id_of(output)
+    platform = Platform(load_settings()).start()
+    try:
+        artifact = platform.artifacts_of(platform.resolve_run_id(run_id))[0][1]
+        return run_id, artifact, platform.artifacts.path(artifact.sha256)
+    finally:
+        platform.close()
+
+
 def _feed_when_read(fifo: Path, reader: Forked, timeout: float = 30.0) -> int:
     """Open ``fifo`` for writing once ``reader`` has opened it to read (never blocking: if
     the reader died first, fail instead of waiting for ever); the write end's descriptor."""
@@ -134,15 +149,7 @@ def test_a_download_killed_midway_leaves_a_partial_file_the_next_download_remove
     download still runs is left alone."""
     from ml_platform.worker import pid_space
 
-    code, output = mlp("run", "tests.workflows:two_models")
-    assert code == 0, output
-    run_id = run_id_of(output)
-    platform = Platform(load_settings()).start()
-    try:
-        artifact = platform.artifacts_of(platform.resolve_run_id(run_id))[0][1]
-        blob = platform.artifacts.path(artifact.sha256)
-    finally:
-        platform.close()
+    run_id, artifact, blob = _a_stored_artifact()
     kept = blob.read_bytes()
     # The store's file becomes a pipe that this test feeds: the download stalls in it.
     blob.unlink()
@@ -199,15 +206,7 @@ def test_a_download_to_standard_output_is_the_artifact_for_the_next_program(
 ) -> None:
     """`-o -` pipes a model into the program that loads it: only its bytes on standard output.
     A changed one is told on standard error, with exit 2, once its bytes are out."""
-    code, output = mlp("run", "tests.workflows:two_models")
-    assert code == 0, output
-    run_id = run_id_of(output)
-    platform = Platform(load_settings()).start()
-    try:
-        artifact = platform.artifacts_of(platform.resolve_run_id(run_id))[0][1]
-        blob = platform.artifacts.path(artifact.sha256)
-    finally:
-        platform.close()
+    run_id, artifact, blob = _a_stored_artifact()
 
     piped = CliRunner().invoke(app, ["artifacts", run_id, artifact.sha256, "-o", "-"])
 
@@ -218,6 +217,38 @@ def test_a_download_to_standard_output_is_the_artifact_for_the_next_program(
     changed = CliRunner().invoke(app, ["artifacts", run_id, artifact.sha256, "-o", "-"])
     assert changed.exit_code == 2 and "arrived changed" in changed.stderr, changed.output
     assert "arrived changed" not in changed.stdout
+
+
+def test_a_download_to_standard_output_ends_cleanly_when_its_reader_is_gone_or_a_terminal(
+    cli_env: dict[str, str],
+) -> None:
+    """Real `mlp` processes: one whose pipe's reader has gone (`| head` that ended) fails
+    without a traceback; one whose standard output is a terminal writes nothing to it (a
+    pickle would garble it) and says why."""
+    run_id, artifact, _ = _a_stored_artifact()
+    argv = [sys.executable, "-m", "ml_platform", "artifacts", run_id, artifact.sha256, "-o", "-"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    try:
+        gone = subprocess.run(
+            argv, stdout=write_end, stderr=subprocess.PIPE, env=cli_env, timeout=60, check=False
+        )
+    finally:
+        os.close(write_end)
+    assert gone.returncode != 0, gone.stderr
+    assert b"Traceback" not in gone.stderr and b"Exception ignored" not in gone.stderr, gone.stderr
+    primary, secondary = pty.openpty()
+    try:
+        shown = subprocess.run(
+            argv, stdout=secondary, stderr=subprocess.PIPE, env=cli_env, timeout=60, check=False
+        )
+        assert shown.returncode == 2 and b"standard output is a terminal" in shown.stderr
+        os.set_blocking(primary, False)
+        with pytest.raises(BlockingIOError):
+            os.read(primary, 1024)  # nothing was written to the terminal
+    finally:
+        os.close(secondary)
+        os.close(primary)
 
 
 @pytest.fixture
