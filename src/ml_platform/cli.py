@@ -1154,8 +1154,8 @@ def _download(run_id: str, sha256: str, target: Path, server: str | None, projec
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, target)
-    except _ArtifactGone as exc:
-        _fail(str(exc))
+    except _StoreFailed as exc:
+        _fail(f"{exc}; nothing written")
     except OSError as exc:  # a disk that filled up, a store that failed to read
         _fail(f"the download to {target} failed: {exc.strerror or exc}; nothing written")
     finally:
@@ -1163,8 +1163,9 @@ def _download(run_id: str, sha256: str, target: Path, server: str | None, projec
             os.unlink(temporary)
 
 
-class _ArtifactGone(Exception):
-    """An artifact the database records whose bytes the artifact store no longer has."""
+class _StoreFailed(Exception):
+    """The artifact store cannot give an artifact the database records: its bytes are gone,
+    or reading them failed (a disk's I/O error, a file that became a folder)."""
 
 
 def _fetch(
@@ -1184,14 +1185,27 @@ def _fetch(
             client.download_artifact(run_id, sha256, both)
         return hasher.hexdigest()
     with _platform() as platform:
+        path = platform.artifacts.path(sha256)
         try:
-            source = platform.artifacts.path(sha256).open("rb")
+            source = path.open("rb")
         except FileNotFoundError:
-            raise _ArtifactGone(
+            raise _StoreFailed(
                 f"artifact {sha256} is recorded but gone from the artifact store"
             ) from None
+        except OSError as exc:
+            raise _StoreFailed(f"the artifact store cannot open {path}: {exc.strerror}") from None
         with source:
-            while chunk := source.read(1 << 20):
+            # Only the store's reads: an error of ``write`` (a full disk, a reader gone) is
+            # the caller's to tell.
+            while True:
+                try:
+                    chunk = source.read(1 << 20)
+                except OSError as exc:
+                    raise _StoreFailed(
+                        f"the artifact store failed to read {path}: {exc.strerror}"
+                    ) from None
+                if not chunk:
+                    break
                 both(chunk)
     return hasher.hexdigest()
 
@@ -1210,7 +1224,7 @@ def _to_stdout(run_id: str, sha256: str, server: str | None, project: str) -> No
     try:
         digest = _fetch(run_id, sha256, server, project, out.write)
         out.flush()
-    except _ArtifactGone as exc:
+    except _StoreFailed as exc:
         errors.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
     if digest != sha256:

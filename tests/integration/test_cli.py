@@ -251,6 +251,35 @@ def test_a_download_to_standard_output_ends_cleanly_when_its_reader_is_gone_or_a
         os.close(primary)
 
 
+def test_a_store_that_cannot_give_the_artifact_is_a_clear_error_for_either_download(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The store's file fails as it is read (an I/O error: here /proc/self/mem, whose first
+    page cannot be read), or cannot be opened (a folder in its place): both downloads name
+    the store and its error, write nothing, and exit 2; `-o -` was a traceback."""
+    run_id, artifact, blob = _a_stored_artifact()
+    target = tmp_path / "model.pkl"
+    blob.unlink()
+    blob.symlink_to("/proc/self/mem")
+
+    code, output = mlp("artifacts", run_id, artifact.sha256, "-o", str(target))
+    piped = CliRunner().invoke(app, ["artifacts", run_id, artifact.sha256, "-o", "-"])
+
+    assert code == 2, output
+    said = " ".join(output.split())  # as wrapped to the terminal's width
+    assert f"the artifact store failed to read {blob}: Input/output error" in said, output
+    assert [p.name for p in tmp_path.iterdir() if p.name != "home"] == []
+    assert piped.exit_code == 2 and piped.stdout_bytes == b"", piped.output
+    assert "the artifact store failed to read" in " ".join(piped.stderr.split())
+    blob.unlink()
+    blob.mkdir()
+    code, output = mlp("artifacts", run_id, artifact.sha256, "-o", str(target))
+    piped = CliRunner().invoke(app, ["artifacts", run_id, artifact.sha256, "-o", "-"])
+    assert code == 2 and f"cannot open {blob}: Is a directory" in " ".join(output.split())
+    assert piped.exit_code == 2 and "cannot open" in piped.stderr, piped.output
+    assert not target.exists()
+
+
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A folder on a file system of one 4 KiB page (a tmpfs mounted for the test: root only)."""
