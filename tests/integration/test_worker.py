@@ -56,6 +56,39 @@ def _runtime(platform: Platform, run_id: str, concurrency: int = 2) -> Runtime:
     return Runtime(platform, dispatcher, worker, only_run=run_id)
 
 
+#: A real `mlp worker` whose loop is replaced by a look at the garbage collector.
+_GC_PROBE = """
+import gc, sys
+from ml_platform import worker
+def probe(runtime, shutdown):
+    print("frozen", gc.get_freeze_count(), flush=True)
+    return "probed"
+worker.run_until_shutdown = probe
+sys.exit(worker.main(["--concurrency", "1"]))
+"""
+
+
+def test_a_worker_keeps_what_it_made_to_start_out_of_the_collectors_reach(home: Path) -> None:
+    """What a worker made to start (modules, the engine, the mappings) lasts as long as it:
+    frozen, out of the cyclic collector's reach, so that a full collection in the middle of
+    a fan-out does not go through it all again (benchmarked: worker._freeze_what_lasts)."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    # Fixed argv: this interpreter and a probe of our own.
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, "-c", _GC_PROBE],
+        env=env,
+        cwd=home.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    frozen = int(done.stdout.split("frozen ", 1)[1].split()[0])
+    assert frozen > 10_000, done.stdout
+
+
 #: The last id PostgreSQL's 32-bit integer holds.
 INT4_MAX = 2**31 - 1
 ID_SEQUENCES = ["task_runs_id_seq", "attempts_id_seq", "params_id_seq", "artifacts_id_seq"]
