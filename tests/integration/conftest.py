@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from ml_platform.config import Settings
 from ml_platform.service import Platform
+from tests.conftest import RedisTarget
 
 
 def _started(home: Path, url: str | None) -> Iterator[Platform]:
@@ -32,3 +35,34 @@ def postgres_platform(postgres_clean: str, home: Path) -> Iterator[Platform]:
     """The same on PostgreSQL only: for what only PostgreSQL does (row locks, one-statement
     steps)."""
     yield from _started(home, postgres_clean)
+
+
+@pytest.fixture
+def distributed_env(
+    postgres_clean: str, redis_target: RedisTarget, redis_client: redis.Redis, tmp_path: Path
+) -> dict[str, str]:
+    """The environment of `mlp` processes in distributed mode: the session's PostgreSQL
+    (emptied after the test) and Redis (its keys under the test's prefix), short leases."""
+    return dict(
+        os.environ,
+        DATABASE_URL=postgres_clean,
+        REDIS_URL=redis_target.url,
+        MLP_REDIS_PREFIX=redis_target.prefix,
+        MLP_LEASE_SECONDS="1.5",
+        MLP_POLL_SECONDS="0.1",
+        ML_PLATFORM_HOME=str(tmp_path / "home"),
+    )
+
+
+@pytest.fixture
+def distributed_platform(distributed_env: dict[str, str]) -> Iterator[Platform]:
+    """This process's platform on the same database and Redis (it submits and looks)."""
+    settings = Settings(
+        home=Path(distributed_env["ML_PLATFORM_HOME"]),
+        database_url_override=distributed_env["DATABASE_URL"],
+        redis_url=distributed_env["REDIS_URL"],
+        redis_prefix=distributed_env["MLP_REDIS_PREFIX"],
+    )
+    platform = Platform(settings).start()
+    yield platform
+    platform.close()

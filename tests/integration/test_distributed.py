@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -16,7 +15,6 @@ import pytest
 import redis
 from sqlalchemy import func, select, text
 
-from ml_platform.config import Settings
 from ml_platform.service import Platform
 from ml_platform.store.models import Attempt
 from ml_platform.worker import make_dispatcher
@@ -30,31 +28,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def env(
-    postgres_clean: str, redis_target: RedisTarget, redis_client: redis.Redis, tmp_path: Path
-) -> dict[str, str]:
-    return dict(
-        os.environ,
-        DATABASE_URL=postgres_clean,
-        REDIS_URL=redis_target.url,
-        MLP_REDIS_PREFIX=redis_target.prefix,
-        MLP_LEASE_SECONDS="1.5",
-        MLP_POLL_SECONDS="0.1",
-        ML_PLATFORM_HOME=str(tmp_path / "home"),
-    )
+def env(distributed_env: dict[str, str]) -> dict[str, str]:
+    return distributed_env
 
 
 @pytest.fixture
-def platform(env: dict[str, str]) -> Iterator[Platform]:
-    settings = Settings(
-        home=Path(env["ML_PLATFORM_HOME"]),
-        database_url_override=env["DATABASE_URL"],
-        redis_url=env["REDIS_URL"],
-        redis_prefix=env["MLP_REDIS_PREFIX"],
-    )
-    platform = Platform(settings).start()
-    yield platform
-    platform.close()
+def platform(distributed_platform: Platform) -> Platform:
+    return distributed_platform
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from ml_platform.client import Client
 from ml_platform.config import Settings
@@ -28,7 +27,6 @@ from ml_platform.service import Platform
 from ml_platform.task_runner import task_processes_of
 from ml_platform.worker import log_dir_prefix
 from tests import workflows
-from tests.conftest import RedisTarget
 from tests.forked import ZYGOTE, Forked
 from tests.helpers import pids_in, wait_for, wait_until_dead, wait_until_ready
 from tests.integration.test_server import PASSWORD
@@ -40,33 +38,13 @@ Spawn = Callable[..., subprocess.Popen[str]]
 
 
 @pytest.fixture
-def env(
-    postgres_clean: str, redis_target: RedisTarget, redis_client: redis.Redis, tmp_path: Path
-) -> dict[str, str]:
-    return dict(
-        os.environ,
-        DATABASE_URL=postgres_clean,
-        REDIS_URL=redis_target.url,
-        MLP_REDIS_PREFIX=redis_target.prefix,
-        MLP_LEASE_SECONDS="1.5",
-        MLP_POLL_SECONDS="0.1",
-        MLP_LOST_BACKOFF_SECONDS="0.1",
-        MLP_KILL_GRACE_SECONDS="1",
-        ML_PLATFORM_HOME=str(tmp_path / "home"),
-    )
+def env(distributed_env: dict[str, str]) -> dict[str, str]:
+    return dict(distributed_env, MLP_LOST_BACKOFF_SECONDS="0.1", MLP_KILL_GRACE_SECONDS="1")
 
 
 @pytest.fixture
-def platform(env: dict[str, str]) -> Iterator[Platform]:
-    settings = Settings(
-        home=Path(env["ML_PLATFORM_HOME"]),
-        database_url_override=env["DATABASE_URL"],
-        redis_url=env["REDIS_URL"],
-        redis_prefix=env["MLP_REDIS_PREFIX"],
-    )
-    platform = Platform(settings).start()
-    yield platform
-    platform.close()
+def platform(distributed_platform: Platform) -> Platform:
+    return distributed_platform
 
 
 @pytest.fixture
