@@ -63,23 +63,13 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(
-    postgres_clean: str,
-    redis_target: RedisTarget,
-    redis_client: redis.Redis,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Cluster]:
+def cluster(distributed_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     # The CLI's console fixed its width when this process imported it: as wide as COLUMNS.
     monkeypatch.setattr(cli.console, "width", 200)
     env = dict(
-        os.environ,
-        DATABASE_URL=postgres_clean,
-        REDIS_URL=redis_target.url,
-        MLP_REDIS_PREFIX=redis_target.prefix,
+        distributed_env,
         MLP_LEASE_SECONDS="3",
         MLP_POLL_SECONDS="0.2",
-        ML_PLATFORM_HOME=str(tmp_path / "home"),
         SECRET_KEY="k3y-for-tests-only-7f0c4e2a9b1d8e6f5a4c3b2a1908f7e6",
         # No proxy here is trusted: an X-Forwarded-For from 127.0.0.1 must not be believed.
         FORWARDED_ALLOW_IPS="10.255.255.1",
