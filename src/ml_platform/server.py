@@ -26,6 +26,7 @@ from ml_platform.worker import (
     Runtime,
     Shutdown,
     Worker,
+    freeze_what_lasts,
     make_dispatcher,
     new_worker_id,
     run_until_shutdown,
@@ -108,6 +109,7 @@ def serve(settings: Settings, host: str, port: int, concurrency: int) -> None:
     # before the drain.
     shutdown.on_signal = lambda: setattr(http, "should_exit", True)
     shutdown.install()
+    freeze_what_lasts()
     loop.start()
     try:
         http.run()

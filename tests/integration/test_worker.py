@@ -56,8 +56,10 @@ def _runtime(platform: Platform, run_id: str, concurrency: int = 2) -> Runtime:
     return Runtime(platform, dispatcher, worker, only_run=run_id)
 
 
-#: A real `mlp worker` whose loop is replaced by a look at the garbage collector.
-_GC_PROBE = """
+#: A real `mlp worker`, and a real `mlp server`, whose loops are replaced by a look at the
+#: garbage collector.
+_GC_PROBES = {
+    "worker": """
 import gc, sys
 from ml_platform import worker
 def probe(runtime, shutdown):
@@ -65,17 +67,28 @@ def probe(runtime, shutdown):
     return "probed"
 worker.run_until_shutdown = probe
 sys.exit(worker.main(["--concurrency", "1"]))
-"""
+""",
+    "server": """
+import gc, uvicorn
+from ml_platform.config import load_settings
+from ml_platform.server import serve
+uvicorn.Server.run = lambda self: print("frozen", gc.get_freeze_count(), flush=True)
+serve(load_settings(), "127.0.0.1", 0, 1)
+""",
+}
 
 
-def test_a_worker_keeps_what_it_made_to_start_out_of_the_collectors_reach(home: Path) -> None:
-    """What a worker made to start (modules, the engine, the mappings) lasts as long as it:
-    frozen, out of the cyclic collector's reach, so that a full collection in the middle of
-    a fan-out does not go through it all again (benchmarked: worker._freeze_what_lasts)."""
+@pytest.mark.parametrize("process", sorted(_GC_PROBES))
+def test_a_long_lived_process_keeps_what_it_made_to_start_out_of_the_collectors_reach(
+    process: str, home: Path
+) -> None:
+    """What a worker or a server made to start (modules, the engine, the mappings, the routes)
+    lasts as long as it: frozen, out of the cyclic collector's reach, so that a full collection
+    while it works does not go through it all again (benchmarked: worker.freeze_what_lasts)."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     # Fixed argv: this interpreter and a probe of our own.
     done = subprocess.run(  # noqa: S603
-        [sys.executable, "-c", _GC_PROBE],
+        [sys.executable, "-c", _GC_PROBES[process]],
         env=env,
         cwd=home.parent,
         capture_output=True,
