@@ -15,11 +15,12 @@ import pytest
 import redis
 from sqlalchemy import func, select, text
 
+from ml_platform.config import Settings
 from ml_platform.service import Platform
 from ml_platform.store.models import Attempt
 from ml_platform.worker import make_dispatcher
 from tests import workflows
-from tests.conftest import RedisTarget
+from tests.conftest import RedisTarget, throwaway_database
 from tests.forked import ZYGOTE, Forked
 from tests.helpers import wait_for
 
@@ -73,6 +74,74 @@ def test_two_workers_share_a_fan_out_and_run_each_task_once(
     assert len({a.worker_id for a in attempts}) == 2
     total = next(t for t in platform.task_runs(submitted.run_id) if t.node_id == "total")
     assert total.result == {"value": 28}
+
+
+#: What a newer release's migration may do to the schema (docs/operations.md: a migration
+#: adds; it never drops or renames what a release before reads), and its revision.
+_A_NEWER_RELEASES_MIGRATION = [
+    "ALTER TABLE runs ADD COLUMN future_labels jsonb NOT NULL DEFAULT '{}'",
+    "ALTER TABLE task_runs ADD COLUMN future_note text NOT NULL DEFAULT ''",
+    "ALTER TABLE attempts ADD COLUMN future_cost double precision",
+    "CREATE INDEX ix_task_runs_future_note ON task_runs (future_note)",
+    "CREATE TABLE future_things (id bigserial PRIMARY KEY,"
+    " run_id varchar(32) NOT NULL REFERENCES runs (id) ON DELETE CASCADE)",
+    "UPDATE alembic_version SET version_num = '0099'",
+]
+
+
+def test_workers_of_the_release_before_run_on_a_schema_a_newer_release_migrated(
+    distributed_env: dict[str, str],
+) -> None:
+    """A rollback does not undo migrations: after it, this release's workers run on the schema
+    the newer release made, with its columns, index and table. They claim, run and finish a
+    chain (its one-statement steps and end) and a fan-out/fan-in on it; the rows they make
+    take the new columns' defaults; `mlp db upgrade` leaves the schema as it is."""
+    with throwaway_database() as url:
+        env = dict(distributed_env, DATABASE_URL=url)
+        settings = Settings(
+            home=Path(env["ML_PLATFORM_HOME"]),
+            database_url_override=url,
+            redis_url=env["REDIS_URL"],
+            redis_prefix=env["MLP_REDIS_PREFIX"],
+        )
+        platform = Platform(settings).start()  # this release's schema, then the newer one's
+        started: list[Forked] = []
+        try:
+            with platform.db.engine.begin() as connection:
+                for statement in _A_NEWER_RELEASES_MIGRATION:
+                    connection.execute(text(statement))
+            upgrade = ZYGOTE.spawn(["db", "upgrade"], env)
+            said, _ = upgrade.communicate(timeout=60)
+            assert upgrade.returncode == 0 and "newer than this release" in said, said
+            for _ in range(2):
+                started.append(ZYGOTE.spawn(["worker", "--concurrency", "2"], env))
+                assert started[-1].stdout is not None
+                notice = started[-1].stdout.readline()
+                assert "at migration 0099, newer than this release knows" in notice, notice
+                assert "ready" in started[-1].stdout.readline()
+
+            chain = platform.submit(workflows.relay, {"n": 5})
+            fan = platform.submit(workflows.spread, {"n": 6})
+
+            def ended(run_id: str) -> bool:
+                return platform.run(run_id)[0].state == "succeeded"
+
+            wait_for(lambda: ended(chain.run_id) and ended(fan.run_id))
+            ends = {t.node_id: t.result for t in platform.task_runs(chain.run_id)}
+            assert {"value": 32.0} in ends.values(), ends  # 1 doubled five times
+            [total] = [t for t in platform.task_runs(fan.run_id) if t.node_id == "total"]
+            assert total.result == {"value": 24.0}  # six times double(double(1))
+            with platform.db.engine.connect() as connection:
+                notes = connection.execute(text("SELECT DISTINCT future_note FROM task_runs"))
+                assert notes.scalars().all() == [""]
+                version = connection.execute(text("SELECT version_num FROM alembic_version"))
+                assert version.scalar() == "0099"
+        finally:
+            for process in started:
+                process.send_signal(signal.SIGTERM)
+            for process in started:
+                process.communicate(timeout=30)
+            platform.close()
 
 
 def test_kill_9_of_a_worker_mid_task_redelivers_and_commits_once(
