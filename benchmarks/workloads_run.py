@@ -22,12 +22,18 @@ from sqlalchemy.engine import make_url
 
 from benchmarks import ours, workloads
 from benchmarks.measure import percentile, settle
-from benchmarks.sizes import FANOUT_WIDTH, WIDE_WIDTH
+from benchmarks.sizes import CHAINS_IN_A_ROW, FANOUT_WIDTH, WIDE_WIDTH
 from ml_platform.sdk import Workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 REPETITIONS = 5
 WORKLOADS = ["fanout", "chain", "sleeps"]
+#: What each system runs in a repetition, in this order: after the fan-out, CHAINS_IN_A_ROW
+#: chains. The first is the goals' ``chain`` (a chain right after a fan-out, as before);
+#: all of them are ``chains``, so that the page also shows the chain measured many times on
+#: every system alike, beside the single figure of each repetition that this machine's
+#: noise moves by ±30 %.
+RUN_ORDER = ["fanout", *["chain"] * CHAINS_IN_A_ROW, "sleeps"]
 PEERS = ["celery", "dramatiq", "dask", "prefect", "procrastinate", "dbos"]
 #: Redis databases the broker peers may flush (the same Redis server as ours).
 PEER_REDIS_DB = {
@@ -152,7 +158,7 @@ def run_peer(
         env["BENCH_PG_URL"] = url.render_as_string(hide_password=False)
     # Fixed argv: the peers' interpreter running our runner module.
     done = subprocess.run(  # nosec B603
-        [peers_python(), "-m", "benchmarks.peers", peer, *WORKLOADS],
+        [peers_python(), "-m", "benchmarks.peers", peer, *RUN_ORDER],
         capture_output=True,
         text=True,
         env=env,
@@ -161,25 +167,39 @@ def run_peer(
         check=False,
     )
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or len(records) != len(WORKLOADS):
+    if done.returncode != 0 or [r.get("workload") for r in records] != RUN_ORDER:
         raise RuntimeError(f"{peer} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return {r["workload"]: r for r in records}
+    return by_workload(records)
 
 
-def _ours_distributed(database_url: str, redis_url: str) -> dict[str, dict[str, Any]]:
-    out = {}
+def by_workload(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A repetition's records (RUN_ORDER) by workload: one record each, ``chain`` being the
+    first chain; and ``chains``, every chain of the repetition (copies: each is summarized
+    on its own)."""
+    grouped: dict[str, Any] = {}
+    chains = [dict(r) for r in records if r["workload"] == "chain"]
+    for record in records:
+        grouped.setdefault(record["workload"], dict(record))
+    grouped["chains"] = chains
+    return grouped
+
+
+def _ours_distributed(database_url: str, redis_url: str) -> dict[str, Any]:
+    records = []
     with ours.distributed(database_url, redis_url) as mode:
         mode.run(*ours.WORKLOADS["chain"])  # warm-up, as for the peers
-        for workload in WORKLOADS:
-            out[workload] = asdict(mode.run(*ours.WORKLOADS[workload]))
-    return out
+        for workload in RUN_ORDER:
+            records.append({"workload": workload, **asdict(mode.run(*ours.WORKLOADS[workload]))})
+    return by_workload(records)
 
 
-def _ours_embedded() -> dict[str, dict[str, Any]]:
+def _ours_embedded() -> dict[str, Any]:
     mode = ours.Embedded()
     try:
         mode.run(*ours.WORKLOADS["chain"])
-        return {w: asdict(mode.run(*ours.WORKLOADS[w])) for w in WORKLOADS}
+        return by_workload(
+            [{"workload": w, **asdict(mode.run(*ours.WORKLOADS[w]))} for w in RUN_ORDER]
+        )
     finally:
         mode.close()
 
@@ -293,7 +313,7 @@ def run_workloads(
 ) -> dict[str, Any]:
     systems = ["ml_platform (distributed)", "ml_platform (embedded)", *(peers or PEERS)]
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {
-        s: {w: [] for w in WORKLOADS} for s in systems
+        s: {w: [] for w in [*WORKLOADS, "chains"]} for s in systems
     }
     with ExitStack() as stack:
         prefect: tuple[str, int] | None = None
@@ -328,12 +348,13 @@ def _alternate(
                 if system == "prefect" and prefect:
                     waited = settle(prefect[1])
                     progress(f"waited {waited:.0f} s for the Prefect server to finish recording")
-            for workload, record in records.items():
-                # Keep the starts' percentiles, not every start, in the results file.
-                starts = record.pop("starts")
-                record["p50_start"] = percentile(starts, 0.50)
-                record["p99_start"] = percentile(starts, 0.99)
-                samples[system][workload].append(record)
+            for workload, kept in records.items():
+                for record in kept if workload == "chains" else [kept]:
+                    # Keep the starts' percentiles, not every start, in the results file.
+                    starts = record.pop("starts")
+                    record["p50_start"] = percentile(starts, 0.50)
+                    record["p99_start"] = percentile(starts, 0.99)
+                    samples[system][workload].append(record)
             progress(
                 f"rep {rep}/{REPETITIONS} {system}: "
                 + ", ".join(f"{w} {records[w]['makespan']:.2f} s" for w in WORKLOADS)

@@ -125,9 +125,40 @@ def test_the_workload_tables_show_every_system_with_medians_and_ranges() -> None
     text = "\n".join(report._workloads_section(_results(fanout=2.0, chain=0.05, sleeps=6.0)))
     assert "| ml_platform (distributed) | 2.00 (1.90–2.20) | 501 (455–527) |" in text
     assert "| celery | 0.03 (0.03–0.03)" not in text  # the chain table is in ms
-    assert "| celery | 28.0 (28.0–28.0) | 2.80 (2.80–2.80) |" in text
+    assert "| celery | 28.0 (28.0–28.0) | 2.80 (2.80–2.80) | — |" in text
     assert "| celery | 5.82 (5.82–5.82) | 0.82 (0.82–0.82) | 16 % |" in text
     assert "committed to PostgreSQL" in text
+
+
+def test_the_chain_table_shows_the_chains_run_in_a_row_beside_the_goals_figure() -> None:
+    """The goal is judged on the first chain after each fan-out; the chains each repetition
+    ran in a row are shown beside it, with how many, and change no goal."""
+    results = _results(fanout=0.9, chain=0.030, sleeps=5.3)
+    samples = results["samples"]
+    assert isinstance(samples, dict)
+    samples[report.OURS]["chains"] = [_run(0.030, 10), *[_run(0.015, 10)] * 4]
+    samples["celery"]["chains"] = [_run(0.028, 10), _run(0.018, 10)]
+
+    text = "\n".join(report._workloads_section(results))
+    rows = {row.label: row for row in report.goal_rows(results)}
+
+    assert "| 3.00 (3.00–3.00) | 1.50 (1.50–3.00) (5) |" in text
+    assert "| celery | 28.0 (28.0–28.0) | 2.80 (2.80–2.80) | 2.30 (1.80–2.80) (2) |" in text
+    chain = rows["10-step chain, per step"]
+    assert chain.measured == pytest.approx(3.0) and not chain.met
+
+
+def test_a_repetitions_records_are_grouped_with_its_first_chain_and_all_its_chains() -> None:
+    from benchmarks.workloads_run import RUN_ORDER, by_workload
+
+    records = [{"workload": w, "makespan": float(i)} for i, w in enumerate(RUN_ORDER)]
+
+    grouped = by_workload(records)
+
+    assert grouped["fanout"]["makespan"] == 0.0 and grouped["chain"]["makespan"] == 1.0
+    assert [r["makespan"] for r in grouped["chains"]] == [float(i) for i in range(1, 9)]
+    assert grouped["sleeps"]["makespan"] == 9.0
+    assert grouped["chain"] is not grouped["chains"][0]  # each summarized on its own
 
 
 def test_the_tables_list_ours_first_whatever_order_the_results_file_keeps() -> None:
