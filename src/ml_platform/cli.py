@@ -1156,7 +1156,7 @@ def _download(run_id: str, sha256: str, target: Path, server: str | None, projec
         os.replace(temporary, target)
     except _StoreFailed as exc:
         _fail(f"{exc}; nothing written")
-    except OSError as exc:  # a disk that filled up, a store that failed to read
+    except OSError as exc:  # the target's disk full, or the file not movable into place
         _fail(f"the download to {target} failed: {exc.strerror or exc}; nothing written")
     finally:
         if os.path.exists(temporary):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,15 +55,24 @@ def distributed_env(
     )
 
 
-@pytest.fixture
-def distributed_platform(distributed_env: dict[str, str]) -> Iterator[Platform]:
-    """This process's platform on the same database and Redis (it submits and looks)."""
+@contextmanager
+def platform_on(env: dict[str, str]) -> Iterator[Platform]:
+    """This process's platform on the database and Redis of ``env`` (it submits and looks)."""
     settings = Settings(
-        home=Path(distributed_env["ML_PLATFORM_HOME"]),
-        database_url_override=distributed_env["DATABASE_URL"],
-        redis_url=distributed_env["REDIS_URL"],
-        redis_prefix=distributed_env["MLP_REDIS_PREFIX"],
+        home=Path(env["ML_PLATFORM_HOME"]),
+        database_url_override=env["DATABASE_URL"],
+        redis_url=env["REDIS_URL"],
+        redis_prefix=env["MLP_REDIS_PREFIX"],
     )
     platform = Platform(settings).start()
-    yield platform
-    platform.close()
+    try:
+        yield platform
+    finally:
+        platform.close()
+
+
+@pytest.fixture
+def distributed_platform(distributed_env: dict[str, str]) -> Iterator[Platform]:
+    """This process's platform beside the `mlp` processes of ``distributed_env``."""
+    with platform_on(distributed_env) as platform:
+        yield platform

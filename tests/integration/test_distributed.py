@@ -15,7 +15,6 @@ import pytest
 import redis
 from sqlalchemy import func, select, text
 
-from ml_platform.config import Settings
 from ml_platform.service import Platform
 from ml_platform.store.models import Attempt
 from ml_platform.worker import make_dispatcher
@@ -23,6 +22,7 @@ from tests import workflows
 from tests.conftest import RedisTarget, throwaway_database
 from tests.forked import ZYGOTE, Forked
 from tests.helpers import wait_for
+from tests.integration.conftest import platform_on
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,10 +49,15 @@ def workers(env: dict[str, str]) -> Iterator[Callable[[int], list[Forked]]]:
         return started[-count:]
 
     yield start
-    for process in started:
+    _stop(started)
+
+
+def _stop(processes: list[Forked]) -> None:
+    """SIGTERM (a drain), then SIGKILL what has not ended 30 s later."""
+    for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    for process in started:
+    for process in processes:
         try:
             process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
@@ -98,50 +103,47 @@ def test_workers_of_the_release_before_run_on_a_schema_a_newer_release_migrated(
     take the new columns' defaults; `mlp db upgrade` leaves the schema as it is."""
     with throwaway_database() as url:
         env = dict(distributed_env, DATABASE_URL=url)
-        settings = Settings(
-            home=Path(env["ML_PLATFORM_HOME"]),
-            database_url_override=url,
-            redis_url=env["REDIS_URL"],
-            redis_prefix=env["MLP_REDIS_PREFIX"],
-        )
-        platform = Platform(settings).start()  # this release's schema, then the newer one's
         started: list[Forked] = []
-        try:
-            with platform.db.engine.begin() as connection:
-                for statement in _A_NEWER_RELEASES_MIGRATION:
-                    connection.execute(text(statement))
-            upgrade = ZYGOTE.spawn(["db", "upgrade"], env)
-            said, _ = upgrade.communicate(timeout=60)
-            assert upgrade.returncode == 0 and "newer than this release" in said, said
-            for _ in range(2):
-                started.append(ZYGOTE.spawn(["worker", "--concurrency", "2"], env))
-                assert started[-1].stdout is not None
-                notice = started[-1].stdout.readline()
-                assert "at migration 0099, newer than this release knows" in notice, notice
-                assert "ready" in started[-1].stdout.readline()
+        # This release's schema, then the newer one's.
+        with platform_on(env) as platform:
+            try:
+                _runs_on_the_newer_schema(platform, env, started)
+            finally:
+                _stop(started)
 
-            chain = platform.submit(workflows.relay, {"n": 5})
-            fan = platform.submit(workflows.spread, {"n": 6})
 
-            def ended(run_id: str) -> bool:
-                return platform.run(run_id)[0].state == "succeeded"
+def _runs_on_the_newer_schema(
+    platform: Platform, env: dict[str, str], started: list[Forked]
+) -> None:
+    with platform.db.engine.begin() as connection:
+        for statement in _A_NEWER_RELEASES_MIGRATION:
+            connection.execute(text(statement))
+    upgrade = ZYGOTE.spawn(["db", "upgrade"], env)
+    said, _ = upgrade.communicate(timeout=60)
+    assert upgrade.returncode == 0 and "newer than this release" in said, said
+    for _ in range(2):
+        started.append(ZYGOTE.spawn(["worker", "--concurrency", "2"], env))
+        assert started[-1].stdout is not None
+        notice = started[-1].stdout.readline()
+        assert "at migration 0099, newer than this release knows" in notice, notice
+        assert "ready" in started[-1].stdout.readline()
 
-            wait_for(lambda: ended(chain.run_id) and ended(fan.run_id))
-            ends = {t.node_id: t.result for t in platform.task_runs(chain.run_id)}
-            assert {"value": 32.0} in ends.values(), ends  # 1 doubled five times
-            [total] = [t for t in platform.task_runs(fan.run_id) if t.node_id == "total"]
-            assert total.result == {"value": 24.0}  # six times double(double(1))
-            with platform.db.engine.connect() as connection:
-                notes = connection.execute(text("SELECT DISTINCT future_note FROM task_runs"))
-                assert notes.scalars().all() == [""]
-                version = connection.execute(text("SELECT version_num FROM alembic_version"))
-                assert version.scalar() == "0099"
-        finally:
-            for process in started:
-                process.send_signal(signal.SIGTERM)
-            for process in started:
-                process.communicate(timeout=30)
-            platform.close()
+    chain = platform.submit(workflows.relay, {"n": 5})
+    fan = platform.submit(workflows.spread, {"n": 6})
+
+    def ended(run_id: str) -> bool:
+        return platform.run(run_id)[0].state == "succeeded"
+
+    wait_for(lambda: ended(chain.run_id) and ended(fan.run_id))
+    ends = {t.node_id: t.result for t in platform.task_runs(chain.run_id)}
+    assert {"value": 32.0} in ends.values(), ends  # 1 doubled five times
+    [total] = [t for t in platform.task_runs(fan.run_id) if t.node_id == "total"]
+    assert total.result == {"value": 24.0}  # six times double(double(1))
+    with platform.db.engine.connect() as connection:
+        notes = connection.execute(text("SELECT DISTINCT future_note FROM task_runs"))
+        assert notes.scalars().all() == [""]
+        version = connection.execute(text("SELECT version_num FROM alembic_version"))
+        assert version.scalar() == "0099"
 
 
 def test_kill_9_of_a_worker_mid_task_redelivers_and_commits_once(
